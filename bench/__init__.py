@@ -1,0 +1,1 @@
+"""Benchmarks: each row is a cost relative to a plain forward pass in the same run."""

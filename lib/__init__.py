@@ -1,0 +1,1 @@
+"""Plumbing shared by analyses and pages: models, data, metrics, hooks. No streamlit."""

@@ -1,0 +1,73 @@
+"""AppTest runs of every page on the bundled models, bad input, and session isolation."""
+
+import pytest
+
+from apptest_helpers import load, new_app, run
+from lib.models import load_model
+
+
+def texts(at):
+    return [e.value for e in at.error]
+
+
+def test_opens_on_default_model_with_metrics():
+    at = run(new_app())
+    assert at.session_state["load_request"].spec == "zoo:code-lm"
+    assert at.title[0].value == "Model · zoo:code-lm"
+    labels = {m.label for m in at.metric}
+    assert {"perplexity", "bits per byte"} <= labels
+    assert not texts(at)
+
+
+@pytest.mark.parametrize("spec, label", [
+    ("zoo:digits-cnn", "accuracy"),
+    ("zoo:digits-denoiser", "PSNR (dB)"),
+    ("zoo:induction-2l", "accuracy"),
+])
+def test_every_zoo_model_opens_on_the_model_page(spec, label):
+    at = load(run(new_app()), spec)
+    assert at.title[0].value == f"Model · {spec}"
+    assert label in {m.label for m in at.metric}
+    assert not texts(at)
+
+
+def test_local_folder_loads_through_the_sidebar(tiny_gpt2_dir):
+    at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
+    assert at.session_state["load_request"].spec == str(tiny_gpt2_dir)
+    assert "perplexity" in {m.label for m in at.metric}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/no/such/folder", "does not exist"),
+    ("zoo:nope", "no bundled model"),
+    ("bad name !!", "not a bundled model"),
+])
+def test_bad_model_input_keeps_the_loaded_model(spec, message):
+    at = load(run(new_app()), spec, typed=True)
+    assert any(message in t for t in texts(at))
+    assert at.session_state["load_request"].spec == "zoo:code-lm"
+    assert at.title[0].value == "Model · zoo:code-lm"
+
+
+def test_empty_and_long_prompts_get_messages():
+    at = run(new_app())
+    at.text_area[0].input("   ")
+    run(at)
+    assert any("empty" in t for t in texts(at))
+    at.text_area[0].input("x = 1\n" * 100)
+    run(at)
+    assert any("dropped" in i.value for i in at.info)
+
+
+def test_two_sessions_never_change_the_base_model():
+    base = load_model("zoo:code-lm")
+    first, second = run(new_app()), run(new_app())
+    first.text_area[0].input("import os\n")
+    run(first)
+    load(second, "zoo:digits-cnn")
+    from ui.state import load_base
+
+    for at in (first, second):
+        handle = load_base(at.session_state["load_request"])
+        assert handle.current_fingerprint() == handle.fingerprint
+    assert load_base(first.session_state["load_request"]).fingerprint == base.fingerprint

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from lib import data
+from lib.zoo.tokenizer import build_byte_tokenizer
+
+
+def test_heldout_is_every_50th_sorted_file():
+    files = data.stdlib_files()
+    assert list(files) == sorted(files, key=lambda f: f.relative_to(data.stdlib_root()).as_posix())
+    assert data.heldout_files() == files[::50]
+    assert not set(data.heldout_files()) & set(data.training_files())
+    assert len(data.heldout_files()) + len(data.training_files()) == len(files)
+    assert all("site-packages" not in f.parts for f in files)
+
+
+def test_code_batch_is_deterministic_and_starts_with_bos():
+    tok = build_byte_tokenizer(128)
+    a, b = data.code_batch(tok, 64, 8), data.code_batch(tok, 64, 8)
+    assert a.tokens.shape == (8, 64)
+    assert torch.equal(a.tokens, b.tokens)
+    assert (a.tokens[:, 0] == tok.bos_token_id).all()
+    assert a.n_bytes == 8 * 63  # byte tokenizer, ASCII-heavy source: one byte per token
+    assert a.n_predicted == 8 * 63
+
+
+def test_text_batch_errors_are_clear():
+    tok = build_byte_tokenizer(128)
+    with pytest.raises(data.DataError, match="empty"):
+        data.text_batch(tok, "   ", 32)
+    with pytest.raises(data.DataError, match="too short"):
+        data.text_batch(tok, "abc", 32)
+    ok = data.text_batch(tok, "x = 1\n" * 40, 32)
+    assert ok.tokens.shape[1] == 32
+
+
+def test_digits_split_is_stratified_and_fixed():
+    tr_x, tr_y = data.digits_split("train")
+    te_x, te_y = data.digits_split("heldout")
+    assert tr_x.shape[1:] == (1, 8, 8) and len(tr_y) + len(te_y) == 1797
+    assert set(te_y.tolist()) == set(range(10))
+    assert float(tr_x.max()) <= 1.0
+    noisy = data.digits_batch(denoise=True)
+    assert torch.equal(noisy.images, data.digits_batch(denoise=True).images)
+    assert noisy.targets is not None and not torch.equal(noisy.images, noisy.targets)
+
+
+def test_repeated_tokens_mask_marks_the_copy():
+    tokens, mask = data.repeated_token_sequences(4, 10, 10, 40, torch.Generator().manual_seed(0))
+    for row, m in zip(tokens, mask):
+        h = int(m.sum())
+        assert torch.equal(row[1:1 + h], row[1 + h:1 + 2 * h])

@@ -1,0 +1,42 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lib import data
+from lib.metrics import evaluate, kl_and_agreement, metrics_from_outputs
+
+
+def test_lm_metrics_match_hand_computation(tiny_lm):
+    batch = data.code_batch(tiny_lm.tokenizer, 32, 4)
+    logits = tiny_lm.forward(batch.tokens)
+    m = evaluate(tiny_lm, batch, base=logits)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 257), batch.tokens[:, 1:].reshape(-1)).item()
+    assert math.isclose(m.nll, nll, rel_tol=1e-6)
+    assert math.isclose(m.perplexity, math.exp(nll), rel_tol=1e-6)
+    # byte tokenizer: one byte per token, so bits per byte = nll / ln 2
+    assert math.isclose(m.bits_per_byte, nll / math.log(2) * batch.n_predicted / batch.n_bytes, rel_tol=1e-6)
+    assert m.kl_to_base == 0.0 and m.agreement == 1.0
+    assert m.size_bits == tiny_lm.size_bytes * 8 and m.n_params == tiny_lm.n_params
+
+
+def test_kl_is_positive_for_a_different_model():
+    batch = data.ImageBatch(torch.zeros(5, 1, 8, 8), torch.arange(5), None, "t")
+    base = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    other = base.clone()
+    other[:, 0] += 3.0
+    kl, agree = kl_and_agreement(other, base, batch)
+    p, q = F.softmax(base, -1), F.softmax(other, -1)
+    assert math.isclose(kl, (p * (p.log() - q.log())).sum(-1).mean().item(), rel_tol=1e-5)
+    assert kl > 0 and 0 <= agree <= 1
+
+
+def test_accuracy_on_answer_mask():
+    tokens = torch.tensor([[9, 1, 2, 1, 2]])
+    mask = torch.tensor([[False, False, False, True, True]])
+    batch = data.TextBatch(tokens, 0, True, "t", mask)
+    logits = torch.zeros(1, 5, 10)
+    logits[0, 2, 1] = 5  # predicts token 3 correctly (1)
+    logits[0, 3, 7] = 5  # predicts token 4 wrongly
+    m = metrics_from_outputs(logits, batch, 1, 1)
+    assert m.accuracy == 0.5 and m.bits_per_byte is None
