@@ -39,10 +39,15 @@ def record_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Te
 
 
 def count_hooks(model: nn.Module) -> int:
-    """Total forward/backward/pre hooks on every submodule (0 means nothing leaked),
-    counting TransformerLens HookPoint hooks too."""
-    total = 0
-    for m in model.modules():
-        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        total += len(getattr(m, "fwd_hooks", []) or []) + len(getattr(m, "bwd_hooks", []) or [])
-    return total
+    """Hooks a user (or our code) added and did not remove; 0 means nothing leaked.
+
+    On a TransformerLens bridge only its HookPoints count: the bridge keeps a few
+    internal torch hooks of its own (it adds them on its first `run_with_cache`).
+    """
+    hook_dict = getattr(model, "hook_dict", None)
+    if isinstance(hook_dict, dict):  # legacy aliases name the same HookPoint twice
+        modules = list({id(m): m for m in hook_dict.values()}.values())
+    else:
+        modules = list(model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in modules)

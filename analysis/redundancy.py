@@ -1,0 +1,257 @@
+"""Layer redundancy from one forward pass: how much each block, attention and MLP
+sublayer changes the residual stream, how similar layers are, and what each layer
+would predict. Definitions: METHODS.md §1.
+
+Notation: h_l is the residual stream entering block l (`blocks.l.hook_resid_pre`),
+h_L the output of the last block; m_l the residual after attention l
+(`hook_resid_mid`). Token statistics skip the first `skip` positions (BOS and the
+huge-norm "sink" positions that dominate every similarity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lib.data import ImageBatch, TextBatch
+from lib.handle import BridgeHandle, ModelHandle, TorchHandle
+
+Progress = Callable[[float, str], None]
+DEFAULT_SKIP = 4
+CKA_EXACT_MAX_TOKENS = 4096  # beyond this, the minibatch unbiased estimator
+CKA_MINIBATCH = 512
+
+
+class RedundancyError(ValueError):
+    """The model or batch cannot be analysed this way; the message says why."""
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """One forward pass worth of residual streams.
+
+    resid: [L+1, batch, pos, d_model] h_0..h_L; mid: [L, batch, pos, d_model] m_l;
+    logits: [batch, pos, vocab] the model's output.
+    """
+
+    resid: torch.Tensor
+    mid: torch.Tensor
+    logits: torch.Tensor
+    skip: int
+
+
+@dataclass(frozen=True)
+class LayerSimilarity:
+    """Per-layer statistics from one pass (cosines averaged over evaluation tokens).
+
+    block, attention, mlp: [L] cos(h_l, h_{l+1}), cos(h_l, m_l), cos(m_l, h_{l+1});
+    angular: [L+1, L+1] arccos(cos(h_i, h_j)) / pi at the last token, mean over prompts;
+    cka: [L+1, L+1] linear CKA between depths; norms: [L+1] mean ||h_l||;
+    relative_update: [L] mean ||h_{l+1} - h_l|| / ||h_l||.
+    """
+
+    block: torch.Tensor
+    attention: torch.Tensor
+    mlp: torch.Tensor
+    angular: torch.Tensor
+    cka: torch.Tensor
+    norms: torch.Tensor
+    relative_update: torch.Tensor
+    n_tokens: int
+    skip: int
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.block.numel())
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        """1 - similarity for each module type: [L] each."""
+        return {"block": 1 - self.block, "attention": 1 - self.attention, "mlp": 1 - self.mlp}
+
+    def joint_ranking(self) -> list[tuple[str, int, float]]:
+        """All 2L attention and MLP sublayers, least important first:
+        (kind, layer, importance)."""
+        imp = self.importance()
+        rows = [(kind, layer, float(imp[kind][layer]))
+                for kind in ("attention", "mlp") for layer in range(self.n_layers)]
+        return sorted(rows, key=lambda r: r[2])
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """Logit lens per depth l = 0..L: logits_l = W_U LN_final(h_l) + b_U.
+
+    kl: [L+1] mean KL(p_L || p_l) in nats; agreement: [L+1] top-1 agreement with the
+    final layer; entropy: [L+1] mean entropy of p_l in nats.
+    """
+
+    kl: torch.Tensor
+    agreement: torch.Tensor
+    entropy: torch.Tensor
+
+
+def check_lm(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
+    if not isinstance(handle, BridgeHandle):
+        raise RedundancyError("This analysis needs a transformer language model.")
+    if handle.structure.n_layers < 2:
+        raise RedundancyError(
+            f"The model has {handle.structure.n_layers} layer; comparing layers needs at least 2.")
+    if skip < 0:
+        raise RedundancyError("The number of skipped positions cannot be negative.")
+    if batch.tokens.shape[1] <= skip + 1:
+        raise RedundancyError(
+            f"The evaluation windows have {batch.tokens.shape[1]} positions, not more than the "
+            f"{skip} skipped first positions plus one. Skip fewer positions or use longer windows.")
+
+
+def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAULT_SKIP) -> Residuals:
+    """One forward pass recording h_0..h_L and m_0..m_{L-1}."""
+    check_lm(handle, batch, skip)
+    L = handle.structure.n_layers
+    pre = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+    mid = [f"blocks.{l}.hook_resid_mid" for l in range(L)]
+    last = f"blocks.{L - 1}.hook_resid_post"
+    logits, cache = handle.run_with_cache(batch.tokens, pre + mid + [last])
+    resid = torch.stack([cache[n] for n in pre] + [cache[last]])
+    return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip)
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine over the last dim: [..., d] x [..., d] -> [...]."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of representations x [N, d1], y [N, d2] in the d x d form:
+    ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with column-centred X, Y."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).pow(2).sum()
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def cka_matrix(reps: list[torch.Tensor], minibatch: int = CKA_MINIBATCH,
+               exact_max: int = CKA_EXACT_MAX_TOKENS) -> torch.Tensor:
+    """Linear CKA between every pair of representations, each [N, d_i]: [n, n].
+
+    Exact (d x d form) up to `exact_max` tokens; beyond, the minibatch unbiased
+    estimator (Nguyen et al. 2021): CKA = mean HSIC_1(K, L) / sqrt(mean HSIC_1(K, K)
+    mean HSIC_1(L, L)) over disjoint minibatches.
+    """
+    n = len(reps)
+    if reps[0].shape[0] <= exact_max:
+        centred = [r.float() - r.float().mean(0) for r in reps]
+        grams = [(c.T @ c).norm() for c in centred]  # ||X^T X||_F, [d, d] products
+        out = torch.ones(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(i + 1, n):
+                cross = (centred[j].T @ centred[i]).pow(2).sum()
+                out[i, j] = out[j, i] = float(cross / (grams[i] * grams[j]))
+        return out
+    return _cka_minibatch(reps, minibatch)
+
+
+def _hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012) of Gram matrices [m, m] with zeroed diagonals."""
+    m = k.shape[0]
+    one = torch.ones(m, 1, dtype=k.dtype)
+    trace = (k * l).sum()
+    middle = (one.T @ k @ one) * (one.T @ l @ one) / ((m - 1) * (m - 2))
+    last = 2 * (one.T @ k @ l @ one) / (m - 2)
+    return (trace + middle - last).squeeze() / (m * (m - 3))
+
+
+def _cka_minibatch(reps: list[torch.Tensor], minibatch: int) -> torch.Tensor:
+    n, total = len(reps), reps[0].shape[0]
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0))
+    hsic = torch.zeros(n, n, dtype=torch.float64)
+    for start in range(0, total - minibatch + 1, minibatch):
+        idx = perm[start:start + minibatch]
+        grams = []
+        for r in reps:
+            x = r[idx].double()
+            k = x @ x.T  # [m, m] Gram of one minibatch only
+            k.fill_diagonal_(0)
+            grams.append(k)
+        for i in range(n):
+            for j in range(i, n):
+                hsic[i, j] += _hsic1(grams[i], grams[j])
+    hsic = torch.triu(hsic) + torch.triu(hsic, 1).T
+    diag = hsic.diagonal().clamp_min(1e-30).sqrt()
+    return hsic / (diag[:, None] * diag[None, :])
+
+
+def layer_similarity(res: Residuals) -> LayerSimilarity:
+    """Every one-pass statistic of METHODS §1 from recorded residuals."""
+    h = res.resid[:, :, res.skip:].float()  # [L+1, batch, pos', d]
+    m = res.mid[:, :, res.skip:].float()  # [L, batch, pos', d]
+    block = token_cosine(h[:-1], h[1:]).mean((1, 2))
+    attention = token_cosine(h[:-1], m).mean((1, 2))
+    mlp = token_cosine(m, h[1:]).mean((1, 2))
+    last = h[:, :, -1]  # [L+1, batch, d]
+    cos = token_cosine(last[:, None], last[None, :]).clamp(-1, 1)  # [L+1, L+1, batch]
+    angular = (torch.arccos(cos) / math.pi).mean(-1)
+    angular.fill_diagonal_(0.0)
+    flat = [layer.reshape(-1, layer.shape[-1]) for layer in h]  # each [N, d]
+    norms = h.norm(dim=-1)  # [L+1, batch, pos']
+    update = (h[1:] - h[:-1]).norm(dim=-1) / norms[:-1].clamp_min(1e-12)
+    return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), norms.mean((1, 2)),
+                           update.mean((1, 2)), flat[0].shape[0], res.skip)
+
+
+@torch.no_grad()
+def logit_lens(handle: BridgeHandle, res: Residuals, chunk: int = 2048,
+               progress: Progress | None = None) -> LogitLens:
+    """Logit lens at every depth, LN_final recomputed on each h_l itself."""
+    L = handle.structure.n_layers
+    final = res.logits[:, res.skip:].reshape(-1, res.logits.shape[-1]).float()
+    kl, agree, ent = torch.zeros(L + 1), torch.zeros(L + 1), torch.zeros(L + 1)
+    h = res.resid[:, :, res.skip:]
+    for layer in range(L + 1):
+        flat = h[layer].reshape(-1, h.shape[-1])
+        for start in range(0, flat.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            lp_final = F.log_softmax(final[rows], -1)
+            logits = final[rows] if layer == L else handle.readout(flat[rows]).float()
+            lp = F.log_softmax(logits, -1)
+            kl[layer] += (lp_final.exp() * (lp_final - lp)).sum(-1).sum()
+            agree[layer] += (lp.argmax(-1) == lp_final.argmax(-1)).float().sum()
+            ent[layer] += -(lp.exp() * lp).sum(-1).sum()
+        if progress:
+            progress((layer + 1) / (L + 1), f"logit lens: depth {layer}")
+    n = final.shape[0]
+    return LogitLens(kl / n, agree / n, ent / n)
+
+
+@dataclass(frozen=True)
+class StageSimilarity:
+    """Image models: names[0] is the input, then every stage's output.
+
+    cka: [n, n] linear CKA between the flattened representations (one row per image);
+    similarity: stage -> mean cos(input, output) per image, for stages whose input and
+    output shapes match; norms: [n] mean activation norm per image.
+    """
+
+    names: list[str]
+    cka: torch.Tensor
+    similarity: dict[str, float]
+    norms: torch.Tensor
+
+
+@torch.no_grad()
+def stage_similarity(handle: TorchHandle, batch: ImageBatch) -> StageSimilarity:
+    """CKA across all stages and in/out similarity where shapes match (one pass)."""
+    names = list(handle.model.stages)
+    _, cache = handle.run_with_cache(batch.images, names)
+    reps = [batch.images] + [cache[n] for n in names]
+    flat = [r.reshape(r.shape[0], -1).float() for r in reps]  # each [images, features]
+    sims = {
+        name: float(token_cosine(flat[i], flat[i + 1]).mean())
+        for i, name in enumerate(names) if reps[i].shape == reps[i + 1].shape
+    }
+    norms = torch.stack([f.norm(dim=-1).mean() for f in flat])
+    return StageSimilarity(["input"] + names, cka_matrix(flat), sims, norms)

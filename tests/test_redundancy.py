@@ -1,0 +1,159 @@
+"""Layer redundancy: hooks vs plain HF forward, CKA properties, drop sweep exactness."""
+
+import math
+
+import pytest
+import torch
+
+from analysis import layer_drop, redundancy
+from analysis.layer_drop import Module
+from lib import data
+from lib.hooks import count_hooks
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_lm):
+    return data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=4)
+
+
+@pytest.fixture(scope="module")
+def residuals(tiny_lm, batch):
+    return redundancy.collect_residuals(tiny_lm, batch, skip=2)
+
+
+def test_similarities_match_plain_hf_forward(tiny_gpt2_dir, tiny_lm, batch, residuals):
+    """x_l from output_hidden_states, m_l from a pre-hook on ln_2, y_l from a block hook."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(str(tiny_gpt2_dir), attn_implementation="eager").eval()
+    mids, outs = {}, {}
+    handles = []
+    for l, block in enumerate(hf.transformer.h):
+        handles.append(block.ln_2.register_forward_pre_hook(lambda m, a, l=l: mids.__setitem__(l, a[0])))
+        handles.append(block.register_forward_hook(
+            lambda m, a, o, l=l: outs.__setitem__(l, o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        hidden = hf(batch.tokens, output_hidden_states=True).hidden_states
+    for h in handles:
+        h.remove()
+    sim = redundancy.layer_similarity(residuals)
+    s = 2
+    for l in range(3):
+        x, m, y = hidden[l][:, s:], mids[l][:, s:], outs[l][:, s:]
+        cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
+        assert abs(sim.block[l] - cos(x, y)) < 1e-5
+        assert abs(sim.attention[l] - cos(x, m)) < 1e-5
+        assert abs(sim.mlp[l] - cos(m, y)) < 1e-5
+
+
+def test_cka_self_is_one_and_rotation_invariant():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(16, 24, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(
+        300, 24, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    assert math.isclose(redundancy.linear_cka(x, x), 1.0, rel_tol=1e-9)
+    assert math.isclose(redundancy.linear_cka(x @ q, y), redundancy.linear_cka(x, y), rel_tol=1e-9)
+    mat = redundancy.cka_matrix([x, y, x @ q])
+    assert torch.allclose(mat.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert math.isclose(float(mat[0, 2]), 1.0, rel_tol=1e-5)
+    assert math.isclose(float(mat[0, 1]), redundancy.linear_cka(x, y), rel_tol=1e-4)
+
+
+def test_minibatch_cka_estimates_the_exact_value():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6000, 8, generator=gen)
+    y = x @ torch.randn(8, 8, generator=gen) + torch.randn(6000, 8, generator=gen)
+    exact = redundancy.linear_cka(x, y)
+    est = redundancy.cka_matrix([x, y], minibatch=500, exact_max=1000)
+    assert abs(float(est[0, 1]) - exact) < 0.03
+    assert math.isclose(float(est[0, 0]), 1.0, rel_tol=1e-9)
+
+
+def test_angular_distance_and_cka_diagonals(residuals):
+    sim = redundancy.layer_similarity(residuals)
+    assert torch.all(sim.angular.diagonal() == 0)
+    assert torch.allclose(sim.cka.diagonal(), torch.ones(4, dtype=torch.float64))
+    assert sim.angular.shape == (4, 4) and torch.allclose(sim.angular, sim.angular.T)
+    assert sim.n_tokens == 4 * 22
+
+
+def test_logit_lens_final_layer_is_the_model(tiny_lm, residuals):
+    lens = redundancy.logit_lens(tiny_lm, residuals)
+    assert lens.kl[-1].abs() < 1e-6 and lens.agreement[-1] == 1.0
+    # an intermediate depth recomputed by hand: LN_final on h_1 itself, then unembed
+    hf = tiny_lm.hf_model
+    h1 = residuals.resid[1][:, 2:]
+    lp = torch.log_softmax(hf.lm_head(hf.transformer.ln_f(h1)), -1)
+    lp_final = torch.log_softmax(residuals.logits[:, 2:], -1)
+    kl = (lp_final.exp() * (lp_final - lp)).sum(-1).mean()
+    assert abs(float(lens.kl[1]) - float(kl)) < 1e-5
+
+
+def test_prefix_reuse_sweep_equals_naive_reruns(tiny_lm, batch, residuals):
+    fast = layer_drop.lm_drop_sweep(tiny_lm, batch, residuals)
+    slow = layer_drop.naive_lm_drop_sweep(tiny_lm, batch)
+    assert fast.dropped.keys() == slow.dropped.keys() and len(fast.dropped) == 9
+    for module in fast.dropped:
+        for metric in ("nll", "kl_to_base", "agreement"):
+            assert abs(getattr(fast.dropped[module], metric) - getattr(slow.dropped[module], metric)) < 1e-5
+    assert fast.dropped[Module("block", 1)].kl_to_base > 0
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_drops_change_output_leave_base_intact_and_remove_hooks(tiny_lm, batch):
+    before = tiny_lm.current_fingerprint()
+    base = tiny_lm.forward(batch.tokens)
+    m = layer_drop.evaluate_dropped(tiny_lm, batch, [Module("attention", 0), Module("mlp", 2)], base)
+    assert m.kl_to_base > 0
+    assert torch.equal(tiny_lm.forward(batch.tokens), base)
+    assert tiny_lm.current_fingerprint() == before
+    with pytest.raises(RuntimeError):
+        with layer_drop.dropped(tiny_lm, [Module("block", 0)]):
+            assert count_hooks(tiny_lm.model) == 2  # the counter sees hooks that are there
+            raise RuntimeError("boom")
+    assert count_hooks(tiny_lm.model) == 0
+    assert torch.equal(tiny_lm.forward(batch.tokens), base)
+
+
+def test_bad_inputs_get_clear_messages(tiny_lm, tmp_path):
+    from lib.models import load_model
+
+    from conftest import save_tiny_gpt2
+
+    short = data.TextBatch(torch.full((2, 3), 256), 4, True, "short")
+    with pytest.raises(redundancy.RedundancyError, match="skipped"):
+        redundancy.collect_residuals(tiny_lm, short, skip=4)
+    save_tiny_gpt2(tmp_path, n_layer=1)
+    one = load_model(str(tmp_path))
+    with pytest.raises(redundancy.RedundancyError, match="at least 2"):
+        redundancy.collect_residuals(one, data.code_batch(one.tokenizer, 24, 2))
+    with pytest.raises(redundancy.RedundancyError, match="not a module"):
+        layer_drop.evaluate_dropped(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2), [Module("block", 7)], None)
+
+
+def test_cnn_stages(tmp_path):
+    from lib.models import load_model, save_image_model
+    from lib.zoo.nets import DigitsCNN
+
+    torch.manual_seed(0)
+    save_image_model(DigitsCNN(width=4), "digits-cnn", tmp_path, width=4)
+    handle = load_model(str(tmp_path))
+    batch = data.digits_batch(n=40)
+    sweep = layer_drop.stage_drop_sweep(handle, batch)
+    assert {m.layer for m in sweep.dropped} == {"conv2"}
+    assert Module("stage", "conv1") in sweep.not_droppable
+    with pytest.raises(redundancy.RedundancyError, match="cannot be bypassed"):
+        layer_drop.evaluate_dropped(handle, batch, [Module("stage", "pool1")], None)
+    assert count_hooks(handle.model) == 0
+
+
+def test_stage_similarity(tmp_path):
+    from lib.models import load_model, save_image_model
+    from lib.zoo.nets import DigitsCNN
+
+    save_image_model(DigitsCNN(width=4), "digits-cnn", tmp_path, width=4)
+    result = redundancy.stage_similarity(load_model(str(tmp_path)), data.digits_batch(n=30))
+    assert result.names[0] == "input" and len(result.names) == 9
+    assert torch.allclose(result.cka.diagonal(), torch.ones(9, dtype=torch.float64))
+    assert set(result.similarity) == {"conv2"}  # the only stage whose shapes match
