@@ -162,16 +162,24 @@ def repeated_token_sequences(
     n: int, vocab: int, bos_id: int, seq_len: int, gen: torch.Generator,
     min_half: int = 6, max_half: int = 30,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The induction task: BOS, a random block of h tokens (h varies per row), the same
-    block again, then random filler. Returns tokens [n, seq_len] and a mask
-    [n, seq_len], True on the repeated block (predictable only by induction)."""
+    """The induction task: BOS, a block of h distinct random tokens (h varies per row),
+    the same block again, then random filler. Returns tokens [n, seq_len] and a mask
+    [n, seq_len], True on the repeated block from its second token on: those are
+    predictable by induction (the first one is not: nothing says the copy starts)."""
+    if seq_len < 1 + 2 * max_half:
+        raise DataError(f"Sequences of {seq_len} tokens cannot hold BOS and two copies of "
+                        f"{max_half} tokens; use at least {1 + 2 * max_half}.")
+    if vocab < max_half:
+        raise DataError(f"A vocabulary of {vocab} tokens cannot fill a block of {max_half} distinct tokens.")
     tokens = torch.randint(0, vocab, (n, seq_len), generator=gen)
     tokens[:, 0] = bos_id
     halves = torch.randint(min_half, max_half + 1, (n,), generator=gen)
     mask = torch.zeros(n, seq_len, dtype=torch.bool)
     for i, h in enumerate(halves.tolist()):
+        # distinct tokens in the block: every copy has exactly one earlier occurrence to follow
+        tokens[i, 1:1 + h] = torch.randperm(vocab, generator=gen)[:h]
         tokens[i, 1 + h:1 + 2 * h] = tokens[i, 1:1 + h]
-        mask[i, 1 + h:1 + 2 * h] = True
+        mask[i, 2 + h:1 + 2 * h] = True
     return tokens, mask
 
 
@@ -183,7 +191,7 @@ def repeated_tokens_batch(vocab: int, bos_id: int, seq_len: int, n: int = 64, se
 
 # --------------------------------------------------------------------------- digits
 
-DIGITS_NOISE_STD = 0.3  # the denoiser's task: Gaussian noise of this std on [0, 1] pixels
+DIGITS_NOISE_STD = 0.5  # the denoiser's task: Gaussian noise of this std on [0, 1] pixels
 
 
 @lru_cache(maxsize=1)

@@ -62,7 +62,8 @@ class ModelHandle(ABC):
 
     @property
     def n_params(self) -> int:
-        return sum(p.numel() for p in self.weights().values())
+        """Distinct parameters (tied weights once; buffers not counted)."""
+        return sum(p.numel() for p in _distinct(iter(self.model.named_parameters())).values())
 
     @property
     def size_bytes(self) -> int:
@@ -207,8 +208,10 @@ def _describe_stage(m: nn.Module) -> str:
     parts = [m] if not isinstance(m, nn.Sequential) else list(m)
     words = []
     for p in parts:
-        if isinstance(p, nn.Conv2d):
-            words.append(f"conv {p.in_channels}->{p.out_channels} k{p.kernel_size[0]}")
+        if isinstance(p, (nn.Conv2d, nn.ConvTranspose2d)):
+            kind = "conv" if isinstance(p, nn.Conv2d) else "transposed conv"
+            stride = f" s{p.stride[0]}" if p.stride[0] > 1 else ""
+            words.append(f"{kind} {p.in_channels}->{p.out_channels} k{p.kernel_size[0]}{stride}")
         elif isinstance(p, nn.Linear):
             words.append(f"linear {p.in_features}->{p.out_features}")
         else:

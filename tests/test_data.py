@@ -46,7 +46,8 @@ def test_digits_split_is_stratified_and_fixed():
 
 
 def test_repeated_tokens_mask_marks_the_copy():
-    tokens, mask = data.repeated_token_sequences(4, 10, 10, 40, torch.Generator().manual_seed(0))
+    tokens, mask = data.repeated_token_sequences(4, 40, 40, 64, torch.Generator().manual_seed(0))
     for row, m in zip(tokens, mask):
-        h = int(m.sum())
+        h = int(m.sum()) + 1  # the copy's first token is not marked: it is unpredictable
         assert torch.equal(row[1:1 + h], row[1 + h:1 + 2 * h])
+        assert m[:2 + h].sum() == 0 and m[1 + 2 * h:].sum() == 0 and m[2 + h:1 + 2 * h].all()

@@ -34,17 +34,24 @@ class DigitsCNN(nn.Module):
 
 
 class DigitsDenoiser(nn.Module):
-    """ReLU conv net, noisy [batch, 1, 8, 8] -> clean [batch, 1, 8, 8] (piecewise affine)."""
+    """ReLU conv encoder-decoder, noisy [batch, 1, 8, 8] -> clean [batch, 1, 8, 8].
 
-    def __init__(self, width: int = 48) -> None:
+    Strided convolutions bring the digit down to 2x2 so every output pixel sees the
+    whole input (the shape prior that makes denoising work); transposed
+    convolutions bring it back. No normalisation: the network is piecewise affine.
+    """
+
+    def __init__(self, width: int = 32) -> None:
         super().__init__()
+        w = width
         self.stages = nn.ModuleDict({
-            "conv1": nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU()),
-            "conv2": nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU()),
-            # dilation widens the receptive field to the whole 8x8 digit (shape prior)
-            "conv3": nn.Sequential(nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU()),
-            "conv4": nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU()),
-            "out": nn.Conv2d(width, 1, 3, padding=1),
+            "conv1": nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.ReLU()),  # [b, w, 8, 8]
+            "down1": nn.Sequential(nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.ReLU()),  # 4x4
+            "down2": nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1), nn.ReLU()),  # 2x2
+            "mid": nn.Sequential(nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU()),  # 2x2
+            "up1": nn.Sequential(nn.ConvTranspose2d(4 * w, 2 * w, 4, stride=2, padding=1), nn.ReLU()),
+            "up2": nn.Sequential(nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1), nn.ReLU()),
+            "out": nn.Conv2d(w, 1, 3, padding=1),
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

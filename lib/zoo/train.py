@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lib.zoo import ZOO_DIR, ZOO
+from lib.zoo import ZOO, ZOO_DIR
 
 
 def _machine() -> str:

@@ -92,6 +92,8 @@ def train(out: Path, minutes: float, seed: int, steps: int | None, run_dir: Path
         opt.load_state_dict(ckpt["opt"])
         gen.set_state(ckpt["gen"])
         state = ckpt["state"]
+        if steps is not None:  # an explicit step count re-fixes the schedule's length
+            state["total"] = steps
         print(f"resumed at step {state['step']} of {state['total']}")
 
     body = seq_len - 1

@@ -12,7 +12,7 @@ from lib import data
 from lib.models import save_image_model
 from lib.zoo.nets import build
 
-STEPS = {"digits-cnn": 3000, "digits-denoiser": 8000}
+STEPS = {"digits-cnn": 3000, "digits-denoiser": 6000}
 BATCH, LR = 64, 2e-3
 
 
