@@ -9,9 +9,9 @@ import streamlit as st
 
 from lib.models import zoo_names
 from lib.zoo import ZOO
-from ui.state import DEFAULT_SPEC, LoadRequest, current_handle, request_load
+from ui.state import DEFAULT_SPEC, LoadRequest, current_handle, recipe, request_load
 
-st.set_page_config(page_title="LayerScope", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="LayerScope", page_icon=":material/biotech:", layout="wide")
 
 
 def model_picker() -> None:
@@ -41,6 +41,12 @@ model_picker()
 handle = current_handle()
 if handle is not None:
     st.sidebar.caption(f"Loaded: **{handle.spec}** · {handle.n_params:,} parameters")
+    edits = recipe(handle).edits
+    if edits:
+        st.sidebar.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))
 
-pages = [st.Page("pages/model.py", title="Model", icon="🧭", default=True)]
+pages = [
+    st.Page("pages/model.py", title="Model", icon=":material/info:", default=True),
+    st.Page("pages/redundancy.py", title="Redundancy", icon=":material/layers:"),
+]
 st.navigation(pages).run()

@@ -20,7 +20,7 @@ from analysis.redundancy import Progress, RedundancyError, Residuals
 from lib.data import Batch, ImageBatch, TextBatch
 from lib.handle import BridgeHandle, ModelHandle, TorchHandle
 from lib.hooks import forward_hooks
-from lib.metrics import Metrics, metrics_from_outputs, model_inputs
+from lib.metrics import BaseOutputs, Metrics, metrics_from_outputs, model_inputs, prepare_base
 
 MODULE_KINDS = ("block", "attention", "mlp")
 
@@ -92,12 +92,13 @@ def dropped(handle: ModelHandle, modules: Sequence[Module]) -> Iterator[None]:
         yield
 
 
-def _metrics(handle: ModelHandle, outputs: torch.Tensor, batch: Batch, base: torch.Tensor | None) -> Metrics:
+def _metrics(handle: ModelHandle, outputs: torch.Tensor, batch: Batch,
+             base: torch.Tensor | BaseOutputs | None) -> Metrics:
     return metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bytes * 8, base)
 
 
 def evaluate_dropped(handle: ModelHandle, batch: Batch, modules: Sequence[Module],
-                     base: torch.Tensor | None) -> Metrics:
+                     base: torch.Tensor | BaseOutputs | None) -> Metrics:
     """Metrics with all `modules` dropped together (one full forward under hooks)."""
     with dropped(handle, modules):
         outputs = handle.forward(model_inputs(batch))
@@ -118,7 +119,8 @@ def lm_drop_sweep(handle: BridgeHandle, batch: TextBatch, res: Residuals,
     """Metrics with each single block / attention / MLP dropped, reusing the cached
     h_l and m_l: dropping module l only reruns layers l..L-1 (blocks: l+1..L-1)."""
     L = handle.structure.n_layers
-    base = _metrics(handle, res.logits, batch, res.logits)
+    reference = prepare_base(res.logits, batch)  # base softmax once, not once per drop
+    base = _metrics(handle, res.logits, batch, reference)
     out: dict[Module, Metrics] = {}
     jobs = [(kind, layer) for kind in kinds for layer in range(L)]
     for i, (kind, layer) in enumerate(jobs):
@@ -130,7 +132,7 @@ def lm_drop_sweep(handle: BridgeHandle, batch: TextBatch, res: Residuals,
             with dropped(handle, [Module("attention", layer)]):
                 after = handle.run_block(layer, res.resid[layer])
             logits = _run_from(handle, layer + 1, after)
-        out[Module(kind, layer)] = _metrics(handle, logits, batch, res.logits)
+        out[Module(kind, layer)] = _metrics(handle, logits, batch, reference)
         if progress:
             progress((i + 1) / len(jobs), f"dropping {kind} {layer}")
     return DropSweep(base, out, {})
@@ -140,8 +142,9 @@ def lm_drop_sweep(handle: BridgeHandle, batch: TextBatch, res: Residuals,
 def naive_lm_drop_sweep(handle: BridgeHandle, batch: TextBatch, kinds: Sequence[str] = MODULE_KINDS) -> DropSweep:
     """The same sweep by full reruns under hooks (the reference for tests and bench)."""
     base_logits = handle.forward(batch.tokens)
-    base = _metrics(handle, base_logits, batch, base_logits)
-    out = {Module(k, l): evaluate_dropped(handle, batch, [Module(k, l)], base_logits)
+    reference = prepare_base(base_logits, batch)
+    base = _metrics(handle, base_logits, batch, reference)
+    out = {Module(k, l): evaluate_dropped(handle, batch, [Module(k, l)], reference)
            for k in kinds for l in range(handle.structure.n_layers)}
     return DropSweep(base, out, {})
 

@@ -204,27 +204,33 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
 
 
 @torch.no_grad()
-def logit_lens(handle: BridgeHandle, res: Residuals, chunk: int = 2048,
+def logit_lens(handle: BridgeHandle, res: Residuals, chunk: int = 1024,
                progress: Progress | None = None) -> LogitLens:
-    """Logit lens at every depth, LN_final recomputed on each h_l itself."""
+    """Logit lens at every depth, LN_final recomputed on each h_l itself.
+
+    Per token with z = logits_l and lse = logsumexp(z): entropy = lse - <p_l, z> and
+    KL(p_L || p_l) = <p_L, log p_L> - <p_L, z> + lse, so each depth needs one
+    softmax and two dot products over the vocabulary, nothing more.
+    """
     L = handle.structure.n_layers
-    final = res.logits[:, res.skip:].reshape(-1, res.logits.shape[-1]).float()
+    final = res.logits[:, res.skip:].reshape(-1, res.logits.shape[-1]).float()  # [N, vocab]
+    h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
     kl, agree, ent = torch.zeros(L + 1), torch.zeros(L + 1), torch.zeros(L + 1)
-    h = res.resid[:, :, res.skip:]
-    for layer in range(L + 1):
-        flat = h[layer].reshape(-1, h.shape[-1])
-        for start in range(0, flat.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            lp_final = F.log_softmax(final[rows], -1)
-            logits = final[rows] if layer == L else handle.readout(flat[rows]).float()
-            lp = F.log_softmax(logits, -1)
-            kl[layer] += (lp_final.exp() * (lp_final - lp)).sum(-1).sum()
-            agree[layer] += (lp.argmax(-1) == lp_final.argmax(-1)).float().sum()
-            ent[layer] += -(lp.exp() * lp).sum(-1).sum()
+    for start in range(0, final.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        p_final = torch.softmax(final[rows], -1)
+        neg_ent_final = torch.einsum("nv,nv->n", p_final, torch.log_softmax(final[rows], -1))
+        top_final = final[rows].argmax(-1)
+        for layer in range(L + 1):
+            z = final[rows] if layer == L else handle.readout(h[layer, rows]).float()
+            lse = torch.logsumexp(z, -1)
+            kl[layer] += (neg_ent_final - torch.einsum("nv,nv->n", p_final, z) + lse).sum()
+            ent[layer] += (lse - torch.einsum("nv,nv->n", torch.softmax(z, -1), z)).sum()
+            agree[layer] += (z.argmax(-1) == top_final).float().sum()
         if progress:
-            progress((layer + 1) / (L + 1), f"logit lens: depth {layer}")
+            progress(min(1.0, (start + chunk) / final.shape[0]), "logit lens")
     n = final.shape[0]
-    return LogitLens(kl / n, agree / n, ent / n)
+    return LogitLens(kl.clamp_min(0) / n, agree / n, ent / n)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench import common, foundation  # noqa: E402
+from bench import common, foundation, redundancy  # noqa: E402
 
-SUITES = {"foundation": foundation.rows}
+SUITES = {"foundation": foundation.rows, "redundancy": redundancy.rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("suites", nargs="*", default=list(SUITES), choices=list(SUITES) + [[]])
+    parser.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)} (default: all)")
     parser.add_argument("--layers", type=int, default=12)
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -55,18 +55,33 @@ def _log_probs(outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.log_softmax(outputs.float(), dim=-1)
 
 
-def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor, batch: Batch) -> tuple[float, float]:
+@dataclass(frozen=True)
+class BaseOutputs:
+    """Base outputs prepared once for many comparisons (a drop sweep, a recipe history).
+
+    probs: [n, classes] base probabilities at predicted positions; neg_entropy: [n]
+    sum p log p; top1: [n] base argmax.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    top1: torch.Tensor
+
+
+def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs:
+    lp = _log_probs(base, batch)
+    p = lp.exp()
+    return BaseOutputs(p, torch.einsum("nc,nc->n", p, lp), lp.argmax(-1))
+
+
+def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, batch: Batch,
+                     log_probs: torch.Tensor | None = None) -> tuple[float, float]:
     """Mean KL(base || model) and top-1 agreement over predicted positions."""
-    lp, lq = _log_probs(base, batch), _log_probs(outputs, batch)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
-    agree = (lp.argmax(-1) == lq.argmax(-1)).float().mean().item()
+    ref = base if isinstance(base, BaseOutputs) else prepare_base(base, batch)
+    lq = _log_probs(outputs, batch) if log_probs is None else log_probs
+    kl = (ref.neg_entropy - torch.einsum("nc,nc->n", ref.probs, lq)).mean().clamp_min(0).item()
+    agree = (lq.argmax(-1) == ref.top1).float().mean().item()
     return kl, agree
-
-
-def lm_nll(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Mean next-token NLL in nats: logits [b, pos, vocab], tokens [b, pos]."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           tokens[:, 1:].reshape(-1)).item()
 
 
 def metrics_from_outputs(
@@ -74,7 +89,7 @@ def metrics_from_outputs(
     batch: Batch,
     n_params: int,
     size_bits: int,
-    base: torch.Tensor | None = None,
+    base: torch.Tensor | BaseOutputs | None = None,
     latency_ms: float | None = None,
 ) -> Metrics:
     """Metrics from model outputs already computed on `batch`.
@@ -83,8 +98,10 @@ def metrics_from_outputs(
     base: the base model's outputs on the same batch, for KL and agreement.
     """
     fields: dict[str, float | None] = {}
+    log_probs = None
     if isinstance(batch, TextBatch):
-        nll = lm_nll(outputs, batch.tokens)
+        log_probs = _log_probs(outputs, batch)  # [n, vocab], shared by the NLL and the KL
+        nll = -log_probs.gather(1, batch.tokens[:, 1:].reshape(-1, 1)).mean().item()
         fields.update(nll=nll, perplexity=math.exp(min(nll, 700.0)))
         if batch.n_bytes:
             fields["bits_per_byte"] = nll * batch.n_predicted / math.log(2) / batch.n_bytes
@@ -97,7 +114,7 @@ def metrics_from_outputs(
     else:
         fields["accuracy"] = (outputs.argmax(-1) == batch.labels).float().mean().item()
     if base is not None and not (isinstance(batch, ImageBatch) and batch.targets is not None):
-        fields["kl_to_base"], fields["agreement"] = kl_and_agreement(outputs, base, batch)
+        fields["kl_to_base"], fields["agreement"] = kl_and_agreement(outputs, base, batch, log_probs)
     return Metrics(n_params=n_params, size_bits=size_bits, latency_ms=latency_ms, **fields)
 
 

@@ -21,12 +21,14 @@ with quality:
     with st.spinner("Evaluating ..."):
         batch = eval_batch(handle, handle.fingerprint)
         metrics = baseline(handle, handle.fingerprint)
-    shown = {k: v for k, v in metrics.as_dict().items()
-             if v is not None and k not in ("agreement", "kl_to_base", "n_params")}
+    order = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "size_bits", "latency_ms")
+    shown = [(k, getattr(metrics, k)) for k in order if getattr(metrics, k) is not None]
     cols = st.columns(3)
-    for i, (name, value) in enumerate(shown.items()):
-        text = f"{value:,.0f}" if name == "size_bits" else f"{value:.4g}"
-        cols[i % 3].metric(LABELS[name], text)
+    for i, (name, value) in enumerate(shown):
+        if name == "size_bits":
+            cols[i % 3].metric("size", f"{value / 8 / 2**20:.2f} MiB", help=f"{value:,} bits")
+        else:
+            cols[i % 3].metric(LABELS[name], f"{value:.4g}")
     st.caption(f"Evaluation set: {batch.source}. Latency is one forward pass over the whole batch "
                "on this machine's CPU.")
 
@@ -44,8 +46,8 @@ if handle.kind == "causal-lm":
         st.info(f"The prompt is longer than the model's context of {handle.structure.n_ctx} tokens: "
                 f"the first {result.truncated} tokens were dropped.")
     st.plotly_chart(plots.next_tokens_bar(result), width="stretch")
-    st.caption(f"{result.n_prompt_tokens} tokens fed to the model (BOS first). Whitespace in a "
-               "token is shown escaped (\\n, \\t).")
+    st.caption(f"{result.n_prompt_tokens} tokens fed to the model (BOS first). Whitespace is "
+               "shown as ␣ (space), ↵ (newline) and ⇥ (tab).")
 else:
     st.subheader("One evaluation image")
     index = st.slider("Image", 0, len(batch.labels) - 1, 0, key=f"image_{handle.spec}")

@@ -2,8 +2,9 @@
 
 import pytest
 
-from apptest_helpers import load, new_app, run
 from lib.models import load_model
+
+from apptest_helpers import load, new_app, run
 
 
 def texts(at):
@@ -71,3 +72,41 @@ def test_two_sessions_never_change_the_base_model():
         handle = load_base(at.session_state["load_request"])
         assert handle.current_fingerprint() == handle.fingerprint
     assert load_base(first.session_state["load_request"]).fingerprint == base.fingerprint
+
+
+def test_redundancy_page_on_default_model_sends_drops_to_recipe():
+    at = run(run(new_app()), "pages/redundancy.py")
+    assert at.title[0].value == "Layer redundancy"
+    subheaders = [s.value for s in at.subheader]
+    for expected in ("How much each layer changes the residual stream", "What dropping one module really costs",
+                     "How alike the layers are", "Logit lens: what each depth would predict", "Depth effect",
+                     "Drop several modules"):
+        assert expected in subheaders
+    assert len(at.get("plotly_chart")) == 6
+    at.slider[0].set_value(3)
+    run(at)
+    labels = [m.label for m in at.metric]
+    assert "predicted Δ bits per byte" in labels and "measured Δ bits per byte" in labels
+    next(b for b in at.button if b.label.startswith("Add these 3 drops")).click()
+    run(at)
+    assert "the recipe now has 3 edit(s)" in at.success[0].value
+    recipe = next(iter(at.session_state["recipes"].values()))
+    assert len(recipe.edits) == 3
+    assert not texts(at)
+
+
+def test_redundancy_page_on_cnn_explains_stages_that_cannot_be_dropped():
+    at = load(run(new_app()), "zoo:digits-cnn")
+    run(at, "pages/redundancy.py")
+    captions = " ".join(c.value for c in at.caption)
+    assert "cannot be bypassed" in captions
+    assert not texts(at)
+
+
+def test_redundancy_page_on_one_layer_model_says_why(tmp_path):
+    from conftest import save_tiny_gpt2
+
+    save_tiny_gpt2(tmp_path, n_layer=1)
+    at = load(run(new_app()), str(tmp_path), typed=True)
+    run(at, "pages/redundancy.py")
+    assert any("at least 2" in t for t in texts(at))

@@ -1,0 +1,162 @@
+"""Everything the Redundancy view shows for one model: statistics, suggested drops,
+predicted vs measured cost, and sentences derived from the numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from analysis import layer_drop, redundancy
+from analysis.layer_drop import DropSweep, Module
+from analysis.redundancy import LayerSimilarity, LogitLens, Progress, StageSimilarity
+from lib.data import Batch, ImageBatch, TextBatch
+from lib.handle import BridgeHandle, ModelHandle, TorchHandle
+from lib.metrics import LABELS, Metrics
+
+
+@dataclass(frozen=True)
+class RedundancyReport:
+    """LMs fill `similarity` and `lens`; image models fill `stages`. `metric` is the
+    quality measure the drop costs are expressed in (higher_is_better says its sign)."""
+
+    sweep: DropSweep
+    metric: str
+    higher_is_better: bool
+    similarity: LayerSimilarity | None = None
+    lens: LogitLens | None = None
+    stages: StageSimilarity | None = None
+
+
+def primary_metric(batch: Batch) -> tuple[str, bool]:
+    if isinstance(batch, TextBatch):
+        if batch.answer_mask is not None:
+            return "accuracy", True
+        return ("bits_per_byte", False) if batch.n_bytes else ("nll", False)
+    return ("psnr_db", True) if batch.targets is not None else ("accuracy", True)
+
+
+def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAULT_SKIP,
+                 progress: Progress | None = None) -> RedundancyReport:
+    """One cached forward pass feeds the statistics, the lens and the drop sweep."""
+    metric, up = primary_metric(batch)
+    step = progress or (lambda f, m: None)
+    if isinstance(handle, TorchHandle):
+        step(0.1, "stage similarity")
+        stages = redundancy.stage_similarity(handle, batch)
+        step(0.5, "dropping stages")
+        return RedundancyReport(layer_drop.stage_drop_sweep(handle, batch), metric, up, stages=stages)
+    if not isinstance(handle, BridgeHandle) or not isinstance(batch, TextBatch):
+        raise redundancy.RedundancyError("This model type has no redundancy analysis.")
+    step(0.02, "one forward pass with hooks")
+    res = redundancy.collect_residuals(handle, batch, skip)
+    sim = redundancy.layer_similarity(res)
+    lens = redundancy.logit_lens(handle, res, progress=lambda f, m: step(0.05 + 0.25 * f, m))
+    sweep = layer_drop.lm_drop_sweep(handle, batch, res, progress=lambda f, m: step(0.3 + 0.7 * f, m))
+    return RedundancyReport(sweep, metric, up, similarity=sim, lens=lens)
+
+
+def cost(report: RedundancyReport, module: Module) -> float:
+    """Single-drop change of the metric, signed so that positive means worse."""
+    delta = report.sweep.delta(module, report.metric)
+    return -delta if report.higher_is_better else delta
+
+
+def candidates(report: RedundancyReport, granularity: str, by: str) -> list[Module]:
+    """Droppable modules, least important first.
+
+    granularity: "sublayers" (attention + MLP ranked jointly) or "blocks";
+    by: "similarity" (1 - cos, LLM-Drop / ShortGPT) or "measured" (single-drop cost).
+    """
+    if report.similarity is None:
+        modules = list(report.sweep.dropped)
+        if by == "similarity" and report.stages is not None:
+            return sorted(modules, key=lambda m: -report.stages.similarity.get(m.layer, -1.0))
+        return sorted(modules, key=lambda m: cost(report, m))
+    if granularity == "blocks":
+        modules = [Module("block", l) for l in range(report.similarity.n_layers)]
+        score = {m: float(1 - report.similarity.block[m.layer]) for m in modules}
+    else:
+        score = {Module(k, l): s for k, l, s in report.similarity.joint_ranking()}
+        modules = list(score)
+    key = (lambda m: score[m]) if by == "similarity" else (lambda m: cost(report, m))
+    return sorted(modules, key=key)
+
+
+@dataclass(frozen=True)
+class DropCheck:
+    """Predicted (sum of single-drop changes) vs measured (dropped together) change."""
+
+    modules: list[Module]
+    single: list[float]
+    predicted: float
+    measured: float
+    together: Metrics
+
+
+def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
+                modules: list[Module], base_outputs: torch.Tensor) -> DropCheck:
+    single = [report.sweep.delta(m, report.metric) for m in modules]
+    together = layer_drop.evaluate_dropped(handle, batch, modules, base_outputs)
+    measured = getattr(together, report.metric) - getattr(report.sweep.base, report.metric)
+    return DropCheck(modules, single, sum(single), measured, together)
+
+
+# ----------------------------------------------------------------------- sentences
+
+
+def _name(m: Module) -> str:
+    return {"attention": "attention", "mlp": "MLP", "block": "block", "stage": "stage"}[m.kind] + f" {m.layer}"
+
+
+def similarity_sentence(sim: LayerSimilarity) -> str:
+    imp = sim.importance()
+    kind, layer, score = sim.joint_ranking()[0]
+    half = sim.n_layers // 2
+    att_deep, att_shallow = float(imp["attention"][half:].mean()), float(imp["attention"][:half].mean())
+    where = "deeper" if att_deep < att_shallow else "shallower"
+    return (f"Least important sublayer: {_name(Module(kind, layer))} (1 − cos = {score:.3g}). "
+            f"Mean importance — attention {float(imp['attention'].mean()):.3g}, MLP "
+            f"{float(imp['mlp'].mean()):.3g}; the {where} half of the attention layers changes the "
+            f"residual stream less ({min(att_deep, att_shallow):.3g} vs {max(att_deep, att_shallow):.3g}).")
+
+
+def drop_sentence(report: RedundancyReport) -> str:
+    ranked = sorted(report.sweep.dropped, key=lambda m: cost(report, m))
+    if not ranked:
+        return "No module of this model can be dropped on its own."
+    label = LABELS[report.metric]
+    cheap, dear = ranked[0], ranked[-1]
+    base = f"Base {label}: {getattr(report.sweep.base, report.metric):.4g}."
+    if len(ranked) == 1:
+        return f"Only {_name(cheap)} can be dropped: {label} {report.sweep.delta(cheap, report.metric):+.3g}. {base}"
+    return (f"Cheapest single drop: {_name(cheap)} ({label} {report.sweep.delta(cheap, report.metric):+.3g}); "
+            f"most expensive: {_name(dear)} ({report.sweep.delta(dear, report.metric):+.3g}). {base}")
+
+
+def cka_sentence(cka: torch.Tensor) -> str:
+    adjacent = torch.diagonal(cka, 1)
+    return (f"Adjacent depths have linear CKA {float(adjacent.mean()):.3f} on average (lowest "
+            f"{float(adjacent.min()):.3f} between depths {int(adjacent.argmin())} and "
+            f"{int(adjacent.argmin()) + 1}); first vs last depth: {float(cka[0, -1]):.3f}.")
+
+
+def lens_sentence(lens: LogitLens) -> str:
+    agree = lens.agreement
+    reached = [i for i, a in enumerate(agree.tolist()) if a >= 0.5]
+    first = f"from depth {reached[0]} on" if reached else "only at the output"
+    return (f"Read out early, the model agrees with its final top-1 prediction on ≥ 50% of tokens "
+            f"{first}; KL to the final distribution falls from {float(lens.kl[0]):.3g} nats at depth 0 "
+            f"to {float(lens.kl[-2]):.3g} at depth {len(lens.kl) - 2}.")
+
+
+def depth_sentence(sim: LayerSimilarity) -> str:
+    growth = float(sim.norms[-1] / sim.norms[0].clamp_min(1e-12))
+    biggest = int(sim.relative_update.argmax())
+    return (f"The residual norm grows {growth:.2g}× from depth 0 to the output; the largest relative "
+            f"update is block {biggest} ({float(sim.relative_update[biggest]):.3g}), the smallest block "
+            f"{int(sim.relative_update.argmin())} ({float(sim.relative_update.min()):.3g}).")
+
+
+def is_image(batch: Batch) -> bool:
+    return isinstance(batch, ImageBatch)

@@ -1,0 +1,104 @@
+"""Redundancy page: which layers barely matter, and what dropping them really costs."""
+
+import streamlit as st
+
+from analysis import plots
+from analysis import redundancy_report as rr
+from analysis.recipe import DropConfig
+from analysis.redundancy import DEFAULT_SKIP, RedundancyError
+from lib.metrics import LABELS
+from ui.state import drop_check, recipe, redundancy, require_handle, with_progress
+
+handle = require_handle()
+st.title("Layer redundancy")
+st.caption("How much each layer changes what flows through the model, how alike layers are, what "
+           "each depth would predict, and what removing layers really costs on the evaluation set.")
+
+skip = 0
+if handle.kind == "causal-lm":
+    skip = st.number_input("Skip the first positions of each window", 0, 32, DEFAULT_SKIP,
+                           help="BOS and the first positions carry huge-norm 'sink' activations "
+                                "that dominate every similarity.")
+bar, progress = with_progress("Analysing")
+try:
+    report = redundancy(handle, int(skip), progress)
+except RedundancyError as e:
+    bar.empty()
+    st.error(f"{e}")
+    st.stop()
+bar.empty()
+label = LABELS[report.metric]
+sim = report.similarity
+
+if sim is not None:
+    st.subheader("How much each layer changes the residual stream")
+    st.plotly_chart(plots.importance_bars(sim), width="stretch")
+    st.caption("Low bars = the module's output is almost its input (cosine near 1): a candidate to "
+               f"drop. {rr.similarity_sentence(sim)}")
+elif report.stages.similarity:
+    st.subheader("How much each stage changes its input")
+    st.plotly_chart(plots.stage_importance_bars(report.stages), width="stretch")
+    st.caption("Only stages whose input and output have the same shape can be compared (and bypassed). "
+               "Low bars = the stage's output is almost its input.")
+
+st.subheader("What dropping one module really costs")
+st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width="stretch")
+st.caption(f"Each bar removes one module and re-measures {label} (hover for KL to the base). "
+           + rr.drop_sentence(report))
+for module, reason in report.sweep.not_droppable.items():
+    st.caption(f"· {module.label}: {reason}")
+
+st.subheader("How alike the layers are")
+if sim is not None:
+    left, right = st.columns(2)
+    depths = [str(d) for d in range(sim.cka.shape[0])]
+    left.plotly_chart(plots.matrix_heatmap(sim.cka, depths, "Linear CKA between depths", 1.0,
+                                           "depth", "depth"), width="stretch")
+    right.plotly_chart(plots.angular_heatmap(sim.angular), width="stretch")
+    st.caption("Depth d is the residual stream entering block d (the last is the output). CKA 1 = same "
+               "representation up to rotation and scale. " + rr.cka_sentence(sim.cka) + " Angular "
+               "distance 0 = same direction at the last token; a dark run along a row marks layers "
+               "that could be skipped together.")
+    st.subheader("Logit lens: what each depth would predict")
+    st.plotly_chart(plots.lens_lines(report.lens), width="stretch")
+    st.caption("Each depth is read out through the final LayerNorm (recomputed on it) and the "
+               "unembedding. " + rr.lens_sentence(report.lens))
+    st.subheader("Depth effect")
+    st.plotly_chart(plots.depth_lines(sim), width="stretch")
+    st.caption(rr.depth_sentence(sim))
+else:
+    stages = report.stages
+    st.plotly_chart(plots.matrix_heatmap(stages.cka, stages.names, "Linear CKA between stages", 1.0,
+                                         "stage", "stage"), width="stretch")
+    st.caption("CKA over images, each stage's output flattened. " + rr.cka_sentence(stages.cka))
+
+st.subheader("Drop several modules")
+granularity = "blocks"
+if sim is not None:
+    granularity = st.radio("Drop", ["sublayers", "blocks"], horizontal=True,
+                           format_func={"sublayers": "attention + MLP sublayers (joint ranking)",
+                                        "blocks": "whole blocks"}.get)
+by = st.radio("Rank by", ["similarity", "measured"], horizontal=True,
+              format_func={"similarity": "similarity (1 − cos)", "measured": "measured single-drop cost"}.get)
+ranked = rr.candidates(report, granularity, by)
+if not ranked:
+    st.info("No module of this model can be dropped.")
+    st.stop()
+n = st.slider("Number of modules to drop", 1, len(ranked), 1) if len(ranked) > 1 else 1
+check = drop_check(handle, handle.fingerprint, int(skip), tuple(ranked[:n]))
+st.dataframe({
+    "module": [m.label for m in check.modules],
+    f"Δ {label} alone (measured)": [f"{d:+.4g}" for d in check.single],
+}, hide_index=True)
+cols = st.columns(3)
+cols[0].metric(f"predicted Δ {label}", f"{check.predicted:+.4g}", help="sum of the single-drop changes")
+cols[1].metric(f"measured Δ {label}", f"{check.measured:+.4g}", help="all chosen modules dropped together")
+cols[2].metric("KL to base (measured)", f"{check.together.kl_to_base:.4g}" if check.together.kl_to_base
+               is not None else "–")
+st.caption("Predicted assumes the costs add up; the gap to the measured value shows how much the "
+           "dropped modules interact.")
+user_recipe = recipe(handle)
+if st.button("Add this drop to the compression recipe" if n == 1 else
+             f"Add these {n} drops to the compression recipe", type="primary"):
+    added = sum(user_recipe.add(DropConfig(m.kind, m.layer)) for m in check.modules)
+    st.success(f"Added {added} drop(s); the recipe now has {len(user_recipe.edits)} edit(s).")
