@@ -5,8 +5,9 @@ fixed positional offset solves the task), the same block again, then random
 filler; the other half are in-context Markov chains. Without the Markov half the
 model copies through a positional shortcut (a duplicate-token head that passes on
 where the earlier occurrence sits); with it, it grows the textbook circuit: a
-previous-token head (layer 0) feeding an induction head (layer 1). The model is a Hugging Face GPT-2 whose MLPs are one unit wide and
-fixed at zero weights, so it loads like any checkpoint and is attention-only.
+previous-token head (layer 0) feeding an induction head (layer 1). The model is a
+Hugging Face GPT-2 whose MLPs are one unit wide and fixed at zero weights, so it
+loads like any checkpoint and is attention-only.
 """
 
 from __future__ import annotations
