@@ -58,8 +58,12 @@ def importance_bars(sim) -> go.Figure:
     for kind, values in sim.importance().items():
         fig.add_bar(x=layers, y=values.tolist(), name=kind, marker_color=_KIND_COLORS[kind],
                     hovertemplate=f"layer %{{x}}<br>{kind}<br>1 − cos = %{{y:.4f}}<extra></extra>")
-    fig.update_layout(title="Importance = 1 − cos(input, output)  (log scale)", barmode="group", height=360,
-                      xaxis_title="layer", yaxis_title="1 − cosine", yaxis_type="log", margin=dict(t=40, b=10))
+    values = torch.cat(list(sim.importance().values()))
+    # a log axis when the values span decades; not when some are (exactly) zero, which it would hide
+    log = bool((values > 1e-9).all() and values.max() / values.min() > 20)
+    fig.update_layout(title="Importance = 1 − cos(input, output)" + ("  (log scale)" if log else ""),
+                      barmode="group", height=360, xaxis_title="layer", yaxis_title="1 − cosine",
+                      yaxis_type="log" if log else "linear", margin=dict(t=40, b=10))
     return fig
 
 
