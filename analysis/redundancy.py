@@ -189,46 +189,55 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
     """Every one-pass statistic of METHODS §1 from recorded residuals."""
     h = res.resid[:, :, res.skip:].float()  # [L+1, batch, pos', d]
     m = res.mid[:, :, res.skip:].float()  # [L, batch, pos', d]
-    block = token_cosine(h[:-1], h[1:]).mean((1, 2))
-    attention = token_cosine(h[:-1], m).mean((1, 2))
-    mlp = token_cosine(m, h[1:]).mean((1, 2))
-    last = h[:, :, -1]  # [L+1, batch, d]
-    cos = token_cosine(last[:, None], last[None, :]).clamp(-1, 1)  # [L+1, L+1, batch]
+    h_norm = h.norm(dim=-1)  # [L+1, batch, pos'], reused for cosines, norms and updates
+    unit_h = h / h_norm.clamp_min(1e-12)[..., None]
+    unit_m = m / m.norm(dim=-1).clamp_min(1e-12)[..., None]
+    block = (unit_h[:-1] * unit_h[1:]).sum(-1).mean((1, 2))
+    attention = (unit_h[:-1] * unit_m).sum(-1).mean((1, 2))
+    mlp = (unit_m * unit_h[1:]).sum(-1).mean((1, 2))
+    last = unit_h[:, :, -1]  # [L+1, batch, d]
+    cos = torch.einsum("ibd,jbd->ijb", last, last).clamp(-1, 1)  # [L+1, L+1, batch]
     angular = (torch.arccos(cos) / math.pi).mean(-1)
     angular.fill_diagonal_(0.0)
     flat = [layer.reshape(-1, layer.shape[-1]) for layer in h]  # each [N, d]
-    norms = h.norm(dim=-1)  # [L+1, batch, pos']
-    update = (h[1:] - h[:-1]).norm(dim=-1) / norms[:-1].clamp_min(1e-12)
-    return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), norms.mean((1, 2)),
+    update = (h[1:] - h[:-1]).norm(dim=-1) / h_norm[:-1].clamp_min(1e-12)
+    return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), h_norm.mean((1, 2)),
                            update.mean((1, 2)), flat[0].shape[0], res.skip)
 
 
 @torch.no_grad()
-def logit_lens(handle: BridgeHandle, res: Residuals, chunk: int = 1024,
+def logit_lens(handle: BridgeHandle, res: Residuals, chunk: int = 64,
                progress: Progress | None = None) -> LogitLens:
     """Logit lens at every depth, LN_final recomputed on each h_l itself.
 
-    Per token with z = logits_l and lse = logsumexp(z): entropy = lse - <p_l, z> and
-    KL(p_L || p_l) = <p_L, log p_L> - <p_L, z> + lse, so each depth needs one
-    softmax and two dot products over the vocabulary, nothing more.
+    Per token, with z = logits_l, m = max z, e = exp(z - m), s = sum e:
+    entropy = m + log s - <e, z> / s and KL(p_L || p_l) = <p_L, log p_L> - <p_L, z> + m + log s.
+    Each depth is one readout matmul over all tokens (the unembedding is read once),
+    then one exp and two dot products per token, in row chunks that stay in cache.
     """
     L = handle.structure.n_layers
     final = res.logits[:, res.skip:].reshape(-1, res.logits.shape[-1]).float()  # [N, vocab]
     h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
+    log_p_final = torch.log_softmax(final, -1)
+    p_final = log_p_final.exp()
+    neg_ent_final = torch.einsum("nv,nv->n", p_final, log_p_final)  # [N]
+    top_final = final.argmax(-1)
+    del log_p_final
     kl, agree, ent = torch.zeros(L + 1), torch.zeros(L + 1), torch.zeros(L + 1)
-    for start in range(0, final.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        p_final = torch.softmax(final[rows], -1)
-        neg_ent_final = torch.einsum("nv,nv->n", p_final, torch.log_softmax(final[rows], -1))
-        top_final = final[rows].argmax(-1)
-        for layer in range(L + 1):
-            z = final[rows] if layer == L else handle.readout(h[layer, rows]).float()
-            lse = torch.logsumexp(z, -1)
-            kl[layer] += (neg_ent_final - torch.einsum("nv,nv->n", p_final, z) + lse).sum()
-            ent[layer] += (lse - torch.einsum("nv,nv->n", torch.softmax(z, -1), z)).sum()
-            agree[layer] += (z.argmax(-1) == top_final).float().sum()
+    for layer in range(L + 1):
+        logits = final if layer == L else handle.readout(h[layer]).float()  # [N, vocab]
+        for start in range(0, logits.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            z = logits[rows]
+            top, best = z.max(-1)
+            e = torch.exp(z - top[:, None])
+            total = e.sum(-1)
+            lse = top + total.log()
+            kl[layer] += (neg_ent_final[rows] - torch.einsum("nv,nv->n", p_final[rows], z) + lse).sum()
+            ent[layer] += (lse - torch.einsum("nv,nv->n", e, z) / total).sum()
+            agree[layer] += (best == top_final[rows]).float().sum()
         if progress:
-            progress(min(1.0, (start + chunk) / final.shape[0]), "logit lens")
+            progress((layer + 1) / (L + 1), f"logit lens: depth {layer}")
     n = final.shape[0]
     return LogitLens(kl.clamp_min(0) / n, agree / n, ent / n)
 
