@@ -238,8 +238,9 @@ def digits_batch(n: int | None = None, denoise: bool = False) -> ImageBatch:
 # --------------------------------------------------------------------------- dispatch
 
 
-def default_batch(handle, n_windows: int = 16, seq_len: int = 128) -> Batch:
-    """The fixed evaluation batch that fits `handle` (a `lib.handle.ModelHandle`)."""
+def default_batch(handle, n_windows: int = 16, seq_len: int = 256) -> Batch:
+    """The fixed evaluation batch that fits `handle` (a `lib.handle.ModelHandle`); LM
+    windows are as long as the model's context allows, up to `seq_len` tokens."""
     if handle.eval_task == "digits":
         return digits_batch()
     if handle.eval_task == "noisy-digits":
