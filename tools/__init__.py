@@ -1,0 +1,1 @@
+"""Developer tools: a headless app server and page screenshots."""
