@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from analysis.redundancy import Progress, RedundancyError, Residuals
+from analysis.redundancy import Progress, RedundancyError, Residuals, final_logits
 from lib.data import Batch, ImageBatch, TextBatch
 from lib.handle import BridgeHandle, ModelHandle, TorchHandle
 from lib.hooks import forward_hooks
@@ -119,8 +119,9 @@ def lm_drop_sweep(handle: BridgeHandle, batch: TextBatch, res: Residuals,
     """Metrics with each single block / attention / MLP dropped, reusing the cached
     h_l and m_l: dropping module l only reruns layers l..L-1 (blocks: l+1..L-1)."""
     L = handle.structure.n_layers
-    reference = prepare_base(res.logits, batch)  # base softmax once, not once per drop
-    base = _metrics(handle, res.logits, batch, reference)
+    base_logits = final_logits(handle, res)
+    reference = prepare_base(base_logits, batch)  # base softmax once, not once per drop
+    base = _metrics(handle, base_logits, batch, reference)
     out: dict[Module, Metrics] = {}
     jobs = [(kind, layer) for kind in kinds for layer in range(L)]
     for i, (kind, layer) in enumerate(jobs):

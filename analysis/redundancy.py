@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +35,13 @@ class Residuals:
     """One forward pass worth of residual streams.
 
     resid: [L+1, batch, pos, d_model] h_0..h_L; mid: [L, batch, pos, d_model] m_l;
-    logits: [batch, pos, vocab] the model's output.
+    logits: [batch, pos, vocab] the model's output = readout(h_L), or None when the
+    pass was collected for statistics that do not need it (see `final_logits`).
     """
 
     resid: torch.Tensor
     mid: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     skip: int
 
 
@@ -108,16 +109,29 @@ def check_lm(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
             f"{skip} skipped first positions plus one. Skip fewer positions or use longer windows.")
 
 
-def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAULT_SKIP) -> Residuals:
-    """One forward pass recording h_0..h_L and m_0..m_{L-1}."""
+def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAULT_SKIP,
+                      with_logits: bool = True) -> Residuals:
+    """One forward pass recording h_0..h_L and m_0..m_{L-1}.
+
+    The pass stops after the last block; the final LayerNorm and unembedding run on
+    h_L only when `with_logits` (the one-pass statistics never need them; the logit
+    lens and the drop sweep do, and get them from `final_logits` either way).
+    """
     check_lm(handle, batch, skip)
     L = handle.structure.n_layers
     pre = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     mid = [f"blocks.{l}.hook_resid_mid" for l in range(L)]
     last = f"blocks.{L - 1}.hook_resid_post"
-    logits, cache = handle.run_with_cache(batch.tokens, pre + mid + [last])
+    cache = handle.record(batch.tokens, pre + mid + [last])
     resid = torch.stack([cache[n] for n in pre] + [cache[last]])
+    logits = handle.readout(resid[-1]) if with_logits else None
     return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip)
+
+
+def final_logits(handle: BridgeHandle, res: Residuals) -> torch.Tensor:
+    """The model's logits [batch, pos, vocab] for the recorded pass: the cached ones,
+    or one readout of h_L (which is what the model's own forward computes)."""
+    return res.logits if res.logits is not None else handle.readout(res.resid[-1])
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -205,41 +219,107 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
                            update.mean((1, 2)), flat[0].shape[0], res.skip)
 
 
+LENS_BLOCK_ELEMENTS = 1 << 20  # logits per vocabulary block: a few MB, stays in cache
+
+
+Affine = tuple[torch.Tensor, torch.Tensor | None] | None
+
+
+def _vocab_blocks(handle: BridgeHandle, h: torch.Tensor, width: int,
+                  affine: Affine) -> Iterator[tuple[int, torch.Tensor]]:
+    """The logits of h [N, d] as vocabulary blocks (first column, [N, w]).
+
+    With an affine unembedding (`handle.unembedding()`) each block is its own matmul
+    into one reused buffer, so the full [N, vocab] logits never exist; otherwise one
+    readout, sliced.
+    """
+    if affine is None:
+        logits = handle.readout(h).float()
+        for start in range(0, logits.shape[-1], width):
+            yield start, logits[:, start:start + width]
+        return
+    weight, bias = affine
+    x = handle.final_norm(h)
+    buffer = torch.empty(h.shape[0] * width)
+    for start in range(0, weight.shape[0], width):
+        w = weight[start:start + width]
+        z = buffer[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+        if bias is None:
+            torch.mm(x, w.T, out=z)
+        else:
+            torch.addmm(bias[start:start + width], x, w.T, out=z)
+        yield start, z
+
+
+def _softmax_stats(blocks: Iterator[tuple[int, torch.Tensor]], n_tokens: int,
+                   p_ref: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token softmax statistics from vocabulary blocks, by an online log-sum-exp.
+
+    Returns lse, entropy, <p_ref, z> (None without p_ref) and argmax, each [N].
+    With m the running max: s = sum exp(z - m), t = sum exp(z - m) z, rescaled by
+    exp(m_old - m_new) when m grows; lse = m + log s, entropy = lse - t / s.
+    `keep` [N, vocab], if given, receives the raw logits.
+    """
+    m = torch.full((n_tokens,), -math.inf)
+    s, t = torch.zeros(n_tokens), torch.zeros(n_tokens)
+    pz = torch.zeros(n_tokens) if p_ref is not None else None
+    best = torch.zeros(n_tokens, dtype=torch.long)
+    scratch = None
+    for start, z in blocks:
+        cols = slice(start, start + z.shape[1])
+        if keep is not None:
+            keep[:, cols] = z
+        block_max, block_arg = z.max(-1)
+        grown = block_max > m
+        best = torch.where(grown, block_arg + start, best)
+        new_m = torch.maximum(m, block_max)
+        scale = torch.exp(m - new_m)
+        if scratch is None or scratch.numel() < z.numel():
+            scratch = torch.empty(z.numel())
+        e = torch.sub(z, new_m[:, None], out=scratch[: z.numel()].view(z.shape)).exp_()
+        s = s * scale + e.sum(-1)
+        t = t * scale + torch.linalg.vecdot(e, z)
+        if pz is not None:
+            pz += torch.linalg.vecdot(p_ref[:, cols], z)
+        m = new_m
+    lse = m + s.log()
+    return lse, lse - t / s, pz, best
+
+
 @torch.no_grad()
-def logit_lens(handle: BridgeHandle, res: Residuals, chunk: int = 64,
-               progress: Progress | None = None) -> LogitLens:
+def logit_lens(handle: BridgeHandle, res: Residuals, progress: Progress | None = None) -> LogitLens:
     """Logit lens at every depth, LN_final recomputed on each h_l itself.
 
-    Per token, with z = logits_l, m = max z, e = exp(z - m), s = sum e:
-    entropy = m + log s - <e, z> / s and KL(p_L || p_l) = <p_L, log p_L> - <p_L, z> + m + log s.
-    Each depth is one readout matmul over all tokens (the unembedding is read once),
-    then one exp and two dot products per token, in row chunks that stay in cache.
+    Per token: entropy H(p_l) and KL(p_L || p_l) = -H(p_L) - <p_L, z_l> + lse(z_l), all
+    from running sums over vocabulary blocks (`_softmax_stats`): each depth costs its
+    readout matmul plus one pass over cache-resident blocks. The final depth goes
+    first; its logits are kept and turned into p_L, the reference of every KL.
     """
     L = handle.structure.n_layers
-    final = res.logits[:, res.skip:].reshape(-1, res.logits.shape[-1]).float()  # [N, vocab]
     h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
-    log_p_final = torch.log_softmax(final, -1)
-    p_final = log_p_final.exp()
-    neg_ent_final = torch.einsum("nv,nv->n", p_final, log_p_final)  # [N]
-    top_final = final.argmax(-1)
-    del log_p_final
-    kl, agree, ent = torch.zeros(L + 1), torch.zeros(L + 1), torch.zeros(L + 1)
-    for layer in range(L + 1):
-        logits = final if layer == L else handle.readout(h[layer]).float()  # [N, vocab]
-        for start in range(0, logits.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            z = logits[rows]
-            top, best = z.max(-1)
-            e = torch.exp(z - top[:, None])
-            total = e.sum(-1)
-            lse = top + total.log()
-            kl[layer] += (neg_ent_final[rows] - torch.einsum("nv,nv->n", p_final[rows], z) + lse).sum()
-            ent[layer] += (lse - torch.einsum("nv,nv->n", e, z) / total).sum()
-            agree[layer] += (best == top_final[rows]).float().sum()
+    n_tokens = h.shape[1]
+    width = max(128, LENS_BLOCK_ELEMENTS // n_tokens)
+    affine = handle.unembedding()
+    p_final = torch.empty(n_tokens, handle.structure.d_vocab)  # [N, vocab]
+    if res.logits is None:
+        blocks, keep = _vocab_blocks(handle, h[L], width, affine), p_final
+    else:
+        p_final.view(res.logits.shape[0], -1, p_final.shape[-1]).copy_(res.logits[:, res.skip:])
+        blocks, keep = ((v, p_final[:, v:v + width]) for v in range(0, p_final.shape[-1], width)), None
+    lse, entropy, _, top_final = _softmax_stats(blocks, n_tokens, keep=keep)
+    p_final.sub_(lse[:, None]).exp_()
+    neg_ent_final = -entropy
+    kl, agree, ent = torch.zeros(L + 1), torch.ones(L + 1), torch.zeros(L + 1)
+    ent[L] = entropy.mean()
+    for layer in range(L):
+        lse, entropy, pz, top = _softmax_stats(_vocab_blocks(handle, h[layer], width, affine), n_tokens, p_final)
+        kl[layer] = (neg_ent_final - pz + lse).mean()
+        ent[layer] = entropy.mean()
+        agree[layer] = (top == top_final).float().mean()
         if progress:
-            progress((layer + 1) / (L + 1), f"logit lens: depth {layer}")
-    n = final.shape[0]
-    return LogitLens(kl.clamp_min(0) / n, agree / n, ent / n)
+            progress((layer + 1) / L, f"logit lens: depth {layer}")
+    return LogitLens(kl.clamp_min(0), agree, ent)
 
 
 @dataclass(frozen=True)

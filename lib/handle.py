@@ -121,6 +121,10 @@ def _distinct(named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tens
     return out
 
 
+class _Recorded(Exception):
+    """Raised inside a hook to end a forward once every wanted activation is recorded."""
+
+
 class BridgeHandle(ModelHandle):
     """A causal LM behind a TransformerLens `TransformerBridge`."""
 
@@ -158,6 +162,28 @@ class BridgeHandle(ModelHandle):
         )
         return logits, {n: cache[n] for n in names if n in cache}
 
+    @torch.no_grad()
+    def record(self, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The activations at hook `names` (each [batch, pos, ...]) from a forward that
+        stops as soon as all of them have fired: layers after the last one and the
+        unembedding are not run. Names that never fire are missing from the result."""
+        wanted, cache = set(names), {}
+
+        def keep(name: str) -> Callable:
+            def hook(tensor: torch.Tensor, hook: Any) -> None:
+                cache[name] = tensor
+                if len(cache) == len(wanted):
+                    raise _Recorded
+
+            return hook
+
+        try:
+            with self.hooks([(n, keep(n)) for n in wanted]):
+                self.model(inputs, prepend_bos=False)
+        except _Recorded:
+            pass
+        return {n: cache[n] for n in names if n in cache}
+
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
         """TransformerLens hooks by name, removed on exit (also on error)."""
@@ -174,6 +200,27 @@ class BridgeHandle(ModelHandle):
     def readout(self, resid: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm (recomputed on `resid`) and unembedding: [b, pos, d] -> [b, pos, vocab]."""
         return self.model.unembed(self.model.ln_final(resid))
+
+    @torch.no_grad()
+    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm alone, recomputed on `resid`: [..., d] -> [..., d]."""
+        return self.model.ln_final(resid)
+
+    @torch.no_grad()
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W_U [vocab, d], b_U [vocab] or None) when `readout(h)` is exactly
+        `final_norm(h) @ W_U.T + b_U` (checked on a probe), so callers may compute the
+        logits in vocabulary blocks; None for any other readout (e.g. soft-capped logits)."""
+        w_u, b_u = getattr(self.model.unembed, "W_U", None), getattr(self.model.unembed, "b_U", None)
+        if not isinstance(w_u, torch.Tensor) or w_u.dim() != 2:
+            return None
+        weight = w_u.T  # [vocab, d]
+        probe = torch.randn(4, self.structure.d_model, generator=torch.Generator().manual_seed(0))
+        expected = self.readout(probe).float()
+        got = nn.functional.linear(self.final_norm(probe), weight, b_u).float()
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            return None
+        return weight, b_u
 
 
 class TorchHandle(ModelHandle):

@@ -46,6 +46,25 @@ def test_similarities_match_plain_hf_forward(tiny_gpt2_dir, tiny_lm, batch, resi
         assert abs(sim.mlp[l] - cos(m, y)) < 1e-5
 
 
+def test_statistics_pass_stops_before_the_unembedding(tiny_lm, batch, residuals):
+    """The pass for statistics runs no readout; its residuals equal a full cached run
+    and the logits computed on demand equal the model's forward."""
+    calls = []
+    handle = tiny_lm.model.unembed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        lean = redundancy.collect_residuals(tiny_lm, batch, skip=2, with_logits=False)
+    finally:
+        handle.remove()
+    assert calls == [] and lean.logits is None
+    assert count_hooks(tiny_lm.model) == 0
+    _, cache = tiny_lm.run_with_cache(batch.tokens, ["blocks.2.hook_resid_post", "blocks.1.hook_resid_mid"])
+    assert torch.allclose(lean.resid[-1], cache["blocks.2.hook_resid_post"], atol=1e-6)
+    assert torch.allclose(lean.mid[1], cache["blocks.1.hook_resid_mid"], atol=1e-6)
+    forward = tiny_lm.forward(batch.tokens)
+    assert torch.allclose(redundancy.final_logits(tiny_lm, lean), forward, atol=1e-5)
+    assert torch.allclose(residuals.logits, forward, atol=1e-5)
+
+
 def test_cka_self_is_one_and_rotation_invariant():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=gen, dtype=torch.float64)
@@ -78,16 +97,39 @@ def test_angular_distance_and_cka_diagonals(residuals):
     assert sim.n_tokens == 4 * 22
 
 
-def test_logit_lens_final_layer_is_the_model(tiny_lm, residuals):
-    lens = redundancy.logit_lens(tiny_lm, residuals)
-    assert lens.kl[-1].abs() < 1e-6 and lens.agreement[-1] == 1.0
-    # an intermediate depth recomputed by hand: LN_final on h_1 itself, then unembed
-    hf = tiny_lm.hf_model
-    h1 = residuals.resid[1][:, 2:]
-    lp = torch.log_softmax(hf.lm_head(hf.transformer.ln_f(h1)), -1)
-    lp_final = torch.log_softmax(residuals.logits[:, 2:], -1)
-    kl = (lp_final.exp() * (lp_final - lp)).sum(-1).mean()
-    assert abs(float(lens.kl[1]) - float(kl)) < 1e-5
+def _brute_force_lens(hf, residuals, skip):
+    """Every depth's full softmax, LN_final applied to h_l itself (METHODS §1)."""
+    lp = torch.log_softmax(hf.lm_head(hf.transformer.ln_f(residuals.resid[:, :, skip:])), -1)  # [L+1, b, pos, V]
+    p = lp.exp()
+    kl = (p[-1] * (lp[-1] - lp)).sum(-1).mean((1, 2))
+    entropy = -(p * lp).sum(-1).mean((1, 2))
+    agreement = (lp.argmax(-1) == lp[-1].argmax(-1)).float().mean((1, 2))
+    return kl, entropy, agreement
+
+
+@pytest.mark.parametrize("blocked", [True, False], ids=["vocab-blocks", "full-readout"])
+@pytest.mark.parametrize("with_logits", [True, False])
+def test_logit_lens_matches_full_softmax(tiny_lm, batch, monkeypatch, blocked, with_logits):
+    """Both readout paths (affine unembedding in vocabulary blocks, or one generic
+    readout) and both sources of the final logits agree with a brute-force lens."""
+    res = redundancy.collect_residuals(tiny_lm, batch, skip=2, with_logits=with_logits)
+    if not blocked:
+        monkeypatch.setattr(tiny_lm, "unembedding", lambda: None)
+    else:
+        assert tiny_lm.unembedding() is not None
+    monkeypatch.setattr(redundancy, "LENS_BLOCK_ELEMENTS", 7 * 88)  # several uneven blocks
+    lens = redundancy.logit_lens(tiny_lm, res)
+    kl, entropy, agreement = _brute_force_lens(tiny_lm.hf_model, res, skip=2)
+    assert torch.allclose(lens.kl, kl, atol=1e-5)
+    assert torch.allclose(lens.entropy, entropy, atol=1e-5)
+    assert torch.equal(lens.agreement, agreement)
+    assert lens.kl[-1] == 0 and lens.agreement[-1] == 1 and lens.kl[0] > 0
+
+
+def test_soft_capped_readout_is_not_treated_as_affine(tiny_lm, monkeypatch):
+    plain = tiny_lm.readout
+    monkeypatch.setattr(tiny_lm, "readout", lambda h: 2 * torch.tanh(plain(h) / 2))
+    assert tiny_lm.unembedding() is None
 
 
 def test_prefix_reuse_sweep_equals_naive_reruns(tiny_lm, batch, residuals):
