@@ -123,6 +123,12 @@ def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAUL
     mid = [f"blocks.{l}.hook_resid_mid" for l in range(L)]
     last = f"blocks.{L - 1}.hook_resid_post"
     cache = handle.record(batch.tokens, pre + mid + [last])
+    missing = [n for n in pre + mid + [last] if n not in cache]
+    if missing:
+        raise RedundancyError(
+            f"This model does not expose {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''} "
+            "(for example, attention and MLP run in parallel), so its sublayers cannot be "
+            "compared this way.")
     resid = torch.stack([cache[n] for n in pre] + [cache[last]])
     logits = handle.readout(resid[-1]) if with_logits else None
     return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip)

@@ -158,7 +158,7 @@ def test_drops_change_output_leave_base_intact_and_remove_hooks(tiny_lm, batch):
     assert torch.equal(tiny_lm.forward(batch.tokens), base)
 
 
-def test_bad_inputs_get_clear_messages(tiny_lm, tmp_path):
+def test_bad_inputs_get_clear_messages(tiny_lm, tmp_path, monkeypatch):
     from lib.models import load_model
 
     from conftest import save_tiny_gpt2
@@ -170,6 +170,10 @@ def test_bad_inputs_get_clear_messages(tiny_lm, tmp_path):
     one = load_model(str(tmp_path))
     with pytest.raises(redundancy.RedundancyError, match="at least 2"):
         redundancy.collect_residuals(one, data.code_batch(one.tokenizer, 24, 2))
+    monkeypatch.setattr(tiny_lm, "record", lambda tokens, names: {})
+    with pytest.raises(redundancy.RedundancyError, match="does not expose blocks.0.hook_resid_pre"):
+        redundancy.collect_residuals(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2))
+    monkeypatch.undo()
     with pytest.raises(redundancy.RedundancyError, match="not a module"):
         layer_drop.evaluate_dropped(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2), [Module("block", 7)], None)
 
