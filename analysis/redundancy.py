@@ -205,6 +205,14 @@ def _cka_minibatch(reps: list[torch.Tensor], minibatch: int) -> torch.Tensor:
     return hsic / (diag[:, None] * diag[None, :])
 
 
+def _angle(unit: torch.Tensor) -> torch.Tensor:
+    """Angles between all pairs of unit vectors [batch, n, d] -> [batch, n, n], as
+    2 atan2(||u - v||, ||u + v||): unlike arccos(u . v), exact near 0 and pi."""
+    mode = "donot_use_mm_for_euclid_dist"
+    return 2 * torch.atan2(torch.cdist(unit, unit, compute_mode=mode),
+                           torch.cdist(unit, -unit, compute_mode=mode))
+
+
 def layer_similarity(res: Residuals) -> LayerSimilarity:
     """Every one-pass statistic of METHODS §1 from recorded residuals."""
     h = res.resid[:, :, res.skip:].float()  # [L+1, batch, pos', d]
@@ -215,10 +223,8 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
     block = (unit_h[:-1] * unit_h[1:]).sum(-1).mean((1, 2))
     attention = (unit_h[:-1] * unit_m).sum(-1).mean((1, 2))
     mlp = (unit_m * unit_h[1:]).sum(-1).mean((1, 2))
-    last = unit_h[:, :, -1]  # [L+1, batch, d]
-    cos = torch.einsum("ibd,jbd->ijb", last, last).clamp(-1, 1)  # [L+1, L+1, batch]
-    angular = (torch.arccos(cos) / math.pi).mean(-1)
-    angular.fill_diagonal_(0.0)
+    last = unit_h[:, :, -1].transpose(0, 1)  # [batch, L+1, d]
+    angular = _angle(last).mean(0) / math.pi
     flat = [layer.reshape(-1, layer.shape[-1]) for layer in h]  # each [N, d]
     update = (h[1:] - h[:-1]).norm(dim=-1) / h_norm[:-1].clamp_min(1e-12)
     return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), h_norm.mean((1, 2)),

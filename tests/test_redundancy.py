@@ -91,7 +91,12 @@ def test_minibatch_cka_estimates_the_exact_value():
 
 def test_angular_distance_and_cka_diagonals(residuals):
     sim = redundancy.layer_similarity(residuals)
-    assert torch.all(sim.angular.diagonal() == 0)
+    assert torch.all(sim.angular.diagonal() == 0)  # computed, not filled in
+    last = residuals.resid[:, :, -1].double()  # [L+1, batch, d]
+    cos = torch.nn.functional.cosine_similarity(last[:, None], last[None, :], dim=-1)
+    reference = (torch.arccos(cos.clamp(-1, 1)) / math.pi).mean(-1)  # METHODS: arccos(cos) / pi
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert torch.allclose(sim.angular[off].double(), reference[off], atol=1e-5)
     assert torch.allclose(sim.cka.diagonal(), torch.ones(4, dtype=torch.float64))
     assert sim.angular.shape == (4, 4) and torch.allclose(sim.angular, sim.angular.T)
     assert sim.n_tokens == 4 * 22
