@@ -12,7 +12,7 @@ from analysis.layer_drop import DropSweep, Module
 from analysis.redundancy import LayerSimilarity, LogitLens, Progress, StageSimilarity
 from lib.data import Batch, ImageBatch, TextBatch
 from lib.handle import BridgeHandle, ModelHandle, TorchHandle
-from lib.metrics import LABELS, Metrics
+from lib.metrics import LABELS, Metrics, model_inputs
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,11 @@ class DropCheck:
 
 
 def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
-                modules: list[Module], base_outputs: torch.Tensor) -> DropCheck:
+                modules: list[Module], base_outputs: torch.Tensor | None = None) -> DropCheck:
+    """Drop `modules` together and compare with the sum of their single-drop costs.
+    `base_outputs`: the unmodified model's outputs on `batch` (computed if not given)."""
+    if base_outputs is None:
+        base_outputs = handle.forward(model_inputs(batch))
     single = [report.sweep.delta(m, report.metric) for m in modules]
     together = layer_drop.evaluate_dropped(handle, batch, modules, base_outputs)
     measured = getattr(together, report.metric) - getattr(report.sweep.base, report.metric)
