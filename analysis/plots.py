@@ -7,11 +7,11 @@ import torch
 
 from analysis.predict import ImagePrediction, NextTokens
 
-_VISIBLE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"})
+_VISIBLE = str.maketrans({" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"})
 
 
 def _show(token: str) -> str:
-    """Make whitespace visible in a token label (␣ space, ↵ newline, ⇥ tab)."""
+    """Make whitespace visible in a token label (· space, ↵ newline, ⇥ tab; · renders in every font, ␣ does not)."""
     return token.translate(_VISIBLE) if token else "∅"
 
 

@@ -47,7 +47,7 @@ if handle.kind == "causal-lm":
                 f"the first {result.truncated} tokens were dropped.")
     st.plotly_chart(plots.next_tokens_bar(result), width="stretch")
     st.caption(f"{result.n_prompt_tokens} tokens fed to the model (BOS first). Whitespace is "
-               "shown as ␣ (space), ↵ (newline) and ⇥ (tab).")
+               "shown as · (space), ↵ (newline) and ⇥ (tab).")
 else:
     st.subheader("One evaluation image")
     index = st.slider("Image", 0, len(batch.labels) - 1, 0, key=f"image_{handle.spec}")

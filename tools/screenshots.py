@@ -26,6 +26,8 @@ def main(specs: list[str]) -> None:
                 page.get_by_label("…or a Hugging Face name / local folder").fill(spec)
                 page.get_by_role("button", name="Load").click()
                 page.get_by_text(f"Model · {spec}").wait_for(timeout=180_000)
+            if spec == "zoo:code-lm" or "digits" not in spec:
+                page.get_by_text("Top next tokens").wait_for(timeout=120_000)
             page.wait_for_timeout(2500)
             name = spec.replace("zoo:", "").replace("/", "_")
             page.screenshot(path=str(out / f"model-{name}.png"))
