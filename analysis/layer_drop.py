@@ -88,7 +88,7 @@ def dropped(handle: ModelHandle, modules: Sequence[Module]) -> Iterator[None]:
             yield
         return
     pairs = [(handle.model.stages[m.layer], lambda mod, inp, out: inp[0]) for m in modules]
-    with forward_hooks(pairs):
+    with handle.lock, forward_hooks(pairs):
         yield
 
 

@@ -4,7 +4,9 @@ image models. Pages and analyses talk to a `ModelHandle`, never to a backend.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,11 +49,36 @@ def weight_fingerprint(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def exclusive(method: Callable) -> Callable:
+    """Run a handle method holding the handle's lock (see `ModelHandle.lock`)."""
+
+    @functools.wraps(method)
+    def locked(self: "ModelHandle", *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class ModelHandle(ABC):
     """A loaded model with what every view needs to know about it.
 
     kind: "causal-lm" | "image-classifier" | "image-to-image".
+    lock: one base model serves every browser session (Streamlit runs each in its own
+    thread), and hooks act on every forward through the module, so each use of the
+    model (a forward, a readout, a whole `with hooks(...)` block) holds this
+    re-entrant lock: one session's hooks never touch another session's forward.
     """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) get a lock of their own
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     spec: str
     kind: str
@@ -131,6 +158,7 @@ class BridgeHandle(ModelHandle):
     kind = "causal-lm"
 
     def __init__(self, spec: str, bridge: Any) -> None:
+        super().__init__()
         self.spec = spec
         self.model = bridge
         self.tokenizer = bridge.tokenizer
@@ -150,10 +178,12 @@ class BridgeHandle(ModelHandle):
         named = list(self.hf_model.named_parameters()) + list(self.hf_model.named_buffers())
         return _distinct(iter((n, t) for n, t in named if t.is_floating_point()))
 
+    @exclusive
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs, prepend_bos=False)
 
+    @exclusive
     @torch.no_grad()
     def run_with_cache(self, inputs, names):
         wanted = set(names)
@@ -162,6 +192,7 @@ class BridgeHandle(ModelHandle):
         )
         return logits, {n: cache[n] for n in names if n in cache}
 
+    @exclusive
     @torch.no_grad()
     def record(self, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The activations at hook `names` (each [batch, pos, ...]) from a forward that
@@ -187,25 +218,29 @@ class BridgeHandle(ModelHandle):
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
         """TransformerLens hooks by name, removed on exit (also on error)."""
-        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+        with self.lock, self.model.hooks(fwd_hooks=list(fwd_hooks)):
             yield
 
+    @exclusive
     @torch.no_grad()
     def run_block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """Block `layer` alone: resid_pre [batch, pos, d_model] -> resid_post."""
         out = self.model.blocks[layer](resid)
         return out[0] if isinstance(out, tuple) else out
 
+    @exclusive
     @torch.no_grad()
     def readout(self, resid: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm (recomputed on `resid`) and unembedding: [b, pos, d] -> [b, pos, vocab]."""
         return self.model.unembed(self.model.ln_final(resid))
 
+    @exclusive
     @torch.no_grad()
     def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm alone, recomputed on `resid`: [..., d] -> [..., d]."""
         return self.model.ln_final(resid)
 
+    @exclusive
     @torch.no_grad()
     def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(W_U [vocab, d], b_U [vocab] or None) when `readout(h)` is exactly
@@ -227,6 +262,7 @@ class TorchHandle(ModelHandle):
     """A plain torch image model made of named stages (`model.stages`)."""
 
     def __init__(self, spec: str, model: nn.Module, kind: str, architecture: str) -> None:
+        super().__init__()
         self.spec = spec
         self.model = model.eval()
         self.kind = kind
@@ -239,10 +275,12 @@ class TorchHandle(ModelHandle):
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
         return _distinct(iter(named))
 
+    @exclusive
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
 
+    @exclusive
     @torch.no_grad()
     def run_with_cache(self, inputs, names):
         modules = {n: self.model.stages[n] for n in names}

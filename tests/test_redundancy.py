@@ -208,3 +208,30 @@ def test_stage_similarity(tmp_path):
     assert result.names[0] == "input" and len(result.names) == 9
     assert torch.allclose(result.cka.diagonal(), torch.ones(9, dtype=torch.float64))
     assert set(result.similarity) == {"conv2"}  # the only stage whose shapes match
+
+
+def test_one_sessions_hooks_never_act_on_another_sessions_forward(tiny_lm, batch):
+    """Streamlit serves every session from one base model, each in its own thread."""
+    import threading
+
+    base = tiny_lm.forward(batch.tokens)
+    inside, results = threading.Event(), {}
+
+    def session_a():
+        with layer_drop.dropped(tiny_lm, [Module("block", 0)]):
+            inside.set()
+            results["a"] = tiny_lm.forward(batch.tokens)
+            threading.Event().wait(0.5)  # B asks for a forward meanwhile
+
+    def session_b():
+        inside.wait()
+        results["b"] = tiny_lm.forward(batch.tokens)
+
+    threads = [threading.Thread(target=session_a), threading.Thread(target=session_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not torch.equal(results["a"], base)  # A saw its drop
+    assert torch.equal(results["b"], base)  # B waited for A's hooks to go
+    assert count_hooks(tiny_lm.model) == 0
