@@ -313,7 +313,11 @@ def logit_lens(handle: BridgeHandle, res: Residuals, progress: Progress | None =
     n_tokens = h.shape[1]
     width = max(128, LENS_BLOCK_ELEMENTS // n_tokens)
     affine = handle.unembedding()
-    p_final = torch.empty(n_tokens, handle.structure.d_vocab)  # [N, vocab]
+    if res.logits is not None:
+        vocab = res.logits.shape[-1]
+    else:  # the readout's own width, whatever the config says
+        vocab = affine[0].shape[0] if affine is not None else handle.readout(h[L, :1]).shape[-1]
+    p_final = torch.empty(n_tokens, vocab)  # [N, vocab]
     if res.logits is None:
         blocks, keep = _vocab_blocks(handle, h[L], width, affine), p_final
     else:
