@@ -70,6 +70,13 @@ class ModelHandle(ABC):
     re-entrant lock: one session's hooks never touch another session's forward.
     """
 
+    spec: str
+    kind: str
+    model: nn.Module
+    tokenizer: Any | None
+    structure: Structure
+    eval_task: str = "text"  # "text" | "repeated-tokens" | "digits" | "noisy-digits"
+
     def __init__(self) -> None:
         self.lock = threading.RLock()
 
@@ -79,13 +86,6 @@ class ModelHandle(ABC):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.lock = threading.RLock()
-
-    spec: str
-    kind: str
-    model: nn.Module
-    tokenizer: Any | None
-    structure: Structure
-    eval_task: str = "text"  # "text" | "repeated-tokens" | "digits" | "noisy-digits"
 
     @property
     def n_params(self) -> int:
