@@ -264,14 +264,13 @@ def _vocab_blocks(handle: BridgeHandle, h: torch.Tensor, width: int,
 
 
 def _softmax_stats(blocks: Iterator[tuple[int, torch.Tensor]], n_tokens: int,
-                   p_ref: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                   p_ref: torch.Tensor | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token softmax statistics from vocabulary blocks, by an online log-sum-exp.
 
     Returns lse, entropy, <p_ref, z> (None without p_ref) and argmax, each [N].
     With m the running max: s = sum exp(z - m), t = sum exp(z - m) z, rescaled by
     exp(m_old - m_new) when m grows; lse = m + log s, entropy = lse - t / s.
-    `keep` [N, vocab], if given, receives the raw logits.
     """
     m = torch.full((n_tokens,), -math.inf)
     s, t = torch.zeros(n_tokens), torch.zeros(n_tokens)
@@ -280,8 +279,6 @@ def _softmax_stats(blocks: Iterator[tuple[int, torch.Tensor]], n_tokens: int,
     scratch = None
     for start, z in blocks:
         cols = slice(start, start + z.shape[1])
-        if keep is not None:
-            keep[:, cols] = z
         block_max, block_arg = z.max(-1)
         grown = block_max > m
         best = torch.where(grown, block_arg + start, best)
@@ -306,24 +303,20 @@ def logit_lens(handle: BridgeHandle, res: Residuals, progress: Progress | None =
     Per token: entropy H(p_l) and KL(p_L || p_l) = -H(p_L) - <p_L, z_l> + lse(z_l), all
     from running sums over vocabulary blocks (`_softmax_stats`): each depth costs its
     readout matmul plus one pass over cache-resident blocks. The final depth goes
-    first; its logits are kept and turned into p_L, the reference of every KL.
+    first; its logits are turned in place into p_L, the reference of every KL.
     """
     L = handle.structure.n_layers
     h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
     n_tokens = h.shape[1]
     width = max(128, LENS_BLOCK_ELEMENTS // n_tokens)
     affine = handle.unembedding()
-    if res.logits is not None:
-        vocab = res.logits.shape[-1]
-    else:  # the readout's own width, whatever the config says
-        vocab = affine[0].shape[0] if affine is not None else handle.readout(h[L, :1]).shape[-1]
-    p_final = torch.empty(n_tokens, vocab)  # [N, vocab]
-    if res.logits is None:
-        blocks, keep = _vocab_blocks(handle, h[L], width, affine), p_final
-    else:
+    if res.logits is None:  # one full readout for the final depth: it is kept as p_L anyway
+        p_final = handle.readout(h[L]).float()  # [N, vocab]
+    else:  # a copy we own (one copy), overwritten with p_L below
+        p_final = torch.empty(n_tokens, res.logits.shape[-1])
         p_final.view(res.logits.shape[0], -1, p_final.shape[-1]).copy_(res.logits[:, res.skip:])
-        blocks, keep = ((v, p_final[:, v:v + width]) for v in range(0, p_final.shape[-1], width)), None
-    lse, entropy, _, top_final = _softmax_stats(blocks, n_tokens, keep=keep)
+    blocks = ((v, p_final[:, v:v + width]) for v in range(0, p_final.shape[-1], width))
+    lse, entropy, _, top_final = _softmax_stats(blocks, n_tokens)
     p_final.sub_(lse[:, None]).exp_()
     neg_ent_final = -entropy
     kl, agree, ent = torch.zeros(L + 1), torch.ones(L + 1), torch.zeros(L + 1)
