@@ -41,12 +41,14 @@ model_picker()
 handle = current_handle()
 if handle is not None:
     st.sidebar.caption(f"Loaded: **{handle.spec}** · {handle.n_params:,} parameters")
-    edits = recipe(handle).edits
-    if edits:
-        st.sidebar.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))
+recipe_slot = st.sidebar.empty()  # filled after the page ran, so edits made there show at once
 
 pages = [
     st.Page("pages/model.py", title="Model", icon=":material/info:", default=True),
     st.Page("pages/redundancy.py", title="Redundancy", icon=":material/layers:"),
 ]
-st.navigation(pages).run()
+try:
+    st.navigation(pages).run()
+finally:  # also when the page stopped early
+    if handle is not None and (edits := recipe(handle).edits):
+        recipe_slot.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))

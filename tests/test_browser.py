@@ -58,5 +58,7 @@ def test_redundancy_page_draws_its_charts_and_fills_the_recipe(page):
     assert page.locator(".js-plotly-plot .heatmaplayer, .js-plotly-plot .hm").count() >= 2  # the heat maps drew
     page.get_by_role("button", name="Add this drop to the compression recipe").click()
     page.get_by_text("the recipe now has 1 edit(s)").wait_for(timeout=60_000)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.get_by_text("Recipe: 1 edit(s)").wait_for(timeout=10_000)  # the sidebar shows it at once
     screenshot(page, "redundancy_page.png")
     assert page.locator('[data-testid="stException"]').count() == 0
