@@ -131,7 +131,8 @@ def depth_lines(sim) -> go.Figure:
                     hovertemplate="depth %{x}<br>norm %{y:.4g}<extra></extra>")
     fig.add_bar(x=list(range(len(sim.relative_update))), y=sim.relative_update.tolist(), row=1, col=2,
                 hovertemplate="block %{x}<br>relative update %{y:.4g}<extra></extra>")
-    fig.update_yaxes(type="log", row=1, col=2)
+    ticks = [m * 10.0**e for e in range(-4, 5) for m in (1, 2, 5)]  # 1-2-5 per decade, full labels
+    fig.update_yaxes(type="log", tickvals=ticks, tickformat="~g", row=1, col=2)
     fig.update_xaxes(title_text="depth", row=1, col=1)
     fig.update_xaxes(title_text="block", row=1, col=2)
     fig.update_layout(title="Depth effect", height=330, showlegend=False, margin=dict(t=60, b=10))
