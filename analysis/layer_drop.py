@@ -94,7 +94,7 @@ def dropped(handle: ModelHandle, modules: Sequence[Module]) -> Iterator[None]:
 
 def _metrics(handle: ModelHandle, outputs: torch.Tensor, batch: Batch,
              base: torch.Tensor | BaseOutputs | None) -> Metrics:
-    return metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bytes * 8, base)
+    return metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bits, base)
 
 
 def evaluate_dropped(handle: ModelHandle, batch: Batch, modules: Sequence[Module],

@@ -16,11 +16,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lib.errors import DataError  # noqa: F401 - re-exported
+
 HELDOUT_EVERY = 50  # every 50th file of the sorted stdlib list is held out
-
-
-class DataError(ValueError):
-    """A user-supplied evaluation input (prompt, uploaded text) cannot be used."""
 
 
 @dataclass(frozen=True)

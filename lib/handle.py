@@ -93,8 +93,9 @@ class ModelHandle(ABC):
         return sum(p.numel() for p in _distinct(iter(self.model.named_parameters())).values())
 
     @property
-    def size_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.weights().values())
+    def size_bits(self) -> int:
+        """Bits needed to store the weights as they are stored (see `storage_bits`)."""
+        return sum(p.numel() * p.element_size() * 8 for p in self.weights().values())
 
     @property
     def fingerprint(self) -> str:
@@ -132,7 +133,7 @@ class ModelHandle(ABC):
                      ("d_mlp", str(s.d_mlp)), ("vocabulary", str(s.d_vocab)), ("context", str(s.n_ctx))]
         else:
             rows += [("stages", ", ".join(n for n, _ in s.stages))]
-        rows += [("parameters", f"{self.n_params:,}"), ("size", f"{self.size_bytes / 2**20:.2f} MiB"),
+        rows += [("parameters", f"{self.n_params:,}"), ("size", f"{self.size_bits / 8 / 2**20:.2f} MiB"),
                  ("fingerprint", self.fingerprint)]
         return rows
 

@@ -133,5 +133,5 @@ def evaluate(
     start = time.perf_counter()
     outputs = handle.forward(model_inputs(batch))
     latency_ms = (time.perf_counter() - start) * 1000
-    bits = size_bits if size_bits is not None else handle.size_bytes * 8
+    bits = size_bits if size_bits is not None else handle.size_bits
     return metrics_from_outputs(outputs, batch, handle.n_params, bits, base, latency_ms)

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from lib.errors import (  # noqa: F401 - re-exported: callers catch these from lib.models
+    HubUnavailableError, ModelLoadError, ModelNotFoundError, ModelTooLargeError, NoCheckpointError,
+    PickleRefusedError, RemoteCodeRefusedError, UnsupportedModelError)
 from lib.handle import BridgeHandle, ModelHandle, TorchHandle
 from lib.zoo import ZOO, ZOO_DIR
 
@@ -25,38 +28,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 RAM_FRACTION = 0.8  # refuse a model whose float32 weights need more than this share of free RAM
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
-
-
-class ModelLoadError(ValueError):
-    """Base of every loading error; the message says what was wrong and what to do."""
-
-
-class ModelNotFoundError(ModelLoadError):
-    pass
-
-
-class HubUnavailableError(ModelLoadError):
-    pass
-
-
-class NoCheckpointError(ModelLoadError):
-    pass
-
-
-class PickleRefusedError(ModelLoadError):
-    pass
-
-
-class RemoteCodeRefusedError(ModelLoadError):
-    pass
-
-
-class ModelTooLargeError(ModelLoadError):
-    pass
-
-
-class UnsupportedModelError(ModelLoadError):
-    pass
 
 
 def zoo_names() -> list[str]:

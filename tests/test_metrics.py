@@ -17,7 +17,7 @@ def test_lm_metrics_match_hand_computation(tiny_lm):
     # byte tokenizer: one byte per token, so bits per byte = nll / ln 2
     assert math.isclose(m.bits_per_byte, nll / math.log(2) * batch.n_predicted / batch.n_bytes, rel_tol=1e-6)
     assert m.kl_to_base == 0.0 and m.agreement == 1.0
-    assert m.size_bits == tiny_lm.size_bytes * 8 and m.n_params == tiny_lm.n_params
+    assert m.size_bits == tiny_lm.size_bits and m.n_params == tiny_lm.n_params
 
 
 def test_kl_is_positive_for_a_different_model():
