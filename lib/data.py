@@ -7,29 +7,50 @@ sessions and the bundled code LM is never evaluated on text it was trained on.
 
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from lib.errors import DataError  # noqa: F401 - re-exported
+from lib.errors import DataError  # re-exported: callers catch lib.data.DataError
 
 HELDOUT_EVERY = 50  # every 50th file of the sorted stdlib list is held out
+DIGIT_SHAPE = (1, 8, 8)  # every image model here reads one 8x8 grey digit: [1, 8, 8]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_digest(digest: Any, tensor: torch.Tensor | None) -> None:
+    """Feed shape, dtype and bytes of `tensor` (or a marker for None) to a hashlib digest."""
+    if tensor is None:
+        digest.update(b"none|")
+        return
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 @dataclass(frozen=True)
 class TextBatch:
     """A fixed batch of token windows for a causal LM.
 
-    tokens: [batch, pos] int64, each row starts with BOS when `has_bos`.
+    tokens: [batch, pos] int64, each row starts with BOS when `has_bos`; at least one
+        row and two columns (one token to read, one to predict).
     n_bytes: UTF-8 bytes of the predicted text (positions 1..pos-1 of every row),
-        the denominator of bits per byte; 0 for synthetic token tasks.
+        the denominator of bits per byte; 0 for synthetic token tasks (then no bits
+        per byte is reported).
     answer_mask: [batch, pos] bool, True where a token is a task answer (top-1
         accuracy is measured there), or None for plain text.
+
+    The fields are checked on construction, so a malformed batch cannot be built;
+    whether it fits a given model is `check_batch`'s job.
     """
 
     tokens: torch.Tensor
@@ -38,23 +59,98 @@ class TextBatch:
     source: str
     answer_mask: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        t = self.tokens
+        if not isinstance(t, torch.Tensor):
+            raise DataError(f"Token ids must be a torch tensor [batch, pos], got {type(t).__name__}.")
+        if t.dtype != torch.long:
+            hint = "whole-number ids, not floats" if t.is_floating_point() else "int64 (torch.long)"
+            raise DataError(f"Token ids must be {hint}; got dtype {t.dtype}. Convert them with "
+                            "tokens.long(), or build the batch with lib.data.")
+        if t.dim() != 2:
+            raise DataError(f"Token ids must be 2-D [batch, pos]; got shape {tuple(t.shape)}. "
+                            "Use tokens.unsqueeze(0) for a single window.")
+        if t.shape[0] == 0:
+            raise DataError("The batch is empty (0 windows): there is nothing to evaluate.")
+        if t.shape[1] < 2:
+            raise DataError(f"Windows of {t.shape[1]} token(s) are too short: a window needs at least 2 "
+                            "tokens, one to read and one to predict.")
+        if not _is_int(self.n_bytes) or self.n_bytes < 0:
+            raise DataError(f"n_bytes must be a whole number ≥ 0 (the UTF-8 bytes of the predicted text, "
+                            f"0 for synthetic tokens); got {self.n_bytes!r}.")
+        if self.answer_mask is not None:
+            self._check_mask(self.answer_mask)
+
+    def _check_mask(self, mask: torch.Tensor) -> None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise DataError("answer_mask must be a bool tensor [batch, pos] (True where a token is an answer).")
+        if mask.shape != self.tokens.shape:
+            raise DataError(f"answer_mask has shape {tuple(mask.shape)} but the tokens have "
+                            f"{tuple(self.tokens.shape)}; they must be equal.")
+        if not mask[:, 1:].any():
+            raise DataError("answer_mask marks no predicted position (column 1 on), so accuracy "
+                            "would be undefined. Mark at least one answer, or pass None for plain text.")
+
     @property
     def n_predicted(self) -> int:
         return int(self.tokens.shape[0] * (self.tokens.shape[1] - 1))
+
+    @cached_property
+    def digest(self) -> str:
+        """Identity of the batch's content: 16 hex digits of SHA-256 over the tokens,
+        n_bytes, has_bos and answer mask (not `source`, a description). Equal digests
+        mean the same evaluation; computed once (do not change the tensors in place)."""
+        d = hashlib.sha256(b"text|")
+        _tensor_digest(d, self.tokens)
+        d.update(f"|{self.n_bytes}|{self.has_bos}|".encode())
+        _tensor_digest(d, self.answer_mask)
+        return d.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class ImageBatch:
     """Images with labels (classifier) or clean targets (image-to-image).
 
-    images: [batch, 1, 8, 8] float32 in [0, 1]; labels: [batch] int64;
+    images: [batch, 1, 8, 8] float32 in [0, 1], at least one; labels: [batch] int64;
     targets: [batch, 1, 8, 8] clean images for a denoiser, else None.
+    The fields are checked on construction (see `TextBatch`).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     targets: torch.Tensor | None
     source: str
+
+    def __post_init__(self) -> None:
+        x, y = self.images, self.labels
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"Images must be a float tensor [batch, 1, 8, 8]; got {what}. "
+                            "Use image.unsqueeze(0) for a single image.")
+        if x.shape[0] == 0:
+            raise DataError("The batch is empty (0 images): there is nothing to evaluate.")
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise DataError("Labels must be an integer tensor [batch], one class per image.")
+        if y.shape[0] != x.shape[0]:
+            raise DataError(f"There are {x.shape[0]} images but {y.shape[0]} labels; give one label per image.")
+        t = self.targets
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != x.shape or not t.is_floating_point()):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise DataError(f"Target images must be a float tensor of the images' shape {tuple(x.shape)}; "
+                            f"got {shape}.")
+
+    @property
+    def n_predicted(self) -> int:
+        return int(self.images.shape[0])
+
+    @cached_property
+    def digest(self) -> str:
+        """Identity of the batch's content: 16 hex digits of SHA-256 over images,
+        labels and targets (not `source`); see `TextBatch.digest`."""
+        d = hashlib.sha256(b"image|")
+        for t in (self.images, self.labels, self.targets):
+            _tensor_digest(d, t)
+        return d.hexdigest()[:16]
 
 
 Batch = TextBatch | ImageBatch
@@ -93,11 +189,39 @@ def read_bytes(files: Sequence[Path]) -> list[bytes]:
     return [f.read_bytes() for f in files]
 
 
+def check_window_args(seq_len: object, n_windows: object, name: str = "n_windows") -> None:
+    """Refuse a window length below 2 tokens (one read, one predicted) and a window
+    count (`name`) below 1; `n_windows` None means "as many as fit"."""
+    if not _is_int(seq_len) or seq_len < 2:
+        raise DataError(f"The window length must be a whole number of at least 2 tokens (one to read, one "
+                        f"to predict); got seq_len={seq_len!r}.")
+    if n_windows is not None and (not _is_int(n_windows) or n_windows < 1):
+        raise DataError(f"{name} must be a whole number of at least 1; got {n_windows!r}.")
+
+
+def check_text(text: object, what: str = "text") -> str:
+    """Return `text` if it is a str that encodes as UTF-8; else a DataError. A lone
+    surrogate (e.g. "\\ud800", left by decoding bytes with errors="surrogateescape")
+    is no Unicode character, so no tokenizer can encode it."""
+    if not isinstance(text, str):
+        raise DataError(f"The {what} must be a string; got {type(text).__name__}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"The {what} contains an invalid character (lone surrogate U+{ord(text[e.start]):04X} at "
+            f"character {e.start}), which is not valid Unicode. Remove it, or decode the source with "
+            "errors='replace'."
+        ) from None
+    return text
+
+
 def windows_from_ids(
     ids: Sequence[int], seq_len: int, bos_id: int | None, max_windows: int | None = None
 ) -> torch.Tensor:
     """Cut one long id sequence into non-overlapping rows of `seq_len` tokens,
     each starting with BOS when `bos_id` is given. Returns [n, seq_len] int64."""
+    check_window_args(seq_len, max_windows, "max_windows")
     body = seq_len - (1 if bos_id is not None else 0)
     n = len(ids) // body
     if max_windows is not None:
@@ -125,7 +249,9 @@ def text_batch(
     tokenizer, text: str, seq_len: int, max_windows: int | None = None, source: str = "text"
 ) -> TextBatch:
     """Evaluation batch from arbitrary user text: [n, seq_len] windows with BOS."""
-    if not text or not text.strip():
+    check_text(text)
+    check_window_args(seq_len, max_windows, "max_windows")
+    if not text.strip():
         raise DataError("The text is empty. Type or upload some text to evaluate on.")
     bos_id = tokenizer.bos_token_id
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -140,6 +266,7 @@ def code_batch(tokenizer, seq_len: int = 128, n_windows: int = 16) -> TextBatch:
     Windows are spread evenly over the held-out text so the batch samples many
     files, not just the first one.
     """
+    check_window_args(seq_len, n_windows)
     text = "\n".join(b.decode("utf-8", errors="replace") for b in read_bytes(heldout_files()))
     ids = tokenizer.encode(text, add_special_tokens=False)
     bos_id = tokenizer.bos_token_id
@@ -223,7 +350,10 @@ def add_digit_noise(images: torch.Tensor, seed: int) -> torch.Tensor:
 
 def digits_batch(n: int | None = None, denoise: bool = False) -> ImageBatch:
     """Held-out digits: for a classifier the images and labels; for the denoiser
-    noisy inputs (fixed seed) with the clean images as targets."""
+    noisy inputs (fixed seed) with the clean images as targets. `n`: the first n
+    held-out images (all when None)."""
+    if n is not None and (not _is_int(n) or n < 1):
+        raise DataError(f"n must be a whole number of at least 1 (or None for all images); got {n!r}.")
     images, labels = digits_split("heldout")
     if n is not None:
         images, labels = images[:n], labels[:n]
@@ -231,6 +361,69 @@ def digits_batch(n: int | None = None, denoise: bool = False) -> ImageBatch:
         return ImageBatch(add_digit_noise(images, seed=1234), labels, images,
                           f"held-out digits, noisy (std {DIGITS_NOISE_STD})")
     return ImageBatch(images, labels, None, "held-out digits")
+
+
+# --------------------------------------------------------------------------- fit to a model
+
+
+def check_batch(handle: Any, batch: object) -> None:
+    """Refuse, before any forward, a batch that does not fit `handle` (a `ModelHandle`).
+
+    The batch's own fields are already checked when it is built (`TextBatch`,
+    `ImageBatch`: int64 tokens [batch, pos] with pos ≥ 2, at least one row, n_bytes a
+    whole number ≥ 0, a mask of the tokens' shape; float images [batch, C, H, W] with one
+    label each). Against the model:
+
+    - a language model ("causal-lm") takes a `TextBatch`, an image model an `ImageBatch`;
+    - a classifier takes images without targets, the denoiser ("image-to-image") images
+      with clean targets;
+    - token ids lie in 0..d_vocab-1 (not -1, not another tokenizer's ids) and a window
+      is at most n_ctx tokens long;
+    - every image is [1, 8, 8] (`DIGIT_SHAPE`) with finite pixels.
+
+    Raises `DataError` with what is wrong and what to build instead.
+    """
+    if not isinstance(batch, (TextBatch, ImageBatch)):
+        raise DataError(f"Expected a TextBatch or an ImageBatch from lib.data; got {type(batch).__name__}.")
+    if handle.kind == "causal-lm":
+        if not isinstance(batch, TextBatch):
+            raise DataError("This is a language model: it reads token windows (a TextBatch), not images. "
+                            "Use lib.data.default_batch(handle) or text_batch(handle.tokenizer, ...).")
+        _check_tokens_fit(handle, batch.tokens)
+        return
+    if not isinstance(batch, ImageBatch):
+        raise DataError(f"This is an image model ({handle.kind}): it reads digit images (an ImageBatch), "
+                        "not token windows. Use lib.data.default_batch(handle).")
+    if handle.kind == "image-classifier" and batch.targets is not None:
+        raise DataError("This batch carries clean target images, so it is a denoising batch; a classifier is "
+                        "measured on labels. Use lib.data.digits_batch() (without denoise=True).")
+    if handle.kind == "image-to-image" and batch.targets is None:
+        raise DataError("This batch has no target images, but a denoiser is measured against clean targets. "
+                        "Use lib.data.digits_batch(denoise=True).")
+    check_images(batch.images)
+
+
+def _check_tokens_fit(handle: Any, tokens: torch.Tensor) -> None:
+    """Token ids [batch, pos] within the model's vocabulary and context."""
+    n_ctx, vocab = handle.structure.n_ctx, handle.structure.d_vocab
+    if n_ctx and tokens.shape[1] > n_ctx:
+        raise DataError(f"Windows of {tokens.shape[1]} tokens are longer than this model's context of {n_ctx} "
+                        f"tokens. Use windows of at most {n_ctx} tokens (seq_len={n_ctx}).")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        outside = int(((tokens < 0) | (tokens >= vocab)).sum())
+        raise DataError(f"Token ids must lie in 0..{vocab - 1} for this model's vocabulary of {vocab} tokens; "
+                        f"this batch holds ids from {low} to {high} ({outside} outside). Was it made with another "
+                        "model's tokenizer? Build it with this model's (lib.data.default_batch(handle)).")
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Images [batch, 1, 8, 8] with finite pixels, as every image model here reads."""
+    if tuple(images.shape[1:]) != DIGIT_SHAPE:
+        raise DataError(f"Each image must be {list(DIGIT_SHAPE)} (one grey 8x8 digit); got "
+                        f"{list(images.shape[1:])}.")
+    if not torch.isfinite(images).all():
+        raise DataError("The images contain NaN or infinite pixels; use values in [0, 1].")
 
 
 # --------------------------------------------------------------------------- dispatch

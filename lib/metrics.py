@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.data import Batch, ImageBatch, TextBatch
+from lib.data import Batch, DataError, ImageBatch, TextBatch, check_batch
 from lib.handle import ModelHandle
 
 
@@ -84,6 +84,67 @@ def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, ba
     return kl, agree
 
 
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _expected_outputs(batch: Batch) -> str:
+    if isinstance(batch, TextBatch):
+        return f"[{batch.tokens.shape[0]}, {batch.tokens.shape[1]}, vocab]"
+    if batch.targets is not None:
+        return str(_shape(batch.targets))
+    return f"[{batch.images.shape[0]}, classes]"
+
+
+def _fits(outputs: torch.Tensor, batch: Batch) -> bool:
+    if isinstance(batch, TextBatch):
+        return outputs.dim() == 3 and outputs.shape[:2] == batch.tokens.shape
+    if batch.targets is not None:
+        return outputs.shape == batch.targets.shape
+    return outputs.dim() == 2 and outputs.shape[0] == batch.images.shape[0]
+
+
+def check_base(base: torch.Tensor | BaseOutputs | None, batch: Batch) -> None:
+    """Refuse base outputs that cannot have been computed on `batch` (checked before a forward)."""
+    if base is None:
+        return
+    if isinstance(base, BaseOutputs):
+        n = batch.n_predicted
+        if base.probs.dim() != 2 or base.probs.shape[0] != n:
+            raise DataError(f"The prepared base outputs cover {base.probs.shape[0]} predicted positions but this "
+                            f"batch has {n}: they come from a different batch. Prepare them on this batch.")
+        return
+    if not isinstance(base, torch.Tensor) or not _fits(base, batch):
+        got = _shape(base) if isinstance(base, torch.Tensor) else type(base).__name__
+        raise DataError(f"The base outputs have shape {got}, but outputs on this batch are "
+                        f"{_expected_outputs(batch)}: the base was computed on a different batch. "
+                        "Compute the base outputs on this batch.")
+
+
+def check_outputs(outputs: torch.Tensor, batch: Batch, base: torch.Tensor | BaseOutputs | None = None) -> None:
+    """Refuse outputs whose shape does not fit `batch`, targets (token ids, labels) that
+    the outputs cannot score, and a `base` of another shape than `outputs`."""
+    if not isinstance(batch, (TextBatch, ImageBatch)):
+        raise DataError(f"Expected a TextBatch or an ImageBatch from lib.data; got {type(batch).__name__}.")
+    if not _fits(outputs, batch):
+        raise DataError(f"The outputs have shape {_shape(outputs)}, but on this batch they should be "
+                        f"{_expected_outputs(batch)}: outputs and batch do not belong together.")
+    if isinstance(batch, TextBatch) or batch.targets is None:
+        targets = batch.tokens[:, 1:] if isinstance(batch, TextBatch) else batch.labels
+        classes = outputs.shape[-1]
+        if int(targets.min()) < 0 or int(targets.max()) >= classes:
+            what = "token ids" if isinstance(batch, TextBatch) else "labels"
+            raise DataError(f"The batch's {what} range from {int(targets.min())} to {int(targets.max())}, but "
+                            f"the outputs score only 0..{classes - 1}: the batch was made for another model.")
+    check_base(base, batch)
+    if isinstance(base, torch.Tensor) and base.shape != outputs.shape:
+        raise DataError(f"The base outputs have shape {_shape(base)} but these outputs {_shape(outputs)}: "
+                        "the base comes from a different batch or model. Compute it on this batch.")
+    if isinstance(base, BaseOutputs) and base.probs.shape[-1] != outputs.shape[-1]:
+        raise DataError(f"The prepared base outputs have {base.probs.shape[-1]} classes but these outputs "
+                        f"{outputs.shape[-1]}: they come from a different model.")
+
+
 def metrics_from_outputs(
     outputs: torch.Tensor,
     batch: Batch,
@@ -96,7 +157,9 @@ def metrics_from_outputs(
 
     outputs: LM logits [b, pos, vocab], classifier logits [b, classes] or images [b, 1, H, W].
     base: the base model's outputs on the same batch, for KL and agreement.
+    Outputs or a base that do not fit the batch are refused (`check_outputs`).
     """
+    check_outputs(outputs, batch, base)
     fields: dict[str, float | None] = {}
     log_probs = None
     if isinstance(batch, TextBatch):
@@ -129,7 +192,10 @@ def evaluate(
     size_bits: int | None = None,
 ) -> Metrics:
     """Run `handle` once on `batch` and measure quality, agreement with `base`
-    outputs (if given), size and latency."""
+    outputs (if given), size and latency. A batch or base that does not fit the model
+    is refused before the forward (`lib.data.check_batch`, `check_base`)."""
+    check_batch(handle, batch)
+    check_base(base, batch)
     start = time.perf_counter()
     outputs = handle.forward(model_inputs(batch))
     latency_ms = (time.perf_counter() - start) * 1000
