@@ -1,0 +1,129 @@
+"""The words LayerScope's pages use, each in one sentence a teacher can read aloud.
+
+`GLOSSARY[key]` is the text for a widget's `help=` tooltip where a term first appears;
+`TERMS[key]` adds the term as shown and a group for the glossary page. Definitions
+follow docs METHODS.md and what the code computes (lib.metrics, analysis.redundancy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Term:
+    """name: the term as shown; text: one sentence; group: a heading on the glossary page."""
+
+    name: str
+    text: str
+    group: str
+
+
+_INSIDE = "Inside a network"
+_COMPARE = "Comparing layers"
+_PREDICT = "Reading predictions"
+_QUALITY = "Measuring quality"
+_SHRINK = "Making a model smaller or faster"
+
+TERMS: dict[str, Term] = {
+    "residual_stream": Term(
+        "residual stream",
+        "The vector each token carries through a transformer: every block reads it and adds its own output "
+        "to it, so it holds everything the model has worked out about that token so far.", _INSIDE),
+    "depth_layer_block": Term(
+        "depth, layer, block",
+        "A block (also called a layer) is one attention sublayer followed by one MLP sublayer; depth d is the "
+        "residual stream between blocks, entering block d, so an L-layer model has depths 0 to L and depth L "
+        "is the output of the last block.", _INSIDE),
+    "stage": Term(
+        "stage",
+        "In an image model, one named step of the network (for example a convolution with its activation); "
+        "LayerScope compares and drops stages the way it compares and drops blocks in a transformer.", _INSIDE),
+    "bos": Term(
+        "BOS",
+        "The beginning-of-sequence token put in front of every text, so that the first real token has "
+        "something to look back at.", _INSIDE),
+    "attention_sink": Term(
+        "attention sink",
+        "Many attention heads park most of their attention on the first position (BOS), which then carries "
+        "a huge-norm activation; LayerScope skips the first few positions so these outliers do not dominate "
+        "every similarity.", _INSIDE),
+    "relative_update": Term(
+        "relative update ‖y−x‖/‖x‖",
+        "How much a block changes the residual stream, relative to what it received: 0.1 means the block "
+        "adds a change one tenth as long as the vector that came in.", _INSIDE),
+    "one_minus_cos": Term(
+        "1 − cos (module importance)",
+        "One minus the cosine between a module's input and output, per token, averaged over the evaluation "
+        "text: near 0 means the module barely turns the residual stream, so it is a candidate to drop.",
+        _COMPARE),
+    "cka": Term(
+        "CKA (linear centred kernel alignment)",
+        "Compares how two layers arrange the same tokens: 1 means the two representations are the same up to "
+        "a rotation and a uniform scale, near 0 means no linear relation between them.", _COMPARE),
+    "angular_distance": Term(
+        "angular distance",
+        "The angle between the residual stream at two depths, at the last token, divided by 180 degrees: 0 "
+        "means same direction, 0.5 perpendicular, 1 opposite.", _COMPARE),
+    "drop": Term(
+        "drop (a block, attention, MLP or stage)",
+        "Removing a module so that it adds nothing to the residual stream (for an image stage: passing its "
+        "input straight through, which only works where its input and output have the same shape), then "
+        "measuring again what it cost.", _COMPARE),
+    "logit_lens": Term(
+        "logit lens",
+        "Reading an intermediate depth as if it were the last one: pass its residual stream through the "
+        "model's final normalisation and unembedding and see which next token it would predict.", _PREDICT),
+    "kl": Term(
+        "KL divergence, KL(base ‖ model), nats",
+        "How far a predicted distribution is from a reference one, averaged over predicted tokens (or images): 0 "
+        "means identical; the reference is the unedited base model (or, in the logit lens, the final layer), and "
+        "the unit is nats, natural-log units (1 nat is about 1.44 bits).", _PREDICT),
+    "top1_agreement": Term(
+        "top-1 agreement",
+        "The share of positions where two predictions (an edited model and the base, or a depth and the final "
+        "layer) pick the same most likely token or class.", _PREDICT),
+    "entropy": Term(
+        "entropy",
+        "How spread out a predicted distribution is, in nats: 0 means the model is certain of one token, and "
+        "the log of the vocabulary size means it is guessing uniformly.", _PREDICT),
+    "loss": Term(
+        "loss (nats per token)",
+        "The average negative log-probability the model gave to the token that really came next; lower is "
+        "better.", _QUALITY),
+    "perplexity": Term(
+        "perplexity",
+        "e to the power of the loss: the model is as unsure as if it picked uniformly among this many tokens; "
+        "lower is better.", _QUALITY),
+    "bits_per_byte": Term(
+        "bits per byte",
+        "The loss over the whole text in bits, divided by the text's length in bytes: how well the model "
+        "would compress it, comparable across tokenizers; lower is better.", _QUALITY),
+    "psnr": Term(
+        "PSNR (dB)",
+        "Peak signal-to-noise ratio between the denoised image and the clean one, 10·log10(1 / mean squared "
+        "error) for pixels in 0 to 1; higher is better, and 6 dB more means half the error amplitude.",
+        _QUALITY),
+    "sparsity": Term(
+        "sparsity",
+        "The share of a model's weights that pruning has set to zero: 50% sparsity keeps half of them.",
+        _SHRINK),
+    "quantization": Term(
+        "quantization",
+        "Storing weights (or activations) with fewer bits by rounding them to a coarse grid with a scale; "
+        "LayerScope simulates it by rounding and then computing in full precision.", _SHRINK),
+    "early_exit": Term(
+        "early exit",
+        "Stopping a token's computation at an intermediate layer once a test says its prediction is settled "
+        "(high confidence, low entropy, the same top token for several layers, or a residual that stopped "
+        "changing) and reading the prediction out there.", _SHRINK),
+}
+
+GLOSSARY: dict[str, str] = {key: term.text for key, term in TERMS.items()}
+GROUPS: tuple[str, ...] = (_INSIDE, _COMPARE, _PREDICT, _QUALITY, _SHRINK)
+
+
+def by_group() -> dict[str, list[Term]]:
+    """The terms under their group headings (in GROUPS order), alphabetical within each."""
+    return {group: sorted((t for t in TERMS.values() if t.group == group), key=lambda t: t.name.casefold())
+            for group in GROUPS}
