@@ -62,7 +62,8 @@ def next_tokens(handle: ModelHandle, prompt: str, k: int = 10) -> NextTokens:
     """Top-k next tokens after `prompt` (BOS prepended; truncated from the left to fit).
     Prompt pieces the vocabulary cannot represent are listed in `NextTokens.unknown`."""
     if handle.kind != "causal-lm":
-        raise DataError("Next-token prediction needs a language model.")
+        raise DataError(f"Next-token prediction needs a language model; this is an image model ({handle.kind}). "
+                        "Use predict_image for an image.")
     check_text(prompt, "prompt")
     if not prompt.strip():
         raise DataError("The prompt is empty. Type some text to see what the model predicts next.")

@@ -64,8 +64,8 @@ class TextBatch:
         if not isinstance(t, torch.Tensor):
             raise DataError(f"Token ids must be a torch tensor [batch, pos], got {type(t).__name__}.")
         if t.dtype != torch.long:
-            hint = "whole-number ids, not floats" if t.is_floating_point() else "int64 (torch.long)"
-            raise DataError(f"Token ids must be {hint}; got dtype {t.dtype}. Convert them with "
+            hint = "integers, not floats" if t.is_floating_point() else "int64 (torch.long)"
+            raise DataError(f"Token ids must be {hint}; got dtype {t.dtype}. Convert whole-number ids with "
                             "tokens.long(), or build the batch with lib.data.")
         if t.dim() != 2:
             raise DataError(f"Token ids must be 2-D [batch, pos]; got shape {tuple(t.shape)}. "
@@ -126,13 +126,13 @@ class ImageBatch:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise DataError(f"Images must be a float tensor [batch, 1, 8, 8]; got {what}. "
-                            "Use image.unsqueeze(0) for a single image.")
+                            "(One image [1, 8, 8] becomes a batch with image.unsqueeze(0).)")
         if x.shape[0] == 0:
             raise DataError("The batch is empty (0 images): there is nothing to evaluate.")
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
             raise DataError("Labels must be an integer tensor [batch], one class per image.")
         if y.shape[0] != x.shape[0]:
-            raise DataError(f"There are {x.shape[0]} images but {y.shape[0]} labels; give one label per image.")
+            raise DataError(f"There are {x.shape[0]} images but {y.shape[0]} label(s); give one label per image.")
         t = self.targets
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != x.shape or not t.is_floating_point()):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
