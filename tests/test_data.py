@@ -51,3 +51,39 @@ def test_repeated_tokens_mask_marks_the_copy():
         h = int(m.sum()) + 1  # the copy's first token is not marked: it is unpredictable
         assert torch.equal(row[1:1 + h], row[1 + h:1 + 2 * h])
         assert m[:2 + h].sum() == 0 and m[1 + 2 * h:].sum() == 0 and m[2 + h:1 + 2 * h].all()
+
+
+def test_digest_identifies_the_content():
+    tok = build_byte_tokenizer(128)
+    a = data.text_batch(tok, "x = 1\n" * 40, 32)
+    same = data.TextBatch(a.tokens.clone(), a.n_bytes, a.has_bos, "another description")
+    assert a.digest == same.digest and len(a.digest) == 16 and int(a.digest, 16) >= 0
+    other = a.tokens.clone()
+    other[0, 5] += 1
+    assert data.TextBatch(other, a.n_bytes, True, "t").digest != a.digest
+    assert data.TextBatch(a.tokens, a.n_bytes + 1, True, "t").digest != a.digest
+    mask = torch.zeros_like(a.tokens, dtype=torch.bool)
+    mask[:, -1] = True
+    assert data.TextBatch(a.tokens, a.n_bytes, True, "t", mask).digest != a.digest
+    clean, noisy = data.digits_batch(n=8), data.digits_batch(n=8, denoise=True)
+    assert clean.digest == data.digits_batch(n=8).digest
+    assert len({clean.digest, noisy.digest, data.digits_batch(n=9).digest}) == 3
+
+
+def test_batches_check_their_fields():
+    ok = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(data.DataError, match="integers, not floats"):
+        data.TextBatch(ok.float(), 0, True, "t")
+    with pytest.raises(data.DataError, match="empty"):
+        data.TextBatch(ok[:0], 0, True, "t")
+    with pytest.raises(data.DataError, match="n_bytes"):
+        data.TextBatch(ok, True, True, "t")  # a bool is no byte count
+    assert data.TextBatch(ok, 0, True, "t").n_predicted == 6
+    with pytest.raises(data.DataError, match="Labels must be an integer"):
+        data.ImageBatch(torch.zeros(2, 1, 8, 8), torch.zeros(2), None, "t")  # float labels
+
+
+def test_text_with_lone_surrogate_is_refused():
+    assert data.check_text("héllo") == "héllo"
+    with pytest.raises(data.DataError, match="U\\+DC80 at character 1"):
+        data.check_text("a\udc80b")

@@ -1,10 +1,11 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lib import data
-from lib.metrics import evaluate, kl_and_agreement, metrics_from_outputs
+from lib.metrics import evaluate, kl_and_agreement, metrics_from_outputs, prepare_base
 
 
 def test_lm_metrics_match_hand_computation(tiny_lm):
@@ -40,3 +41,17 @@ def test_accuracy_on_answer_mask():
     logits[0, 3, 7] = 5  # predicts token 4 wrongly
     m = metrics_from_outputs(logits, batch, 1, 1)
     assert m.accuracy == 0.5 and m.bits_per_byte is None
+
+
+def test_outputs_must_fit_the_batch():
+    batch = data.ImageBatch(torch.zeros(3, 1, 8, 8), torch.tensor([0, 1, 2]), None, "t")
+    logits = torch.zeros(3, 10)
+    assert metrics_from_outputs(logits, batch, 1, 1, base=logits).agreement == 1.0
+    with pytest.raises(data.DataError, match="do not belong together"):
+        metrics_from_outputs(torch.zeros(4, 10), batch, 1, 1)
+    with pytest.raises(data.DataError, match="different batch"):
+        metrics_from_outputs(logits, batch, 1, 1, base=torch.zeros(4, 10))
+    with pytest.raises(data.DataError, match="different batch or model"):
+        metrics_from_outputs(logits, batch, 1, 1, base=torch.zeros(3, 12))
+    with pytest.raises(data.DataError, match="different batch"):
+        metrics_from_outputs(logits, batch, 1, 1, base=prepare_base(torch.zeros(2, 10), batch))

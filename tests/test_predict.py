@@ -32,3 +32,24 @@ def test_predict_image_probabilities_sum_to_one(tmp_path):
     save_image_model(DigitsCNN(width=4), "digits-cnn", tmp_path, width=4)
     result = predict_image(load_model(str(tmp_path)), torch.rand(1, 8, 8))
     assert abs(float(result.probs.sum()) - 1) < 1e-5
+
+
+def test_unknown_pieces_without_offsets():
+    """A slow tokenizer (no offset mapping): each whitespace word is encoded alone and
+    reported when one of its ids is the unknown token."""
+    from analysis.predict import _encode
+
+    class WordTokenizer:
+        is_fast = False
+        unk_token_id, all_special_ids = 0, [0, 1]
+        vocab = {"<unk>": 0, "<s>": 1, "a": 2, "b": 3}
+
+        def encode(self, word, add_special_tokens=False):
+            return [self.vocab.get(word, 0)]
+
+        def convert_ids_to_tokens(self, i):
+            return {v: k for k, v in self.vocab.items()}[i]
+
+    ids, unknown = _encode(WordTokenizer(), "a zz b <s> ?")
+    assert ids == [2, 0, 3, 1, 0]
+    assert unknown == [None, "zz", None, None, "?"]
