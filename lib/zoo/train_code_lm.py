@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from lib import data
-from lib.zoo.tokenizer import BYTE_VOCAB_SIZE, save_byte_tokenizer
+from lib.zoo.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, save_byte_tokenizer
 
-BOS_ID = 256
 CONFIG = dict(
     vocab_size=BYTE_VOCAB_SIZE, n_positions=256, n_embd=160, n_layer=6, n_head=4,
     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import data
+from lib.zoo.tokenizer import BOS_TOKEN, bos_post_processor
 
 VOCAB, BOS_ID, SEQ_LEN = 64, 64, 64
 MIN_HALF, MAX_HALF = 6, 30
@@ -70,19 +71,24 @@ def repeat_accuracy(model, n: int = 512, seed: int = 99) -> float:
     return hit[mask[:, 1:]].float().mean().item()
 
 
-def save_tokenizer(folder) -> None:
-    """A word-level tokenizer: tokens are written `t0 .. t63`, BOS is `<|endoftext|>`."""
+def build_tokenizer():
+    """A word-level tokenizer: tokens are written `t0 .. t63`, BOS is `<|endoftext|>`,
+    which it puts first (as every training sequence had it) unless called with
+    `add_special_tokens=False`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(VOCAB)} | {"<|endoftext|>": BOS_ID}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    vocab = {f"t{i}": i for i in range(VOCAB)} | {BOS_TOKEN: BOS_ID}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=BOS_TOKEN))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
-                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", model_max_length=SEQ_LEN)
-    tok.save_pretrained(str(folder))
+    core.post_processor = bos_post_processor(BOS_TOKEN, BOS_ID)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS_TOKEN, eos_token=BOS_TOKEN,
+                                   unk_token=BOS_TOKEN, pad_token=BOS_TOKEN, model_max_length=SEQ_LEN)
+
+
+def save_tokenizer(folder) -> None:
+    build_tokenizer().save_pretrained(str(folder))
 
 
 def train(out, seed: int, steps: int | None) -> dict:
