@@ -8,6 +8,7 @@ sessions and the bundled code LM is never evaluated on text it was trained on.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import sysconfig
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -24,7 +25,7 @@ DIGIT_SHAPE = (1, 8, 8)  # every image model here reads one 8x8 grey digit: [1, 
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too
 
 
 def _tensor_digest(digest: Any, tensor: torch.Tensor | None) -> None:
