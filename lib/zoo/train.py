@@ -13,6 +13,8 @@ prints the metrics that go on the card.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -23,16 +25,54 @@ import torch
 
 from lib.zoo import ZOO, ZOO_DIR
 
+REPO_ROOT = ZOO_DIR.parent.parent
+NOT_METRICS = ("architecture", "usage")  # summary entries that are card text, not numbers
+
 
 def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU"
 
 
+def run_snippet(code: str) -> str:
+    """What a card's usage snippet prints, run from the repository root as the card says."""
+    out, cwd = io.StringIO(), os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "<model card snippet>", "exec"), {"__name__": "__main__"})
+    finally:
+        os.chdir(cwd)
+    return out.getvalue()
+
+
+def usage_section(code: str) -> str:
+    """The card's "plain transformers" section: the snippet and what it printed."""
+    return f"""## Use it with plain transformers
+
+The folder is an ordinary Hugging Face checkpoint: no LayerScope code is needed. Called
+with its defaults the tokenizer puts BOS (`<|endoftext|>`) first, as every training
+sequence had it; `add_special_tokens=False` gives the bare tokens. From the repository
+root:
+
+```python
+{code.strip()}
+```
+
+prints
+
+```text
+{run_snippet(code).strip()}
+```
+
+"""
+
+
 def write_card(name: str, summary: dict, command: str, seed: int) -> None:
-    """Write MODEL_CARD.md and metrics.json from a training summary."""
+    """Write MODEL_CARD.md and metrics.json from a training summary (its "usage"
+    entry, a snippet, is run and shown with its output)."""
     folder = ZOO_DIR / name
     entry = ZOO[name]
-    metrics = {k: v for k, v in summary.items() if k not in ("architecture",)}
+    metrics = {k: v for k, v in summary.items() if k not in NOT_METRICS}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     rows = "\n".join(
         f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -46,7 +86,7 @@ def write_card(name: str, summary: dict, command: str, seed: int) -> None:
 
 {summary.get('architecture', '')}
 
-## Data
+{usage_section(summary['usage']) if 'usage' in summary else ''}## Data
 
 {entry.data}
 
@@ -93,7 +133,7 @@ def main() -> None:
     summary.setdefault("wall_minutes", (time.time() - t0) / 60)
     command = f"python -m lib.zoo.train {args.name} --seed {args.seed} --steps {summary['steps']}"
     write_card(args.name, summary, command, args.seed)
-    print(json.dumps({k: v for k, v in summary.items() if k != "architecture"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in NOT_METRICS}, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,30 @@ CONFIG = dict(
 BATCH = 24
 LR, LR_MIN, WARMUP = 2e-3, 2e-4, 100
 
+# The model card's plain-transformers example (run, with its output, by `lib.zoo.train.write_card`).
+USAGE = r"""
+import math
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = "lib/zoo/code-lm"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+# BOS (id 256) first, then one token per UTF-8 byte. For longer text, tokenize pieces of
+# at most 255 bytes: each window then starts with BOS, as in training and on this card.
+text = "def mean(values):\n    return sum(values) / len(values)\n"
+inputs = tokenizer(text, return_tensors="pt")
+with torch.no_grad():
+    loss = model(**inputs, labels=inputs["input_ids"]).loss  # mean NLL of the predicted bytes, nats
+print(f"{loss.item() / math.log(2):.2f} bits per byte")
+
+prompt = tokenizer("import os\n\n\ndef ", return_tensors="pt")
+out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
+"""
+
 
 def build_model(seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -141,7 +165,7 @@ def train(out: Path, minutes: float, seed: int, steps: int | None, run_dir: Path
     return {
         "bits_per_byte": bpb, "heldout_bytes": n_eval_bytes, "steps": state["total"],
         "wall_minutes": state["elapsed"] / 60, "params": n_params,
-        "tokens_seen": state["total"] * BATCH * seq_len,
+        "tokens_seen": state["total"] * BATCH * seq_len, "usage": USAGE,
         "architecture": (f"GPT-2 (Hugging Face `GPT2LMHeadModel`): {CONFIG['n_layer']} layers, "
                          f"{CONFIG['n_head']} heads, d_model {CONFIG['n_embd']}, context {seq_len}, "
                          f"byte vocabulary of {BYTE_VOCAB_SIZE} (256 bytes + BOS), tied embeddings; "

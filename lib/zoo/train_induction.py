@@ -27,6 +27,21 @@ CONFIG = dict(
 )
 BATCH, STEPS, LR = 64, 8000, 1e-3
 
+# The model card's plain-transformers example (run, with its output, by `lib.zoo.train.write_card`).
+USAGE = """
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder = "lib/zoo/induction-2l"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+# A block of distinct tokens, then the start of its repeat; BOS (id 64) goes first.
+block = "t5 t17 t42 t8 t33 t21 t60 t2"
+prompt = tokenizer(f"{block} t5 t17", return_tensors="pt")
+out = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+print(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:]))  # the rest of the block, copied
+"""
+
 
 def repeated_sequences(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return data.repeated_token_sequences(n, VOCAB, BOS_ID, SEQ_LEN, gen, MIN_HALF, MAX_HALF)
@@ -119,7 +134,7 @@ def train(out, seed: int, steps: int | None) -> dict:
     save_tokenizer(out)
     n_params = sum(p.numel() for p in model.parameters())
     return {
-        "repeat_accuracy": acc, "steps": steps, "params": n_params, **head_scores(out),
+        "repeat_accuracy": acc, "steps": steps, "params": n_params, **head_scores(out), "usage": USAGE,
         "architecture": (f"GPT-2 (Hugging Face `GPT2LMHeadModel`), attention-only: 2 layers, "
                          f"4 heads, d_model 64, context {SEQ_LEN}, vocabulary {VOCAB} + BOS; the MLPs are "
                          f"one unit wide with all weights fixed at zero; {n_params:,} parameters."),
