@@ -1,4 +1,4 @@
-"""python -m bench: one row per measurement, `name  ratio  detail`."""
+"""python -m bench: one row per measurement, `name  ratio ±spread  detail`."""
 
 from __future__ import annotations
 
@@ -11,22 +11,32 @@ import torch  # noqa: E402
 
 from bench import common, foundation, redundancy  # noqa: E402
 
-SUITES = {"foundation": foundation.rows, "redundancy": redundancy.rows}
+SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("suites", nargs="*", help=f"any of {', '.join(SUITES)} (default: all)")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=common.REPEATS, help="interleaved repetitions per row (>= 3)")
     args = parser.parse_args()
+    unknown = [name for name in args.suites if name not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3")
     torch.set_grad_enabled(False)
-    handle = common.gpt2_small(args.layers)
-    batch = common.random_batch()
-    print(f"{'name':<44} {'ratio':>7}  detail   (GPT-2-small shape, {args.layers} layers, "
-          f"{torch.get_num_threads()} threads)")
+    setup = common.Setup(common.gpt2_small(args.layers), common.random_batch(), args.repeats)
+    s = setup.handle.structure
+    for line in common.machine_lines():
+        print(line)
+    print(f"model: GPT-2-small shape, random weights ({s.n_layers} layers, d {s.d_model}, vocab {s.d_vocab}); "
+          f"batch {common.tokens_text(setup.batch)}")
+    print(f"ratio = median over {args.repeats} interleaved repetitions of measured / reference; {common.SPREAD}")
+    print(common.header_line(), flush=True)
     for name in args.suites or SUITES:
-        for row in SUITES[name](handle, batch):
-            print(row.line(), flush=True)
+        for row in SUITES[name]:
+            print(row(setup).line(), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from bench.common import Row, timed_pair
+from typing import Callable
+
+from bench.common import Row, Setup, measure, tokens_text
 from lib.metrics import evaluate
 
 
-def rows(handle, batch) -> list[Row]:
-    t_eval, t_fwd = timed_pair(lambda: evaluate(handle, batch), lambda: handle.forward(batch.tokens))
-    return [Row("evaluate / plain forward", t_eval / t_fwd,
-                f"{t_eval * 1000:.0f} ms vs {t_fwd * 1000:.0f} ms on {tuple(batch.tokens.shape)} tokens")]
+def evaluate_row(setup: Setup) -> Row:
+    handle, batch = setup.handle, setup.batch
+    t = measure(lambda: evaluate(handle, batch), lambda: handle.forward(batch.tokens), setup.repeats)
+    return Row.timed("evaluate / plain forward", t, f"on {tokens_text(batch)}")
+
+
+ROWS: tuple[Callable[[Setup], Row], ...] = (evaluate_row,)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from analysis import layer_drop, redundancy
-from bench.common import Row, timed_pair
+from typing import Callable
+
+import torch
+
+from analysis import cka, layer_drop, redundancy
+from bench.common import Row, Setup, measure, ratio_text, tokens_text
 
 
 def flop_sweep_ratio(handle, seq_len: int) -> float:
@@ -18,8 +22,16 @@ def flop_sweep_ratio(handle, seq_len: int) -> float:
     return reuse / naive
 
 
-def rows(handle, batch) -> list[Row]:
-    L = handle.structure.n_layers
+def depth_tokens(setup: Setup) -> list[torch.Tensor]:
+    """The residual stream at every depth as the one-pass statistics see it: L+1 x [N, d]
+    (the first `skip` positions of each window left out)."""
+    res = redundancy.collect_residuals(setup.handle, setup.batch, with_logits=False)
+    h = res.resid[:, :, res.skip:]
+    return [layer.reshape(-1, h.shape[-1]) for layer in h]
+
+
+def one_pass_row(setup: Setup) -> Row:
+    handle, batch = setup.handle, setup.batch
     forward = lambda: handle.forward(batch.tokens)  # noqa: E731
 
     def one_pass():  # the statistics need the residual stream only, not the logits
@@ -28,26 +40,43 @@ def rows(handle, batch) -> list[Row]:
     def one_pass_and_logits():
         redundancy.layer_similarity(redundancy.collect_residuals(handle, batch))
 
-    t_pass, t_fwd = timed_pair(one_pass, forward, repeats=3)
-    t_both, t_fwd2 = timed_pair(one_pass_and_logits, forward, repeats=3)
-    out = [Row("similarity+angular+CKA+norms / forward", t_pass / t_fwd,
-               f"{t_pass * 1000:.0f} ms vs {t_fwd * 1000:.0f} ms (bar <= 1.3); "
-               f"also computing the logits: {t_both / t_fwd2:.3f}")]
+    t = measure(one_pass, forward, setup.repeats)
+    both = measure(one_pass_and_logits, forward, setup.repeats)
+    return Row.timed("similarity+angular+CKA+norms / forward", t,
+                     f"on {tokens_text(batch)} (bar <= 1.3); also computing the logits: {ratio_text(both.ratios)}")
 
-    res = redundancy.collect_residuals(handle, batch)
-    h = res.resid[:, :, res.skip:]
+
+def cka_row(setup: Setup) -> Row:
+    reps = depth_tokens(setup)
+    n, widths = reps[0].shape[0], [r.shape[1] for r in reps]
+    flops = cka.form_flops(n, widths)
+    t = measure(lambda: cka.cka_matrix(reps, form="gram"), lambda: cka.cka_matrix(reps, form="feature"),
+                setup.repeats)
+    return Row.timed("cka gram / d×d form", t,
+                     f"N {n} tokens, D {len(reps)} depths, d {widths[0]}; "
+                     f"flop ratio {flops['gram'] / flops['feature']:.3f}; chooser picks {cka.cheaper_form(n, widths)}")
+
+
+def lens_row(setup: Setup) -> Row:
+    handle, batch = setup.handle, setup.batch
+    h = depth_tokens(setup)
 
     def lens():
         redundancy.logit_lens(handle, redundancy.collect_residuals(handle, batch, with_logits=False))
 
     def unavoidable():
         handle.forward(batch.tokens)
-        for layer in range(L):
-            handle.readout(h[layer].reshape(-1, h.shape[-1]))
+        for layer in h[:-1]:
+            handle.readout(layer)
 
-    t_lens, t_min = timed_pair(lens, unavoidable, repeats=3)
-    out.append(Row("logit lens / (forward + L readouts)", t_lens / t_min,
-                   f"{t_lens * 1000:.0f} ms vs {t_min * 1000:.0f} ms (bar <= 1.2)"))
+    t = measure(lens, unavoidable, setup.repeats)
+    s = handle.structure
+    return Row.timed("logit lens / (forward + L readouts)", t,
+                     f"N {h[0].shape[0]} tokens x vocab {s.d_vocab}, {s.n_layers} layers (bar <= 1.2)")
+
+
+def sweep_row(setup: Setup) -> Row:
+    handle, batch = setup.handle, setup.batch
 
     def reuse_sweep():
         layer_drop.lm_drop_sweep(handle, batch, redundancy.collect_residuals(handle, batch), kinds=("block",))
@@ -55,11 +84,11 @@ def rows(handle, batch) -> list[Row]:
     def naive_sweep():
         layer_drop.naive_lm_drop_sweep(handle, batch, kinds=("block",))
 
-    t_reuse, t_naive = timed_pair(reuse_sweep, naive_sweep, repeats=1)
+    t = measure(reuse_sweep, naive_sweep, setup.repeats)
     predicted = flop_sweep_ratio(handle, batch.tokens.shape[1])
-    measured = t_reuse / t_naive
-    out.append(Row("drop sweep prefix reuse / naive", measured,
-                   f"FLOP minimum {predicted:.3f}; measured/minimum {measured / predicted:.3f} (bar <= 1.15); "
-                   f"{t_reuse:.1f} s vs {t_naive:.1f} s"))
-    return out
+    return Row.timed("drop sweep prefix reuse / naive", t,
+                     f"{handle.structure.n_layers} layers, {tokens_text(batch)}; FLOP minimum {predicted:.3f}; "
+                     f"measured/minimum {ratio_text([r / predicted for r in t.ratios])} (bar <= 1.15)")
 
+
+ROWS: tuple[Callable[[Setup], Row], ...] = (one_pass_row, cka_row, lens_row, sweep_row)
