@@ -123,7 +123,7 @@ def test_code_lm_bits_per_byte_through_plain_transformers():
 def test_induction_accuracy_through_plain_transformers():
     """The card's task written as text (a block of distinct tokens, its copy, random filler),
     through AutoTokenizer with its defaults and AutoModelForCausalLM: the repeated block is
-    predicted from its second token on, as on the card."""
+    predicted from its second token on, as on the card (1.0; 0.76 without BOS)."""
     tok, model = plain_transformers("induction-2l")
     rng = random.Random(11)
     texts, halves = [], []
