@@ -9,7 +9,7 @@ import streamlit as st
 
 from lib.models import zoo_names
 from lib.zoo import ZOO
-from ui.state import DEFAULT_SPEC, LoadRequest, current_handle, recipe, request_load
+from ui.session import DEFAULT_SPEC, LoadRequest, current_handle, guard, recipe, request_load
 
 st.set_page_config(page_title="LayerScope", page_icon=":material/biotech:", layout="wide")
 
@@ -48,7 +48,8 @@ pages = [
     st.Page("pages/redundancy.py", title="Redundancy", icon=":material/layers:"),
 ]
 try:
-    st.navigation(pages).run()
+    with guard():  # every error a user can cause ends in st.error, never a traceback
+        st.navigation(pages).run()
 finally:  # also when the page stopped early
     if handle is not None and (edits := recipe(handle).edits):
         recipe_slot.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))

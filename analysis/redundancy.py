@@ -2,9 +2,8 @@
 sublayer changes the residual stream, how similar layers are, and what each layer
 would predict. Definitions: METHODS.md §1.
 
-Notation: h_l is the residual stream entering block l (`blocks.l.hook_resid_pre`),
-h_L the output of the last block; m_l the residual after attention l
-(`hook_resid_mid`). Token statistics skip the first `skip` positions (BOS and the
+Notation: h_l is the residual stream entering block l (point "resid_pre"), h_L the
+output of the last block; m_l the residual after attention l ("resid_mid"). Token statistics skip the first `skip` positions (BOS and the
 huge-norm "sink" positions that dominate every similarity).
 """
 
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lib.data import ImageBatch, TextBatch
-from lib.handle import BridgeHandle, ModelHandle, TorchHandle
+from lib.errors import AnalysisError
+from lib.handle import ModelHandle, Point
 
 Progress = Callable[[float, str], None]
 DEFAULT_SKIP = 4
@@ -26,7 +26,7 @@ CKA_EXACT_MAX_TOKENS = 4096  # beyond this, the minibatch unbiased estimator
 CKA_MINIBATCH = 512
 
 
-class RedundancyError(ValueError):
+class RedundancyError(AnalysisError):
     """The model or batch cannot be analysed this way; the message says why."""
 
 
@@ -96,8 +96,8 @@ class LogitLens:
 
 
 def check_lm(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
-    if not isinstance(handle, BridgeHandle):
-        raise RedundancyError("This analysis needs a transformer language model.")
+    if handle.kind != "causal-lm" or not isinstance(batch, TextBatch):
+        raise RedundancyError("This analysis needs a transformer language model and a text batch.")
     if handle.structure.n_layers < 2:
         raise RedundancyError(
             f"The model has {handle.structure.n_layers} layer; comparing layers needs at least 2.")
@@ -109,7 +109,7 @@ def check_lm(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
             f"{skip} skipped first positions plus one. Skip fewer positions or use longer windows.")
 
 
-def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAULT_SKIP,
+def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT_SKIP,
                       with_logits: bool = True) -> Residuals:
     """One forward pass recording h_0..h_L and m_0..m_{L-1}.
 
@@ -119,11 +119,11 @@ def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAUL
     """
     check_lm(handle, batch, skip)
     L = handle.structure.n_layers
-    pre = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-    mid = [f"blocks.{l}.hook_resid_mid" for l in range(L)]
-    last = f"blocks.{L - 1}.hook_resid_post"
+    pre = [Point("resid_pre", l) for l in range(L)]
+    mid = [Point("resid_mid", l) for l in range(L)]
+    last = Point("resid_post", L - 1)
     cache = handle.record(batch.tokens, pre + mid + [last])
-    missing = [n for n in pre + mid + [last] if n not in cache]
+    missing = [f"{p.site} {p.layer}" for p in pre + mid + [last] if p not in cache]
     if missing:
         raise RedundancyError(
             f"This model does not expose {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''} "
@@ -134,7 +134,7 @@ def collect_residuals(handle: BridgeHandle, batch: TextBatch, skip: int = DEFAUL
     return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip)
 
 
-def final_logits(handle: BridgeHandle, res: Residuals) -> torch.Tensor:
+def final_logits(handle: ModelHandle, res: Residuals) -> torch.Tensor:
     """The model's logits [batch, pos, vocab] for the recorded pass: the cached ones,
     or one readout of h_L (which is what the model's own forward computes)."""
     return res.logits if res.logits is not None else handle.readout(res.resid[-1])
@@ -237,7 +237,7 @@ LENS_BLOCK_ELEMENTS = 1 << 20  # logits per vocabulary block: a few MB, stays in
 Affine = tuple[torch.Tensor, torch.Tensor | None] | None
 
 
-def _vocab_blocks(handle: BridgeHandle, h: torch.Tensor, width: int,
+def _vocab_blocks(handle: ModelHandle, h: torch.Tensor, width: int,
                   affine: Affine) -> Iterator[tuple[int, torch.Tensor]]:
     """The logits of h [N, d] as vocabulary blocks (first column, [N, w]).
 
@@ -297,7 +297,7 @@ def _softmax_stats(blocks: Iterator[tuple[int, torch.Tensor]], n_tokens: int,
 
 
 @torch.no_grad()
-def logit_lens(handle: BridgeHandle, res: Residuals, progress: Progress | None = None) -> LogitLens:
+def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = None) -> LogitLens:
     """Logit lens at every depth, LN_final recomputed on each h_l itself.
 
     Per token: entropy H(p_l) and KL(p_L || p_l) = -H(p_L) - <p_L, z_l> + lse(z_l), all
@@ -347,11 +347,11 @@ class StageSimilarity:
 
 
 @torch.no_grad()
-def stage_similarity(handle: TorchHandle, batch: ImageBatch) -> StageSimilarity:
+def stage_similarity(handle: ModelHandle, batch: ImageBatch) -> StageSimilarity:
     """CKA across all stages and in/out similarity where shapes match (one pass)."""
-    names = list(handle.model.stages)
-    _, cache = handle.run_with_cache(batch.images, names)
-    reps = [batch.images] + [cache[n] for n in names]
+    names = [name for name, _ in handle.structure.stages]
+    cache = handle.record(batch.images, [Point("stage", n) for n in names])
+    reps = [batch.images] + [cache[Point("stage", n)] for n in names]
     flat = [r.reshape(r.shape[0], -1).float() for r in reps]  # each [images, features]
     sims = {
         name: float(token_cosine(flat[i], flat[i + 1]).mean())

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from analysis import layer_drop, redundancy
-from analysis.layer_drop import DropSweep, Module
+from analysis.layer_drop import DropSweep
+from analysis.pruning import Drop
 from analysis.redundancy import LayerSimilarity, LogitLens, Progress, StageSimilarity
 from lib.data import Batch, ImageBatch, TextBatch
-from lib.handle import BridgeHandle, ModelHandle, TorchHandle
+from lib.handle import ModelHandle
 from lib.metrics import LABELS, Metrics, model_inputs
 
 
@@ -28,6 +29,10 @@ class RedundancyReport:
     stages: StageSimilarity | None = None
 
 
+GRANULARITIES = ("sublayers", "blocks")
+RANKINGS = ("similarity", "measured")
+
+
 def primary_metric(batch: Batch) -> tuple[str, bool]:
     if isinstance(batch, TextBatch):
         if batch.answer_mask is not None:
@@ -41,13 +46,11 @@ def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAU
     """One cached forward pass feeds the statistics, the lens and the drop sweep."""
     metric, up = primary_metric(batch)
     step = progress or (lambda f, m: None)
-    if isinstance(handle, TorchHandle):
+    if isinstance(batch, ImageBatch) and handle.kind != "causal-lm":
         step(0.1, "stage similarity")
         stages = redundancy.stage_similarity(handle, batch)
         step(0.5, "dropping stages")
         return RedundancyReport(layer_drop.stage_drop_sweep(handle, batch), metric, up, stages=stages)
-    if not isinstance(handle, BridgeHandle) or not isinstance(batch, TextBatch):
-        raise redundancy.RedundancyError("This model type has no redundancy analysis.")
     step(0.02, "one forward pass with hooks")
     res = redundancy.collect_residuals(handle, batch, skip)
     sim = redundancy.layer_similarity(res)
@@ -56,38 +59,42 @@ def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAU
     return RedundancyReport(sweep, metric, up, similarity=sim, lens=lens)
 
 
-def cost(report: RedundancyReport, module: Module) -> float:
+def cost(report: RedundancyReport, module: Drop) -> float:
     """Single-drop change of the metric, signed so that positive means worse."""
     delta = report.sweep.delta(module, report.metric)
     return -delta if report.higher_is_better else delta
 
 
-def candidates(report: RedundancyReport, granularity: str, by: str) -> list[Module]:
-    """Droppable modules, least important first.
+def candidates(report: RedundancyReport, granularity: str, by: str) -> list[Drop]:
+    """Droppable parts, least important first.
 
-    granularity: "sublayers" (attention + MLP ranked jointly) or "blocks";
-    by: "similarity" (1 - cos, LLM-Drop / ShortGPT) or "measured" (single-drop cost).
+    granularity: "sublayers" (attention + MLP ranked jointly) or "blocks" (LMs; image
+    models have stages only); by: "similarity" (1 - cos, LLM-Drop / ShortGPT) or
+    "measured" (single-drop cost).
     """
+    if granularity not in GRANULARITIES:
+        raise redundancy.RedundancyError(f"Granularity is one of {', '.join(GRANULARITIES)}, not {granularity!r}.")
+    if by not in RANKINGS:
+        raise redundancy.RedundancyError(f"Rank by one of {', '.join(RANKINGS)}, not {by!r}.")
     if report.similarity is None:
-        modules = list(report.sweep.dropped)
+        drops = list(report.sweep.dropped)
         if by == "similarity" and report.stages is not None:
-            return sorted(modules, key=lambda m: -report.stages.similarity.get(m.layer, -1.0))
-        return sorted(modules, key=lambda m: cost(report, m))
+            return sorted(drops, key=lambda m: -report.stages.similarity.get(m.layer, -1.0))
+        return sorted(drops, key=lambda m: cost(report, m))
     if granularity == "blocks":
-        modules = [Module("block", l) for l in range(report.similarity.n_layers)]
-        score = {m: float(1 - report.similarity.block[m.layer]) for m in modules}
+        score = {Drop("block", l): float(1 - report.similarity.block[l]) for l in range(report.similarity.n_layers)}
     else:
-        score = {Module(k, l): s for k, l, s in report.similarity.joint_ranking()}
-        modules = list(score)
+        score = {Drop(k, l): s for k, l, s in report.similarity.joint_ranking()}
+    drops = [m for m in score if m in report.sweep.dropped]  # e.g. no MLPs in an attention-only model
     key = (lambda m: score[m]) if by == "similarity" else (lambda m: cost(report, m))
-    return sorted(modules, key=key)
+    return sorted(drops, key=key)
 
 
 @dataclass(frozen=True)
 class DropCheck:
     """Predicted (sum of single-drop changes) vs measured (dropped together) change."""
 
-    modules: list[Module]
+    modules: list[Drop]
     single: list[float]
     predicted: float
     measured: float
@@ -95,9 +102,17 @@ class DropCheck:
 
 
 def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
-                modules: list[Module], base_outputs: torch.Tensor | None = None) -> DropCheck:
+                modules: list[Drop], base_outputs: torch.Tensor | None = None) -> DropCheck:
     """Drop `modules` together and compare with the sum of their single-drop costs.
-    `base_outputs`: the unmodified model's outputs on `batch` (computed if not given)."""
+    Duplicates count once. `base_outputs`: the unmodified model's outputs on `batch`
+    (computed if not given)."""
+    modules = list(dict.fromkeys(modules))
+    if not modules:
+        raise redundancy.RedundancyError("Choose at least one part to drop.")
+    handle.check_parts(modules)
+    unmeasured = [m.part for m in modules if m not in report.sweep.dropped]
+    if unmeasured:
+        raise redundancy.RedundancyError(f"The report has no single-drop measurement of {', '.join(unmeasured)}.")
     if base_outputs is None:
         base_outputs = handle.forward(model_inputs(batch))
     single = [report.sweep.delta(m, report.metric) for m in modules]
@@ -109,7 +124,7 @@ def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
 # ----------------------------------------------------------------------- sentences
 
 
-def _name(m: Module) -> str:
+def _name(m: Drop) -> str:
     return {"attention": "attention", "mlp": "MLP", "block": "block", "stage": "stage"}[m.kind] + f" {m.layer}"
 
 
@@ -119,7 +134,7 @@ def similarity_sentence(sim: LayerSimilarity) -> str:
     half = sim.n_layers // 2
     att_deep, att_shallow = float(imp["attention"][half:].mean()), float(imp["attention"][:half].mean())
     where = "deeper" if att_deep < att_shallow else "shallower"
-    return (f"Least important sublayer: {_name(Module(kind, layer))} (1 − cos = {score:.3g}). "
+    return (f"Least important sublayer: {_name(Drop(kind, layer))} (1 − cos = {score:.3g}). "
             f"Mean importance — attention {float(imp['attention'].mean()):.3g}, MLP "
             f"{float(imp['mlp'].mean()):.3g}; the {where} half of the attention layers changes the "
             f"residual stream less ({min(att_deep, att_shallow):.3g} vs {max(att_deep, att_shallow):.3g}).")

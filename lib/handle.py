@@ -1,23 +1,53 @@
-"""One interface over TransformerLens bridges (language models) and plain torch
-image models. Pages and analyses talk to a `ModelHandle`, never to a backend.
+"""One interface over TransformerLens bridges (language models) and plain torch image
+models. Pages and analyses talk to a `ModelHandle`, never to a backend: activation
+points are named by `Point`, weights by readable names (`blocks.3.mlp.in`), and a
+capability a backend lacks raises `CapabilityError` from here.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from lib.hooks import record_outputs
+from lib.errors import CapabilityError, RecipeError
+from lib.hooks import forward_hooks
 
 KINDS = ("causal-lm", "image-classifier", "image-to-image")
+LM_PARTS = ("block", "attention", "mlp")
+
+# An activation hook: gets the activation, returns a replacement or None (keep it).
+ActivationHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """A named activation point.
+
+    site: LMs "resid_pre" (x_l, entering block l) | "resid_mid" (m_l, after attention) |
+    "resid_post" (y_l) | "attn_out" | "mlp_out" | "pattern" (attention pattern
+    [batch, head, query, key]); image models "stage" (a stage's output).
+    layer: block index (LMs) or stage name (image models).
+    """
+
+    site: str
+    layer: int | str
+
+
+class Part(Protocol):
+    """A droppable part: kind "block" | "attention" | "mlp" (layer index) or "stage"
+    (stage name). `analysis.pruning.Drop` is one."""
+
+    kind: str
+    layer: int | str
 
 
 @dataclass(frozen=True)
@@ -25,6 +55,7 @@ class Structure:
     """Layer structure. For LMs the transformer shape; for image models the stages.
 
     stages: for image models, (name, description) per stage in forward order.
+    removed: labels of parts removed from this (edited) copy, e.g. "attention 3".
     """
 
     architecture: str
@@ -36,6 +67,27 @@ class Structure:
     d_vocab: int = 0
     n_ctx: int = 0
     stages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoredAs:
+    """How one weight tensor is stored when it is not the plain float tensor in memory:
+    `bits` in total (codes + scales + zero points for a quantized tensor, 0 for a
+    removed one) and a short description ("int4 g128", "removed")."""
+
+    bits: int
+    format: str
+
+    @property
+    def removed(self) -> bool:
+        return self.format == "removed"
+
+
+def quantized_bits(numel: int, code_bits: int, n_groups: int, scale_bits: int = 16, zero_bits: int = 0) -> int:
+    """Storage of a quantized tensor: a code per element plus a scale (and a zero point,
+    for asymmetric formats) per group."""
+    return numel * code_bits + n_groups * (scale_bits + zero_bits)
 
 
 def weight_fingerprint(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
@@ -60,14 +112,20 @@ def exclusive(method: Callable) -> Callable:
     return locked
 
 
+class _Recorded(Exception):
+    """Raised inside a hook to end a forward once every wanted activation is recorded."""
+
+
 class ModelHandle(ABC):
     """A loaded model with what every view needs to know about it.
 
     kind: "causal-lm" | "image-classifier" | "image-to-image".
     lock: one base model serves every browser session (Streamlit runs each in its own
     thread), and hooks act on every forward through the module, so each use of the
-    model (a forward, a readout, a whole `with hooks(...)` block) holds this
+    model (a forward, a readout, a whole `with hooks(...)` block, a copy) holds this
     re-entrant lock: one session's hooks never touch another session's forward.
+    storage: readable tensor name -> `StoredAs`, for tensors not stored as plain floats.
+    base_fingerprint: for a private copy, the fingerprint of the model it was copied from.
     """
 
     spec: str
@@ -76,9 +134,13 @@ class ModelHandle(ABC):
     tokenizer: Any | None
     structure: Structure
     eval_task: str = "text"  # "text" | "repeated-tokens" | "digits" | "noisy-digits"
+    sites: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
+        self.storage: dict[str, StoredAs] = {}
+        self.base_fingerprint: str | None = None
+        self._fingerprint: str | None = None
 
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) get a lock of their own
         return {k: v for k, v in self.__dict__.items() if k != "lock"}
@@ -87,76 +149,218 @@ class ModelHandle(ABC):
         self.__dict__.update(state)
         self.lock = threading.RLock()
 
-    @property
-    def n_params(self) -> int:
-        """Distinct parameters (tied weights once; buffers not counted)."""
-        return sum(p.numel() for p in _distinct(iter(self.model.named_parameters())).values())
-
-    @property
-    def size_bits(self) -> int:
-        """Bits needed to store the weights as they are stored (see `storage_bits`)."""
-        return sum(p.numel() * p.element_size() * 8 for p in self.weights().values())
+    # ------------------------------------------------------------------ identity, size
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the weights at load time: the cache key of every analysis."""
-        if getattr(self, "_fingerprint", None) is None:
+        """Hash of the weights (memoised): the cache key of every analysis. Edits to a
+        private copy call `weights_changed()`, so it is recomputed, never inherited."""
+        if self._fingerprint is None:
             self._fingerprint = self.current_fingerprint()
         return self._fingerprint
 
     def current_fingerprint(self) -> str:
         """Hash of the weights now; equal to `fingerprint` while nothing mutated them."""
-        return weight_fingerprint(iter(self.weights().items()))
+        with self.lock:
+            return weight_fingerprint(iter(self.weights().items()))
+
+    def weights_changed(self) -> None:
+        """Forget the memoised fingerprint (call after editing a private copy)."""
+        self._fingerprint = None
 
     @abstractmethod
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every distinct parameter and buffer tensor by name (tied weights once)."""
+        """Every distinct tensor the forward reads, by readable name (tied weights once)."""
+
+    @abstractmethod
+    def linear_layers(self) -> dict[str, torch.Tensor]:
+        """Every linear map by readable name (`blocks.3.mlp.in`, `conv2`) -> its weight as
+        [out, in, ...] (a view: editing it in place edits the model). Pruning and
+        quantization iterate this."""
+
+    @property
+    def n_params(self) -> int:
+        """Distinct parameters kept (tied weights once; buffers and removed tensors not counted)."""
+        return sum(t.numel() for name, t in self.weights().items()
+                   if isinstance(t, nn.Parameter) and not (name in self.storage and self.storage[name].removed))
+
+    @property
+    def size_bits(self) -> int:
+        """Bits to store the weights as they are stored: plain tensors at their dtype's
+        width, quantized ones as codes + scales + zero points, removed ones as nothing."""
+        return sum(self.storage[name].bits if name in self.storage else t.numel() * t.element_size() * 8
+                   for name, t in self.weights().items())
+
+    # ------------------------------------------------------------------ running
 
     @abstractmethod
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Model output without gradients. LM: tokens [batch, pos] -> logits
         [batch, pos, vocab]; image models: [batch, 1, H, W] -> logits or images."""
 
+    def check_point(self, point: Point) -> None:
+        """Raise CapabilityError if this model has no such activation point."""
+        if point.site not in self.sites:
+            raise CapabilityError(f"A {self.kind} model has no '{point.site}' activations "
+                                  f"(it has: {', '.join(self.sites)}).")
+
     @abstractmethod
-    def run_with_cache(
-        self, inputs: torch.Tensor, names: Sequence[str]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward that also records the named activations (hook names for LMs,
-        stage names for image models)."""
+    def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Any:
+        """Context manager: `fn(activation)` runs at each point (its return value, if not
+        None, replaces the activation); all hooks go on exit, also when the body raises."""
+
+    @exclusive
+    @torch.no_grad()
+    def run_with_cache(self, inputs: torch.Tensor, points: Sequence[Point]
+                       ) -> tuple[torch.Tensor, dict[Point, torch.Tensor]]:
+        """Forward that also records the activations at `points`."""
+        cache: dict[Point, torch.Tensor] = {}
+        with self.hooks([(p, _keeper(cache, p)) for p in points]):
+            out = self.forward(inputs)
+        return out, cache
+
+    @exclusive
+    @torch.no_grad()
+    def record(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+        """The activations at `points` from a forward that stops as soon as all of them
+        have fired: later layers and the readout are not run. Points that never fire are
+        missing from the result."""
+        wanted, cache = set(points), {}
+
+        def keep(point: Point) -> ActivationHook:
+            def hook(tensor: torch.Tensor) -> None:
+                cache[point] = tensor
+                if len(cache) == len(wanted):
+                    raise _Recorded
+
+            return hook
+
+        try:
+            with self.hooks([(p, keep(p)) for p in wanted]):
+                self.forward(inputs)
+        except _Recorded:
+            pass
+        return {p: cache[p] for p in points if p in cache}
+
+    def run_block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        raise CapabilityError(f"A {self.kind} model has no transformer blocks to run one by one.")
+
+    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+        raise CapabilityError(f"A {self.kind} model has no vocabulary readout.")
+
+    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        raise CapabilityError(f"A {self.kind} model has no final LayerNorm.")
+
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        raise CapabilityError(f"A {self.kind} model has no unembedding.")
+
+    # ------------------------------------------------------------------ drops
+
+    @abstractmethod
+    def drop_problem(self, part: Part) -> str | None:
+        """Why `part` cannot be dropped from this model (None if it can)."""
+
+    def check_parts(self, parts: Sequence[Part]) -> None:
+        for part in parts:
+            reason = self.drop_problem(part)
+            if reason:
+                raise RecipeError(reason)
+
+    @abstractmethod
+    def dropping(self, parts: Sequence[Part]) -> Any:
+        """Context manager: inside, the model runs with `parts` contributing nothing
+        (hooks, always removed on exit; the weights are untouched)."""
+
+    @abstractmethod
+    def remove_(self, part: Part) -> None:
+        """Remove `part` from this private copy for good (never on a base model)."""
+
+    # ------------------------------------------------------------------ copies
+
+    def private_copy(self, dtype: torch.dtype | None = None, requires_grad: bool = False) -> "ModelHandle":
+        """A copy of this model that edits, gradients and float64 can never leak from.
+
+        Taken under this handle's lock (so no other session's hooks are on the model
+        at that moment); the copy has its own lock, no hooks, its own fingerprint
+        (recomputed, equal to this one until the copy is edited), and optionally
+        gradients and another dtype. The tokenizer is shared (it is never mutated).
+        """
+        with self.lock:
+            memo = {id(self.tokenizer): self.tokenizer} if self.tokenizer is not None else {}
+            new = copy.deepcopy(self, memo)
+        new._strip_hooks()
+        if dtype is not None:
+            new.model.to(dtype)
+        for p in new.model.parameters():
+            p.requires_grad_(requires_grad)
+        new.base_fingerprint = self.base_fingerprint or self.fingerprint
+        new.weights_changed()
+        return new
+
+    @abstractmethod
+    def _strip_hooks(self) -> None:
+        """Remove every hook from this (freshly copied) model."""
+
+    def refresh_structure(self, removed: str | None = None) -> None:
+        """Record a structural edit in `structure` (shown on the model card)."""
+        if removed:
+            self.structure = replace(self.structure, removed=self.structure.removed + (removed,))
 
     def describe(self) -> list[tuple[str, str]]:
         """(property, value) rows for a model card."""
         s = self.structure
         rows = [("kind", self.kind), ("architecture", s.architecture), ("layers", str(s.n_layers))]
         if self.kind == "causal-lm":
-            rows += [("heads", str(s.n_heads)), ("d_model", str(s.d_model)), ("d_head", str(s.d_head)),
-                     ("d_mlp", str(s.d_mlp)), ("vocabulary", str(s.d_vocab)), ("context", str(s.n_ctx))]
+            rows += [("heads", str(s.n_heads)), ("d_model", str(s.d_model)), ("d_head", str(s.d_head))]
+            if s.d_mlp:
+                rows.append(("d_mlp", str(s.d_mlp)))
+            rows += [("vocabulary", str(s.d_vocab)), ("context", str(s.n_ctx))]
         else:
             rows += [("stages", ", ".join(n for n, _ in s.stages))]
+        if s.removed:
+            rows.append(("removed", ", ".join(s.removed)))
         rows += [("parameters", f"{self.n_params:,}"), ("size", f"{self.size_bits / 8 / 2**20:.2f} MiB"),
                  ("fingerprint", self.fingerprint)]
         return rows
 
 
+def _keeper(cache: dict, point: Point) -> ActivationHook:
+    def hook(tensor: torch.Tensor) -> None:
+        cache[point] = tensor
+
+    return hook
+
+
 def _distinct(named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    seen: set[int] = set()
+    seen: set[tuple[int, tuple[int, ...]]] = set()
     out = {}
     for name, t in named:
-        if t.data_ptr() in seen:
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         out[name] = t
     return out
 
 
-class _Recorded(Exception):
-    """Raised inside a hook to end a forward once every wanted activation is recorded."""
+def _zero(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(tensor)
+
+
+# ====================================================================== LM backend
 
 
 class BridgeHandle(ModelHandle):
     """A causal LM behind a TransformerLens `TransformerBridge`."""
 
     kind = "causal-lm"
+    sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pattern")
+    _HOOKS = {  # the one place TransformerLens hook names are spelled
+        "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
+        "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
+        "mlp_out": "blocks.{}.hook_mlp_out", "pattern": "blocks.{}.attn.hook_pattern",
+    }
+    _TOP = ("embed", "pos_embed", "blocks", "ln_final", "unembed")
 
     def __init__(self, spec: str, bridge: Any) -> None:
         super().__init__()
@@ -167,59 +371,70 @@ class BridgeHandle(ModelHandle):
         self.structure = Structure(
             architecture=str(getattr(cfg, "architecture", None) or type(bridge.original_model).__name__),
             n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-            d_mlp=int(getattr(cfg, "d_mlp", 0) or 0), d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
+            d_mlp=int(getattr(cfg, "d_mlp", 0) or 0) if self._has_mlp(bridge) else 0,
+            d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
         )
         self.eval_task = getattr(bridge.original_model.config, "layerscope_eval", "text")
+
+    @staticmethod
+    def _has_mlp(bridge: Any) -> bool:
+        """False for an attention-only model (no MLP, or MLP weights that are exactly zero)."""
+        return any(bool(p.any()) for b in bridge.blocks for p in getattr(b, "mlp", nn.Module()).parameters())
 
     @property
     def hf_model(self) -> nn.Module:
         return self.model.original_model
 
+    def hook_name(self, point: Point) -> str:
+        self.check_point(point)
+        L = self.structure.n_layers
+        if not isinstance(point.layer, int) or isinstance(point.layer, bool) or not 0 <= point.layer < L:
+            raise CapabilityError(f"This model has blocks 0..{L - 1}; there is no block {point.layer!r}.")
+        return self._HOOKS[point.site].format(point.layer)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        """Readable name -> the torch module that holds the weights, for every weight
+        module the forward uses (`blocks.0.attn.q`, `blocks.0.mlp.in`, `unembed`, ...)."""
+        out: dict[str, nn.Module] = {}
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            if not name.endswith("._original_component") or not name.startswith(self._TOP):
+                continue
+            readable = name[: -len("._original_component")]
+            if "_original_component" in readable or readable in out:
+                continue
+            if readable.endswith(".attn.qkv"):  # the fused projection is split into q, k, v at boot
+                continue
+            if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+                out[readable] = module
+        return out
+
     def weights(self) -> dict[str, torch.Tensor]:
-        named = list(self.hf_model.named_parameters()) + list(self.hf_model.named_buffers())
-        return _distinct(iter((n, t) for n, t in named if t.is_floating_point()))
+        named = []
+        for readable, module in self._modules().items():
+            named += [(f"{readable}.{n}", t) for n, t in module.named_parameters(recurse=False)]
+            named += [(f"{readable}.{n}", t) for n, t in module.named_buffers(recurse=False)
+                      if t.is_floating_point()]
+        return _distinct(iter(named))
+
+    def linear_layers(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for readable, module in self._modules().items():
+            weight = getattr(module, "weight", None)
+            if type(module).__name__ == "Conv1D":  # GPT-2's Conv1D stores [in, out]
+                out[readable] = weight.T
+            elif isinstance(module, nn.Linear):
+                out[readable] = weight
+        return out
 
     @exclusive
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs, prepend_bos=False)
 
-    @exclusive
-    @torch.no_grad()
-    def run_with_cache(self, inputs, names):
-        wanted = set(names)
-        logits, cache = self.model.run_with_cache(
-            inputs, prepend_bos=False, names_filter=lambda n: n in wanted
-        )
-        return logits, {n: cache[n] for n in names if n in cache}
-
-    @exclusive
-    @torch.no_grad()
-    def record(self, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The activations at hook `names` (each [batch, pos, ...]) from a forward that
-        stops as soon as all of them have fired: layers after the last one and the
-        unembedding are not run. Names that never fire are missing from the result."""
-        wanted, cache = set(names), {}
-
-        def keep(name: str) -> Callable:
-            def hook(tensor: torch.Tensor, hook: Any) -> None:
-                cache[name] = tensor
-                if len(cache) == len(wanted):
-                    raise _Recorded
-
-            return hook
-
-        try:
-            with self.hooks([(n, keep(n)) for n in wanted]):
-                self.model(inputs, prepend_bos=False)
-        except _Recorded:
-            pass
-        return {n: cache[n] for n in names if n in cache}
-
     @contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
-        """TransformerLens hooks by name, removed on exit (also on error)."""
-        with self.lock, self.model.hooks(fwd_hooks=list(fwd_hooks)):
+    def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Iterator[None]:
+        named = [(self.hook_name(p), _tl_hook(fn)) for p, fn in pairs]
+        with self.lock, self.model.hooks(fwd_hooks=named):
             yield
 
     @exclusive
@@ -252,15 +467,87 @@ class BridgeHandle(ModelHandle):
             return None
         weight = w_u.T  # [vocab, d]
         probe = torch.randn(4, self.structure.d_model, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(weight.dtype)
         expected = self.readout(probe).float()
         got = nn.functional.linear(self.final_norm(probe), weight, b_u).float()
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
             return None
         return weight, b_u
 
+    # drops: a dropped part contributes nothing to the residual stream, bias included
+
+    def drop_problem(self, part: Part) -> str | None:
+        L = self.structure.n_layers
+        if part.kind not in LM_PARTS:
+            return f"A language model's parts are {', '.join(LM_PARTS)}; {part.kind!r} is not one."
+        if not isinstance(part.layer, int) or isinstance(part.layer, bool) or not 0 <= part.layer < L:
+            return f"{part.kind} {part.layer!r} is not a part of this {L}-layer model (layers 0..{L - 1})."
+        if part.kind == "mlp" and not self.structure.d_mlp:
+            return "This model has no MLP layers (it is attention-only)."
+        return None
+
+    def _outputs(self, part: Part) -> list[str]:
+        return {"block": ["attn_out", "mlp_out"], "attention": ["attn_out"], "mlp": ["mlp_out"]}[part.kind]
+
+    @contextmanager
+    def dropping(self, parts: Sequence[Part]) -> Iterator[None]:
+        self.check_parts(parts)
+        pairs = [(Point(site, p.layer), _zero) for p in parts for site in self._outputs(p)
+                 if site != "mlp_out" or self.structure.d_mlp]
+        with self.hooks(pairs):
+            yield
+
+    @torch.no_grad()
+    def remove_(self, part: Part) -> None:
+        """Zero the output projection of the part (weight and bias), so it adds exactly
+        nothing to the residual stream, and count its weights as removed in the size."""
+        self.check_parts([part])
+        block = f"blocks.{part.layer}"
+        attention, mlp = [f"{block}.attn.", f"{block}.ln1."], [f"{block}.mlp.", f"{block}.ln2."]
+        prefixes = {"attention": attention, "mlp": mlp, "block": attention + mlp}[part.kind]
+        modules = self._modules()
+        for readable, module in modules.items():
+            if not f"{readable}.".startswith(tuple(prefixes)):
+                continue
+            if readable.endswith((".attn.o", ".mlp.out")):
+                for t in module.parameters(recurse=False):
+                    t.zero_()
+            for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                self.storage[f"{readable}.{n}"] = StoredAs(0, "removed")
+        self.refresh_structure(f"{part.kind} {part.layer}")
+        self.weights_changed()
+
+    def _strip_hooks(self) -> None:
+        self.model.reset_hooks(including_permanent=True)
+        # TransformerLens blocks wire torch pre-hooks whose closures point at the block
+        # they were made for; a deep copy keeps those closures, so the copy's forward would
+        # write into the base's modules. Drop them here: each block rewires its own copy
+        # on its next forward.
+        blocks = [m for m in self.model.modules() if hasattr(m, "_capture_hook_handles")]
+        stale = {h.id for b in blocks for h in b._capture_hook_handles}
+        for module in self.model.modules():
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key in stale & set(hooks):
+                    del hooks[key]
+        for block in blocks:
+            block._capture_hook_handles = []
+            block._capture_hooks_wired = False
+
+
+def _tl_hook(fn: ActivationHook) -> Callable:
+    def hook(tensor: torch.Tensor, hook: Any = None) -> torch.Tensor | None:
+        return fn(tensor)
+
+    return hook
+
+
+# ====================================================================== image backend
+
 
 class TorchHandle(ModelHandle):
     """A plain torch image model made of named stages (`model.stages`)."""
+
+    sites = ("stage",)
 
     def __init__(self, spec: str, model: nn.Module, kind: str, architecture: str) -> None:
         super().__init__()
@@ -269,25 +556,99 @@ class TorchHandle(ModelHandle):
         self.kind = kind
         self.tokenizer = None
         self.eval_task = "digits" if kind == "image-classifier" else "noisy-digits"
-        stages = tuple((name, _describe_stage(m)) for name, m in model.stages.items())
-        self.structure = Structure(architecture=architecture, n_layers=len(stages), stages=stages)
+        self.structure = Structure(architecture=architecture, n_layers=len(model.stages),
+                                   stages=self._stage_rows())
+
+    def _stage_rows(self) -> tuple[tuple[str, str], ...]:
+        return tuple((name, _describe_stage(m)) for name, m in self.model.stages.items())
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.model.stages)
 
     def weights(self) -> dict[str, torch.Tensor]:
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
-        return _distinct(iter(named))
+        return _distinct(iter((n.removeprefix("stages."), t) for n, t in named))
+
+    def linear_layers(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.model.named_modules():
+            readable = name.removeprefix("stages.")
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                out[readable] = module.weight
+            elif isinstance(module, nn.ConvTranspose2d):  # stored [in, out, kh, kw]
+                out[readable] = module.weight.transpose(0, 1)
+        # a one-layer stage is named by its stage ("conv1"), not "conv1.0"
+        return {k.removesuffix(".0") if f"{k.removesuffix('.0')}.1" not in out else k: v for k, v in out.items()}
 
     @exclusive
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
 
+    def _stage(self, point: Point) -> nn.Module:
+        self.check_point(point)
+        if point.layer not in self.model.stages:
+            raise CapabilityError(f"The model has no stage {point.layer!r}; its stages are "
+                                  f"{', '.join(self.model.stages)}.")
+        return self.model.stages[point.layer]
+
+    @contextmanager
+    def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Iterator[None]:
+        modules = [(self._stage(p), _torch_hook(fn)) for p, fn in pairs]
+        with self.lock, forward_hooks(modules):
+            yield
+
     @exclusive
     @torch.no_grad()
-    def run_with_cache(self, inputs, names):
-        modules = {n: self.model.stages[n] for n in names}
-        with record_outputs(modules) as store:
-            out = self.model(inputs)
-        return out, dict(store)
+    def stage_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Input and output shape (without batch) of every stage, from one probe image."""
+        x = torch.zeros(1, 1, 8, 8, dtype=next(self.model.parameters()).dtype)
+        shapes = {}
+        for name, stage in self.model.stages.items():
+            y = stage(x)
+            shapes[name] = (tuple(x.shape[1:]), tuple(y.shape[1:]))
+            x = y
+        return shapes
+
+    def drop_problem(self, part: Part) -> str | None:
+        if part.kind != "stage":
+            return f"An image model's parts are its stages; {part.kind!r} is not one."
+        if part.layer not in self.model.stages:
+            return f"The model has no stage {part.layer!r}; its stages are {', '.join(self.model.stages)}."
+        before, after = self.stage_shapes()[part.layer]
+        if before != after:
+            return (f"Stage {part.layer} maps shape {before} to {after}, so it cannot be bypassed: "
+                    "removing it would break the next stage.")
+        return None
+
+    @contextmanager
+    def dropping(self, parts: Sequence[Part]) -> Iterator[None]:
+        self.check_parts(parts)
+        pairs = [(self.model.stages[p.layer], lambda mod, inp, out: inp[0]) for p in parts]
+        with self.lock, forward_hooks(pairs):
+            yield
+
+    def remove_(self, part: Part) -> None:
+        """Replace the stage by the identity (really removed: its weights are gone)."""
+        self.check_parts([part])
+        self.model.stages[part.layer] = nn.Identity()
+        self.structure = replace(self.structure, stages=self._stage_rows())
+        self.refresh_structure(f"stage {part.layer}")
+        self.weights_changed()
+
+    def _strip_hooks(self) -> None:
+        for module in self.model.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+            module._backward_hooks.clear()
+
+
+def _torch_hook(fn: ActivationHook) -> Callable:
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return fn(output)
+
+    return hook
 
 
 def _describe_stage(m: nn.Module) -> str:
@@ -300,6 +661,8 @@ def _describe_stage(m: nn.Module) -> str:
             words.append(f"{kind} {p.in_channels}->{p.out_channels} k{p.kernel_size[0]}{stride}")
         elif isinstance(p, nn.Linear):
             words.append(f"linear {p.in_features}->{p.out_features}")
+        elif isinstance(p, nn.Identity):
+            words.append("removed (identity)")
         else:
             words.append(type(p).__name__)
     return " + ".join(words)

@@ -7,7 +7,8 @@ from analysis import plots
 from analysis.predict import next_tokens, predict_image
 from lib.data import DataError
 from lib.metrics import LABELS
-from ui.state import baseline, eval_batch, require_handle
+from ui.session import require_handle
+from ui.views import baseline, eval_batch
 
 handle = require_handle()
 st.title(f"Model · {handle.spec}")

@@ -4,10 +4,10 @@ import streamlit as st
 
 from analysis import plots
 from analysis import redundancy_report as rr
-from analysis.recipe import DropConfig
-from analysis.redundancy import DEFAULT_SKIP, RedundancyError
+from analysis.redundancy import DEFAULT_SKIP
 from lib.metrics import LABELS
-from ui.state import drop_check, recipe, redundancy, require_handle, with_progress
+from ui.session import recipe, require_handle
+from ui.views import drop_check, redundancy, with_progress
 
 handle = require_handle()
 st.title("Layer redundancy")
@@ -22,11 +22,8 @@ if handle.kind == "causal-lm":
 bar, progress = with_progress("Analysing")
 try:
     report = redundancy(handle, int(skip), progress)
-except RedundancyError as e:
+finally:
     bar.empty()
-    st.error(f"{e}")
-    st.stop()
-bar.empty()
 label = LABELS[report.metric]
 sim = report.similarity
 
@@ -46,7 +43,7 @@ st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width=
 st.caption(f"Each bar removes one module and re-measures {label} (hover for KL to the base). "
            + rr.drop_sentence(report))
 for module, reason in report.sweep.not_droppable.items():
-    st.caption(f"· {module.label}: {reason}")
+    st.caption(f"· {module.part}: {reason}")
 
 st.subheader("How alike the layers are")
 if sim is not None:
@@ -85,9 +82,9 @@ if not ranked:
     st.info("No module of this model can be dropped.")
     st.stop()
 n = st.slider("Number of modules to drop", 1, len(ranked), 1) if len(ranked) > 1 else 1
-check = drop_check(handle, handle.fingerprint, int(skip), tuple(ranked[:n]))
+check = drop_check(handle, int(skip), tuple(ranked[:n]))
 st.dataframe({
-    "module": [m.label for m in check.modules],
+    "module": [m.part for m in check.modules],
     f"Δ {label} alone (measured)": [f"{d:+.4g}" for d in check.single],
 }, hide_index=True)
 cols = st.columns(3)
@@ -100,5 +97,5 @@ st.caption("Predicted assumes the costs add up; the gap to the measured value sh
 user_recipe = recipe(handle)
 if st.button("Add this drop to the compression recipe" if n == 1 else
              f"Add these {n} drops to the compression recipe", type="primary"):
-    added = sum(user_recipe.add(DropConfig(m.kind, m.layer)) for m in check.modules)
+    added = sum(user_recipe.add(m) for m in check.modules)
     st.success(f"Added {added} drop(s); the recipe now has {len(user_recipe.edits)} edit(s).")

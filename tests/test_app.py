@@ -66,7 +66,7 @@ def test_two_sessions_never_change_the_base_model():
     first.text_area[0].input("import os\n")
     run(first)
     load(second, "zoo:digits-cnn")
-    from ui.state import load_base
+    from ui.session import load_base
 
     for at in (first, second):
         handle = load_base(at.session_state["load_request"])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from analysis import layer_drop, redundancy
-from analysis.layer_drop import Module
+from analysis.pruning import Drop, dropping
 from lib import data
+from lib.errors import RecipeError
 from lib.hooks import count_hooks
 
 
@@ -57,7 +58,7 @@ def test_statistics_pass_stops_before_the_unembedding(tiny_lm, batch, residuals)
         handle.remove()
     assert calls == [] and lean.logits is None
     assert count_hooks(tiny_lm.model) == 0
-    _, cache = tiny_lm.run_with_cache(batch.tokens, ["blocks.2.hook_resid_post", "blocks.1.hook_resid_mid"])
+    _, cache = tiny_lm.model.run_with_cache(batch.tokens, prepend_bos=False)  # TransformerLens itself
     assert torch.allclose(lean.resid[-1], cache["blocks.2.hook_resid_post"], atol=1e-6)
     assert torch.allclose(lean.mid[1], cache["blocks.1.hook_resid_mid"], atol=1e-6)
     forward = tiny_lm.forward(batch.tokens)
@@ -144,19 +145,19 @@ def test_prefix_reuse_sweep_equals_naive_reruns(tiny_lm, batch, residuals):
     for module in fast.dropped:
         for metric in ("nll", "kl_to_base", "agreement"):
             assert abs(getattr(fast.dropped[module], metric) - getattr(slow.dropped[module], metric)) < 1e-5
-    assert fast.dropped[Module("block", 1)].kl_to_base > 0
+    assert fast.dropped[Drop("block", 1)].kl_to_base > 0
     assert count_hooks(tiny_lm.model) == 0
 
 
 def test_drops_change_output_leave_base_intact_and_remove_hooks(tiny_lm, batch):
     before = tiny_lm.current_fingerprint()
     base = tiny_lm.forward(batch.tokens)
-    m = layer_drop.evaluate_dropped(tiny_lm, batch, [Module("attention", 0), Module("mlp", 2)], base)
+    m = layer_drop.evaluate_dropped(tiny_lm, batch, [Drop("attention", 0), Drop("mlp", 2)], base)
     assert m.kl_to_base > 0
     assert torch.equal(tiny_lm.forward(batch.tokens), base)
     assert tiny_lm.current_fingerprint() == before
     with pytest.raises(RuntimeError):
-        with layer_drop.dropped(tiny_lm, [Module("block", 0)]):
+        with dropping(tiny_lm, [Drop("block", 0)]):
             assert count_hooks(tiny_lm.model) == 2  # the counter sees hooks that are there
             raise RuntimeError("boom")
     assert count_hooks(tiny_lm.model) == 0
@@ -175,12 +176,12 @@ def test_bad_inputs_get_clear_messages(tiny_lm, tmp_path, monkeypatch):
     one = load_model(str(tmp_path))
     with pytest.raises(redundancy.RedundancyError, match="at least 2"):
         redundancy.collect_residuals(one, data.code_batch(one.tokenizer, 24, 2))
-    monkeypatch.setattr(tiny_lm, "record", lambda tokens, names: {})
-    with pytest.raises(redundancy.RedundancyError, match="does not expose blocks.0.hook_resid_pre"):
+    monkeypatch.setattr(tiny_lm, "record", lambda tokens, points: {})
+    with pytest.raises(redundancy.RedundancyError, match="does not expose resid_pre 0"):
         redundancy.collect_residuals(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2))
     monkeypatch.undo()
-    with pytest.raises(redundancy.RedundancyError, match="not a module"):
-        layer_drop.evaluate_dropped(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2), [Module("block", 7)], None)
+    with pytest.raises(RecipeError, match="not a part of this 3-layer model"):
+        layer_drop.evaluate_dropped(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2), [Drop("block", 7)], None)
 
 
 def test_cnn_stages(tmp_path):
@@ -193,9 +194,9 @@ def test_cnn_stages(tmp_path):
     batch = data.digits_batch(n=40)
     sweep = layer_drop.stage_drop_sweep(handle, batch)
     assert {m.layer for m in sweep.dropped} == {"conv2"}
-    assert Module("stage", "conv1") in sweep.not_droppable
-    with pytest.raises(redundancy.RedundancyError, match="cannot be bypassed"):
-        layer_drop.evaluate_dropped(handle, batch, [Module("stage", "pool1")], None)
+    assert Drop("stage", "conv1") in sweep.not_droppable
+    with pytest.raises(RecipeError, match="cannot be bypassed"):
+        layer_drop.evaluate_dropped(handle, batch, [Drop("stage", "pool1")], None)
     assert count_hooks(handle.model) == 0
 
 
@@ -218,7 +219,7 @@ def test_one_sessions_hooks_never_act_on_another_sessions_forward(tiny_lm, batch
     inside, results = threading.Event(), {}
 
     def session_a():
-        with layer_drop.dropped(tiny_lm, [Module("block", 0)]):
+        with dropping(tiny_lm, [Drop("block", 0)]):
             inside.set()
             results["a"] = tiny_lm.forward(batch.tokens)
             threading.Event().wait(0.5)  # B asks for a forward meanwhile

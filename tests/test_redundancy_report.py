@@ -3,10 +3,8 @@
 import pytest
 
 from analysis import redundancy_report as rr
-from analysis.layer_drop import Module
-from analysis.recipe import DropConfig, Recipe, applied
+from analysis.pruning import Drop
 from lib import data
-from lib.hooks import count_hooks
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +31,13 @@ def test_rankings_are_sorted(report):
 def test_one_drop_measured_equals_the_sweep(tiny_lm, batch, report):
     """The hook-based drop and the cached-prefix sweep are two routes to one number."""
     base = tiny_lm.forward(batch.tokens)
-    for module in (Module("attention", 1), Module("block", 2)):
+    for module in (Drop("attention", 1), Drop("block", 2)):
         check = rr.check_drops(tiny_lm, batch, report, [module], base)
         assert abs(check.measured - check.predicted) < 1e-5
 
 
 def test_two_drops_predicted_is_the_sum(tiny_lm, batch, report):
-    mods = [Module("mlp", 0), Module("attention", 2)]
+    mods = [Drop("mlp", 0), Drop("attention", 2)]
     check = rr.check_drops(tiny_lm, batch, report, mods, tiny_lm.forward(batch.tokens))
     assert check.predicted == pytest.approx(sum(report.sweep.delta(m, "bits_per_byte") for m in mods))
     assert check.together.kl_to_base > 0
@@ -50,19 +48,3 @@ def test_sentences_quote_the_numbers(report):
     assert f"{score:.3g}" in rr.similarity_sentence(report.similarity)
     assert f"{report.sweep.base.bits_per_byte:.4g}" in rr.drop_sentence(report)
     assert f"{float(report.similarity.cka[0, -1]):.3f}" in rr.cka_sentence(report.similarity.cka)
-
-
-def test_recipe_validates_and_applies_without_touching_the_base(tiny_lm, batch):
-    with pytest.raises(ValueError):
-        DropConfig("head", 0)
-    with pytest.raises(ValueError):
-        DropConfig("block", -1)
-    recipe = Recipe(tiny_lm.fingerprint)
-    assert recipe.add(DropConfig("block", 1)) and not recipe.add(DropConfig("block", 1))
-    base = tiny_lm.forward(batch.tokens)
-    with applied(tiny_lm, recipe):
-        edited = tiny_lm.forward(batch.tokens)
-    assert not (edited == base).all()
-    assert (tiny_lm.forward(batch.tokens) == base).all() and count_hooks(tiny_lm.model) == 0
-    assert '"kind": "block"' in recipe.to_json()
-    assert recipe.undo() == DropConfig("block", 1) and recipe.edits == []

@@ -1,0 +1,124 @@
+"""Tagged recipe edits and the one verb that applies them.
+
+Every edit is a small frozen dataclass with a stable `type` name that validates its
+own fields (raising `RecipeError`); `apply_(handle, edit)` dispatches on the edit's
+class through a registry and refuses an edit it does not know. Edits only ever act
+in place on a private copy (the trailing underscore), never on a loaded base model.
+
+    @edit_type("drop")
+    @dataclass(frozen=True)
+    class Drop(Edit): ...
+
+    @applies(Drop)
+    def _remove(handle, edit): handle.remove_(edit)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, TypeVar
+
+from lib.errors import RecipeError
+from lib.handle import ModelHandle
+
+E = TypeVar("E", bound="Edit")
+
+EDIT_TYPES: dict[str, type["Edit"]] = {}
+_APPLY: dict[type["Edit"], Callable[[ModelHandle, Any], None]] = {}
+
+
+class Edit:
+    """Base of every recipe edit. Subclasses are frozen dataclasses registered with
+    `edit_type`; `label` says what the edit does in a few words."""
+
+    type: ClassVar[str] = ""
+
+    @property
+    def label(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{self.type} ({fields})"
+
+    def check(self, handle: ModelHandle) -> None:
+        """Raise RecipeError if this edit does not fit `handle` (called before applying)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def edit_type(name: str) -> Callable[[type[E]], type[E]]:
+    """Class decorator: register an edit class under its stable JSON `type` name."""
+
+    def register(cls: type[E]) -> type[E]:
+        if name in EDIT_TYPES and EDIT_TYPES[name] is not cls:
+            raise ValueError(f"edit type {name!r} is registered twice")
+        cls.type = name
+        EDIT_TYPES[name] = cls
+        return cls
+
+    return register
+
+
+def applies(cls: type[E]) -> Callable[[Callable[[ModelHandle, E], None]], Callable[[ModelHandle, E], None]]:
+    """Function decorator: `fn(handle, edit)` applies edits of class `cls` in place."""
+
+    def register(fn: Callable[[ModelHandle, E], None]) -> Callable[[ModelHandle, E], None]:
+        _APPLY[cls] = fn
+        return fn
+
+    return register
+
+
+def apply_(handle: ModelHandle, edit: Edit) -> None:
+    """Apply `edit` in place to `handle`, which must be a private copy."""
+    if handle.base_fingerprint is None:
+        raise RecipeError("Edits apply to a private copy (`handle.private_copy()`), never to a loaded base model.")
+    fn = _APPLY.get(type(edit))
+    if fn is None:
+        raise RecipeError(f"There is no way to apply a {type(edit).__name__} edit "
+                          f"(known: {', '.join(sorted(EDIT_TYPES))}).")
+    edit.check(handle)
+    fn(handle, edit)
+    handle.weights_changed()
+
+
+def from_dict(data: Any) -> Edit:
+    """The edit a `to_dict()` dictionary describes; unknown types, unknown or missing
+    fields and wrongly typed values are refused with a RecipeError naming them."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"An edit must be a JSON object like {{\"type\": \"drop\", ...}}, not {data!r}.")
+    name = data.get("type")
+    if name not in EDIT_TYPES:
+        raise RecipeError(f"Unknown edit type {name!r}; known types: {', '.join(sorted(EDIT_TYPES))}.")
+    cls = EDIT_TYPES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in data.items() if k != "type"}
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise RecipeError(f"A {name} edit has no field(s) {', '.join(unknown)}; its fields are "
+                          f"{', '.join(fields)}.")
+    missing = [n for n, f in fields.items() if n not in given and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"A {name} edit needs the field(s) {', '.join(missing)}.")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    try:
+        return cls(**values)
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"A {name} edit with {given} is not valid: {e}") from e
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise RecipeError(message) unless `condition` (for edits' __post_init__)."""
+    if not condition:
+        raise RecipeError(message)
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)

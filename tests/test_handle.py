@@ -1,0 +1,170 @@
+"""The ModelHandle seam: activation points, readable weights, private copies, real size."""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.pruning import Drop, dropping
+from lib import data
+from lib.errors import CapabilityError
+from lib.handle import Point, StoredAs, quantized_bits
+from lib.hooks import count_hooks
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_lm):
+    return data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2).tokens
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    from lib.models import load_model, save_image_model
+    from lib.zoo.nets import DigitsCNN
+
+    folder = tmp_path_factory.mktemp("cnn")
+    torch.manual_seed(0)
+    save_image_model(DigitsCNN(width=4), "digits-cnn", folder, width=4)
+    return load_model(str(folder))
+
+
+def test_points_record_what_transformer_lens_records(tiny_lm, tokens):
+    points = [Point("resid_pre", 0), Point("resid_mid", 1), Point("attn_out", 2), Point("pattern", 1)]
+    got = tiny_lm.record(tokens, points)
+    _, cache = tiny_lm.model.run_with_cache(tokens, prepend_bos=False)
+    for point, name in zip(points, ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid",
+                                    "blocks.2.hook_attn_out", "blocks.1.attn.hook_pattern"]):
+        assert torch.allclose(got[point], cache[name], atol=1e-6)
+    assert got[Point("pattern", 1)].shape == (2, 4, 24, 24)  # [batch, head, query, key]
+    assert count_hooks(tiny_lm.model) == 0
+
+
+def test_unknown_points_are_refused_clearly(tiny_lm, cnn, tokens):
+    with pytest.raises(CapabilityError, match="no 'stage' activations"):
+        tiny_lm.record(tokens, [Point("stage", "conv1")])
+    with pytest.raises(CapabilityError, match="no block 7"):
+        tiny_lm.record(tokens, [Point("resid_pre", 7)])
+    with pytest.raises(CapabilityError, match="no stage 'conv9'"):
+        cnn.record(torch.zeros(1, 1, 8, 8), [Point("stage", "conv9")])
+    with pytest.raises(CapabilityError, match="no vocabulary readout"):
+        cnn.readout(torch.zeros(1, 4))
+    assert count_hooks(tiny_lm.model) == 0 and count_hooks(cnn.model) == 0
+
+
+def test_linear_layers_have_readable_names_and_are_views(tiny_lm, tokens):
+    layers = tiny_lm.linear_layers()
+    expected = {f"blocks.{l}.{m}" for l in range(3) for m in ("attn.q", "attn.k", "attn.v", "attn.o",
+                                                              "mlp.in", "mlp.out")} | {"unembed"}
+    assert set(layers) == expected
+    assert layers["blocks.0.mlp.in"].shape == (128, 32) and layers["blocks.0.mlp.out"].shape == (32, 128)
+    assert layers["unembed"].shape == (257, 32)
+    copy = tiny_lm.private_copy()
+    copy.linear_layers()["blocks.1.mlp.out"].zero_()  # [out, in] view of GPT-2's [in, out] Conv1D
+    copy.weights()["blocks.1.mlp.out.bias"].zero_()
+    with dropping(tiny_lm, [Drop("mlp", 1)]):
+        dropped = tiny_lm.forward(tokens)
+    assert torch.allclose(copy.forward(tokens), dropped, atol=1e-6)
+
+
+def test_weights_list_each_tensor_once(tiny_lm):
+    weights = tiny_lm.weights()
+    assert "embed.weight" in weights and "unembed.weight" not in weights  # tied to the embedding
+    assert not any("_original_component" in n or "qkv" in n for n in weights)
+    from transformers import GPT2LMHeadModel
+
+    plain = GPT2LMHeadModel(tiny_lm.hf_model.config)  # what plain transformers counts
+    assert tiny_lm.n_params == sum(p.numel() for p in plain.parameters())
+
+
+def test_private_copy_is_private(tiny_lm, tokens):
+    base_out, base_print = tiny_lm.forward(tokens), tiny_lm.current_fingerprint()
+    copy = tiny_lm.private_copy()
+    assert copy.lock is not tiny_lm.lock and copy.base_fingerprint == tiny_lm.fingerprint
+    assert copy.fingerprint == tiny_lm.fingerprint  # same weights, recomputed not inherited
+    copy.linear_layers()["blocks.0.attn.v"].mul_(0.5)
+    copy.weights_changed()
+    assert copy.fingerprint != tiny_lm.fingerprint
+    assert not torch.allclose(copy.forward(tokens), base_out)
+    assert torch.equal(tiny_lm.forward(tokens), base_out) and tiny_lm.current_fingerprint() == base_print
+    attention = [m for m in tiny_lm.model.modules() if hasattr(m, "_captured_pre_ln_residual")]
+    assert attention and all(m._captured_pre_ln_residual is None for m in attention)  # the copy wrote nothing here
+
+
+def test_copy_has_no_hooks_even_when_the_base_has_some(tiny_lm, tokens):
+    with dropping(tiny_lm, [Drop("block", 0)]):  # this thread holds the lock and two hooks
+        copy = tiny_lm.private_copy()
+    assert count_hooks(copy.model) == 0 and count_hooks(tiny_lm.model) == 0
+    assert torch.equal(copy.forward(tokens), tiny_lm.forward(tokens))
+
+    inside, done = threading.Event(), {}
+
+    def other_session():  # another session's hooks are on the base while we copy
+        with dropping(tiny_lm, [Drop("attention", 1)]):
+            inside.set()
+            threading.Event().wait(0.3)
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    inside.wait()
+    done["copy"] = tiny_lm.private_copy()  # waits for the lock
+    thread.join()
+    assert count_hooks(done["copy"].model) == 0
+    assert torch.equal(done["copy"].forward(tokens), tiny_lm.forward(tokens))
+
+
+def test_copy_in_float64_with_gradients(tiny_lm, tokens):
+    copy = tiny_lm.private_copy(dtype=torch.float64, requires_grad=True)
+    assert all(p.dtype == torch.float64 and p.requires_grad for p in copy.model.parameters())
+    assert not any(p.requires_grad for p in tiny_lm.model.parameters())
+    out = copy.forward(tokens)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out.float(), tiny_lm.forward(tokens), atol=1e-4)
+    with torch.enable_grad():
+        copy.model(tokens, prepend_bos=False).sum().backward()
+    assert all(p.grad is not None for p in copy.weights().values() if p.requires_grad)
+    tiny_lm.private_copy()  # the copy's graph never reached the base
+
+
+def test_removed_parts_change_structure_and_size(tiny_lm, cnn):
+    copy = tiny_lm.private_copy()
+    copy.remove_(Drop("attention", 1))
+    d = 32  # q, k, v, o weights and biases, and the block's first LayerNorm
+    assert tiny_lm.n_params - copy.n_params == 4 * (d * d + d) + 2 * d
+    assert tiny_lm.size_bits - copy.size_bits == 32 * (4 * (d * d + d) + 2 * d)
+    assert ("removed", "attention 1") in copy.describe() and copy.structure.removed == ("attention 1",)
+    assert tiny_lm.structure.removed == ()
+    cnn_copy = cnn.private_copy()
+    cnn_copy.remove_(Drop("stage", "conv2"))
+    assert dict(cnn_copy.structure.stages)["conv2"] == "removed (identity)"
+    assert cnn.n_params - cnn_copy.n_params == 4 * 4 * 9 + 4
+    assert "conv2" not in cnn_copy.linear_layers() and "conv2" in cnn.linear_layers()
+
+
+def test_size_counts_codes_scales_and_zero_points(cnn):
+    """Hand-worked: head is Linear(64 -> 10), 640 float32 weights = 20,480 bits. Stored as
+    int4 in groups of 64 (10 groups) with a float16 scale and a 4-bit zero point per
+    group: 640 x 4 + 10 x 16 + 10 x 4 = 2,560 + 160 + 40 = 2,760 bits."""
+    assert quantized_bits(640, code_bits=4, n_groups=10, scale_bits=16, zero_bits=4) == 2760
+    copy = cnn.private_copy()
+    copy.storage["head.weight"] = StoredAs(2760, "int4 g64")
+    assert cnn.size_bits - copy.size_bits == 20480 - 2760
+    assert copy.n_params == cnn.n_params  # quantized weights are still parameters
+
+
+def test_bundled_cnn_weights_are_named_by_stage():
+    from lib.models import load_model
+
+    handle = load_model("zoo:digits-cnn")
+    assert set(handle.linear_layers()) == {"conv1", "conv2", "conv3", "fc1", "head"}
+    assert "conv1.0.weight" in handle.weights()
+
+
+def test_analyses_never_branch_on_the_backend():
+    """DESIGN: backend differences live in lib/handle.py only."""
+    root = Path(__file__).resolve().parents[1] / "analysis"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        for needle in ("BridgeHandle", "TorchHandle", "hook_resid", "hook_attn", "hook_mlp", ".model.stages",
+                       "blocks.{"):
+            assert needle not in text, f"{path.name} mentions {needle}"

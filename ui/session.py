@@ -1,0 +1,103 @@
+"""The session: which base model is loaded, the user's recipe for it, and the one
+guard every page runs under.
+
+Base models come from `st.cache_resource` and are never mutated (read-only, shared
+by every browser session); anything a user edits lives in `st.session_state`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import streamlit as st
+
+from analysis.recipe import Recipe
+from lib.errors import LayerScopeError
+from lib.handle import ModelHandle
+from lib.models import load_model
+
+DEFAULT_SPEC = "zoo:code-lm"
+
+# library wording -> the control a user of the app changes instead
+_CONTROLS = {
+    "allow_pickle=True": 'the "Allow pickled checkpoints" box under "Loading options" in the sidebar',
+    "trust_remote_code=True": 'the "Trust remote code" box under "Loading options" in the sidebar',
+}
+
+
+def app_message(error: Exception) -> str:
+    """A library error's message, with argument names replaced by the app's controls."""
+    text = str(error)
+    for code, control in _CONTROLS.items():
+        text = text.replace(code, control)
+    return text
+
+
+@contextmanager
+def guard() -> Iterator[None]:
+    """Run a page: an error the user caused is shown with `st.error` and the page stops;
+    the loaded model and the recipe are untouched."""
+    try:
+        yield
+    except LayerScopeError as e:
+        st.error(app_message(e))
+        st.stop()
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    spec: str
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@st.cache_resource(max_entries=3, show_spinner=False)
+def load_base(request: LoadRequest) -> ModelHandle:
+    return load_model(request.spec, allow_pickle=request.allow_pickle,
+                      trust_remote_code=request.trust_remote_code)
+
+
+def request_load(request: LoadRequest) -> bool:
+    """Try to load a model; on success it becomes the session's model. On failure
+    the error is kept for the page and the previous model stays loaded."""
+    try:
+        with st.spinner(f"Loading {request.spec} ..."):
+            load_base(request)
+    except LayerScopeError as e:
+        st.session_state["load_error"] = app_message(e)
+        return False
+    except Exception as e:  # noqa: BLE001 - an unexpected backend failure must not crash the app
+        st.session_state["load_error"] = f"Loading {request.spec!r} failed: {type(e).__name__}: {e}"
+        return False
+    st.session_state["load_request"] = request
+    st.session_state.pop("load_error", None)
+    return True
+
+
+def current_handle() -> ModelHandle | None:
+    """The session's loaded base model (the default model on first visit)."""
+    request = st.session_state.get("load_request")
+    if request is None:
+        if not request_load(LoadRequest(DEFAULT_SPEC)):
+            return None
+        request = st.session_state["load_request"]
+    return load_base(request)
+
+
+def require_handle() -> ModelHandle:
+    """The loaded model, or a clear message and `st.stop()`."""
+    handle = current_handle()
+    if handle is None:
+        st.error(st.session_state.get("load_error", "No model is loaded.")
+                 + " Pick a model in the sidebar.")
+        st.stop()
+    return handle
+
+
+def recipe(handle: ModelHandle) -> Recipe:
+    """The user's compression recipe for the loaded model (kept across pages; one per
+    model, so switching models and back keeps each recipe)."""
+    recipes = st.session_state.setdefault("recipes", {})
+    return recipes.setdefault(handle.fingerprint, Recipe(handle.fingerprint, model=handle.spec))
