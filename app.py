@@ -44,8 +44,9 @@ if handle is not None:
 recipe_slot = st.sidebar.empty()  # filled after the page ran, so edits made there show at once
 
 pages = [
-    st.Page("pages/model.py", title="Model", icon=":material/info:", default=True),
-    st.Page("pages/redundancy.py", title="Redundancy", icon=":material/layers:"),
+    st.Page("views/model.py", title="Model", icon=":material/info:", default=True),
+    st.Page("views/redundancy.py", title="Redundancy", icon=":material/layers:"),
+    st.Page("views/glossary.py", title="Glossary", icon=":material/menu_book:"),
 ]
 try:
     with guard():  # every error a user can cause ends in st.error, never a traceback

@@ -75,7 +75,7 @@ def test_two_sessions_never_change_the_base_model():
 
 
 def test_redundancy_page_on_default_model_sends_drops_to_recipe():
-    at = run(run(new_app()), "pages/redundancy.py")
+    at = run(run(new_app()), "views/redundancy.py")
     assert at.title[0].value == "Layer redundancy"
     subheaders = [s.value for s in at.subheader]
     for expected in ("How much each layer changes the residual stream", "What dropping one module really costs",
@@ -97,7 +97,7 @@ def test_redundancy_page_on_default_model_sends_drops_to_recipe():
 
 def test_redundancy_page_on_cnn_explains_stages_that_cannot_be_dropped():
     at = load(run(new_app()), "zoo:digits-cnn")
-    run(at, "pages/redundancy.py")
+    run(at, "views/redundancy.py")
     captions = " ".join(c.value for c in at.caption)
     assert "cannot be bypassed" in captions
     assert not texts(at)
@@ -108,5 +108,5 @@ def test_redundancy_page_on_one_layer_model_says_why(tmp_path):
 
     save_tiny_gpt2(tmp_path, n_layer=1)
     at = load(run(new_app()), str(tmp_path), typed=True)
-    run(at, "pages/redundancy.py")
+    run(at, "views/redundancy.py")
     assert any("at least 2" in t for t in texts(at))

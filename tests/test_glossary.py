@@ -26,7 +26,7 @@ def test_terms_are_grouped_and_alphabetical():
 def test_glossary_page_lists_every_term():
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file("../pages/glossary.py").run(timeout=30)
+    at = AppTest.from_file("../views/glossary.py").run(timeout=30)
     assert not at.exception
     assert at.title[0].value == "Glossary"
     assert [s.value for s in at.subheader] == list(GROUPS)

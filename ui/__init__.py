@@ -1,2 +1,2 @@
 """Streamlit-side helpers shared by app.py and the pages (the only package besides
-pages/ that imports streamlit)."""
+views/ that imports streamlit)."""
