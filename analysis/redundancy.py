@@ -3,8 +3,9 @@ sublayer changes the residual stream, how similar layers are, and what each laye
 would predict. Definitions: METHODS.md §1.
 
 Notation: h_l is the residual stream entering block l (point "resid_pre"), h_L the
-output of the last block; m_l the residual after attention l ("resid_mid"). Token statistics skip the first `skip` positions (BOS and the
-huge-norm "sink" positions that dominate every similarity).
+output of the last block; m_l the residual after attention l ("resid_mid"). Token
+statistics skip the first `skip` positions (BOS and the huge-norm "sink" positions
+that dominate every similarity).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from analysis.cka import cka_matrix
 from lib.data import ImageBatch, TextBatch
 from lib.errors import AnalysisError
 from lib.handle import ModelHandle, Point
 
 Progress = Callable[[float, str], None]
 DEFAULT_SKIP = 4
-CKA_EXACT_MAX_TOKENS = 4096  # beyond this, the minibatch unbiased estimator
-CKA_MINIBATCH = 512
 
 
 class RedundancyError(AnalysisError):
@@ -143,66 +143,6 @@ def final_logits(handle: ModelHandle, res: Residuals) -> torch.Tensor:
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-token cosine over the last dim: [..., d] x [..., d] -> [...]."""
     return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12)
-
-
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of representations x [N, d1], y [N, d2] in the d x d form:
-    ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with column-centred X, Y."""
-    x = x.double() - x.double().mean(0)
-    y = y.double() - y.double().mean(0)
-    cross = (y.T @ x).pow(2).sum()
-    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
-
-
-def cka_matrix(reps: list[torch.Tensor], minibatch: int = CKA_MINIBATCH,
-               exact_max: int = CKA_EXACT_MAX_TOKENS) -> torch.Tensor:
-    """Linear CKA between every pair of representations, each [N, d_i]: [n, n].
-
-    Exact (d x d form) up to `exact_max` tokens; beyond, the minibatch unbiased
-    estimator (Nguyen et al. 2021): CKA = mean HSIC_1(K, L) / sqrt(mean HSIC_1(K, K)
-    mean HSIC_1(L, L)) over disjoint minibatches.
-    """
-    n = len(reps)
-    if reps[0].shape[0] <= exact_max:
-        centred = [r.float() - r.float().mean(0) for r in reps]
-        grams = [(c.T @ c).norm() for c in centred]  # ||X^T X||_F, [d, d] products
-        out = torch.ones(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i + 1, n):
-                cross = (centred[j].T @ centred[i]).pow(2).sum()
-                out[i, j] = out[j, i] = float(cross / (grams[i] * grams[j]))
-        return out
-    return _cka_minibatch(reps, minibatch)
-
-
-def _hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC (Song et al. 2012) of Gram matrices [m, m] with zeroed diagonals."""
-    m = k.shape[0]
-    one = torch.ones(m, 1, dtype=k.dtype)
-    trace = (k * l).sum()
-    middle = (one.T @ k @ one) * (one.T @ l @ one) / ((m - 1) * (m - 2))
-    last = 2 * (one.T @ k @ l @ one) / (m - 2)
-    return (trace + middle - last).squeeze() / (m * (m - 3))
-
-
-def _cka_minibatch(reps: list[torch.Tensor], minibatch: int) -> torch.Tensor:
-    n, total = len(reps), reps[0].shape[0]
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(0))
-    hsic = torch.zeros(n, n, dtype=torch.float64)
-    for start in range(0, total - minibatch + 1, minibatch):
-        idx = perm[start:start + minibatch]
-        grams = []
-        for r in reps:
-            x = r[idx].double()
-            k = x @ x.T  # [m, m] Gram of one minibatch only
-            k.fill_diagonal_(0)
-            grams.append(k)
-        for i in range(n):
-            for j in range(i, n):
-                hsic[i, j] += _hsic1(grams[i], grams[j])
-    hsic = torch.triu(hsic) + torch.triu(hsic, 1).T
-    diag = hsic.diagonal().clamp_min(1e-30).sqrt()
-    return hsic / (diag[:, None] * diag[None, :])
 
 
 def _angle(unit: torch.Tensor) -> torch.Tensor:

@@ -512,7 +512,7 @@ class BridgeHandle(ModelHandle):
             if readable.endswith((".attn.o", ".mlp.out")):
                 for t in module.parameters(recurse=False):
                     t.zero_()
-            for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            for n, _t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 self.storage[f"{readable}.{n}"] = StoredAs(0, "removed")
         self.refresh_structure(f"{part.kind} {part.layer}")
         self.weights_changed()

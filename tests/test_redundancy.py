@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from analysis import layer_drop, redundancy
+from analysis import cka, layer_drop, redundancy
 from analysis.pruning import Drop, dropping
 from lib import data
 from lib.errors import RecipeError
@@ -72,20 +72,20 @@ def test_cka_self_is_one_and_rotation_invariant():
     y = x @ torch.randn(16, 24, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(
         300, 24, generator=gen, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
-    assert math.isclose(redundancy.linear_cka(x, x), 1.0, rel_tol=1e-9)
-    assert math.isclose(redundancy.linear_cka(x @ q, y), redundancy.linear_cka(x, y), rel_tol=1e-9)
-    mat = redundancy.cka_matrix([x, y, x @ q])
+    assert math.isclose(cka.linear_cka(x, x), 1.0, rel_tol=1e-9)
+    assert math.isclose(cka.linear_cka(x @ q, y), cka.linear_cka(x, y), rel_tol=1e-9)
+    mat = cka.cka_matrix([x, y, x @ q])
     assert torch.allclose(mat.diagonal(), torch.ones(3, dtype=torch.float64))
     assert math.isclose(float(mat[0, 2]), 1.0, rel_tol=1e-5)
-    assert math.isclose(float(mat[0, 1]), redundancy.linear_cka(x, y), rel_tol=1e-4)
+    assert math.isclose(float(mat[0, 1]), cka.linear_cka(x, y), rel_tol=1e-4)
 
 
 def test_minibatch_cka_estimates_the_exact_value():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6000, 8, generator=gen)
     y = x @ torch.randn(8, 8, generator=gen) + torch.randn(6000, 8, generator=gen)
-    exact = redundancy.linear_cka(x, y)
-    est = redundancy.cka_matrix([x, y], minibatch=500, exact_max=1000)
+    exact = cka.linear_cka(x, y)
+    est = cka.cka_matrix([x, y], minibatch=500, exact_max=1000)
     assert abs(float(est[0, 1]) - exact) < 0.03
     assert math.isclose(float(est[0, 0]), 1.0, rel_tol=1e-9)
 
