@@ -6,27 +6,38 @@
                                        # loaded from there exactly like a local folder
 
 Only safetensors are read unless `allow_pickle=True`; repository code is never run
-unless `trust_remote_code=True`; a model that would not fit in free memory is
-refused before loading, with the numbers.
+unless `trust_remote_code=True`. Before anything is allocated (`lib.checkpoint`), a
+folder is refused in words when a file is broken, when the model its config builds or
+the weights it holds would not fit in free memory (with the numbers), when the
+weights do not match the config (no weight is ever left random), or when it has no
+working tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import torch
 
+from lib import checkpoint as ckpt
 from lib.errors import (  # noqa: F401 - re-exported: callers catch these from lib.models
-    HubUnavailableError, ModelLoadError, ModelNotFoundError, ModelTooLargeError, NoCheckpointError,
-    PickleRefusedError, RemoteCodeRefusedError, UnsupportedModelError)
+    HubUnavailableError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    NoCheckpointError,
+    PickleRefusedError,
+    RemoteCodeRefusedError,
+    UnsupportedModelError,
+)
 from lib.handle import BridgeHandle, ModelHandle, TorchHandle
 from lib.zoo import ZOO, ZOO_DIR
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-RAM_FRACTION = 0.8  # refuse a model whose float32 weights need more than this share of free RAM
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
@@ -35,17 +46,21 @@ def zoo_names() -> list[str]:
 
 
 def load_model(
-    spec: str,
+    spec: str | os.PathLike,
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     available_bytes: int | None = None,
 ) -> ModelHandle:
-    """Load `spec` (zoo name, local folder or hub name) into a `ModelHandle`.
+    """Load `spec` (zoo name, local folder as a string or a `Path`, or hub name) into a `ModelHandle`.
 
     available_bytes: free memory to check against (default: measured now).
     Raises a `ModelLoadError` subclass with a user-facing message on bad input.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if spec is not None and not isinstance(spec, str):
+        raise ModelNotFoundError(f"A model is named by a string or a path, not by a {type(spec).__name__} value.")
     spec = (spec or "").strip()
     if not spec:
         raise ModelNotFoundError("No model given. Pick a bundled model or type a hub name or folder.")
@@ -93,6 +108,8 @@ def _download(name: str, allow_pickle: bool) -> Path:
 
 def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_code: bool,
                  available_bytes: int | None) -> ModelHandle:
+    """Check everything that can be checked without allocating the model (files readable,
+    size against free memory, checkpoint against config, tokenizer), then load it."""
     if not folder.is_dir():
         raise NoCheckpointError(f"{spec!r} is a file, not a folder. Give the folder that holds "
                                 "config.json and the weights.")
@@ -100,7 +117,7 @@ def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_co
     if not config_path.exists():
         raise NoCheckpointError(f"{spec!r} holds no config.json, so it is not a model checkpoint "
                                 "folder. Give the folder that save_pretrained wrote.")
-    config = json.loads(config_path.read_text())
+    config = ckpt.read_config(config_path, spec)
     weights = sorted(folder.glob("*.safetensors"))
     pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not weights:
@@ -115,43 +132,40 @@ def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_co
         raise RemoteCodeRefusedError(
             f"{spec!r} needs its own Python code to load (auto_map in config.json). Remote code "
             "is refused by default; load with trust_remote_code=True only if you trust it.")
-    _check_memory(spec, weights or pickled, available_bytes)
+    headers = {f: ckpt.safetensors_shapes(f, spec) for f in weights}  # every header readable
+    # float32 bytes the files hold: exact for safetensors, the file size for pickles
+    file_bytes = sum(map(ckpt.shapes_bytes, headers.values())) or sum(p.stat().st_size for p in pickled)
+    opts = dict(file_bytes=file_bytes, available_bytes=available_bytes)
     if "layerscope_architecture" in config:
-        return _load_torch_image_model(folder, spec, config, weights, pickled)
+        files = weights[:1] or pickled[:1]
+        return _load_torch_image_model(files[0], headers.get(files[0]), spec, config, **opts)
+    return _load_lm(folder, spec, config, headers, allow_pickle, trust_remote_code, **opts)
+
+
+def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Shapes], allow_pickle: bool,
+             trust_remote_code: bool, *, file_bytes: int, available_bytes: int | None) -> BridgeHandle:
+    hf_config = ckpt.hf_config(folder, config, spec, trust_remote_code)
+    model_class = ckpt.hf_model_class(hf_config, spec)
+    size = ckpt.hf_config_size(model_class, hf_config, spec, trust_remote_code)
+    ckpt.check_memory(spec, size.bytes, file_bytes, available_bytes)
+    files = ckpt.hf_weight_files(folder, spec, allow_pickle)
+    shapes: ckpt.Shapes = {}
+    for f in files:
+        shapes.update(headers[f] if f in headers else ckpt.tensor_shapes(ckpt.load_pickled_state(f, spec)))
+    if size.model is None:  # a deep stack: catch missing layers before building every one of them
+        message = ckpt.missing_layers(size, shapes, spec, _names(files))
+        if message:
+            raise NoCheckpointError(message)
+    meta = size.model or ckpt.meta_hf_model(model_class, hf_config, spec, trust_remote_code)
+    mismatch = ckpt.hf_mismatch(meta, shapes)
+    if mismatch:
+        raise NoCheckpointError(mismatch.message(spec, _names(files), "config.json"))
+    ckpt.check_tokenizer(folder, spec, trust_remote_code)
     return _load_bridge(folder, spec, trust_remote_code)
 
 
-def _count_params(files: list[Path]) -> int:
-    """Parameter count from safetensors headers (no tensor data read), or file bytes / 4."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in files:
-        if f.suffix != ".safetensors":
-            total += f.stat().st_size // 4
-            continue
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                total += _prod(sf.get_slice(key).get_shape())
-    return total
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _check_memory(spec: str, files: list[Path], available_bytes: int | None) -> None:
-    import psutil
-
-    need = _count_params(files) * 4  # loaded as float32
-    free = psutil.virtual_memory().available if available_bytes is None else available_bytes
-    if need > RAM_FRACTION * free:
-        raise ModelTooLargeError(
-            f"{spec!r} needs about {need / 2**30:.2f} GiB as float32, but only {free / 2**30:.2f} GiB "
-            f"of memory is free (LayerScope uses at most {RAM_FRACTION:.0%} of it). Pick a smaller model.")
+def _names(files: list[Path]) -> str:
+    return files[0].name if len(files) == 1 else f"{files[0].name} ... {files[-1].name} ({len(files)} shards)"
 
 
 def _load_bridge(folder: Path, spec: str, trust_remote_code: bool) -> BridgeHandle:
@@ -165,27 +179,50 @@ def _load_bridge(folder: Path, spec: str, trust_remote_code: bool) -> BridgeHand
     bridge.eval()
     for p in bridge.original_model.parameters():
         p.requires_grad_(False)  # a base model is read-only; analyses never need its grads
-    if bridge.tokenizer is None:
+    if bridge.tokenizer is None:  # checked before booting; an architecture may still skip it
         raise UnsupportedModelError(f"{spec!r} has no tokenizer files; save the tokenizer into the folder.")
     return BridgeHandle(spec, bridge)
 
 
-def _load_torch_image_model(folder: Path, spec: str, config: dict, weights: list[Path],
-                            pickled: list[Path]) -> TorchHandle:
-    from safetensors.torch import load_file
+def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, config: dict, *,
+                            file_bytes: int, available_bytes: int | None) -> TorchHandle:
+    """Build the zoo network on the meta device, check its size and the file's tensor
+    names and shapes, then move the file's tensors in (no random weights ever exist)."""
+    from lib.zoo.nets import ARCHITECTURES
 
-    from lib.zoo.nets import ARCHITECTURES, build
-
-    arch = config["layerscope_architecture"]
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(f"{spec!r} names an unknown architecture {arch!r}; "
+    arch, kwargs = config["layerscope_architecture"], config.get("kwargs", {})
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"{spec!r}: config.json names an unknown architecture {arch!r}; "
                                     f"known: {', '.join(sorted(ARCHITECTURES))}.")
-    model = build(arch, **config.get("kwargs", {}))
-    state = load_file(str(weights[0])) if weights else torch.load(pickled[0], weights_only=True)
-    model.load_state_dict(state)
+    model = _meta_image_model(arch, kwargs, spec)
+    ckpt.check_memory(spec, ckpt.model_bytes(model), file_bytes, available_bytes)
+    state = ckpt.load_safetensors(file, spec) if header is not None else ckpt.load_pickled_state(file, spec)
+    mismatch = ckpt.plain_mismatch(model, ckpt.tensor_shapes(state))
+    if mismatch:
+        raise NoCheckpointError(mismatch.message(spec, file.name, "config.json"))
+    expected = model.state_dict()
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return TorchHandle(spec, model, ARCHITECTURES[arch][1], arch)
+
+
+def _meta_image_model(arch: str, kwargs: object, spec: str) -> torch.nn.Module:
+    """The zoo network `arch` built from config.json's kwargs on the meta device."""
+    import inspect
+
+    from lib.zoo.nets import ARCHITECTURES, build
+
+    takes = ", ".join(inspect.signature(ARCHITECTURES[arch][0]).parameters)
+    if not isinstance(kwargs, dict):
+        raise UnsupportedModelError(f"{spec!r}: \"kwargs\" in config.json must be an object of {arch} "
+                                    f"arguments ({takes}), not {type(kwargs).__name__}.")
+    try:
+        with torch.device("meta"):
+            return build(arch, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UnsupportedModelError(f"{spec!r}: config.json gives {arch} arguments it cannot be built with "
+                                    f"({e}); {arch} takes: {takes}.") from None
 
 
 def save_image_model(model: torch.nn.Module, architecture: str, folder: Path, **kwargs) -> None:

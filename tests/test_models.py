@@ -106,5 +106,5 @@ def test_image_model_roundtrip(tmp_path):
     assert handle.kind == "image-classifier"
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(handle.forward(x), net.eval()(x))
-    out, cache = handle.run_with_cache(x, ["conv1", "pool2"])
-    assert cache["conv1"].shape == (3, 4, 8, 8) and cache["pool2"].shape == (3, 8, 2, 2)
+    assert [name for name, _ in handle.structure.stages] == list(net.stages)
+    assert handle.fingerprint == load_model(tmp_path).fingerprint  # loading is deterministic: nothing random
