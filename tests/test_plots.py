@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from analysis import plots
-from analysis.layer_drop import DropSweep, Module
+from analysis.layer_drop import DropSweep
 from analysis.predict import ImagePrediction, NextTokens
+from analysis.pruning import Drop
 from analysis.redundancy import LayerSimilarity, LogitLens, StageSimilarity
 from lib.metrics import Metrics
 
@@ -34,14 +35,14 @@ def metrics(**fields) -> Metrics:
 
 
 def lm_sweep() -> DropSweep:
-    dropped = {Module(kind, layer): metrics(bits_per_byte=2.0 + layer, kl_to_base=0.1)
+    dropped = {Drop(kind, layer): metrics(bits_per_byte=2.0 + layer, kl_to_base=0.1)
                for kind in ("block", "attention", "mlp") for layer in range(2)}
     return DropSweep(metrics(bits_per_byte=1.5), dropped, {})
 
 
 def stage_sweep(droppable: bool = True) -> DropSweep:
-    blocked = {Module("stage", "conv1"): "shape changes"}
-    dropped = {Module("stage", "conv2"): metrics(accuracy=0.5, kl_to_base=0.3)} if droppable else {}
+    blocked = {Drop("stage", "conv1"): "shape changes"}
+    dropped = {Drop("stage", "conv2"): metrics(accuracy=0.5, kl_to_base=0.3)} if droppable else {}
     return DropSweep(metrics(accuracy=0.9), dropped, blocked)
 
 
@@ -157,7 +158,7 @@ def test_drop_cost_bars_show_the_measured_change():
 
 
 def test_drop_cost_hover_offers_kl_only_where_there_is_one():
-    denoiser = DropSweep(metrics(psnr_db=20.0), {Module("stage", "conv2"): metrics(psnr_db=18.0)}, {})
+    denoiser = DropSweep(metrics(psnr_db=20.0), {Drop("stage", "conv2"): metrics(psnr_db=18.0)}, {})
     assert "KL" not in plots.drop_cost_bars(denoiser, "psnr_db", "PSNR (dB)").data[0].hovertemplate
     assert "KL" in plots.drop_cost_bars(stage_sweep(), "accuracy", "accuracy").data[0].hovertemplate
 
