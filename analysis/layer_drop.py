@@ -15,7 +15,8 @@ import torch
 
 from analysis.pruning import Drop, dropping
 from analysis.redundancy import Progress, Residuals, final_logits
-from lib.data import Batch, ImageBatch, TextBatch
+from lib.data import Batch, ImageBatch, TextBatch, check_batch
+from lib.errors import AnalysisError
 from lib.handle import ModelHandle
 from lib.metrics import BaseOutputs, Metrics, metrics_from_outputs, model_inputs, prepare_base
 
@@ -46,6 +47,7 @@ def _metrics(handle: ModelHandle, outputs: torch.Tensor, batch: Batch,
 def evaluate_dropped(handle: ModelHandle, batch: Batch, drops: Sequence[Drop],
                      base: torch.Tensor | BaseOutputs | None) -> Metrics:
     """Metrics with all `drops` removed together (one full forward under hooks)."""
+    check_batch(handle, batch)
     with dropping(handle, drops):
         outputs = handle.forward(model_inputs(batch))
     return _metrics(handle, outputs, batch, base)
@@ -66,6 +68,12 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
     h_l and m_l: dropping part l only reruns layers l..L-1 (blocks: l+1..L-1).
     Parts the model does not have (the MLPs of an attention-only model) are listed
     in `not_droppable`."""
+    unknown = [k for k in kinds if k not in LM_KINDS]
+    if unknown:
+        raise AnalysisError(f"A language model's parts are {', '.join(LM_KINDS)}; {', '.join(map(repr, unknown))} "
+                            "is not one.")
+    if res.batch_digest != batch.digest:
+        raise AnalysisError("These residuals were recorded on another batch; record them on this one.")
     L = handle.structure.n_layers
     base_logits = final_logits(handle, res)
     reference = prepare_base(base_logits, batch)  # base softmax once, not once per drop
@@ -103,6 +111,7 @@ def naive_lm_drop_sweep(handle: ModelHandle, batch: TextBatch, kinds: Sequence[s
 @torch.no_grad()
 def stage_drop_sweep(handle: ModelHandle, batch: ImageBatch) -> DropSweep:
     """Metrics with each bypassable stage replaced by the identity."""
+    check_batch(handle, batch)
     base_out = handle.forward(batch.images)
     base = _metrics(handle, base_out, batch, base_out)
     out, skipped = {}, {}

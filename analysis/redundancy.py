@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.cka import cka_matrix
-from lib.data import ImageBatch, TextBatch
+from lib.data import ImageBatch, TextBatch, check_batch
 from lib.errors import AnalysisError
 from lib.handle import ModelHandle, Point
 
@@ -36,13 +36,17 @@ class Residuals:
 
     resid: [L+1, batch, pos, d_model] h_0..h_L; mid: [L, batch, pos, d_model] m_l;
     logits: [batch, pos, vocab] the model's output = readout(h_L), or None when the
-    pass was collected for statistics that do not need it (see `final_logits`).
+    pass was collected for statistics that do not need it (see `final_logits`);
+    batch_digest: the `digest` of the batch they were recorded on; has_mlp: False for
+    an attention-only model.
     """
 
     resid: torch.Tensor
     mid: torch.Tensor
     logits: torch.Tensor | None
     skip: int
+    batch_digest: str = ""
+    has_mlp: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,8 @@ class LayerSimilarity:
     block, attention, mlp: [L] cos(h_l, h_{l+1}), cos(h_l, m_l), cos(m_l, h_{l+1});
     angular: [L+1, L+1] arccos(cos(h_i, h_j)) / pi at the last token, mean over prompts;
     cka: [L+1, L+1] linear CKA between depths; norms: [L+1] mean ||h_l||;
-    relative_update: [L] mean ||h_{l+1} - h_l|| / ||h_l||.
+    relative_update: [L] mean ||h_{l+1} - h_l|| / ||h_l||; has_mlp: False for an
+    attention-only model (its `mlp` cosines are 1 and are left out of every ranking).
     """
 
     block: torch.Tensor
@@ -64,21 +69,27 @@ class LayerSimilarity:
     relative_update: torch.Tensor
     n_tokens: int
     skip: int
+    has_mlp: bool = True
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The sublayer kinds this model has."""
+        return ("attention", "mlp") if self.has_mlp else ("attention",)
 
     @property
     def n_layers(self) -> int:
         return int(self.block.numel())
 
     def importance(self) -> dict[str, torch.Tensor]:
-        """1 - similarity for each module type: [L] each."""
-        return {"block": 1 - self.block, "attention": 1 - self.attention, "mlp": 1 - self.mlp}
+        """1 - similarity for each module type the model has: [L] each."""
+        imp = {"block": 1 - self.block, "attention": 1 - self.attention, "mlp": 1 - self.mlp}
+        return {k: v for k, v in imp.items() if k == "block" or k in self.kinds}
 
     def joint_ranking(self) -> list[tuple[str, int, float]]:
-        """All 2L attention and MLP sublayers, least important first:
-        (kind, layer, importance)."""
+        """All attention and MLP sublayers (2L, or L without MLPs), least important
+        first: (kind, layer, importance)."""
         imp = self.importance()
-        rows = [(kind, layer, float(imp[kind][layer]))
-                for kind in ("attention", "mlp") for layer in range(self.n_layers)]
+        rows = [(kind, layer, float(imp[kind][layer])) for kind in self.kinds for layer in range(self.n_layers)]
         return sorted(rows, key=lambda r: r[2])
 
 
@@ -96,13 +107,14 @@ class LogitLens:
 
 
 def check_lm(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
+    check_batch(handle, batch)
     if handle.kind != "causal-lm" or not isinstance(batch, TextBatch):
         raise RedundancyError("This analysis needs a transformer language model and a text batch.")
     if handle.structure.n_layers < 2:
         raise RedundancyError(
             f"The model has {handle.structure.n_layers} layer; comparing layers needs at least 2.")
-    if skip < 0:
-        raise RedundancyError("The number of skipped positions cannot be negative.")
+    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+        raise RedundancyError(f"The number of skipped positions is a whole number >= 0, not {skip!r}.")
     if batch.tokens.shape[1] <= skip + 1:
         raise RedundancyError(
             f"The evaluation windows have {batch.tokens.shape[1]} positions, not more than the "
@@ -131,7 +143,8 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
             "compared this way.")
     resid = torch.stack([cache[n] for n in pre] + [cache[last]])
     logits = handle.readout(resid[-1]) if with_logits else None
-    return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip)
+    return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip, batch.digest,
+                     has_mlp=handle.structure.d_mlp > 0)
 
 
 def final_logits(handle: ModelHandle, res: Residuals) -> torch.Tensor:
@@ -168,7 +181,7 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
     flat = [layer.reshape(-1, layer.shape[-1]) for layer in h]  # each [N, d]
     update = (h[1:] - h[:-1]).norm(dim=-1) / h_norm[:-1].clamp_min(1e-12)
     return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), h_norm.mean((1, 2)),
-                           update.mean((1, 2)), flat[0].shape[0], res.skip)
+                           update.mean((1, 2)), flat[0].shape[0], res.skip, res.has_mlp)
 
 
 LENS_BLOCK_ELEMENTS = 1 << 20  # logits per vocabulary block: a few MB, stays in cache
@@ -289,6 +302,7 @@ class StageSimilarity:
 @torch.no_grad()
 def stage_similarity(handle: ModelHandle, batch: ImageBatch) -> StageSimilarity:
     """CKA across all stages and in/out similarity where shapes match (one pass)."""
+    check_batch(handle, batch)
     names = [name for name, _ in handle.structure.stages]
     cache = handle.record(batch.images, [Point("stage", n) for n in names])
     reps = [batch.images] + [cache[Point("stage", n)] for n in names]

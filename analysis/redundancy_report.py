@@ -11,7 +11,7 @@ from analysis import layer_drop, redundancy
 from analysis.layer_drop import DropSweep
 from analysis.pruning import Drop
 from analysis.redundancy import LayerSimilarity, LogitLens, Progress, StageSimilarity
-from lib.data import Batch, ImageBatch, TextBatch
+from lib.data import Batch, ImageBatch, TextBatch, check_batch
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, Metrics, model_inputs
 
@@ -19,11 +19,13 @@ from lib.metrics import LABELS, Metrics, model_inputs
 @dataclass(frozen=True)
 class RedundancyReport:
     """LMs fill `similarity` and `lens`; image models fill `stages`. `metric` is the
-    quality measure the drop costs are expressed in (higher_is_better says its sign)."""
+    quality measure the drop costs are expressed in (higher_is_better says its sign);
+    `batch_digest` identifies the evaluation batch every number was measured on."""
 
     sweep: DropSweep
     metric: str
     higher_is_better: bool
+    batch_digest: str
     similarity: LayerSimilarity | None = None
     lens: LogitLens | None = None
     stages: StageSimilarity | None = None
@@ -44,19 +46,20 @@ def primary_metric(batch: Batch) -> tuple[str, bool]:
 def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAULT_SKIP,
                  progress: Progress | None = None) -> RedundancyReport:
     """One cached forward pass feeds the statistics, the lens and the drop sweep."""
+    check_batch(handle, batch)
     metric, up = primary_metric(batch)
     step = progress or (lambda f, m: None)
     if isinstance(batch, ImageBatch) and handle.kind != "causal-lm":
         step(0.1, "stage similarity")
         stages = redundancy.stage_similarity(handle, batch)
         step(0.5, "dropping stages")
-        return RedundancyReport(layer_drop.stage_drop_sweep(handle, batch), metric, up, stages=stages)
+        return RedundancyReport(layer_drop.stage_drop_sweep(handle, batch), metric, up, batch.digest, stages=stages)
     step(0.02, "one forward pass with hooks")
     res = redundancy.collect_residuals(handle, batch, skip)
     sim = redundancy.layer_similarity(res)
     lens = redundancy.logit_lens(handle, res, progress=lambda f, m: step(0.05 + 0.25 * f, m))
     sweep = layer_drop.lm_drop_sweep(handle, batch, res, progress=lambda f, m: step(0.3 + 0.7 * f, m))
-    return RedundancyReport(sweep, metric, up, similarity=sim, lens=lens)
+    return RedundancyReport(sweep, metric, up, batch.digest, similarity=sim, lens=lens)
 
 
 def cost(report: RedundancyReport, module: Drop) -> float:
@@ -106,6 +109,10 @@ def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
     """Drop `modules` together and compare with the sum of their single-drop costs.
     Duplicates count once. `base_outputs`: the unmodified model's outputs on `batch`
     (computed if not given)."""
+    check_batch(handle, batch)
+    if batch.digest != report.batch_digest:
+        raise redundancy.RedundancyError("This report was measured on another evaluation batch; build the report "
+                                         "on this batch (or check the drops on the report's batch).")
     modules = list(dict.fromkeys(modules))
     if not modules:
         raise redundancy.RedundancyError("Choose at least one part to drop.")
@@ -134,9 +141,10 @@ def similarity_sentence(sim: LayerSimilarity) -> str:
     half = sim.n_layers // 2
     att_deep, att_shallow = float(imp["attention"][half:].mean()), float(imp["attention"][:half].mean())
     where = "deeper" if att_deep < att_shallow else "shallower"
+    means = f"attention {float(imp['attention'].mean()):.3g}" + (
+        f", MLP {float(imp['mlp'].mean()):.3g}" if "mlp" in imp else " (the model has no MLPs)")
     return (f"Least important sublayer: {_name(Drop(kind, layer))} (1 − cos = {score:.3g}). "
-            f"Mean importance — attention {float(imp['attention'].mean()):.3g}, MLP "
-            f"{float(imp['mlp'].mean()):.3g}; the {where} half of the attention layers changes the "
+            f"Mean importance — {means}; the {where} half of the attention layers changes the "
             f"residual stream less ({min(att_deep, att_shallow):.3g} vs {max(att_deep, att_shallow):.3g}).")
 
 
