@@ -29,6 +29,7 @@ MAX_META_LAYERS = 64  # above this many layers the size is extrapolated from 1- 
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                            "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+MAX_CONFIG_BYTES = 16 * 2**20  # real configs take a few kB; a huge one is not read into memory
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",),
                    ("spiece.model",))
 TOKENIZER_PROBE = "def f(x):\n    return x + 1\n"
@@ -40,6 +41,9 @@ RESAVE = "Save the model again, e.g. model.save_pretrained(folder)."
 
 def read_config(path: Path, spec: str) -> dict:
     """config.json as a dict; a file that is not a JSON object is refused in words."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise NoCheckpointError(f"{spec!r}: config.json is {path.stat().st_size / 2**20:.0f} MiB, far more than any "
+                                "model's settings take (a few kB), so it is not a model config.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -320,10 +324,14 @@ def hf_config_size(model_class: Any, config: Any, spec: str, trust_remote_code: 
     from 1- and 2-layer builds, exact for a stack of equally sized layers."""
     n_layers = getattr(config, "num_hidden_layers", None)
     if isinstance(n_layers, int) and n_layers > MAX_META_LAYERS:
-        one, two = (meta_hf_model(model_class, _with_layers(config, k), spec, trust_remote_code) for k in (1, 2))
-        size = model_bytes(one) + (n_layers - 1) * (model_bytes(two) - model_bytes(one))
-        prefixes = _layer_prefixes(one.state_dict().keys(), two.state_dict().keys())
-        return ConfigSize(size, None, n_layers, prefixes, one.base_model_prefix)
+        try:
+            one, two = (meta_hf_model(model_class, _with_layers(config, k), spec, trust_remote_code) for k in (1, 2))
+        except UnsupportedModelError:
+            one = two = None  # a config that only builds at its own depth: build it whole below
+        if one is not None and two is not None:
+            size = model_bytes(one) + (n_layers - 1) * (model_bytes(two) - model_bytes(one))
+            prefixes = _layer_prefixes(one.state_dict().keys(), two.state_dict().keys())
+            return ConfigSize(size, None, n_layers, prefixes, one.base_model_prefix)
     model = meta_hf_model(model_class, config, spec, trust_remote_code)
     return ConfigSize(model_bytes(model), model, n_layers)
 

@@ -4,7 +4,7 @@
 Every folder is a copy of the tiny GPT-2 of conftest (3 layers, width 32) or of a
 width-4 DigitsCNN, with one thing broken. After each case no model was booted or
 loaded: the spies on `TransformerBridge.boot_transformers` and `load_state_dict`
-were never called (the memory-guard cases ask for models of 1-260 GB).
+were never called (the memory-guard cases ask for models of 1 to 1000 GiB).
 """
 
 from __future__ import annotations
@@ -68,6 +68,12 @@ class Make:
 def truncated(folder: Path) -> Path:
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
+    return folder
+
+
+def huge_config(folder: Path) -> Path:
+    with (folder / "config.json").open("r+b") as f:
+        f.truncate(17 * 2**20)  # sparse: nothing is written
     return folder
 
 
@@ -158,6 +164,8 @@ CASES = [
          "config.json holds a JSON list, not an object"),
     Case("config.json not text", lambda m: m.write(m.lm(), "config.json", b"\xff\xfe\x00"),
          models.NoCheckpointError, "config.json is not a text file"),
+    Case("config.json of 17 MiB", lambda m: huge_config(m.lm()), models.NoCheckpointError,
+         "config.json is 17 MiB, far more than any model's settings take"),
     Case("config.json without model_type", lambda m: m.write(m.lm(), "config.json", '{"n_layer": 3}'),
          models.UnsupportedModelError, 'config.json has no "model_type"'),
     Case("unknown model_type", lambda m: m.lm(model_type="gpt7"), models.UnsupportedModelError,
