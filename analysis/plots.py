@@ -52,8 +52,11 @@ def value_axis(values: torch.Tensor) -> dict:
     v = values[torch.isfinite(values)].double()
     if v.numel() == 0 or float(v.min()) <= 1e-12 or float(v.max() / v.min()) < 10:
         return dict(type="linear", rangemode="tozero")
-    return dict(type="log", tickmode="array", tickvals=log_ticks(float(v.min()), float(v.max())),
-                tickformat="~g")
+    lo, hi = float(v.min()), float(v.max())
+    # bars on a log axis start at its lower edge: half a decade below the smallest value
+    # keeps that bar visible instead of a sliver
+    return dict(type="log", tickmode="array", tickvals=log_ticks(lo, hi), tickformat="~g",
+                range=[math.log10(lo) - 0.5, math.log10(hi) + 0.1])
 
 
 def _is_log(axis: dict) -> bool:
@@ -95,7 +98,8 @@ def next_tokens_bar(result: NextTokens) -> go.Figure:
     ))
     fig.update_layout(xaxis_title="probability of being the next token", height=360,
                       margin=dict(l=10, r=10, t=10, b=10), xaxis_range=[0, 1],
-                      yaxis=dict(tickmode="array", tickvals=ranks, ticktext=ticks, autorange="reversed"))
+                      yaxis=dict(tickmode="array", tickvals=ranks, ticktext=ticks, autorange="reversed",
+                                 tickfont=dict(size=15)))  # larger, so the ␣ marker reads at a glance
     return fig
 
 

@@ -5,6 +5,8 @@ Inputs are result dataclasses built by hand, so each test states the numbers it 
 
 from __future__ import annotations
 
+import math
+
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -119,6 +121,8 @@ def test_a_log_axis_has_two_labelled_ticks_inside_the_data(values):
     assert axis.type == "log" and axis.tickformat == "~g" and "log" in fig.layout.annotations[1].text
     inside = [t for t in axis.tickvals if min(values) <= t <= max(values)]
     assert len(inside) >= 2
+    low, high = axis.range  # log10 units; the smallest bar stays visible above the lower edge
+    assert low <= math.log10(min(values)) - 0.4 and high > math.log10(max(values))
 
 
 def test_log_ticks_hold_two_values_in_every_interval_of_a_decade_or_more():
