@@ -6,7 +6,8 @@
                                        # loaded from there exactly like a local folder
 
 Only safetensors are read unless `allow_pickle=True`; repository code is never run
-unless `trust_remote_code=True`. Before anything is allocated (`lib.checkpoint`), a
+unless `trust_remote_code=True`. Before anything is allocated (`lib.checkpoint` reads the
+files, `lib.preflight` checks them), a
 folder is refused in words when a file is broken, when the model its config builds or
 the weights it holds would not fit in free memory (with the numbers), when the
 weights do not match the config (no weight is ever left random), or when it has no
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lib import checkpoint as ckpt
+from lib import preflight
 from lib.errors import (  # noqa: F401 - re-exported: callers catch these from lib.models
     HubUnavailableError,
     ModelLoadError,
@@ -144,23 +146,23 @@ def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_co
 
 def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Shapes], allow_pickle: bool,
              trust_remote_code: bool, *, file_bytes: int, available_bytes: int | None) -> BridgeHandle:
-    hf_config = ckpt.hf_config(folder, config, spec, trust_remote_code)
-    model_class = ckpt.hf_model_class(hf_config, spec)
-    size = ckpt.hf_config_size(model_class, hf_config, spec, trust_remote_code)
-    ckpt.check_memory(spec, size.bytes, file_bytes, available_bytes)
+    hf_config = preflight.hf_config(folder, config, spec, trust_remote_code)
+    model_class = preflight.hf_model_class(hf_config, spec)
+    size = preflight.hf_config_size(model_class, hf_config, spec, trust_remote_code)
+    preflight.check_memory(spec, size.bytes, file_bytes, available_bytes)
     files = ckpt.hf_weight_files(folder, spec, allow_pickle)
     shapes: ckpt.Shapes = {}
     for f in files:
         shapes.update(headers[f] if f in headers else ckpt.tensor_shapes(ckpt.load_pickled_state(f, spec)))
     if size.model is None:  # a deep stack: catch missing layers before building every one of them
-        message = ckpt.missing_layers(size, shapes, spec, _names(files))
+        message = preflight.missing_layers(size, shapes, spec, _names(files))
         if message:
             raise NoCheckpointError(message)
-    meta = size.model or ckpt.meta_hf_model(model_class, hf_config, spec, trust_remote_code)
-    mismatch = ckpt.hf_mismatch(meta, shapes)
+    meta = size.model or preflight.meta_hf_model(model_class, hf_config, spec, trust_remote_code)
+    mismatch = preflight.hf_mismatch(meta, shapes)
     if mismatch:
         raise NoCheckpointError(mismatch.message(spec, _names(files), "config.json"))
-    ckpt.check_tokenizer(folder, spec, trust_remote_code)
+    preflight.check_tokenizer(folder, spec, trust_remote_code)
     return _load_bridge(folder, spec, trust_remote_code)
 
 
@@ -195,9 +197,9 @@ def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, c
         raise UnsupportedModelError(f"{spec!r}: config.json names an unknown architecture {arch!r}; "
                                     f"known: {', '.join(sorted(ARCHITECTURES))}.")
     model = _meta_image_model(arch, kwargs, spec)
-    ckpt.check_memory(spec, ckpt.model_bytes(model), file_bytes, available_bytes)
+    preflight.check_memory(spec, preflight.model_bytes(model), file_bytes, available_bytes)
     state = ckpt.load_safetensors(file, spec) if header is not None else ckpt.load_pickled_state(file, spec)
-    mismatch = ckpt.plain_mismatch(model, ckpt.tensor_shapes(state))
+    mismatch = preflight.plain_mismatch(model, ckpt.tensor_shapes(state))
     if mismatch:
         raise NoCheckpointError(mismatch.message(spec, file.name, "config.json"))
     expected = model.state_dict()

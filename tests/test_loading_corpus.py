@@ -301,10 +301,10 @@ def test_deep_configs_are_sized_without_being_built(make):
     size of the built model (a stack of identical layers)."""
     from transformers import GPT2Config
 
-    from lib import checkpoint as ckpt
+    from lib import preflight
 
-    config = GPT2Config(n_layer=ckpt.MAX_META_LAYERS + 1, n_embd=32, n_head=4, n_positions=64, vocab_size=257)
-    model_class = ckpt.hf_model_class(config, "deep")
-    size = ckpt.hf_config_size(model_class, config, "deep", trust_remote_code=False)
+    config = GPT2Config(n_layer=preflight.MAX_META_LAYERS + 1, n_embd=32, n_head=4, n_positions=64, vocab_size=257)
+    model_class = preflight.hf_model_class(config, "deep")
+    size = preflight.hf_config_size(model_class, config, "deep", trust_remote_code=False)
     assert size.model is None and size.layer_prefixes == ("transformer.h.",)
-    assert size.bytes == ckpt.model_bytes(ckpt.meta_hf_model(model_class, config, "deep", False))
+    assert size.bytes == preflight.model_bytes(preflight.meta_hf_model(model_class, config, "deep", False))
