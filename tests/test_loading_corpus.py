@@ -254,10 +254,11 @@ def test_bad_folder_is_refused_before_any_model_is_built(case, make, built):
 
 
 def test_the_spies_see_a_good_load(make, built):
-    """The check above can fail: a good folder does reach the model-building calls."""
-    with pytest.raises(AssertionError):
-        load_model(make.lm())
-    assert built == ["boot_transformers"]
+    """The check above can fail: good folders do reach the model-building calls."""
+    for folder in (make.lm(), make.cnn()):
+        with pytest.raises(AssertionError):
+            load_model(folder)
+    assert built == ["boot_transformers", "load_state_dict"]
 
 
 def test_pickle_refusal_names_the_opt_in_once(make):
