@@ -59,6 +59,11 @@ def value_axis(values: torch.Tensor) -> dict:
                 range=[math.log10(lo) - 0.5, math.log10(hi) + 0.1])
 
 
+def _bargap(n_categories: int) -> float:
+    """Gap between bar groups: a lone bar would otherwise fill the whole plot width."""
+    return 0.2 if n_categories > 3 else 0.6
+
+
 def _is_log(axis: dict) -> bool:
     return axis["type"] == "log"
 
@@ -164,7 +169,8 @@ def drop_cost_bars(sweep, metric: str, label: str) -> go.Figure:
         fig.add_bar(x=[str(m.layer) for m in mods], y=[sweep.delta(m, metric) for m in mods],
                     name=kind, marker_color=_KIND_COLORS[kind], customdata=kl,
                     hovertemplate=f"{kind} %{{x}}<br>Δ {label} = %{{y:+.4g}}{extra}<extra></extra>")
-    fig.update_layout(barmode="group", height=360, xaxis_title=axis, xaxis_type="category",
+    n_parts = len({m.layer for m in sweep.dropped})
+    fig.update_layout(barmode="group", height=360, xaxis_title=axis, xaxis_type="category", bargap=_bargap(n_parts),
                       yaxis_title=f"Δ {label} (dropped − base)",
                       margin=dict(t=10, b=10))
     return fig
@@ -245,6 +251,6 @@ def stage_importance_bars(stages) -> go.Figure:
     fig = go.Figure(go.Bar(x=names, y=[1 - stages.similarity[n] for n in names],
                            marker_color=_KIND_COLORS["stage"],
                            hovertemplate="stage %{x}<br>1 − cos = %{y:.4f}<extra></extra>"))
-    fig.update_layout(height=330, xaxis_title="stage", xaxis_type="category",
+    fig.update_layout(height=330, xaxis_title="stage", xaxis_type="category", bargap=_bargap(len(names)),
                       yaxis_title="1 − cos(stage input, output)", margin=dict(t=10, b=10))
     return fig
