@@ -14,25 +14,35 @@ from ui.session import DEFAULT_SPEC, LoadRequest, current_handle, guard, recipe,
 st.set_page_config(page_title="LayerScope", page_icon=":material/biotech:", layout="wide")
 
 
+def _load_from(key: str) -> None:
+    """Widget callback: load the model named in widget `key` (the list or the text box)."""
+    spec = (st.session_state.get(key) or "").strip()
+    if spec:
+        request_load(LoadRequest(spec, st.session_state.get("allow_pickle", False),
+                                 st.session_state.get("trust_code", False)))
+
+
 def model_picker() -> None:
-    """Sidebar: bundled models, or a hub name / local folder, with the safety opt-ins."""
+    """Sidebar: a bundled model loads as soon as it is chosen; a hub name or folder loads
+    on Enter (or the button); the sidebar always says what is loaded."""
     st.sidebar.header("Model")
     loaded = st.session_state.get("load_request")
+    spec = loaded.spec if loaded is not None else DEFAULT_SPEC
     options = [f"zoo:{n}" for n in zoo_names()]
-    current = loaded.spec if loaded is not None and loaded.spec in options else DEFAULT_SPEC
-    choice = st.sidebar.selectbox(
-        "Bundled model", options, index=options.index(current),
-        format_func=lambda s: f"{s}  ({ZOO[s[4:]].kind})", key="zoo_choice")
-    typed = st.sidebar.text_input("…or a Hugging Face name / local folder",
-                                  placeholder="gpt2  or  /path/to/checkpoint", key="typed_spec")
+    st.session_state["zoo_choice"] = spec if spec in options else None  # the list shows what is loaded
+    st.sidebar.selectbox(
+        "Bundled model", options, key="zoo_choice", on_change=_load_from, args=("zoo_choice",),
+        placeholder="(a model from a folder or the hub is loaded)",
+        format_func=lambda s: f"{s}  ({ZOO[s[4:]].kind})")
+    st.sidebar.text_input("…or a Hugging Face name / local folder", key="typed_spec",
+                          placeholder="gpt2  or  /path/to/checkpoint", on_change=_load_from, args=("typed_spec",),
+                          help="Press Enter to load it.")
+    st.sidebar.button("Load this name or folder", on_click=_load_from, args=("typed_spec",), width="stretch")
     with st.sidebar.expander("Loading options"):
-        allow_pickle = st.checkbox("Allow pickled checkpoints (.bin/.pt)", key="allow_pickle",
-                                   help="Pickle files can run code when loaded. Only for sources you trust.")
-        trust_code = st.checkbox("Trust remote code", key="trust_code",
-                                 help="Runs Python code shipped with the model. Only for sources you trust.")
-    if st.sidebar.button("Load", type="primary", width="stretch"):
-        spec = typed.strip() or choice
-        request_load(LoadRequest(spec, allow_pickle, trust_code))
+        st.checkbox("Allow pickled checkpoints (.bin/.pt)", key="allow_pickle",
+                    help="Pickle files can run code when loaded. Only for sources you trust.")
+        st.checkbox("Trust remote code", key="trust_code",
+                    help="Runs Python code shipped with the model. Only for sources you trust.")
     if "load_error" in st.session_state:
         st.sidebar.error(st.session_state["load_error"])
 

@@ -28,10 +28,10 @@ def run(at: AppTest, page: str | None = None) -> AppTest:
 
 
 def load(at: AppTest, spec: str, typed: bool = False) -> AppTest:
+    """Load `spec` the way a user does: pick it in the list (loads at once) or type it
+    into the name/folder box and press Enter."""
     if typed:
         at.text_input(key="typed_spec").input(spec)
     else:
-        at.text_input(key="typed_spec").input("")
         at.selectbox(key="zoo_choice").set_value(spec)
-    next(b for b in at.button if b.label == "Load").click()
     return run(at)

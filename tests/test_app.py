@@ -23,19 +23,42 @@ def test_opens_on_default_model_with_metrics():
 @pytest.mark.parametrize("spec, label", [
     ("zoo:digits-cnn", "accuracy"),
     ("zoo:digits-denoiser", "PSNR (dB)"),
-    ("zoo:induction-2l", "accuracy"),
+    ("zoo:induction-2l", "accuracy (repeated half)"),
 ])
 def test_every_zoo_model_opens_on_the_model_page(spec, label):
     at = load(run(new_app()), spec)
     assert at.title[0].value == f"Model · {spec}"
     assert label in {m.label for m in at.metric}
+    assert at.expander[0].label.startswith("Model card")  # the bundled model's MODEL_CARD.md
+    if spec == "zoo:induction-2l":  # attention-only: no MLP width to show
+        assert "d_mlp" not in list(at.table[0].value["property"])
+    assert at.session_state["zoo_choice"] == spec  # the list shows what is loaded
     assert not texts(at)
+
+
+def test_unknown_words_are_named_next_to_the_prediction():
+    at = load(run(new_app()), "zoo:induction-2l")
+    at.text_area[0].input("t5 t9 hello t5 你好")
+    run(at)
+    assert any("hello" in w.value and "你好" in w.value for w in at.warning)
+
+
+def test_pickle_refusal_names_the_checkbox(tmp_path):
+    from conftest import save_tiny_gpt2
+
+    save_tiny_gpt2(tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")  # only "pickled" weights
+    at = load(run(new_app()), str(tmp_path), typed=True)
+    assert any('"Allow pickled checkpoints" box under "Loading options"' in e.value for e in at.sidebar.error)
+    assert at.session_state["load_request"].spec == "zoo:code-lm"
 
 
 def test_local_folder_loads_through_the_sidebar(tiny_gpt2_dir):
     at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
     assert at.session_state["load_request"].spec == str(tiny_gpt2_dir)
     assert "perplexity" in {m.label for m in at.metric}
+    assert at.session_state["zoo_choice"] is None  # the list no longer claims a bundled model
+    assert f"Loaded: **{tiny_gpt2_dir}**" in " ".join(c.value for c in at.sidebar.caption)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -4,9 +4,10 @@ import streamlit as st
 import torch
 
 from analysis import plots
+from analysis.glossary import GLOSSARY
 from analysis.predict import next_tokens, predict_image
-from lib.data import DataError
 from lib.metrics import LABELS
+from lib.zoo import model_card
 from ui.session import require_handle
 from ui.views import baseline, eval_batch
 
@@ -16,7 +17,11 @@ st.title(f"Model · {handle.spec}")
 card, quality = st.columns([2, 3])
 with card:
     st.subheader("Architecture")
-    st.table({"property": [r[0] for r in handle.describe()], "value": [r[1] for r in handle.describe()]})
+    rows = handle.describe()
+    st.table({"property": [r[0] for r in rows], "value": [r[1] for r in rows]})
+    if text := model_card(handle.spec):
+        with st.expander("Model card: how it was trained and what it scores"):
+            st.markdown(text)
 with quality:
     st.subheader("Baseline on the evaluation set")
     with st.spinner("Evaluating ..."):
@@ -24,12 +29,20 @@ with quality:
         metrics = baseline(handle, handle.fingerprint)
     order = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "size_bits", "latency_ms")
     shown = [(k, getattr(metrics, k)) for k in order if getattr(metrics, k) is not None]
+    helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
+             "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
+             "accuracy": "Share of correct top-1 predictions" + (
+                 " on the repeated half of each sequence only (from its second token on: the random first "
+                 "half cannot be predicted, so perplexity, which covers every position, stays high)."
+                 if getattr(batch, "answer_mask", None) is not None else " on the held-out images.")}
     cols = st.columns(3)
     for i, (name, value) in enumerate(shown):
         if name == "size_bits":
-            cols[i % 3].metric("size", f"{value / 8 / 2**20:.2f} MiB", help=f"{value:,} bits")
+            cols[i % 3].metric("size", f"{value / 8 / 2**20:.2f} MiB", help=f"{value:,} bits as stored")
         else:
-            cols[i % 3].metric(LABELS[name], f"{value:.4g}")
+            label = "accuracy (repeated half)" if name == "accuracy" and helps["accuracy"].count("repeated") else \
+                LABELS[name]
+            cols[i % 3].metric(label, f"{value:.4g}", help=helps.get(name))
     st.caption(f"Evaluation set: {batch.source}. Latency is one forward pass over the whole batch "
                "on this machine's CPU.")
 
@@ -38,17 +51,16 @@ if handle.kind == "causal-lm":
     st.subheader("Next-token prediction")
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
     prompt = st.text_area("Prompt", value=example, height=120, key=f"prompt_{handle.spec}")
-    try:
-        result = next_tokens(handle, prompt, k=10)
-    except DataError as e:
-        st.error(str(e))
-        st.stop()
+    result = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
+    if result.unknown:
+        st.warning("Not in this model's vocabulary, so fed as its unknown/BOS token: "
+                   + ", ".join(f"“{piece}”" for piece in result.unknown))
     if result.truncated:
         st.info(f"The prompt is longer than the model's context of {handle.structure.n_ctx} tokens: "
                 f"the first {result.truncated} tokens were dropped.")
     st.plotly_chart(plots.next_tokens_bar(result), width="stretch")
-    st.caption(f"{result.n_prompt_tokens} tokens fed to the model (BOS first). Whitespace is "
-               "shown as · (space), ↵ (newline) and ⇥ (tab).")
+    st.caption(f"{result.n_prompt_tokens} tokens fed to the model (BOS first). Whitespace is shown as "
+               f"{plots.WHITESPACE_NOTE}.", help=GLOSSARY["bos"])
 else:
     st.subheader("One evaluation image")
     index = st.slider("Image", 0, len(batch.labels) - 1, 0, key=f"image_{handle.spec}")
@@ -57,7 +69,8 @@ else:
     cols[0].plotly_chart(plots.image_heatmap(result.image, f"input (label {int(batch.labels[index])})"))
     if result.probs is not None:
         cols[1].plotly_chart(plots.class_probs_bar(result), width="stretch")
-        cols[2].metric("predicted", int(torch.argmax(result.probs)), f"p = {result.probs.max():.3f}")
+        cols[2].metric("predicted class", int(torch.argmax(result.probs)))
+        cols[2].caption(f"with probability {float(result.probs.max()):.3f}")
     else:
         cols[1].plotly_chart(plots.image_heatmap(result.output_image, "denoised output"))
         cols[2].plotly_chart(plots.image_heatmap(batch.targets[index], "clean target"))

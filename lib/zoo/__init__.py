@@ -50,3 +50,17 @@ ZOO: dict[str, ZooEntry] = {
         ),
     ]
 }
+
+
+def zoo_name(spec: str) -> str | None:
+    """The bundled model's name for a spec like "zoo:code-lm" (None for anything else)."""
+    name = spec[4:] if spec.startswith("zoo:") else None
+    return name if name in ZOO else None
+
+
+def model_card(spec: str) -> str | None:
+    """The MODEL_CARD.md text of a bundled model (None for other models)."""
+    name = zoo_name(spec)
+    card = ZOO_DIR / name / "MODEL_CARD.md" if name else None
+    return card.read_text() if card is not None and card.exists() else None
+
