@@ -203,6 +203,8 @@ def shapes_bytes(shapes: Shapes) -> int:
 
 
 def first_line(e: BaseException) -> str:
-    """An exception's first line, at most 200 characters: enough to say what failed."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if len(line) <= 200 else line[:200] + "..."
+    """An exception's first line (and the next, when the first ends in a colon), at most
+    200 characters: enough to say what failed without a page of internals."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return text if len(text) <= 200 else text[:200] + "..."
