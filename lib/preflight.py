@@ -25,6 +25,8 @@ from lib.errors import ModelTooLargeError, NoCheckpointError, UnsupportedModelEr
 
 RAM_FRACTION = 0.8  # refuse a model whose float32 weights need more than this share of free RAM
 MAX_META_LAYERS = 64  # above this many layers the size is extrapolated from 1- and 2-layer builds
+# causal-mask constants old GPT-2-style checkpoints stored; no model of this version reads them
+LEGACY_BUFFER = re.compile(r"(^|\.)masked_bias$")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",),
                    ("spiece.model",))
 TOKENIZER_PROBE = "def f(x):\n    return x + 1\n"
@@ -274,6 +276,9 @@ def hf_mismatch(model: nn.Module, shapes: Shapes) -> Mismatch:
     for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         if source in found or target in found:  # one side of a tied pair fills both
             missing -= {target, source}
+    # integer buffers (position ids, masks) are rebuilt by the module, never learned
+    missing -= {name for name, b in model.named_buffers() if not b.is_floating_point()}
+    unexpected = {name for name in unexpected if not LEGACY_BUFFER.search(name)}
     info = _KeySets(missing, unexpected)
     model._adjust_missing_and_unexpected_keys(info)  # the model's own ignore lists (legacy buffers, ...)
     return Mismatch(_sorted(info.missing_keys), _sorted(info.unexpected_keys), tuple(sorted(wrong)))

@@ -290,11 +290,13 @@ def test_good_pickled_cnn_loads_like_safetensors(make, cnn_dir):
 
 def test_hub_style_gpt2_keys_still_load(make, tiny_lm):
     """GPT-2 as the hub stores it: no `transformer.` prefix, legacy causal-mask buffers
-    `h.N.attn.bias`, no lm_head; `from_pretrained` accepts all three, so must we."""
+    `h.N.attn.bias` and `h.N.attn.masked_bias`, no lm_head; `from_pretrained` accepts
+    all of them, so must we."""
     folder = make.lm()
     state = {k.removeprefix("transformer."): v for k, v in load_file(str(folder / "model.safetensors")).items()}
     for layer in range(3):
         state[f"h.{layer}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+        state[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)
     save_file(state, str(folder / "model.safetensors"))
     assert load_model(folder).fingerprint == tiny_lm.fingerprint
 
