@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lib.errors import CapabilityError, RecipeError
-from lib.hooks import forward_hooks
+from lib.hooks import count_hooks, forward_hooks
 
 KINDS = ("causal-lm", "image-classifier", "image-to-image")
 LM_PARTS = ("block", "attention", "mlp")
@@ -286,8 +286,7 @@ class ModelHandle(ABC):
         gradients and another dtype. The tokenizer is shared (it is never mutated).
         """
         with self.lock:
-            memo = {id(self.tokenizer): self.tokenizer} if self.tokenizer is not None else {}
-            new = copy.deepcopy(self, memo)
+            new = copy.deepcopy(self, self._copy_memo())
         new._strip_hooks()
         if dtype is not None:
             new.model.to(dtype)
@@ -296,6 +295,13 @@ class ModelHandle(ABC):
         new.base_fingerprint = self.base_fingerprint or self.fingerprint
         new.weights_changed()
         return new
+
+    def _copy_memo(self) -> dict[int, Any]:
+        """The deep copy's memo, seeded: views stay views, the tokenizer is shared."""
+        memo: dict[int, Any] = _shared_storage_memo(self.model)
+        if self.tokenizer is not None:
+            memo[id(self.tokenizer)] = self.tokenizer
+        return memo
 
     @abstractmethod
     def _strip_hooks(self) -> None:
@@ -324,6 +330,31 @@ class ModelHandle(ABC):
         return rows
 
 
+def _shared_storage_memo(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Copies, made in advance, of the tensors that share storage with another tensor.
+
+    `copy.deepcopy` clones each parameter on its own, so tensors that are views of one
+    storage would come apart in the copy (TransformerLens splits GPT-2's fused qkv
+    weight into q, k and v views; the fast path reads the fused one). Seeding the deep
+    copy's memo with views of one cloned storage keeps them views.
+    """
+    groups: dict[int, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    memo: dict[int, torch.Tensor] = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        storage = group[0].untyped_storage().clone()
+        for t in group:
+            view = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
+            memo[id(t)] = nn.Parameter(view, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else view
+    return memo
+
+
 def _keeper(cache: dict, point: Point) -> ActivationHook:
     def hook(tensor: torch.Tensor) -> None:
         cache[point] = tensor
@@ -348,6 +379,9 @@ def _zero(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # ====================================================================== LM backend
+
+
+_STASHED = ("_pattern", "_captured_pre_ln_residual")  # what TransformerLens keeps of the last forward
 
 
 class BridgeHandle(ModelHandle):
@@ -375,6 +409,8 @@ class BridgeHandle(ModelHandle):
             d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
         )
         self.eval_task = getattr(bridge.original_model.config, "layerscope_eval", "text")
+        self._plain_model: nn.Module | None = None
+        self._active_hooks = 0
 
     @staticmethod
     def _has_mlp(bridge: Any) -> bool:
@@ -429,13 +465,39 @@ class BridgeHandle(ModelHandle):
     @exclusive
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs, prepend_bos=False)
+        """Logits [batch, pos, vocab]. With no hook active this runs the plain transformers
+        model with SDPA attention (the same weights, shared), as fast as Hugging Face's own
+        forward; inside `hooks(...)` it runs through the bridge so the hooks fire."""
+        if self._active_hooks or count_hooks(self.model):
+            return self.model(inputs, prepend_bos=False)
+        return self.plain_model()(input_ids=inputs).logits
+
+    def _copy_memo(self) -> dict[int, Any]:
+        memo = super()._copy_memo()
+        memo[id(self._plain_model)] = None  # rebuilt from the copy's own weights on first use
+        for module in self.model.modules():  # activations a forward left behind are not weights
+            for name, value in vars(module).items():
+                if isinstance(value, torch.Tensor) and (value.grad_fn is not None or name in _STASHED):
+                    memo[id(value)] = None
+        return memo
+
+    def plain_model(self) -> nn.Module:
+        """The checkpoint's own transformers model (SDPA attention, no hook points) sharing
+        every weight tensor with the bridge, built on first use: no weights are copied."""
+        with self.lock:
+            if self._plain_model is None:
+                self._plain_model = _plain_twin(self.hf_model)
+            return self._plain_model
 
     @contextmanager
     def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Iterator[None]:
         named = [(self.hook_name(p), _tl_hook(fn)) for p, fn in pairs]
         with self.lock, self.model.hooks(fwd_hooks=named):
-            yield
+            self._active_hooks += 1
+            try:
+                yield
+            finally:
+                self._active_hooks -= 1
 
     @exclusive
     @torch.no_grad()
@@ -518,6 +580,7 @@ class BridgeHandle(ModelHandle):
         self.weights_changed()
 
     def _strip_hooks(self) -> None:
+        self._active_hooks = 0
         self.model.reset_hooks(including_permanent=True)
         # TransformerLens blocks wire torch pre-hooks whose closures point at the block
         # they were made for; a deep copy keeps those closures, so the copy's forward would
@@ -532,6 +595,39 @@ class BridgeHandle(ModelHandle):
         for block in blocks:
             block._capture_hook_handles = []
             block._capture_hooks_wired = False
+
+
+def _plain_twin(wrapped: nn.Module) -> nn.Module:
+    """A plain transformers model of `wrapped`'s architecture whose parameters and buffers
+    are `wrapped`'s own tensors. TransformerLens wraps each Hugging Face module in place
+    (`x._original_component`), so the wrapped model's state dict, with those path segments
+    removed, is the plain model's state dict."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(wrapped.config)
+    config.output_attentions = False  # TransformerLens asks for patterns; SDPA computes none
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    wanted = set(plain.state_dict())
+    state = {}
+    for name, tensor in wrapped.state_dict(keep_vars=True).items():
+        plain_name = name.replace("._original_component", "")
+        if plain_name in wanted and plain_name not in state:
+            state[plain_name] = tensor
+    for name, param in plain.named_parameters():  # assign=True would impose these flags on ours
+        if name in state:
+            param.requires_grad_(state[name].requires_grad)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    buffers = {name.replace("._original_component", ""): t for name, t in wrapped.named_buffers()}
+    for name, buffer in list(plain.named_buffers()):  # non-persistent ones (rotary inv_freq) are not in a state dict
+        if buffer.is_meta and name in buffers:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[attr] = buffers[name]
+    left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if t.is_meta]
+    if left:
+        raise CapabilityError(f"The fast forward path cannot find {', '.join(left[:3])} in this model.")
+    return plain.eval()
 
 
 def _tl_hook(fn: ActivationHook) -> Callable:

@@ -168,3 +168,43 @@ def test_analyses_never_branch_on_the_backend():
         for needle in ("BridgeHandle", "TorchHandle", "hook_resid", "hook_attn", "hook_mlp", ".model.stages",
                        "blocks.{"):
             assert needle not in text, f"{path.name} mentions {needle}"
+
+
+def _llama_folder(folder):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.zoo.tokenizer import BYTE_VOCAB_SIZE, save_byte_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    LlamaForCausalLM(config).eval().save_pretrained(str(folder))
+    save_byte_tokenizer(folder, 64)
+    return folder
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-llama", "zoo:code-lm", "zoo:induction-2l"])
+def test_fast_forward_equals_the_bridge(spec, tiny_lm, tmp_path):
+    """Without hooks the forward runs the plain transformers model on the same weights;
+    with a hook the bridge runs, and the hook fires."""
+    from lib.models import load_model
+
+    handle = {"tiny-gpt2": lambda: tiny_lm, "tiny-llama": lambda: load_model(str(_llama_folder(tmp_path)))}.get(
+        spec, lambda: load_model(spec))()
+    tokens = torch.randint(0, handle.structure.d_vocab - 1, (2, 20), generator=torch.Generator().manual_seed(0))
+    fast = handle.forward(tokens)
+    bridge = handle.model(tokens, prepend_bos=False)
+    torch.testing.assert_close(fast, bridge, rtol=1e-5, atol=1e-4)
+    assert handle._plain_model is not None  # the fast path really ran
+    fired = []
+    with handle.hooks([(Point("resid_post", 0), lambda t: fired.append(1))]):
+        handle.forward(tokens)
+    assert fired == [1] and count_hooks(handle.model) == 0
+
+
+def test_fast_path_of_a_copy_sees_the_copys_edits(tiny_lm, tokens):
+    copy = tiny_lm.private_copy()
+    copy.linear_layers()["blocks.2.attn.k"].mul_(0.25)  # a view into the fused qkv the fast path reads
+    torch.testing.assert_close(copy.forward(tokens), copy.model(tokens, prepend_bos=False), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(copy.forward(tokens), tiny_lm.forward(tokens))
