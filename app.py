@@ -47,20 +47,20 @@ def model_picker() -> None:
         st.sidebar.error(st.session_state["load_error"])
 
 
+page = st.navigation([
+    st.Page("views/model.py", title="Model", icon=":material/info:", default=True),
+    st.Page("views/redundancy.py", title="Redundancy", icon=":material/layers:"),
+    st.Page("views/glossary.py", title="Glossary", icon=":material/menu_book:"),
+])  # drawn first: the menu shows before the model loads
 model_picker()
 handle = current_handle()
 if handle is not None:
     st.sidebar.caption(f"Loaded: **{handle.spec}** · {handle.n_params:,} parameters")
 recipe_slot = st.sidebar.empty()  # filled after the page ran, so edits made there show at once
 
-pages = [
-    st.Page("views/model.py", title="Model", icon=":material/info:", default=True),
-    st.Page("views/redundancy.py", title="Redundancy", icon=":material/layers:"),
-    st.Page("views/glossary.py", title="Glossary", icon=":material/menu_book:"),
-]
 try:
     with guard():  # every error a user can cause ends in st.error, never a traceback
-        st.navigation(pages).run()
+        page.run()
 finally:  # also when the page stopped early
     if handle is not None and (edits := recipe(handle).edits):
         recipe_slot.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))

@@ -61,16 +61,44 @@ def test_local_folder_loads_through_the_sidebar(tiny_gpt2_dir):
     assert f"Loaded: **{tiny_gpt2_dir}**" in " ".join(c.value for c in at.sidebar.caption)
 
 
+def _bad_folder(kind: str, tmp_path) -> str:
+    """A GPT-2 folder broken the way a user's might be (see tests/test_loading_corpus.py)."""
+    import json
+
+    from conftest import save_tiny_gpt2
+
+    save_tiny_gpt2(tmp_path)
+    if kind == "no tokenizer":
+        for f in tmp_path.glob("tokenizer*"):
+            f.unlink()
+    elif kind == "config not JSON":
+        (tmp_path / "config.json").write_text("{n_layer: 3,")
+    elif kind == "more layers than weights":
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "n_layer": 5}))
+    return str(tmp_path)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("/no/such/folder", "does not exist"),
     ("zoo:nope", "no bundled model"),
     ("bad name !!", "not a bundled model"),
+    ("no tokenizer", "has no tokenizer"),
+    ("config not JSON", "is not valid JSON"),
+    ("more layers than weights", "missing"),
 ])
-def test_bad_model_input_keeps_the_loaded_model(spec, message):
-    at = load(run(new_app()), spec, typed=True)
-    assert any(message in t for t in texts(at))
+def test_bad_model_input_keeps_the_loaded_model(spec, message, tmp_path):
+    at = run(new_app())
+    at.text_area[0].input("import sys\n")  # the user's prompt survives the failed load
+    run(at)
+    if " " in spec and not spec.startswith("bad"):
+        spec = _bad_folder(spec, tmp_path)
+    at = load(at, spec, typed=True)
+    assert any(message in t for t in texts(at) + [e.value for e in at.sidebar.error])
+    assert not at.exception
     assert at.session_state["load_request"].spec == "zoo:code-lm"
     assert at.title[0].value == "Model · zoo:code-lm"
+    assert at.text_area[0].value == "import sys\n"
 
 
 def test_empty_and_long_prompts_get_messages():
