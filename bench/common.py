@@ -58,7 +58,7 @@ def _ms(seconds: Sequence[float]) -> str:
     median = statistics.median(seconds)
     if median < 0.01:
         return f"{median * 1000:.2f} ms"
-    return f"{median * 1000:.0f} ms" if median < 10 else f"{median:.1f} s"
+    return f"{median * 1000:.0f} ms" if median < 1 else f"{median:.2f} s"
 
 
 def measure(fn: Callable[[], object], reference: Callable[[], object], repeats: int = REPEATS) -> Timing:
