@@ -1,5 +1,6 @@
-"""Pruning edits. So far: dropping a block, an attention or MLP sublayer, or an image
-model's stage (METHODS §4, structured).
+"""Pruning edits (METHODS §4): unstructured magnitude and Wanda pruning of linear
+weights; structured removal of attention heads, of attention / MLP sublayers or whole
+blocks (`Drop`), and unified layer skipping for a target speed-up.
 
 A dropped part contributes nothing to the residual stream (its output, bias
 included, is zero): dropping block l gives y_l = x_l, attention l gives m_l = x_l,
@@ -13,11 +14,123 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import torch
+
 from analysis.edits import Edit, applies, edit_type, is_int, require
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
 
 DROP_KINDS = ("block", "attention", "mlp", "stage")
+SCOPES = ("all", "attention", "mlp", "layers")
+PER = ("layer", "global")
+
+
+def _check_scope(edit: Edit) -> None:
+    name = edit.type
+    require(isinstance(edit.sparsity, (int, float)) and not isinstance(edit.sparsity, bool)
+            and 0 <= edit.sparsity < 1, f"A {name} sparsity is a fraction in [0, 1), not {edit.sparsity!r}.")
+    require(edit.scope in SCOPES, f"A {name} scope is one of {', '.join(SCOPES)}, not {edit.scope!r}.")
+    require(isinstance(edit.layers, tuple), f"A {name} edit's layers are a list, not {edit.layers!r}.")
+    if edit.scope == "layers":
+        require(len(edit.layers) > 0, f"A {name} edit with scope 'layers' needs at least one layer.")
+        require(all(is_int(x) and x >= 0 or isinstance(x, str) and x for x in edit.layers),
+                f"A {name} edit's layers are block indices or stage names, not {edit.layers!r}.")
+    else:
+        require(edit.layers == (), f"A {name} edit lists layers only with scope 'layers'.")
+
+
+@edit_type("magnitude")
+@dataclass(frozen=True)
+class Magnitude(Edit):
+    """Unstructured magnitude pruning: zero the `sparsity` share of weights with the
+    smallest |w| in the linear layers of `scope` ("all", "attention", "mlp" or "layers":
+    the blocks or stages in `layers`), per layer or against one global threshold."""
+
+    sparsity: float
+    scope: str = "all"
+    layers: tuple = ()
+    per: str = "layer"
+
+    def __post_init__(self) -> None:
+        _check_scope(self)
+        require(self.per in PER, f"Magnitude pruning is per {' or '.join(PER)}, not {self.per!r}.")
+
+    @property
+    def label(self) -> str:
+        where = self.scope if self.scope != "layers" else "layers " + ", ".join(map(str, self.layers))
+        return f"magnitude {self.sparsity:.0%} ({where}, {'global threshold' if self.per == 'global' else 'per layer'})"
+
+
+@edit_type("wanda")
+@dataclass(frozen=True)
+class Wanda(Edit):
+    """Wanda: zero, in each output row, the `sparsity` share of weights with the smallest
+    |w_ij| · ||X_j||_2 (input-activation norms from the evaluation batch)."""
+
+    sparsity: float
+    scope: str = "all"
+    layers: tuple = ()
+
+    def __post_init__(self) -> None:
+        _check_scope(self)
+
+    @property
+    def label(self) -> str:
+        where = self.scope if self.scope != "layers" else "layers " + ", ".join(map(str, self.layers))
+        return f"Wanda {self.sparsity:.0%} ({where})"
+
+
+@edit_type("remove_heads")
+@dataclass(frozen=True)
+class RemoveHeads(Edit):
+    """Remove attention heads of one layer: their query, key and value rows and their
+    output-projection columns are cut out, so the layer really shrinks."""
+
+    layer: int
+    heads: tuple
+
+    def __post_init__(self) -> None:
+        require(is_int(self.layer) and self.layer >= 0, f"A layer index >= 0, not {self.layer!r}.")
+        require(isinstance(self.heads, tuple) and len(self.heads) > 0 and all(is_int(h) and h >= 0 for h in self.heads)
+                and len(set(self.heads)) == len(self.heads),
+                f"Heads to remove are distinct head indices >= 0, not {self.heads!r}.")
+
+    @property
+    def label(self) -> str:
+        return f"remove heads {', '.join(map(str, sorted(self.heads)))} of layer {self.layer}"
+
+
+def kept_layers(n_layers: int, speedup: float) -> list[int]:
+    """Unified layer skipping (METHODS §4): keep layers 0 and L-1, K = int(L / r) in all,
+    the others every int(L / (K - 1)) layers. L=12, r=2 -> [0, 2, 4, 6, 8, 11]."""
+    if not speedup <= n_layers / 2:
+        raise RecipeError(f"A speed-up of {speedup:g} would keep fewer than 2 of {n_layers} layers; "
+                          f"the most this model allows is {n_layers / 2:g}.")
+    k = int(n_layers / speedup)
+    interval = int(n_layers / (k - 1))
+    middle = [i for i in range(1, n_layers - 1) if i % interval == 0][: k - 2]
+    return [0] + middle + [n_layers - 1]
+
+
+@edit_type("skip_layers")
+@dataclass(frozen=True)
+class SkipLayers(Edit):
+    """Unified layer skipping for a target speed-up r: keep the blocks `kept_layers`
+    chooses and remove the others."""
+
+    speedup: float
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.speedup, (int, float)) and not isinstance(self.speedup, bool) and self.speedup > 1,
+                f"A speed-up is a number > 1, not {self.speedup!r}.")
+
+    @property
+    def label(self) -> str:
+        return f"skip layers for {self.speedup:g}x speed-up"
+
+    def check(self, handle: ModelHandle) -> None:
+        require(handle.kind == "causal-lm", "Layer skipping applies to transformer blocks; this model has none.")
+        kept_layers(handle.structure.n_layers, self.speedup)
 
 
 @edit_type("drop")
@@ -64,3 +177,84 @@ def dropping(handle: ModelHandle, drops: Sequence[Drop]) -> Iterator[ModelHandle
     are untouched; the hooks go on exit, also when the body raises). Duplicates count once."""
     with handle.dropping(list(dict.fromkeys(drops))):
         yield handle
+
+
+# ---------------------------------------------------------------------- applying
+
+
+def scoped_layers(handle: ModelHandle, scope: str, layers: tuple = ()) -> dict[str, torch.Tensor]:
+    """The linear weights [out, in, ...] an edit with this scope acts on. The unembedding
+    is left out (on most LMs it is tied to the embedding, and pruning it prunes both)."""
+    weights = {}
+    for name, weight in handle.linear_layers().items():
+        layer, sublayer = handle.place(name)
+        if layer is None:  # the unembedding
+            continue
+        if scope == "all" or scope == sublayer or scope == "layers" and layer in layers:
+            weights[name] = weight
+    if not weights:
+        where = scope if scope != "layers" else f"layers {', '.join(map(str, layers))}"
+        raise RecipeError(f"This model has no prunable linear layers in scope '{where}'.")
+    return weights
+
+
+def _zero_smallest_(weight: torch.Tensor, score: torch.Tensor, k: int) -> None:
+    """Zero the k entries of `weight` with the smallest `score` (same shape), exactly k."""
+    if k <= 0:
+        return
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.topk(score.reshape(-1), k, largest=False).indices] = True
+    weight.masked_fill_(mask.view(score.shape), 0)
+
+
+@applies(Magnitude)
+@torch.no_grad()
+def _magnitude(handle: ModelHandle, edit: Magnitude) -> None:
+    weights = scoped_layers(handle, edit.scope, edit.layers)
+    if edit.per == "layer":
+        for w in weights.values():
+            _zero_smallest_(w, w.abs(), round(edit.sparsity * w.numel()))
+        return
+    scores = torch.cat([w.abs().reshape(-1) for w in weights.values()])  # one global threshold
+    k = round(edit.sparsity * scores.numel())
+    if k == 0:
+        return
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.topk(scores, k, largest=False).indices] = True
+    start = 0
+    for w in weights.values():
+        w.masked_fill_(mask[start:start + w.numel()].view(w.shape), 0)
+        start += w.numel()
+
+
+@applies(Wanda)
+@torch.no_grad()
+def _wanda(handle: ModelHandle, edit: Wanda) -> None:
+    """Wanda (Sun et al. 2023): score |W_ij| · ||X_j||_2, prune per output row."""
+    from lib.data import default_batch
+    from lib.metrics import model_inputs
+
+    weights = scoped_layers(handle, edit.scope, edit.layers)
+    norms = handle.input_norms(model_inputs(default_batch(handle)), list(weights))
+    for name, w in weights.items():
+        rows = w.reshape(w.shape[0], -1)  # [out, in (* kh * kw)]
+        score = rows.abs() * norms[name][None, :]
+        k = round(edit.sparsity * rows.shape[1])
+        if k == 0:
+            continue
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+        w.masked_fill_(mask.view(w.shape), 0)
+
+
+@applies(RemoveHeads)
+def _remove_heads(handle: ModelHandle, edit: RemoveHeads) -> None:
+    handle.remove_heads_(edit.layer, edit.heads)
+
+
+@applies(SkipLayers)
+def _skip_layers(handle: ModelHandle, edit: SkipLayers) -> None:
+    kept = set(kept_layers(handle.structure.n_layers, edit.speedup))
+    for layer in range(handle.structure.n_layers):
+        if layer not in kept and f"block {layer}" not in handle.structure.removed:
+            handle.remove_(Drop("block", layer))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lib.errors import CapabilityError, RecipeError
-from lib.hooks import count_hooks, forward_hooks
+from lib.hooks import count_hooks, forward_hooks, forward_pre_hooks
 
 KINDS = ("causal-lm", "image-classifier", "image-to-image")
 LM_PARTS = ("block", "attention", "mlp")
@@ -34,7 +34,8 @@ class Point:
 
     site: LMs "resid_pre" (x_l, entering block l) | "resid_mid" (m_l, after attention) |
     "resid_post" (y_l) | "attn_out" | "mlp_out" | "pattern" (attention pattern
-    [batch, head, query, key]); image models "stage" (a stage's output).
+    [batch, head, query, key]) | "z" (each head's output before the output projection,
+    [batch, pos, head, d_head]); image models "stage" (a stage's output).
     layer: block index (LMs) or stage name (image models).
     """
 
@@ -275,6 +276,56 @@ class ModelHandle(ABC):
     def remove_(self, part: Part) -> None:
         """Remove `part` from this private copy for good (never on a base model)."""
 
+    def remove_heads_(self, layer: int, heads: Sequence[int]) -> None:
+        """Cut attention heads out of one layer of this private copy."""
+        raise CapabilityError(f"A {self.kind} model has no attention heads.")
+
+    def place(self, name: str) -> tuple[int | str | None, str | None]:
+        """Where a readable weight name sits: (block index or stage name, "attention" |
+        "mlp" | None). `blocks.3.mlp.in` -> (3, "mlp"); `conv2` -> ("conv2", None);
+        `unembed` -> (None, None)."""
+        parts = name.split(".")
+        if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit():
+            return int(parts[1]), {"attn": "attention", "mlp": "mlp"}.get(parts[2])
+        if self.kind != "causal-lm":
+            return parts[0], None
+        return None, None
+
+    @abstractmethod
+    def _linear_modules(self) -> dict[str, nn.Module]:
+        """Readable name -> module, for the layers `linear_layers()` lists."""
+
+    @exclusive
+    @torch.no_grad()
+    def input_norms(self, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """||X_j||_2 over every position of `inputs` for each input column j of the linear
+        layers `names` (Wanda's activation statistic): [in] per layer ([in * kh * kw] for a
+        convolution, matching its weight viewed as [out, in * kh * kw])."""
+        modules = self._linear_modules()
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise CapabilityError(f"The model has no linear layer(s) {', '.join(unknown[:3])}.")
+        sums: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, module: nn.Module) -> Callable:
+            def pre_hook(_m: nn.Module, args: tuple) -> None:
+                x = args[0].float()
+                if isinstance(module, nn.Conv2d):  # columns of the im2col matrix: [b, in*kh*kw, positions]
+                    x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                    x = x.transpose(1, 2)
+                x = x.reshape(-1, x.shape[-1])  # [positions, in]
+                sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+
+            return pre_hook
+
+        with forward_pre_hooks([(modules[n], keep(n, modules[n])) for n in names]):
+            self._forward_weights_only(inputs)
+        return {n: sums[n].sqrt() for n in names}
+
+    @abstractmethod
+    def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A forward through the modules `_linear_modules()` returns (no TransformerLens hooks)."""
+
     # ------------------------------------------------------------------ copies
 
     def private_copy(self, dtype: torch.dtype | None = None, requires_grad: bool = False) -> "ModelHandle":
@@ -388,11 +439,12 @@ class BridgeHandle(ModelHandle):
     """A causal LM behind a TransformerLens `TransformerBridge`."""
 
     kind = "causal-lm"
-    sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pattern")
+    sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pattern", "z")
     _HOOKS = {  # the one place TransformerLens hook names are spelled
         "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
         "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
         "mlp_out": "blocks.{}.hook_mlp_out", "pattern": "blocks.{}.attn.hook_pattern",
+        "z": "blocks.{}.attn.hook_z",
     }
     _TOP = ("embed", "pos_embed", "blocks", "ln_final", "unembed")
 
@@ -411,6 +463,9 @@ class BridgeHandle(ModelHandle):
         self.eval_task = getattr(bridge.original_model.config, "layerscope_eval", "text")
         self._plain_model: nn.Module | None = None
         self._active_hooks = 0
+        self._structural = False  # parts removed: the plain model is the model, the bridge is stale
+        self._heads: dict[int, list[int]] = {}  # layer -> original indices of the heads still there
+        self._path_map: dict[str, str] | None = None
 
     @staticmethod
     def _has_mlp(bridge: Any) -> bool:
@@ -428,17 +483,39 @@ class BridgeHandle(ModelHandle):
             raise CapabilityError(f"This model has blocks 0..{L - 1}; there is no block {point.layer!r}.")
         return self._HOOKS[point.site].format(point.layer)
 
+    def _paths(self) -> dict[str, str]:
+        """Readable name (`blocks.0.attn.qkv`, `blocks.0.mlp.in`, `unembed`, ...) -> path of
+        the Hugging Face module that holds those weights, for every weight module of the
+        checkpoint's own model. TransformerLens names its wrappers (`blocks.0.mlp.in`) and
+        keeps each Hugging Face module as the wrapper's `_original_component`."""
+        if getattr(self, "_path_map", None) is None:
+            real = {name for name, _ in self.plain_model().named_modules()}
+            hf_paths = {}  # a module TransformerLens also aliases (attn.qkv = attn.c_attn) has one real path
+            for name, module in self.hf_model.named_modules(remove_duplicate=False):
+                path = name.replace("._original_component", "")
+                if path in real:
+                    hf_paths.setdefault(id(module), path)
+            paths: dict[str, str] = {}
+            for name, module in self.model.named_modules(remove_duplicate=False):
+                if not name.endswith("._original_component") or not name.startswith(self._TOP):
+                    continue
+                readable = name[: -len("._original_component")]
+                if "_original_component" in readable or readable in paths or id(module) not in hf_paths:
+                    continue  # TransformerLens' own split q/k/v views are not modules of the checkpoint
+                if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+                    paths[readable] = hf_paths[id(module)]
+            self._path_map = paths
+        return self._path_map
+
     def _modules(self) -> dict[str, nn.Module]:
-        """Readable name -> the torch module that holds the weights, for every weight
-        module the forward uses (`blocks.0.attn.q`, `blocks.0.mlp.in`, `unembed`, ...)."""
-        out: dict[str, nn.Module] = {}
-        for name, module in self.model.named_modules(remove_duplicate=False):
-            if not name.endswith("._original_component") or not name.startswith(self._TOP):
-                continue
-            readable = name[: -len("._original_component")]
-            if "_original_component" in readable or readable in out:
-                continue
-            if readable.endswith(".attn.qkv"):  # the fused projection is split into q, k, v at boot
+        """Readable name -> the module of the plain model (which shares every weight with
+        the bridge) for every weight module still there; removed ones are skipped."""
+        plain = self.plain_model()
+        out = {}
+        for readable, path in self._paths().items():
+            try:
+                module = plain.get_submodule(path)
+            except AttributeError:  # inside a removed block
                 continue
             if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
                 out[readable] = module
@@ -452,15 +529,15 @@ class BridgeHandle(ModelHandle):
                       if t.is_floating_point()]
         return _distinct(iter(named))
 
+    def _linear_modules(self) -> dict[str, nn.Module]:
+        return {k: m for k, m in self._modules().items() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+
     def linear_layers(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for readable, module in self._modules().items():
-            weight = getattr(module, "weight", None)
-            if type(module).__name__ == "Conv1D":  # GPT-2's Conv1D stores [in, out]
-                out[readable] = weight.T
-            elif isinstance(module, nn.Linear):
-                out[readable] = weight
-        return out
+        # GPT-2's Conv1D stores [in, out]; every other layer here is an nn.Linear [out, in]
+        return {k: m.weight.T if _out_dim(m) else m.weight for k, m in self._linear_modules().items()}
+
+    def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.plain_model()(input_ids=inputs).logits
 
     @exclusive
     @torch.no_grad()
@@ -468,13 +545,14 @@ class BridgeHandle(ModelHandle):
         """Logits [batch, pos, vocab]. With no hook active this runs the plain transformers
         model with SDPA attention (the same weights, shared), as fast as Hugging Face's own
         forward; inside `hooks(...)` it runs through the bridge so the hooks fire."""
-        if self._active_hooks or count_hooks(self.model):
+        if not self._structural and (self._active_hooks or count_hooks(self.model)):
             return self.model(inputs, prepend_bos=False)
         return self.plain_model()(input_ids=inputs).logits
 
     def _copy_memo(self) -> dict[int, Any]:
         memo = super()._copy_memo()
-        memo[id(self._plain_model)] = None  # rebuilt from the copy's own weights on first use
+        if not self._structural:
+            memo[id(self._plain_model)] = None  # rebuilt from the copy's own weights on first use
         for module in self.model.modules():  # activations a forward left behind are not weights
             for name, value in vars(module).items():
                 if isinstance(value, torch.Tensor) and (value.grad_fn is not None or name in _STASHED):
@@ -489,8 +567,15 @@ class BridgeHandle(ModelHandle):
                 self._plain_model = _plain_twin(self.hf_model)
             return self._plain_model
 
+    def _check_whole(self, what: str) -> None:
+        if self._structural:
+            raise CapabilityError(f"This edited copy has parts removed ({', '.join(self.structure.removed)}), "
+                                  f"so {what} is not available on it; use the base model or a copy with "
+                                  "weight edits only.")
+
     @contextmanager
     def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Iterator[None]:
+        self._check_whole("recording or changing activations")
         named = [(self.hook_name(p), _tl_hook(fn)) for p, fn in pairs]
         with self.lock, self.model.hooks(fwd_hooks=named):
             self._active_hooks += 1
@@ -503,6 +588,7 @@ class BridgeHandle(ModelHandle):
     @torch.no_grad()
     def run_block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """Block `layer` alone: resid_pre [batch, pos, d_model] -> resid_post."""
+        self._check_whole("running one block")
         out = self.model.blocks[layer](resid)
         return out[0] if isinstance(out, tuple) else out
 
@@ -546,6 +632,9 @@ class BridgeHandle(ModelHandle):
             return f"{part.kind} {part.layer!r} is not a part of this {L}-layer model (layers 0..{L - 1})."
         if part.kind == "mlp" and not self.structure.d_mlp:
             return "This model has no MLP layers (it is attention-only)."
+        gone = {f"{part.kind} {part.layer}", f"block {part.layer}"} & set(self.structure.removed)
+        if gone:
+            return f"{gone.pop().capitalize()} is already removed from this copy."
         return None
 
     def _outputs(self, part: Part) -> list[str]:
@@ -561,23 +650,87 @@ class BridgeHandle(ModelHandle):
 
     @torch.no_grad()
     def remove_(self, part: Part) -> None:
-        """Zero the output projection of the part (weight and bias), so it adds exactly
-        nothing to the residual stream, and count its weights as removed in the size."""
+        """Really remove `part` from this private copy: the block, its attention (with the
+        LayerNorm that feeds it) or its MLP (likewise) is replaced by a module that passes
+        the residual stream on, so its weights and its compute are gone."""
         self.check_parts([part])
-        block = f"blocks.{part.layer}"
-        attention, mlp = [f"{block}.attn.", f"{block}.ln1."], [f"{block}.mlp.", f"{block}.ln2."]
-        prefixes = {"attention": attention, "mlp": mlp, "block": attention + mlp}[part.kind]
-        modules = self._modules()
-        for readable, module in modules.items():
-            if not f"{readable}.".startswith(tuple(prefixes)):
-                continue
-            if readable.endswith((".attn.o", ".mlp.out")):
-                for t in module.parameters(recurse=False):
-                    t.zero_()
-            for n, _t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-                self.storage[f"{readable}.{n}"] = StoredAs(0, "removed")
+        block = self._hf_path(self.model.blocks[part.layer])
+        if block is None:
+            raise CapabilityError("This model's blocks cannot be removed one by one.")
+        plain = self._make_structural()
+        if part.kind == "block":
+            _set_submodule(plain, block, _RemovedBlock())
+        else:
+            sub, norm = ("attn", "ln1") if part.kind == "attention" else ("mlp", "ln2")
+            _set_submodule(plain, self._hf_path(getattr(self.model.blocks[part.layer], sub)),
+                           _RemovedAttention() if part.kind == "attention" else _RemovedMLP())
+            norm_path = self._paths().get(f"blocks.{part.layer}.{norm}")
+            if norm_path is not None:  # pre-norm: the LayerNorm only fed the removed sublayer
+                _set_submodule(plain, norm_path, nn.Identity())
         self.refresh_structure(f"{part.kind} {part.layer}")
         self.weights_changed()
+
+    def heads_left(self, layer: int) -> list[int]:
+        """Original indices of the attention heads layer `layer` still has."""
+        return self._heads.get(layer, list(range(self.structure.n_heads)))
+
+    @torch.no_grad()
+    def remove_heads_(self, layer: int, heads: Sequence[int]) -> None:
+        """Cut heads out of layer `layer` of this private copy: their query, key and value
+        rows and their output-projection columns go, so the layer computes fewer heads."""
+        left = self.heads_left(layer)
+        gone = [h for h in heads if h not in left]
+        if not 0 <= layer < self.structure.n_layers or gone:
+            raise RecipeError(f"Layer {layer} has no head(s) {gone or list(heads)} to remove"
+                              + (f" (its heads are {left})." if 0 <= layer < self.structure.n_layers else
+                                 f"; the model has layers 0..{self.structure.n_layers - 1}."))
+        keep = [i for i, h in enumerate(left) if h not in heads]  # positions in the current weights
+        if not keep:
+            self.remove_(_Part("attention", layer))
+            return
+        cfg = self.model.cfg
+        if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
+            raise CapabilityError("Removing single heads of a grouped-query attention layer is not supported.")
+        plain = self._make_structural()
+        attention = plain.get_submodule(self._hf_path(self.model.blocks[layer].attn))
+        d_head, n_now = self.structure.d_head, len(left)
+        rows = torch.cat([torch.arange(i * d_head, (i + 1) * d_head) for i in keep])  # [kept * d_head]
+        paths = {k: self._paths().get(f"blocks.{layer}.attn.{k}") for k in ("qkv", "q", "k", "v", "o")}
+        if paths["qkv"] is not None:  # fused [q | k | v] columns of a Conv1D [d, 3 * n * d_head]
+            fused = plain.get_submodule(paths["qkv"])
+            cols = torch.cat([rows + j * n_now * d_head for j in range(3)])
+            _slice_(fused, cols, out_dim=_out_dim(fused))
+            attention.split_size = len(rows)
+        else:
+            for k in ("q", "k", "v"):
+                proj = plain.get_submodule(paths[k])
+                _slice_(proj, rows, out_dim=_out_dim(proj))
+        out_proj = plain.get_submodule(paths["o"])
+        _slice_(out_proj, rows, out_dim=1 - _out_dim(out_proj), bias=False)  # its inputs are the heads
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(attention, attr, None), int):
+                setattr(attention, attr, len(keep))
+        self._heads[layer] = [left[i] for i in keep]
+        self.refresh_structure(f"heads {', '.join(map(str, sorted(heads)))} of layer {layer}")
+        self.weights_changed()
+
+    def _make_structural(self) -> nn.Module:
+        """From now on the plain model is this copy's model (the bridge no longer matches it)."""
+        if self.base_fingerprint is None:
+            raise RecipeError("Parts are removed from a private copy (`handle.private_copy()`), "
+                              "never from a base model.")
+        plain = self.plain_model()
+        self._paths()  # while the bridge still matches
+        self._structural = True
+        return plain
+
+    def _hf_path(self, wrapper: nn.Module) -> str | None:
+        """Path, in the plain model, of the Hugging Face module a TransformerLens wrapper wraps."""
+        original = getattr(wrapper, "original_component", None)
+        for name, module in self.hf_model.named_modules(remove_duplicate=False):
+            if module is wrapper or module is original:
+                return name.replace("._original_component", "")
+        return None
 
     def _strip_hooks(self) -> None:
         self._active_hooks = 0
@@ -595,6 +748,55 @@ class BridgeHandle(ModelHandle):
         for block in blocks:
             block._capture_hook_handles = []
             block._capture_hooks_wired = False
+
+
+@dataclass(frozen=True)
+class _Part:
+    kind: str
+    layer: int | str
+
+
+class _RemovedBlock(nn.Module):
+    """A removed transformer block: the residual stream passes through unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _RemovedAttention(nn.Module):
+    """A removed attention sublayer: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class _RemovedMLP(nn.Module):
+    """A removed MLP sublayer: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, module)
+
+
+def _out_dim(layer: nn.Module) -> int:
+    """Which weight dimension indexes outputs: 0 for nn.Linear [out, in], 1 for GPT-2's Conv1D [in, out]."""
+    return 1 if type(layer).__name__ == "Conv1D" else 0
+
+
+def _slice_(layer: nn.Module, index: torch.Tensor, out_dim: int, bias: bool = True) -> None:
+    """Keep only `index` along weight dimension `out_dim` (and of the bias, if it is the output side)."""
+    layer.weight = nn.Parameter(layer.weight.index_select(out_dim, index).contiguous(), requires_grad=False)
+    if bias and getattr(layer, "bias", None) is not None:
+        layer.bias = nn.Parameter(layer.bias.index_select(0, index).contiguous(), requires_grad=False)
+    for attr in ("nf", "out_features"):  # Conv1D keeps its output width in nf
+        if hasattr(layer, attr) and bias:
+            setattr(layer, attr, layer.weight.shape[out_dim])
+    if hasattr(layer, "in_features") and not bias:
+        layer.in_features = layer.weight.shape[1]
 
 
 def _plain_twin(wrapped: nn.Module) -> nn.Module:
@@ -666,16 +868,19 @@ class TorchHandle(ModelHandle):
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
         return _distinct(iter((n.removeprefix("stages."), t) for n, t in named))
 
-    def linear_layers(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, module in self.model.named_modules():
-            readable = name.removeprefix("stages.")
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                out[readable] = module.weight
-            elif isinstance(module, nn.ConvTranspose2d):  # stored [in, out, kh, kw]
-                out[readable] = module.weight.transpose(0, 1)
+    def _linear_modules(self) -> dict[str, nn.Module]:
+        found = {name.removeprefix("stages."): m for name, m in self.model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))}
         # a one-layer stage is named by its stage ("conv1"), not "conv1.0"
-        return {k.removesuffix(".0") if f"{k.removesuffix('.0')}.1" not in out else k: v for k, v in out.items()}
+        return {k.removesuffix(".0") if f"{k.removesuffix('.0')}.1" not in found else k: m for k, m in found.items()}
+
+    def linear_layers(self) -> dict[str, torch.Tensor]:
+        # a transposed convolution stores [in, out, kh, kw]
+        return {k: m.weight.transpose(0, 1) if isinstance(m, nn.ConvTranspose2d) else m.weight
+                for k, m in self._linear_modules().items()}
+
+    def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
 
     @exclusive
     @torch.no_grad()

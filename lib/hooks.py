@@ -25,6 +25,19 @@ def forward_hooks(pairs: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[None]:
 
 
 @contextmanager
+def forward_pre_hooks(pairs: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register `module.register_forward_pre_hook(fn)` for each pair; remove all on exit."""
+    handles = []
+    try:
+        for module, fn in pairs:
+            handles.append(module.register_forward_pre_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def record_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
     """Record each named module's forward output (detached) into the yielded dict."""
     store: dict[str, torch.Tensor] = {}

@@ -54,8 +54,8 @@ def test_unknown_points_are_refused_clearly(tiny_lm, cnn, tokens):
 
 def test_linear_layers_have_readable_names_and_are_views(tiny_lm, tokens):
     layers = tiny_lm.linear_layers()
-    expected = {f"blocks.{l}.{m}" for l in range(3) for m in ("attn.q", "attn.k", "attn.v", "attn.o",
-                                                              "mlp.in", "mlp.out")} | {"unembed"}
+    expected = {f"blocks.{l}.{m}" for l in range(3) for m in ("attn.qkv", "attn.o", "mlp.in", "mlp.out")}
+    expected |= {"unembed"}  # GPT-2 keeps q, k and v in one fused projection
     assert set(layers) == expected
     assert layers["blocks.0.mlp.in"].shape == (128, 32) and layers["blocks.0.mlp.out"].shape == (32, 128)
     assert layers["unembed"].shape == (257, 32)
@@ -70,7 +70,7 @@ def test_linear_layers_have_readable_names_and_are_views(tiny_lm, tokens):
 def test_weights_list_each_tensor_once(tiny_lm):
     weights = tiny_lm.weights()
     assert "embed.weight" in weights and "unembed.weight" not in weights  # tied to the embedding
-    assert not any("_original_component" in n or "qkv" in n for n in weights)
+    assert not any("_original_component" in n or ".attn.q." in n for n in weights)  # no TransformerLens split views
     from transformers import GPT2LMHeadModel
 
     plain = GPT2LMHeadModel(tiny_lm.hf_model.config)  # what plain transformers counts
@@ -82,7 +82,7 @@ def test_private_copy_is_private(tiny_lm, tokens):
     copy = tiny_lm.private_copy()
     assert copy.lock is not tiny_lm.lock and copy.base_fingerprint == tiny_lm.fingerprint
     assert copy.fingerprint == tiny_lm.fingerprint  # same weights, recomputed not inherited
-    copy.linear_layers()["blocks.0.attn.v"].mul_(0.5)
+    copy.linear_layers()["blocks.0.attn.qkv"][64:].mul_(0.5)  # the value rows
     copy.weights_changed()
     assert copy.fingerprint != tiny_lm.fingerprint
     assert not torch.allclose(copy.forward(tokens), base_out)
@@ -122,7 +122,8 @@ def test_copy_in_float64_with_gradients(tiny_lm, tokens):
     assert torch.allclose(out.float(), tiny_lm.forward(tokens), atol=1e-4)
     with torch.enable_grad():
         copy.model(tokens, prepend_bos=False).sum().backward()
-    assert all(p.grad is not None for p in copy.weights().values() if p.requires_grad)
+    weights = copy.weights()
+    assert weights["blocks.0.mlp.in.weight"].grad.abs().sum() > 0 and weights["embed.weight"].grad is not None
     tiny_lm.private_copy()  # the copy's graph never reached the base
 
 
@@ -205,6 +206,6 @@ def test_fast_forward_equals_the_bridge(spec, tiny_lm, tmp_path):
 
 def test_fast_path_of_a_copy_sees_the_copys_edits(tiny_lm, tokens):
     copy = tiny_lm.private_copy()
-    copy.linear_layers()["blocks.2.attn.k"].mul_(0.25)  # a view into the fused qkv the fast path reads
+    copy.linear_layers()["blocks.2.attn.qkv"][32:64].mul_(0.25)  # the key rows, which the bridge reads as a view
     torch.testing.assert_close(copy.forward(tokens), copy.model(tokens, prepend_bos=False), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(copy.forward(tokens), tiny_lm.forward(tokens))
