@@ -35,7 +35,9 @@ from lib.errors import (  # noqa: F401 - re-exported: callers catch these from l
     RemoteCodeRefusedError,
     UnsupportedModelError,
 )
-from lib.handle import BridgeHandle, ModelHandle, TorchHandle
+from lib.handle import ModelHandle
+from lib.image_handle import TorchHandle
+from lib.lm_handle import BridgeHandle
 from lib.zoo import ZOO, ZOO_DIR
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

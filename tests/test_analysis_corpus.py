@@ -80,7 +80,7 @@ def test_attention_only_model_has_no_mlp_drops(tmp_path):
         for name, w in folder_handle.weights().items():
             if ".mlp." in name:
                 w.zero_()
-    from lib.handle import BridgeHandle
+    from lib.lm_handle import BridgeHandle
 
     handle = BridgeHandle("attn-only", folder_handle.model)
     assert handle.structure.d_mlp == 0 and ("d_mlp", "128") not in handle.describe()

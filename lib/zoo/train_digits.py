@@ -68,6 +68,6 @@ def train(name: str, out, seed: int, steps: int | None) -> dict:
 
 
 def _stage_words(model) -> list[tuple[str, str]]:
-    from lib.handle import _describe_stage
+    from lib.image_handle import _describe_stage
 
     return [(n, _describe_stage(m)) for n, m in model.stages.items()]
