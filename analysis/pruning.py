@@ -237,14 +237,18 @@ def _wanda(handle: ModelHandle, edit: Wanda) -> None:
     weights = scoped_layers(handle, edit.scope, edit.layers)
     norms = handle.input_norms(model_inputs(default_batch(handle)), list(weights))
     for name, w in weights.items():
-        rows = w.reshape(w.shape[0], -1)  # [out, in (* kh * kw)]
-        score = rows.abs() * norms[name][None, :]
-        k = round(edit.sparsity * rows.shape[1])
-        if k == 0:
-            continue
-        mask = torch.zeros_like(score, dtype=torch.bool)
-        mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
-        w.masked_fill_(mask.view(w.shape), 0)
+        score = w.reshape(w.shape[0], -1).abs() * norms[name][None, :]  # [out, in (* kh * kw)]
+        _zero_smallest_rowwise_(w, score, round(edit.sparsity * score.shape[1]))
+
+
+def _zero_smallest_rowwise_(weight: torch.Tensor, score: torch.Tensor, k: int) -> None:
+    """In each output row of `weight` [out, ...], zero the k entries with the smallest
+    `score` [out, in (* kh * kw)]."""
+    if k <= 0:
+        return
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+    weight.masked_fill_(mask.view(weight.shape), 0)
 
 
 @applies(RemoveHeads)

@@ -327,6 +327,11 @@ class ModelHandle(ABC):
     def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
         """A forward through the modules `_linear_modules()` returns (no TransformerLens hooks)."""
 
+    @abstractmethod
+    def save_pretrained(self, folder: Any) -> None:
+        """Write the model as a checkpoint folder that `lib.models.load_model` loads back
+        with the same outputs (and, for LMs, plain transformers too)."""
+
     # ------------------------------------------------------------------ copies
 
     def private_copy(self, dtype: torch.dtype | None = None, requires_grad: bool = False) -> "ModelHandle":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,9 +19,11 @@ class TorchHandle(ModelHandle):
 
     sites = ("stage",)
 
-    def __init__(self, spec: str, model: nn.Module, kind: str, architecture: str) -> None:
+    def __init__(self, spec: str, model: nn.Module, kind: str, architecture: str,
+                 build_kwargs: dict | None = None) -> None:
         super().__init__()
         self.spec = spec
+        self.build_kwargs = dict(build_kwargs or {})  # how `lib.zoo.nets.build` makes this network
         self.model = model.eval()
         self.kind = kind
         self.tokenizer = None
@@ -109,6 +111,16 @@ class TorchHandle(ModelHandle):
         self.structure = replace(self.structure, stages=self._stage_rows())
         self.refresh_structure(f"stage {part.layer}")
         self.weights_changed()
+
+    def save_pretrained(self, folder: Any) -> None:
+        """Write this model (bypassed stages included) as a folder `load_model` reads."""
+        from pathlib import Path
+
+        from lib.models import save_image_model
+
+        removed = tuple(name for name, m in self.model.stages.items() if isinstance(m, nn.Identity))
+        save_image_model(self.model, self.structure.architecture, Path(folder), removed_stages=removed,
+                         **self.build_kwargs)
 
     def _strip_hooks(self) -> None:
         for module in self.model.modules():

@@ -298,6 +298,49 @@ class BridgeHandle(ModelHandle):
         self.refresh_structure(f"heads {', '.join(map(str, sorted(heads)))} of layer {layer}")
         self.weights_changed()
 
+    @torch.no_grad()
+    def save_pretrained(self, folder: Any) -> None:
+        """Write the model as the checkpoint's own architecture: safetensors, config.json
+        and the tokenizer. Removed parts cannot be spelled in a standard config, so they
+        are written as zeros in their original shapes (a removed head's rows and columns,
+        a removed sublayer's weights): the same function, and plain transformers loads it."""
+        plain = self.plain_model()
+        if self._structural:
+            plain = self._dense_model()
+        plain.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+
+    def _dense_model(self) -> nn.Module:
+        """A plain model in the original shapes holding this copy's weights, zeros where parts are gone."""
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(self.plain_model().config)
+        with torch.device("meta"):
+            dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        mine = self.plain_model().state_dict()
+        state = {}
+        for name, meta in dense.state_dict().items():
+            tensor = torch.zeros(meta.shape, dtype=meta.dtype)
+            if name in mine and mine[name].shape == meta.shape:
+                tensor.copy_(mine[name])
+            elif name in mine:  # a layer with heads cut out: put the kept heads back in their places
+                self._unslice_into(tensor, mine[name], name)
+            state[name] = tensor
+        dense.load_state_dict(state, assign=True)
+        dense.tie_weights()
+        return dense.eval()
+
+    def _unslice_into(self, dense: torch.Tensor, kept: torch.Tensor, name: str) -> None:
+        layer = next(l for l in self._heads if name.startswith(f"{self._hf_path(self.model.blocks[l])}."))
+        d_head, n = self.structure.d_head, self.structure.n_heads
+        heads = torch.cat([torch.arange(h * d_head, (h + 1) * d_head) for h in self._heads[layer]])
+        for dim in range(dense.dim()):
+            if dense.shape[dim] != kept.shape[dim]:
+                parts = dense.shape[dim] // (n * d_head)  # 3 for a fused [q | k | v], else 1
+                index = torch.cat([heads + j * n * d_head for j in range(parts)])
+                dense.index_copy_(dim, index, kept)
+                return
+
     def _make_structural(self) -> nn.Module:
         """From now on the plain model is this copy's model (the bridge no longer matches it)."""
         if self.base_fingerprint is None:

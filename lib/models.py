@@ -199,6 +199,12 @@ def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, c
         raise UnsupportedModelError(f"{spec!r}: config.json names an unknown architecture {arch!r}; "
                                     f"known: {', '.join(sorted(ARCHITECTURES))}.")
     model = _meta_image_model(arch, kwargs, spec)
+    removed = config.get("removed_stages", [])
+    if not isinstance(removed, list) or any(name not in model.stages for name in removed):
+        raise UnsupportedModelError(f"{spec!r}: \"removed_stages\" in config.json must list stages of {arch} "
+                                    f"({', '.join(model.stages)}), not {removed!r}.")
+    for name in removed:  # an exported copy with stages bypassed
+        model.stages[name] = torch.nn.Identity()
     preflight.check_memory(spec, preflight.model_bytes(model), file_bytes, available_bytes)
     state = ckpt.load_safetensors(file, spec) if header is not None else ckpt.load_pickled_state(file, spec)
     mismatch = preflight.plain_mismatch(model, ckpt.tensor_shapes(state))
@@ -208,7 +214,7 @@ def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, c
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    return TorchHandle(spec, model, ARCHITECTURES[arch][1], arch)
+    return TorchHandle(spec, model, ARCHITECTURES[arch][1], arch, kwargs)
 
 
 def _meta_image_model(arch: str, kwargs: object, spec: str) -> torch.nn.Module:
@@ -229,12 +235,16 @@ def _meta_image_model(arch: str, kwargs: object, spec: str) -> torch.nn.Module:
                                     f"({e}); {arch} takes: {takes}.") from None
 
 
-def save_image_model(model: torch.nn.Module, architecture: str, folder: Path, **kwargs) -> None:
-    """Write an image model as safetensors + config.json (loadable by `load_model`)."""
+def save_image_model(model: torch.nn.Module, architecture: str, folder: Path, removed_stages: tuple[str, ...] = (),
+                     **kwargs) -> None:
+    """Write an image model as safetensors + config.json (loadable by `load_model`);
+    `removed_stages` are stages replaced by the identity (they hold no weights)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(
-        {"layerscope_architecture": architecture, "kwargs": kwargs}, indent=2) + "\n")
+    config = {"layerscope_architecture": architecture, "kwargs": kwargs}
+    if removed_stages:
+        config["removed_stages"] = list(removed_stages)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
