@@ -1,4 +1,5 @@
-"""Foundation rows: the cost of `evaluate` against a plain forward."""
+"""Foundation rows: the cost of `evaluate` against a plain forward, and the handle's
+forward against Hugging Face's own (issue bar: <= 1.05)."""
 
 from __future__ import annotations
 
@@ -14,4 +15,22 @@ def evaluate_row(setup: Setup) -> Row:
     return Row.timed("evaluate / plain forward", t, f"on {tokens_text(batch)}")
 
 
-ROWS: tuple[Callable[[Setup], Row], ...] = (evaluate_row,)
+def handle_forward_row(setup: Setup) -> Row:
+    """zoo:code-lm on its evaluation batch (16 x 256): `handle.forward` against the same
+    checkpoint loaded by plain transformers with SDPA attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lib.data import default_batch
+    from lib.models import load_model
+    from lib.zoo import ZOO_DIR
+
+    handle = load_model("zoo:code-lm")
+    batch = default_batch(handle)
+    hf = AutoModelForCausalLM.from_pretrained(str(ZOO_DIR / "code-lm"), attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        t = measure(lambda: handle.forward(batch.tokens), lambda: hf(batch.tokens).logits, setup.repeats)
+    return Row.timed("handle forward / HF sdpa forward", t, f"zoo:code-lm on {tokens_text(batch)} (bar <= 1.05)")
+
+
+ROWS: tuple[Callable[[Setup], Row], ...] = (evaluate_row, handle_forward_row)
