@@ -3,14 +3,14 @@ predicted vs measured cost, and sentences derived from the numbers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from analysis import layer_drop, redundancy
 from analysis.layer_drop import DropSweep
 from analysis.pruning import Drop
-from analysis.redundancy import LayerSimilarity, LogitLens, Progress, StageSimilarity
+from analysis.redundancy import LayerSimilarity, LogitLens, Progress, Residuals, StageSimilarity
 from lib.data import Batch, ImageBatch, TextBatch, check_batch
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, Metrics, model_inputs
@@ -43,23 +43,77 @@ def primary_metric(batch: Batch) -> tuple[str, bool]:
     return ("psnr_db", True) if batch.targets is not None else ("accuracy", True)
 
 
+def is_stage_model(handle: ModelHandle, batch: Batch) -> bool:
+    """True when the report compares stages (an image model on images), not layers."""
+    return isinstance(batch, ImageBatch) and handle.kind != "causal-lm"
+
+
+# The parts of a report, each computed from what it depends on, so a view can cache
+# each by its own inputs: the hooked pass and the drop sweep do not depend on `skip`
+# (they use every position); the statistics and the lens average over the positions
+# from `skip` on, and are cheap to redo from the recorded pass.
+
+
+def residual_pass(handle: ModelHandle, batch: TextBatch) -> Residuals:
+    """The one hooked pass every LM part reads: h_0..h_L and m_l at every position
+    (skip 0) and the model's logits; `at_skip` views it at any skip without rerunning."""
+    return redundancy.collect_residuals(handle, batch, skip=0)
+
+
+def at_skip(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) -> Residuals:
+    """`res` (recorded on `batch`) with its statistics starting at position `skip`."""
+    redundancy.check_lm(handle, batch, skip)
+    if res.batch_digest != batch.digest:
+        raise redundancy.RedundancyError("These residuals were recorded on another batch; record them on this one.")
+    return replace(res, skip=skip)
+
+
+def layer_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) -> LayerSimilarity:
+    """Module similarities, angular distance, CKA and norms over positions `skip`.."""
+    return redundancy.layer_similarity(at_skip(handle, batch, res, skip))
+
+
+def lens_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int,
+                    progress: Progress | None = None) -> LogitLens:
+    """The logit lens averaged over positions `skip`.."""
+    return redundancy.logit_lens(handle, at_skip(handle, batch, res, skip), progress=progress)
+
+
+def drop_sweep(handle: ModelHandle, batch: Batch, res: Residuals | None = None,
+               progress: Progress | None = None) -> DropSweep:
+    """Every single drop, measured: LM parts from the recorded pass `res` (needed for
+    an LM), or image stages (each a full forward)."""
+    if is_stage_model(handle, batch):
+        return layer_drop.stage_drop_sweep(handle, batch)
+    if res is None:
+        raise redundancy.RedundancyError("A language model's drop sweep reuses its recorded pass: pass `res`.")
+    return layer_drop.lm_drop_sweep(handle, batch, res, progress=progress)
+
+
+def assemble(batch: Batch, sweep: DropSweep, similarity: LayerSimilarity | None = None,
+             lens: LogitLens | None = None, stages: StageSimilarity | None = None) -> RedundancyReport:
+    """A report from its parts, all measured on `batch`."""
+    metric, up = primary_metric(batch)
+    return RedundancyReport(sweep, metric, up, batch.digest, similarity=similarity, lens=lens, stages=stages)
+
+
 def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAULT_SKIP,
                  progress: Progress | None = None) -> RedundancyReport:
-    """One cached forward pass feeds the statistics, the lens and the drop sweep."""
+    """One hooked forward pass feeds the statistics, the lens and the drop sweep."""
     check_batch(handle, batch)
-    metric, up = primary_metric(batch)
     step = progress or (lambda f, m: None)
-    if isinstance(batch, ImageBatch) and handle.kind != "causal-lm":
+    if is_stage_model(handle, batch):
         step(0.1, "stage similarity")
         stages = redundancy.stage_similarity(handle, batch)
         step(0.5, "dropping stages")
-        return RedundancyReport(layer_drop.stage_drop_sweep(handle, batch), metric, up, batch.digest, stages=stages)
+        return assemble(batch, drop_sweep(handle, batch), stages=stages)
+    redundancy.check_lm(handle, batch, skip)  # a bad skip is refused before the pass
     step(0.02, "one forward pass with hooks")
-    res = redundancy.collect_residuals(handle, batch, skip)
-    sim = redundancy.layer_similarity(res)
-    lens = redundancy.logit_lens(handle, res, progress=lambda f, m: step(0.05 + 0.25 * f, m))
-    sweep = layer_drop.lm_drop_sweep(handle, batch, res, progress=lambda f, m: step(0.3 + 0.7 * f, m))
-    return RedundancyReport(sweep, metric, up, batch.digest, similarity=sim, lens=lens)
+    res = residual_pass(handle, batch)
+    sim = layer_statistics(handle, batch, res, skip)
+    lens = lens_statistics(handle, batch, res, skip, progress=lambda f, m: step(0.05 + 0.25 * f, m))
+    sweep = drop_sweep(handle, batch, res, progress=lambda f, m: step(0.3 + 0.7 * f, m))
+    return assemble(batch, sweep, similarity=sim, lens=lens)
 
 
 def cost(report: RedundancyReport, module: Drop) -> float:

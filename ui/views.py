@@ -8,15 +8,21 @@ run go through the no-copy `ui.store.STORE`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import streamlit as st
 import torch
 
+from analysis import redundancy_report as rr
+from analysis.layer_drop import DropSweep
+from analysis.redundancy import LayerSimilarity, LogitLens, Residuals, StageSimilarity, stage_similarity
+from analysis.redundancy_report import DropCheck, RedundancyReport
 from lib import data
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, evaluate, model_inputs
 from ui.store import STORE
+
+T = TypeVar("T")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -36,34 +42,83 @@ def base_outputs(handle: ModelHandle) -> torch.Tensor:
                                 lambda: handle.forward(model_inputs(eval_batch(handle, handle.fingerprint))))
 
 
-def redundancy(handle: ModelHandle, skip: int, progress: Callable[[float, str], None] | None = None):
-    """The Redundancy view's report (one pass + lens + drop sweep), cached per model
-    fingerprint and skip; `progress(fraction, message)` is called while computing."""
-    from analysis.redundancy_report import build_report
-
-    return STORE.get_or_compute(
-        ("redundancy", handle.fingerprint, skip),
-        lambda: build_report(handle, eval_batch(handle, handle.fingerprint), skip, progress=progress))
+Progress = Callable[[float, str], None]
 
 
-def drop_check(handle: ModelHandle, skip: int, drops: tuple):
-    """Predicted vs measured change for dropping `drops` together."""
-    from analysis.redundancy_report import check_drops
-
-    def compute():
-        with st.spinner("Dropping the parts together and re-measuring ..."):
-            report = redundancy(handle, skip)
-            return check_drops(handle, eval_batch(handle, handle.fingerprint), report, list(drops),
-                               base_outputs(handle))
-
-    return STORE.get_or_compute(("drop_check", handle.fingerprint, skip, drops), compute)
-
-
-def with_progress(label: str):
-    """A progress bar and a callback `(fraction, message)` that moves it."""
+def _stored(key: tuple, label: str, compute: Callable[[Progress], T]) -> T:
+    """`STORE`'s value for `key`, or `compute(progress)` under a progress bar drawn
+    where the page is now (nothing is drawn when the value is already there)."""
+    found = STORE.get(key)
+    if found is not None:
+        return found
     bar = st.progress(0.0, text=label)
 
     def update(fraction: float, message: str) -> None:
         bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
 
-    return bar, update
+    try:
+        value = compute(update)
+    finally:
+        bar.empty()
+    STORE.put(key, value)
+    return value
+
+
+# The Redundancy view in parts, each cached by what it depends on: the hooked pass and
+# the drop sweep by the model alone, the statistics and the lens by model and skip.
+
+
+def residuals(handle: ModelHandle) -> Residuals:
+    """The hooked pass over the evaluation batch (every position, logits included)."""
+    return _stored(("residuals", handle.fingerprint), "One forward pass with hooks",
+                   lambda _: rr.residual_pass(handle, eval_batch(handle, handle.fingerprint)))
+
+
+def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
+    batch = eval_batch(handle, handle.fingerprint)
+    return _stored(("layer_statistics", handle.fingerprint, skip), "Similarities and CKA",
+                   lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip))
+
+
+def lens(handle: ModelHandle, skip: int) -> LogitLens:
+    batch = eval_batch(handle, handle.fingerprint)
+    return _stored(("lens", handle.fingerprint, skip), "Logit lens",
+                   lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step))
+
+
+def stage_statistics(handle: ModelHandle) -> StageSimilarity:
+    return _stored(("stage_statistics", handle.fingerprint), "Comparing stages",
+                   lambda _: stage_similarity(handle, eval_batch(handle, handle.fingerprint)))
+
+
+def drop_sweep(handle: ModelHandle) -> DropSweep:
+    """Every single drop measured (LMs reuse the cached pass)."""
+    batch = eval_batch(handle, handle.fingerprint)
+    if rr.is_stage_model(handle, batch):
+        return _stored(("drop_sweep", handle.fingerprint), "Dropping each stage",
+                       lambda _: rr.drop_sweep(handle, batch))
+    return _stored(("drop_sweep", handle.fingerprint), "Dropping each module",
+                   lambda step: rr.drop_sweep(handle, batch, residuals(handle), progress=step))
+
+
+def redundancy(handle: ModelHandle, skip: int) -> RedundancyReport:
+    """The Redundancy view's report, assembled from the cached parts (each computed
+    here if missing, in page order: statistics, lens, sweep)."""
+    batch = eval_batch(handle, handle.fingerprint)
+    if rr.is_stage_model(handle, batch):
+        return rr.assemble(batch, drop_sweep(handle), stages=stage_statistics(handle))
+    return rr.assemble(batch, drop_sweep(handle), similarity=layer_statistics(handle, skip), lens=lens(handle, skip))
+
+
+def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
+    """Predicted vs measured change for dropping `drops` together. An LM's base outputs
+    are the logits of the cached pass (no second base forward)."""
+    batch = eval_batch(handle, handle.fingerprint)
+
+    def compute():
+        with st.spinner("Dropping the parts together and re-measuring ..."):
+            report = redundancy(handle, skip)
+            base = base_outputs(handle) if rr.is_stage_model(handle, batch) else residuals(handle).logits
+            return rr.check_drops(handle, batch, report, list(drops), base)
+
+    return STORE.get_or_compute(("drop_check", handle.fingerprint, skip, drops), compute)

@@ -7,7 +7,7 @@ from analysis import redundancy_report as rr
 from analysis.redundancy import DEFAULT_SKIP
 from lib.metrics import LABELS
 from ui.session import recipe, require_handle
-from ui.views import drop_check, redundancy, with_progress
+from ui.views import drop_check, layer_statistics, lens, redundancy, stage_statistics
 
 handle = require_handle()
 st.title("Layer redundancy")
@@ -19,34 +19,16 @@ if handle.kind == "causal-lm":
     skip = st.number_input("Skip the first positions of each window", 0, 32, DEFAULT_SKIP,
                            help="BOS and the first positions carry huge-norm 'sink' activations "
                                 "that dominate every similarity.")
-bar, progress = with_progress("Analysing")
-try:
-    report = redundancy(handle, int(skip), progress)
-finally:
-    bar.empty()
-label = LABELS[report.metric]
-sim = report.similarity
-
-if sim is not None:
+# Each part is cached by what it depends on and drawn as soon as it is ready: the
+# statistics and the lens (cheap, depend on skip) first, the drop sweep (the model only) last.
+sim = None
+if handle.kind == "causal-lm":
+    sim = layer_statistics(handle, int(skip))
     st.subheader("How much each layer changes the residual stream")
     st.plotly_chart(plots.importance_bars(sim), width="stretch")
     st.caption("Low bars = the module's output is almost its input (cosine near 1): a candidate to "
                f"drop. {rr.similarity_sentence(sim)}")
-elif report.stages.similarity:
-    st.subheader("How much each stage changes its input")
-    st.plotly_chart(plots.stage_importance_bars(report.stages), width="stretch")
-    st.caption("Only stages whose input and output have the same shape can be compared (and bypassed). "
-               "Low bars = the stage's output is almost its input.")
-
-st.subheader("What dropping one module really costs")
-st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width="stretch")
-st.caption(f"Each bar removes one module and re-measures {label} (hover for KL to the base). "
-           + rr.drop_sentence(report))
-for module, reason in report.sweep.not_droppable.items():
-    st.caption(f"· {module.part}: {reason}")
-
-st.subheader("How alike the layers are")
-if sim is not None:
+    st.subheader("How alike the layers are")
     left, right = st.columns(2)
     depths = [str(d) for d in range(sim.cka.shape[0])]
     left.plotly_chart(plots.matrix_heatmap(sim.cka, depths, "Linear CKA between depths", 1.0,
@@ -56,18 +38,34 @@ if sim is not None:
                "representation up to rotation and scale. " + rr.cka_sentence(sim.cka) + " Angular "
                "distance 0 = same direction at the last token; a dark run along a row marks layers "
                "that could be skipped together.")
-    st.subheader("Logit lens: what each depth would predict")
-    st.plotly_chart(plots.lens_lines(report.lens), width="stretch")
-    st.caption("Each depth is read out through the final LayerNorm (recomputed on it) and the "
-               "unembedding. " + rr.lens_sentence(report.lens))
     st.subheader("Depth effect")
     st.plotly_chart(plots.depth_lines(sim), width="stretch")
     st.caption(rr.depth_sentence(sim))
+    st.subheader("Logit lens: what each depth would predict")
+    logit_lens = lens(handle, int(skip))
+    st.plotly_chart(plots.lens_lines(logit_lens), width="stretch")
+    st.caption("Each depth is read out through the final LayerNorm (recomputed on it) and the "
+               "unembedding. " + rr.lens_sentence(logit_lens))
 else:
-    stages = report.stages
+    stages = stage_statistics(handle)
+    if stages.similarity:
+        st.subheader("How much each stage changes its input")
+        st.plotly_chart(plots.stage_importance_bars(stages), width="stretch")
+        st.caption("Only stages whose input and output have the same shape can be compared (and bypassed). "
+                   "Low bars = the stage's output is almost its input.")
+    st.subheader("How alike the layers are")
     st.plotly_chart(plots.matrix_heatmap(stages.cka, stages.names, "Linear CKA between stages", 1.0,
                                          "stage", "stage"), width="stretch")
     st.caption("CKA over images, each stage's output flattened. " + rr.cka_sentence(stages.cka))
+
+st.subheader("What dropping one module really costs")
+report = redundancy(handle, int(skip))  # the parts above plus the sweep, under its progress bar here
+label = LABELS[report.metric]
+st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width="stretch")
+st.caption(f"Each bar removes one module and re-measures {label} (hover for KL to the base). "
+           + rr.drop_sentence(report))
+for module, reason in report.sweep.not_droppable.items():
+    st.caption(f"· {module.part}: {reason}")
 
 st.subheader("Drop several modules")
 granularity = "blocks"

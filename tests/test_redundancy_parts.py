@@ -1,0 +1,59 @@
+"""The Redundancy report in parts: one pass recorded at skip 0 serves every skip, and
+the page reruns only the parts that depend on what changed."""
+
+from collections import Counter
+
+import torch
+
+from analysis import redundancy
+from analysis import redundancy_report as rr
+from lib import data
+from ui import views
+from ui.session import load_base
+from ui.store import TensorStore
+
+from apptest_helpers import load, new_app, run
+
+
+def test_one_pass_at_skip_0_gives_the_statistics_of_every_skip(tiny_lm):
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=3)
+    res = rr.residual_pass(tiny_lm, batch)
+    assert res.skip == 0
+    for skip in (0, 3):
+        direct = redundancy.collect_residuals(tiny_lm, batch, skip)
+        sim, expected = rr.layer_statistics(tiny_lm, batch, res, skip), redundancy.layer_similarity(direct)
+        assert sim.skip == skip and sim.n_tokens == 3 * (24 - skip)
+        for field in ("block", "attention", "mlp", "angular", "cka", "norms", "relative_update"):
+            assert torch.equal(getattr(sim, field), getattr(expected, field)), field
+        lens, expected_lens = rr.lens_statistics(tiny_lm, batch, res, skip), redundancy.logit_lens(tiny_lm, direct)
+        for field in ("kl", "agreement", "entropy"):
+            assert torch.equal(getattr(lens, field), getattr(expected_lens, field)), field
+    report = rr.build_report(tiny_lm, batch, skip=3)
+    assert torch.equal(report.similarity.cka, rr.layer_statistics(tiny_lm, batch, res, 3).cka)
+
+
+def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, monkeypatch):
+    calls = Counter()
+
+    def counted(name):
+        original = getattr(rr, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("residual_pass", "layer_statistics", "lens_statistics", "drop_sweep"):
+        monkeypatch.setattr(rr, name, counted(name))
+    store = TensorStore()
+    monkeypatch.setattr(views, "STORE", store)  # nothing cached by earlier tests
+    at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
+    run(at, "views/redundancy.py")
+    once = {"residual_pass": 1, "layer_statistics": 1, "lens_statistics": 1, "drop_sweep": 1}
+    assert calls == once
+    at.number_input[0].set_value(2)
+    run(at)
+    assert calls == dict(once, layer_statistics=2, lens_statistics=2)
+    fingerprint = load_base(at.session_state["load_request"]).fingerprint
+    assert store.get(("layer_statistics", fingerprint, 2)).skip == 2  # what the page now shows
+    assert not [e.value for e in at.error]
