@@ -1,0 +1,414 @@
+"""The compression lab: one base model, its evaluation batch, and every recipe tried on it.
+
+A `Lab` keeps the current recipe, builds each edited model from the base (reusing the
+edited copy of the longest recipe prefix it still holds, so changing the last edit
+does not redo the ones before it), measures it against the base outputs (computed
+once), and records every distinct recipe tried as a `LabPoint` in its history. Undo,
+redo and reset move between exact recipe states: models are always rebuilt from the
+base, so an undone recipe gives bit-identical weights.
+
+    lab = Lab(handle)                       # evaluates the base once
+    lab.add(Magnitude(0.5))                 # builds, evaluates, records
+    lab.add(Drop("block", 3))               # reuses the magnitude-pruned copy
+    lab.undo(); lab.current.metrics; lab.frontier("size_bits")
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from analysis import edits as edit_registry
+from analysis.edits import Edit
+from analysis.recipe import Recipe, check_for
+from lib import data
+from lib.errors import LayerScopeError, RecipeError
+from lib.handle import ModelHandle
+from lib.metrics import LABELS, BaseOutputs, Metrics, metrics_from_outputs, model_inputs, prepare_base
+
+Progress = Callable[[float, str], None]
+
+QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")
+HIGHER_IS_BETTER = frozenset({"accuracy", "psnr_db", "agreement"})
+COSTS = ("size_bits", "latency_ms")
+METRIC_FIELDS = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "kl_to_base", "agreement",
+                 "n_params", "size_bits", "latency_ms")
+
+
+def quality_metric(metrics: Metrics) -> str:
+    """The quality number a model of this kind is judged by: bits per byte for text with
+    byte counts, else accuracy (classifiers, the induction task), PSNR (denoisers),
+    perplexity."""
+    for name in QUALITY_ORDER:
+        if getattr(metrics, name) is not None:
+            return name
+    raise RecipeError("These metrics hold no quality number (bits per byte, accuracy, PSNR or perplexity).")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER
+
+
+def pareto_front(costs: Sequence[float], qualities: Sequence[float], higher_better: bool) -> list[int]:
+    """Indices of the points no other point dominates (cost <= and quality at least as
+    good, one of them strictly), in order of increasing cost. Lower cost is better;
+    quality is better higher or lower as `higher_better` says."""
+    sign = -1.0 if higher_better else 1.0  # compare "badness": lower is better on both axes
+    points = [(float(c), sign * float(q)) for c, q in zip(costs, qualities)]
+    front = []
+    for i, (c, b) in enumerate(points):
+        dominated = any(c2 <= c and b2 <= b and (c2 < c or b2 < b) for j, (c2, b2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+def recipe_digest(edits: Sequence[Edit]) -> str:
+    """The digest `Recipe.digest` gives these edits in this order ('' for none)."""
+    return Recipe("", list(edits)).digest
+
+
+def recipe_label(edits: Sequence[Edit]) -> str:
+    return " + ".join(e.label for e in edits) if edits else "base (no edits)"
+
+
+@dataclass(frozen=True)
+class LabPoint:
+    """One recipe tried in the lab.
+
+    step: position in the history (0 is the base); edits: the recipe's edits in order;
+    digest: `Recipe.digest` of them; recipe_json: the recipe as `Recipe.to_json()` writes
+    it; metrics: measured on the evaluation batch against the base outputs (latency:
+    median of a few timed forwards over the whole batch).
+    """
+
+    step: int
+    edits: tuple[Edit, ...]
+    digest: str
+    label: str
+    recipe_json: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """What the edits did to each linear layer of the base, in the base's order.
+
+    names: readable layer names (`blocks.3.mlp.in`, `conv2`) [n]; sparsity: share of
+    exact zeros in the edited layer's weight [n] (1.0 for a removed layer); kept: nonzero
+    weights of the edited layer over the base layer's weight count [n] (smaller after
+    head removal, 0 when removed); removed: whether the layer is gone [n];
+    heads_kept: heads each block still computes (LMs; None for image models), with
+    n_heads the base's count; removed_parts: the structure's removed parts.
+    """
+
+    names: tuple[str, ...]
+    sparsity: tuple[float, ...]
+    kept: tuple[float, ...]
+    removed: tuple[bool, ...]
+    heads_kept: tuple[int, ...] | None
+    n_heads: int
+    removed_parts: tuple[str, ...]
+
+
+class Lab:
+    """Recipes tried on one base model (never mutated) and its evaluation batch.
+
+    base_outputs: the base's outputs on `batch`, raw or prepared (pass shared ones to
+    save a forward and the memory of a second copy). cache_size: edited copies kept
+    for prefix reuse. latency_repeats: timed forwards per measurement (the first also
+    gives the outputs); the median is reported.
+    """
+
+    def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
+                 base_outputs: torch.Tensor | BaseOutputs | None = None, cache_size: int = 4,
+                 latency_repeats: int = 3) -> None:
+        if base.base_fingerprint is not None:
+            raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
+        if latency_repeats < 1 or cache_size < 1:
+            raise RecipeError("A lab needs at least one timed forward and one cached copy.")
+        self.base = base
+        self.batch = batch if batch is not None else data.default_batch(base)
+        data.check_batch(base, self.batch)
+        self.cache_size, self.latency_repeats = cache_size, latency_repeats
+        self._cache: OrderedDict[str, ModelHandle] = OrderedDict()
+        self._lock = threading.RLock()  # the UI builds downloads on another thread
+        outputs, latency = self._timed_forwards(base)
+        self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(
+            outputs if base_outputs is None else base_outputs, self.batch)
+        metrics = self._metrics(base, outputs, latency)
+        self.history: list[LabPoint] = [self._point(0, (), metrics)]
+        self._current = 0
+        self._undo: list[tuple[Edit, ...]] = []
+        self._redo: list[tuple[Edit, ...]] = []
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def current(self) -> LabPoint:
+        return self.history[self._current]
+
+    @property
+    def base_point(self) -> LabPoint:
+        return self.history[0]
+
+    @property
+    def recipe(self) -> Recipe:
+        """The current recipe (a new object: changing it changes nothing here)."""
+        return self._recipe(self.current.edits)
+
+    @property
+    def quality(self) -> str:
+        return quality_metric(self.base_point.metrics)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def _recipe(self, edits: Sequence[Edit]) -> Recipe:
+        return Recipe(self.base.fingerprint, list(edits), model=self.base.spec)
+
+    # ------------------------------------------------------------------ changing the recipe
+
+    def apply(self, recipe: Recipe, progress: Progress | None = None) -> LabPoint:
+        """Make `recipe` current: build and evaluate it (unless it was tried before) and
+        record it. A recipe for another model, or an edit that does not fit, raises
+        RecipeError and leaves the lab as it was."""
+        check_for(recipe, self.base)
+        with self._lock:
+            before = self.current.edits
+            point = self._go(tuple(recipe.edits), progress)
+            if point.edits != before:
+                self._undo.append(before)
+                self._redo.clear()
+            return point
+
+    def add(self, edit: Edit, progress: Progress | None = None) -> LabPoint:
+        recipe = self.recipe
+        if not recipe.add(edit):
+            raise RecipeError(f"'{edit.label}' is already in the recipe.")
+        return self.apply(recipe, progress)
+
+    def replace(self, index: int, edit: Edit, progress: Progress | None = None) -> LabPoint:
+        """Put `edit` in place of edit number `index` (the edits before it are reused)."""
+        recipe = self.recipe
+        recipe.remove(index)
+        recipe.edits.insert(index, edit)
+        return self.apply(recipe, progress)
+
+    def remove(self, index: int, progress: Progress | None = None) -> LabPoint:
+        recipe = self.recipe
+        recipe.remove(index)
+        return self.apply(recipe, progress)
+
+    def move(self, index: int, to: int, progress: Progress | None = None) -> LabPoint:
+        recipe = self.recipe
+        recipe.move(index, to)
+        return self.apply(recipe, progress)
+
+    def restore(self, step: int, progress: Progress | None = None) -> LabPoint:
+        """Make the recipe of history entry `step` current again."""
+        if not 0 <= step < len(self.history):
+            raise RecipeError(f"The history has entries 0..{len(self.history) - 1}; there is no entry {step}.")
+        return self.apply(self._recipe(self.history[step].edits), progress)
+
+    def reset(self, progress: Progress | None = None) -> LabPoint:
+        """Back to the base model (an undoable step, like any other change)."""
+        return self.apply(self._recipe(()), progress)
+
+    def undo(self, progress: Progress | None = None) -> LabPoint:
+        """Restore the recipe that was current before the last change."""
+        with self._lock:
+            if not self._undo:
+                raise RecipeError("There is nothing to undo.")
+            before = self.current.edits
+            point = self._go(self._undo[-1], progress)
+            self._undo.pop()
+            self._redo.append(before)
+            return point
+
+    def redo(self, progress: Progress | None = None) -> LabPoint:
+        """Restore the recipe the last undo left."""
+        with self._lock:
+            if not self._redo:
+                raise RecipeError("There is nothing to redo.")
+            before = self.current.edits
+            point = self._go(self._redo[-1], progress)
+            self._redo.pop()
+            self._undo.append(before)
+            return point
+
+    def _go(self, edits: tuple[Edit, ...], progress: Progress | None) -> LabPoint:
+        """Make `edits` current, evaluating them unless the history has them already."""
+        digest = recipe_digest(edits)
+        point = next((p for p in self.history if p.digest == digest), None)
+        if point is None:
+            model = self._model(edits, progress)
+            if progress:
+                progress(0.8, "measuring")
+            outputs, latency = self._timed_forwards(model)
+            point = self._point(len(self.history), edits, self._metrics(model, outputs, latency))
+            self.history.append(point)
+        self._current = point.step
+        return point
+
+    # ------------------------------------------------------------------ models
+
+    def edited(self, progress: Progress | None = None) -> ModelHandle:
+        """The current edited model (the base itself for an empty recipe: read it, never
+        edit it). Rebuilt from the base if it has left the cache."""
+        return self.model_for(self.current.edits, progress)
+
+    def model_for(self, edits: Sequence[Edit], progress: Progress | None = None) -> ModelHandle:
+        """The base with `edits` applied in order, through the prefix cache."""
+        with self._lock:
+            return self._model(tuple(edits), progress)
+
+    def clear_cache(self) -> None:
+        """Forget every edited copy (the next model is rebuilt from the base)."""
+        with self._lock:
+            self._cache.clear()
+
+    def _model(self, edits: tuple[Edit, ...], progress: Progress | None) -> ModelHandle:
+        if not edits:
+            return self.base
+        start, done = self.base, 0
+        for k in range(len(edits), 0, -1):  # the longest prefix still cached
+            key = recipe_digest(edits[:k])
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                start, done = self._cache[key], k
+                break
+        if done == len(edits):
+            return start
+        if progress:
+            progress(0.05, "copying the " + ("base model" if done == 0 else f"model with {done} edit(s) applied"))
+        model = start.private_copy()
+        todo = edits[done:]
+        for i, edit in enumerate(todo):
+            if progress:
+                progress(0.1 + 0.7 * i / len(todo), f"applying {edit.label}")
+            _apply_(model, edit)
+        self._cache[recipe_digest(edits)] = model
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return model
+
+    # ------------------------------------------------------------------ measuring
+
+    def _timed_forwards(self, model: ModelHandle) -> tuple[torch.Tensor, float]:
+        """Outputs of the first forward, median milliseconds of `latency_repeats` forwards."""
+        inputs = model_inputs(self.batch)
+        times, outputs = [], None
+        for _ in range(self.latency_repeats):
+            start = time.perf_counter()
+            out = model.forward(inputs)
+            times.append((time.perf_counter() - start) * 1000)
+            outputs = out if outputs is None else outputs
+        return outputs, statistics.median(times)
+
+    def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
+        return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)
+
+    def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics) -> LabPoint:
+        return LabPoint(step, edits, recipe_digest(edits), recipe_label(edits),
+                        self._recipe(edits).to_json(), metrics)
+
+    def deltas(self, point: LabPoint | None = None) -> dict[str, float]:
+        """Each metric of `point` (default: the current one) minus the base's."""
+        point = point or self.current
+        base = self.base_point.metrics
+        return {name: getattr(point.metrics, name) - getattr(base, name) for name in METRIC_FIELDS
+                if getattr(point.metrics, name) is not None and getattr(base, name) is not None}
+
+    # ------------------------------------------------------------------ history
+
+    def rows(self) -> list[dict[str, object]]:
+        """The history as table rows: step, label, metrics, shares kept, the recipe."""
+        base = self.base_point.metrics
+        rows = []
+        for p in self.history:
+            m = p.metrics
+            row: dict[str, object] = {"step": p.step, "current": p.step == self._current, "label": p.label,
+                                      "edits": len(p.edits), "digest": p.digest}
+            row.update({name: getattr(m, name) for name in METRIC_FIELDS})
+            row["params_kept"] = m.n_params / base.n_params
+            row["size_kept"] = m.size_bits / base.size_bits
+            row["recipe"] = json.dumps([e.to_dict() for e in p.edits])
+            rows.append(row)
+        return rows
+
+    def history_csv(self) -> str:
+        """The history as CSV text (one row per recipe tried; empty cells for metrics
+        that do not apply to this model)."""
+        rows = self.rows()
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        return out.getvalue()
+
+    def frontier(self, cost: str = "size_bits", quality: str | None = None) -> list[int]:
+        """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms",
+        lower is better) against `quality` (default: `quality_metric` of the base)."""
+        if cost not in COSTS:
+            raise RecipeError(f"The frontier is drawn against {' or '.join(COSTS)}, not {cost!r}.")
+        quality = quality or self.quality
+        if quality not in LABELS:
+            raise RecipeError(f"There is no metric {quality!r}.")
+        points = [p for p in self.history
+                  if getattr(p.metrics, cost) is not None and getattr(p.metrics, quality) is not None]
+        front = pareto_front([getattr(p.metrics, cost) for p in points],
+                             [getattr(p.metrics, quality) for p in points], higher_is_better(quality))
+        return [points[i].step for i in front]
+
+    # ------------------------------------------------------------------ per layer
+
+    def layer_summary(self) -> LayerSummary:
+        """Sparsity, kept weights and heads per layer of the current edited model."""
+        return layer_summary(self.base, self.edited())
+
+
+def layer_summary(base: ModelHandle, edited: ModelHandle) -> LayerSummary:
+    """Per linear layer of `base`: the share of exact zeros in `edited`'s weight, the
+    nonzero weights kept, whether it is gone; heads kept per block for LMs."""
+    before, after = base.linear_layers(), edited.linear_layers()
+    sparsity, kept, removed = [], [], []
+    for name, weight in before.items():
+        w = after.get(name)
+        removed.append(w is None)
+        zeros = 0 if w is None else int((w == 0).sum())
+        sparsity.append(1.0 if w is None else zeros / w.numel())
+        kept.append(0.0 if w is None else (w.numel() - zeros) / weight.numel())
+    heads = None
+    if edited.kind == "causal-lm":
+        gone = set(edited.structure.removed)
+        heads = tuple(0 if {f"block {layer}", f"attention {layer}"} & gone else len(edited.heads_left(layer))
+                      for layer in range(edited.structure.n_layers))
+    return LayerSummary(tuple(before), tuple(sparsity), tuple(kept), tuple(removed), heads,
+                        base.structure.n_heads, edited.structure.removed)
+
+
+def _apply_(model: ModelHandle, edit: Edit) -> None:
+    """Apply one edit; an unexpected failure inside it becomes a RecipeError naming the
+    edit, so a page shows a message and keeps its recipe instead of a traceback."""
+    try:
+        edit_registry.apply_(model, edit)
+    except LayerScopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported to the user with the edit that caused it
+        raise RecipeError(f"'{edit.label}' could not be applied to this model ({type(e).__name__}: {e}). "
+                          "The recipe is unchanged.") from e

@@ -1,0 +1,96 @@
+"""Figures of the compression lab (`analysis.lab`): the history of recipes tried with
+its Pareto frontier, and what the edits did to each layer. Layout only, no streamlit;
+conventions as in `analysis.plots` (no titles where the page's header says it, integer
+axes tick whole numbers)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import plotly.graph_objects as go
+
+from analysis.lab import LabPoint, LayerSummary, higher_is_better
+from analysis.plots import integer_axis
+from lib.metrics import LABELS
+
+GREY, FRONT, CURRENT, REMOVED = "#9aa0a6", "#d62728", "#1f77b4", "#c7c7c7"
+COST_AXES = {"size_bits": "size (MiB)", "latency_ms": "latency per batch (ms)"}
+
+
+def cost_value(point: LabPoint, cost: str) -> float:
+    """The x value of a point: size in MiB or latency in ms."""
+    value = getattr(point.metrics, cost)
+    return value / 8 / 2**20 if cost == "size_bits" else value
+
+
+def _hover(point: LabPoint, cost: str, quality: str) -> str:
+    m = point.metrics
+    lines = [f"<b>step {point.step}</b>: {point.label}",
+             f"{LABELS[quality]}: {getattr(m, quality):.4g}", f"{COST_AXES[cost]}: {cost_value(point, cost):.4g}"]
+    if m.kl_to_base is not None:
+        lines.append(f"KL to base: {m.kl_to_base:.3g} nats")
+    lines.append("click to restore this recipe")
+    return "<br>".join(lines)
+
+
+def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontier: Sequence[int],
+                    current: int) -> go.Figure:
+    """Every recipe tried (grey), the Pareto frontier (red line), the base (diamond) and
+    the current recipe (blue star). Each marker's customdata is its history step, so a
+    click can restore it."""
+    by_step = {p.step: p for p in points}
+    worse = "lower" if higher_is_better(quality) else "higher"
+
+    def trace(steps: Sequence[int], **style) -> go.Scatter:
+        chosen = [by_step[s] for s in steps]
+        return go.Scatter(x=[cost_value(p, cost) for p in chosen], y=[getattr(p.metrics, quality) for p in chosen],
+                          customdata=[p.step for p in chosen], hovertext=[_hover(p, cost, quality) for p in chosen],
+                          hoverinfo="text", **style)
+
+    fig = go.Figure([
+        trace([p.step for p in points], mode="markers", name="recipes tried",
+              marker=dict(color=GREY, size=9, line=dict(width=1, color="white"))),
+        trace(list(frontier), mode="lines+markers", name="Pareto frontier",
+              line=dict(color=FRONT, width=2, shape="hv"), marker=dict(color=FRONT, size=10)),
+        trace([0], mode="markers+text", name="base", text=["base"], textposition="top center",
+              marker=dict(symbol="diamond", size=13, color="black")),
+        trace([current], mode="markers", name="current", marker=dict(symbol="star", size=18, color=CURRENT,
+                                                                     line=dict(width=1, color="white"))),
+    ])
+    fig.update_layout(xaxis_title=COST_AXES[cost], yaxis_title=f"{LABELS[quality]} ({worse} is worse)",
+                      height=420, margin=dict(t=30, b=50), clickmode="event+select", dragmode="pan",
+                      legend=dict(orientation="h", y=1.08, x=0))
+    return fig
+
+
+def sparsity_bars(summary: LayerSummary) -> go.Figure:
+    """Share of exact zeros per linear layer; removed layers as full grey bars."""
+    names = list(summary.names)
+    colors = [REMOVED if gone else CURRENT for gone in summary.removed]
+    text = ["removed" if gone else f"{s:.0%}" for s, gone in zip(summary.sparsity, summary.removed)]
+    hover = [f"{n}<br>{'removed' if gone else f'sparsity {s:.1%}'}<br>nonzero weights kept: {k:.1%} of the base's"
+             for n, s, k, gone in zip(names, summary.sparsity, summary.kept, summary.removed)]
+    fig = go.Figure(go.Bar(x=names, y=[100 * s for s in summary.sparsity], marker_color=colors, text=text,
+                           textposition="outside", hovertext=hover, hoverinfo="text", cliponaxis=False))
+    fig.update_layout(yaxis=dict(title="sparsity (% of weights exactly 0)", range=[0, 112]),
+                      xaxis=dict(title="linear layer", tickangle=-45 if len(names) > 8 else 0),
+                      height=380, margin=dict(t=30, b=40), bargap=0.25 if len(names) > 1 else 0.7)
+    return fig
+
+
+def heads_bars(summary: LayerSummary) -> go.Figure:
+    """Attention heads each block still computes, against the base's count (dashed)."""
+    if summary.heads_kept is None:
+        raise ValueError("Heads are counted for language models only.")
+    layers = list(range(len(summary.heads_kept)))
+    colors = [REMOVED if k == 0 else CURRENT for k in summary.heads_kept]
+    fig = go.Figure(go.Bar(x=layers, y=list(summary.heads_kept), marker_color=colors,
+                           text=[str(k) for k in summary.heads_kept], textposition="outside", cliponaxis=False,
+                           hovertemplate="block %{x}: %{y} head(s) kept<extra></extra>"))
+    fig.add_hline(y=summary.n_heads, line_dash="dash", line_color=GREY,
+                  annotation_text=f"base: {summary.n_heads} heads", annotation_position="top left")
+    fig.update_layout(xaxis=dict(title="block", **integer_axis(len(layers))),
+                      yaxis=dict(title="heads kept", range=[0, summary.n_heads * 1.25], **integer_axis(
+                          summary.n_heads + 1)),
+                      height=320, margin=dict(t=30, b=40), bargap=0.25 if len(layers) > 1 else 0.7)
+    return fig

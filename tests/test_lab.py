@@ -1,0 +1,244 @@
+"""The compression lab: prefix reuse, exact undo/redo/reset, history, Pareto frontier,
+per-layer summary, bad input leaving the recipe unchanged."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from analysis import edits as edit_registry
+from analysis import plots_lab
+from analysis.lab import Lab, LabPoint, pareto_front, quality_metric
+from analysis.pruning import Drop, Magnitude, RemoveHeads, Wanda
+from analysis.recipe import Recipe, build
+from lib import data
+from lib.errors import RecipeError
+from lib.handle import ModelHandle
+from lib.metrics import Metrics
+
+
+@pytest.fixture
+def lab(tiny_lm):
+    """A fresh lab on the read-only tiny GPT-2 (3 layers, 4 heads), on a small batch."""
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    return Lab(tiny_lm, batch, latency_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    from lib.models import load_model
+
+    return load_model("zoo:digits-cnn")
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of edits applied and private copies made while the test runs."""
+    calls = {"apply_": 0, "private_copy": 0}
+    real_apply, real_copy = edit_registry.apply_, ModelHandle.private_copy
+
+    def apply_(handle, edit):
+        calls["apply_"] += 1
+        return real_apply(handle, edit)
+
+    def private_copy(self, *args, **kwargs):
+        calls["private_copy"] += 1
+        return real_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(edit_registry, "apply_", apply_)
+    monkeypatch.setattr(ModelHandle, "private_copy", private_copy)
+    return calls
+
+
+def test_base_point_is_the_base_against_itself(lab, tiny_lm):
+    m = lab.current.metrics
+    assert lab.current.step == 0 and lab.current.edits == () and lab.recipe.edits == []
+    assert m.kl_to_base == pytest.approx(0, abs=1e-6) and m.agreement == 1.0
+    assert m.n_params == tiny_lm.n_params and m.size_bits == tiny_lm.size_bits and m.latency_ms > 0
+    assert lab.edited() is tiny_lm  # an empty recipe copies nothing
+    assert lab.quality == "bits_per_byte"
+
+
+def test_prefix_reuse_applies_only_the_edits_after_the_cached_prefix(lab, counted, tiny_lm):
+    lab.add(Magnitude(0.5))
+    assert counted == {"apply_": 1, "private_copy": 1}
+    lab.add(RemoveHeads(1, (0,)))  # copies the pruned model, applies one edit
+    assert counted == {"apply_": 2, "private_copy": 2}
+    lab.replace(1, RemoveHeads(1, (0, 2)))  # the slider moved on the last edit: same prefix
+    assert counted == {"apply_": 3, "private_copy": 3}
+    lab.add(Drop("mlp", 2))
+    assert counted == {"apply_": 4, "private_copy": 4}
+    lab.remove(0)  # the first edit went: no prefix left, rebuilt from the base
+    assert counted == {"apply_": 6, "private_copy": 5}
+    lab.undo()  # back to a recipe tried before: its copy is still cached, nothing is rebuilt
+    assert counted == {"apply_": 6, "private_copy": 5}
+    assert lab.edited() is lab.model_for(lab.current.edits)
+    assert counted == {"apply_": 6, "private_copy": 5}
+    expected = build(tiny_lm, lab.recipe)  # the reused copies hold what a build from scratch holds
+    assert lab.edited().current_fingerprint() == expected.fingerprint
+
+
+def test_undo_redo_reset_are_exact_recipe_states_with_identical_weights(lab, tiny_lm):
+    first = Magnitude(0.3, "mlp")
+    lab.add(first)
+    fp_first = lab.edited().fingerprint
+    lab.add(Wanda(0.4, "attention"))
+    fp_both = lab.edited().fingerprint
+    assert fp_both != fp_first
+    lab.clear_cache()  # undo must rebuild from the base and land on the same bits
+    lab.undo()
+    assert lab.recipe.edits == [first] and lab.can_redo
+    assert lab.edited().current_fingerprint() == fp_first
+    lab.clear_cache()
+    lab.redo()
+    assert len(lab.recipe.edits) == 2 and not lab.can_redo
+    assert lab.edited().current_fingerprint() == fp_both
+    lab.reset()
+    assert lab.recipe.edits == [] and lab.current.step == 0
+    assert lab.edited().current_fingerprint() == tiny_lm.fingerprint
+    lab.undo()  # reset is a step like any other
+    assert len(lab.recipe.edits) == 2
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint  # the base was never touched
+    assert len(lab.history) == 3  # base, one edit, two edits: going back adds no row
+
+
+def test_new_change_after_undo_clears_redo(lab):
+    lab.add(Magnitude(0.2))
+    lab.undo()
+    lab.add(Magnitude(0.4))
+    assert not lab.can_redo
+    with pytest.raises(RecipeError, match="nothing to redo"):
+        lab.redo()
+    lab.undo()  # the undone 20% is not on the stack any more: one step back is all there is
+    assert lab.recipe.edits == [] and not lab.can_undo
+    with pytest.raises(RecipeError, match="nothing to undo"):
+        lab.undo()
+
+
+def test_history_rows_and_csv(lab, tiny_lm):
+    lab.add(Magnitude(0.5))
+    lab.add(Drop("block", 1))
+    lab.restore(1)
+    rows = lab.rows()
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r["current"] for r in rows] == [False, True, False]
+    assert rows[2]["label"] == "magnitude 50% (all, per layer) + drop block 1"
+    assert rows[0]["params_kept"] == 1.0 and rows[2]["params_kept"] < 1.0
+    parsed = list(csv.DictReader(io.StringIO(lab.history_csv())))
+    assert len(parsed) == 3 and parsed[1]["edits"] == "1" and parsed[0]["accuracy"] == ""
+    assert float(parsed[2]["bits_per_byte"]) == pytest.approx(lab.history[2].metrics.bits_per_byte)
+    again = Recipe.from_dict({"fingerprint": tiny_lm.fingerprint, "edits": json.loads(parsed[2]["recipe"])})
+    assert tuple(again.edits) == lab.history[2].edits  # the recipe column rebuilds the recipe
+
+
+def test_pareto_front_on_hand_made_points():
+    costs = [10, 8, 8, 6, 4, 4, 2]
+    bpb = [1.0, 1.1, 1.05, 1.3, 1.2, 1.6, 2.0]  # lower is better
+    # 8/1.1 is beaten by 8/1.05; 6/1.3 by 4/1.2; 4/1.6 by 4/1.2
+    assert pareto_front(costs, bpb, higher_better=False) == [6, 4, 2, 0]
+    acc = [0.9, 0.8, 0.85, 0.7, 0.75, 0.6, 0.5]  # the same ranking, higher is better
+    assert pareto_front(costs, acc, higher_better=True) == [6, 4, 2, 0]
+    assert pareto_front(costs, bpb, higher_better=True) == [6]  # if higher were better, 2/2.0 beats all
+    assert pareto_front([1, 1], [0.5, 0.5], False) == [0, 1]  # equal points dominate neither
+
+
+def test_frontier_of_the_history_is_in_steps(lab):
+    for sparsity in (0.2, 0.5):
+        lab.add(Magnitude(sparsity))
+        lab.reset()
+    lab.add(Drop("block", 2))
+    front = lab.frontier("size_bits")
+    point = {p.step: (p.metrics.size_bits, p.metrics.bits_per_byte) for p in lab.history}
+    assert [p.step for p in lab.history] == [0, 1, 2, 3]  # going back to the base added no row
+    assert front[0] == 3  # the only smaller model (pruned weights are still stored)
+    assert [point[s][0] for s in front] == sorted(point[s][0] for s in front)
+    for step in set(point) - set(front):  # everything off the frontier is beaten by a point on it
+        assert any(point[f][0] <= point[step][0] and point[f][1] <= point[step][1] for f in front)
+    with pytest.raises(RecipeError, match="latency_ms"):
+        lab.frontier("flops")
+
+
+def test_layer_summary_counts_zeros_heads_and_removed_parts(lab):
+    lab.add(Magnitude(0.5, "mlp"))
+    lab.add(RemoveHeads(1, (0, 3)))
+    lab.add(Drop("attention", 2))
+    s = lab.layer_summary()
+    by_name = dict(zip(s.names, zip(s.sparsity, s.kept, s.removed)))
+    assert by_name["blocks.0.mlp.in"] == (0.5, 0.5, False)
+    assert by_name["blocks.0.attn.o"] == (0.0, 1.0, False)
+    assert by_name["blocks.1.attn.qkv"] == (0.0, 0.5, False)  # two of four heads' rows are gone
+    assert by_name["blocks.2.attn.qkv"] == (1.0, 0.0, True)
+    assert s.heads_kept == (4, 2, 0) and s.n_heads == 4
+    assert s.removed_parts == ("heads 0, 3 of layer 1", "attention 2")
+    figures = [plots_lab.sparsity_bars(s), plots_lab.heads_bars(s)]
+    assert list(figures[0].data[0].text).count("removed") == 2
+    assert list(figures[1].data[0].y) == [4, 2, 0]
+
+
+def test_deltas_and_metrics_of_an_edited_point(lab):
+    lab.add(Drop("mlp", 0))
+    d = lab.deltas()
+    base, now = lab.base_point.metrics, lab.current.metrics
+    assert d["n_params"] == now.n_params - base.n_params < 0
+    assert d["kl_to_base"] == now.kl_to_base > 0 and "accuracy" not in d
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Magnitude(1.0), r"fraction in \[0, 1\)"),
+    (lambda: Magnitude(-0.1), r"fraction in \[0, 1\)"),
+    (lambda: RemoveHeads(0, (7,)), r"no head\(s\) \[7\]"),
+    (lambda: RemoveHeads(5, (0,)), "layers 0..2"),
+    (lambda: Drop("stage", "conv2"), "parts are"),
+])
+def test_bad_edits_leave_the_recipe_and_history_unchanged(lab, make, message):
+    lab.add(Magnitude(0.2))
+    before, history = lab.recipe, list(lab.history)
+    with pytest.raises(RecipeError, match=message):
+        lab.add(make())
+    assert lab.recipe == before and lab.history == history and lab.current.step == 1
+
+
+def test_an_edit_that_fails_inside_becomes_a_message(lab):
+    lab.add(Drop("block", 1))
+    with pytest.raises(RecipeError, match="remove heads 0 of layer 1"):
+        lab.add(RemoveHeads(1, (0,)))  # heads of a removed block
+    assert lab.recipe.edits == [Drop("block", 1)]
+
+
+def test_duplicates_and_other_models_recipes_are_refused(lab, cnn):
+    lab.add(Magnitude(0.2))
+    with pytest.raises(RecipeError, match="already in the recipe"):
+        lab.add(Magnitude(0.2))
+    with pytest.raises(RecipeError, match="made for another model"):
+        lab.apply(Recipe(cnn.fingerprint, [Magnitude(0.2)], model="zoo:digits-cnn"))
+    with pytest.raises(RecipeError, match="no entry 9"):
+        lab.restore(9)
+    assert len(lab.recipe.edits) == 1
+
+
+def test_lab_on_the_digits_cnn(cnn):
+    lab = Lab(cnn, latency_repeats=1)
+    assert lab.quality == "accuracy"
+    lab.add(Magnitude(0.5, "layers", ("conv2", "fc1")))
+    lab.add(Drop("stage", "conv2"))
+    s = lab.layer_summary()
+    assert s.heads_kept is None and s.names == ("conv1", "conv2", "conv3", "fc1", "head")
+    assert s.removed == (False, True, False, False, False) and s.sparsity[3] == 0.5
+    assert lab.current.metrics.accuracy is not None and lab.current.metrics.n_params < cnn.n_params
+    assert cnn.current_fingerprint() == cnn.fingerprint
+
+
+def test_quality_metric_by_kind():
+    assert quality_metric(Metrics(1, 1, bits_per_byte=1.0, perplexity=3.0)) == "bits_per_byte"
+    assert quality_metric(Metrics(1, 1, accuracy=0.9, perplexity=30.0)) == "accuracy"
+    assert quality_metric(Metrics(1, 1, psnr_db=20.0)) == "psnr_db"
+
+
+def test_history_figure_marks_frontier_and_current(lab):
+    lab.add(Magnitude(0.5))
+    lab.add(Drop("block", 0))
+    fig = plots_lab.history_scatter(lab.history, "size_bits", lab.quality, lab.frontier(), lab.current.step)
+    tried, front, base, current = fig.data
+    assert list(tried.customdata) == [0, 1, 2] and list(current.customdata) == [2] and list(base.customdata) == [0]
+    assert list(front.customdata) == lab.frontier()
+    assert isinstance(lab.history[0], LabPoint)
