@@ -1,0 +1,207 @@
+"""AppTest runs of the Compression lab page: building a recipe and watching the metrics,
+editing the recipe, history, uploads (good and bad), the Redundancy page's drops, the
+digits CNN, and two sessions that never see each other's edits."""
+
+import json
+
+import pytest
+
+from apptest_helpers import load, new_app, run
+
+PAGE = "views/lab.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from conftest import save_tiny_gpt2
+
+    folder = tmp_path_factory.mktemp("lab-gpt2")
+    save_tiny_gpt2(folder)
+    return str(folder)
+
+
+def lab_page(spec, typed=True):
+    at = load(run(new_app()), spec, typed=typed)
+    return run(at, PAGE)
+
+
+def errors(at):
+    return [e.value for e in at.error]
+
+
+def metrics(at):
+    return {m.label: (m.value, m.delta) for m in at.metric}
+
+
+def recipe_lines(at):
+    return [m.value for m in at.markdown if m.value[:1].isdigit() and ". " in m.value[:4]]
+
+
+def session_recipe(at):
+    return at.session_state["load_request"], next(r for r in at.session_state["recipes"].values()
+                                                   if r.model == at.session_state["load_request"].spec)
+
+
+def click(at, key):
+    at.button(key=key).click()
+    return run(at)
+
+
+def choose_method(at, name):
+    at.selectbox(key="lab_method").set_value(name)
+    return run(at)
+
+
+def upload(at, content, name="recipe.json"):
+    at.file_uploader[0].set_value((name, content.encode() if isinstance(content, str) else content,
+                                   "application/json"))
+    return run(at)
+
+
+def test_recipe_built_edited_and_walked_back(tiny_folder):
+    at = lab_page(tiny_folder)
+    assert at.title[0].value == f"Compression lab · {tiny_folder}"
+    base = metrics(at)
+    assert base["bits per byte"][1] in (None, "") and {"KL to base", "top-1 agreement", "parameters kept", "size",
+                                                        "latency"} <= set(base)
+    assert recipe_lines(at) == []
+    click(at, "lab_add")  # magnitude 50%, all blocks
+    first = metrics(at)
+    assert recipe_lines(at) == ["1. magnitude 50% (all, per layer)"]
+    assert first["bits per byte"][0] != base["bits per byte"][0] and first["bits per byte"][1]
+    choose_method(at, "Drop a block, attention or MLP")
+    at.radio(key="lab_drop_kind").set_value("mlp")
+    at.selectbox(key="lab_drop_layer").set_value(1)
+    click(at, "lab_add")
+    assert recipe_lines(at) == ["1. magnitude 50% (all, per layer)", "2. drop mlp 1"]
+    assert metrics(at)["parameters kept"] != first["parameters kept"]
+    assert "Recipe: 2 edit(s)" in " ".join(c.value for c in at.sidebar.caption)
+    click(at, "lab_up_1")
+    assert recipe_lines(at) == ["1. drop mlp 1", "2. magnitude 50% (all, per layer)"]
+    click(at, "lab_remove_0")
+    assert recipe_lines(at) == ["1. magnitude 50% (all, per layer)"]
+    click(at, "lab_undo")
+    assert recipe_lines(at) == ["1. drop mlp 1", "2. magnitude 50% (all, per layer)"]
+    click(at, "lab_redo")
+    click(at, "lab_reset")
+    assert recipe_lines(at) == [] and metrics(at)["bits per byte"] == base["bits per byte"]
+    history = next(s for s in at.selectbox if s.label == "Restore a recipe from the history")
+    assert len(history.options) == 4  # base, magnitude, + drop, drop first; going back added no rows
+    history.set_value(2)
+    run(at)
+    click(at, "lab_restore")
+    assert recipe_lines(at) == ["1. magnitude 50% (all, per layer)", "2. drop mlp 1"]
+    assert len(session_recipe(at)[1].edits) == 2  # the session's recipe is the lab's
+    assert not errors(at) and not at.exception
+
+
+def test_replace_the_last_edit_reuses_the_ones_before(tiny_folder):
+    at = lab_page(tiny_folder)
+    choose_method(at, "Wanda pruning")
+    click(at, "lab_add")
+    at.slider(key="lab_wanda_sparsity").set_value(30)
+    run(at)
+    click(at, "lab_replace")
+    assert recipe_lines(at) == ["1. Wanda 30% (all)"]
+    lab = next(iter(at.session_state["labs"].values()))
+    assert [p.label for p in lab.history] == ["base (no edits)", "Wanda 50% (all)", "Wanda 30% (all)"]
+
+
+def test_heads_and_layer_skipping_controls(tiny_folder):
+    at = lab_page(tiny_folder)
+    choose_method(at, "Remove attention heads")
+    at.selectbox(key="lab_heads_layer").set_value(2)
+    run(at)
+    at.multiselect(key="lab_heads_2").set_value([0, 3])
+    run(at)
+    click(at, "lab_add")
+    assert recipe_lines(at) == ["1. remove heads 0, 3 of layer 2"]
+    run(at)
+    assert at.multiselect(key="lab_heads_2").options == ["1", "2"]  # only the heads still there
+    choose_method(at, "Skip layers for a speed-up")
+    assert "Keeps blocks 0, 2 of 0..2." in [c.value for c in at.caption]
+    click(at, "lab_add")
+    assert recipe_lines(at)[1] == "2. skip layers for 1.5x speed-up" and not errors(at)
+
+
+def test_uploaded_recipe_applies_with_the_same_metrics(tiny_folder):
+    first = lab_page(tiny_folder)
+    click(first, "lab_add")
+    lab = next(iter(first.session_state["labs"].values()))
+    second = lab_page(tiny_folder)
+    upload(second, lab.recipe.to_json())
+    assert recipe_lines(second) == ["1. magnitude 50% (all, per layer)"]
+    assert metrics(second)["bits per byte"] == metrics(first)["bits per byte"]
+    assert not errors(second)
+
+
+@pytest.mark.parametrize("edits, message", [
+    ([{"type": "magnitude", "sparsity": 1.0}], r"fraction in [0, 1)"),
+    ([{"type": "magnitude", "sparsity": -0.1}], r"fraction in [0, 1)"),
+    ([{"type": "remove_heads", "layer": 0, "heads": [7]}], "Layer 0 has no head(s) [7]"),
+    ([{"type": "magnitude", "sparsity": 0.5, "strength": 2}], "no field(s) strength"),
+    ([{"type": "drop", "kind": "mlp", "layer": "one"}], "needs a layer index"),
+    ("another model", "made for another model"),
+    ("not json", "not valid JSON"),
+])
+def test_bad_recipe_uploads_say_why_and_leave_the_recipe(tiny_folder, edits, message):
+    at = lab_page(tiny_folder)
+    click(at, "lab_add")
+    before = recipe_lines(at)
+    _, shared = session_recipe(at)
+    if edits == "another model":
+        text = json.dumps({"fingerprint": "0" * 16, "model": "gpt2", "edits": []})
+    elif edits == "not json":
+        text = "{edits: ["
+    else:
+        text = json.dumps({"fingerprint": shared.fingerprint, "edits": edits})
+    upload(at, text)
+    assert any(message in e for e in errors(at)), errors(at)
+    assert recipe_lines(at) == before and len(session_recipe(at)[1].edits) == 1
+    assert not at.exception
+    run(at)  # the next run: the file was applied once, the page is whole again
+    assert not errors(at) and recipe_lines(at) == before
+
+
+def test_drops_from_the_redundancy_page_appear_in_the_lab(tiny_folder):
+    at = run(load(run(new_app()), tiny_folder, typed=True), "views/redundancy.py")
+    next(b for b in at.button if b.label.startswith("Add this drop")).click()
+    run(at)
+    run(at, PAGE)
+    lines = recipe_lines(at)
+    assert len(lines) == 1 and lines[0].startswith("1. drop ")
+    assert metrics(at)["KL to base"][0] != "0 nats" and not errors(at)
+
+
+def test_two_sessions_keep_their_own_recipes(tiny_folder):
+    from ui.session import load_base
+
+    first, second = lab_page(tiny_folder), lab_page(tiny_folder)
+    click(first, "lab_add")
+    choose_method(second, "Drop a block, attention or MLP")
+    click(second, "lab_add")
+    run(first)
+    assert recipe_lines(first) == ["1. magnitude 50% (all, per layer)"]
+    assert recipe_lines(second) == ["1. drop block 0"]
+    base = load_base(first.session_state["load_request"])
+    assert base.current_fingerprint() == base.fingerprint  # neither touched the shared base model
+
+
+def test_lab_on_the_digits_cnn():
+    at = lab_page("zoo:digits-cnn", typed=False)
+    assert at.selectbox(key="lab_method").options == ["Magnitude pruning", "Wanda pruning", "Bypass a stage"]
+    assert at.radio(key="lab_magnitude_scope").options == ["all layers", "chosen stages"]
+    before = metrics(at)["accuracy"][0]
+    choose_method(at, "Bypass a stage")
+    assert at.selectbox(key="lab_drop_stage").options == ["conv2"]
+    click(at, "lab_add")
+    assert recipe_lines(at) == ["1. drop stage conv2"]
+    assert metrics(at)["accuracy"][0] != before and metrics(at)["accuracy"][1].endswith("points")
+    choose_method(at, "Bypass a stage")
+    assert any("none can be bypassed" in i.value for i in at.info)
+    choose_method(at, "Magnitude pruning")
+    at.radio(key="lab_magnitude_scope").set_value("layers")
+    run(at)
+    assert at.multiselect(key="lab_magnitude_stages").options == ["conv1", "conv3", "fc1", "head"]
+    assert at.button(key="lab_add").disabled  # nothing chosen yet
+    assert not errors(at) and not at.exception

@@ -1,0 +1,261 @@
+"""Streamlit side of the compression lab (`analysis.lab`): one `Lab` per browser session
+and base model, every change run with a progress bar and a message on failure, and the
+page's panels (recipe list, metrics, history, per-layer view, downloads, upload).
+
+A change is applied first and only made current when it succeeded, so a bad edit or
+file shows `st.error` and leaves the recipe as it was. The lab's recipe is also the
+session's recipe (`ui.session.recipe`), so drops sent from the Redundancy page show up
+here and edits made here show in the sidebar.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import streamlit as st
+
+from analysis import export, plots_lab
+from analysis.edits import Edit
+from analysis.glossary import GLOSSARY
+from analysis.lab import COSTS, Lab, Progress, higher_is_better
+from analysis.recipe import Recipe
+from lib.errors import LayerScopeError, RecipeError
+from lib.handle import ModelHandle
+from lib.metrics import LABELS, prepare_base
+from ui.lab_controls import methods_for
+from ui.session import app_message, recipe
+from ui.store import STORE
+from ui.views import base_outputs, eval_batch
+
+MIB = 8 * 2**20
+
+
+def session_lab(handle: ModelHandle) -> Lab:
+    """This session's lab for the loaded model (made once: it measures the base)."""
+    labs = st.session_state.setdefault("labs", {})
+    if handle.fingerprint not in labs:
+        with st.spinner("Measuring the base model: quality, size and latency ..."):
+            batch = eval_batch(handle, handle.fingerprint)
+            reference = STORE.get_or_compute(("base_prepared", handle.fingerprint),
+                                             lambda: prepare_base(base_outputs(handle), batch))
+            labs[handle.fingerprint] = Lab(handle, batch, base_outputs=reference)
+    return labs[handle.fingerprint]
+
+
+def change(lab: Lab, handle: ModelHandle, label: str, act: Callable[[Progress], object]) -> None:
+    """Run one change of the recipe with a progress bar; on success share the new recipe
+    with the session and rerun the page (every panel then shows it); on a user error
+    show it here and leave everything as it was."""
+    bar = st.progress(0.0, text=label)
+    try:
+        act(lambda fraction, message: bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}"))
+    except LayerScopeError as e:
+        st.error(app_message(e))
+        return
+    finally:
+        bar.empty()
+    recipe(handle).edits[:] = lab.recipe.edits
+    st.rerun()
+
+
+def sync_with_session(lab: Lab, handle: ModelHandle) -> None:
+    """Apply edits another page put in the session's recipe (drops from the Redundancy page)."""
+    shared = recipe(handle)
+    if shared.edits == lab.recipe.edits:
+        return
+    wanted = Recipe(handle.fingerprint, list(shared.edits), model=handle.spec)
+    shared.edits[:] = lab.recipe.edits  # stays as it was unless the new recipe applies
+    change(lab, handle, "Applying the edits sent to the recipe", lambda p: lab.apply(wanted, p))
+
+
+# ---------------------------------------------------------------------- controls and recipe
+
+
+def edit_controls(lab: Lab, handle: ModelHandle) -> None:
+    """Method, its controls, and buttons that add the edit or put it in place of the last one."""
+    methods = methods_for(handle)
+    name = st.selectbox("Method", [m.name for m in methods], key="lab_method")
+    chosen = next(m for m in methods if m.name == name)
+    st.caption(chosen.help)
+    try:
+        edit = chosen.controls(handle, lab.edited())
+    except RecipeError as e:
+        st.error(app_message(e))
+        edit = None
+    edits = lab.recipe.edits
+    last = edits[-1] if edits else None
+    left, right = st.columns(2)
+    if left.button("Add to recipe", type="primary", disabled=edit is None, key="lab_add", width="stretch"):
+        change(lab, handle, f"Applying {edit.label}", lambda p: lab.add(edit, p))
+    can_replace = edit is not None and last is not None and type(last) is type(edit) and last != edit
+    if right.button("Replace the last edit", disabled=not can_replace, key="lab_replace", width="stretch",
+                    help="Put this edit in place of the last one of the same method; the edits before it are "
+                         "not redone."):
+        change(lab, handle, f"Applying {edit.label}", lambda p: lab.replace(len(edits) - 1, edit, p))
+
+
+def recipe_list(lab: Lab, handle: ModelHandle) -> None:
+    """The edits in order, each movable and removable; undo, redo and reset."""
+    edits = lab.recipe.edits
+    if not edits:
+        st.caption("No edits yet: the model is the loaded base model.")
+    for i, edit in enumerate(edits):
+        text, up, down, drop = st.columns([8, 1, 1, 1], vertical_alignment="center")
+        text.markdown(f"{i + 1}. {edit.label}")
+        if up.button("", icon=":material/arrow_upward:", key=f"lab_up_{i}", disabled=i == 0, help="Move up"):
+            change(lab, handle, "Reordering", lambda p: lab.move(i, i - 1, p))
+        if down.button("", icon=":material/arrow_downward:", key=f"lab_down_{i}", disabled=i == len(edits) - 1,
+                       help="Move down"):
+            change(lab, handle, "Reordering", lambda p: lab.move(i, i + 1, p))
+        if drop.button("", icon=":material/close:", key=f"lab_remove_{i}", help=f"Remove '{edit.label}'"):
+            change(lab, handle, f"Removing {edit.label}", lambda p: lab.remove(i, p))
+    undo, redo, reset = st.columns(3)
+    if undo.button("Undo", icon=":material/undo:", key="lab_undo", disabled=not lab.can_undo, width="stretch"):
+        change(lab, handle, "Undoing", lab.undo)
+    if redo.button("Redo", icon=":material/redo:", key="lab_redo", disabled=not lab.can_redo, width="stretch"):
+        change(lab, handle, "Redoing", lab.redo)
+    if reset.button("Reset", icon=":material/restart_alt:", key="lab_reset", disabled=not edits, width="stretch"):
+        change(lab, handle, "Back to the base model", lab.reset)
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def _quality_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
+    """(label, value, delta, delta colour, help) for the quality metrics this model has."""
+    now, deltas, edited = lab.current.metrics, lab.deltas(), bool(lab.current.edits)
+    items = []
+    for name, fmt, helptext in (
+            ("bits_per_byte", "{:.4f}", GLOSSARY["bits_per_byte"]), ("perplexity", "{:.4g}", GLOSSARY["perplexity"]),
+            ("accuracy", "{:.1%}", "Share of correct top-1 predictions on the evaluation set."),
+            ("psnr_db", "{:.2f}", GLOSSARY["psnr"])):
+        value = getattr(now, name)
+        if value is None:
+            continue
+        delta = deltas.get(name)
+        if delta is not None and name == "accuracy":
+            shown = f"{100 * delta:+.1f} points"
+        else:
+            shown = None if delta is None else fmt.replace("{:", "{:+").format(delta)
+        items.append((LABELS[name], fmt.format(value), shown if edited else None,
+                      "normal" if higher_is_better(name) else "inverse", helptext))
+    return items
+
+
+def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
+    now, base, edited = lab.current.metrics, lab.base_point.metrics, bool(lab.current.edits)
+    items = []
+    if now.kl_to_base is not None:
+        items.append(("KL to base", f"{now.kl_to_base:.4g} nats", None, "off", GLOSSARY["kl"]))
+        items.append(("top-1 agreement", f"{now.agreement:.1%}", None, "off", GLOSSARY["top1_agreement"]))
+    share = now.n_params / base.n_params
+    items.append(("parameters kept", f"{now.n_params:,} ({share:.1%})", f"{share - 1:+.1%}" if edited else None,
+                  "inverse", "Weights the edited model still holds. Weights pruned to zero still count (they are "
+                             "stored); removed heads, sublayers and blocks do not."))
+    items.append(("size", f"{now.size_bits / MIB:.2f} MiB",
+                  f"{(now.size_bits - base.size_bits) / MIB:+.2f} MiB" if edited else None, "inverse",
+                  "Bits to store the weights as they are stored, in MiB."))
+    items.append(("latency", f"{now.latency_ms:.0f} ms",
+                  f"{now.latency_ms / base.latency_ms - 1:+.0%}" if edited else None, "inverse",
+                  f"Median of {lab.latency_repeats} timed forward passes over the whole evaluation batch on this "
+                  "machine; it moves by a few percent between runs on its own."))
+    return items
+
+
+def metrics_panel(lab: Lab) -> None:
+    """The current recipe's metrics, with changes against the base."""
+    items = _quality_items(lab) + _cost_items(lab)
+    cols = st.columns(4)
+    for i, (label, value, delta, color, helptext) in enumerate(items):
+        cols[i % 4].metric(label, value, delta, delta_color=color, help=helptext)
+
+
+# ---------------------------------------------------------------------- history, layers
+
+
+def history_view(lab: Lab, handle: ModelHandle) -> None:
+    """Every recipe tried, cost against quality, with the Pareto frontier; clicking a point
+    (or choosing it in the list below) makes its recipe current again."""
+    cost = st.radio("Cost", COSTS, horizontal=True, key="lab_cost",
+                    format_func={"size_bits": "size", "latency_ms": "latency"}.get)
+    figure = plots_lab.history_scatter(lab.history, cost, lab.quality, lab.frontier(cost), lab.current.step)
+    version = st.session_state.get("lab_chart_version", 0)
+    event = st.plotly_chart(figure, on_select="rerun", selection_mode="points", key=f"lab_history_{version}",
+                            width="stretch")
+    step = _clicked_step(event)
+    if step is not None:
+        st.session_state["lab_chart_version"] = version + 1  # a new chart: the click is handled once
+        if step != lab.current.step:
+            change(lab, handle, "Restoring a recipe from the history", lambda p: lab.restore(step, p))
+    steps = [p.step for p in lab.history]
+    left, right = st.columns([4, 1], vertical_alignment="bottom")
+    # no key: when the current step changes the list is a new widget that shows it
+    chosen = left.selectbox("Restore a recipe from the history", steps, index=lab.current.step,
+                            format_func=lambda s: f"{s}: {lab.history[s].label}")
+    if right.button("Restore", key="lab_restore", disabled=chosen == lab.current.step, width="stretch"):
+        change(lab, handle, "Restoring a recipe from the history", lambda p: lab.restore(chosen, p))
+
+
+def _clicked_step(event: object) -> int | None:
+    try:
+        points = event["selection"]["points"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return None
+    for point in points:
+        data = point.get("customdata")
+        data = data[0] if isinstance(data, list) and data else data
+        if isinstance(data, (int, float)):
+            return int(data)
+    return None
+
+
+def layer_view(lab: Lab) -> None:
+    """Sparsity per linear layer, heads kept per block, and the edited model's card."""
+    summary = lab.layer_summary()
+    if summary.heads_kept is not None:
+        left, right = st.columns([3, 2])
+        left.plotly_chart(plots_lab.sparsity_bars(summary), width="stretch")
+        right.plotly_chart(plots_lab.heads_bars(summary), width="stretch")
+    else:
+        st.plotly_chart(plots_lab.sparsity_bars(summary), width="stretch")
+    removed = ", ".join(summary.removed_parts) or "nothing"
+    st.caption(f"Bars: share of each linear layer's weights that are exactly zero (grey: removed). Removed: {removed}.")
+    with st.expander("The edited model's card"):
+        rows = lab.edited().describe()
+        st.table({"property": [r[0] for r in rows], "value": [r[1] for r in rows]})
+
+
+# ---------------------------------------------------------------------- import, export
+
+
+def _model_zip(lab: Lab, edits: tuple[Edit, ...]) -> Callable[[], bytes]:
+    """The zipped checkpoint of `edits`, made only when the button is clicked."""
+    name = f"{export.safe_name(lab.base.spec)}-{lab.current.digest or 'base'}"
+    made = Recipe(lab.base.fingerprint, list(edits), model=lab.base.spec)
+    return lambda: export.model_zip(lab.model_for(edits), name, made if edits else None)
+
+
+def downloads(lab: Lab) -> None:
+    cols = st.columns(4)
+    cols[0].download_button("Model (zip)", _model_zip(lab, lab.current.edits), export.file_name(lab, "model", "zip"),
+                            "application/zip", key="lab_get_model", on_click="ignore", icon=":material/download:",
+                            help="A checkpoint folder (safetensors, config.json, tokenizer) that LayerScope and plain "
+                                 "transformers load. Removed parts are written as zeros in their original shapes.")
+    cols[1].download_button("Recipe (JSON)", lab.recipe.to_json(), export.file_name(lab, "recipe", "json"),
+                            "application/json", key="lab_get_recipe", on_click="ignore", icon=":material/download:")
+    cols[2].download_button("History (CSV)", lab.history_csv(), export.file_name(lab, "history", "csv"), "text/csv",
+                            key="lab_get_history", on_click="ignore", icon=":material/download:")
+    cols[3].download_button("Report (HTML)", lambda: export.html_report(lab), export.file_name(lab, "report", "html"),
+                            "text/html", key="lab_get_report", on_click="ignore", icon=":material/download:",
+                            help="Metrics, history and figures in one page that opens offline.")
+
+
+def upload(lab: Lab, handle: ModelHandle) -> None:
+    """A recipe file: applied to the loaded base model if it was made for it."""
+    version = st.session_state.get("lab_upload_version", 0)
+    file = st.file_uploader("Apply a recipe file (JSON saved by the lab)", type=["json"],
+                            key=f"lab_upload_{version}")
+    if file is not None:
+        st.session_state["lab_upload_version"] = version + 1  # a fresh uploader: the file is applied once
+        change(lab, handle, f"Applying {file.name}",
+               lambda p: lab.apply(export.read_recipe(file.getvalue(), handle), p))

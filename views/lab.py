@@ -1,0 +1,38 @@
+"""Compression lab: cut the model and watch what every change costs."""
+
+import streamlit as st
+
+from ui import lab as ui
+from ui.session import require_handle
+
+handle = require_handle()
+st.title(f"Compression lab · {handle.spec}")
+st.caption("Build a recipe of edits. Each change is applied to a private copy of the loaded model (the model "
+           "itself is never touched) and measured on the evaluation set against the base model.")
+lab = ui.session_lab(handle)
+ui.sync_with_session(lab, handle)
+
+controls, recipe = st.columns([3, 2], gap="large")
+with controls:
+    st.subheader("Add an edit")
+    ui.edit_controls(lab, handle)
+with recipe:
+    st.subheader("Recipe")
+    ui.recipe_list(lab, handle)
+
+st.subheader("Edited model vs base")
+ui.metrics_panel(lab)
+st.caption("Arrows show the change from the base model. Pruned weights are set to zero but still stored, so size "
+           "and latency fall only when heads, sublayers or blocks are removed.")
+
+st.subheader("Every recipe tried")
+ui.history_view(lab, handle)
+st.caption("Red: the Pareto frontier (no other recipe is both cheaper and better). Click a point to make its "
+           "recipe current again.")
+
+st.subheader("What the edits did, layer by layer")
+ui.layer_view(lab)
+
+st.subheader("Export and import")
+ui.downloads(lab)
+ui.upload(lab, handle)
