@@ -24,11 +24,16 @@ class BridgeHandle(ModelHandle):
 
     kind = "causal-lm"
     sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pattern", "z")
+    sites += ("ln1_scale", "ln2_scale", "mlp_pre", "mlp_post", "embed", "pos_embed", "ln_final_scale")
     _HOOKS = {  # the one place TransformerLens hook names are spelled
         "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
         "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
         "mlp_out": "blocks.{}.hook_mlp_out", "pattern": "blocks.{}.attn.hook_pattern",
         "z": "blocks.{}.attn.hook_z",
+        # linearisation (Interpreter view): what it freezes, where it feeds the input; model-level points use layer 0
+        "ln1_scale": "blocks.{}.ln1.hook_scale", "ln2_scale": "blocks.{}.ln2.hook_scale",
+        "mlp_pre": "blocks.{}.mlp.hook_pre", "mlp_post": "blocks.{}.mlp.hook_post", "embed": "hook_embed",
+        "pos_embed": "hook_pos_embed", "ln_final_scale": "ln_final.hook_scale", "ln_final_out": "ln_final.hook_out",
     }
     _TOP = ("embed", "pos_embed", "blocks", "ln_final", "unembed")
 
@@ -375,6 +380,70 @@ class BridgeHandle(ModelHandle):
         for block in blocks:
             block._capture_hook_handles = []
             block._capture_hooks_wired = False
+
+    # ---- linearisation (Interpreter view)
+
+    class _Stop(Exception):
+        """Raised in a hook to end a forward once the final LayerNorm's output is there."""
+
+    def linearisation_points(self) -> dict[str, list[Point]]:
+        """Where this model is not linear in its input embeddings, grouped by how a detached
+        linearisation (METHODS.md §3) freezes each at its value for one input.
+
+        "scale": every LayerNorm scale [batch, pos, 1] (ln1, ln2 of each block, then the
+        final one); "pattern": every attention pattern [batch, head, query, key];
+        "gate_in" / "gate_out": each MLP's pre-activation p and activation act(p)
+        [batch, pos, d_mlp], same layers in the same order (frozen as p · act(p)/p);
+        "inputs": where the input enters, the token embedding ("embed") and, for learned
+        positions, the position embedding ("pos_embed"), [batch, pos, d_model] each.
+        Raises CapabilityError for a model this cannot make exactly linear.
+        """
+        self._check_whole("the linear interpreter")
+        cfg = self.model.cfg
+        if getattr(cfg, "gated_mlp", False):
+            raise CapabilityError(
+                "This model's MLPs are gated (act(x·W_gate) ⊙ x·W_up): with the gate frozen the output is still a "
+                "product of two paths from the input, so the detached linearisation would not be exact. "
+                "It supports GPT-2-style MLPs (act(x·W_in)·W_out).")
+        layers = range(self.structure.n_layers)
+
+        def present(sites: Sequence[str], at: Sequence[int]) -> list[Point]:
+            return [Point(s, l) for l in at for s in sites if self._HOOKS[s].format(l) in self.model.hook_dict]
+
+        inputs = present(("embed", "pos_embed"), [0])
+        if not inputs or inputs[0].site != "embed":
+            raise CapabilityError("This model has no token-embedding hook point to feed the linear interpreter.")
+        mlp = layers if self.structure.d_mlp else ()
+        return {"scale": present(("ln1_scale", "ln2_scale"), layers) + present(("ln_final_scale",), [0]),
+                "pattern": present(("pattern",), layers), "gate_in": present(("mlp_pre",), mlp),
+                "gate_out": present(("mlp_post",), mlp), "inputs": inputs}
+
+    def unembedding_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the unembedding reads for `tokens` [batch, pos]: the final LayerNorm's
+        output [batch, pos, d_model], with autograd on; the readout itself is not run.
+        Hooks of an enclosing `hooks(...)` fire: they may feed the input embeddings
+        (points "embed", "pos_embed") and freeze what `linearisation_points` lists.
+        Gradients belong on a private copy."""
+        import warnings
+
+        self._check_whole("running the model from its embeddings")
+        kept: list[torch.Tensor] = []
+
+        def stop(tensor: torch.Tensor, hook: Any = None) -> None:
+            kept.append(tensor)
+            raise self._Stop
+
+        with self.lock, warnings.catch_warnings(), self.model.hooks(fwd_hooks=[(self._HOOKS["ln_final_out"], stop)]):
+            # a frozen LayerNorm scale is an edit TransformerLens warns about; here it is the point
+            warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+            try:
+                with torch.enable_grad():
+                    self.model(tokens, prepend_bos=False)
+            except self._Stop:
+                pass
+        if not kept:
+            raise CapabilityError("The final LayerNorm's output never appeared in this model's forward.")
+        return kept[0]
 
 
 @dataclass(frozen=True)
