@@ -13,8 +13,9 @@ import functools
 import hashlib
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ LM_PARTS = ("block", "attention", "mlp")
 
 # An activation hook: gets the activation, returns a replacement or None (keep it).
 ActivationHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+# An input transform: gets a linear layer's input, returns a replacement or None (keep it).
+InputTransform = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class ModelHandle(ABC):
     re-entrant lock: one session's hooks never touch another session's forward.
     storage: readable tensor name -> `StoredAs`, for tensors not stored as plain floats.
     base_fingerprint: for a private copy, the fingerprint of the model it was copied from.
+    input_transforms: linear layer name -> a transform of its input that is part of this
+    edited copy's definition (activation quantization); always empty on a base model.
     """
 
     spec: str
@@ -141,6 +146,7 @@ class ModelHandle(ABC):
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.storage: dict[str, StoredAs] = {}
+        self.input_transforms: dict[str, InputTransform] = {}
         self.base_fingerprint: str | None = None
         self._fingerprint: str | None = None
 
@@ -162,9 +168,15 @@ class ModelHandle(ABC):
         return self._fingerprint
 
     def current_fingerprint(self) -> str:
-        """Hash of the weights now; equal to `fingerprint` while nothing mutated them."""
+        """Hash of the weights now; equal to `fingerprint` while nothing mutated them. A copy
+        with input transforms computes another function with the same weights, so their
+        descriptions (reprs) are hashed in too."""
         with self.lock:
-            return weight_fingerprint(iter(self.weights().items()))
+            digest = weight_fingerprint(iter(self.weights().items()))
+        if self.input_transforms:
+            text = digest + repr(sorted((name, repr(fn)) for name, fn in self.input_transforms.items()))
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return digest
 
     def weights_changed(self) -> None:
         """Forget the memoised fingerprint (call after editing a private copy)."""
@@ -292,9 +304,97 @@ class ModelHandle(ABC):
             return parts[0], None
         return None, None
 
+    def linear_parameter(self, name: str) -> tuple[nn.Parameter, nn.Parameter | None, bool]:
+        """The weight parameter of linear layer `name` as stored, its bias, and whether it
+        is stored [in, out] (GPT-2's Conv1D) rather than [out, in]."""
+        module = self._linear_modules().get(name)
+        if module is None:
+            raise CapabilityError(f"The model has no linear layer {name!r}.")
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            raise CapabilityError(f"{name} is a convolution; only fully connected layers can be factorised or shared.")
+        return module.weight, getattr(module, "bias", None), type(module).__name__ == "Conv1D"
+
+    @abstractmethod
+    def replace_linear_(self, name: str, module: nn.Module) -> None:
+        """Put `module` in place of linear layer `name` in this private copy (it computes
+        the same kind of map: inputs [..., in] -> outputs [..., out])."""
+
     @abstractmethod
     def _linear_modules(self) -> dict[str, nn.Module]:
         """Readable name -> module, for the layers `linear_layers()` lists."""
+
+    def _named_linear(self, names: Sequence[str]) -> dict[str, nn.Module]:
+        """The linear modules called `names`; an unknown name is a CapabilityError."""
+        modules = self._linear_modules()
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise CapabilityError(f"The model has no linear layer(s) {', '.join(unknown[:3])}.")
+        return {n: modules[n] for n in names}
+
+    def weight_name(self, layer: str) -> str:
+        """The `weights()` (and `storage`) name of linear layer `layer`'s weight, e.g.
+        `blocks.0.mlp.in.weight`, or `conv1.0.weight` for the zoo CNN's stage conv1."""
+        weight = self._named_linear([layer])[layer].weight
+        for name, tensor in self.weights().items():
+            if tensor is weight:
+                return name
+        raise CapabilityError(f"The weight of linear layer {layer} is not among this model's weights.")
+
+    @contextmanager
+    def transforming_inputs(self, transforms: Mapping[str, InputTransform]) -> Iterator[None]:
+        """Inside the block, the input x of each named linear layer is replaced by
+        `transforms[name](x)` (None keeps x) in every plain forward: `forward` outside
+        `hooks(...)`, and `input_norms` / `input_grams`. Torch forward pre-hooks on the modules
+        `_linear_modules()` returns (for LMs, those of the plain transformers model the
+        hook-free forward runs); they go on exit, also when the body raises. The lock is held
+        throughout, so no other session's forward sees them."""
+        with self.lock:
+            modules = self._named_linear(list(transforms))
+            with forward_pre_hooks([(modules[n], _InputHook(fn)) for n, fn in transforms.items()]):
+                yield
+
+    def set_input_transform_(self, layer: str, transform: InputTransform) -> None:
+        """Make `transform` part of this private copy: from now on every plain forward feeds
+        linear layer `layer` `transform(x)` instead of x (activation quantization), and so do
+        private copies of this copy. `transform` should have a repr that says what it does
+        (it enters the fingerprint). Never on a base model."""
+        if self.base_fingerprint is None:
+            raise RecipeError("Input transforms are set on a private copy (`handle.private_copy()`), "
+                              "never on a loaded base model.")
+        self._named_linear([layer])
+        self.input_transforms[layer] = transform
+        self._wire_input_transforms()
+        self.weights_changed()
+
+    def _wire_input_transforms(self) -> None:
+        """Put exactly one permanent pre-hook per entry of `input_transforms` on the modules
+        (a deep copy carries old ones, or none where a module was rebuilt)."""
+        for name, module in self._linear_modules().items():
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if isinstance(hook, _PermanentInput):
+                    del module._forward_pre_hooks[key]
+            if name in self.input_transforms:
+                module.register_forward_pre_hook(_PermanentInput(self.input_transforms[name]))
+
+    @exclusive
+    @torch.no_grad()
+    def input_grams(self, inputs: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Sigma = X^T X over every position of `inputs` for each linear layer of `names`
+        (calibration statistic of QuantEase / GPTQ): float32 [in, in] per layer ([in * kh * kw]
+        square for a convolution, whose inputs are its im2col columns)."""
+        modules = self._named_linear(names)
+        sums: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, module: nn.Module) -> Callable:
+            def pre_hook(_m: nn.Module, args: tuple) -> None:
+                x = _input_columns(module, args[0])  # [positions, in]
+                sums[name] = sums.get(name, 0) + x.T @ x
+
+            return pre_hook
+
+        with forward_pre_hooks([(modules[n], keep(n, modules[n])) for n in names]):
+            self._forward_weights_only(inputs)
+        return {n: sums[n] for n in names}
 
     @exclusive
     @torch.no_grad()
@@ -302,10 +402,7 @@ class ModelHandle(ABC):
         """||X_j||_2 over every position of `inputs` for each input column j of the linear
         layers `names` (Wanda's activation statistic): [in] per layer ([in * kh * kw] for a
         convolution, matching its weight viewed as [out, in * kh * kw])."""
-        modules = self._linear_modules()
-        unknown = [n for n in names if n not in modules]
-        if unknown:
-            raise CapabilityError(f"The model has no linear layer(s) {', '.join(unknown[:3])}.")
+        modules = self._named_linear(names)
         sums: dict[str, torch.Tensor] = {}
 
         def keep(name: str, module: nn.Module) -> Callable:
@@ -345,6 +442,8 @@ class ModelHandle(ABC):
         with self.lock:
             new = copy.deepcopy(self, self._copy_memo())
         new._strip_hooks()
+        if new.input_transforms:  # part of the copy's definition: kept, on the copy's own modules
+            new._wire_input_transforms()
         if dtype is not None:
             new.model.to(dtype)
         for p in new.model.parameters():
@@ -352,6 +451,42 @@ class ModelHandle(ABC):
         new.base_fingerprint = self.base_fingerprint or self.fingerprint
         new.weights_changed()
         return new
+
+    def int8_kernel_copy(self) -> tuple["ModelHandle", dict[str, int]]:
+        """A private copy whose fully connected layers (nn.Linear, GPT-2's Conv1D; not
+        convolutions) run torch's dynamic int8 CPU kernel: weights int8 per output channel,
+        inputs quantized per batch on the fly (torch.ao `DynamicQuantizedLinear`). Returns the
+        copy and, per converted layer, the bytes its int8 weights, scales and bias take.
+        The copy is for measuring: it is not edited further."""
+        import warnings
+
+        try:
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+            from torch.ao.quantization import per_channel_dynamic_qconfig
+        except ImportError as e:
+            raise CapabilityError(f"This torch build has no dynamic int8 kernel ({e}).") from e
+        new = self.private_copy()
+        sizes = {}
+        with warnings.catch_warnings():  # torch.ao's dynamic quantization is deprecated, still the CPU kernel
+            warnings.simplefilter("ignore")
+            for name, weight in new.linear_layers().items():
+                module = new._linear_modules()[name]
+                if weight.dim() != 2 or weight.dtype != torch.float32:
+                    continue
+                float_linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+                float_linear.weight.data = weight.detach().contiguous()
+                if module.bias is not None:
+                    float_linear.bias.data = module.bias.detach()
+                float_linear.qconfig = per_channel_dynamic_qconfig
+                kernel = DynamicLinear.from_float(float_linear)
+                module.forward = kernel.forward  # this instance now runs the int8 kernel
+                packed = kernel.weight()
+                sizes[name] = (packed.numel() + packed.q_per_channel_scales().numel() * 4
+                               + packed.q_per_channel_zero_points().numel() + 4 * weight.shape[0] * (
+                                   module.bias is not None))
+        if not sizes:
+            raise CapabilityError("This model has no float32 fully connected layers for the int8 kernel.")
+        return new, sizes
 
     def _copy_memo(self) -> dict[int, Any]:
         """The deep copy's memo, seeded: views stay views, the tokenizer is shared."""
@@ -386,6 +521,29 @@ class ModelHandle(ABC):
                  ("fingerprint", self.fingerprint)]
         return rows
 
+    # ---- early exits
+
+    # The output rule of a private copy with an early-exit edit: `forward` runs `exit_states`
+    # and returns `exit_rule(handle, states, output)` instead of the last layer's output. None
+    # (always on a base model): forward is unchanged. A deep copy, so `private_copy()`, keeps it
+    # with whatever it holds (tuned-lens translators, exit heads).
+    exit_rule: Callable[["ModelHandle", list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
+
+    def set_exit_rule_(self, rule: Callable[["ModelHandle", list[torch.Tensor], torch.Tensor], torch.Tensor] | None
+                       ) -> None:
+        """Give this private copy an output rule (None takes it away); never a base model."""
+        if self.base_fingerprint is None:
+            raise RecipeError("Early exits are set on a private copy (`handle.private_copy()`), "
+                              "never on a loaded base model.")
+        self.exit_rule = rule
+
+    def exit_states(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """What an early exit reads, from one forward through every layer (the exit rule not
+        applied): the input of every layer l = 0..n_layers-1 (LMs: the residual stream entering
+        block l, [batch, pos, d_model]; image models: the input of stage l, the images first)
+        and the model's own output (logits [batch, pos, vocab] or [batch, classes])."""
+        raise CapabilityError(f"A {self.kind} model cannot exit early.")
+
 
 def _shared_storage_memo(model: nn.Module) -> dict[int, torch.Tensor]:
     """Copies, made in advance, of the tensors that share storage with another tensor.
@@ -410,6 +568,34 @@ def _shared_storage_memo(model: nn.Module) -> dict[int, torch.Tensor]:
             view = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
             memo[id(t)] = nn.Parameter(view, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else view
     return memo
+
+
+class _InputHook:
+    """A forward pre-hook that replaces a module's first input by `fn(input)` (unless None)."""
+
+    def __init__(self, fn: InputTransform) -> None:
+        self.fn = fn
+
+    def __call__(self, _module: nn.Module, args: tuple) -> tuple | None:
+        new = self.fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+
+class _PermanentInput(_InputHook):
+    """An `_InputHook` that belongs to an edited copy's definition (`set_input_transform_`)."""
+
+
+def _input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's input as rows of what its weight rows multiply: [positions, in]
+    ([positions, in * kh * kw], the im2col columns, for a convolution)."""
+    if isinstance(module, nn.ConvTranspose2d):
+        raise CapabilityError("The inputs of a transposed convolution have no column form here; "
+                              "use an edit that does not need calibration inputs.")
+    x = x.float()
+    if isinstance(module, nn.Conv2d):  # [b, in*kh*kw, positions]
+        x = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        x = x.transpose(1, 2)
+    return x.reshape(-1, x.shape[-1])
 
 
 def _keeper(cache: dict, point: Point) -> ActivationHook:

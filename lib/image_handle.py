@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
@@ -112,6 +113,16 @@ class TorchHandle(ModelHandle):
         self.refresh_structure(f"stage {part.layer}")
         self.weights_changed()
 
+    def replace_linear_(self, name: str, module: nn.Module) -> None:
+        if name not in self._linear_modules():
+            raise CapabilityError(f"The model has no linear layer {name!r}.")
+        path = next(p for p, m in self.model.named_modules() if m is self._linear_modules()[name])
+        owner, _, attr = path.rpartition(".")
+        setattr(self.model.get_submodule(owner), attr, module)
+        self.structure = replace(self.structure, stages=self._stage_rows())
+        self.refresh_structure(f"{name} replaced")
+        self.weights_changed()
+
     def save_pretrained(self, folder: Any) -> None:
         """Write this model (bypassed stages included) as a folder `load_model` reads."""
         from pathlib import Path
@@ -119,7 +130,18 @@ class TorchHandle(ModelHandle):
         from lib.models import save_image_model
 
         removed = tuple(name for name, m in self.model.stages.items() if isinstance(m, nn.Identity))
-        save_image_model(self.model, self.structure.architecture, Path(folder), removed_stages=removed,
+        model = self.model
+        replaced = [(p, m) for p, m in model.named_modules() if hasattr(m, "dense")]
+        if replaced:  # factorised or shared layers are written back as the plain layers they replaced
+            model = copy.deepcopy(model)
+            for path, module in replaced:
+                owner, _, attr = path.rpartition(".")
+                dense = module.dense()
+                out_features, in_features = dense["weight"].shape
+                plain = nn.Linear(in_features, out_features, bias="bias" in dense)
+                plain.load_state_dict(dense)
+                setattr(model.get_submodule(owner), attr, plain)
+        save_image_model(model, self.structure.architecture, Path(folder), removed_stages=removed,
                          **self.build_kwargs)
 
     def _strip_hooks(self) -> None:
@@ -235,6 +257,39 @@ class TorchHandle(ModelHandle):
             return picked.view(batch, channels, *state.shape[2:])
 
         return hook
+
+    # ---- early exits
+
+    _forward_every_layer = forward  # the forward defined above, kept as it is; the one below wraps it
+
+    @exclusive
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`_forward_every_layer` (the forward above). On a private copy with an exit rule
+        (an early-exit edit), each image's output is the one the rule reads out at its exit
+        stage instead."""
+        if self.exit_rule is None:
+            return self._forward_every_layer(inputs)
+        states, outputs = self.exit_states(inputs)
+        return self.exit_rule(self, states, outputs)
+
+    @exclusive
+    @torch.no_grad()
+    def exit_states(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The input of every stage ([batch, ...] each: the images, then each stage's output
+        but the last) and the model's output, from one forward."""
+        stages = list(self.model.stages.values())
+        seen: dict[int, torch.Tensor] = {}
+
+        def keep(index: int) -> Callable:
+            def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+                seen[index] = output
+
+            return hook
+
+        with forward_hooks([(stage, keep(i)) for i, stage in enumerate(stages[:-1])]):
+            outputs = self._forward_every_layer(inputs)
+        return [inputs] + [seen[i] for i in range(len(stages) - 1)], outputs
 
 
 def _torch_hook(fn: ActivationHook) -> Callable:

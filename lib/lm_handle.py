@@ -323,6 +323,9 @@ class BridgeHandle(ModelHandle):
         with torch.device("meta"):
             dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         mine = self.plain_model().state_dict()
+        for path, module in self.plain_model().named_modules():  # factorised or shared layers, made dense again
+            if hasattr(module, "dense"):
+                mine.update({f"{path}.{k}": v for k, v in module.dense().items()})
         state = {}
         for name, meta in dense.state_dict().items():
             tensor = torch.zeros(meta.shape, dtype=meta.dtype)
@@ -345,6 +348,14 @@ class BridgeHandle(ModelHandle):
                 index = torch.cat([heads + j * n * d_head for j in range(parts)])
                 dense.index_copy_(dim, index, kept)
                 return
+
+    def replace_linear_(self, name: str, module: nn.Module) -> None:
+        path = self._paths().get(name)
+        if path is None or name not in self._linear_modules():
+            raise CapabilityError(f"The model has no linear layer {name!r}.")
+        _set_submodule(self._make_structural(), path, module)
+        self.refresh_structure(f"{name} replaced")
+        self.weights_changed()
 
     def _make_structural(self) -> nn.Module:
         """From now on the plain model is this copy's model (the bridge no longer matches it)."""
@@ -444,6 +455,80 @@ class BridgeHandle(ModelHandle):
         if not kept:
             raise CapabilityError("The final LayerNorm's output never appeared in this model's forward.")
         return kept[0]
+
+    # ---- early exits
+
+    _forward_every_layer = forward  # the forward defined above, kept as it is; the one below wraps it
+
+    @exclusive
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, pos, vocab]: `_forward_every_layer` (the forward above). On a
+        private copy with an exit rule (an early-exit edit), each token's logits are those
+        the rule reads out at its exit depth instead."""
+        if self.exit_rule is None:
+            return self._forward_every_layer(inputs)
+        states, logits = self.exit_states(inputs)
+        return self.exit_rule(self, states, logits)
+
+    @exclusive
+    @torch.no_grad()
+    def exit_states(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """h_0..h_{L-1} (the residual stream entering each block, [batch, pos, d_model]) and
+        the logits [batch, pos, vocab], from one forward. Without hooks that is the plain
+        model's own `output_hidden_states` (it also works once parts are removed); inside
+        `hooks(...)` the bridge runs, so those hooks fire too."""
+        L = self.structure.n_layers
+        if self._structural or not (self._active_hooks or count_hooks(self.model)):
+            out = self.plain_model()(input_ids=inputs, output_hidden_states=True)
+            return list(out.hidden_states[:L]), out.logits  # the last entry is after the final norm
+        states: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int) -> ActivationHook:
+            def hook(tensor: torch.Tensor) -> None:
+                states[layer] = tensor
+
+            return hook
+
+        with self.hooks([(Point("resid_pre", layer), keep(layer)) for layer in range(L)]):
+            logits = self._forward_every_layer(inputs)
+        return [states[layer] for layer in range(L)], logits
+
+    # ---- circuits (Channels view)
+
+    def circuit_model(self) -> Any:
+        """A TransformerLens bridge in compatibility mode on a private copy of this model:
+        LayerNorm gains folded into the weights that read the residual stream, writing
+        weights centred (HookedTransformer's processed coordinates). Compatibility mode
+        rewrites weights in place, which is why it never runs on this model itself. For
+        weight-only circuit analyses, and for checks against TransformerLens' own."""
+        self._check_whole("the weight circuits")
+        circuit_copy = self.private_copy()
+        try:
+            with torch.no_grad():
+                circuit_copy.model.enable_compatibility_mode(disable_warnings=True)
+        except (RuntimeError, NotImplementedError, AttributeError, KeyError) as e:
+            raise CapabilityError(f"This model's weights cannot be put in circuit form (TransformerLens "
+                                  f"compatibility mode failed: {e}).") from e
+        return circuit_copy.model
+
+    @torch.no_grad()
+    def head_circuits(self) -> dict[str, Any]:
+        """Per-head factors of the OV and QK circuits, from TransformerLens' `FactoredMatrix`
+        objects `bridge.OV` (W_V · W_O) and `bridge.QK` (W_Q · W_K^T) on `circuit_model()`
+        (LayerNorm folded in), as detached float32 tensors:
+
+        "W_Q", "W_K", "W_V": [L, H, d_model, d_head] (grouped-query K and V repeated to
+        every query head they serve); "W_O": [L, H, d_head, d_model]; "n_kv_heads": key/
+        value heads per layer; "positional": "rotary", "standard" (learned absolute), ...
+        """
+        bridge = self.circuit_model()
+        ov, qk = bridge.OV, bridge.QK
+        cfg = bridge.cfg
+        return {"W_Q": qk.A.detach().float().clone(), "W_K": qk.B.transpose(-2, -1).detach().float().clone(),
+                "W_V": ov.A.detach().float().clone(), "W_O": ov.B.detach().float().clone(),
+                "n_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+                "positional": str(getattr(cfg, "positional_embedding_type", "standard"))}
 
 
 @dataclass(frozen=True)

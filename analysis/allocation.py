@@ -1,0 +1,275 @@
+"""How much each layer can lose (METHODS §4): per-layer sparsities chosen by
+rate-distortion dynamic programming or by an evolutionary search, applied as one
+recipe edit.
+
+    curves = distortion_curves(handle, tokens)          # prune one layer at a time, K levels
+    plan = allocate(curves, sparsity=0.5)               # DP: least summed distortion in budget
+    edit = plan.edit()                                  # LayerSparsity, a recipe edit
+    search = evolve(handle, tokens, curves, 0.5, generations=10)   # EvoPress-style, from plan
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from analysis.edits import Edit, applies, edit_type, require
+from analysis.pruning import _zero_smallest_, scoped_layers
+from lib.errors import AnalysisError, RecipeError
+from lib.handle import ModelHandle, Point
+
+Progress = Callable[[float, str], None]
+DP_UNITS = 2000  # the weight budget in bins of total / DP_UNITS weights
+
+
+@edit_type("layer_sparsity")
+@dataclass(frozen=True)
+class LayerSparsity(Edit):
+    """Magnitude pruning with its own sparsity per linear layer: ((name, sparsity), ...)."""
+
+    sparsities: tuple
+    method: str = "allocated"
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.sparsities, tuple) and len(self.sparsities) > 0,
+                "A per-layer sparsity edit lists (layer, sparsity) pairs.")
+        for pair in self.sparsities:
+            require(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and 0 <= pair[1] < 1,
+                    f"Each entry is (layer name, sparsity in [0, 1)), not {pair!r}.")
+
+    @property
+    def label(self) -> str:
+        mean = sum(s for _, s in self.sparsities) / len(self.sparsities)
+        return f"{self.method} per-layer sparsity ({len(self.sparsities)} layers, mean {mean:.0%})"
+
+
+@applies(LayerSparsity)
+@torch.no_grad()
+def _layer_sparsity(handle: ModelHandle, edit: LayerSparsity) -> None:
+    layers = handle.linear_layers()
+    unknown = [name for name, _ in edit.sparsities if name not in layers]
+    if unknown:
+        raise RecipeError(f"This model has no linear layer(s) {', '.join(unknown[:3])}.")
+    for name, sparsity in edit.sparsities:
+        w = layers[name]
+        _zero_smallest_(w, w.abs(), round(sparsity * w.numel()))
+
+
+@dataclass(frozen=True)
+class DistortionCurves:
+    """layers: prunable linear layers; sizes: [L] weights each; levels: [K] sparsities;
+    distortion: [L, K] mean squared change of the output logits with only that layer
+    pruned (magnitude) to that level (METHODS §4, rate-distortion)."""
+
+    layers: list[str]
+    sizes: torch.Tensor
+    levels: torch.Tensor
+    distortion: torch.Tensor
+
+
+def _block(handle: ModelHandle, name: str) -> int | None:
+    layer, _ = handle.place(name)
+    return layer if isinstance(layer, int) else None
+
+
+@torch.no_grad()
+def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int = 20, scope: str = "all",
+                      progress: Progress | None = None) -> DistortionCurves:
+    """Prune each layer alone to each of `n_levels` levels (0, 1/K, ..., (K-1)/K) and
+    measure the logits' mean squared change. For LMs a layer's curve reruns only the
+    blocks from that layer on, from the cached residual stream entering it."""
+    layers = scoped_layers(handle, scope)
+    copy = handle.private_copy()
+    weights = {n: w for n, w in copy.linear_layers().items() if n in layers}
+    base = handle.forward(inputs).float()
+    lm = handle.kind == "causal-lm"
+    resid = {}
+    if lm:
+        L = handle.structure.n_layers
+        resid = handle.record(inputs, [Point("resid_pre", l) for l in range(L)])
+    levels = torch.arange(n_levels, dtype=torch.float64) / n_levels
+    distortion = torch.zeros(len(weights), n_levels, dtype=torch.float64)
+    for i, (name, weight) in enumerate(weights.items()):
+        original = weight.clone()
+        block = _block(copy, name) if lm else None
+        for k, level in enumerate(levels.tolist()[1:], start=1):
+            weight.copy_(original)
+            _zero_smallest_(weight, weight.abs(), round(level * weight.numel()))
+            if block is None:
+                out = copy.forward(inputs)
+            else:
+                h = resid[Point("resid_pre", block)]
+                for layer in range(block, handle.structure.n_layers):
+                    h = copy.run_block(layer, h)
+                out = copy.readout(h)
+            distortion[i, k] = (out.float() - base).pow(2).mean().item()
+        weight.copy_(original)
+        if progress:
+            progress((i + 1) / len(weights), f"distortion curve of {name}")
+    sizes = torch.tensor([w.numel() for w in weights.values()])
+    return DistortionCurves(list(weights), sizes, levels, distortion)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One level per layer: sparsities [L]; predicted: summed single-layer distortions;
+    sparsity: the share of all scoped weights pruned (>= the asked budget)."""
+
+    layers: list[str]
+    sparsities: torch.Tensor
+    predicted: float
+    sparsity: float
+    method: str = "rate-distortion"
+
+    def edit(self) -> LayerSparsity:
+        return LayerSparsity(tuple((n, round(float(s), 6)) for n, s in zip(self.layers, self.sparsities)),
+                             self.method)
+
+
+def _check_budget(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0 < sparsity < 1:
+        raise AnalysisError(f"The global sparsity is a fraction in (0, 1), not {sparsity!r}.")
+
+
+def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -> Allocation:
+    """Dynamic programming over layers: one level each, at least `sparsity` of all the
+    weights pruned, least summed distortion (additivity: D ~ sum_l D_l(s_l)). The
+    budget is counted in `units` bins; O(L * K * units)."""
+    _check_budget(sparsity)
+    if float(curves.levels[-1]) < sparsity:
+        raise AnalysisError(f"The curves stop at {float(curves.levels[-1]):.0%} per layer; "
+                            f"{sparsity:.0%} overall cannot be reached.")
+    total = float(curves.sizes.sum())
+    unit = total / units
+    need = int(torch.ceil(torch.tensor(sparsity * total / unit - 1e-9)))
+    cost = (curves.sizes[:, None].double() * curves.levels[None, :] / unit).floor().long()  # [L, K] units pruned
+    inf = float("inf")
+    best = torch.full((need + 1,), inf, dtype=torch.float64)  # best[p]: least distortion, p units pruned
+    best[0] = 0.0  # (p == need collects every plan that meets the budget)
+    picks, sources = [], []
+    for l in range(len(curves.layers)):
+        new = torch.full_like(best, inf)
+        pick = torch.zeros(need + 1, dtype=torch.long)
+        source = torch.zeros(need + 1, dtype=torch.long)
+        for k in range(len(curves.levels)):
+            c = int(cost[l, k])
+            cand = torch.full_like(best, inf)
+            src = torch.zeros(need + 1, dtype=torch.long)
+            if c < need:
+                cand[c:need] = best[:need - c]
+                src[c:need] = torch.arange(need - c)
+            tail = best[max(0, need - c):]  # every p from which this level reaches the budget
+            j = int(tail.argmin())
+            cand[need], src[need] = tail[j], max(0, need - c) + j
+            cand += float(curves.distortion[l, k])
+            better = cand < new
+            new = torch.where(better, cand, new)
+            pick = torch.where(better, torch.full_like(pick, k), pick)
+            source = torch.where(better, src, source)
+        picks.append(pick)
+        sources.append(source)
+        best = new
+    if best[need] == inf:
+        raise AnalysisError(f"No choice of levels prunes {sparsity:.0%} of the weights.")
+    levels, p = [], need
+    for l in range(len(curves.layers) - 1, -1, -1):  # walk back from the full budget
+        levels.append(int(picks[l][p]))
+        p = int(sources[l][p])
+    levels = torch.tensor(levels[::-1])
+    sparsities = curves.levels[levels].float()
+    realised = float((curves.sizes * sparsities.double()).sum() / total)
+    return Allocation(curves.layers, sparsities, float(curves.distortion[torch.arange(len(levels)), levels].sum()),
+                      realised)
+
+
+def uniform(curves: DistortionCurves, sparsity: float) -> Allocation:
+    """Every layer at the same sparsity (the baseline the allocation should beat)."""
+    _check_budget(sparsity)
+    s = torch.full((len(curves.layers),), float(sparsity))
+    k = (curves.levels - sparsity).abs().argmin()
+    return Allocation(curves.layers, s, float(curves.distortion[:, k].sum()), float(sparsity), "uniform")
+
+
+@dataclass
+class Search:
+    """An evolutionary search's state: best levels so far, its KL to the base on the
+    fixed selection batch, and the best-so-far curve [generation] (never rises)."""
+
+    layers: list[str]
+    levels: torch.Tensor
+    best_kl: float
+    curve: list[float] = field(default_factory=list)
+
+    def allocation(self, curves: DistortionCurves) -> Allocation:
+        s = curves.levels[self.levels].float()
+        total = float(curves.sizes.sum())
+        return Allocation(self.layers, s, float(curves.distortion[torch.arange(len(self.levels)), self.levels].sum()),
+                          float((curves.sizes * s.double()).sum() / total), "evolutionary")
+
+
+@torch.no_grad()
+def kl_of_levels(base: ModelHandle, curves: DistortionCurves, levels: torch.Tensor, inputs: torch.Tensor,
+                 base_logits: torch.Tensor) -> float:
+    """KL(base || pruned) per position, averaged, with each layer at its level."""
+    copy = base.private_copy()
+    layers = copy.linear_layers()
+    for name, k in zip(curves.layers, levels.tolist()):
+        w = layers[name]
+        _zero_smallest_(w, w.abs(), round(float(curves.levels[k]) * w.numel()))
+    logq = torch.log_softmax(copy.forward(inputs).float(), -1)
+    logp = torch.log_softmax(base_logits.float(), -1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+
+
+def evolve(base: ModelHandle, selection: torch.Tensor, fresh: Callable[[int], torch.Tensor],
+           curves: DistortionCurves, sparsity: float, generations: int = 10, offspring: int = 8,
+           seed: int = 0, start: Allocation | None = None, progress: Progress | None = None,
+           stop: Callable[[], bool] | None = None) -> Search:
+    """EvoPress-style search over per-layer levels. Each generation mutates the best plan
+    by moving one level from one layer to another (kept only if the budget still holds),
+    screens the offspring by KL to the base on a fresh batch `fresh(generation)`, and
+    keeps the best screened one if it also beats the incumbent on the fixed `selection`
+    batch, so the best-so-far KL never rises. Deterministic for a seed."""
+    _check_budget(sparsity)
+    rng = random.Random(seed)
+    total = float(curves.sizes.sum())
+    plan = start or allocate(curves, sparsity)
+    levels = torch.tensor([int((curves.levels - s).abs().argmin()) for s in plan.sparsities.tolist()])
+    base_selection = base.forward(selection)
+    state = Search(curves.layers, levels, kl_of_levels(base, curves, levels, selection, base_selection))
+    state.curve.append(state.best_kl)
+    K, L = len(curves.levels), len(curves.layers)
+
+    def meets(candidate: torch.Tensor) -> bool:
+        return float((curves.sizes * curves.levels[candidate]).sum()) >= sparsity * total - 1e-6
+
+    for g in range(generations):
+        if stop is not None and stop():
+            break
+        children = []
+        for _ in range(offspring * 4):
+            if len(children) == offspring:
+                break
+            up, down = rng.sample(range(L), 2)
+            child = state.levels.clone()
+            if child[up] + 1 >= K or child[down] == 0:
+                continue
+            child[up] += 1
+            child[down] -= 1
+            if meets(child):
+                children.append(child)
+        if children:
+            batch = fresh(g)
+            reference = base.forward(batch)
+            screened = min(children, key=lambda c: kl_of_levels(base, curves, c, batch, reference))
+            kl = kl_of_levels(base, curves, screened, selection, base_selection)
+            if kl < state.best_kl:
+                state.levels, state.best_kl = screened, kl
+        state.curve.append(state.best_kl)
+        if progress:
+            progress((g + 1) / generations, f"generation {g + 1}: best KL {state.best_kl:.4g}")
+    return state

@@ -1,0 +1,132 @@
+"""Layer-adaptive sparsity: the rate-distortion DP against brute force, its budget, the
+evolutionary search's guarantees, and low-rank factors and layer sharing."""
+
+import itertools
+
+import pytest
+import torch
+
+from analysis import allocation as alloc
+from analysis.factorize import LowRank, ShareLayers, break_even_rank, truncated_svd
+from analysis.pruning import Magnitude
+from analysis.recipe import Recipe, build
+from lib import data
+from lib.errors import AnalysisError, RecipeError
+from lib.metrics import kl_and_agreement
+
+
+def curves_by_hand() -> alloc.DistortionCurves:
+    return alloc.DistortionCurves(
+        ["a", "b", "c"], torch.tensor([100, 300, 600]), torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64),
+        torch.tensor([[0, 1.0, 2.0, 9.0], [0, 0.1, 0.3, 5.0], [0, 0.5, 0.6, 0.7]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.7])
+def test_dp_is_optimal_and_meets_the_budget(sparsity):
+    curves = curves_by_hand()
+    plan = alloc.allocate(curves, sparsity)
+    best = min((sum(float(curves.distortion[l, k]) for l, k in enumerate(ks)), ks)
+               for ks in itertools.product(range(4), repeat=3)
+               if sum(int(curves.sizes[l]) * float(curves.levels[k]) for l, k in enumerate(ks)) >= sparsity * 1000)
+    assert plan.predicted == pytest.approx(best[0]) and plan.sparsity >= sparsity - 1e-9
+    with pytest.raises(AnalysisError, match=r"fraction in \(0, 1\)"):
+        alloc.allocate(curves, 1.0)
+    with pytest.raises(AnalysisError, match="cannot be reached"):
+        alloc.allocate(curves, 0.8)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    from lib.models import load_model
+
+    return load_model("zoo:digits-cnn")
+
+
+def test_allocation_beats_uniform_pruning_on_the_digits_cnn(cnn):
+    batch = data.default_batch(cnn)
+    curves = alloc.distortion_curves(cnn, batch.images, n_levels=20)
+    plan = alloc.allocate(curves, 0.7)
+    assert plan.sparsity >= 0.7
+    from lib.metrics import evaluate
+
+    allocated = evaluate(build(cnn, Recipe(cnn.fingerprint, [plan.edit()])), batch)
+    uniform = evaluate(build(cnn, Recipe(cnn.fingerprint, [Magnitude(0.7)])), batch)
+    assert allocated.accuracy > uniform.accuracy
+
+
+def test_allocation_beats_uniform_on_code_lm_and_adds_up_at_low_sparsity():
+    from lib.models import load_model
+
+    handle = load_model("zoo:code-lm")
+    tokens = data.default_batch(handle, n_windows=4, seq_len=64).tokens
+    curves = alloc.distortion_curves(handle, tokens, n_levels=10)
+    base = handle.forward(tokens)
+
+    def kl(edit):
+        return kl_and_agreement(build(handle, Recipe(handle.fingerprint, [edit])).forward(tokens), base,
+                                data.TextBatch(tokens, 0, True, "t"))[0]
+
+    plan = alloc.allocate(curves, 0.5)
+    assert kl(plan.edit()) < kl(Magnitude(0.5))
+    low = alloc.allocate(curves, 0.1)  # additivity: the summed single-layer distortions predict the total
+    edited = build(handle, Recipe(handle.fingerprint, [low.edit()])).forward(tokens)
+    measured = float((edited.float() - base.float()).pow(2).mean())
+    assert low.predicted / 3 < measured < low.predicted * 3
+
+
+def test_evolution_keeps_the_budget_never_gets_worse_and_repeats(cnn):
+    images = data.default_batch(cnn).images
+    curves = alloc.distortion_curves(cnn, images[:100], n_levels=10)
+    fresh = lambda g: images[100 + 30 * g: 130 + 30 * g]  # noqa: E731
+
+    def run():
+        return alloc.evolve(cnn, images[:100], fresh, curves, 0.6, generations=4, offspring=3, seed=1)
+
+    first = run()
+    assert all(later <= earlier for earlier, later in zip(first.curve, first.curve[1:]))
+    result = first.allocation(curves)
+    assert result.sparsity >= 0.6 - 1e-9
+    assert torch.equal(run().levels, first.levels)
+
+
+def test_low_rank_factors_are_the_truncated_svd(tiny_lm):
+    tokens = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2).tokens
+    full = build(tiny_lm, Recipe(tiny_lm.fingerprint, [LowRank(rank=32)]))  # full rank of 32-wide layers
+    torch.testing.assert_close(full.forward(tokens), tiny_lm.forward(tokens), rtol=1e-4, atol=1e-4)
+    w = tiny_lm.linear_layers()["blocks.0.mlp.in"]  # [128, 32]
+    a, b = truncated_svd(w, 5)
+    u, s, vh = torch.linalg.svd(w.double())
+    torch.testing.assert_close((b @ a).double(), u[:, :5] @ torch.diag(s[:5]) @ vh[:5], rtol=1e-5, atol=1e-5)
+    low = build(tiny_lm, Recipe(tiny_lm.fingerprint, [LowRank(rank=5, scope="mlp")]))
+    per_layer = 5 * (32 + 128)  # r (in + out) instead of in * out; biases stay
+    assert tiny_lm.n_params - low.n_params == 3 * 2 * (128 * 32 - per_layer)
+    assert 5 < break_even_rank(128, 32) == 128 * 32 / 160
+
+
+def test_layer_sharing(tiny_lm):
+    tokens = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2).tokens
+    exact = build(tiny_lm, Recipe(tiny_lm.fingerprint, [ShareLayers(0, 2, rank=32)]))
+    torch.testing.assert_close(exact.forward(tokens), tiny_lm.forward(tokens), rtol=1e-4, atol=1e-4)
+    pure = build(tiny_lm, Recipe(tiny_lm.fingerprint, [ShareLayers(0, 2, rank=0)]))
+    block_weights = sum(w.numel() for n, w in tiny_lm.linear_layers().items() if n.startswith("blocks.2."))
+    assert tiny_lm.n_params - pure.n_params == block_weights  # shared weights are stored once
+    assert tiny_lm.size_bits - pure.size_bits == 32 * block_weights
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda: LowRank(rank=0), "whole number > 0"),
+    (lambda: LowRank(), "either a rank or an energy"),
+    (lambda: LowRank(energy=1.5), r"fraction in \(0, 1\]"),
+    (lambda: ShareLayers(1, 1), "with itself"),
+    (lambda: ShareLayers(0, 1, rank=-1), "whole number >= 0"),
+])
+def test_bad_factorisation_edits(edit, message):
+    with pytest.raises(RecipeError, match=message):
+        edit()
+
+
+def test_ranks_above_full_are_refused(tiny_lm):
+    with pytest.raises(RecipeError, match="above the full rank 32"):
+        build(tiny_lm, Recipe(tiny_lm.fingerprint, [LowRank(rank=33)]))
+    with pytest.raises(RecipeError, match="above the full rank"):
+        build(tiny_lm, Recipe(tiny_lm.fingerprint, [ShareLayers(0, 1, rank=40)]))
