@@ -11,8 +11,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from analysis import allocation, factorize  # noqa: F401 - register their edit types
-from analysis import pruning  # noqa: F401 - registers its edit types
+from analysis import (  # noqa: F401 - register their edit types
+    allocation,
+    factorize,
+    pruning,  # noqa: F401 - registers its edit types
+)
 from analysis.edits import Edit, apply_, from_dict
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
