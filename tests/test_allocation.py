@@ -130,3 +130,16 @@ def test_ranks_above_full_are_refused(tiny_lm):
         build(tiny_lm, Recipe(tiny_lm.fingerprint, [LowRank(rank=33)]))
     with pytest.raises(RecipeError, match="above the full rank"):
         build(tiny_lm, Recipe(tiny_lm.fingerprint, [ShareLayers(0, 1, rank=40)]))
+
+
+def test_allocation_figures_draw_from_results():
+    from analysis import plots_alloc
+
+    curves = curves_by_hand()
+    plan = alloc.allocate(curves, 0.5)
+    fig = plots_alloc.distortion_curves(curves, plan)
+    assert len(fig.data) == 4 and fig.layout.yaxis.type == "log"
+    bars = plots_alloc.allocation_bars([plan, alloc.uniform(curves, 0.5)])
+    assert [t.name.split(" ")[0] for t in bars.data] == ["rate-distortion", "uniform"]
+    assert plots_alloc.search_progress([0.3, 0.2, 0.2]).data[0].y == (0.3, 0.2, 0.2)
+    assert plots_alloc.spectrum(torch.tensor([3.0, 2.0, 1.0]), "w", cut=2).layout.shapes
