@@ -55,7 +55,8 @@ def roles_sentence(roles: HeadRoles) -> str:
     sink_head, sink = roles.best("sink")
     counts = torch.bincount(roles.regime.flatten(), minlength=len(REGIMES)).tolist()
     regimes = ", ".join(f"{n} {name}" for n, name in zip(counts, REGIMES) if n)
-    return ("; ".join(parts).capitalize() + f". Most attention on position 0: {head_label(sink_head)} "
+    text = "; ".join(parts)
+    return (text[:1].upper() + text[1:] + f". Most attention on position 0: {head_label(sink_head)} "
             f"({sink:.2f} of its attention). Regimes: {regimes}.")
 
 
@@ -89,9 +90,8 @@ def circuit_sentence(roles: HeadRoles, comp: Composition, n: int = 3) -> str:
         return (f"This model has previous-token heads ({', '.join(map(head_label, prev))}) and induction heads "
                 f"({', '.join(map(head_label, ind))}), but none of its {n} strongest K-compositions joins one to "
                 f"the other: the weights alone do not show an induction circuit.")
-    missing = " and ".join(ROLE_NAMES[r] + " heads" for r, d in (("previous_token", prev), ("induction", ind))
-                           if not d)
-    return f"No induction circuit: on the repeated-token probe this model shows no clear {missing}."
+    missing = " or ".join(ROLE_NAMES[r] for r, found in (("previous_token", prev), ("induction", ind)) if not found)
+    return f"No induction circuit: on the repeated-token probe this model shows no clear {missing} heads."
 
 
 def components_sentence(parts: ChannelComponents, mass: float = 0.8) -> str:
@@ -110,7 +110,8 @@ def intervention_sentence(result: Intervention) -> str:
     label = LABELS[result.metric]
     before, after = getattr(result.before, result.metric), getattr(result.after, result.metric)
     worse = (after < before) if result.higher_is_better else (after > before)
-    return (f"{result.edit.label.capitalize()}: {label} {before:.4g} → {after:.4g} "
+    what = result.edit.label
+    return (f"{what[:1].upper() + what[1:]}: {label} {before:.4g} → {after:.4g} "
             f"({'worse' if worse and abs(after - before) > 1e-9 else 'no worse'}); "
             f"KL to the unedited model {result.after.kl_to_base:.3g} nats, top-1 agreement "
             f"{result.after.agreement:.1%}.")

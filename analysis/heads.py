@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from analysis.channels import ChannelsError, Circuits, Head, check_head, check_lm, head_label
+from analysis.predict import _encode
 from analysis.redundancy_report import primary_metric
-from lib.data import TextBatch, check_batch
+from lib.data import TextBatch, check_batch, check_text
 from lib.handle import ModelHandle, Point
 from lib.metrics import Metrics, metrics_from_outputs
 
@@ -133,6 +134,38 @@ def roles_from_patterns(patterns: Sequence[torch.Tensor], tokens: torch.Tensor) 
 
 
 # ------------------------------------------------------------------ patterns on a prompt
+
+
+MAX_PROMPT_TOKENS = 96  # a pattern over more tokens than this is unreadable as a heat map
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt as the model reads it. ids: [1, T], BOS first; labels: [T] each token's
+    text (BOS as "BOS"); unknown: prompt pieces the vocabulary cannot represent (fed as
+    its unknown/BOS token); dropped: tokens cut from the end to stay within the limit."""
+
+    ids: torch.Tensor
+    labels: list[str]
+    unknown: list[str]
+    dropped: int
+
+
+def prompt_tokens(handle: ModelHandle, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> PromptTokens:
+    """Tokenize `prompt` (BOS first), keeping its first tokens up to `max_tokens` and the context."""
+    check_lm(handle)
+    check_text(prompt, "prompt")
+    tok = handle.tokenizer
+    ids, unknown = _encode(tok, prompt)
+    if not prompt.strip() or not ids:
+        raise ChannelsError("The prompt is empty. Type some text to see the heads' attention on it.")
+    bos = getattr(tok, "bos_token_id", None)
+    room = min(max_tokens, handle.structure.n_ctx) - (bos is not None)
+    kept = ids[:room]
+    ids_bos = ([bos] if bos is not None else []) + kept
+    labels = ["BOS" if i == bos else tok.decode([i], clean_up_tokenization_spaces=False) for i in ids_bos]
+    return PromptTokens(torch.tensor([ids_bos]), labels, [u for u in unknown[:room] if u is not None],
+                        len(ids) - len(kept))
 
 
 def attention_patterns(handle: ModelHandle, tokens: torch.Tensor) -> torch.Tensor:

@@ -319,3 +319,48 @@ def test_induction_circuit_is_found_and_cutting_it_breaks_induction(induction):
     # the reader stops attending to the token after the earlier copy
     assert float(result.pattern_after.diagonal(-14).mean()) < 0.5 * float(result.pattern_before.diagonal(-14).mean())
     assert count_hooks(induction.model) == 0
+
+
+# ------------------------------------------------------------------ figures and sentences
+
+
+def test_figures_label_heads_and_tokens(circuits, composition, tiny_lm):
+    from analysis import plots_channels as pc
+    from analysis.plots import token_label
+
+    tokens = heads.prompt_tokens(tiny_lm, "ab ab")
+    assert tokens.labels == ["BOS", "a", "b", " ", "a", "b"] and tokens.ids.shape == (1, 6)
+    patterns = heads.attention_patterns(tiny_lm, tokens.ids)
+    fig = pc.pattern_heatmap(patterns[1, 0], tokens.labels)
+    assert list(fig.layout.xaxis.ticktext) == [token_label(t) for t in tokens.labels]  # repeats stay apart
+    assert fig.data[0].z[0][1] is None and fig.data[0].z[2][1] == pytest.approx(float(patterns[1, 0, 2, 1]))
+    heat = pc.composition_heatmap(composition, "K")
+    assert list(heat.data[0].y)[0] == "L0H0" and list(heat.data[0].y)[-1] == "L1H3"  # writers: layers 0..L-2
+    assert list(heat.data[0].x)[0] == "L1H0" and heat.data[0].z[4][0] is None  # L1H0 cannot read L1H0
+    top = composition.strongest("K", 3)
+    graph = pc.channel_graph(composition, "K", 3, selected=top[0])
+    assert [t.line.color for t in graph.data[:3]].count("#d62728") == 1
+    parts = ch.channel_components(circuits, composition, top[0].writer, top[0].reader, "K")
+    assert len(pc.component_bars(parts).data[0].y) == 8
+    roles = heads.roles_from_patterns([patterns[l][None] for l in range(3)], tokens.ids)
+    assert sum(t.type == "heatmap" for t in pc.role_grid(roles).data) == 5
+    assert len(pc.spectra_heatmap(circuits).data) == 2
+
+
+def test_sentences_state_the_numbers(tiny_lm, circuits, composition, batch):
+    T = 6
+    prev = torch.zeros(1, 2, T, T)
+    prev[0, :, 0, 0] = 1
+    prev[0, :, torch.arange(1, T), torch.arange(T - 1)] = 1
+    roles = heads.roles_from_patterns([prev], torch.arange(T)[None])
+    text = report.roles_sentence(roles)
+    assert text.startswith("Previous-token heads: L0H0 (0.83), L0H1 (0.83)")
+    assert "no clear induction head (best L0H0, 0.00 < 0.3)" in text and "Regimes: 2 single pattern." in text
+    assert "No induction circuit" in report.circuit_sentence(roles, composition)
+    result = heads.intervene(tiny_lm, circuits, batch, heads.HeadEdit(0, 1, (0, 2), 1.0), (1, 0), batch.tokens[:1])
+    sentence = report.intervention_sentence(result)
+    assert sentence.startswith("Scale L0H1 components 0, 2 by 1: bits per byte") and "(no worse)" in sentence
+    assert result.after.kl_to_base == pytest.approx(0, abs=1e-6)
+    parts = ch.channel_components(circuits, composition, (0, 0), (2, 3), "V")
+    k = int(report.components_sentence(parts).split(" of ")[0])
+    assert float(parts.shares.sort(descending=True).values[:k].sum()) >= 0.8

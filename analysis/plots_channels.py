@@ -1,0 +1,192 @@
+"""Figures of the Channels view, built from `analysis.channels` / `analysis.heads` results
+(conventions in `analysis.plots`: no title where the page header says it, every colour
+bar titled, integer axes on whole numbers)."""
+
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from analysis.channels import Channel, ChannelComponents, Circuits, Composition, head_label
+from analysis.heads import REGIMES, HeadRoles
+from analysis.plots import integer_axis, token_label
+
+ROLE_TITLES = {"previous_token": "previous token", "duplicate_token": "duplicate token", "induction": "induction",
+               "sink": "sink (position 0)"}
+_REGIME_COLORS = ("#9ecae1", "#fdae6b", "#d62728")  # global averaging, metastable, single pattern
+_SELECTED = "#d62728"
+
+
+def _cell_text(values: torch.Tensor) -> list[list[str]]:
+    return [[f"{v:.2f}" for v in row] for row in values.tolist()]
+
+
+def role_grid(roles: HeadRoles) -> go.Figure:
+    """One [layer, head] grid per role score (0..1, numbers in the cells) and one of the
+    Hopfield regime."""
+    L, H = roles.previous_token.shape
+    titles = [ROLE_TITLES[k] for k in HeadRoles.SCORES] + ["Hopfield regime"]
+    fig = make_subplots(rows=1, cols=5, subplot_titles=titles, horizontal_spacing=0.03)
+    heads, layers = list(range(H)), list(range(L))
+    for i, key in enumerate(HeadRoles.SCORES):
+        values = getattr(roles, key)
+        fig.add_trace(go.Heatmap(
+            z=values.tolist(), x=heads, y=layers, zmin=0, zmax=1, colorscale="Blues", showscale=i == 0,
+            text=_cell_text(values), texttemplate="%{text}" if L * H <= 64 else None,
+            colorbar=dict(title=dict(text="score"), len=0.9, x=1.01),
+            hovertemplate=f"L%{{y}}H%{{x}}<br>{ROLE_TITLES[key]} %{{z:.3f}}<extra></extra>"), 1, i + 1)
+    n = len(REGIMES)
+    scale = [[j / n + edge / n, _REGIME_COLORS[j]] for j in range(n) for edge in (0, 1)]
+    names = [[REGIMES[int(r)] for r in row] for row in roles.regime.tolist()]
+    fig.add_trace(go.Heatmap(
+        z=roles.regime.tolist(), x=heads, y=layers, zmin=-0.5, zmax=n - 0.5, colorscale=scale, showscale=False,
+        customdata=[[(name, f"{k:.1f}", f"{f:.2f}") for name, k, f in zip(*rows)]
+                    for rows in zip(names, roles.keys_90.tolist(), roles.key_fraction.tolist())],
+        hovertemplate="L%{y}H%{x}: %{customdata[0]}<br>keys for 90%: %{customdata[1]}"
+                      "<br>share of keys: %{customdata[2]}<extra></extra>"), 1, 5)
+    for j, name in enumerate(REGIMES):  # a legend for the regime colours
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, showlegend=True,
+                                 marker=dict(size=12, symbol="square", color=_REGIME_COLORS[j])), 1, 5)
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1, **integer_axis(L))
+    for col in range(2, 6):
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=col, **integer_axis(L))
+    fig.update_xaxes(title_text="head", **integer_axis(H))
+    fig.update_layout(height=210 + 26 * max(L, 4), margin=dict(t=40, b=40, l=60, r=10),
+                      legend=dict(orientation="h", yanchor="top", y=-0.4, x=1, xanchor="right"))
+    return fig
+
+
+def composition_heatmap(comp: Composition, mode: str, selected: Channel | None = None) -> go.Figure:
+    """Writers (rows: layers 0..L-2) x readers (columns: layers 1..L-1), score / random
+    baseline; pairs that cannot compose (reader not in a later layer) are blank."""
+    L, H = comp.scores[mode].shape[:2]
+    writers = [head_label((l, h)) for l in range(L - 1) for h in range(H)]
+    readers = [head_label((l, h)) for l in range(1, L) for h in range(H)]
+    rel = comp.relative(mode)[:-1, :, 1:].reshape(len(writers), len(readers))
+    valid = comp.valid[:-1, :, 1:].reshape(len(writers), len(readers))
+    z = [[float(v) if ok else None for v, ok in zip(row, oks)] for row, oks in zip(rel.tolist(), valid.tolist())]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=readers, y=writers, zmin=0, colorscale="Viridis", colorbar=dict(title=dict(text="× baseline")),
+        hovertemplate="writer %{y} → reader %{x}<br>%{z:.2f}× the random baseline<extra></extra>"))
+    if selected is not None:
+        fig.add_trace(go.Scatter(x=[selected.reader_label], y=[selected.writer_label], mode="markers",
+                                 marker=dict(symbol="square-open", size=14, color=_SELECTED, line=dict(width=3)),
+                                 hoverinfo="skip", showlegend=False))
+    fig.update_layout(height=min(760, 260 + 9 * (L - 1) * H), xaxis_title="reader head", yaxis_title="writer head",
+                      xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed",
+                      margin=dict(t=10, b=10))
+    return fig
+
+
+def _node_role(roles: HeadRoles | None, layer: int, head: int) -> str:
+    if roles is None:
+        return ""
+    best = max(("previous_token", "duplicate_token", "induction"), key=lambda k: float(getattr(roles, k)[layer, head]))
+    score = float(getattr(roles, best)[layer, head])
+    return f"{ROLE_TITLES[best]} {score:.2f}" if score >= 0.3 else ""
+
+
+def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None = None,
+                  selected: Channel | None = None) -> go.Figure:
+    """Heads as nodes (x: layer, y: head), the n strongest `mode` channels as edges
+    (width by score / baseline; the selected one red), each head labelled with a role it
+    scores at least 0.3 on."""
+    L, H = comp.scores[mode].shape[:2]
+    top = comp.strongest(mode, n)
+    peak = max((c.relative for c in top), default=1.0)
+    fig = go.Figure()
+    for c in reversed(top):  # strongest drawn last, on top
+        chosen = selected is not None and (c.writer, c.reader) == (selected.writer, selected.reader)
+        fig.add_trace(go.Scatter(
+            x=[c.writer[0], c.reader[0]], y=[c.writer[1], c.reader[1]], mode="lines", showlegend=False,
+            line=dict(width=1 + 7 * c.relative / peak, color=_SELECTED if chosen else "rgba(31,119,180,0.55)"),
+            hoverinfo="skip"))
+    mids = [((c.writer[0] + c.reader[0]) / 2, (c.writer[1] + c.reader[1]) / 2, c) for c in top]
+    fig.add_trace(go.Scatter(
+        x=[m[0] for m in mids], y=[m[1] for m in mids], mode="markers", showlegend=False,
+        marker=dict(size=9, color="rgba(0,0,0,0)"), text=[f"{m[2].label}: {m[2].relative:.2f}× baseline" for m in mids],
+        hovertemplate="%{text}<extra></extra>"))
+    nodes = [(l, h) for l in range(L) for h in range(H)]
+    roles_text = [_node_role(roles, l, h) for l, h in nodes]
+    fig.add_trace(go.Scatter(
+        x=[l for l, _ in nodes], y=[h for _, h in nodes], mode="markers+text", showlegend=False,
+        marker=dict(size=22 if L * H <= 64 else 12, color=["#ff7f0e" if t else "#c7c7c7" for t in roles_text],
+                    line=dict(width=1, color="#444")),
+        text=[head_label(n_) if L * H <= 64 else "" for n_ in nodes], textposition="middle right",
+        customdata=roles_text, hovertemplate="%{text} L%{x}H%{y}<br>%{customdata}<extra></extra>"))
+    fig.update_layout(height=max(300, 60 + 42 * H), margin=dict(t=10, b=10),
+                      xaxis=dict(title="layer", range=[-0.4, L - 0.4], **integer_axis(L)),
+                      yaxis=dict(title="head", autorange="reversed", **integer_axis(H)))
+    return fig
+
+
+def component_bars(parts: ChannelComponents) -> go.Figure:
+    """Per writer-OV component: score against the reader / baseline (bars, the dashed line
+    is the random baseline), each bar's share of the pair's composition written on it,
+    the component's singular value as a line (right axis)."""
+    r = parts.scores.numel()
+    comps = list(range(r))
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(
+        x=comps, y=parts.relative.tolist(), name="score / baseline", marker_color="#1f77b4",
+        text=[f"{s:.0%}" if s >= 0.02 else "" for s in parts.shares.tolist()], textposition="outside",
+        customdata=list(zip(parts.shares.tolist(), parts.singular_values.tolist())),
+        hovertemplate="component %{x}: %{y:.2f}× baseline<br>share of the composition %{customdata[0]:.1%}"
+                      "<br>singular value %{customdata[1]:.3g}<extra></extra>"), secondary_y=False)
+    fig.add_trace(go.Scatter(x=comps, y=parts.singular_values.tolist(), name="singular value s_i",
+                             mode="lines+markers", line=dict(color="#ff7f0e")), secondary_y=True)
+    fig.add_hline(y=1.0, line_dash="dash", line_color="#555", annotation_text="random baseline",
+                  annotation_position="top right")
+    fig.update_xaxes(title_text=f"component of {parts.channel.writer_label}'s OV (strongest first)",
+                     **integer_axis(r))
+    top = float(parts.relative.max()) if r else 1.0
+    fig.update_yaxes(title_text=f"score against {parts.channel.reader_label} / baseline", secondary_y=False,
+                     range=[0, max(1.2, top) * 1.15])
+    fig.update_yaxes(title_text="singular value", secondary_y=True, rangemode="tozero", showgrid=False,
+                     tickformat=".2g")
+    fig.update_layout(height=360, margin=dict(t=10, b=10), bargap=0.2,
+                      legend=dict(orientation="h", y=1.12, x=0))
+    return fig
+
+
+def pattern_heatmap(pattern: torch.Tensor, tokens: list[str], title: str = "") -> go.Figure:
+    """An attention pattern [T, T] (query rows, key columns) with the tokens as axis labels
+    (positions as ticks, so repeated tokens stay apart)."""
+    T = pattern.shape[0]
+    labels = [token_label(t) for t in tokens]
+    z = [[float(v) if k <= q else None for k, v in enumerate(row)] for q, row in enumerate(pattern.tolist())]
+    step = max(1, math.ceil(T / 100))  # every token up to 100 (the prompt limit), then every n-th
+    ticks = dict(tickmode="array", tickvals=list(range(0, T, step)), ticktext=labels[::step],
+                 tickfont=dict(size=11 if T <= 40 else 9))
+    fig = go.Figure(go.Heatmap(
+        z=z, zmin=0, zmax=1, colorscale="Blues", colorbar=dict(title=dict(text="attention")),
+        customdata=[[(labels[q], labels[k]) for k in range(T)] for q in range(T)],
+        hovertemplate="query %{y} %{customdata[0]} → key %{x} %{customdata[1]}<br>attention %{z:.3f}"
+                      "<extra></extra>"))
+    height = min(1100, 220 + (16 if T <= 40 else 11) * T)
+    fig.update_layout(title=title or None, height=height, margin=dict(t=40 if title else 10, b=10),
+                      xaxis=dict(title="key (attended to)", tickangle=-90, **ticks),
+                      yaxis=dict(title="query", autorange="reversed", **ticks))
+    return fig
+
+
+def spectra_heatmap(c: Circuits) -> go.Figure:
+    """Singular values of every head's OV and QK circuit, each head's row divided by its
+    largest, so a fast fall-off (a low-rank circuit) reads as a short bright start."""
+    L, H, r = c.ov_S.shape
+    labels = [head_label((l, h)) for l in range(L) for h in range(H)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["OV = W_V W_O", "QK = W_Q W_Kᵀ"], horizontal_spacing=0.08)
+    for col, s in enumerate((c.ov_S, c.qk_S), start=1):
+        s = s.reshape(L * H, r)
+        norm = s / s[:, :1].clamp_min(1e-30)
+        fig.add_trace(go.Heatmap(
+            z=norm.tolist(), x=list(range(r)), y=labels, zmin=0, zmax=1, colorscale="Magma", showscale=col == 1,
+            customdata=s.tolist(), colorbar=dict(title=dict(text="s_i / s_0")),
+            hovertemplate="%{y} component %{x}<br>s_i %{customdata:.3g} (%{z:.2f} of s_0)<extra></extra>"), 1, col)
+        fig.update_xaxes(title_text="component", row=1, col=col, **integer_axis(r))
+        fig.update_yaxes(type="category", autorange="reversed", showticklabels=col == 1, row=1, col=col)
+    fig.update_layout(height=min(720, 200 + 10 * L * H), margin=dict(t=40, b=10))
+    return fig

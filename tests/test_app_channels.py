@@ -1,0 +1,66 @@
+"""AppTest runs of the Channels page: the induction circuit found and cut on
+zoo:induction-2l, the default code model, the rotary note, an image model refused."""
+
+from test_channels import save_tiny_llama
+
+from apptest_helpers import load, new_app, run
+
+
+def channels_page(spec=None, typed=False):
+    at = run(new_app())
+    if spec is not None:
+        at = load(at, spec, typed=typed)
+    return run(at, "views/channels.py")
+
+
+def captions(at):
+    return " ".join(c.value for c in at.caption)
+
+
+def metrics(at):
+    return {m.label: m.value for m in at.metric}
+
+
+def test_induction_circuit_is_shown_and_cutting_it_breaks_induction():
+    at = channels_page("zoo:induction-2l")
+    assert not at.error
+    assert at.radio(key="mode_zoo:induction-2l").value == "K"  # the strongest channel of any mode
+    pair = at.selectbox(key="pair_zoo:induction-2l_K")
+    assert pair.format_func(pair.value).startswith("L0H0 → L1H2 (K)")
+    assert "Induction circuit: the strongest K-composition, L0H0 → L1H2" in captions(at)
+    assert at.selectbox(key="head_zoo:induction-2l_L0H0 → L1H2 (K)").format_func(6) == "L1H2"  # the reader
+    shown = metrics(at)
+    assert float(shown["accuracy before"]) > 0.95 and float(shown["accuracy after"]) < 0.2  # the head cut
+    at.slider(key="alpha_zoo:induction-2l").set_value(1.0)
+    run(at)
+    assert metrics(at)["accuracy after"] == metrics(at)["accuracy before"]  # alpha 1 changes nothing
+    at.radio(key="scope_zoo:induction-2l").set_value("components")
+    at.slider(key="alpha_zoo:induction-2l").set_value(0.0)
+    run(at)
+    one = float(metrics(at)["accuracy after"])
+    at.slider(key="k_zoo:induction-2l_L0H0 → L1H2 (K)").set_value(10)
+    run(at)
+    assert float(metrics(at)["accuracy after"]) < one  # more of the channel's directions cut, less induction
+    assert not at.exception and not at.error
+
+
+def test_default_code_model_says_what_it_finds():
+    at = channels_page()
+    assert not at.error and not at.info  # GPT-2: exact scores, no note
+    text = captions(at)
+    assert "Strongest" in text and "Regimes:" in text and "directions of" in text
+    assert "bits per byte before" in metrics(at)
+
+
+def test_rotary_grouped_model_shows_the_note(tmp_path):
+    save_tiny_llama(tmp_path)
+    at = channels_page(str(tmp_path), typed=True)
+    assert not at.error
+    notes = " ".join(i.value for i in at.info)
+    assert "rotary" in notes and "grouped-query" in notes
+
+
+def test_image_model_is_refused_in_words():
+    at = channels_page("zoo:digits-cnn")
+    assert any("no attention heads" in e.value for e in at.error)
+    assert at.session_state["load_request"].spec == "zoo:digits-cnn"

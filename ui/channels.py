@@ -1,0 +1,82 @@
+"""Cached computations behind the Channels view, in the no-copy `ui.store.STORE`, keyed
+by the model fingerprint and what each part really depends on: the circuits and the
+composition scores by the weights alone, the head roles by the weights (the probe is
+fixed), patterns by the prompt, an intervention by the edit, the reader and the prompt."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import channels as ch
+from analysis import heads
+from lib.handle import ModelHandle
+from ui.store import STORE
+from ui.views import base_outputs, eval_batch
+
+EXAMPLE_PROMPTS = {  # a repeat in each, so induction has something to find
+    "repeated-tokens": "t5 t17 t42 t8 t33 t21 t60 t2 t5 t17 t42 t8 t33 t21 t60 t2",
+    "text": "def area(w, h):\n    return w * h\n\ndef area(w, h):\n    return",
+}
+
+
+def example_prompt(handle: ModelHandle) -> str:
+    return EXAMPLE_PROMPTS.get(handle.eval_task, EXAMPLE_PROMPTS["text"])
+
+
+def circuits(handle: ModelHandle) -> ch.Circuits:
+    """Every head's circuits and spectra (weights only: once per fingerprint)."""
+
+    def compute() -> ch.Circuits:
+        with st.spinner("Reading every head's OV and QK circuit from the weights ..."):
+            return ch.circuits(handle)
+
+    return STORE.get_or_compute(("channels.circuits", handle.fingerprint), compute)
+
+
+def composition(handle: ModelHandle) -> ch.Composition:
+    """Q-, K- and V-composition scores of every writer/reader pair (weights only)."""
+
+    def compute() -> ch.Composition:
+        c = circuits(handle)
+        with st.spinner("Scoring every writer/reader pair of heads ..."):
+            return ch.composition_scores(c)
+
+    return STORE.get_or_compute(("channels.composition", handle.fingerprint), compute)
+
+
+def role_probe(handle: ModelHandle):
+    """The repeated-token probe, drawn from the ids of the model's own evaluation text."""
+    return heads.role_probe(handle, vocabulary=eval_batch(handle, handle.fingerprint).tokens)
+
+
+def head_roles(handle: ModelHandle) -> heads.HeadRoles:
+    def compute() -> heads.HeadRoles:
+        with st.spinner("Recording every head's attention on a repeated-token probe ..."):
+            return heads.head_roles(handle, role_probe(handle))
+
+    return STORE.get_or_compute(("channels.roles", handle.fingerprint), compute)
+
+
+def prompt_patterns(handle: ModelHandle, prompt: str) -> tuple[heads.PromptTokens, object]:
+    """The prompt's tokens and every head's pattern on it, [L, H, T, T]."""
+
+    def compute():
+        tokens = heads.prompt_tokens(handle, prompt)
+        return tokens, heads.attention_patterns(handle, tokens.ids)
+
+    return STORE.get_or_compute(("channels.patterns", handle.fingerprint, prompt), compute)
+
+
+def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, prompt: str) -> heads.Intervention:
+    """`edit` measured on the evaluation batch (against the cached base outputs) and on the
+    reader's pattern over the prompt."""
+
+    def compute() -> heads.Intervention:
+        c = circuits(handle)
+        tokens = heads.prompt_tokens(handle, prompt)
+        batch = eval_batch(handle, handle.fingerprint)
+        base = base_outputs(handle)
+        with st.spinner(f"Running the evaluation set with {edit.label} ..."):
+            return heads.intervene(handle, c, batch, edit, reader, tokens.ids, base=base)
+
+    return STORE.get_or_compute(("channels.intervention", handle.fingerprint, edit, reader, prompt), compute)

@@ -1,0 +1,104 @@
+"""Channels page: what each attention head does, which heads talk to which, and what
+cutting a channel costs."""
+
+import streamlit as st
+
+from analysis import channels_report as rep
+from analysis import plots_channels as pc
+from analysis.channels import MODE_NAMES, MODES, channel_components, check_lm, head_label
+from analysis.glossary import GLOSSARY
+from analysis.heads import HeadEdit
+from lib.metrics import LABELS
+from ui import channels as cached
+from ui.session import require_handle
+
+handle = require_handle()
+st.title("Attention channels")
+st.caption("Heads pass information between layers through small subspaces of the residual stream: one head "
+           "writes a direction, a later head reads it with its queries (Q), keys (K) or values (V). The scores "
+           "below come from the weights alone; the last section tests a channel by cutting it.")
+check_lm(handle)  # an image model has no heads: the page guard says so
+spec = handle.spec
+c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.head_roles(handle)
+if note := rep.approximation_note(c):
+    st.info(note)
+
+st.subheader("What each head does")
+st.plotly_chart(pc.role_grid(roles), width="stretch")
+st.caption(f"Scores on {roles.n_sequences} sequences of BOS and three copies of {(roles.seq_len - 1) // 3} distinct "
+           "tokens from the evaluation text: the share of each head's attention on the previous token, on earlier "
+           "copies of its own token, and on the token after an earlier copy (induction); sink = attention on "
+           "position 0. Regime: how many keys carry 90% of a query's attention. " + rep.roles_sentence(roles),
+           help=GLOSSARY["attention_sink"])
+
+st.subheader("Which heads talk to which")
+strongest = max((comp.strongest(m, 1)[0] for m in MODES if comp.strongest(m, 1)), key=lambda ch: ch.relative,
+                default=None)
+if strongest is None:
+    st.info(rep.composition_sentence(comp, "K"))
+    st.stop()
+mode = st.radio("Composition", MODES, index=MODES.index(strongest.mode), horizontal=True,
+                format_func=MODE_NAMES.get, key=f"mode_{spec}")
+st.caption(rep.circuit_sentence(roles, comp))
+pairs = comp.strongest(mode, 30)
+pair = pairs[st.selectbox("Channel (writer → reader), strongest first", range(len(pairs)), key=f"pair_{spec}_{mode}",
+                          format_func=lambda i: f"{pairs[i].label}: {pairs[i].relative:.2f}× baseline")]
+left, right = st.columns(2)
+left.plotly_chart(pc.composition_heatmap(comp, mode, pair), width="stretch")
+with right:
+    n = st.slider("Strongest channels drawn", 1, len(pairs), min(8, len(pairs)), key=f"edges_{spec}")
+    st.plotly_chart(pc.channel_graph(comp, mode, n, roles, pair), width="stretch")
+st.caption("Score = ‖OV_writer · M_reader‖ / (‖OV_writer‖ ‖M_reader‖), M the reader's QK (Q), QKᵀ (K) or OV (V), "
+           "divided by 1/√d, what random matrices score. Orange heads have a role (score ≥ 0.3); the red edge is the "
+           "chosen channel. " + rep.composition_sentence(comp, mode))
+
+st.subheader(f"The channel {pair.label}: which directions carry it")
+parts = channel_components(c, comp, pair.writer, pair.reader, mode)
+st.plotly_chart(pc.component_bars(parts), width="stretch")
+st.caption("The writer's OV circuit split by SVD into rank-1 components (strongest first); each bar scores one "
+           "direction the writer writes against the reader, the percentage is its share of the pair's composition. "
+           + rep.components_sentence(parts))
+with st.expander("Singular value spectra of every head"):
+    st.plotly_chart(pc.spectra_heatmap(c), width="stretch")
+    st.caption("Each head's singular values divided by its largest: a row that darkens after a few components is "
+               "a circuit of low effective rank.")
+
+st.subheader("Attention on your prompt")
+prompt = st.text_area("Prompt", value=cached.example_prompt(handle), height=90, key=f"channels_prompt_{spec}")
+tokens, patterns = cached.prompt_patterns(handle, prompt)
+head_names = [head_label((l, h)) for l in range(c.n_layers) for h in range(c.n_heads)]
+shown = st.selectbox("Head", range(len(head_names)), format_func=head_names.__getitem__,
+                     index=pair.reader[0] * c.n_heads + pair.reader[1], key=f"head_{spec}_{pair.label}")
+layer, head = divmod(shown, c.n_heads)
+st.plotly_chart(pc.pattern_heatmap(patterns[layer, head], tokens.labels), width="stretch")
+st.caption("Row = the token attending (query), column = the token attended to (key); an induction head lights up "
+           "the token after an earlier copy of the current one, a previous-token head the diagonal just below.")
+if tokens.unknown:
+    st.warning("Not in this model's vocabulary: " + ", ".join(f"“{u}”" for u in tokens.unknown))
+if tokens.dropped:
+    st.info(f"Only the first {len(tokens.labels)} tokens are shown ({tokens.dropped} dropped).")
+
+st.subheader(f"Cut or amplify {pair.writer_label}")
+scope = st.radio("Edit", ["head", "components"], horizontal=True, key=f"scope_{spec}",
+                 format_func={"head": f"the whole head {pair.writer_label}",
+                              "components": f"only the directions carrying its channel to {pair.reader_label}"}.get)
+components: tuple[int, ...] = ()
+if scope == "components":
+    order = parts.shares.argsort(descending=True).tolist()
+    k = st.slider("Directions (largest share first)", 1, len(order), 1, key=f"k_{spec}_{pair.label}")
+    components = tuple(order[:k])
+alpha = st.slider("Scale α (0 cuts, 1 leaves it as it is)", 0.0, 2.0, 0.0, 0.1, key=f"alpha_{spec}")
+result = cached.intervention(handle, HeadEdit(*pair.writer, components, alpha), pair.reader, prompt)
+label = LABELS[result.metric]
+before, after = getattr(result.before, result.metric), getattr(result.after, result.metric)
+cols = st.columns(3)
+cols[0].metric(f"{label} before", f"{before:.4g}")
+cols[1].metric(f"{label} after", f"{after:.4g}", delta=f"{after - before:+.4g}",
+               delta_color="normal" if result.higher_is_better else "inverse")
+cols[2].metric("KL to the unedited model", f"{result.after.kl_to_base:.3g}", help=GLOSSARY["kl"])
+st.caption(rep.intervention_sentence(result))
+left, right = st.columns(2)
+left.plotly_chart(pc.pattern_heatmap(result.pattern_before, tokens.labels, f"{pair.reader_label} before"),
+                  width="stretch")
+right.plotly_chart(pc.pattern_heatmap(result.pattern_after, tokens.labels, f"{pair.reader_label} after"),
+                   width="stretch")
