@@ -256,11 +256,7 @@ class Lab:
         digest = recipe_digest(edits)
         point = next((p for p in self.history if p.digest == digest), None)
         if point is None:
-            model = self._model(edits, progress)
-            if progress:
-                progress(0.8, "measuring")
-            outputs, latency = self._timed_forwards(model)
-            point = self._point(len(self.history), edits, self._metrics(model, outputs, latency))
+            point = self._point(len(self.history), edits, self.evaluate(edits, progress))
             self.history.append(point)
         self._current = point.step
         return point
@@ -308,6 +304,16 @@ class Lab:
         return model
 
     # ------------------------------------------------------------------ measuring
+
+    def evaluate(self, edits: Sequence[Edit], progress: Progress | None = None) -> Metrics:
+        """Build the base with `edits` (through the prefix cache) and measure it against the
+        base outputs, without recording anything."""
+        with self._lock:
+            model = self._model(tuple(edits), progress)
+            if progress:
+                progress(0.8, "measuring")
+            outputs, latency = self._timed_forwards(model)
+            return self._metrics(model, outputs, latency)
 
     def _timed_forwards(self, model: ModelHandle) -> tuple[torch.Tensor, float]:
         """Outputs of the first forward, median milliseconds of `latency_repeats` forwards."""

@@ -51,8 +51,8 @@ def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontie
         trace([p.step for p in points], mode="markers", name="recipes tried",
               marker=dict(color=GREY, size=9, line=dict(width=1, color="white"))),
         trace(list(frontier), mode="lines+markers", name="Pareto frontier",
-              line=dict(color=FRONT, width=2, shape="hv"), marker=dict(color=FRONT, size=10)),
-        trace([0], mode="markers+text", name="base", text=["base"], textposition="top center",
+              line=dict(color=FRONT, width=2), marker=dict(color=FRONT, size=10)),
+        trace([0], mode="markers+text", name="base", text=["base"], textposition="middle left", cliponaxis=False,
               marker=dict(symbol="diamond", size=13, color="black")),
         trace([current], mode="markers", name="current", marker=dict(symbol="star", size=18, color=CURRENT,
                                                                      line=dict(width=1, color="white"))),
@@ -64,17 +64,27 @@ def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontie
 
 
 def sparsity_bars(summary: LayerSummary) -> go.Figure:
-    """Share of exact zeros per linear layer; removed layers as full grey bars."""
+    """Share of exact zeros per linear layer (blue); removed layers as full grey bars.
+    Bars carry their value as text while there are few enough to read it."""
     names = list(summary.names)
-    colors = [REMOVED if gone else CURRENT for gone in summary.removed]
-    text = ["removed" if gone else f"{s:.0%}" for s, gone in zip(summary.sparsity, summary.removed)]
     hover = [f"{n}<br>{'removed' if gone else f'sparsity {s:.1%}'}<br>nonzero weights kept: {k:.1%} of the base's"
              for n, s, k, gone in zip(names, summary.sparsity, summary.kept, summary.removed)]
-    fig = go.Figure(go.Bar(x=names, y=[100 * s for s in summary.sparsity], marker_color=colors, text=text,
-                           textposition="outside", hovertext=hover, hoverinfo="text", cliponaxis=False))
-    fig.update_layout(yaxis=dict(title="sparsity (% of weights exactly 0)", range=[0, 112]),
-                      xaxis=dict(title="linear layer", tickangle=-45 if len(names) > 8 else 0),
-                      height=380, margin=dict(t=30, b=40), bargap=0.25 if len(names) > 1 else 0.7)
+    labelled = len(names) <= 16
+    fig = go.Figure()
+    for removed, name, color in ((False, "sparsity", CURRENT), (True, "removed", REMOVED)):
+        index = [i for i, gone in enumerate(summary.removed) if gone == removed]
+        if not index and removed:
+            continue
+        fig.add_trace(go.Bar(
+            x=[names[i] for i in index], y=[100 * summary.sparsity[i] for i in index], name=name,
+            marker_color=color, hovertext=[hover[i] for i in index], hoverinfo="text",
+            text=["removed" if removed else f"{summary.sparsity[i]:.0%}" for i in index] if labelled else None,
+            textposition="outside", cliponaxis=False))
+    fig.update_layout(yaxis=dict(title="sparsity (% of weights exactly 0)", range=[0, 110]),
+                      xaxis=dict(title="linear layer", tickangle=-45 if len(names) > 8 else 0,
+                                 categoryorder="array", categoryarray=names),
+                      height=380, margin=dict(t=30, b=40), bargap=0.25 if len(names) > 1 else 0.7,
+                      barmode="overlay", legend=dict(orientation="h", y=1.1, x=0))
     return fig
 
 

@@ -34,7 +34,8 @@ def metrics(at):
 
 
 def recipe_lines(at):
-    return [m.value for m in at.markdown if m.value[:1].isdigit() and ". " in m.value[:4]]
+    """The recipe list as the browser shows it: "1. magnitude 50% ..."."""
+    return [m.value.replace("**", "") for m in at.markdown if m.value.startswith("**") and ".** " in m.value[:7]]
 
 
 def session_recipe(at):

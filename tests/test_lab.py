@@ -171,7 +171,9 @@ def test_layer_summary_counts_zeros_heads_and_removed_parts(lab):
     assert s.heads_kept == (4, 2, 0) and s.n_heads == 4
     assert s.removed_parts == ("heads 0, 3 of layer 1", "attention 2")
     figures = [plots_lab.sparsity_bars(s), plots_lab.heads_bars(s)]
-    assert list(figures[0].data[0].text).count("removed") == 2
+    kept, removed = figures[0].data
+    assert list(removed.x) == ["blocks.2.attn.qkv", "blocks.2.attn.o"] and list(removed.text) == ["removed"] * 2
+    assert len(kept.x) == len(s.names) - 2
     assert list(figures[1].data[0].y) == [4, 2, 0]
 
 

@@ -101,7 +101,7 @@ def recipe_list(lab: Lab, handle: ModelHandle) -> None:
         st.caption("No edits yet: the model is the loaded base model.")
     for i, edit in enumerate(edits):
         text, up, down, drop = st.columns([8, 1, 1, 1], vertical_alignment="center")
-        text.markdown(f"{i + 1}. {edit.label}")
+        text.markdown(f"**{i + 1}.** {edit.label}")  # not "1. x": markdown would make it a list
         if up.button("", icon=":material/arrow_upward:", key=f"lab_up_{i}", disabled=i == 0, help="Move up"):
             change(lab, handle, "Reordering", lambda p: lab.move(i, i - 1, p))
         if down.button("", icon=":material/arrow_downward:", key=f"lab_down_{i}", disabled=i == len(edits) - 1,
@@ -149,7 +149,7 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
         items.append(("KL to base", f"{now.kl_to_base:.4g} nats", None, "off", GLOSSARY["kl"]))
         items.append(("top-1 agreement", f"{now.agreement:.1%}", None, "off", GLOSSARY["top1_agreement"]))
     share = now.n_params / base.n_params
-    items.append(("parameters kept", f"{now.n_params:,} ({share:.1%})", f"{share - 1:+.1%}" if edited else None,
+    items.append(("parameters kept", f"{now.n_params:,}", f"{share - 1:+.1%}" if edited else None,
                   "inverse", "Weights the edited model still holds. Weights pruned to zero still count (they are "
                              "stored); removed heads, sublayers and blocks do not."))
     items.append(("size", f"{now.size_bits / MIB:.2f} MiB",
