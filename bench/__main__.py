@@ -9,10 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench import channels, common, exits, foundation, lab, pages, redundancy  # noqa: E402
+from bench import common, foundation, lab, redundancy  # noqa: E402
 
-SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
-          "channels": channels.ROWS, "pages": pages.ROWS}
+SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS}
 
 
 def main() -> None:
