@@ -124,14 +124,15 @@ class Lab:
     """Recipes tried on one base model (never mutated) and its evaluation batch.
 
     base_outputs: the base's outputs on `batch`, raw or prepared (pass shared ones to
-    save a forward and the memory of a second copy). cache_size: edited copies kept
-    for prefix reuse. latency_repeats: timed forwards per measurement (the first also
-    gives the outputs); the median is reported.
+    save a forward and the memory of a second copy). cache_size, cache_bytes: edited
+    copies kept for prefix reuse, at most this many and (beyond the newest) this many
+    bytes of weights (each browser session has its own lab). latency_repeats: timed
+    forwards per measurement (the first also gives the outputs); the median is reported.
     """
 
     def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
                  base_outputs: torch.Tensor | BaseOutputs | None = None, cache_size: int = 4,
-                 latency_repeats: int = 3) -> None:
+                 latency_repeats: int = 3, cache_bytes: int = 2 * 2**30) -> None:
         if base.base_fingerprint is not None:
             raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
         if latency_repeats < 1 or cache_size < 1:
@@ -139,7 +140,7 @@ class Lab:
         self.base = base
         self.batch = batch if batch is not None else data.default_batch(base)
         data.check_batch(base, self.batch)
-        self.cache_size, self.latency_repeats = cache_size, latency_repeats
+        self.cache_size, self.cache_bytes, self.latency_repeats = cache_size, cache_bytes, latency_repeats
         self._cache: OrderedDict[str, ModelHandle] = OrderedDict()
         self._lock = threading.RLock()  # the UI builds downloads on another thread
         outputs, latency = self._timed_forwards(base)
@@ -299,9 +300,12 @@ class Lab:
                 progress(0.1 + 0.7 * i / len(todo), f"applying {edit.label}")
             _apply_(model, edit)
         self._cache[recipe_digest(edits)] = model
-        while len(self._cache) > self.cache_size:
+        while len(self._cache) > 1 and (len(self._cache) > self.cache_size or self._cached_bytes() > self.cache_bytes):
             self._cache.popitem(last=False)
         return model
+
+    def _cached_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self._cache.values() for t in m.weights().values())
 
     # ------------------------------------------------------------------ measuring
 

@@ -244,3 +244,23 @@ def test_history_figure_marks_frontier_and_current(lab):
     assert list(tried.customdata) == [0, 1, 2] and list(current.customdata) == [2] and list(base.customdata) == [0]
     assert list(front.customdata) == lab.frontier()
     assert isinstance(lab.history[0], LabPoint)
+
+
+def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=2)
+    lab = Lab(tiny_lm, batch, latency_repeats=1, cache_size=2)
+    for sparsity in (0.1, 0.2, 0.3):
+        lab.reset()
+        lab.add(Magnitude(sparsity))
+    lab.model_for([Magnitude(0.3)])
+    lab.model_for([Magnitude(0.2)])
+    assert counted["private_copy"] == 3  # the last two are still cached
+    lab.model_for([Magnitude(0.1)])
+    assert counted["private_copy"] == 4  # the oldest was evicted
+    small = Lab(tiny_lm, batch, latency_repeats=1, cache_bytes=1)  # room for the newest copy only
+    small.add(Magnitude(0.1))
+    small.add(Magnitude(0.2))
+    small.model_for([Magnitude(0.1), Magnitude(0.2)])
+    assert counted["private_copy"] == 6
+    small.model_for([Magnitude(0.1)])
+    assert counted["private_copy"] == 7

@@ -137,7 +137,7 @@ def _quality_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
             shown = f"{100 * delta:+.1f} points"
         else:
             shown = None if delta is None else fmt.replace("{:", "{:+").format(delta)
-        items.append((LABELS[name], fmt.format(value), shown if edited else None,
+        items.append((LABELS[name], fmt.format(value), shown if edited and delta else None,
                       "normal" if higher_is_better(name) else "inverse", helptext))
     return items
 
@@ -149,11 +149,12 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
         items.append(("KL to base", f"{now.kl_to_base:.4g} nats", None, "off", GLOSSARY["kl"]))
         items.append(("top-1 agreement", f"{now.agreement:.1%}", None, "off", GLOSSARY["top1_agreement"]))
     share = now.n_params / base.n_params
-    items.append(("parameters kept", f"{now.n_params:,}", f"{share - 1:+.1%}" if edited else None,
+    items.append(("parameters kept", f"{now.n_params:,}", f"{share - 1:+.1%}" if share != 1 else None,
                   "inverse", "Weights the edited model still holds. Weights pruned to zero still count (they are "
                              "stored); removed heads, sublayers and blocks do not."))
     items.append(("size", f"{now.size_bits / MIB:.2f} MiB",
-                  f"{(now.size_bits - base.size_bits) / MIB:+.2f} MiB" if edited else None, "inverse",
+                  f"{(now.size_bits - base.size_bits) / MIB:+.2f} MiB" if now.size_bits != base.size_bits else None,
+                  "inverse",
                   "Bits to store the weights as they are stored, in MiB."))
     items.append(("latency", f"{now.latency_ms:.0f} ms",
                   f"{now.latency_ms / base.latency_ms - 1:+.0%}" if edited else None, "inverse",
