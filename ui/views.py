@@ -2,8 +2,8 @@
 parameters each really depends on.
 
 Small results go through `st.cache_data`; large tensors (base logits: 16 x 256 x
-50257 floats is about 800 MB for gpt2) and analyses that report progress while they
-run go through the no-copy `ui.store.STORE`.
+50257 floats is about 800 MB for gpt2), analyses that report progress while they run
+and the parts of one view's analysis go through the no-copy `ui.store.STORE`.
 """
 
 from __future__ import annotations
@@ -45,21 +45,24 @@ def base_outputs(handle: ModelHandle) -> torch.Tensor:
 Progress = Callable[[float, str], None]
 
 
-def _stored(key: tuple, label: str, compute: Callable[[Progress], T]) -> T:
-    """`STORE`'s value for `key`, or `compute(progress)` under a progress bar drawn
-    where the page is now (nothing is drawn when the value is already there)."""
+def _stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None) -> T:
+    """`STORE`'s value for `key`, or `compute(progress)`; with a `label`, under a progress
+    bar drawn where the page is now (nothing is drawn when the value is already there)."""
     found = STORE.get(key)
     if found is not None:
         return found
-    bar = st.progress(0.0, text=label)
+    if label is None:
+        value = compute(None)
+    else:
+        bar = st.progress(0.0, text=label)
 
-    def update(fraction: float, message: str) -> None:
-        bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
+        def update(fraction: float, message: str) -> None:
+            bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
 
-    try:
-        value = compute(update)
-    finally:
-        bar.empty()
+        try:
+            value = compute(update)
+        finally:
+            bar.empty()
     STORE.put(key, value)
     return value
 
@@ -70,40 +73,43 @@ def _stored(key: tuple, label: str, compute: Callable[[Progress], T]) -> T:
 
 def residuals(handle: ModelHandle) -> Residuals:
     """The hooked pass over the evaluation batch (every position, logits included)."""
-    return _stored(("residuals", handle.fingerprint), "One forward pass with hooks",
-                   lambda _: rr.residual_pass(handle, eval_batch(handle, handle.fingerprint)))
+    def compute(_: Progress | None) -> Residuals:
+        with st.spinner("One forward pass with hooks ..."):
+            return rr.residual_pass(handle, eval_batch(handle, handle.fingerprint))
+
+    return _stored(("residuals", handle.fingerprint), compute)
 
 
 def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
     batch = eval_batch(handle, handle.fingerprint)
-    return _stored(("layer_statistics", handle.fingerprint, skip), "Similarities and CKA",
+    return _stored(("layer_statistics", handle.fingerprint, skip),
                    lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip))
 
 
 def lens(handle: ModelHandle, skip: int) -> LogitLens:
     batch = eval_batch(handle, handle.fingerprint)
-    return _stored(("lens", handle.fingerprint, skip), "Logit lens",
-                   lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step))
+    return _stored(("lens", handle.fingerprint, skip),
+                   lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step), "Logit lens")
 
 
 def stage_statistics(handle: ModelHandle) -> StageSimilarity:
-    return _stored(("stage_statistics", handle.fingerprint), "Comparing stages",
-                   lambda _: stage_similarity(handle, eval_batch(handle, handle.fingerprint)))
+    return _stored(("stage_statistics", handle.fingerprint),
+                   lambda _: stage_similarity(handle, eval_batch(handle, handle.fingerprint)), "Comparing stages")
 
 
 def drop_sweep(handle: ModelHandle) -> DropSweep:
     """Every single drop measured (LMs reuse the cached pass)."""
     batch = eval_batch(handle, handle.fingerprint)
     if rr.is_stage_model(handle, batch):
-        return _stored(("drop_sweep", handle.fingerprint), "Dropping each stage",
-                       lambda _: rr.drop_sweep(handle, batch))
-    return _stored(("drop_sweep", handle.fingerprint), "Dropping each module",
-                   lambda step: rr.drop_sweep(handle, batch, residuals(handle), progress=step))
+        return _stored(("drop_sweep", handle.fingerprint), lambda _: rr.drop_sweep(handle, batch),
+                       "Dropping each stage")
+    return _stored(("drop_sweep", handle.fingerprint),
+                   lambda step: rr.drop_sweep(handle, batch, residuals(handle), progress=step), "Dropping each module")
 
 
 def redundancy(handle: ModelHandle, skip: int) -> RedundancyReport:
-    """The Redundancy view's report, assembled from the cached parts (each computed
-    here if missing, in page order: statistics, lens, sweep)."""
+    """The Redundancy view's report, assembled from the cached parts (any missing one is
+    computed here; the page computes them one by one first, to draw each when ready)."""
     batch = eval_batch(handle, handle.fingerprint)
     if rr.is_stage_model(handle, batch):
         return rr.assemble(batch, drop_sweep(handle), stages=stage_statistics(handle))
