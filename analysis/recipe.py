@@ -13,6 +13,7 @@ from typing import Any
 
 from analysis import (  # noqa: F401 - register their edit types
     allocation,
+    exits,
     factorize,
     pruning,  # noqa: F401 - registers its edit types
 )
