@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -184,104 +184,135 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
                            update.mean((1, 2)), flat[0].shape[0], res.skip, res.has_mlp)
 
 
-LENS_BLOCK_ELEMENTS = 1 << 20  # logits per vocabulary block: a few MB, stays in cache
+LENS_CHUNK_ELEMENTS = 1 << 26  # logits per token chunk (256 MB in float32); the lens holds 2-3 chunk buffers
 
 
 Affine = tuple[torch.Tensor, torch.Tensor | None] | None
 
 
-def _vocab_blocks(handle: ModelHandle, h: torch.Tensor, width: int,
-                  affine: Affine) -> Iterator[tuple[int, torch.Tensor]]:
-    """The logits of h [N, d] as vocabulary blocks (first column, [N, w]).
+def _float32_unembedding(handle: ModelHandle) -> Affine:
+    """(W_U [vocab, d], b_U [vocab] or None) when the readout is affine and float32, else
+    None (then every depth takes one generic readout)."""
+    affine = handle.unembedding()
+    return affine if affine is not None and affine[0].dtype == torch.float32 else None
 
-    With an affine unembedding (`handle.unembedding()`) each block is its own matmul
-    into one reused buffer, so the full [N, vocab] logits never exist; otherwise one
-    readout, sliced.
+
+def _depth_logits(handle: ModelHandle, h: torch.Tensor, affine: Affine,
+                  out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 logits of h [n, d], [n, vocab], a tensor the caller may overwrite, and
+    LN_final(h) [n, d] when the readout is `affine` (else None).
+
+    With `affine` one addmm writes the logits into `out` (a buffer reused across depths:
+    a fresh [n, vocab] tensor pays its page faults at every depth); otherwise, or without
+    `out`, they are a fresh tensor.
     """
     if affine is None:
-        logits = handle.readout(h).float()
-        for start in range(0, logits.shape[-1], width):
-            yield start, logits[:, start:start + width]
-        return
+        return handle.readout(h).float(), None
     weight, bias = affine
     x = handle.final_norm(h)
-    buffer = torch.empty(h.shape[0] * width)
-    for start in range(0, weight.shape[0], width):
-        w = weight[start:start + width]
-        z = buffer[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
-        if bias is None:
-            torch.mm(x, w.T, out=z)
-        else:
-            torch.addmm(bias[start:start + width], x, w.T, out=z)
-        yield start, z
+    if bias is None:
+        return torch.mm(x, weight.T, out=out), x
+    return torch.addmm(bias, x, weight.T, out=out), x
 
 
-def _softmax_stats(blocks: Iterator[tuple[int, torch.Tensor]], n_tokens: int,
-                   p_ref: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token softmax statistics from vocabulary blocks, by an online log-sum-exp.
+def _final_logits_rows(handle: ModelHandle, res: Residuals, h_final: torch.Tensor, start: int, stop: int,
+                       affine: Affine, out: torch.Tensor | None) -> torch.Tensor:
+    """The model's own float32 logits [n, vocab] for evaluation tokens start..stop-1 (the
+    flattened [batch, pos - skip] order of h_final [N, d]): rows of the cached
+    `res.logits`, else a readout of h_L."""
+    if res.logits is None:
+        return _depth_logits(handle, h_final[start:stop], affine, out)[0]
+    batch, pos, vocab = res.logits.shape
+    token = torch.arange(start, stop)
+    rows = token // (pos - res.skip) * pos + res.skip + token % (pos - res.skip)
+    flat = res.logits.reshape(batch * pos, vocab)  # a view of the usual contiguous logits
+    if out is None or flat.dtype != out.dtype:
+        return flat.index_select(0, rows).float()
+    return torch.index_select(flat, 0, rows, out=out)
 
-    Returns lse, entropy, <p_ref, z> (None without p_ref) and argmax, each [N].
-    With m the running max: s = sum exp(z - m), t = sum exp(z - m) z, rescaled by
-    exp(m_old - m_new) when m grows; lse = m + log s, entropy = lse - t / s.
+
+ReferenceDot = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _reference_dot(p_final: torch.Tensor, affine: Affine) -> ReferenceDot:
+    """<p_L, log p_l> per token [n] as a function of (log p_l [n, vocab], LN_final(h_l)
+    [n, d] or None, lse(z_l) [n], a scratch [n, vocab]), for p_final = p_L [n, vocab].
+
+    With an affine readout z_l = x_l W_U^T + b_U, so <p_L, log p_l> = x_l . (p_L W_U) +
+    <p_L, b_U> - lse(z_l) sum(p_L): one [n, vocab] x [vocab, d] product here instead of
+    a pass over [n, vocab] at every depth, and p_final is not read again. Otherwise a
+    product through the scratch and a sum.
     """
-    m = torch.full((n_tokens,), -math.inf)
-    s, t = torch.zeros(n_tokens), torch.zeros(n_tokens)
-    pz = torch.zeros(n_tokens) if p_ref is not None else None
-    best = torch.zeros(n_tokens, dtype=torch.long)
-    scratch = None
-    for start, z in blocks:
-        cols = slice(start, start + z.shape[1])
-        block_max, block_arg = z.max(-1)
-        grown = block_max > m
-        best = torch.where(grown, block_arg + start, best)
-        new_m = torch.maximum(m, block_max)
-        scale = torch.exp(m - new_m)
-        if scratch is None or scratch.numel() < z.numel():
-            scratch = torch.empty(z.numel())
-        e = torch.sub(z, new_m[:, None], out=scratch[: z.numel()].view(z.shape)).exp_()
-        s = s * scale + e.sum(-1)
-        t = t * scale + torch.linalg.vecdot(e, z)
-        if pz is not None:
-            pz += torch.linalg.vecdot(p_ref[:, cols], z)
-        m = new_m
-    lse = m + s.log()
-    return lse, lse - t / s, pz, best
+    if affine is not None:
+        weight, bias = affine
+        q = p_final @ weight  # [n, d]
+        pb = torch.zeros(()) if bias is None else p_final @ bias  # [n]
+        mass = p_final.sum(-1)  # [n], 1 up to rounding; kept so both sums of the KL weigh alike
+        return lambda logp, x, lse, scratch: torch.linalg.vecdot(x, q) + pb - lse * mass
+    return lambda logp, x, lse, scratch: torch.mul(p_final, logp, out=scratch).sum(-1)
+
+
+def _lens_stats(z: torch.Tensor, probs: torch.Tensor, x: torch.Tensor | None = None,
+                reference: ReferenceDot | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token statistics of p = softmax(z) for logits z [n, vocab]: entropy H(p),
+    <p_L, log p> (None without `reference`) and the top-1 token, each [n].
+
+    One log-softmax like the brute-force lens, then five ops over [n, vocab] in all (max,
+    log-softmax, exp, product, sum), each on the whole chunk: on a busy machine every op
+    is a thread barrier, so few large ops beat many cache-sized ones. Leaves p in
+    `probs` [n, vocab] (after `reference` used it as scratch); overwrites z.
+    """
+    m, top = z.max(-1)
+    logp = torch.log_softmax(z, -1, out=z)
+    lse = m - logp.gather(-1, top[:, None]).squeeze(-1)
+    dot = None if reference is None else reference(logp, x, lse, probs)
+    torch.exp(logp, out=probs)
+    entropy = -torch.mul(probs, logp, out=logp).sum(-1)
+    return entropy, dot, top
 
 
 @torch.no_grad()
 def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = None) -> LogitLens:
     """Logit lens at every depth, LN_final recomputed on each h_l itself.
 
-    Per token: entropy H(p_l) and KL(p_L || p_l) = -H(p_L) - <p_L, z_l> + lse(z_l), all
-    from running sums over vocabulary blocks (`_softmax_stats`): each depth costs its
-    readout matmul plus one pass over cache-resident blocks. The final depth goes
-    first; its logits are turned in place into p_L, the reference of every KL.
+    Per token: entropy H(p_l) = -<p_l, log p_l> and KL(p_L || p_l) = -H(p_L) - <p_L, log p_l>.
+    Each depth costs its readout matmul (into one reused buffer) plus one log-softmax pass
+    (`_lens_stats`); <p_L, log p_l> comes from `_reference_dot`. The final depth goes
+    first. Tokens go in chunks of at most LENS_CHUNK_ELEMENTS logits, so memory stays
+    bounded (one chunk of 992 x 50257 for GPT-2 on 8 x 128 windows).
     """
     L = handle.structure.n_layers
     h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
     n_tokens = h.shape[1]
-    width = max(128, LENS_BLOCK_ELEMENTS // n_tokens)
-    affine = handle.unembedding()
-    if res.logits is None:  # one full readout for the final depth: it is kept as p_L anyway
-        p_final = handle.readout(h[L]).float()  # [N, vocab]
-    else:  # a copy we own (one copy), overwritten with p_L below
-        p_final = torch.empty(n_tokens, res.logits.shape[-1])
-        p_final.view(res.logits.shape[0], -1, p_final.shape[-1]).copy_(res.logits[:, res.skip:])
-    blocks = ((v, p_final[:, v:v + width]) for v in range(0, p_final.shape[-1], width))
-    lse, entropy, _, top_final = _softmax_stats(blocks, n_tokens)
-    p_final.sub_(lse[:, None]).exp_()
-    neg_ent_final = -entropy
-    kl, agree, ent = torch.zeros(L + 1), torch.ones(L + 1), torch.zeros(L + 1)
-    ent[L] = entropy.mean()
-    for layer in range(L):
-        lse, entropy, pz, top = _softmax_stats(_vocab_blocks(handle, h[layer], width, affine), n_tokens, p_final)
-        kl[layer] = (neg_ent_final - pz + lse).mean()
-        ent[layer] = entropy.mean()
-        agree[layer] = (top == top_final).float().mean()
-        if progress:
-            progress((layer + 1) / L, f"logit lens: depth {layer}")
-    return LogitLens(kl.clamp_min(0), agree, ent)
+    affine = _float32_unembedding(handle)
+    vocab = res.logits.shape[-1] if res.logits is not None else handle.structure.d_vocab  # sizes the chunks only
+    rows = max(1, LENS_CHUNK_ELEMENTS // vocab)
+    n_steps = -(-n_tokens // rows) * L
+    kl, ent = torch.zeros(L + 1, dtype=torch.float64), torch.zeros(L + 1, dtype=torch.float64)
+    agree = torch.zeros(L + 1, dtype=torch.long)  # tokens whose top-1 is the final layer's
+    z_buffer = p_final = probs = None  # [rows, vocab] each, made from the first (largest) chunk's logits
+    for chunk, start in enumerate(range(0, n_tokens, rows)):
+        stop = min(start + rows, n_tokens)
+        n = stop - start
+        z = _final_logits_rows(handle, res, h[L], start, stop, affine, None if z_buffer is None else z_buffer[:n])
+        if p_final is None:
+            p_final = torch.empty_like(z)
+            z_buffer = z if affine is not None else None  # a generic readout makes its own logits
+            probs = p_final if affine is not None else torch.empty_like(z)  # an affine reference reads p_L once
+        entropy, _, top_final = _lens_stats(z, p_final[:n])
+        neg_ent_final = -entropy
+        ent[L] += entropy.sum()
+        agree[L] += n
+        reference_dot = _reference_dot(p_final[:n], affine)
+        for layer in range(L):
+            z, x = _depth_logits(handle, h[layer, start:stop], affine, None if z_buffer is None else z_buffer[:n])
+            entropy, cross, top = _lens_stats(z, probs[:n], x, reference_dot)
+            kl[layer] += (neg_ent_final - cross).sum()
+            ent[layer] += entropy.sum()
+            agree[layer] += (top == top_final).sum()
+            if progress:
+                progress((chunk * L + layer + 1) / n_steps, f"logit lens: depth {layer}")
+    return LogitLens((kl / n_tokens).float().clamp_min(0), agree.float() / n_tokens, (ent / n_tokens).float())
 
 
 @dataclass(frozen=True)

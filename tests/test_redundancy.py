@@ -113,17 +113,19 @@ def _brute_force_lens(hf, residuals, skip):
     return kl, entropy, agreement
 
 
-@pytest.mark.parametrize("blocked", [True, False], ids=["vocab-blocks", "full-readout"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine-unembedding", "generic-readout"])
 @pytest.mark.parametrize("with_logits", [True, False])
-def test_logit_lens_matches_full_softmax(tiny_lm, batch, monkeypatch, blocked, with_logits):
-    """Both readout paths (affine unembedding in vocabulary blocks, or one generic
-    readout) and both sources of the final logits agree with a brute-force lens."""
+def test_logit_lens_matches_full_softmax(tiny_lm, batch, monkeypatch, affine, with_logits):
+    """Both readout paths (an affine unembedding into a reused buffer, or one generic
+    readout), both sources of the final logits (cached rows or a readout of h_L) and
+    token chunks that split prompts agree with a brute-force lens."""
     res = redundancy.collect_residuals(tiny_lm, batch, skip=2, with_logits=with_logits)
-    if not blocked:
+    if not affine:
         monkeypatch.setattr(tiny_lm, "unembedding", lambda: None)
     else:
         assert tiny_lm.unembedding() is not None
-    monkeypatch.setattr(redundancy, "LENS_BLOCK_ELEMENTS", 7 * 88)  # several uneven blocks
+    # several uneven token chunks (25, 25, 25, 13 of 88 tokens), across prompt boundaries (22 tokens each)
+    monkeypatch.setattr(redundancy, "LENS_CHUNK_ELEMENTS", 25 * tiny_lm.structure.d_vocab)
     lens = redundancy.logit_lens(tiny_lm, res)
     kl, entropy, agreement = _brute_force_lens(tiny_lm.hf_model, res, skip=2)
     assert torch.allclose(lens.kl, kl, atol=1e-5)
