@@ -82,9 +82,10 @@ def sparsity_bars(summary: LayerSummary) -> go.Figure:
             textposition="outside", cliponaxis=False))
     fig.update_layout(yaxis=dict(title="sparsity (% of weights exactly 0)", range=[0, 110]),
                       xaxis=dict(title="linear layer", tickangle=-45 if len(names) > 8 else 0,
-                                 categoryorder="array", categoryarray=names),
-                      height=380, margin=dict(t=30, b=40), bargap=0.25 if len(names) > 1 else 0.7,
-                      barmode="overlay", legend=dict(orientation="h", y=1.1, x=0))
+                                 categoryorder="array", categoryarray=names, automargin=True),
+                      height=420 if len(names) > 8 else 380, margin=dict(t=30, b=40),
+                      bargap=0.25 if len(names) > 1 else 0.7, barmode="overlay",
+                      legend=dict(orientation="h", y=1.1, x=0))
     return fig
 
 
@@ -94,8 +95,10 @@ def heads_bars(summary: LayerSummary) -> go.Figure:
         raise ValueError("Heads are counted for language models only.")
     layers = list(range(len(summary.heads_kept)))
     colors = [REMOVED if k == 0 else CURRENT for k in summary.heads_kept]
+    # numbers only on blocks that lost heads: the dashed line already says what a full block has
+    text = [str(k) if k < summary.n_heads else "" for k in summary.heads_kept]
     fig = go.Figure(go.Bar(x=layers, y=list(summary.heads_kept), marker_color=colors,
-                           text=[str(k) for k in summary.heads_kept], textposition="outside", cliponaxis=False,
+                           text=text, textposition="outside", cliponaxis=False,
                            hovertemplate="block %{x}: %{y} head(s) kept<extra></extra>"))
     fig.add_hline(y=summary.n_heads, line_dash="dash", line_color=GREY,
                   annotation_text=f"base: {summary.n_heads} heads", annotation_position="top left")
