@@ -3,8 +3,8 @@
 ReLU networks (LinearScope): with every ReLU mask and max-pool switch frozen at its state
 for an input x0, an image model is exactly affine, F(x) = A(x0) x + b(x0). Row k of A is
 output k's weight on every input pixel, column j what a unit impulse at pixel j adds to
-every output, b the frozen network at input 0. All rows come from one Jacobian
-(`torch.func.jacrev`: one forward, one batched backward), never a pass per pixel or class.
+every output, b the frozen network at input 0. All rows come from one forward and one
+vmapped backward (`torch.func.jacrev`), never a pass per pixel or per class.
 
 Transformers (detached linearisation): with every LayerNorm scale, attention pattern and
 MLP gate g = act(p)/p frozen at its value for a prompt, a target logit at the last
@@ -131,12 +131,11 @@ def linear_map(handle: ModelHandle, x0: torch.Tensor, dtype: torch.dtype = torch
     model = gradient_model(handle, dtype)
     with model.frozen_at(x) as output:
         x = x.to(output.dtype)
-        shape = x.shape
 
         def frozen(flat: torch.Tensor) -> torch.Tensor:  # [N] -> [K]
-            return model.differentiable_forward(flat.view(shape)).flatten()
+            return model.differentiable_forward(flat.view_as(x)).flatten()
 
-        matrix = torch.func.jacrev(frozen)(x.flatten()).detach()  # [K, N]: one forward, one vmapped backward
+        matrix = torch.func.jacrev(frozen)(x.flatten())  # [K, N]: every row from one vmapped backward
         bias = model.differentiable_forward(torch.zeros_like(x)).flatten().detach()  # [K]
     out = output.flatten()
     error = float((matrix @ x.flatten() + bias - out).abs().max())
@@ -181,16 +180,27 @@ def logit_target(handle: ModelHandle, token: int, versus: int | None = None) -> 
     for t in (token, versus):
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab):
             raise DataError(f"A target token is an id in 0..{vocab - 1}; got {t!r}.")
-    name = token_text(handle, token)
+    name = shown_token(token_text(handle, token))
     if versus is None:
         return LogitTarget((token,), (1.0,), f"logit of “{name}”")
     if versus == token:
         raise DataError("A logit difference needs two different tokens.")
-    return LogitTarget((token, versus), (1.0, -1.0), f"logit “{name}” − logit “{token_text(handle, versus)}”")
+    return LogitTarget((token, versus), (1.0, -1.0),
+                       f"logit “{name}” − logit “{shown_token(token_text(handle, versus))}”")
 
 
 def token_text(handle: ModelHandle, token: int) -> str:
     return handle.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+
+
+_WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "\\r"}  # as analysis.plots marks them, without colour
+
+
+def shown_token(text: str, limit: int = 0) -> str:
+    """A token as plain text with its whitespace visible ("␣def"), cut to `limit`
+    characters with "…" when `limit` is set; the empty token is "∅"."""
+    shown = "".join(_WHITESPACE.get(c, c) for c in text) or "∅"
+    return shown if not limit or len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 def prompt_tokens(handle: ModelHandle, prompt: str) -> torch.Tensor:
@@ -376,9 +386,9 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
     leaves = [embeds[p].detach().clone().requires_grad_(True) for p in inputs]
     direction, offset = _readout(model, target)
     kept: dict[Point, torch.Tensor] = {}
-    with model.hooks(_feeding(inputs, leaves) + _detaching(points, kept)):
+    with torch.enable_grad(), model.hooks(_feeding(inputs, leaves) + _detaching(points, kept)):
         value = model.unembedding_input(tokens)[0, -1] @ direction + offset
-    grads = torch.autograd.grad(value, leaves)
+        grads = torch.autograd.grad(value, leaves)
     parts = [(g * e).sum(-1)[0].detach() for g, e in zip(grads, leaves)]  # [pos] each
     unfrozen = [p for k in ("scale", "pattern", "gate_out") for p in points[k] if p not in kept]
     if unfrozen:
@@ -423,8 +433,8 @@ def target_function(model: ModelHandle, tokens: torch.Tensor, target: LogitTarge
     def f(x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         feeds = _feeding(inputs, [x] + [torch.zeros_like(x)] * (len(inputs) - 1))
-        with model.hooks(feeds + (_replaying(frozen) if frozen is not None else [])):
+        with torch.enable_grad(), model.hooks(feeds + (_replaying(frozen) if frozen is not None else [])):
             h = model.unembedding_input(tokens.expand(batch, -1))
-        return h[:, -1] @ direction + offset
+            return h[:, -1] @ direction + offset
 
     return f

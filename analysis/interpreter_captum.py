@@ -31,8 +31,7 @@ from analysis.interpreter import (
 from lib.handle import ModelHandle
 
 DEFAULT_STEPS = 32
-DEEPLIFT_LM = ("captum's DeepLift rules cover networks of ReLU-type modules; a transformer's softmax attention, "
-               "LayerNorm and GELU have none, so its answer would not be DeepLift's here.")
+DEEPLIFT_LM = "its rules are for ReLU-type layers; softmax attention, LayerNorm and GELU have none."
 
 
 @dataclass(frozen=True)
@@ -56,15 +55,18 @@ class Attribution:
 class AttributionComparison:
     """captum's methods against the exact linear contributions for one input and target.
 
-    target: what is explained, as shown; exact: the exact contributions (the vote map
-    x0 ⊙ A_k [C, H, W], or per-position contributions [pos]); exact_total: their sum,
-    F(x0) - b; zero_input_value: F(0), the real model's target at a zero input (what
-    IntegratedGradients and DeepLift explain the difference from); methods: one
-    Attribution each; not_applicable: (method, why) pairs.
+    target: what is explained, as shown; kind: the model's kind ("causal-lm", ...);
+    exact: the exact contributions (the vote map x0 ⊙ A_k [C, H, W], or per-position
+    contributions [pos]); value: F(x0), the real model's target; exact_total: the exact
+    contributions' sum, F(x0) - b; zero_input_value: F(0), the real model's target at a
+    zero input (what IntegratedGradients and DeepLift explain the difference from);
+    methods: one Attribution each; not_applicable: (method, why) pairs.
     """
 
     target: str
+    kind: str
     exact: torch.Tensor
+    value: float
     exact_total: float
     zero_input_value: float
     methods: tuple[Attribution, ...]
@@ -137,7 +139,8 @@ def image_attributions(handle: ModelHandle, linear: LinearMap, target: int, n_st
     methods = tuple(_attribution(name, values[0], exact, unsigned=name == "Saliency") for name, values in found.items())
     label = output_labels(handle, linear)[target]
     zero = float(f(torch.zeros_like(x)))
-    return AttributionComparison(label, exact, float(linear.input_part[target]), zero, methods)
+    return AttributionComparison(label, handle.kind, exact, float(linear.output[target]),
+                                 float(linear.input_part[target]), zero, methods)
 
 
 def token_attributions(handle: ModelHandle, exact: TokenContributions, n_steps: int = DEFAULT_STEPS,
@@ -156,4 +159,5 @@ def token_attributions(handle: ModelHandle, exact: TokenContributions, n_steps: 
     methods = tuple(_attribution(name, values[0].sum(-1), exact.contributions, unsigned=name == "Saliency")
                     for name, values in found.items())
     total, zero = float(exact.contributions.sum()), float(f(torch.zeros_like(x)))
-    return AttributionComparison(target.label, exact.contributions, total, zero, methods, (("DeepLift", DEEPLIFT_LM),))
+    return AttributionComparison(target.label, handle.kind, exact.contributions, exact.value, total, zero, methods,
+                                 (("DeepLift", DEEPLIFT_LM),))

@@ -294,3 +294,19 @@ def test_pearson():
     assert ic.pearson(a, 2 * a + 1) == pytest.approx(1.0)
     assert ic.pearson(a, -a) == pytest.approx(-1.0)
     assert ic.pearson(a, torch.ones(3)) != ic.pearson(a, torch.ones(3))  # nan for a constant
+
+
+def test_report_sentences_state_the_numbers(digits_cnn, image):
+    from analysis import interpreter_report as report
+
+    linear = it.linear_map(digits_cnn, image)
+    labels = it.output_labels(digits_cnn, linear)
+    k = int(linear.output.argmax())
+    sentence = report.bias_sentence(linear, labels, k)
+    assert f"{float(linear.bias[k]):+.3g}" in sentence and labels[k].capitalize() in sentence
+    assert "exact up to round-off" in report.reconstruction_sentence(linear.error)
+    assert "NOT exact" in report.reconstruction_sentence(1e-3)
+    assert report.frozen_sentence(linear) == "Frozen at this input: 4 ReLU and 2 MaxPool2d layers."
+    rows = report.attribution_rows(ic.image_attributions(digits_cnn, linear, k, n_steps=4))
+    assert rows["method"][0].startswith("exact") and len(set(map(len, rows.values()))) == 1
+    assert it.shown_token(" \n") == "␣↵" and it.shown_token("") == "∅" and it.shown_token("abcdefgh", 6) == "abcde…"
