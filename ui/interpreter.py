@@ -1,0 +1,85 @@
+"""Cached computations behind the Interpreter page, keyed by model fingerprint and what
+each result really depends on.
+
+Gradients and float64 run on a private copy of the base model (`analysis.interpreter.
+working_copy`), made once per model and kept in a store of its own that holds at most two
+(a copy is a whole model, which `ui.store.tensor_bytes` does not count). Results are small
+and go through the no-copy `ui.store.STORE`, under a progress bar where they are computed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import streamlit as st
+import torch
+
+from analysis import interpreter as it
+from analysis import interpreter_captum as ic
+from analysis.interpreter import LinearMap, TokenContributions
+from analysis.interpreter_captum import AttributionComparison
+from lib.handle import ModelHandle
+from ui.store import STORE, TensorStore
+from ui.views import eval_batch
+
+T = TypeVar("T")
+COPIES = TensorStore(max_entries=2)
+N_STEPS = 32  # integrated-gradients steps
+
+
+def _stored(key: tuple, label: str, compute: Callable[[it.Progress], T]) -> T:
+    """`STORE`'s value for `key`, or `compute(progress)` under a progress bar drawn here."""
+    found = STORE.get(key)
+    if found is not None:
+        return found
+    bar = st.progress(0.0, text=label)
+
+    def update(fraction: float, message: str) -> None:
+        bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
+
+    try:
+        value = compute(update)
+    finally:
+        bar.empty()
+    STORE.put(key, value)
+    return value
+
+
+def working_copy(handle: ModelHandle) -> ModelHandle:
+    """The float64 private copy gradients run on (read-only once made; hooks under its lock)."""
+    key = ("interpreter_copy", handle.fingerprint)
+    found = COPIES.get(key)
+    if found is None:
+        with st.spinner("Making a float64 copy of the model to take gradients on ..."):
+            found = it.working_copy(handle)
+        COPIES.put(key, found)
+    return found
+
+
+def image(handle: ModelHandle, index: int) -> torch.Tensor:
+    """Evaluation image `index` [1, 8, 8]."""
+    return eval_batch(handle, handle.fingerprint).images[index]
+
+
+def linear_map(handle: ModelHandle, index: int) -> LinearMap:
+    return _stored(("interpreter_map", handle.fingerprint, index), "Freezing the network at this image",
+                   lambda _: it.linear_map(working_copy(handle), image(handle, index)))
+
+
+def image_comparison(handle: ModelHandle, index: int, target: int) -> AttributionComparison:
+    linear = linear_map(handle, index)
+    return _stored(("interpreter_captum", handle.fingerprint, index, target), "captum attributions",
+                   lambda step: ic.image_attributions(working_copy(handle), linear, target, N_STEPS, progress=step))
+
+
+def token_contributions(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> TokenContributions:
+    tokens = it.prompt_tokens(handle, prompt)
+    target = it.logit_target(handle, token, versus)
+    return _stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus), "Linearising the model",
+                   lambda _: it.token_contributions(working_copy(handle), tokens, target))
+
+
+def token_comparison(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> AttributionComparison:
+    exact = token_contributions(handle, prompt, token, versus)
+    return _stored(("interpreter_token_captum", handle.fingerprint, prompt, token, versus), "captum attributions",
+                   lambda step: ic.token_attributions(working_copy(handle), exact, N_STEPS, progress=step))
