@@ -16,6 +16,7 @@ from analysis import (  # noqa: F401 - register their edit types
     exits,
     factorize,
     pruning,  # noqa: F401 - registers its edit types
+    quantization,
 )
 from analysis.edits import Edit, apply_, from_dict
 from lib.errors import RecipeError

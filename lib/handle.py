@@ -368,8 +368,12 @@ class ModelHandle(ABC):
 
     def _wire_input_transforms(self) -> None:
         """Put exactly one permanent pre-hook per entry of `input_transforms` on the modules
-        (a deep copy carries old ones, or none where a module was rebuilt)."""
-        for name, module in self._linear_modules().items():
+        (a deep copy carries old ones, or none where a module was rebuilt). A layer that is
+        no longer a linear layer of this copy (replaced, removed) loses its transform."""
+        modules = self._linear_modules()
+        for name in [n for n in self.input_transforms if n not in modules]:
+            del self.input_transforms[name]
+        for name, module in modules.items():
             for key, hook in list(module._forward_pre_hooks.items()):
                 if isinstance(hook, _PermanentInput):
                     del module._forward_pre_hooks[key]
@@ -452,12 +456,12 @@ class ModelHandle(ABC):
         new.weights_changed()
         return new
 
-    def int8_kernel_copy(self) -> tuple["ModelHandle", dict[str, int]]:
-        """A private copy whose fully connected layers (nn.Linear, GPT-2's Conv1D; not
-        convolutions) run torch's dynamic int8 CPU kernel: weights int8 per output channel,
-        inputs quantized per batch on the fly (torch.ao `DynamicQuantizedLinear`). Returns the
-        copy and, per converted layer, the bytes its int8 weights, scales and bias take.
-        The copy is for measuring: it is not edited further."""
+    def int8_kernel_copy(self, names: Sequence[str] | None = None) -> tuple["ModelHandle", dict[str, int]]:
+        """A private copy whose fully connected layers `names` (default: all; nn.Linear,
+        GPT-2's Conv1D; convolutions are skipped) run torch's dynamic int8 CPU kernel: weights
+        int8 per output channel, inputs quantized per batch on the fly (torch.ao
+        `DynamicQuantizedLinear`). Returns the copy and, per converted layer, the bytes its
+        int8 weights, scales and bias take. The copy is for measuring, not for editing."""
         import warnings
 
         try:
@@ -471,7 +475,7 @@ class ModelHandle(ABC):
             warnings.simplefilter("ignore")
             for name, weight in new.linear_layers().items():
                 module = new._linear_modules()[name]
-                if weight.dim() != 2 or weight.dtype != torch.float32:
+                if names is not None and name not in names or weight.dim() != 2 or weight.dtype != torch.float32:
                     continue
                 float_linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
                 float_linear.weight.data = weight.detach().contiguous()
@@ -481,9 +485,8 @@ class ModelHandle(ABC):
                 kernel = DynamicLinear.from_float(float_linear)
                 module.forward = kernel.forward  # this instance now runs the int8 kernel
                 packed = kernel.weight()
-                sizes[name] = (packed.numel() + packed.q_per_channel_scales().numel() * 4
-                               + packed.q_per_channel_zero_points().numel() + 4 * weight.shape[0] * (
-                                   module.bias is not None))
+                # int8 codes, float32 scales and int32 zero points per channel (fbgemm's packing), float bias
+                sizes[name] = packed.numel() + 8 * weight.shape[0] + 4 * weight.shape[0] * (module.bias is not None)
         if not sizes:
             raise CapabilityError("This model has no float32 fully connected layers for the int8 kernel.")
         return new, sizes
