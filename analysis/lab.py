@@ -151,6 +151,7 @@ class Lab:
         self._current = 0
         self._undo: list[tuple[Edit, ...]] = []
         self._redo: list[tuple[Edit, ...]] = []
+        self._summaries: dict[str, LayerSummary] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -388,8 +389,12 @@ class Lab:
     # ------------------------------------------------------------------ per layer
 
     def layer_summary(self) -> LayerSummary:
-        """Sparsity, kept weights and heads per layer of the current edited model."""
-        return layer_summary(self.base, self.edited())
+        """Sparsity, kept weights and heads per layer of the current edited model (counted
+        once per recipe: a page redraws it on every rerun)."""
+        digest = self.current.digest
+        if digest not in self._summaries:
+            self._summaries[digest] = layer_summary(self.base, self.edited())
+        return self._summaries[digest]
 
 
 def layer_summary(base: ModelHandle, edited: ModelHandle) -> LayerSummary:
