@@ -153,7 +153,7 @@ def _sign_fixed(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.
     return u * signs, vh * signs[:, None]
 
 
-def output_labels(handle: ModelHandle, linear: LinearMap) -> list[str]:
+def output_labels(linear: LinearMap) -> list[str]:
     """A name per output: "class 3" for a classifier, "pixel (r, c)" for an image output."""
     if len(linear.output_shape) == 1:
         return [f"class {k}" for k in range(linear.n_outputs)]

@@ -137,7 +137,7 @@ def image_attributions(handle: ModelHandle, linear: LinearMap, target: int, n_st
                                                     target=target)
     progress(1.0, "done")
     methods = tuple(_attribution(name, values[0], exact, unsigned=name == "Saliency") for name, values in found.items())
-    label = output_labels(handle, linear)[target]
+    label = output_labels(linear)[target]
     zero = float(f(torch.zeros_like(x)))
     return AttributionComparison(label, handle.kind, exact, float(linear.output[target]),
                                  float(linear.input_part[target]), zero, methods)

@@ -102,7 +102,7 @@ def test_zoo_cnn_map_and_its_parts(digits_cnn, image):
     # singular vectors: A v_i = s_i u_i
     v = linear.input_vectors.flatten(1)
     assert torch.allclose(linear.matrix @ v.T, linear.output_vectors.T * linear.singular_values, atol=1e-10)
-    assert it.output_labels(digits_cnn, linear)[3] == "class 3"
+    assert it.output_labels(linear)[3] == "class 3"
     assert digits_cnn.current_fingerprint() == fingerprint and count_hooks(digits_cnn.model) == 0
 
 
@@ -130,7 +130,7 @@ def test_denoiser_rows_and_columns_are_images():
     linear = it.linear_map(handle, x0)
     assert linear.matrix.shape == (64, 64) and linear.output_shape == (1, 8, 8) and linear.error < 1e-9
     assert linear.column(10).shape == (1, 8, 8) and linear.row(10).shape == (1, 8, 8)
-    assert it.output_labels(handle, linear)[10] == "pixel (1, 2)"
+    assert it.output_labels(linear)[10] == "pixel (1, 2)"
 
 
 def test_captum_input_x_gradient_sums_to_the_output_minus_the_bias(digits_cnn, image):
@@ -300,7 +300,7 @@ def test_report_sentences_state_the_numbers(digits_cnn, image):
     from analysis import interpreter_report as report
 
     linear = it.linear_map(digits_cnn, image)
-    labels = it.output_labels(digits_cnn, linear)
+    labels = it.output_labels(linear)
     k = int(linear.output.argmax())
     sentence = report.bias_sentence(linear, labels, k)
     assert f"{float(linear.bias[k]):+.3g}" in sentence and labels[k].capitalize() in sentence

@@ -24,7 +24,7 @@ def image_view() -> None:
     batch = eval_batch(handle, handle.fingerprint)
     index = st.slider("Evaluation image", 0, len(batch.labels) - 1, 0, key=f"interpreter_image_{handle.spec}")
     linear = cached.linear_map(handle, index)
-    labels = output_labels(handle, linear)
+    labels = output_labels(linear)
     classifier = len(linear.output_shape) == 1
     left, middle, right = st.columns(3)
     left.plotly_chart(image_heatmap(linear.x0, f"input x0 (image {index})"))
