@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -49,6 +50,9 @@ def zoo_names() -> list[str]:
     return sorted(ZOO)
 
 
+_LOADING = threading.Lock()  # one load at a time in a process: see load_model
+
+
 def load_model(
     spec: str | os.PathLike,
     *,
@@ -60,7 +64,19 @@ def load_model(
 
     available_bytes: free memory to check against (default: measured now).
     Raises a `ModelLoadError` subclass with a user-facing message on bad input.
+
+    Loads run one at a time: building on the meta device switches torch.nn.init off for
+    the whole process (as transformers' `from_pretrained` does), and transformers' first
+    import is not thread-safe, so two browser sessions loading at once broke each other
+    and every later load.
     """
+    with _LOADING:
+        return _load(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                     available_bytes=available_bytes)
+
+
+def _load(spec: str | os.PathLike, *, allow_pickle: bool, trust_remote_code: bool,
+          available_bytes: int | None) -> ModelHandle:
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if spec is not None and not isinstance(spec, str):

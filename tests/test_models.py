@@ -108,3 +108,32 @@ def test_image_model_roundtrip(tmp_path):
     assert torch.equal(handle.forward(x), net.eval()(x))
     assert [name for name, _ in handle.structure.stages] == list(net.stages)
     assert handle.fingerprint == load_model(tmp_path).fingerprint  # loading is deterministic: nothing random
+
+
+def test_simultaneous_loads_all_succeed(tiny_gpt2_dir):
+    """Two browser sessions load at once: each load gets its own model, and torch's
+    initialisers are the real ones afterwards (meta builds switch them off while they run)."""
+    import threading
+
+    import torch
+
+    from lib.models import load_model
+
+    inits = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    specs = ["zoo:induction-2l", str(tiny_gpt2_dir), "zoo:digits-cnn"]
+    expected = {spec: load_model(spec).fingerprint for spec in specs}
+    got, errors = {}, []
+
+    def load(spec):
+        try:
+            got[spec] = load_model(spec).fingerprint
+        except Exception as e:  # noqa: BLE001 - the test reports every failure
+            errors.append(f"{spec}: {e}")
+
+    threads = [threading.Thread(target=load, args=(spec,)) for spec in specs * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == expected
+    assert all(getattr(torch.nn.init, name) is fn for name, fn in inits.items())

@@ -174,3 +174,6 @@ def skip_layers(base: ModelHandle, edited: ModelHandle) -> Edit | None:
                         key="lab_skip_speedup")
     st.caption(f"Keeps blocks {', '.join(map(str, kept_layers(n, speedup)))} of 0..{n - 1}.")
     return SkipLayers(round(speedup, 2))
+
+
+from ui import lab_alloc_controls  # noqa: E402, F401 - registers rate-distortion, search, low rank, sharing

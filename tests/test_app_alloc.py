@@ -1,0 +1,58 @@
+"""AppTest runs of the Compression lab's allocating edits (issue 15): low-rank
+factorisation and block sharing on a tiny GPT-2, rate-distortion allocation on the
+digits CNN; each shows its figure and lands in the recipe with the metrics moving."""
+
+import pytest
+
+from apptest_helpers import load, new_app, run
+
+PAGE = "views/lab.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from conftest import save_tiny_gpt2
+
+    folder = tmp_path_factory.mktemp("alloc-gpt2")
+    save_tiny_gpt2(folder)
+    return str(folder)
+
+
+def lab(spec, typed):
+    return run(load(run(new_app()), spec, typed=typed), PAGE)
+
+
+def add(at):
+    at.button(key="lab_add").click()
+    return run(at)
+
+
+def recipe_of(at):
+    return next(r for r in at.session_state["recipes"].values() if r.model == at.session_state["load_request"].spec)
+
+
+def test_sharing_then_low_rank_in_the_lab(tiny_folder):
+    at = lab(tiny_folder, typed=True)
+    at.selectbox(key="lab_method").set_value("Share a block's weights")
+    run(at)
+    add(at)
+    assert not at.exception and [e.type for e in recipe_of(at).edits] == ["share_layers"]
+    at.selectbox(key="lab_method").set_value("Low-rank factorisation")
+    run(at)
+    at.slider(key="lab_lowrank_rank").set_value(4)
+    run(at)
+    assert len(at.get("plotly_chart")) >= 1  # the spectrum with the cut
+    add(at)
+    assert not at.exception and [e.type for e in recipe_of(at).edits] == ["share_layers", "low_rank"]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_rate_distortion_allocation_on_the_digits_cnn():
+    at = lab("zoo:digits-cnn", typed=False)
+    at.selectbox(key="lab_method").set_value("Allocate sparsity by rate-distortion")
+    run(at)
+    at.toggle(key="lab_rd_go").set_value(True)
+    run(at)
+    assert any("Predicted summed distortion" in c.value for c in at.caption)
+    add(at)
+    assert not at.exception and [e.type for e in recipe_of(at).edits] == ["layer_sparsity"]
