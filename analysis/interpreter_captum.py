@@ -31,7 +31,7 @@ from analysis.interpreter import (
 from lib.handle import ModelHandle
 
 DEFAULT_STEPS = 32
-DEEPLIFT_LM = "its rules are for ReLU-type layers; softmax attention, LayerNorm and GELU have none."
+DEEPLIFT_LM = "its rules cover ReLU-type layers, not attention, LayerNorm or GELU."
 
 
 @dataclass(frozen=True)
