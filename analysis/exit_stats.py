@@ -21,7 +21,7 @@ from lib.data import Batch, TextBatch, check_batch
 from lib.handle import ModelHandle
 from lib.metrics import model_inputs
 
-BLOCK_ELEMENTS = 1 << 20  # logits per class block: a few MB, stays in cache
+BLOCK_ELEMENTS = 1 << 22  # logits per class block (16 MB): few enough blocks that per-op thread overhead stays small
 
 
 def class_blocks(reader: Reader, depth: int, state: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:

@@ -475,23 +475,41 @@ class BridgeHandle(ModelHandle):
     @torch.no_grad()
     def exit_states(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """h_0..h_{L-1} (the residual stream entering each block, [batch, pos, d_model]) and
-        the logits [batch, pos, vocab], from one forward. Without hooks that is the plain
-        model's own `output_hidden_states` (it also works once parts are removed); inside
-        `hooks(...)` the bridge runs, so those hooks fire too."""
+        the logits [batch, pos, vocab], from one `_forward_every_layer`. Without hooks the
+        plain model runs and torch pre-hooks on its blocks catch their inputs (a removed
+        block's too, which `output_hidden_states` leaves out); inside `hooks(...)` the bridge
+        runs, so those hooks fire as well."""
         L = self.structure.n_layers
-        if self._structural or not (self._active_hooks or count_hooks(self.model)):
-            out = self.plain_model()(input_ids=inputs, output_hidden_states=True)
-            return list(out.hidden_states[:L]), out.logits  # the last entry is after the final norm
         states: dict[int, torch.Tensor] = {}
+        if not self._structural and (self._active_hooks or count_hooks(self.model)):
 
-        def keep(layer: int) -> ActivationHook:
-            def hook(tensor: torch.Tensor) -> None:
-                states[layer] = tensor
+            def keep(layer: int) -> ActivationHook:
+                def hook(tensor: torch.Tensor) -> None:
+                    states[layer] = tensor
 
-            return hook
+                return hook
 
-        with self.hooks([(Point("resid_pre", layer), keep(layer)) for layer in range(L)]):
+            with self.hooks([(Point("resid_pre", layer), keep(layer)) for layer in range(L)]):
+                logits = self._forward_every_layer(inputs)
+            return [states[layer] for layer in range(L)], logits
+
+        def catch(layer: int) -> Callable:
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                states[layer] = args[0] if args else kwargs["hidden_states"]
+
+            return pre_hook
+
+        paths = [self._hf_path(self.model.blocks[layer]) for layer in range(L)]
+        if None in paths:
+            raise CapabilityError("This model's blocks are not found in its transformers model, so their "
+                                  "states cannot be read for early exits.")
+        blocks = enumerate(self.plain_model().get_submodule(path) for path in paths)
+        handles = [block.register_forward_pre_hook(catch(layer), with_kwargs=True) for layer, block in blocks]
+        try:
             logits = self._forward_every_layer(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
         return [states[layer] for layer in range(L)], logits
 
     # ---- circuits (Channels view)

@@ -174,8 +174,15 @@ def test_exits_stack_with_pruning_and_removed_blocks(tiny_lm, batch):
     point = exits.exit_at(exits.collect_exit_stats(plain, batch), "max_prob", 0.02)
     torch.testing.assert_close(pruned.forward(batch.tokens), expected_outputs(plain, batch.tokens, point.exit_depth),
                                rtol=1e-5, atol=1e-5)
-    dropped = edited(tiny_lm, exits.EarlyExit("max_prob", 0.02), Drop("block", 2))  # drop after the exit
-    assert dropped.forward(batch.tokens).shape == (4, 32, 257) and dropped.exit_rule is not None
+    dropped = edited(tiny_lm, Drop("block", 1))
+    states, _ = dropped.exit_states(batch.tokens)
+    assert len(states) == 3 and torch.equal(states[2], states[1])  # a removed block passes its input on
+    point = exits.exit_at(exits.collect_exit_stats(dropped, batch), "entropy", 5.0)
+    after = edited(tiny_lm, Drop("block", 1), exits.EarlyExit("entropy", 5.0))
+    torch.testing.assert_close(after.forward(batch.tokens), expected_outputs(dropped, batch.tokens, point.exit_depth),
+                               rtol=1e-5, atol=1e-5)
+    before = edited(tiny_lm, exits.EarlyExit("entropy", 5.0), Drop("block", 1))  # the rule survives the removal
+    torch.testing.assert_close(before.forward(batch.tokens), after.forward(batch.tokens))
 
 
 @pytest.mark.parametrize("edit, message", [
