@@ -43,8 +43,8 @@ def model_picker() -> None:
                     help="Pickle files can run code when loaded. Only for sources you trust.")
         st.checkbox("Trust remote code", key="trust_code",
                     help="Runs Python code shipped with the model. Only for sources you trust.")
-    if "load_error" in st.session_state:
-        st.sidebar.error(st.session_state["load_error"])
+    if "load_error" in st.session_state:  # shown once, right after the attempt that failed
+        st.sidebar.error(st.session_state.pop("load_error"))
 
 
 page = st.navigation([
