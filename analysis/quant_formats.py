@@ -188,24 +188,45 @@ class Grid:
     def _cols(self, w: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
         return torch.arange(w.shape[1]) if cols is None else cols
 
+    def _params(self, shape: tuple[int, ...], cols: torch.Tensor | None
+                ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None]:
+        """How to lay out a matrix of `shape` and the scales (zero points) that broadcast over
+        it: the whole matrix as [out, n_groups, group] against [out, n_groups, 1] (no per-weight
+        copies of the scales), chosen columns as [out, k] against [out, k]."""
+        if cols is None:
+            grouped = (shape[0], -1, self.group)
+            zero = self.zero[..., None] if self.fmt.zero_point else None
+            return grouped, self.scale[..., None], zero
+        zero = self._expand(self.zero, cols) if self.fmt.zero_point else None
+        return shape, self._expand(self.scale, cols), zero
+
     def codes(self, w: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """What is stored for the columns `cols` (default: all) of the matrix, given as `w`
         [out, len(cols)]: integer codes (int formats), NF4 code indices 0..15, minifloat
         values in scale units, or ±1 (binary)."""
-        cols = self._cols(w, cols)
-        zero = self._expand(self.zero, cols) if self.fmt.zero_point else None
-        return _codes(self.fmt, w, self._expand(self.scale, cols), zero)
+        layout, scale, zero = self._params(w.shape, cols)
+        return _codes(self.fmt, w.reshape(layout), scale, zero).reshape(w.shape)
 
     def dequantize(self, codes: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of the columns `cols` (default: all) -> weights [out, len(cols)] in the model's units."""
-        cols = self._cols(codes, cols)
-        zero = self._expand(self.zero, cols) if self.fmt.zero_point else None
-        return _dequantize(self.fmt, codes, self._expand(self.scale, cols), zero)
+        layout, scale, zero = self._params(codes.shape, cols)
+        return _dequantize(self.fmt, codes.reshape(layout), scale, zero).reshape(codes.shape)
 
     def quantize(self, w: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """Round the columns `cols` (default: all) of a weight matrix, given as `w`
         [out, len(cols)], to this grid: [out, len(cols)] float32."""
-        return self.dequantize(self.codes(w.float(), cols), cols)
+        layout, scale, zero = self._params(w.shape, cols)
+        w = w.float().reshape(layout)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if self.fmt.scheme in ("int", "int-asym"):  # w/s, round, clamp, *s: four passes, no index tensors
+            lo, hi = (self.fmt.qmin, self.fmt.qmax) if zero is None else (-zero, self.fmt.qmax - zero)
+            return (w / safe).round_().clamp_(lo, hi).mul_(scale).reshape(w.shape[:1] + (-1,))
+        if self.fmt.scheme == "nf4":
+            index = torch.bucketize((w / safe).clamp_(-1, 1).contiguous(), _NF4_MIDDLES, out_int32=True)
+            values = NF4_CODES.index_select(0, index.flatten()).view(index.shape)  # faster than codes[index]
+            return values.mul_(scale).reshape(w.shape[:1] + (-1,))
+        codes = _codes(self.fmt, w, scale, zero)
+        return _dequantize(self.fmt, codes, scale, zero, in_place=True).reshape(w.shape[:1] + (-1,))
 
     def column_rounder(self) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """`round(v, j)`: values v [out] of column j rounded to column j's grid, [out]; the
@@ -244,23 +265,25 @@ class Grid:
 def _codes(fmt: QuantFormat, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
     """Codes of `w` given its scales `s` and zero points `z` (broadcastable to `w`)."""
     safe = torch.where(s > 0, s, torch.ones_like(s))
+    if fmt.scheme == "binary":
+        return torch.where(w >= 0, 1.0, -1.0)  # sign(0) = +1
+    u = w / safe  # a fresh tensor: the steps below work in place on it
     if fmt.scheme == "int":
-        return torch.round(w / safe).clamp(fmt.qmin, fmt.qmax)
+        return u.round_().clamp_(fmt.qmin, fmt.qmax)
     if fmt.scheme == "int-asym":
-        return (torch.round(w / safe) + z).clamp(fmt.qmin, fmt.qmax)
+        return u.round_().add_(z).clamp_(fmt.qmin, fmt.qmax)
     if fmt.scheme == "nf4":
-        return torch.bucketize((w / safe).clamp(-1, 1).contiguous(), _NF4_MIDDLES).float()
-    if fmt.scheme == "float":
-        return minifloat_round(w / safe, fmt.minifloat)
-    return torch.where(w >= 0, 1.0, -1.0)  # binary: sign(0) = +1
+        return torch.bucketize(u.clamp_(-1, 1).contiguous(), _NF4_MIDDLES).float()
+    return minifloat_round(u, fmt.minifloat)
 
 
-def _dequantize(fmt: QuantFormat, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-    if fmt.scheme == "int-asym":
-        return (codes - z) * s
+def _dequantize(fmt: QuantFormat, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+                in_place: bool = False) -> torch.Tensor:
     if fmt.scheme == "nf4":
-        return NF4_CODES[codes.long()] * s
-    return codes * s
+        return NF4_CODES[codes.long()].mul_(s)
+    if not in_place:
+        codes = codes.clone()
+    return (codes.sub_(z) if fmt.scheme == "int-asym" else codes).mul_(s)
 
 
 def fit_grid(w: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -> Grid:
@@ -268,20 +291,20 @@ def fit_grid(w: torch.Tensor, fmt: QuantFormat, group_size: int | None = None) -
     out, cols = w.shape
     group = group_columns(fmt, cols, group_size)
     w = w.detach().float()
-    groups = w.reshape(1, 1, -1) if group < 0 else w.reshape(out, cols // group, group)  # [rows, n_groups, g]
+    if fmt.scheme == "binary":
+        scale = torch.linalg.vector_norm(w.reshape(out, cols // group, group), ord=1, dim=-1) / group  # mean |w|
+        return Grid(fmt, group, _half(scale), None, (out, cols))
+    # one pass for min and max of every group: [rows, n_groups] each
+    lo, hi = w.aminmax() if group < 0 else w.reshape(out, cols // group, group).aminmax(dim=-1)
+    lo, hi = lo.reshape(-1, 1) if group < 0 else lo, hi.reshape(-1, 1) if group < 0 else hi
     zero = None
-    if fmt.scheme == "int":
-        scale = groups.abs().amax(-1) / fmt.qmax
-    elif fmt.scheme == "int-asym":  # 0 stays on the grid, so pruned zeros stay zeros
-        lo, hi = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    if fmt.scheme == "int-asym":  # 0 stays on the grid, so pruned zeros stay zeros
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = _half((hi - lo) / fmt.qmax)
         zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, fmt.qmax)
-    elif fmt.scheme == "nf4":
-        scale = groups.abs().amax(-1)
-    elif fmt.scheme == "float":
-        scale = groups.abs().amax(-1) / fmt.minifloat.max_value
     else:
-        scale = groups.abs().mean(-1)
+        largest = {"int": fmt.qmax, "nf4": 1.0}.get(fmt.scheme) or fmt.minifloat.max_value  # of the code range
+        scale = torch.maximum(-lo, hi) / largest
     return Grid(fmt, cols if group < 0 else group, _half(scale), zero, (out, cols), per_tensor=group < 0)
 
 

@@ -22,7 +22,16 @@ import torch
 from analysis.edits import Edit, applies, edit_type, is_int, require
 from analysis.pruning import SCOPES, scoped_layers
 from analysis.quant_calibration import as_matrix, calibration_grams, quantease
-from analysis.quant_formats import FORMATS, SCALE_BITS, fit_grid, get_format, group_columns, quantize_activations
+from analysis.quant_formats import (
+    FORMATS,
+    NF4_CODES,
+    SCALE_BITS,
+    fit_grid,
+    get_format,
+    group_columns,
+    quantize_activations,
+    relative_mse,
+)
 from lib.errors import RecipeError
 from lib.handle import ModelHandle, StoredAs, quantized_bits
 
@@ -274,8 +283,6 @@ class GridHistogram:
 def layer_histogram(handle: ModelHandle, layer: str, fmt: str, group_size: int | None = None, bins: int = 120
                     ) -> GridHistogram:
     """The histogram of linear layer `layer`'s weights with the grid of `fmt` over it."""
-    from analysis.quant_formats import relative_mse
-
     layers = handle.linear_layers()
     if layer not in layers:
         raise RecipeError(f"The model has no linear layer {layer!r}; its layers are {', '.join(list(layers)[:6])}, ...")
@@ -286,8 +293,11 @@ def layer_histogram(handle: ModelHandle, layer: str, fmt: str, group_size: int |
     counts = torch.histc(scaled, bins, lo, hi if hi > lo else lo + 1)
     edges = torch.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
     values = grid.code_values()
-    inside = values[(values >= lo - 1e-6) & (values <= hi + 1e-6)]
+    codes = grid.codes(w)
+    used = NF4_CODES[codes.long()] if grid.fmt.scheme == "nf4" else codes  # in scale units, like `scaled`
+    lo, hi = min(lo, float(used.min())), max(hi, float(used.max()))  # a grid value some weight rounds to is shown
+    inside = values[(values >= lo) & (values <= hi)]
     unit = {"int": "w / scale", "int-asym": "w / scale + zero point", "nf4": "w / absmax of its block",
-            "float": "w / scale", "binary": "w / mean |w| of its row"}[grid.fmt.scheme]
+            "float": "w / scale", "binary": "w / mean |w| of its group"}[grid.fmt.scheme]
     return GridHistogram(layer, fmt, grid.description, unit, tuple(edges.tolist()), tuple(int(c) for c in counts),
                          tuple(inside.tolist()), relative_mse(w, grid.quantize(w)))

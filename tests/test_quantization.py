@@ -346,3 +346,38 @@ def test_sensitivity_and_allocation(tiny_lm):
     assert strict.n_high == 3 and strict.drop == 0.0 and strict.edits == ()
     with pytest.raises(RecipeError, match="either a size budget or a tolerated quality drop"):
         allocate(tiny_lm, sens)
+
+
+# ---------------------------------------------------------------------- figures, real kernel
+
+
+def test_histogram_with_the_grid_and_the_other_figures(tiny_lm, tokens):
+    from analysis import plots_quant
+    from analysis.quant_calibration import MethodComparison
+    from analysis.quantization import layer_histogram
+
+    hist = layer_histogram(tiny_lm, "blocks.0.mlp.in", "int4")
+    assert hist.grid == tuple(float(v) for v in range(16)) and sum(hist.counts) == 128 * 32
+    fig = plots_quant.grid_histogram(hist)
+    assert fig.data[1].mode == "lines" and len(fig.data[1].x) == 3 * 16  # one dotted line per grid value
+    fp8 = layer_histogram(tiny_lm, "blocks.0.mlp.in", "fp8-e4m3")
+    assert len(fp8.grid) > 40 and plots_quant.grid_histogram(fp8).data[1].mode == "markers"
+    with pytest.raises(RecipeError, match="no linear layer 'blocks.7.mlp.in'"):
+        layer_histogram(tiny_lm, "blocks.7.mlp.in", "int4")
+    report = find_outliers(tiny_lm, ["blocks.0.mlp.in", "blocks.1.mlp.in"], 2.5, inputs=tokens)
+    assert list(plots_quant.outlier_bars(report).data[0].y) == [len(c) for c in report.columns]
+    comparison = MethodComparison("int4", None, ("a", "b"), (0.2, 0.1), (0.1, 0.05))
+    assert [len(t.y) for t in plots_quant.method_error_bars(comparison).data] == [2, 2]
+
+
+def test_int8_kernel_runs_the_model_close_to_float(tiny_lm):
+    from analysis.quant_kernels import int8_kernel_comparison
+
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2)
+    result = int8_kernel_comparison(tiny_lm, batch, repeats=3)
+    layers = {n: w for n, w in tiny_lm.linear_layers().items() if n != "unembed"}
+    assert set(result.layers) == set(layers)  # the tied unembedding stays in float
+    assert result.int8_bytes == sum(w.numel() + 12 * w.shape[0] for w in layers.values())  # codes, scale, zero, bias
+    assert result.float_bytes == sum(4 * (w.numel() + w.shape[0]) for w in layers.values())
+    assert 0 < result.metrics.kl_to_base < 0.01 and result.metrics.agreement > 0.9
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
