@@ -40,7 +40,7 @@ TRAIN_TOKENS = 8192  # tokens (LMs) the tuned lens is fitted on, fewer for large
 TRAIN_FLOPS = 2e11  # budget of the KL refinement: a few seconds of CPU on zoo:code-lm
 TRAIN_STEPS = 150  # at most this many Adam steps
 BATCH_TOKENS = 512
-MEMORY_LOGITS = 1 << 27  # at most this many floats of final-layer logits held for training
+MEMORY_LOGITS = 1 << 26  # at most this many floats of final-layer logits (256 MB) held for training
 _CACHE_SIZE = 4
 
 
@@ -102,10 +102,12 @@ def check_exits(handle: ModelHandle, lens: str) -> None:
         raise ExitError("This model has no layer before its last one to exit at.")
     choices = lens_choices(handle)
     if lens not in choices:
-        known = lens if lens in LENSES else None
-        why = ("a classifier exits through trained linear heads" if handle.kind == "image-classifier" else
-               "the tuned lens needs an affine unembedding, which this model does not have"
-               if known == "tuned" else "a language model exits through the logit lens or a tuned lens")
+        if handle.kind == "image-classifier":
+            why = "a classifier exits through its trained linear heads"
+        elif lens == "tuned":
+            why = "the tuned lens needs an affine unembedding, which this model does not have"
+        else:
+            why = "a language model exits through the logit lens or a tuned lens"
         raise ExitError(f"This model cannot exit through lens {lens!r}: {why}. Choose {' or '.join(choices)}.")
 
 

@@ -38,6 +38,7 @@ from analysis.exit_lens import (
     exit_lens,
     has_trained,
     lens_choices,
+    remember_lens,
 )
 from analysis.exit_stats import (
     ExitStats,
@@ -57,7 +58,7 @@ __all__ = [  # the interface the lab and notebooks use; the pieces live in exit_
     "CRITERIA", "CRITERION_LABELS", "LENSES", "LENS_LABELS", "CostModel", "EarlyExit", "ExitCurve", "ExitLens",
     "ExitPoint", "ExitRule", "ExitStats", "InputExits", "LensKL", "ThresholdRange", "collect_exit_stats",
     "default_thresholds", "depth_label", "exit_at", "exit_curve", "exit_curves", "exit_depths", "exit_lens",
-    "has_trained", "image_exits", "lens_choices", "lens_kl", "prompt_exits", "threshold_range",
+    "has_trained", "image_exits", "lens_choices", "lens_kl", "prompt_exits", "remember_lens", "threshold_range",
 ]
 
 CRITERIA = ("max_prob", "entropy", "patience", "saturation")
@@ -405,8 +406,8 @@ def prompt_exits(handle: ModelHandle, prompt: str, criterion: str, threshold: fl
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = bos + ids[max(0, len(ids) + len(bos) - handle.structure.n_ctx):]
     decode = lambda i: tok.decode([i], clean_up_tokenization_spaces=False)  # noqa: E731
-    return _exits_for(handle, torch.tensor([ids]), EarlyExit(criterion, threshold, lens), [decode(i) for i in ids],
-                      decode)
+    labels = ["BOS"] * len(bos) + [decode(i) for i in ids[len(bos):]]  # "<|endoftext|>" would not fit a cell
+    return _exits_for(handle, torch.tensor([ids]), EarlyExit(criterion, threshold, lens), labels, decode)
 
 
 def image_exits(handle: ModelHandle, images: torch.Tensor, criterion: str, threshold: float, lens: str = "heads"

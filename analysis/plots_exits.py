@@ -60,8 +60,8 @@ def tradeoff_curves(curves: Mapping[str, ExitCurve], quality: str = "agreement",
     worse = "lower" if quality in HIGHER_IS_BETTER else "higher"
     saved = "compute saved, % (oracle: skipped layers' keys/values free)" if oracle else \
         "compute saved, % (checks and skipped layers' keys/values charged)"
-    fig.update_layout(xaxis_title=saved, yaxis_title=f"{QUALITIES[quality]} ({worse} is worse)", height=420,
-                      margin=dict(t=30, b=50), legend=dict(orientation="h", y=1.1, x=0))
+    fig.update_layout(xaxis_title=saved, yaxis_title=f"{QUALITIES[quality]} ({worse} is worse)", height=440,
+                      margin=dict(t=60, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return fig
 
 
@@ -94,13 +94,12 @@ def lens_kl_lines(lenses: list[LensKL]) -> go.Figure:
     """Mean KL(final ‖ depth) per depth for each lens: how far each readout is from the
     model's own output, so how much an exit there can agree with it."""
     fig = go.Figure()
-    depths = max(len(lens.depths) for lens in lenses)
     for lens in lenses:
         fig.add_scatter(x=list(lens.depths), y=lens.kl.tolist(), mode="lines+markers", name=LENS_LABELS[lens.lens],
                         hovertemplate=f"{LENS_LABELS[lens.lens]}<br>depth %{{x}}<br>KL %{{y:.4g}} nats<extra></extra>")
     last = max(max(lens.depths) for lens in lenses)
     fig.update_layout(xaxis=dict(title="depth (layers run)", **integer_axis(last + 1)),
                       yaxis=dict(title="KL(final ‖ depth), nats", rangemode="tozero"), height=330,
-                      margin=dict(t=30, b=10), legend=dict(orientation="h", y=1.12, x=0),
-                      showlegend=depths > 0)
+                      margin=dict(t=30, b=10), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+                      showlegend=True)
     return fig

@@ -220,7 +220,7 @@ def test_edit_round_trips_through_json():
 
 def test_prompt_exits_name_each_token_and_its_exit(tiny_lm):
     result = exits.prompt_exits(tiny_lm, "def f(x):", "max_prob", 0.02)
-    assert result.labels[1:] == list("def f(x):") and len(result.exit_depth) == len(result.labels)
+    assert result.labels == ["BOS"] + list("def f(x):") and len(result.exit_depth) == len(result.labels)
     assert set(result.exit_depth) <= {1, 2, 3}
     for depth, where, predicted, full, agrees in zip(result.exit_depth, result.where, result.predicted, result.full,
                                                      result.agrees):
