@@ -190,7 +190,9 @@ def test_two_sessions_keep_their_own_recipes(tiny_folder):
 
 def test_lab_on_the_digits_cnn():
     at = lab_page("zoo:digits-cnn", typed=False)
-    assert at.selectbox(key="lab_method").options == ["Magnitude pruning", "Wanda pruning", "Bypass a stage"]
+    offered = at.selectbox(key="lab_method").options  # other issues' methods may join these
+    assert {"Magnitude pruning", "Wanda pruning", "Bypass a stage"} <= set(offered)
+    assert not {"Remove attention heads", "Drop a block, attention or MLP", "Skip layers for a speed-up"} & set(offered)
     assert at.radio(key="lab_magnitude_scope").options == ["all layers", "chosen stages"]
     before = metrics(at)["accuracy"][0]
     choose_method(at, "Bypass a stage")
