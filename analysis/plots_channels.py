@@ -18,6 +18,15 @@ ROLE_TITLES = {"previous_token": "previous token", "duplicate_token": "duplicate
                "sink": "sink (position 0)"}
 _REGIME_COLORS = ("#9ecae1", "#fdae6b", "#d62728")  # global averaging, metastable, single pattern
 _SELECTED = "#d62728"
+# a click selects a point (the page reads it); plotly would then fade every other point
+_NO_DIMMING = dict(selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)))
+_CLEAR = "rgba(0,0,0,0)"  # still hovered and clicked: plotly picks points by position
+
+
+def _parse(label: str) -> tuple[int, int]:
+    """"L3H7" -> (3, 7)."""
+    layer, head = label[1:].split("H")
+    return int(layer), int(head)
 
 
 def _cell_text(values: torch.Tensor) -> list[list[str]]:
@@ -70,12 +79,24 @@ def composition_heatmap(comp: Composition, mode: str, selected: Channel | None =
     z = [[float(v) if ok else None for v, ok in zip(row, oks)] for row, oks in zip(rel.tolist(), valid.tolist())]
     fig = go.Figure(go.Heatmap(
         z=z, x=readers, y=writers, zmin=0, colorscale="Viridis", colorbar=dict(title=dict(text="× baseline")),
-        hovertemplate="writer %{y} → reader %{x}<br>%{z:.2f}× the random baseline<extra></extra>"))
+        hoverinfo="skip"))
+    height = min(760, 260 + 9 * (L - 1) * H)
+    # plotly cannot select heat-map cells: an invisible marker on each valid cell carries
+    # hover and click (customdata: writer layer, head, reader layer, head)
+    cells = [(w, r) for i, w in enumerate(writers) for j, r in enumerate(readers) if valid[i, j]]
+    fig.add_trace(go.Scatter(
+        x=[r for _, r in cells], y=[w for w, _ in cells], mode="markers", showlegend=False,
+        marker=dict(symbol="square", size=max(6.0, min(40.0, 0.8 * (height - 120) / len(writers))),
+                    color=_CLEAR),
+        customdata=[[*_parse(w), *_parse(r), float(rel[i, j])] for i, w in enumerate(writers)
+                    for j, r in enumerate(readers) if valid[i, j]],
+        hovertemplate="writer %{y} → reader %{x}<br>%{customdata[4]:.2f}× the random baseline<extra></extra>",
+        selected=dict(marker=dict(color=_CLEAR)), unselected=dict(marker=dict(color=_CLEAR))))
     if selected is not None:
         fig.add_trace(go.Scatter(x=[selected.reader_label], y=[selected.writer_label], mode="markers",
                                  marker=dict(symbol="square-open", size=14, color=_SELECTED, line=dict(width=3)),
-                                 hoverinfo="skip", showlegend=False))
-    fig.update_layout(height=min(760, 260 + 9 * (L - 1) * H), xaxis_title="reader head", yaxis_title="writer head",
+                                 hoverinfo="skip", showlegend=False, **_NO_DIMMING))
+    fig.update_layout(height=height, xaxis_title="reader head", yaxis_title="writer head",
                       xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed",
                       margin=dict(t=10, b=10))
     return fig
@@ -92,8 +113,8 @@ def _node_role(roles: HeadRoles | None, layer: int, head: int) -> str:
 def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None = None,
                   selected: Channel | None = None) -> go.Figure:
     """Heads as nodes (x: layer, y: head), the n strongest `mode` channels as edges
-    (width by score / baseline; the selected one red), each head labelled with a role it
-    scores at least 0.3 on."""
+    (width by score / baseline; the selected one red) with a marker near the writer end to
+    hover or click, each head labelled with a role it scores at least 0.3 on."""
     L, H = comp.scores[mode].shape[:2]
     top = comp.strongest(mode, n)
     peak = max((c.relative for c in top), default=1.0)
@@ -104,11 +125,15 @@ def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None 
             x=[c.writer[0], c.reader[0]], y=[c.writer[1], c.reader[1]], mode="lines", showlegend=False,
             line=dict(width=1 + 7 * c.relative / peak, color=_SELECTED if chosen else "rgba(31,119,180,0.55)"),
             hoverinfo="skip"))
-    mids = [((c.writer[0] + c.reader[0]) / 2, (c.writer[1] + c.reader[1]) / 2, c) for c in top]
+    # one handle per edge to hover and click, 30% of the way from the writer (midpoints of
+    # crossing edges often coincide: L0H0 -> L1H2 and L0H1 -> L1H1 share theirs)
+    handles = [(0.7 * c.writer[0] + 0.3 * c.reader[0], 0.7 * c.writer[1] + 0.3 * c.reader[1], c) for c in top]
     fig.add_trace(go.Scatter(
-        x=[m[0] for m in mids], y=[m[1] for m in mids], mode="markers", showlegend=False,
-        marker=dict(size=9, color="rgba(0,0,0,0)"), text=[f"{m[2].label}: {m[2].relative:.2f}× baseline" for m in mids],
-        hovertemplate="%{text}<extra></extra>"))
+        x=[m[0] for m in handles], y=[m[1] for m in handles], mode="markers", showlegend=False,
+        marker=dict(size=9, color="white", line=dict(width=2, color="#1f77b4")),
+        text=[f"{m[2].label}: {m[2].relative:.2f}× baseline" for m in handles],
+        customdata=[[*m[2].writer, *m[2].reader] for m in handles], hovertemplate="%{text}<extra></extra>",
+        **_NO_DIMMING))
     nodes = [(l, h) for l in range(L) for h in range(H)]
     roles_text = [_node_role(roles, l, h) for l, h in nodes]
     fig.add_trace(go.Scatter(
@@ -116,7 +141,8 @@ def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None 
         marker=dict(size=22 if L * H <= 64 else 12, color=["#ff7f0e" if t else "#c7c7c7" for t in roles_text],
                     line=dict(width=1, color="#444")),
         text=[head_label(n_) if L * H <= 64 else "" for n_ in nodes], textposition="middle right",
-        customdata=roles_text, hovertemplate="%{text} L%{x}H%{y}<br>%{customdata}<extra></extra>"))
+        customdata=roles_text, hovertemplate="L%{x}H%{y}<br>%{customdata}<extra></extra>",
+        **_NO_DIMMING))
     fig.update_layout(height=max(300, 60 + 42 * H), margin=dict(t=10, b=10),
                       xaxis=dict(title="layer", range=[-0.4, L - 0.4], **integer_axis(L)),
                       yaxis=dict(title="head", autorange="reversed", **integer_axis(H)))

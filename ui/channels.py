@@ -80,3 +80,36 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
             return heads.intervene(handle, c, batch, edit, reader, tokens.ids, base=base)
 
     return STORE.get_or_compute(("channels.intervention", handle.fingerprint, edit, reader, prompt), compute)
+
+
+def _head(label: str) -> ch.Head | None:
+    layer, _, head = label[1:].partition("H")
+    return (int(layer), int(head)) if label[:1] == "L" and layer.isdigit() and head.isdigit() else None
+
+
+def pick_from_charts(comp: ch.Composition, mode: str, pairs: list[ch.Channel], chart_keys: list[str],
+                     choice_key: str) -> None:
+    """Make a pair clicked in the heat map (a cell: writer row, reader column) or the graph
+    (an edge's midpoint) the chosen one: it joins `pairs` if it is not there (kept for the
+    session) and the choice widget `choice_key` (an index into `pairs`) is set to it. Call
+    before drawing that widget; each click is applied once, so the list still works after."""
+    extra = st.session_state.setdefault(f"{choice_key}_clicked", [])
+    pairs.extend(c for c in extra if c not in pairs)
+    for key in chart_keys:
+        points = ((st.session_state.get(key) or {}).get("selection") or {}).get("points") or []
+        if not points or st.session_state.get(f"{key}_applied") == repr(points[0]):
+            continue
+        st.session_state[f"{key}_applied"] = repr(points[0])
+        point = points[0]
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) >= 4:  # heat-map cell or graph edge
+            writer, reader = (int(data[0]), int(data[1])), (int(data[2]), int(data[3]))
+        else:
+            writer, reader = _head(str(point.get("y", ""))), _head(str(point.get("x", "")))
+        if writer is None or reader is None or writer[0] >= reader[0]:
+            continue
+        channel = ch.Channel(writer, reader, mode, float(comp.scores[mode][writer + reader]), comp.baseline)
+        if channel not in pairs:
+            extra.append(channel)
+            pairs.append(channel)
+        st.session_state[choice_key] = pairs.index(channel)

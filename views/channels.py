@@ -40,14 +40,19 @@ if strongest is None:
 mode = st.radio("Composition", MODES, index=MODES.index(strongest.mode), horizontal=True,
                 format_func=MODE_NAMES.get, key=f"mode_{spec}")
 st.caption(rep.circuit_sentence(roles, comp))
-pairs = comp.strongest(mode, 30)
-pair = pairs[st.selectbox("Channel (writer → reader), strongest first", range(len(pairs)), key=f"pair_{spec}_{mode}",
+pairs, charts = comp.strongest(mode, 30), [f"heat_{spec}_{mode}", f"graph_{spec}_{mode}"]
+cached.pick_from_charts(comp, mode, pairs, charts, f"pair_{spec}_{mode}")  # a click in either chart chooses
+pair = pairs[st.selectbox("Channel (writer → reader), strongest first; or click a cell or an edge's marker",
+                          range(len(pairs)), key=f"pair_{spec}_{mode}",
                           format_func=lambda i: f"{pairs[i].label}: {pairs[i].relative:.2f}× baseline")]
 left, right = st.columns(2)
-left.plotly_chart(pc.composition_heatmap(comp, mode, pair), width="stretch")
+left.plotly_chart(pc.composition_heatmap(comp, mode, pair), width="stretch", key=charts[0], on_select="rerun",
+                  selection_mode="points")
 with right:
-    n = st.slider("Strongest channels drawn", 1, len(pairs), min(8, len(pairs)), key=f"edges_{spec}")
-    st.plotly_chart(pc.channel_graph(comp, mode, n, roles, pair), width="stretch")
+    top_n = len(comp.strongest(mode, 30))
+    n = st.slider("Strongest channels drawn", 1, top_n, min(8, top_n), key=f"edges_{spec}") if top_n > 1 else 1
+    st.plotly_chart(pc.channel_graph(comp, mode, n, roles, pair), width="stretch", key=charts[1],
+                    on_select="rerun", selection_mode="points")
 st.caption("Score = ‖OV_writer · M_reader‖ / (‖OV_writer‖ ‖M_reader‖), M the reader's QK (Q), QKᵀ (K) or OV (V), "
            "divided by 1/√d, what random matrices score. Orange heads have a role (score ≥ 0.3); the red edge is the "
            "chosen channel. " + rep.composition_sentence(comp, mode))
@@ -57,6 +62,7 @@ parts = channel_components(c, comp, pair.writer, pair.reader, mode)
 st.plotly_chart(pc.component_bars(parts), width="stretch")
 st.caption("The writer's OV circuit split by SVD into rank-1 components (strongest first); each bar scores one "
            "direction the writer writes against the reader, the percentage is its share of the pair's composition. "
+           "Components with nearly equal singular values can mix freely, so read such a group as one subspace. "
            + rep.components_sentence(parts))
 with st.expander("Singular value spectra of every head"):
     st.plotly_chart(pc.spectra_heatmap(c), width="stretch")
