@@ -166,6 +166,7 @@ def test_recording_an_exited_copy_stops_early_and_leaves_no_hooks(tiny_lm, batch
     out, cache = model.run_with_cache(batch.tokens, [Point("resid_pre", 2)])  # inside hooks: exits still apply
     torch.testing.assert_close(out, model.forward(batch.tokens), rtol=1e-5, atol=1e-5)
     assert count_hooks(model.model) == 0
+    assert not any(m._forward_pre_hooks for m in model.plain_model().modules())  # the plain path's catchers went too
 
 
 def test_exits_stack_with_pruning_and_removed_blocks(tiny_lm, batch):
