@@ -22,8 +22,9 @@ with recipe:
 
 st.subheader("Edited model vs base")
 ui.metrics_panel(lab)
+removable = "heads, sublayers or blocks are removed" if handle.kind == "causal-lm" else "stages are bypassed"
 st.caption("Arrows show the change from the base model. Pruned weights are set to zero but still stored, so size "
-           "and latency fall only when heads, sublayers or blocks are removed.")
+           f"and latency fall only when {removable}.")
 
 st.subheader("Every recipe tried")
 ui.history_view(lab, handle)
