@@ -173,8 +173,9 @@ class ModelHandle(ABC):
         descriptions (reprs) are hashed in too."""
         with self.lock:
             digest = weight_fingerprint(iter(self.weights().items()))
-        if self.input_transforms:
-            text = digest + repr(sorted((name, repr(fn)) for name, fn in self.input_transforms.items()))
+        if self.input_transforms:  # of the layers still there (a removed layer's transform does nothing)
+            live = self._linear_modules()
+            text = digest + repr(sorted((name, repr(fn)) for name, fn in self.input_transforms.items() if name in live))
             digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         return digest
 

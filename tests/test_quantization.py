@@ -262,6 +262,16 @@ def test_quantization_stacks_with_pruning_in_either_order(tiny_lm):
     assert quantized_first.size_bits == pruned_first.size_bits < pruned.size_bits
 
 
+def test_activation_quantization_stacks_with_removed_parts_in_either_order(tiny_lm, tokens):
+    from analysis.pruning import Drop
+
+    first = edited(tiny_lm, Quantize("int8", activations=True), Drop("mlp", 1))
+    then = edited(tiny_lm, Drop("mlp", 1), Quantize("int8", activations=True))
+    assert torch.equal(first.forward(tokens), then.forward(tokens))
+    assert first.fingerprint == then.fingerprint  # the removed MLP's input transforms count for nothing
+    assert not torch.equal(then.forward(tokens), edited(tiny_lm, Drop("mlp", 1), Quantize("int8")).forward(tokens))
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda: Quantize("int3"), "Unknown quantization format 'int3'"),
     (lambda: Quantize("int4", activations=True), "Activations are quantized to int8, fp8-e4m3, fp8-e5m2 only"),
