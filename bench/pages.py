@@ -1,0 +1,156 @@
+"""Page rows: what a user waits for in a real browser, against the computation it needs.
+
+Each repetition starts a fresh `streamlit run app.py` (`tools.serve.app_server`) and
+drives headless Chromium in a fresh browser context (empty cache, as on a first visit);
+the reference runs in a fresh Python subprocess, so both start equally cold. Measured
+and reference alternate in order, as in `bench.common.measure`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from bench.common import Row, Setup, Timing
+from tools.serve import CHROMIUM_ARGS, ROOT, app_server
+
+MODEL = "zoo:code-lm"  # the model the app opens on
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TIMEOUT_MS = 600_000
+
+# The cold start's unavoidable work, in one process: import, load the model, evaluate its batch.
+MINIMUM_WORK = f"""
+from lib import data, metrics
+from lib.models import load_model
+
+handle = load_model({MODEL!r})
+metrics.evaluate(handle, data.default_batch(handle))
+"""
+
+# build_report alone, timed inside a process that has already done what the Model page
+# does before one clicks on Redundancy (load, evaluate), so its first-call costs are paid.
+BUILD_REPORT = f"""
+import time
+
+from analysis.redundancy_report import build_report
+from lib import data, metrics
+from lib.models import load_model
+
+handle = load_model({MODEL!r})
+batch = data.default_batch(handle)
+metrics.evaluate(handle, batch)
+start = time.perf_counter()
+build_report(handle, batch)
+print(time.perf_counter() - start)
+"""
+
+# Every chart on the Redundancy page of an LM has been drawn by plotly (an svg with its
+# plot area), and nothing is left from the Model page (its title is gone).
+REDUNDANCY_CHARTS = 6
+_REDUNDANCY_DRAWN = """n => {
+  const titles = [...document.querySelectorAll('h1')].map(h => h.innerText);
+  if (titles.some(t => t.startsWith('Model ·')) || !titles.some(t => t.startsWith('Layer redundancy'))) return false;
+  const charts = [...document.querySelectorAll('.js-plotly-plot')];
+  return charts.length >= n && charts.every(c => c.querySelector('.main-svg .plot, .main-svg .cartesianlayer'));
+}"""
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True)
+
+
+def minimum_work() -> float:
+    """Seconds from starting a Python process to the end of its unavoidable work."""
+    start = time.perf_counter()
+    _python(MINIMUM_WORK)
+    return time.perf_counter() - start
+
+
+def build_report_seconds() -> float:
+    """Seconds `build_report` takes on the model, in a fresh process after evaluating it."""
+    return float(_python(BUILD_REPORT).stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def _browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _metrics_drawn(page) -> None:
+    page.locator('[data-testid="stMetricValue"]').first.wait_for(timeout=TIMEOUT_MS)
+
+
+def cold_start(browser) -> float:
+    """Seconds from `streamlit run` to the Model page's metrics drawn in the browser."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = context.new_page()  # the browser is open before the app starts, as a user's would be
+        start = time.perf_counter()
+        with app_server(timeout_s=TIMEOUT_MS / 1000) as url:
+            page.goto(url)
+            _metrics_drawn(page)
+            return time.perf_counter() - start
+    finally:
+        context.close()
+
+
+def redundancy_first_visit(browser) -> float:
+    """Seconds from clicking "Redundancy" (Model page done, nothing else computed) to
+    every chart of the Redundancy page drawn, on a fresh server."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        with app_server(timeout_s=TIMEOUT_MS / 1000) as url:
+            page = context.new_page()
+            page.goto(url)
+            _metrics_drawn(page)
+            page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=TIMEOUT_MS)  # its last chart
+            start = time.perf_counter()
+            page.get_by_role("link", name="Redundancy").click()
+            page.wait_for_function(_REDUNDANCY_DRAWN, arg=REDUNDANCY_CHARTS, timeout=TIMEOUT_MS, polling="raf")
+            return time.perf_counter() - start
+    finally:
+        context.close()
+
+
+def _interleaved(fn: Callable[[], float], reference: Callable[[], float], repeats: int) -> Timing:
+    """`repeats` pairs (fn, reference), the order within a pair alternating; each
+    callable returns its own seconds (page times exclude starting the browser)."""
+    measured, ref = [], []
+    for k in range(repeats):
+        pair = ((fn, measured), (reference, ref))
+        for f, store in pair if k % 2 == 0 else pair[::-1]:
+            store.append(f())
+    return Timing(tuple(measured), tuple(ref))
+
+
+def cold_start_row(setup: Setup) -> Row:
+    with _browser() as browser:
+        t = _interleaved(lambda: cold_start(browser), minimum_work, setup.repeats)
+    return Row.timed("cold start to model page / minimum work", t,
+                     f"{MODEL}; streamlit run + Chromium until the metrics are drawn, vs one process that "
+                     "imports, loads and evaluates (target <= 1.3)")
+
+
+def redundancy_row(setup: Setup) -> Row:
+    with _browser() as browser:
+        t = _interleaved(lambda: redundancy_first_visit(browser), build_report_seconds, setup.repeats)
+    return Row.timed("redundancy page first visit / build_report", t,
+                     f"{MODEL}; click to all {REDUNDANCY_CHARTS} charts drawn, vs build_report in a process "
+                     "that has evaluated the model (target <= 1.5)")
+
+
+ROWS: tuple[Callable[[Setup], Row], ...] = (cold_start_row, redundancy_row)
