@@ -69,13 +69,13 @@ def at_skip(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) ->
 
 
 def layer_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) -> LayerSimilarity:
-    """Module similarities, angular distance, CKA and norms over positions `skip`.."""
+    """Module similarities, angular distance, CKA and norms over positions `skip` onward."""
     return redundancy.layer_similarity(at_skip(handle, batch, res, skip))
 
 
 def lens_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int,
                     progress: Progress | None = None) -> LogitLens:
-    """The logit lens averaged over positions `skip`.."""
+    """The logit lens averaged over positions `skip` onward."""
     return redundancy.logit_lens(handle, at_skip(handle, batch, res, skip), progress=progress)
 
 
