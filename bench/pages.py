@@ -82,6 +82,8 @@ def build_report_seconds() -> float:
 def _browser() -> Iterator:
     from playwright.sync_api import sync_playwright
 
+    if not os.path.exists(CHROMIUM):
+        raise RuntimeError(f"The pages rows drive Chromium, and {CHROMIUM} is missing (apt-get install -y chromium).")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
