@@ -178,13 +178,15 @@ def component_bars(parts: ChannelComponents) -> go.Figure:
     return fig
 
 
-def pattern_heatmap(pattern: torch.Tensor, tokens: list[str], title: str = "") -> go.Figure:
+def pattern_heatmap(pattern: torch.Tensor, tokens: list[str], title: str = "", max_height: int = 1100) -> go.Figure:
     """An attention pattern [T, T] (query rows, key columns) with the tokens as axis labels
-    (positions as ticks, so repeated tokens stay apart)."""
+    (positions as ticks, so repeated tokens stay apart): every token while each gets at
+    least 9 px, else every n-th. max_height: e.g. smaller for two patterns side by side."""
     T = pattern.shape[0]
     labels = [token_label(t) for t in tokens]
     z = [[float(v) if k <= q else None for k, v in enumerate(row)] for q, row in enumerate(pattern.tolist())]
-    step = max(1, math.ceil(T / 100))  # every token up to 100 (the prompt limit), then every n-th
+    height = min(max_height, 220 + (16 if T <= 40 else 11) * T)
+    step = max(1, math.ceil(T * 9 / (height - 200)))
     ticks = dict(tickmode="array", tickvals=list(range(0, T, step)), ticktext=labels[::step],
                  tickfont=dict(size=11 if T <= 40 else 9))
     fig = go.Figure(go.Heatmap(
@@ -192,10 +194,10 @@ def pattern_heatmap(pattern: torch.Tensor, tokens: list[str], title: str = "") -
         customdata=[[(labels[q], labels[k]) for k in range(T)] for q in range(T)],
         hovertemplate="query %{y} %{customdata[0]} → key %{x} %{customdata[1]}<br>attention %{z:.3f}"
                       "<extra></extra>"))
-    height = min(1100, 220 + (16 if T <= 40 else 11) * T)
     fig.update_layout(title=title or None, height=height, margin=dict(t=40 if title else 10, b=10),
-                      xaxis=dict(title="key (attended to)", tickangle=-90, **ticks),
-                      yaxis=dict(title="query", autorange="reversed", **ticks))
+                      xaxis=dict(title="key (attended to)", tickangle=-90, constrain="domain", **ticks),
+                      yaxis=dict(title="query", autorange="reversed", scaleanchor="x", constrain="domain",
+                                 **ticks))  # square cells
     return fig
 
 

@@ -104,7 +104,6 @@ cols[1].metric(f"{label} after", f"{after:.4g}", delta=f"{after - before:+.4g}",
 cols[2].metric("KL to the unedited model", f"{result.after.kl_to_base:.3g}", help=GLOSSARY["kl"])
 st.caption(rep.intervention_sentence(result))
 left, right = st.columns(2)
-left.plotly_chart(pc.pattern_heatmap(result.pattern_before, tokens.labels, f"{pair.reader_label} before"),
-                  width="stretch")
-right.plotly_chart(pc.pattern_heatmap(result.pattern_after, tokens.labels, f"{pair.reader_label} after"),
-                   width="stretch")
+for column, when, pattern in ((left, "before", result.pattern_before), (right, "after", result.pattern_after)):
+    column.plotly_chart(pc.pattern_heatmap(pattern, tokens.labels, f"{pair.reader_label} {when}", max_height=520),
+                        width="stretch")
