@@ -61,6 +61,7 @@ def quantease(w: torch.Tensor, sigma: torch.Tensor, grid: Grid, sweeps: int = SW
     order = torch.argsort(diag, descending=True)
     live = order[diag[order] > 0]
     round_column = grid.column_rounder()
+    inverse = (1 / diag.clamp_min(1e-30)).tolist()  # plain floats: no tensor indexing per column
     hat_t = grid.quantize(w.float()).T.contiguous()  # RTN for every column; live columns are then redone
     hat_t[live] = w_t[live]
     r_t = s @ (w_t - hat_t)  # [in, out] = ((W - Ŵ) Σ)^T
@@ -71,15 +72,13 @@ def quantease(w: torch.Tensor, sigma: torch.Tensor, grid: Grid, sweeps: int = SW
             s_blk = s[cols]  # [k, in]
             s_inner = s_blk[:, cols]  # [k, k]
             r_blk = r_t[cols]  # [k, out] (a copy), kept current inside the block
-            delta = torch.zeros(len(cols), w_t.shape[1])
+            before_blk = hat_t[cols]  # [k, out] (a copy)
             for i, j in enumerate(cols.tolist()):
-                target = hat_t[j] + r_blk[i] / s[j, j]  # the unconstrained minimiser for column j
-                new = round_column(target, j)
-                step = new - hat_t[j]
-                hat_t[j] = new
-                delta[i] = step
-                r_blk.addr_(s_inner[i], step, alpha=-1)  # BLAS rank-1 update
-            r_t -= s_blk.T @ delta  # the block's own rows get what r_blk already has
+                old = hat_t[j]
+                new = round_column(torch.add(old, r_blk[i], alpha=inverse[j]), j)  # q(unconstrained minimiser)
+                r_blk.addr_(s_inner[i], new - old, alpha=-1)  # BLAS rank-1 update
+                old.copy_(new)
+            r_t -= s_blk.T @ (hat_t[cols] - before_blk)  # the block's own rows get what r_blk already has
         before, error = error, float(((w_t - hat_t) * r_t).sum())  # ||(W - Ŵ) X||^2
         if before is not None and before - error <= tol * before:
             break

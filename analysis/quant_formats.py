@@ -235,10 +235,19 @@ class Grid:
         cols = torch.arange(self.shape[1])
         scale = self._expand(self.scale, cols).T.contiguous()  # [in, out or 1]
         zero = self._expand(self.zero, cols).T.contiguous() if self.fmt.zero_point else None
+        if self.fmt.scheme in ("int", "int-asym"):  # the fused form of `quantize`
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            lo = torch.full_like(scale, self.fmt.qmin) if zero is None else -zero
+            hi = torch.full_like(scale, self.fmt.qmax) if zero is None else self.fmt.qmax - zero
+
+            def round_int(v: torch.Tensor, j: int) -> torch.Tensor:
+                return (v / safe[j]).round_().clamp_(lo[j], hi[j]).mul_(scale[j])
+
+            return round_int
 
         def round_column(v: torch.Tensor, j: int) -> torch.Tensor:
             z = None if zero is None else zero[j]
-            return _dequantize(self.fmt, _codes(self.fmt, v, scale[j], z), scale[j], z)
+            return _dequantize(self.fmt, _codes(self.fmt, v, scale[j], z), scale[j], z, in_place=True)
 
         return round_column
 
