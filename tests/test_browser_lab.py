@@ -1,0 +1,97 @@
+"""Real browser on the Compression lab: `streamlit run app.py` headless, opened in Chromium,
+on the default model zoo:code-lm. Builds a two-edit recipe, sees the metrics panel move
+after each edit, undoes one, and downloads the recipe."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tools.serve import CHROMIUM_ARGS, ROOT, app_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SLOW = 300_000  # ms: the base measurement and each apply run full forwards on a shared CPU
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run should have installed it")
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    with app_server() as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.goto(url)
+        yield page
+        browser.close()
+
+
+def idle(page) -> None:
+    """Wait until the script run the last action started has finished."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=SLOW)
+
+
+def metric(page, label: str) -> str:
+    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def wait_metric(page, label: str, value: str, equal: bool) -> str:
+    """Wait until the metric `label` shows `value` (equal) or anything else (not equal)."""
+    page.wait_for_function(
+        """([label, value, equal]) => [...document.querySelectorAll('[data-testid="stMetric"]')]
+             .some(m => m.innerText.includes(label)
+                   && (m.querySelector('[data-testid="stMetricValue"]').innerText === value) === equal)""",
+        arg=[label, value, equal], timeout=SLOW)
+    return metric(page, label)
+
+
+def test_two_edits_undo_and_recipe_download(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("heading", name="Model · zoo:code-lm").wait_for(timeout=SLOW)
+    page.get_by_role("link", name="Compression lab").click()
+    page.get_by_role("heading", name="Compression lab · zoo:code-lm").wait_for(timeout=SLOW)
+    page.get_by_text("top-1 agreement").first.wait_for(timeout=SLOW)
+    idle(page)
+    base = metric(page, "bits per byte")
+
+    page.get_by_role("button", name="Add to recipe").click()  # magnitude 50%, all blocks
+    page.get_by_text("1. magnitude 50% (all, per layer)").wait_for(timeout=SLOW)
+    pruned = wait_metric(page, "bits per byte", base, equal=False)
+    idle(page)
+
+    page.get_by_role("combobox", name="Method").click()
+    page.get_by_role("option", name="Drop a block, attention or MLP").click()
+    idle(page)
+    page.get_by_role("button", name="Add to recipe").click()  # drop block 0
+    page.get_by_text("2. drop block 0").wait_for(timeout=SLOW)
+    wait_metric(page, "bits per byte", pruned, equal=False)
+    expect(page.get_by_text("Recipe: 2 edit(s)")).to_be_visible()
+    idle(page)
+    page.locator('[data-testid="stSidebar"]').screenshot(path=str(_shots() / "browser-sidebar.png"))
+
+    page.get_by_role("button", name="Undo").click()
+    expect(page.get_by_text("2. drop block 0")).to_have_count(0, timeout=SLOW)
+    wait_metric(page, "bits per byte", pruned, equal=True)  # back to the magnitude-pruned model
+    idle(page)
+    page.screenshot(path=str(_shots() / "browser-after-undo.png"), full_page=True)
+
+    with page.expect_download(timeout=SLOW) as download:
+        page.get_by_role("button", name="Recipe (JSON)").click()
+    saved = json.loads(Path(download.value.path()).read_text())
+    assert download.value.suggested_filename.startswith("zoo_code-lm-")
+    assert [e["type"] for e in saved["edits"]] == ["magnitude"] and saved["model"] == "zoo:code-lm"
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def _shots() -> Path:
+    folder = ROOT / "artifacts" / "lab"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
