@@ -92,6 +92,8 @@ class TorchHandle(ModelHandle):
             return f"An image model's parts are its stages; {part.kind!r} is not one."
         if part.layer not in self.model.stages:
             return f"The model has no stage {part.layer!r}; its stages are {', '.join(self.model.stages)}."
+        if isinstance(self.model.stages[part.layer], nn.Identity):
+            return f"Stage {part.layer} is already bypassed in this copy."
         before, after = self.stage_shapes()[part.layer]
         if before != after:
             return (f"Stage {part.layer} maps shape {before} to {after}, so it cannot be bypassed: "

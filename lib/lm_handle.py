@@ -261,12 +261,16 @@ class BridgeHandle(ModelHandle):
 
     def heads_left(self, layer: int) -> list[int]:
         """Original indices of the attention heads layer `layer` still has."""
+        if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
+            return []
         return self._heads.get(layer, list(range(self.structure.n_heads)))
 
     @torch.no_grad()
     def remove_heads_(self, layer: int, heads: Sequence[int]) -> None:
         """Cut heads out of layer `layer` of this private copy: their query, key and value
         rows and their output-projection columns go, so the layer computes fewer heads."""
+        if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
+            raise RecipeError(f"The attention of layer {layer} is already removed from this copy.")
         left = self.heads_left(layer)
         gone = [h for h in heads if h not in left]
         if not 0 <= layer < self.structure.n_layers or gone:

@@ -170,6 +170,9 @@ def test_edits_that_do_not_fit_the_model_are_refused(tiny_lm):
         edited(tiny_lm, RemoveHeads(1, (7,)))
     with pytest.raises(RecipeError, match="already removed"):
         edited(tiny_lm, Drop("block", 1), Drop("attention", 1))
+    for first in (Drop("block", 1), Drop("attention", 1), RemoveHeads(1, (0, 1, 2, 3))):
+        with pytest.raises(RecipeError, match="already removed"):
+            edited(tiny_lm, first, RemoveHeads(1, (0,)))
     with pytest.raises(RecipeError, match="no prunable linear layers in scope 'layers 9'"):
         edited(tiny_lm, Magnitude(0.5, "layers", (9,)))
 
