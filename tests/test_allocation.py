@@ -58,8 +58,8 @@ def test_allocation_beats_uniform_on_code_lm_and_adds_up_at_low_sparsity():
     from lib.models import load_model
 
     handle = load_model("zoo:code-lm")
-    tokens = data.default_batch(handle, n_windows=4, seq_len=64).tokens
-    curves = alloc.distortion_curves(handle, tokens, n_levels=10)
+    tokens = data.default_batch(handle, n_windows=2, seq_len=64).tokens
+    curves = alloc.distortion_curves(handle, tokens, n_levels=5)
     base = handle.forward(tokens)
 
     def kl(edit):
