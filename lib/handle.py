@@ -102,7 +102,7 @@ def weight_fingerprint(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
     for name, t in sorted(tensors, key=lambda kv: kv[0]):
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
 
 

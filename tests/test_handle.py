@@ -209,3 +209,11 @@ def test_fast_path_of_a_copy_sees_the_copys_edits(tiny_lm, tokens):
     copy.linear_layers()["blocks.2.attn.qkv"][32:64].mul_(0.25)  # the key rows, which the bridge reads as a view
     torch.testing.assert_close(copy.forward(tokens), copy.model(tokens, prepend_bos=False), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(copy.forward(tokens), tiny_lm.forward(tokens))
+
+
+def test_fingerprint_reads_scalar_tensors():
+    """BatchNorm keeps a 0-d counter; a fingerprint over it must not fail."""
+    from lib.handle import weight_fingerprint
+
+    one = weight_fingerprint(iter([("n", torch.tensor(3)), ("w", torch.ones(2))]))
+    assert one != weight_fingerprint(iter([("n", torch.tensor(4)), ("w", torch.ones(2))]))
