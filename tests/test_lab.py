@@ -202,7 +202,7 @@ def test_bad_edits_leave_the_recipe_and_history_unchanged(lab, make, message):
 
 def test_an_edit_that_fails_inside_becomes_a_message(lab):
     lab.add(Drop("block", 1))
-    with pytest.raises(RecipeError, match="remove heads 0 of layer 1"):
+    with pytest.raises(RecipeError, match="attention of layer 1 is already removed"):
         lab.add(RemoveHeads(1, (0,)))  # heads of a removed block
     assert lab.recipe.edits == [Drop("block", 1)]
 
