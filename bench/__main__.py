@@ -10,9 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench import channels, common, exits, foundation, interpreter, lab, redundancy  # noqa: E402
+from bench import quantization  # noqa: E402
 
 SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
-          "interpreter": interpreter.ROWS, "channels": channels.ROWS}
+          "interpreter": interpreter.ROWS, "channels": channels.ROWS, "quantization": quantization.ROWS}
 
 
 def main() -> None:
