@@ -98,7 +98,8 @@ class LogitLens:
     """Logit lens per depth l = 0..L: logits_l = W_U LN_final(h_l) + b_U.
 
     kl: [L+1] mean KL(p_L || p_l) in nats; agreement: [L+1] top-1 agreement with the
-    final layer; entropy: [L+1] mean entropy of p_l in nats.
+    final layer (the share of tokens whose final top-1 token is also the top-1 of p_l; an
+    exact tie for the top counts as agreement); entropy: [L+1] mean entropy of p_l in nats.
     """
 
     kl: torch.Tensor
@@ -191,10 +192,13 @@ Affine = tuple[torch.Tensor, torch.Tensor | None] | None
 
 
 def _float32_unembedding(handle: ModelHandle) -> Affine:
-    """(W_U [vocab, d], b_U [vocab] or None) when the readout is affine and float32, else
-    None (then every depth takes one generic readout)."""
+    """(W_U [vocab, d], b_U [vocab] or None; an all-zero b_U is None) when the readout is
+    affine and float32, else None (then every depth takes one generic readout)."""
     affine = handle.unembedding()
-    return affine if affine is not None and affine[0].dtype == torch.float32 else None
+    if affine is None or affine[0].dtype != torch.float32:
+        return None
+    weight, bias = affine
+    return weight, None if bias is None or not bias.any() else bias
 
 
 def _depth_logits(handle: ModelHandle, h: torch.Tensor, affine: Affine,
@@ -252,23 +256,28 @@ def _reference_dot(p_final: torch.Tensor, affine: Affine) -> ReferenceDot:
     return lambda logp, x, lse, scratch: torch.mul(p_final, logp, out=scratch).sum(-1)
 
 
-def _lens_stats(z: torch.Tensor, probs: torch.Tensor, x: torch.Tensor | None = None,
+def _lens_stats(z: torch.Tensor, probs: torch.Tensor, top_final: torch.Tensor, x: torch.Tensor | None = None,
                 reference: ReferenceDot | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token statistics of p = softmax(z) for logits z [n, vocab]: entropy H(p),
-    <p_L, log p> (None without `reference`) and the top-1 token, each [n].
+    <p_L, log p> (None without `reference`), and whether the final layer's top-1 token
+    `top_final` [n] is a top-1 token of z (bool), each [n].
 
-    One log-softmax like the brute-force lens, then five ops over [n, vocab] in all (max,
-    log-softmax, exp, product, sum), each on the whole chunk: on a busy machine every op
-    is a thread barrier, so few large ops beat many cache-sized ones. Leaves p in
-    `probs` [n, vocab] (after `reference` used it as scratch); overwrites z.
+    Five ops over [n, vocab], each on the whole chunk (on a busy machine every op is a
+    thread barrier, so few large ops beat many cache-sized ones): max, log-softmax in
+    place, exp, product, sum. The max needs no index (three times cheaper): top-1
+    agreement is z[top_final] == max z, so an exact tie for the top counts as agreement.
+    lse = z - log p at top_final. Leaves p in `probs` [n, vocab] (after `reference` used
+    it as scratch); overwrites z.
     """
-    m, top = z.max(-1)
+    z_top = z.gather(-1, top_final[:, None]).squeeze(-1)
+    agrees = z_top == z.amax(-1)
     logp = torch.log_softmax(z, -1, out=z)
-    lse = m - logp.gather(-1, top[:, None]).squeeze(-1)
-    dot = None if reference is None else reference(logp, x, lse, probs)
+    cross = None
+    if reference is not None:
+        cross = reference(logp, x, z_top - logp.gather(-1, top_final[:, None]).squeeze(-1), probs)
     torch.exp(logp, out=probs)
     entropy = -torch.mul(probs, logp, out=logp).sum(-1)
-    return entropy, dot, top
+    return entropy, cross, agrees
 
 
 @torch.no_grad()
@@ -299,17 +308,18 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
             p_final = torch.empty_like(z)
             z_buffer = z if affine is not None else None  # a generic readout makes its own logits
             probs = p_final if affine is not None else torch.empty_like(z)  # an affine reference reads p_L once
-        entropy, _, top_final = _lens_stats(z, p_final[:n])
+        top_final = z.argmax(-1)
+        entropy, _, _ = _lens_stats(z, p_final[:n], top_final)
         neg_ent_final = -entropy
         ent[L] += entropy.sum()
         agree[L] += n
         reference_dot = _reference_dot(p_final[:n], affine)
         for layer in range(L):
             z, x = _depth_logits(handle, h[layer, start:stop], affine, None if z_buffer is None else z_buffer[:n])
-            entropy, cross, top = _lens_stats(z, probs[:n], x, reference_dot)
+            entropy, cross, agrees = _lens_stats(z, probs[:n], top_final, x, reference_dot)
             kl[layer] += (neg_ent_final - cross).sum()
             ent[layer] += entropy.sum()
-            agree[layer] += (top == top_final).sum()
+            agree[layer] += agrees.sum()
             if progress:
                 progress((chunk * L + layer + 1) / n_steps, f"logit lens: depth {layer}")
     return LogitLens((kl / n_tokens).float().clamp_min(0), agree.float() / n_tokens, (ent / n_tokens).float())
