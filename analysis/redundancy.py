@@ -294,8 +294,8 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
     h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
     n_tokens = h.shape[1]
     affine = _float32_unembedding(handle)
-    vocab = res.logits.shape[-1] if res.logits is not None else handle.structure.d_vocab  # sizes the chunks only
-    rows = max(1, LENS_CHUNK_ELEMENTS // vocab)
+    vocab = res.logits.shape[-1] if res.logits is not None else handle.structure.d_vocab
+    rows = max(1, LENS_CHUNK_ELEMENTS // max(vocab, 1))  # tokens per chunk; buffers take the logits' own width
     n_steps = -(-n_tokens // rows) * L
     kl, ent = torch.zeros(L + 1, dtype=torch.float64), torch.zeros(L + 1, dtype=torch.float64)
     agree = torch.zeros(L + 1, dtype=torch.long)  # tokens whose top-1 is the final layer's
@@ -308,7 +308,7 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
             p_final = torch.empty_like(z)
             z_buffer = z if affine is not None else None  # a generic readout makes its own logits
             probs = p_final if affine is not None else torch.empty_like(z)  # an affine reference reads p_L once
-        top_final = z.argmax(-1)
+        top_final = z.max(-1).indices  # the first maximum, like argmax, in half its time
         entropy, _, _ = _lens_stats(z, p_final[:n], top_final)
         neg_ent_final = -entropy
         ent[L] += entropy.sum()
