@@ -177,3 +177,5 @@ def skip_layers(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 
 
 from ui import lab_alloc_controls  # noqa: E402, F401 - registers rate-distortion, search, low rank, sharing
+from ui import lab_quant_controls  # noqa: E402, F401 - registers quantization
+from ui import lab_exit_controls  # noqa: E402, F401 - registers early exits
