@@ -39,6 +39,15 @@ TERMS: dict[str, Term] = {
         "stage",
         "In an image model, one named step of the network (for example a convolution with its activation); "
         "LayerScope compares and drops stages the way it compares and drops blocks in a transformer.", _INSIDE),
+    "layernorm": Term(
+        "LayerNorm (layer normalisation)",
+        "Rescales each token's vector to zero mean and unit length (then applies a learned per-feature scale and "
+        "shift) before a sublayer or the unembedding reads it, so what counts is its direction, not its size.",
+        _INSIDE),
+    "unembedding": Term(
+        "unembedding",
+        "The last matrix of a language model: it turns the final residual vector into one score (logit) per "
+        "vocabulary token, and a softmax turns those scores into next-token probabilities.", _INSIDE),
     "bos": Term(
         "BOS",
         "The beginning-of-sequence token put in front of every text, so that the first real token has "
