@@ -114,8 +114,9 @@ def image_heatmap(image: torch.Tensor, title: str) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=img.tolist(), colorscale="gray_r", zmin=0, zmax=1, showscale=False,
                                hovertemplate="row %{y}, col %{x}: %{z:.2f}<extra></extra>"))
     fig.update_layout(title=title, height=260, width=260, margin=dict(l=10, r=10, t=40, b=10),
-                      yaxis=dict(autorange="reversed", scaleanchor="x", showticklabels=False),
-                      xaxis=dict(showticklabels=False))
+                      yaxis=dict(autorange="reversed", scaleanchor="x", showticklabels=False, showgrid=False,
+                                 zeroline=False),
+                      xaxis=dict(showticklabels=False, showgrid=False, zeroline=False))
     return fig
 
 

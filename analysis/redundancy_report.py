@@ -215,11 +215,30 @@ def drop_sentence(report: RedundancyReport) -> str:
             f"most expensive: {_name(dear)} ({report.sweep.delta(dear, report.metric):+.3g}). {base}")
 
 
-def cka_sentence(cka: torch.Tensor) -> str:
+def cka_sentence(cka: torch.Tensor, labels: list[str] | None = None, unit: str = "depths") -> str:
+    """One sentence on a CKA matrix [n, n] whose rows are `labels` (default: the depth numbers),
+    named as `unit` ("depths" or "stages")."""
+    labels = labels or [str(i) for i in range(cka.shape[0])]
     adjacent = torch.diagonal(cka, 1)
-    return (f"Adjacent depths have linear CKA {float(adjacent.mean()):.3f} on average (lowest "
-            f"{float(adjacent.min()):.3f} between depths {int(adjacent.argmin())} and "
-            f"{int(adjacent.argmin()) + 1}); first vs last depth: {float(cka[0, -1]):.3f}.")
+    low = int(adjacent.argmin())
+    return (f"Adjacent {unit} have linear CKA {float(adjacent.mean()):.3f} on average (lowest "
+            f"{float(adjacent.min()):.3f} between {unit} {labels[low]} and {labels[low + 1]}); "
+            f"first vs last: {float(cka[0, -1]):.3f}.")
+
+
+def not_droppable_sentences(sweep: DropSweep) -> list[str]:
+    """Why some modules were not dropped: one sentence for all the image stages that change
+    their input's shape, one line per other module."""
+    reshaping = [m.layer for m, reason in sweep.not_droppable.items() if m.kind == "stage" and " maps shape " in reason]
+    lines = [f"{m.part}: {reason}" for m, reason in sweep.not_droppable.items() if m.layer not in reshaping
+             or m.kind != "stage"]
+    if reshaping:
+        names = ", ".join(map(str, reshaping[:-1])) + (" and " if len(reshaping) > 1 else "") + str(reshaping[-1])
+        many = len(reshaping) > 1
+        lines.insert(0, f"{'Stages' if many else 'Stage'} {names} {'change' if many else 'changes'} the shape of "
+                        f"what flows through, so {'they' if many else 'it'} cannot be bypassed (the next stage "
+                        f"would get the wrong shape) and {'have' if many else 'has'} no bar.")
+    return lines
 
 
 def lens_sentence(lens: LogitLens) -> str:

@@ -149,8 +149,37 @@ def test_redundancy_page_on_default_model_sends_drops_to_recipe():
 def test_redundancy_page_on_cnn_explains_stages_that_cannot_be_dropped():
     at = load(run(new_app()), "zoo:digits-cnn")
     run(at, "views/redundancy.py")
-    captions = " ".join(c.value for c in at.caption)
-    assert "cannot be bypassed" in captions
+    captions = [c.value for c in at.caption]
+    assert sum("cannot be bypassed" in c for c in captions) == 1  # one sentence, not one line per stage
+    cka = next(c for c in captions if "linear CKA" in c)
+    assert "between stages" in cka and "depths" not in cka  # named like the heat map's axes
+    assert "hover for KL" in " ".join(captions)
+    assert not texts(at)
+
+
+def test_redundancy_page_on_denoiser_offers_no_kl():
+    at = load(run(new_app()), "zoo:digits-denoiser")
+    run(at, "views/redundancy.py")
+    assert "hover for KL" not in " ".join(c.value for c in at.caption)  # a denoiser has no distribution
+    assert not texts(at)
+
+
+def test_redundancy_terms_have_tooltips_from_the_glossary():
+    from analysis.glossary import GLOSSARY
+
+    at = run(run(new_app()), "views/redundancy.py")
+    helps = {s.value: s.proto.help for s in at.subheader}
+    assert GLOSSARY["one_minus_cos"] in helps["How much each layer changes the residual stream"]
+    assert GLOSSARY["cka"] in helps["How alike the layers are"]
+    assert GLOSSARY["logit_lens"] in helps["Logit lens: what each depth would predict"]
+    assert GLOSSARY["drop"] in helps["What dropping one module really costs"]
+    assert GLOSSARY["attention_sink"] in at.number_input[0].help
+
+
+def test_redundancy_page_on_attention_only_model_has_no_duplicate_granularity():
+    at = load(run(new_app()), "zoo:induction-2l")
+    run(at, "views/redundancy.py")
+    assert [r.label for r in at.radio] == ["Rank by"]  # sublayers and blocks are the same thing here
     assert not texts(at)
 
 

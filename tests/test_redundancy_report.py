@@ -1,6 +1,7 @@
 """The Redundancy view's report: ranking, predicted vs measured, derived sentences."""
 
 import pytest
+import torch
 
 from analysis import redundancy_report as rr
 from analysis.pruning import Drop
@@ -48,3 +49,10 @@ def test_sentences_quote_the_numbers(report):
     assert f"{score:.3g}" in rr.similarity_sentence(report.similarity)
     assert f"{report.sweep.base.bits_per_byte:.4g}" in rr.drop_sentence(report)
     assert f"{float(report.similarity.cka[0, -1]):.3f}" in rr.cka_sentence(report.similarity.cka)
+
+
+def test_cka_sentence_names_stages_like_the_axes():
+    cka = torch.tensor([[1.0, 0.9, 0.2], [0.9, 1.0, 0.5], [0.2, 0.5, 1.0]])
+    sentence = rr.cka_sentence(cka, ["input", "conv1", "fc"], "stages")
+    assert "between stages conv1 and fc" in sentence and "0.500" in sentence and "0.200" in sentence
+    assert "between depths 1 and 2" in rr.cka_sentence(cka)

@@ -4,6 +4,7 @@ import streamlit as st
 
 from analysis import plots
 from analysis import redundancy_report as rr
+from analysis.glossary import GLOSSARY
 from analysis.redundancy import DEFAULT_SKIP
 from lib.metrics import LABELS
 from ui.session import recipe, require_handle
@@ -17,64 +18,68 @@ st.caption("How much each layer changes what flows through the model, how alike 
 skip = 0
 if handle.kind == "causal-lm":
     skip = st.number_input("Skip the first positions of each window", 0, 32, DEFAULT_SKIP,
-                           help="BOS and the first positions carry huge-norm 'sink' activations "
-                                "that dominate every similarity.")
+                           help="BOS and the first positions carry huge-norm 'sink' activations that dominate "
+                                "every similarity. " + GLOSSARY["attention_sink"])
 # Each part is cached by what it depends on and drawn as soon as it is ready: the
 # statistics and the lens (cheap, depend on skip) first, the drop sweep (the model only) last.
 sim = None
 if handle.kind == "causal-lm":
     sim = layer_statistics(handle, int(skip))
-    st.subheader("How much each layer changes the residual stream")
+    st.subheader("How much each layer changes the residual stream",
+                 help=GLOSSARY["residual_stream"] + " " + GLOSSARY["one_minus_cos"])
     st.plotly_chart(plots.importance_bars(sim), width="stretch")
     st.caption("Low bars = the module's output is almost its input (cosine near 1): a candidate to "
                f"drop. {rr.similarity_sentence(sim)}")
-    st.subheader("How alike the layers are")
+    st.subheader("How alike the layers are", help=GLOSSARY["cka"] + " " + GLOSSARY["angular_distance"])
     left, right = st.columns(2)
     depths = [str(d) for d in range(sim.cka.shape[0])]
-    left.plotly_chart(plots.matrix_heatmap(sim.cka, depths, "Linear CKA between depths", 1.0,
-                                           "depth", "depth"), width="stretch")
+    left.plotly_chart(plots.cka_heatmap(sim.cka, depths, "depth"), width="stretch")
     right.plotly_chart(plots.angular_heatmap(sim.angular), width="stretch")
     st.caption("Depth d is the residual stream entering block d (the last is the output). CKA 1 = same "
                "representation up to rotation and scale. " + rr.cka_sentence(sim.cka) + " Angular "
                "distance 0 = same direction at the last token; a dark run along a row marks layers "
                "that could be skipped together.")
-    st.subheader("Depth effect")
+    st.subheader("Depth effect", help=GLOSSARY["relative_update"])
     st.plotly_chart(plots.depth_lines(sim), width="stretch")
     st.caption(rr.depth_sentence(sim))
-    st.subheader("Logit lens: what each depth would predict")
+    st.subheader("Logit lens: what each depth would predict",
+                 help=GLOSSARY["logit_lens"] + " " + GLOSSARY["kl"])
     logit_lens = lens(handle, int(skip))
     st.plotly_chart(plots.lens_lines(logit_lens), width="stretch")
     st.caption("Each depth is read out through the final LayerNorm (recomputed on it) and the "
-               "unembedding. " + rr.lens_sentence(logit_lens))
+               "unembedding. " + rr.lens_sentence(logit_lens),
+               help=GLOSSARY["layernorm"] + " " + GLOSSARY["unembedding"])
 else:
     stages = stage_statistics(handle)
     if stages.similarity:
-        st.subheader("How much each stage changes its input")
+        st.subheader("How much each stage changes its input", help=GLOSSARY["stage"] + " " + GLOSSARY["one_minus_cos"])
         st.plotly_chart(plots.stage_importance_bars(stages), width="stretch")
         st.caption("Only stages whose input and output have the same shape can be compared (and bypassed). "
                    "Low bars = the stage's output is almost its input.")
-    st.subheader("How alike the layers are")
-    st.plotly_chart(plots.matrix_heatmap(stages.cka, stages.names, "Linear CKA between stages", 1.0,
-                                         "stage", "stage"), width="stretch")
-    st.caption("CKA over images, each stage's output flattened. " + rr.cka_sentence(stages.cka))
+    st.subheader("How alike the stages are", help=GLOSSARY["cka"])
+    st.plotly_chart(plots.cka_heatmap(stages.cka, stages.names, "stage"), width="stretch")
+    st.caption("CKA over images, each stage's output flattened. "
+               + rr.cka_sentence(stages.cka, list(stages.names), "stages"))
 
-st.subheader("What dropping one module really costs")
+st.subheader("What dropping one module really costs", help=GLOSSARY["drop"])
 report = redundancy(handle, int(skip))  # the parts above plus the sweep, under its progress bar here
 label = LABELS[report.metric]
 st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width="stretch")
-st.caption(f"Each bar removes one module and re-measures {label} (hover for KL to the base). "
-           + rr.drop_sentence(report))
-for module, reason in report.sweep.not_droppable.items():
-    st.caption(f"· {module.part}: {reason}")
+has_kl = all(m.kl_to_base is not None for m in report.sweep.dropped.values())
+st.caption(f"Each bar removes one module and re-measures {label}" + (" (hover for KL to the base). " if has_kl
+           else ". ") + rr.drop_sentence(report), help=GLOSSARY["kl"] if has_kl else None)
+for line in rr.not_droppable_sentences(report.sweep):
+    st.caption(line)
 
 st.subheader("Drop several modules")
 granularity = "blocks"
-if sim is not None:
+if sim is not None and handle.structure.d_mlp:  # attention-only: a block is its attention sublayer
     granularity = st.radio("Drop", ["sublayers", "blocks"], horizontal=True,
                            format_func={"sublayers": "attention + MLP sublayers (joint ranking)",
                                         "blocks": "whole blocks"}.get)
 by = st.radio("Rank by", ["similarity", "measured"], horizontal=True,
-              format_func={"similarity": "similarity (1 − cos)", "measured": "measured single-drop cost"}.get)
+              format_func={"similarity": "similarity (1 − cos)", "measured": "measured single-drop cost"}.get,
+              help=GLOSSARY["one_minus_cos"])
 ranked = rr.candidates(report, granularity, by)
 if not ranked:
     st.info("No module of this model can be dropped.")
