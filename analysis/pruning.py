@@ -10,6 +10,7 @@ both the recipe edit and the address the Redundancy view's drop sweep uses.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -198,13 +199,48 @@ def scoped_layers(handle: ModelHandle, scope: str, layers: tuple = ()) -> dict[s
     return weights
 
 
+_SAMPLE = 1 << 16  # entries sampled to bracket the k-th smallest value
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th smallest value (1-based) of a 1-d tensor. A fixed-seed sample brackets
+    it; one counting pass and a selection among the few entries inside the bracket find it
+    (a few vectorised passes instead of a selection over all n entries). Falls back to a
+    full selection when the bracket misses, so the answer is always exact."""
+    n = flat.numel()
+    if n <= 4 * _SAMPLE:
+        return flat.kthvalue(k).values
+    sample = flat[torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0))].sort().values
+    q, spread = k / n, 6 * math.sqrt(k / n * (1 - k / n) / _SAMPLE) + 2 / _SAMPLE
+    lo = sample[max(0, int((q - spread) * _SAMPLE))]
+    hi = sample[min(_SAMPLE - 1, int((q + spread) * _SAMPLE))]
+    below = int((flat < lo).sum())
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + inside.numel():
+        return inside.kthvalue(k - below).values
+    return flat.kthvalue(k).values
+
+
+def smallest_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask of exactly k entries of `score` (any shape) holding its k smallest
+    values: everything below the k-th smallest value, then the first entries equal to it."""
+    flat = score.reshape(-1)
+    if k <= 0:
+        return torch.zeros(score.shape, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones(score.shape, dtype=torch.bool)
+    kth = kth_smallest(flat, k)
+    mask = flat < kth
+    missing = k - int(mask.sum())
+    if missing:
+        mask[(flat == kth).nonzero().view(-1)[:missing]] = True
+    return mask.view(score.shape)
+
+
 def _zero_smallest_(weight: torch.Tensor, score: torch.Tensor, k: int) -> None:
     """Zero the k entries of `weight` with the smallest `score` (same shape), exactly k."""
-    if k <= 0:
-        return
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
-    mask[torch.topk(score.reshape(-1), k, largest=False).indices] = True
-    weight.masked_fill_(mask.view(score.shape), 0)
+    if k > 0:
+        weight.masked_fill_(smallest_mask(score, k), 0)
 
 
 @applies(Magnitude)
@@ -219,8 +255,7 @@ def _magnitude(handle: ModelHandle, edit: Magnitude) -> None:
     k = round(edit.sparsity * scores.numel())
     if k == 0:
         return
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    mask[torch.topk(scores, k, largest=False).indices] = True
+    mask = smallest_mask(scores, k)
     start = 0
     for w in weights.values():
         w.masked_fill_(mask[start:start + w.numel()].view(w.shape), 0)

@@ -4,7 +4,17 @@ against hook references, unified layer skipping, checkpoints written back."""
 import pytest
 import torch
 
-from analysis.pruning import Drop, Magnitude, RemoveHeads, SkipLayers, Wanda, dropping, kept_layers
+from analysis.pruning import (
+    Drop,
+    Magnitude,
+    RemoveHeads,
+    SkipLayers,
+    Wanda,
+    dropping,
+    kept_layers,
+    kth_smallest,
+    smallest_mask,
+)
 from analysis.recipe import Recipe, build
 from lib import data
 from lib.errors import RecipeError
@@ -56,6 +66,19 @@ def test_global_threshold_differs_from_per_layer(tiny_lm):
     threshold = torch.cat([w.flatten() for w in weights.values()]).sort().values[round(0.5 * total) - 1]
     for name, w in weights.items():  # one threshold: each layer loses exactly its weights below it
         assert global_[name] == int((w <= threshold).sum())
+
+
+@pytest.mark.parametrize("values", [
+    torch.randn(1_000_003).abs(),  # large enough for the sampled bracket
+    torch.cat([torch.zeros(600_000), torch.rand(400_000)]),  # an already half-pruned layer: a tie at 0
+    torch.randint(0, 5, (700_000,)).float(),  # a handful of distinct values: ties everywhere
+])
+def test_kth_smallest_is_exact_and_the_mask_holds_exactly_k(values):
+    for k in (1, 17, values.numel() // 3, values.numel() // 2, values.numel() - 1):
+        assert kth_smallest(values, k) == values.kthvalue(k).values
+        mask = smallest_mask(values, k)
+        assert int(mask.sum()) == k
+        assert values[mask].max() <= values[~mask].min()
 
 
 def test_wanda_scores_match_a_hand_computation():
