@@ -9,11 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench import channels, common, exits, foundation, interpreter, lab, redundancy  # noqa: E402
+from bench import channels, common, exits, foundation, interpreter, lab, pages, redundancy  # noqa: E402
 from bench import quantization  # noqa: E402
 
 SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
-          "interpreter": interpreter.ROWS, "channels": channels.ROWS, "quantization": quantization.ROWS}
+          "channels": channels.ROWS, "pages": pages.ROWS, "interpreter": interpreter.ROWS,
+          "quantization": quantization.ROWS}
 
 
 def main() -> None:

@@ -105,11 +105,11 @@ class Row:
         return (max(self.ratios) - min(self.ratios)) / 2
 
     def line(self) -> str:
-        return f"{self.name:<44} {self.ratio:7.3f} ±{self.spread:.3f}  {self.detail}"
+        return f"{self.name:<50} {self.ratio:7.3f} ±{self.spread:.3f}  {self.detail}"
 
 
 def header_line() -> str:
-    return f"{'name':<44} {'ratio':>7} {'±':>6}  detail"
+    return f"{'name':<50} {'ratio':>7} {'±':>6}  detail"
 
 
 def cpu_model() -> str:
