@@ -121,6 +121,44 @@ TERMS: dict[str, Term] = {
         "quantization",
         "Storing weights (or activations) with fewer bits by rounding them to a coarse grid with a scale; "
         "LayerScope simulates it by rounding and then computing in full precision.", _SHRINK),
+    "scale_group": Term(
+        "scale group (group size)",
+        "A run of consecutive weights in one row that share one 16-bit scale (and zero point); smaller groups "
+        "follow the weights more closely but store more scales, so each weight costs more bits.", _SHRINK),
+    "bits_per_weight": Term(
+        "bits per weight",
+        "What a quantized weight takes in storage: its code plus its share of its group's 16-bit scale and zero "
+        "point (INT4 in groups of 128 takes about 4.16 bits, a float32 weight 32).", _SHRINK),
+    "round_to_nearest": Term(
+        "round to nearest (RTN)",
+        "Quantizing every weight on its own to the closest value of the format's grid: fast and needs no data, "
+        "but the rounding errors of a row's weights can add up in the layer's output.", _SHRINK),
+    "quantease": Term(
+        "QuantEase (calibrated quantization)",
+        "Choosing a layer's quantized weights one input column at a time, over several sweeps, so that the "
+        "layer's outputs on calibration inputs X change least (||WX - ŴX|| is minimised, not each weight's "
+        "own rounding error).", _SHRINK),
+    "layer_output_error": Term(
+        "layer-output error",
+        "||(W - Ŵ)X|| / ||WX||: how far a quantized layer's outputs on calibration inputs X are from the "
+        "original layer's, relative to their size.", _SHRINK),
+    "activation_quantization": Term(
+        "activation quantization",
+        "Rounding the inputs of linear layers to 8 bits as the model runs (INT8 per token, FP8 per tensor), so "
+        "the products could run on integer or FP8 hardware; W8A8 means 8-bit weights and activations.", _SHRINK),
+    "llm_int8": Term(
+        "LLM.int8 (outlier split)",
+        "Int8 weights and inputs, except the input feature columns where some |x| reaches a threshold: those "
+        "stay in 16-bit, because a few huge values would otherwise spoil the scale of every other value.",
+        _SHRINK),
+    "layer_sensitivity": Term(
+        "layer sensitivity",
+        "How much the model's outputs move (KL to the base, or PSNR lost) when only that layer is quantized and "
+        "every other layer is kept as it is; sensitive layers deserve more bits.", _SHRINK),
+    "mixed_precision": Term(
+        "mixed precision",
+        "Giving layers different formats: the most sensitive ones a wider format (e.g. INT8), the others a "
+        "narrower one (e.g. INT4), chosen to meet a size budget or a tolerated quality drop.", _SHRINK),
     "early_exit": Term(
         "early exit",
         "Stopping a token's computation at an intermediate layer once a test says its prediction is settled "
