@@ -43,7 +43,8 @@ def file_name(lab: Lab, what: str, suffix: str) -> str:
 def model_zip(edited: ModelHandle, name: str, recipe: Recipe | None = None) -> bytes:
     """The edited model as a zip of one checkpoint folder `name/` (safetensors, config.json,
     tokenizer files, as `ModelHandle.save_pretrained` writes them), with the recipe that
-    made it as `layerscope-recipe.json` when given. Unzipped, the folder loads with
+    made it as `layerscope-recipe.json` when given, and `LAYERSCOPE-NOTE.txt` saying what the
+    folder leaves out (`export_note`: activation quantization). Unzipped, the folder loads with
     `lib.models.load_model` (and, for language models, with plain transformers)."""
     if not hasattr(edited, "save_pretrained"):
         raise CapabilityError("This version of LayerScope cannot save models yet (ModelHandle.save_pretrained).")
@@ -51,6 +52,9 @@ def model_zip(edited: ModelHandle, name: str, recipe: Recipe | None = None) -> b
     with tempfile.TemporaryDirectory(prefix="layerscope-export-") as tmp:
         folder = Path(tmp) / name
         edited.save_pretrained(folder)
+        note = export_note(edited)
+        if note:
+            (folder / NOTE_FILE).write_text(note + "\n")
         if recipe is not None:
             (folder / "layerscope-recipe.json").write_text(recipe.to_json() + "\n")
         buffer = io.BytesIO()
@@ -59,6 +63,23 @@ def model_zip(edited: ModelHandle, name: str, recipe: Recipe | None = None) -> b
                 if path.is_file():
                     archive.write(path, str(path.relative_to(tmp)))
     return buffer.getvalue()
+
+
+NOTE_FILE = "LAYERSCOPE-NOTE.txt"
+
+
+def export_note(edited: ModelHandle) -> str:
+    """What a checkpoint folder of `edited` leaves out ('' if nothing): the inputs of linear
+    layers that the edited model quantizes as it runs (activation quantization, LLM.int8)
+    have no place in a standard config, so a folder loads without them."""
+    layers = sorted(getattr(edited, "input_transforms", {}))
+    if not layers:
+        return ""
+    return (f"This checkpoint does not quantize activations. The edited model quantized the inputs of "
+            f"{len(layers)} linear layer(s) as it ran ({', '.join(layers)}); a checkpoint folder cannot say so, so "
+            "it loads with those inputs in full precision and its outputs differ from the lab's. Its quantized "
+            "weights are written as their dequantized float values. Apply the recipe in LayerScope to rebuild the "
+            "model exactly.")
 
 
 def lab_model_zip(lab: Lab) -> bytes:

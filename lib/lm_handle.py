@@ -157,10 +157,19 @@ class BridgeHandle(ModelHandle):
             return self._plain_model
 
     def _check_whole(self, what: str) -> None:
+        """Refuse what runs through the TransformerLens bridge on a copy the bridge does not
+        compute: parts removed (only the plain model has them gone), or inputs of linear
+        layers transformed (activation quantization: the pre-hooks sit on the plain model)."""
         if self._structural:
             raise CapabilityError(f"This edited copy has parts removed ({', '.join(self.structure.removed)}), "
                                   f"so {what} is not available on it; use the base model or a copy with "
                                   "weight edits only.")
+        if self.input_transforms:
+            layers = sorted(self.input_transforms)
+            raise CapabilityError(f"This edited copy quantizes the inputs of {len(layers)} linear layer(s) "
+                                  f"({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}), which "
+                                  f"TransformerLens' forward would skip, so {what} is not available on it; "
+                                  "use the base model or a copy with weight-only quantization.")
 
     @contextmanager
     def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Iterator[None]:

@@ -242,6 +242,27 @@ def test_input_transform_hooks_go_when_the_body_raises(tiny_lm, tokens):
         tiny_lm.set_input_transform_("blocks.0.mlp.in", lambda x: x)
 
 
+def test_bridge_paths_refuse_a_copy_whose_inputs_are_quantized_and_export_says_so(tiny_lm, tokens):
+    """TransformerLens' forward does not pass through the plain model's pre-hooks, so what
+    runs through it would silently skip the activation quantization: it is refused; a
+    checkpoint folder cannot hold it, so the exported zip carries a note saying so."""
+    import io
+    import zipfile
+
+    from analysis.export import NOTE_FILE, model_zip
+    from lib.handle import Point
+
+    w8a8 = edited(tiny_lm, Quantize("int8", "mlp", activations=True))
+    for use in (lambda: w8a8.record(tokens, [Point("resid_pre", 1)]), lambda: w8a8.run_block(0, torch.zeros(1, 3, 32))):
+        with pytest.raises(CapabilityError, match="quantizes the inputs of 6 linear layer"):
+            use()
+    weights_only = edited(tiny_lm, Quantize("int8", "mlp"))
+    assert Point("resid_pre", 1) in weights_only.record(tokens, [Point("resid_pre", 1)])
+    names = {n: zipfile.ZipFile(io.BytesIO(model_zip(m, "m"))).namelist() for n, m in
+             (("w8a8", w8a8), ("weights", weights_only))}
+    assert f"m/{NOTE_FILE}" in names["w8a8"] and f"m/{NOTE_FILE}" not in names["weights"]
+
+
 def test_input_transform_changes_exactly_that_layers_input():
     handle = one_layer_handle(3, 5)
     x = torch.randn(4, 5)
