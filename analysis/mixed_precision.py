@@ -10,7 +10,7 @@ linear weights) or an image model's stage, so an allocation is two `Quantize` ed
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -68,17 +68,21 @@ class Sensitivity:
 
 
 @torch.no_grad()
-def sensitivity(handle: ModelHandle, fmt: str, group_size: int | None = None, batch: data.Batch | None = None
-                ) -> Sensitivity:
+def sensitivity(handle: ModelHandle, fmt: str, group_size: int | None = None, batch: data.Batch | None = None,
+                progress: Callable[[float, str], None] | None = None) -> Sensitivity:
     """Quantize one layer at a time (round-to-nearest) on a private copy, measure the drop,
-    put the layer's weights back exactly: one copy, one forward per layer."""
+    put the layer's weights back exactly: one copy, one forward per layer. `progress(fraction,
+    message)` is called before each layer."""
     batch = batch or data.default_batch(handle)
     inputs = model_inputs(batch)
     base = handle.forward(inputs)
     copy = handle.private_copy()
     layers = copy.linear_layers()
     drops, before, after = [], [], []
-    for unit in layer_units(copy):
+    units = layer_units(copy)
+    for i, unit in enumerate(units):
+        if progress:
+            progress(i / len(units), f"only {'block ' if isinstance(unit, int) else ''}{unit} in {fmt}")
         names = [n for n in layers if copy.place(n)[0] == unit]
         saved = {n: layers[n].clone() for n in names}
         bits = 0
