@@ -50,7 +50,7 @@ from analysis.exit_stats import (
     lens_kl,
     token_rows,
 )
-from lib.data import check_images, check_text
+from lib.data import Batch, check_images, check_text
 from lib.errors import DataError, RecipeError
 from lib.handle import ModelHandle
 
@@ -58,7 +58,8 @@ __all__ = [  # the interface the lab and notebooks use; the pieces live in exit_
     "CRITERIA", "CRITERION_LABELS", "LENSES", "LENS_LABELS", "CostModel", "EarlyExit", "ExitCurve", "ExitLens",
     "ExitPoint", "ExitRule", "ExitStats", "InputExits", "LensKL", "ThresholdRange", "collect_exit_stats",
     "default_thresholds", "depth_label", "exit_at", "exit_curve", "exit_curves", "exit_depths", "exit_lens",
-    "has_trained", "image_exits", "lens_choices", "lens_kl", "prompt_exits", "remember_lens", "threshold_range",
+    "exits_of", "has_trained", "image_exits", "lens_choices", "lens_kl", "prompt_exits", "remember_lens",
+    "threshold_range",
 ]
 
 CRITERIA = ("max_prob", "entropy", "patience", "saturation")
@@ -340,6 +341,16 @@ class EarlyExit(Edit):
 def _exit(handle: ModelHandle, edit: EarlyExit) -> None:
     rule = ExitRule(edit.criterion, edit.threshold, exit_lens(handle, edit.lens), exit_depths(handle))
     handle.set_exit_rule_(rule)
+
+
+def exits_of(handle: ModelHandle, batch: Batch) -> ExitPoint | None:
+    """Where a copy with an early-exit edit exits on `batch` and what that saves, under its
+    own rule (criterion, threshold, lens) from one recorded pass; None without an exit rule.
+    Agreement here is with the same copy running every layer."""
+    rule = handle.exit_rule
+    if not isinstance(rule, ExitRule):
+        return None
+    return exit_at(collect_exit_stats(handle, batch, rule.lens), rule.criterion, rule.threshold)
 
 
 # ---------------------------------------------------------------------- one input

@@ -29,6 +29,7 @@ import torch
 
 from analysis import edits as edit_registry
 from analysis.edits import Edit
+from analysis.exits import ExitPoint, exits_of
 from analysis.recipe import Recipe, check_for
 from lib import data
 from lib.errors import LayerScopeError, RecipeError
@@ -88,7 +89,8 @@ class LabPoint:
     step: position in the history (0 is the base); edits: the recipe's edits in order;
     digest: `Recipe.digest` of them; recipe_json: the recipe as `Recipe.to_json()` writes
     it; metrics: measured on the evaluation batch against the base outputs (latency:
-    median of a few timed forwards over the whole batch).
+    median of a few timed forwards over the whole batch); exits: for a recipe with an
+    early exit, where its predictions exit and the compute that saves (None without one).
     """
 
     step: int
@@ -97,6 +99,7 @@ class LabPoint:
     label: str
     recipe_json: str
     metrics: Metrics
+    exits: ExitPoint | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,12 @@ class Lab:
         digest = recipe_digest(edits)
         point = next((p for p in self.history if p.digest == digest), None)
         if point is None:
-            point = self._point(len(self.history), edits, self.evaluate(edits, progress))
+            metrics = self.evaluate(edits, progress)
+            model = self._model(edits, None)  # cached by `evaluate`
+            if progress and model.exit_rule is not None:
+                progress(0.9, "recording where the predictions exit")
+            exits = exits_of(model, self.batch)
+            point = self._point(len(self.history), edits, metrics, exits)
             self.history.append(point)
         self._current = point.step
         return point
@@ -334,9 +342,10 @@ class Lab:
     def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
         return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)
 
-    def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics) -> LabPoint:
+    def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics,
+               exits: ExitPoint | None = None) -> LabPoint:
         return LabPoint(step, edits, recipe_digest(edits), recipe_label(edits),
-                        self._recipe(edits).to_json(), metrics)
+                        self._recipe(edits).to_json(), metrics, exits)
 
     def deltas(self, point: LabPoint | None = None) -> dict[str, float]:
         """Each metric of `point` (default: the current one) minus the base's."""
@@ -348,7 +357,9 @@ class Lab:
     # ------------------------------------------------------------------ history
 
     def rows(self) -> list[dict[str, object]]:
-        """The history as table rows: step, label, metrics, shares kept, the recipe."""
+        """The history as table rows: step, label, metrics, shares kept, early exits (mean
+        exit layer, compute saved with and without the skipped layers' keys and values
+        charged; None without an exit step), the recipe."""
         base = self.base_point.metrics
         rows = []
         for p in self.history:
@@ -358,6 +369,9 @@ class Lab:
             row.update({name: getattr(m, name) for name in METRIC_FIELDS})
             row["params_kept"] = m.n_params / base.n_params
             row["size_kept"] = m.size_bits / base.size_bits
+            row["mean_exit_layer"] = p.exits.mean_exit if p.exits else None
+            row["compute_saved"] = p.exits.saved if p.exits else None
+            row["compute_saved_oracle"] = p.exits.saved_oracle if p.exits else None
             row["recipe"] = json.dumps([e.to_dict() for e in p.edits])
             rows.append(row)
         return rows

@@ -264,3 +264,19 @@ def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
     assert counted["private_copy"] == 6
     small.model_for([Magnitude(0.1)])
     assert counted["private_copy"] == 7
+
+
+def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
+    from analysis.exits import EarlyExit, collect_exit_stats, exit_at
+
+    lab.add(Magnitude(0.3))
+    assert lab.current.exits is None
+    lab.add(EarlyExit("patience", 0))  # every token exits at the first check
+    point, model = lab.current, lab.edited()
+    expected = exit_at(collect_exit_stats(model, lab.batch, model.exit_rule.lens), "patience", 0)
+    assert point.exits.saved == expected.saved > 0 and point.exits.mean_exit == 1
+    assert point.metrics.agreement < lab.history[1].metrics.agreement  # the forward exits, so the metrics move
+    rows = lab.rows()
+    assert rows[1]["compute_saved"] is None and rows[2]["compute_saved"] == expected.saved
+    again = Recipe.from_json(lab.recipe.to_json())
+    assert again.edits == lab.recipe.edits and lab.apply(again).step == point.step  # same recipe, same point
