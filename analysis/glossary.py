@@ -164,6 +164,41 @@ TERMS: dict[str, Term] = {
         "Stopping a token's computation at an intermediate layer once a test says its prediction is settled "
         "(high confidence, low entropy, the same top token for several layers, or a residual that stopped "
         "changing) and reading the prediction out there.", _SHRINK),
+    "tuned_lens": Term(
+        "tuned lens",
+        "A logit lens with one small learned linear map per depth, fitted so that each depth's readout comes as "
+        "close as it can to the final layer's prediction (lowest KL); it reads early layers better than the "
+        "plain logit lens.", _PREDICT),
+    "exit_heads": Term(
+        "exit heads",
+        "For an image classifier, a small linear classifier on the averaged features after each stage, trained "
+        "in seconds on the training digits, so that an image can be classified before the last stage.",
+        _PREDICT),
+    "max_probability": Term(
+        "max probability (confidence)",
+        "The probability of the most likely token or class; an early exit on max probability ≥ t stops once "
+        "the readout is at least that sure.", _PREDICT),
+    "patience": Term(
+        "patience (early exit)",
+        "An exit rule: stop once the top prediction has stayed the same for t checked layers in a row; it needs "
+        "no probability threshold, only agreement between layers.", _SHRINK),
+    "state_saturation": Term(
+        "state saturation",
+        "An exit rule: stop once the cosine between a layer's state and the previous layer's is at least t, "
+        "that is the state has stopped turning; it needs no readout to decide.", _SHRINK),
+    "exit_layer": Term(
+        "exit layer",
+        "The number of layers a token (or image) runs before it exits; the model's own depth means it ran every "
+        "layer, and the mean over the evaluation set says how deep a typical prediction goes.", _SHRINK),
+    "compute_saved": Term(
+        "compute saved (early exits)",
+        "One minus the work done with exits, counted in multiply-adds, over the work of running every layer; "
+        "the exit checks and the keys and values later tokens need from skipped layers are charged, so it can "
+        "be negative.", _SHRINK),
+    "oracle_savings": Term(
+        "oracle savings",
+        "Compute saved if the keys and values a skipped layer owes later tokens came for free; real decoding has "
+        "to compute them, so this is an upper bound that only an oracle reaches.", _SHRINK),
 }
 
 GLOSSARY: dict[str, str] = {key: term.text for key, term in TERMS.items()}
