@@ -138,6 +138,26 @@ class BridgeHandle(ModelHandle):
             return self.model(inputs, prepend_bos=False)
         return self.plain_model()(input_ids=inputs).logits
 
+    @exclusive
+    @torch.no_grad()
+    def record(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+        """As `ModelHandle.record`; attention patterns alone come from the plain model's own
+        decoder with eager attention asked for its weights (no vocabulary readout, none of
+        the bridge's hook machinery), which is how the head-role view reads every layer."""
+        hooked = self._active_hooks or count_hooks(self.model)
+        if not points or any(p.site != "pattern" for p in points) or hooked or self._structural \
+                or self.input_transforms:
+            return super().record(inputs, points)
+        for p in points:
+            self.hook_name(p)  # refuses a layer the model does not have
+        plain = self.plain_model()
+        plain.set_attn_implementation("eager")  # SDPA computes no weights to return
+        try:
+            patterns = plain.base_model(input_ids=inputs, output_attentions=True).attentions
+        finally:
+            plain.set_attn_implementation("sdpa")
+        return {p: patterns[p.layer] for p in points}
+
     def _copy_memo(self) -> dict[int, Any]:
         memo = super()._copy_memo()
         if not self._structural:

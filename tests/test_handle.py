@@ -29,6 +29,17 @@ def cnn(tmp_path_factory):
     return load_model(str(folder))
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from test_channels import save_tiny_llama
+
+    from lib.models import load_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(folder)
+    return load_model(str(folder))
+
+
 def test_points_record_what_transformer_lens_records(tiny_lm, tokens):
     points = [Point("resid_pre", 0), Point("resid_mid", 1), Point("attn_out", 2), Point("pattern", 1)]
     got = tiny_lm.record(tokens, points)
@@ -38,6 +49,20 @@ def test_points_record_what_transformer_lens_records(tiny_lm, tokens):
         assert torch.allclose(got[point], cache[name], atol=1e-6)
     assert got[Point("pattern", 1)].shape == (2, 4, 24, 24)  # [batch, head, query, key]
     assert count_hooks(tiny_lm.model) == 0
+
+
+@pytest.mark.parametrize("model", ["tiny_lm", "llama"])
+def test_patterns_alone_come_from_the_plain_model_equal_to_the_bridge(model, request):
+    handle = request.getfixturevalue(model)
+    tokens = torch.randint(0, handle.structure.d_vocab, (2, 24))
+    points = [Point("pattern", layer) for layer in range(handle.structure.n_layers)]
+    fast = handle.record(tokens, points)  # patterns only: the plain decoder, eager attention
+    _, cache = handle.model.run_with_cache(tokens, prepend_bos=False)
+    for p in points:
+        assert torch.allclose(fast[p], cache[f"blocks.{p.layer}.attn.hook_pattern"], atol=1e-5)
+    assert handle.plain_model().config._attn_implementation == "sdpa"  # switched back
+    with pytest.raises(CapabilityError, match="no block 9"):
+        handle.record(tokens, [Point("pattern", 9)])
 
 
 def test_unknown_points_are_refused_clearly(tiny_lm, cnn, tokens):
