@@ -17,7 +17,7 @@ import streamlit as st
 from analysis import export, plots_lab
 from analysis.edits import Edit
 from analysis.glossary import GLOSSARY
-from analysis.lab import COSTS, Lab, Progress, higher_is_better
+from analysis.lab import COSTS, Lab, LabPoint, Progress, higher_is_better
 from analysis.recipe import Recipe
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
@@ -71,8 +71,17 @@ def sync_with_session(lab: Lab, handle: ModelHandle) -> None:
 # ---------------------------------------------------------------------- controls and recipe
 
 
+def add_edits(lab: Lab, edits: tuple[Edit, ...], progress: Progress) -> LabPoint:
+    """Append several edits (a mixed-precision allocation's steps) as one change of the recipe."""
+    recipe = lab.recipe
+    if not [edit for edit in edits if recipe.add(edit)]:
+        raise RecipeError("These edits are already in the recipe.")
+    return lab.apply(recipe, progress)
+
+
 def edit_controls(lab: Lab, handle: ModelHandle) -> None:
-    """Method, its controls, and buttons that add the edit or put it in place of the last one."""
+    """Method, its controls, and buttons that add the edit (or the edits, for controls that
+    return several) or put it in place of the last one."""
     methods = methods_for(handle)
     name = st.selectbox("Method", [m.name for m in methods], key="lab_method")
     chosen = next(m for m in methods if m.name == name)
@@ -85,7 +94,11 @@ def edit_controls(lab: Lab, handle: ModelHandle) -> None:
     edits = lab.recipe.edits
     last = edits[-1] if edits else None
     left, right = st.columns(2)
-    if left.button("Add to recipe", type="primary", disabled=edit is None, key="lab_add", width="stretch"):
+    if isinstance(edit, tuple):
+        if left.button("Add to recipe", type="primary", disabled=not edit, key="lab_add", width="stretch"):
+            change(lab, handle, f"Applying {len(edit)} edit(s)", lambda p: add_edits(lab, edit, p))
+        edit = None  # several edits replace nothing
+    elif left.button("Add to recipe", type="primary", disabled=edit is None, key="lab_add", width="stretch"):
         change(lab, handle, f"Applying {edit.label}", lambda p: lab.add(edit, p))
     can_replace = edit is not None and last is not None and type(last) is type(edit) and last != edit
     if right.button("Replace the last edit", disabled=not can_replace, key="lab_replace", width="stretch",
@@ -249,6 +262,9 @@ def downloads(lab: Lab) -> None:
     cols[3].download_button("Report (HTML)", lambda: export.html_report(lab), export.file_name(lab, "report", "html"),
                             "text/html", key="lab_get_report", on_click="ignore", icon=":material/download:",
                             help="Metrics, history and figures in one page that opens offline.")
+    note = export.export_note(lab.edited())
+    if note:
+        st.caption(f":orange[{note}] The zip holds this note too.")
 
 
 def upload(lab: Lab, handle: ModelHandle) -> None:

@@ -25,13 +25,14 @@ LM = ("causal-lm",)
 IMAGES = ("image-classifier", "image-to-image")
 LM_AND_IMAGES = LM + IMAGES
 
-Controls = Callable[[ModelHandle, ModelHandle], "Edit | None"]
+Controls = Callable[[ModelHandle, ModelHandle], "Edit | tuple[Edit, ...] | None"]
 
 
 @dataclass(frozen=True)
 class Method:
     """An edit family as the lab offers it: `controls(base, edited)` draws its widgets and
-    returns the edit (None while nothing is chosen); `edited` is the current edited model,
+    returns the edit (None while nothing is chosen; a tuple for a family whose choice is several
+    recipe steps, such as a mixed-precision allocation); `edited` is the current edited model,
     so controls offer only what is still there (heads left, layers not removed)."""
 
     name: str
