@@ -1,7 +1,7 @@
 """Figures of early exits (`analysis.exits`): the trade-off curve of compute saved against
 agreement or quality for every criterion, each token of a prompt coloured by its exit
-layer, and how close each lens comes to the final layer. Layout only, no streamlit;
-conventions as in `analysis.plots`."""
+layer, images titled with their exit stage, and how close each lens comes to the final
+layer. Layout only, no streamlit; conventions as in `analysis.plots`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 from typing import Mapping
 
 import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
 
 from analysis.exits import CRITERION_LABELS, LENS_LABELS, ExitCurve, ExitPoint, InputExits, LensKL
 from analysis.plots import integer_axis, token_label
@@ -32,12 +34,12 @@ def _saved(curve: ExitCurve | ExitPoint, oracle: bool) -> list[float]:
 
 
 def tradeoff_curves(curves: Mapping[str, ExitCurve], quality: str = "agreement", oracle: bool = False,
-                    current: ExitPoint | None = None) -> go.Figure:
+                    current: ExitPoint | None = None, keys_values: bool = True) -> go.Figure:
     """Compute saved (%) against `quality` ("agreement", "perplexity", "accuracy", "nll"),
     one line per criterion, every threshold a point (hover: threshold, mean exit layer);
     `current` marked with a star. Left of the dashed line at 0 the checks cost more than
     the skipped layers save. `oracle`: savings that ignore the skipped layers' keys and
-    values."""
+    values; `keys_values` False for models that owe none (classifiers)."""
     fig = go.Figure()
     for criterion, curve in curves.items():
         thresholds = curve.thresholds.tolist()
@@ -58,8 +60,12 @@ def tradeoff_curves(curves: Mapping[str, ExitCurve], quality: str = "agreement",
                            f"mean exit layer {current.mean_exit:.2f}<extra></extra>"))
     fig.add_vline(x=0, line=dict(color="#888", dash="dash", width=1))
     worse = "lower" if quality in HIGHER_IS_BETTER else "higher"
-    saved = "compute saved, % (oracle: skipped layers' keys/values free)" if oracle else \
-        "compute saved, % (checks and skipped layers' keys/values charged)"
+    if not keys_values:
+        saved = "compute saved, % (exit checks charged)"
+    elif oracle:
+        saved = "compute saved, % (oracle: skipped layers' keys/values free)"
+    else:
+        saved = "compute saved, % (checks and skipped layers' keys/values charged)"
     fig.update_layout(xaxis_title=saved, yaxis_title=f"{QUALITIES[quality]} ({worse} is worse)", height=440,
                       margin=dict(t=60, b=50), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
     return fig
@@ -102,4 +108,27 @@ def lens_kl_lines(lenses: list[LensKL]) -> go.Figure:
                       yaxis=dict(title="KL(final ‖ depth), nats", rangemode="tozero"), height=330,
                       margin=dict(t=30, b=10), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
                       showlegend=True)
+    return fig
+
+
+def image_exits(images: torch.Tensor, exits: InputExits, labels: list[int], per_row: int = 4) -> go.Figure:
+    """Images [n, 1, H, W] in [0, 1], `per_row` to a row, each titled with where it exits,
+    the class predicted there (✓ when the full model predicts the same, ✗ not) and its label."""
+    n = images.shape[0]
+    rows = max(1, math.ceil(n / per_row))
+    titles = [f"{where}<br>predicts {pred} {'✓' if agree else '✗'} · label {label}"
+              for where, pred, agree, label in zip(exits.where, exits.predicted, exits.agrees, labels)]
+    fig = make_subplots(rows=rows, cols=per_row, subplot_titles=titles, horizontal_spacing=0.04,
+                        vertical_spacing=0.12)
+    for i in range(n):
+        row, col = divmod(i, per_row)
+        axis = "" if i == 0 else str(i + 1)
+        fig.add_heatmap(z=images[i].squeeze(0).float().tolist(), colorscale="gray_r", zmin=0, zmax=1, showscale=False,
+                        hovertemplate=f"{exits.labels[i]}: " + titles[i].replace("<br>", ", ") + "<extra></extra>",
+                        row=row + 1, col=col + 1)
+        fig.update_xaxes(visible=False, constrain="domain", row=row + 1, col=col + 1)
+        fig.update_yaxes(visible=False, autorange="reversed", scaleanchor=f"x{axis}", constrain="domain",
+                         row=row + 1, col=col + 1)
+    fig.update_annotations(font_size=12)
+    fig.update_layout(height=40 + 190 * rows, margin=dict(t=40, b=5, l=5, r=5))
     return fig

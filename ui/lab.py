@@ -161,6 +161,7 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
     if now.kl_to_base is not None:
         items.append(("KL to base", f"{now.kl_to_base:.4g} nats", None, "off", GLOSSARY["kl"]))
         items.append(("top-1 agreement", f"{now.agreement:.1%}", None, "off", GLOSSARY["top1_agreement"]))
+    items += _exit_items(lab)
     share = now.n_params / base.n_params
     items.append(("parameters kept", f"{now.n_params:,}", f"{share - 1:+.1%}" if share != 1 else None,
                   "inverse", "Weights the edited model still holds. Weights pruned to zero still count (they are "
@@ -176,12 +177,29 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
     return items
 
 
+def _exit_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
+    """Mean exit layer and compute saved, for a recipe with an early exit (METHODS §6)."""
+    exits = lab.current.exits
+    if exits is None:
+        return []
+    simulated = (" The lab simulates the exits (every layer still runs, then each prediction is read out at its "
+                 "exit), so latency does not show this saving.")
+    items = [(f"mean exit layer (of {exits.n_layers})", f"{exits.mean_exit:.2f}", None, "off", GLOSSARY["exit_layer"]),
+             ("compute saved", f"{exits.saved:.1%}", None, "off", GLOSSARY["compute_saved"] + simulated)]
+    if lab.base.kind == "causal-lm":  # a classifier owes later tokens no keys and values: one number
+        items.append(("compute saved (oracle)", f"{exits.saved_oracle:.1%}", None, "off", GLOSSARY["oracle_savings"]))
+    return items
+
+
 def metrics_panel(lab: Lab) -> None:
     """The current recipe's metrics, with changes against the base."""
     items = _quality_items(lab) + _cost_items(lab)
     cols = st.columns(4)
     for i, (label, value, delta, color, helptext) in enumerate(items):
         cols[i % 4].metric(label, value, delta, delta_color=color, help=helptext)
+    if lab.current.exits is not None:
+        st.caption("Early exits are simulated: every layer still runs and each prediction is then read out at its "
+                   "exit, so latency rises here; compute saved is what stopping there would save.")
 
 
 # ---------------------------------------------------------------------- history, layers

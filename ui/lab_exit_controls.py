@@ -1,5 +1,220 @@
 """Compression lab controls for early exits (issue 14): criterion, threshold and lens, with
 the trade-off curve of every criterion and the prompt's tokens coloured by exit layer.
-Registered with `ui.lab_controls.method` like every other edit family."""
+Registered with `ui.lab_controls.method` like every other edit family.
+
+Every number and curve here comes from one recorded pass over the evaluation batch
+(`collect_exit_stats`), kept in `STORE` by the edited model's fingerprint and the lens:
+moving the threshold only reads it again. A tuned lens or exit heads are trained once per
+model fingerprint, on request (the tuned lens) or at once (exit heads take seconds).
+"""
 
 from __future__ import annotations
+
+import streamlit as st
+
+from analysis import exits as ex
+from analysis import plots_exits
+from analysis.edits import Edit
+from analysis.glossary import GLOSSARY
+from lib.errors import LayerScopeError, RecipeError
+from lib.handle import ModelHandle
+from ui.lab_controls import method
+from ui.session import app_message
+from ui.store import STORE
+from ui.views import eval_batch
+
+EXIT_KINDS = ("causal-lm", "image-classifier")
+DEFAULT_PROMPT = "def __init__(self, name, value=None): self.name = name"
+N_IMAGES = 8
+
+CRITERION_HELP = {
+    "max_prob": "Exit once the most likely token (or class) has probability at least t: confident predictions "
+                "leave early. A higher t keeps more tokens to the end.",
+    "entropy": "Exit once the predicted distribution's entropy is at most t nats: peaked predictions leave early. "
+               "A lower t keeps more tokens to the end.",
+    "patience": "Exit once the top prediction has stayed the same for t checked layers in a row. A higher t waits "
+                "longer; t = 0 exits at the first check.",
+    "saturation": "Exit once the hidden state stops turning: the cosine between a layer's state and the previous "
+                  "one is at least t. Deciding needs no readout, only the exit reads one out.",
+}
+LENS_HELP = {"logit": GLOSSARY["logit_lens"], "tuned": GLOSSARY["tuned_lens"], "heads": GLOSSARY["exit_heads"]}
+
+
+def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
+    """The trained lens `lens` for this model if one is at hand (STORE, or the analysis'
+    own cache), made known to `exit_lens` again, so nothing retrains it; None if untrained."""
+    if lens == "logit":
+        return ex.exit_lens(edited, lens)
+    key = ("exit_lens", edited.fingerprint, lens)
+    found = STORE.get(key)
+    if found is None and ex.has_trained(edited, lens):
+        found = ex.exit_lens(edited, lens)
+        STORE.put(key, found)
+    if found is not None and not ex.has_trained(edited, lens):
+        ex.remember_lens(edited, found)
+    return found
+
+
+def _train_lens(edited: ModelHandle, lens: str) -> ex.ExitLens:
+    bar = st.progress(0.0, text=f"Training the {ex.LENS_LABELS[lens]}")
+    try:
+        trained = ex.exit_lens(edited, lens, progress=lambda f, m: bar.progress(min(1.0, max(0.0, f)), text=m))
+    finally:
+        bar.empty()
+    STORE.put(("exit_lens", edited.fingerprint, lens), trained)
+    return trained
+
+
+def _lens_ready(edited: ModelHandle, lens: str) -> bool:
+    """Whether `lens` can read out now; offers to train a tuned lens, trains exit heads."""
+    if _stored_lens(edited, lens) is not None:
+        return True
+    if lens == "heads":  # seconds, and the only lens a classifier has
+        _train_lens(edited, lens)
+        return True
+    offer = st.empty()
+    with offer.container():
+        st.info("The tuned lens is trained once for this model (the current edited one): a least-squares fit and "
+                "a few gradient steps on the evaluation set's training part, about 10-30 seconds here.")
+        clicked = st.button("Train the tuned lens", key="lab_exit_train", icon=":material/model_training:")
+    if clicked:
+        offer.empty()
+        _train_lens(edited, lens)
+    return clicked
+
+
+def _pass(base: ModelHandle, edited: ModelHandle, lens: str) -> tuple[ex.ExitStats, dict[str, ex.ExitCurve]]:
+    """The one recorded pass and every criterion's curve (computed once per model and lens)."""
+    key = ("exit_pass", edited.fingerprint, lens)
+    found = STORE.get(key)
+    if found is None:
+        batch = eval_batch(base, base.fingerprint)
+        bar = st.progress(0.0, text="Recording every layer's readout")
+        try:
+            stats = ex.collect_exit_stats(edited, batch, lens,
+                                          progress=lambda f, m: bar.progress(min(1.0, max(0.0, f)), text=m))
+        finally:
+            bar.empty()
+        found = (stats, ex.exit_curves(stats))
+        STORE.put(key, found)
+    return found
+
+
+def _threshold(base: ModelHandle, criterion: str) -> float:
+    span = ex.threshold_range(base, criterion)
+    label = {"max_prob": "Threshold t (max probability)", "entropy": "Threshold t (entropy, nats)",
+             "patience": "Threshold t (checks with the same top prediction)",
+             "saturation": "Threshold t (cosine between consecutive states)"}[criterion]
+    key = f"lab_exit_threshold_{criterion}"
+    if span.integer:
+        return st.slider(label, int(span.low), int(span.high), int(span.default), step=1, key=key)
+    digits = 3 if span.step < 0.01 else 2
+    return st.slider(label, span.low, span.high, span.default, step=span.step, format=f"%.{digits}f", key=key)
+
+
+def _numbers(base: ModelHandle, point: ex.ExitPoint) -> None:
+    """The current threshold's numbers, three to a row (a narrow column cuts longer rows)."""
+    lm = base.kind == "causal-lm"
+    items = [(f"mean exit layer (of {point.n_layers})", f"{point.mean_exit:.2f}", GLOSSARY["exit_layer"]),
+             ("exit early", f"{point.early:.0%}", "Share of predictions that stop before the last layer."),
+             ("agreement", f"{point.agreement:.1%}",
+              "Top-1 agreement of the exited predictions with the same model running every layer.")]
+    items.append(("compute saved", f"{point.saved:.1%}", GLOSSARY["compute_saved"]))
+    if lm:
+        items.append(("saved (oracle)", f"{point.saved_oracle:.1%}", GLOSSARY["oracle_savings"]))
+    if point.accuracy is not None:
+        items.append(("accuracy", f"{point.accuracy:.1%}", "Share of correct exited predictions."))
+    if lm:
+        items.append(("perplexity", f"{point.perplexity:.3g}",
+                      f"Of the exited predictions. {GLOSSARY['perplexity']}"))
+    for row in range(0, len(items), 3):
+        for column, (label, value, helptext) in zip(st.columns(3), items[row:row + 3]):
+            column.metric(label, value, help=helptext)
+
+
+def _tradeoff(base: ModelHandle, curves: dict[str, ex.ExitCurve], point: ex.ExitPoint) -> None:
+    qualities = ["agreement"] + (["accuracy"] if point.accuracy is not None else []) + \
+        (["perplexity"] if base.kind == "causal-lm" else [])
+    left, right = st.columns([3, 2], vertical_alignment="bottom")
+    quality = left.radio("Plot compute saved against", qualities, horizontal=True, key="lab_exit_quality",
+                         format_func={"agreement": "agreement", "accuracy": "accuracy",
+                                      "perplexity": "perplexity"}.get)
+    oracle = base.kind == "causal-lm" and right.toggle("Oracle savings", key="lab_exit_oracle",
+                                                       help=GLOSSARY["oracle_savings"])
+    figure = plots_exits.tradeoff_curves(curves, quality, oracle, current=point, keys_values=base.kind == "causal-lm")
+    st.plotly_chart(figure, width="stretch",
+                    key="lab_exit_tradeoff")
+    st.caption("Each line is one criterion over its whole threshold range, from one recorded pass; the star is the "
+               "threshold above. Left of the dashed line the exit checks cost more than the skipped layers save.")
+
+
+def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold: float, lens: str) -> None:
+    """LMs: the user's prompt, each token coloured by its exit layer; classifiers: a few
+    evaluation images with their exit stage."""
+    if base.kind == "causal-lm":
+        prompt = st.text_input("Your prompt (press Enter to apply)", DEFAULT_PROMPT, key="lab_exit_prompt",
+                               max_chars=2000)
+        try:
+            shown = ex.prompt_exits(edited, prompt, criterion, threshold, lens)
+        except LayerScopeError as e:
+            st.warning(app_message(e))
+            return
+        st.plotly_chart(plots_exits.token_exits(shown), width="stretch", key="lab_exit_tokens")
+        early = sum(d < shown.n_layers for d in shown.exit_depth)
+        st.caption(f"Each cell is a token, coloured by the layer where the prediction of the next token exits "
+                   f"({shown.n_layers}: it ran every layer). {early} of {len(shown.labels)} exit early; "
+                   f"{sum(shown.agrees)} predict the same token as the full model. Hover a cell for its prediction.")
+        return
+    batch = eval_batch(base, base.fingerprint)
+    images = batch.images[:N_IMAGES]
+    shown = ex.image_exits(edited, images, criterion, threshold, lens)
+    st.plotly_chart(plots_exits.image_exits(images, shown, batch.labels[:N_IMAGES].tolist()), width="stretch",
+                    key="lab_exit_images")
+    st.caption(f"The first {N_IMAGES} evaluation images, each with the stage where it exits and the class predicted "
+               "there (✓: the same as the full model).")
+
+
+@method("Early exit", EXIT_KINDS,
+        "Let each token (or image) stop at the first layer where a test says its prediction is settled, and "
+        "read the prediction out there. The curves and numbers below come from one recorded pass over the "
+        "evaluation set; adding the edit makes the lab's model exit that way.")
+def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
+    criterion = st.radio("Exit when", ex.CRITERIA, format_func=ex.CRITERION_LABELS.get, horizontal=True,
+                         key="lab_exit_criterion", help=GLOSSARY["early_exit"])
+    st.caption(CRITERION_HELP[criterion])
+    threshold = _threshold(base, criterion)
+    choices = ex.lens_choices(base)
+    if len(choices) > 1:
+        lens = st.radio("Read predictions out through", choices, format_func=ex.LENS_LABELS.get, horizontal=True,
+                        key="lab_exit_lens", help=" ".join(f"{ex.LENS_LABELS[c]}: {LENS_HELP[c]}" for c in choices))
+    else:
+        lens = choices[0]
+        st.caption(f"Predictions are read out through {ex.LENS_LABELS[lens]}: {LENS_HELP[lens]}")
+    try:
+        edit = ex.EarlyExit(criterion, threshold, lens)
+        edit.check_exits(base)
+    except RecipeError as e:
+        st.error(f"{app_message(e)} The recipe is unchanged.")
+        return None
+    if not _lens_ready(edited, lens):
+        return None
+    stats, curves = _pass(base, edited, lens)
+    point = ex.exit_at(stats, criterion, threshold)
+    _numbers(base, point)
+    _tradeoff(base, curves, point)
+    _examples(base, edited, criterion, threshold, lens)
+    _recipe_note(edited, edit)
+    return edit
+
+
+def _recipe_note(edited: ModelHandle, edit: ex.EarlyExit) -> None:
+    """A recipe holds one early exit: say so when it has one already."""
+    rule = edited.exit_rule
+    if rule is None:
+        return
+    if (rule.criterion, rule.threshold, rule.lens.kind) == (edit.criterion, edit.threshold, edit.lens):
+        st.info("This is the recipe's early exit. Move the threshold or change the criterion to try another, and "
+                "put it in place with “Replace the last edit” (or remove the exit step first if it is not last).")
+    else:
+        st.info("The recipe already exits early, and holds one early exit: put this one in its place with "
+                "“Replace the last edit” if the exit is the last step, or remove that step first.")
