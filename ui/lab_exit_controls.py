@@ -189,7 +189,7 @@ def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
                         key="lab_exit_lens", help=" ".join(f"{ex.LENS_LABELS[c]}: {LENS_HELP[c]}" for c in choices))
     else:
         lens = choices[0]
-        st.caption(f"Predictions are read out through {ex.LENS_LABELS[lens]}: {LENS_HELP[lens]}")
+        st.caption(f"Predictions are read out through {ex.LENS_LABELS[lens]}. {LENS_HELP[lens]}")
     try:
         edit = ex.EarlyExit(criterion, threshold, lens)
         edit.check_exits(base)
