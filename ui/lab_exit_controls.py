@@ -75,7 +75,8 @@ def _lens_ready(edited: ModelHandle, lens: str) -> bool:
     offer = st.empty()
     with offer.container():
         st.info("The tuned lens is trained once for this model (the current edited one): a least-squares fit and "
-                "a few gradient steps on the evaluation set's training part, about 10-30 seconds here.")
+                "a few gradient steps on the evaluation set's training part (seconds for a small model, a minute or "
+                "more for a large one).")
         clicked = st.button("Train the tuned lens", key="lab_exit_train", icon=":material/model_training:")
     if clicked:
         offer.empty()
@@ -152,8 +153,7 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
     """LMs: the user's prompt, each token coloured by its exit layer; classifiers: a few
     evaluation images with their exit stage."""
     if base.kind == "causal-lm":
-        prompt = st.text_input("Your prompt (press Enter to apply)", DEFAULT_PROMPT, key="lab_exit_prompt",
-                               max_chars=2000)
+        prompt = st.text_input("Your prompt (press Enter to apply)", DEFAULT_PROMPT, key="lab_exit_prompt")
         try:
             shown = ex.prompt_exits(edited, prompt, criterion, threshold, lens)
         except LayerScopeError as e:
