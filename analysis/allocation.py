@@ -76,6 +76,15 @@ def _block(handle: ModelHandle, name: str) -> int | None:
     return layer if isinstance(layer, int) else None
 
 
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    """A 1-d alias of `weight`'s storage (GPT-2's [out, in] views are transposes of
+    contiguous [in, out] tensors); writes through it prune the layer."""
+    alias = weight if weight.is_contiguous() or weight.dim() != 2 else weight.T
+    if not alias.is_contiguous():
+        raise AnalysisError(f"A weight of shape {tuple(weight.shape)} is not a plain view of its storage.")
+    return alias.view(-1)
+
+
 @torch.no_grad()
 def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int = 20, scope: str = "all",
                       progress: Progress | None = None) -> DistortionCurves:
@@ -96,9 +105,13 @@ def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int =
     for i, (name, weight) in enumerate(weights.items()):
         original = weight.clone()
         block = _block(copy, name) if lm else None
+        flat = _flat(weight)
+        order = flat.abs().sort(stable=True).indices  # one sort: the levels prune a growing prefix of it
+        pruned = 0
         for k, level in enumerate(levels.tolist()[1:], start=1):
-            weight.copy_(original)
-            _zero_smallest_(weight, weight.abs(), round(level * weight.numel()))
+            count = round(level * weight.numel())
+            flat[order[pruned:count]] = 0
+            pruned = count
             if block is None:
                 out = copy.forward(inputs)
             else:
@@ -184,6 +197,15 @@ def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -
     realised = float((curves.sizes * sparsities.double()).sum() / total)
     return Allocation(curves.layers, sparsities, float(curves.distortion[torch.arange(len(levels)), levels].sum()),
                       realised)
+
+
+@torch.no_grad()
+def measured_distortion(handle: ModelHandle, inputs: torch.Tensor, plan: Allocation) -> float:
+    """The distortion the curves predict a sum of, measured: the logits' (outputs') mean
+    squared change with every layer pruned as `plan` says at once, on `inputs`."""
+    copy = handle.private_copy()
+    _layer_sparsity(copy, plan.edit())
+    return float((copy.forward(inputs).float() - handle.forward(inputs).float()).pow(2).mean())
 
 
 def uniform(curves: DistortionCurves, sparsity: float) -> Allocation:

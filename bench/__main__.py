@@ -9,12 +9,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench import channels, common, exits, foundation, interpreter, lab, pages, redundancy  # noqa: E402
-from bench import quantization  # noqa: E402
+from bench import (  # noqa: E402
+    allocation,
+    channels,
+    common,
+    exits,
+    foundation,
+    interpreter,
+    lab,
+    pages,
+    quantization,
+    redundancy,
+)
 
 SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
           "channels": channels.ROWS, "pages": pages.ROWS, "interpreter": interpreter.ROWS,
-          "quantization": quantization.ROWS}
+          "quantization": quantization.ROWS, "allocation": allocation.ROWS}
 
 
 def main() -> None:

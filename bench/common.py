@@ -45,6 +45,15 @@ class Timing:
     measured: tuple[float, ...]
     reference: tuple[float, ...]
 
+    @classmethod
+    def of(cls, fn: Callable[[], object], reference: Callable[[], object]) -> Timing:
+        """One pair, timed back to back without a warm-up (for rows whose one run is minutes)."""
+        start = time.perf_counter()
+        fn()
+        middle = time.perf_counter()
+        reference()
+        return cls((middle - start,), (time.perf_counter() - middle,))
+
     @property
     def ratios(self) -> tuple[float, ...]:
         return tuple(a / b for a, b in zip(self.measured, self.reference))

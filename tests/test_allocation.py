@@ -71,7 +71,20 @@ def test_allocation_beats_uniform_on_code_lm_and_adds_up_at_low_sparsity():
     low = alloc.allocate(curves, 0.1)  # additivity: the summed single-layer distortions predict the total
     edited = build(handle, Recipe(handle.fingerprint, [low.edit()])).forward(tokens)
     measured = float((edited.float() - base.float()).pow(2).mean())
+    assert measured == pytest.approx(alloc.measured_distortion(handle, tokens, low), rel=1e-5)
     assert low.predicted / 3 < measured < low.predicted * 3
+
+
+def test_each_curve_point_is_that_layer_alone_pruned_by_magnitude(tiny_lm):
+    tokens = data.default_batch(tiny_lm, n_windows=2, seq_len=16).tokens
+    curves = alloc.distortion_curves(tiny_lm, tokens, n_levels=4)
+    base = tiny_lm.forward(tokens).float()
+    for i, name in [(0, curves.layers[0]), (5, curves.layers[5]), (len(curves.layers) - 1, curves.layers[-1])]:
+        for k in (1, 3):
+            edit = alloc.LayerSparsity(((name, float(curves.levels[k])),))
+            out = build(tiny_lm, Recipe(tiny_lm.fingerprint, [edit])).forward(tokens).float()
+            assert float(curves.distortion[i, k]) == pytest.approx(float((out - base).pow(2).mean()), rel=1e-4)
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint  # the base is untouched
 
 
 def test_evolution_keeps_the_budget_never_gets_worse_and_repeats(cnn):

@@ -56,8 +56,17 @@ def rate_distortion(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     plan, flat = alloc.allocate(curves, sparsity), alloc.uniform(curves, sparsity)
     st.plotly_chart(plots_alloc.distortion_curves(curves, plan), width="stretch")
     st.plotly_chart(plots_alloc.allocation_bars([plan, flat]), width="stretch")
-    st.caption(f"Predicted summed distortion: {plan.predicted:.3g} chosen vs {flat.predicted:.3g} uniform; "
-               f"{plan.sparsity:.1%} of the weights pruned. The lab measures the real effect once you add it.")
+    measured = STORE.get_or_compute(
+        ("rd_measured", base.fingerprint, sparsity),
+        lambda: [alloc.measured_distortion(base, _calibration(base), p) for p in (plan, flat)])
+    st.dataframe({"allocation": ["rate-distortion (chosen)", "uniform"],
+                  "predicted distortion (sum of the curves)": [f"{plan.predicted:.4g}", f"{flat.predicted:.4g}"],
+                  "measured distortion (all layers pruned at once)": [f"{m:.4g}" for m in measured]},
+                 hide_index=True)
+    st.caption(f"Distortion: mean squared change of the outputs on the calibration batch. {plan.sparsity:.1%} of "
+               "the weights pruned. Predicted adds up each layer's own curve; measured prunes every layer together, "
+               "so the gap shows how much the layers interact. The metrics panel measures the real effect on the "
+               "evaluation set once you add it.")
     return plan.edit()
 
 
