@@ -10,6 +10,7 @@ here and edits made here show in the sidebar.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import streamlit as st
@@ -252,6 +253,11 @@ def layer_view(lab: Lab) -> None:
         st.plotly_chart(plots_lab.sparsity_bars(summary), width="stretch")
     removed = ", ".join(summary.removed_parts) or "nothing"
     st.caption(f"Bars: share of each linear layer's weights that are exactly zero (grey: removed). Removed: {removed}.")
+    stored = Counter(s.format for s in lab.edited().storage.values() if not s.removed)
+    if stored:
+        st.caption("Stored quantized (the size counts codes, scales and zero points): "
+                   + ", ".join(f"{n} weight(s) as {f}" for f, n in sorted(stored.items()))
+                   + ". A quantized layer's bar also counts the weights its grid rounds to exactly zero.")
     with st.expander("The edited model's card"):
         rows = lab.edited().describe()
         st.table({"property": [r[0] for r in rows], "value": [r[1] for r in rows]})

@@ -24,7 +24,8 @@ st.subheader("Edited model vs base")
 ui.metrics_panel(lab)
 removable = "heads, sublayers or blocks are removed" if handle.kind == "causal-lm" else "stages are bypassed"
 st.caption("Arrows show the change from the base model. Pruned weights are set to zero but still stored, so size "
-           f"and latency fall only when {removable}.")
+           f"falls only when {removable} or weights are quantized (codes, scales and zero points are counted), and "
+           f"latency only when {removable}: quantization is simulated in float.")
 
 st.subheader("Every recipe tried")
 ui.history_view(lab, handle)
