@@ -140,3 +140,19 @@ def test_real_int8_kernel_next_to_the_simulation():
     table = next(t.value for t in at.table if "forward (ms)" in t.value.columns)
     assert list(table.iloc[:, 0]) == ["float32 (current model)", "simulated INT8 (this lab)", "torch int8 kernel"]
     assert any("torch's int8 kernel on 2 fully connected layers" in c.value for c in at.caption)
+
+
+def test_every_format_on_the_digits_cnn_each_replacing_the_last():
+    from analysis.quant_formats import FORMATS
+
+    at = choose(lab_page("zoo:digits-cnn"), "Quantize weights")
+    base = lab_of(at).base_point.metrics.size_bits
+    sizes = {}
+    for i, fmt in enumerate(FORMATS):
+        at.selectbox(key="lab_quant_format").set_value(fmt)
+        run(at)
+        click(at, "lab_add" if i == 0 else "lab_replace")
+        assert not errors(at) and recipe_lines(at) == [f"1. quantize {fmt} (all)"], (fmt, errors(at))
+        sizes[fmt] = lab_of(at).current.metrics.size_bits
+    assert all(size < base for size in sizes.values())
+    assert sizes["binary"] < sizes["int4"] < sizes["fp6-e3m2"] < sizes["int8"] < base
