@@ -24,6 +24,7 @@ _COMPARE = "Comparing layers"
 _PREDICT = "Reading predictions"
 _QUALITY = "Measuring quality"
 _SHRINK = "Making a model smaller or faster"
+_HEADS = "Attention heads and channels"
 
 TERMS: dict[str, Term] = {
     "residual_stream": Term(
@@ -61,6 +62,37 @@ TERMS: dict[str, Term] = {
         "relative update ‖y−x‖/‖x‖",
         "How much a block changes the residual stream, relative to what it received: 0.1 means the block "
         "adds a change one tenth as long as the vector that came in.", _INSIDE),
+    "attention_head": Term(
+        "attention head",
+        "One of several small attention units in a layer: each query token weighs the earlier tokens (its "
+        "attention pattern), reads a little from each through the head's value map, and writes the result into "
+        "the residual stream.", _HEADS),
+    "attention_pattern": Term(
+        "attention pattern",
+        "For one head, how much each token (row, the query) attends to each earlier token (column, the key); "
+        "every row sums to 1.", _HEADS),
+    "head_roles": Term(
+        "previous-token, duplicate-token and induction heads",
+        "A previous-token head attends to the token just before; a duplicate-token head to earlier copies of the "
+        "current token; an induction head to the token that followed an earlier copy, so it can predict that the "
+        "pattern repeats.", _HEADS),
+    "hopfield_regime": Term(
+        "regime (global / metastable / single pattern)",
+        "How many keys carry 90% of a query's attention: nearly all of them (global averaging), a few "
+        "(metastable), or one or two (single pattern), as in the Hopfield-network reading of attention.", _HEADS),
+    "ov_qk_circuits": Term(
+        "OV and QK circuits",
+        "A head's two low-rank maps on the residual stream: QK decides where it looks (query x key), OV what it "
+        "moves from there into the residual stream (value x output).", _HEADS),
+    "composition": Term(
+        "Q-, K- and V-composition",
+        "A later head reading with its queries, keys or values what an earlier head wrote: the score measures "
+        "how much of the writer's OV output falls into the reader's QK or OV input, compared with random "
+        "matrices of the same shape (1x = chance).", _HEADS),
+    "singular_values": Term(
+        "SVD, singular values, components",
+        "The singular value decomposition splits a matrix into rank-1 components ordered by strength (their "
+        "singular values); a circuit whose values fall off fast uses only a few directions.", _HEADS),
     "one_minus_cos": Term(
         "1 − cos (module importance)",
         "One minus the cosine between a module's input and output, per token, averaged over the evaluation "
@@ -202,7 +234,7 @@ TERMS: dict[str, Term] = {
 }
 
 GLOSSARY: dict[str, str] = {key: term.text for key, term in TERMS.items()}
-GROUPS: tuple[str, ...] = (_INSIDE, _COMPARE, _PREDICT, _QUALITY, _SHRINK)
+GROUPS: tuple[str, ...] = (_INSIDE, _HEADS, _COMPARE, _PREDICT, _QUALITY, _SHRINK)
 
 
 def by_group() -> dict[str, list[Term]]:

@@ -23,15 +23,15 @@ c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.hea
 if note := rep.approximation_note(c):
     st.info(note)
 
-st.subheader("What each head does")
+st.subheader("What each head does", help=GLOSSARY["attention_head"] + " " + GLOSSARY["head_roles"])
 st.plotly_chart(pc.role_grid(roles), width="stretch")
 st.caption(f"Scores on {roles.n_sequences} sequences of BOS and three copies of {(roles.seq_len - 1) // 3} distinct "
            "tokens from the evaluation text: the share of each head's attention on the previous token, on earlier "
            "copies of its own token, and on the token after an earlier copy (induction); sink = attention on "
            "position 0. Regime: how many keys carry 90% of a query's attention. " + rep.roles_sentence(roles),
-           help=GLOSSARY["attention_sink"])
+           help=GLOSSARY["attention_sink"] + " " + GLOSSARY["hopfield_regime"])
 
-st.subheader("Which heads talk to which")
+st.subheader("Which heads talk to which", help=GLOSSARY["composition"] + " " + GLOSSARY["ov_qk_circuits"])
 strongest = max((comp.strongest(m, 1)[0] for m in MODES if comp.strongest(m, 1)), key=lambda ch: ch.relative,
                 default=None)
 if strongest is None:
@@ -57,7 +57,7 @@ st.caption("Score = ‖OV_writer · M_reader‖ / (‖OV_writer‖ ‖M_reader�
            "divided by 1/√d, what random matrices score. Orange heads have a role (score ≥ 0.3); the red edge is the "
            "chosen channel. " + rep.composition_sentence(comp, mode))
 
-st.subheader(f"The channel {pair.label}: which directions carry it")
+st.subheader(f"The channel {pair.label}: which directions carry it", help=GLOSSARY["singular_values"])
 parts = channel_components(c, comp, pair.writer, pair.reader, mode)
 st.plotly_chart(pc.component_bars(parts), width="stretch")
 st.caption("The writer's OV circuit split by SVD into rank-1 components (strongest first); each bar scores one "
@@ -69,7 +69,7 @@ with st.expander("Singular value spectra of every head"):
     st.caption("Each head's singular values divided by its largest: a row that darkens after a few components is "
                "a circuit of low effective rank.")
 
-st.subheader("Attention on your prompt")
+st.subheader("Attention on your prompt", help=GLOSSARY["attention_pattern"])
 prompt = st.text_area("Prompt", value=cached.example_prompt(handle), height=90, key=f"channels_prompt_{spec}")
 tokens, patterns = cached.prompt_patterns(handle, prompt)
 head_names = [head_label((l, h)) for l in range(c.n_layers) for h in range(c.n_heads)]
