@@ -44,8 +44,9 @@ def model_zip(edited: ModelHandle, name: str, recipe: Recipe | None = None) -> b
     """The edited model as a zip of one checkpoint folder `name/` (safetensors, config.json,
     tokenizer files, as `ModelHandle.save_pretrained` writes them), with the recipe that
     made it as `layerscope-recipe.json` when given, and `LAYERSCOPE-NOTE.txt` saying what the
-    folder leaves out (`export_note`: activation quantization). Unzipped, the folder loads with
-    `lib.models.load_model` (and, for language models, with plain transformers)."""
+    folder leaves out (`export_note`: activation quantization, early exits). Unzipped, the
+    folder loads with `lib.models.load_model` (and, for language models, with plain
+    transformers)."""
     if not hasattr(edited, "save_pretrained"):
         raise CapabilityError("This version of LayerScope cannot save models yet (ModelHandle.save_pretrained).")
     name = safe_name(name)
@@ -71,15 +72,22 @@ NOTE_FILE = "LAYERSCOPE-NOTE.txt"
 def export_note(edited: ModelHandle) -> str:
     """What a checkpoint folder of `edited` leaves out ('' if nothing): the inputs of linear
     layers that the edited model quantizes as it runs (activation quantization, LLM.int8)
-    have no place in a standard config, so a folder loads without them."""
+    and an early-exit rule (with its tuned lens or exit heads) have no place in a standard
+    config, so a folder loads without them."""
+    notes = []
     layers = sorted(getattr(edited, "input_transforms", {}))
-    if not layers:
+    if layers:
+        notes.append(f"This checkpoint does not quantize activations. The edited model quantized the inputs of "
+                     f"{len(layers)} linear layer(s) as it ran ({', '.join(layers)}); a checkpoint folder cannot say "
+                     "so, so it loads with those inputs in full precision and its outputs differ from the lab's. Its "
+                     "quantized weights are written as their dequantized float values.")
+    if getattr(edited, "exit_rule", None) is not None:
+        notes.append("This checkpoint does not exit early. The edited model read each prediction out at the layer "
+                     "where its exit rule fired; a checkpoint folder holds no exit rule (nor a tuned lens or exit "
+                     "heads), so it loads running every layer and its outputs differ from the lab's.")
+    if not notes:
         return ""
-    return (f"This checkpoint does not quantize activations. The edited model quantized the inputs of "
-            f"{len(layers)} linear layer(s) as it ran ({', '.join(layers)}); a checkpoint folder cannot say so, so "
-            "it loads with those inputs in full precision and its outputs differ from the lab's. Its quantized "
-            "weights are written as their dequantized float values. Apply the recipe in LayerScope to rebuild the "
-            "model exactly.")
+    return " ".join(notes) + " Apply the recipe in LayerScope to rebuild the model exactly."
 
 
 def lab_model_zip(lab: Lab) -> bytes:

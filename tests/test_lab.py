@@ -268,6 +268,7 @@ def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
 
 def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
     from analysis.exits import EarlyExit, collect_exit_stats, exit_at
+    from analysis.export import export_note
 
     lab.add(Magnitude(0.3))
     assert lab.current.exits is None
@@ -280,3 +281,4 @@ def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
     assert rows[1]["compute_saved"] is None and rows[2]["compute_saved"] == expected.saved
     again = Recipe.from_json(lab.recipe.to_json())
     assert again.edits == lab.recipe.edits and lab.apply(again).step == point.step  # same recipe, same point
+    assert "does not exit early" in export_note(model) and export_note(lab.model_for(point.edits[:1])) == ""

@@ -102,6 +102,7 @@ def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe():
     measured = panel(at)  # the lab's forward with the exit rule, against the base model
     assert measured["top-1 agreement"] == loose["agreement"] != "100.0%"
     assert measured["compute saved"] == loose["compute saved"] and measured["KL to base"] != "0 nats"
+    assert any("does not exit early" in c.value for c in at.caption)  # the zip download says what it leaves out
     assert any("This is the recipe's early exit" in i.value for i in at.info)
     at.slider(key="lab_exit_threshold_max_prob").set_value(0.5)
     click(at, "lab_add")  # a second exit is refused in words, the recipe kept
