@@ -89,6 +89,12 @@ def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe():
     star = next(t for t in figure["data"] if t["name"] == "current threshold")
     assert len(lines) == 4 and star["x"][0] == pytest.approx(percent(loose["compute saved"]), abs=0.05)
     assert star["y"][0] == pytest.approx(percent(loose["agreement"]) / 100, abs=5e-4)
+    at.toggle(key="lab_exit_oracle").set_value(True)
+    at.radio(key="lab_exit_quality").set_value("perplexity")
+    run(at)
+    star = next(t for t in chart(at, "lab_exit_tradeoff")["data"] if t["name"] == "current threshold")
+    assert star["x"][0] == pytest.approx(percent(loose["saved (oracle)"]), abs=0.05)
+    assert star["y"][0] == pytest.approx(float(loose["perplexity"]), rel=5e-3)
 
     at.text_input(key="lab_exit_prompt").input("x = 1").run()
     tokens = chart(at, "lab_exit_tokens")["data"][0]
