@@ -156,3 +156,19 @@ def test_every_format_on_the_digits_cnn_each_replacing_the_last():
         sizes[fmt] = lab_of(at).current.metrics.size_bits
     assert all(size < base for size in sizes.values())
     assert sizes["binary"] < sizes["int4"] < sizes["fp6-e3m2"] < sizes["int8"] < base
+
+
+def test_mixed_precision_for_a_tolerated_drop_keeps_the_sensitive_layers_wider():
+    at = choose(lab_page("zoo:digits-cnn"), "Mixed precision")
+    at.radio(key="lab_mp_goal").set_value("drop")
+    run(at)
+    at.number_input(key="lab_mp_drop").set_value(0.0)  # nothing may move: every layer stays int8
+    at.toggle(key="lab_mp_go").set_value(True)
+    run(at)
+    caption = next(c.value for c in at.caption if "Chosen:" in c.value)
+    chosen = caption.split("Chosen: ")[1].split(". Goal")[0]
+    assert chosen == "conv1: int8, conv2: int8, conv3: int8, fc1: int8, head: int8", caption
+    assert "Goal KL(base || model) (nats) <= 0: **not met**" in caption  # even int8 moves the outputs a little
+    click(at, "lab_add")
+    lines = recipe_lines(at)
+    assert len(lines) == 1 and lines[0].startswith("1. quantize int8 (layers ") and not errors(at)
