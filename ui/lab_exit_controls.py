@@ -37,6 +37,8 @@ CRITERION_HELP = {
     "saturation": "Exit once the hidden state stops turning: the cosine between a layer's state and the previous "
                   "one is at least t. Deciding needs no readout, only the exit reads one out.",
 }
+CRITERION_TERMS = {"max_prob": "max_probability", "entropy": "entropy", "patience": "patience",
+                   "saturation": "state_saturation"}
 LENS_HELP = {"logit": GLOSSARY["logit_lens"], "tuned": GLOSSARY["tuned_lens"], "heads": GLOSSARY["exit_heads"]}
 
 
@@ -177,16 +179,19 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
 @method("Early exit", EXIT_KINDS,
         "Let each token (or image) stop at the first layer where a test says its prediction is settled, and "
         "read the prediction out there. The curves and numbers below come from one recorded pass over the "
-        "evaluation set; adding the edit makes the lab's model exit that way.")
+        "evaluation set; adding the edit makes the lab's model exit that way.",
+        available=lambda handle: bool(ex.exit_depths(handle)))
 def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
+    terms = "\n".join(f"- **{ex.CRITERION_LABELS[c]}**: {GLOSSARY[CRITERION_TERMS[c]]}" for c in ex.CRITERIA)
     criterion = st.radio("Exit when", ex.CRITERIA, format_func=ex.CRITERION_LABELS.get, horizontal=True,
-                         key="lab_exit_criterion", help=GLOSSARY["early_exit"])
+                         key="lab_exit_criterion", help=f"{GLOSSARY['early_exit']}\n\n{terms}")
     st.caption(CRITERION_HELP[criterion])
     threshold = _threshold(base, criterion)
     choices = ex.lens_choices(base)
     if len(choices) > 1:
+        lenses = "\n".join(f"- **{ex.LENS_LABELS[c]}**: {LENS_HELP[c]}" for c in choices)
         lens = st.radio("Read predictions out through", choices, format_func=ex.LENS_LABELS.get, horizontal=True,
-                        key="lab_exit_lens", help=" ".join(f"{ex.LENS_LABELS[c]}: {LENS_HELP[c]}" for c in choices))
+                        key="lab_exit_lens", help=lenses)
     else:
         lens = choices[0]
         st.caption(f"Predictions are read out through {ex.LENS_LABELS[lens]}. {LENS_HELP[lens]}")
