@@ -103,7 +103,7 @@ def quantize(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     scope, layers = scope_controls(base, edited, "quant")
     if scope == "layers" and not layers:
         return None
-    calibrated = st.radio("Rounding", ["rtn", "quantease"], horizontal=True, key="lab_quant_method",
+    rounding = st.radio("Rounding", ["rtn", "quantease"], horizontal=True, key="lab_quant_method",
                           format_func={"rtn": "round to nearest", "quantease": "calibrated (QuantEase)"}.get,
                           help=f"{GLOSSARY['round_to_nearest']} {GLOSSARY['quantease']}")
     activations = st.checkbox(
@@ -111,7 +111,7 @@ def quantize(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         else f"Quantize the layers' inputs too (only {', '.join(ACTIVATION_FORMATS)})",
         key="lab_quant_activations", disabled=fmt not in ACTIVATION_FORMATS,
         help=GLOSSARY["activation_quantization"]) and fmt in ACTIVATION_FORMATS
-    edit = Quantize(fmt, scope, layers, group_size, activations, calibrated)
+    edit = Quantize(fmt, scope, layers, group_size, activations, rounding)
     edit.check(edited)  # a group size that does not divide a row: the edit's own message, shown by the lab
     names = list(scoped_layers(edited, scope, layers))
     st.markdown(_explain(edited, names, fmt, group_size), help=GLOSSARY["bits_per_weight"])
