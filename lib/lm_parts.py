@@ -1,0 +1,259 @@
+"""Structural edits of a language model's private copy: dropping or removing blocks,
+attention and MLP sublayers, removing heads, replacing linear layers, and writing the
+edited model back as a dense checkpoint. A mixin of `BridgeHandle` (lib/lm_handle.py)."""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lib.errors import CapabilityError, RecipeError
+from lib.handle import LM_PARTS, Part, Point, _zero
+
+
+class LMParts:
+    """Drops and removals on a `BridgeHandle` (the attributes it uses are the handle's)."""
+
+    # drops: a dropped part contributes nothing to the residual stream, bias included
+
+    def drop_problem(self, part: Part) -> str | None:
+        L = self.structure.n_layers
+        if part.kind not in LM_PARTS:
+            return f"A language model's parts are {', '.join(LM_PARTS)}; {part.kind!r} is not one."
+        if not isinstance(part.layer, int) or isinstance(part.layer, bool) or not 0 <= part.layer < L:
+            return f"{part.kind} {part.layer!r} is not a part of this {L}-layer model (layers 0..{L - 1})."
+        if part.kind == "mlp" and not self.structure.d_mlp:
+            return "This model has no MLP layers (it is attention-only)."
+        gone = {f"{part.kind} {part.layer}", f"block {part.layer}"} & set(self.structure.removed)
+        if gone:
+            return f"{gone.pop().capitalize()} is already removed from this copy."
+        return None
+
+    def _outputs(self, part: Part) -> list[str]:
+        return {"block": ["attn_out", "mlp_out"], "attention": ["attn_out"], "mlp": ["mlp_out"]}[part.kind]
+
+    @contextmanager
+    def dropping(self, parts: Sequence[Part]) -> Iterator[None]:
+        self.check_parts(parts)
+        pairs = [(Point(site, p.layer), _zero) for p in parts for site in self._outputs(p)
+                 if site != "mlp_out" or self.structure.d_mlp]
+        with self.hooks(pairs):
+            yield
+
+    @torch.no_grad()
+    def remove_(self, part: Part) -> None:
+        """Really remove `part` from this private copy: the block, its attention (with the
+        LayerNorm that feeds it) or its MLP (likewise) is replaced by a module that passes
+        the residual stream on, so its weights and its compute are gone."""
+        self.check_parts([part])
+        block = self._hf_path(self.model.blocks[part.layer])
+        if block is None:
+            raise CapabilityError("This model's blocks cannot be removed one by one.")
+        plain = self._make_structural()
+        if part.kind == "block":
+            _set_submodule(plain, block, _RemovedBlock())
+        else:
+            sub, norm = ("attn", "ln1") if part.kind == "attention" else ("mlp", "ln2")
+            _set_submodule(plain, self._hf_path(getattr(self.model.blocks[part.layer], sub)),
+                           _RemovedAttention() if part.kind == "attention" else _RemovedMLP())
+            norm_path = self._paths().get(f"blocks.{part.layer}.{norm}")
+            if norm_path is not None:  # pre-norm: the LayerNorm only fed the removed sublayer
+                _set_submodule(plain, norm_path, nn.Identity())
+        self.refresh_structure(f"{part.kind} {part.layer}")
+        self.weights_changed()
+
+    def heads_left(self, layer: int) -> list[int]:
+        """Original indices of the attention heads layer `layer` still has."""
+        if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
+            return []
+        return self._heads.get(layer, list(range(self.structure.n_heads)))
+
+    @torch.no_grad()
+    def remove_heads_(self, layer: int, heads: Sequence[int]) -> None:
+        """Cut heads out of layer `layer` of this private copy: their query, key and value
+        rows and their output-projection columns go, so the layer computes fewer heads."""
+        if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
+            raise RecipeError(f"The attention of layer {layer} is already removed from this copy.")
+        left = self.heads_left(layer)
+        gone = [h for h in heads if h not in left]
+        if not 0 <= layer < self.structure.n_layers or gone:
+            raise RecipeError(f"Layer {layer} has no head(s) {gone or list(heads)} to remove"
+                              + (f" (its heads are {left})." if 0 <= layer < self.structure.n_layers else
+                                 f"; the model has layers 0..{self.structure.n_layers - 1}."))
+        keep = [i for i, h in enumerate(left) if h not in heads]  # positions in the current weights
+        if not keep:
+            self.remove_(_Part("attention", layer))
+            return
+        cfg = self.model.cfg
+        if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
+            raise CapabilityError("Removing single heads of a grouped-query attention layer is not supported.")
+        plain = self._make_structural()
+        attention = plain.get_submodule(self._hf_path(self.model.blocks[layer].attn))
+        d_head, n_now = self.structure.d_head, len(left)
+        rows = torch.cat([torch.arange(i * d_head, (i + 1) * d_head) for i in keep])  # [kept * d_head]
+        paths = {k: self._paths().get(f"blocks.{layer}.attn.{k}") for k in ("qkv", "q", "k", "v", "o")}
+        if paths["qkv"] is not None:  # fused [q | k | v] columns of a Conv1D [d, 3 * n * d_head]
+            fused = plain.get_submodule(paths["qkv"])
+            cols = torch.cat([rows + j * n_now * d_head for j in range(3)])
+            _slice_(fused, cols, out_dim=_out_dim(fused))
+            attention.split_size = len(rows)
+        else:
+            for k in ("q", "k", "v"):
+                proj = plain.get_submodule(paths[k])
+                _slice_(proj, rows, out_dim=_out_dim(proj))
+        out_proj = plain.get_submodule(paths["o"])
+        _slice_(out_proj, rows, out_dim=1 - _out_dim(out_proj), bias=False)  # its inputs are the heads
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(attention, attr, None), int):
+                setattr(attention, attr, len(keep))
+        self._heads[layer] = [left[i] for i in keep]
+        self.refresh_structure(f"heads {', '.join(map(str, sorted(heads)))} of layer {layer}")
+        self.weights_changed()
+
+    @torch.no_grad()
+    def save_pretrained(self, folder: Any) -> None:
+        """Write the model as the checkpoint's own architecture: safetensors, config.json
+        and the tokenizer. Removed parts cannot be spelled in a standard config, so they
+        are written as zeros in their original shapes (a removed head's rows and columns,
+        a removed sublayer's weights): the same function, and plain transformers loads it."""
+        plain = self.plain_model()
+        if self._structural:
+            plain = self._dense_model()
+        plain.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+
+    def _dense_model(self) -> nn.Module:
+        """A plain model in the original shapes holding this copy's weights, zeros where parts are gone."""
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(self.plain_model().config)
+        with torch.device("meta"):
+            dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        mine = self.plain_model().state_dict()
+        for path, module in self.plain_model().named_modules():  # factorised or shared layers, made dense again
+            if hasattr(module, "dense"):
+                mine.update({f"{path}.{k}": v for k, v in module.dense().items()})
+        state = {}
+        for name, meta in dense.state_dict().items():
+            tensor = torch.zeros(meta.shape, dtype=meta.dtype)
+            if name in mine and mine[name].shape == meta.shape:
+                tensor.copy_(mine[name])
+            elif name in mine:  # a layer with heads cut out: put the kept heads back in their places
+                self._unslice_into(tensor, mine[name], name)
+            state[name] = tensor
+        dense.load_state_dict(state, assign=True)
+        dense.tie_weights()
+        return dense.eval()
+
+    def _unslice_into(self, dense: torch.Tensor, kept: torch.Tensor, name: str) -> None:
+        layer = next(l for l in self._heads if name.startswith(f"{self._hf_path(self.model.blocks[l])}."))
+        d_head, n = self.structure.d_head, self.structure.n_heads
+        heads = torch.cat([torch.arange(h * d_head, (h + 1) * d_head) for h in self._heads[layer]])
+        for dim in range(dense.dim()):
+            if dense.shape[dim] != kept.shape[dim]:
+                parts = dense.shape[dim] // (n * d_head)  # 3 for a fused [q | k | v], else 1
+                index = torch.cat([heads + j * n * d_head for j in range(parts)])
+                dense.index_copy_(dim, index, kept)
+                return
+
+    def replace_linear_(self, name: str, module: nn.Module) -> None:
+        path = self._paths().get(name)
+        if path is None or name not in self._linear_modules():
+            raise CapabilityError(f"The model has no linear layer {name!r}.")
+        _set_submodule(self._make_structural(), path, module)
+        self.refresh_structure(f"{name} replaced")
+        self.weights_changed()
+
+    def _make_structural(self) -> nn.Module:
+        """From now on the plain model is this copy's model (the bridge no longer matches it)."""
+        if self.base_fingerprint is None:
+            raise RecipeError("Parts are removed from a private copy (`handle.private_copy()`), "
+                              "never from a base model.")
+        plain = self.plain_model()
+        self._paths()  # while the bridge still matches
+        self._structural = True
+        return plain
+
+    def _hf_path(self, wrapper: nn.Module) -> str | None:
+        """Path, in the plain model, of the Hugging Face module a TransformerLens wrapper wraps."""
+        original = getattr(wrapper, "original_component", None)
+        for name, module in self.hf_model.named_modules(remove_duplicate=False):
+            if module is wrapper or module is original:
+                return name.replace("._original_component", "")
+        return None
+
+    def _strip_hooks(self) -> None:
+        self._active_hooks = 0
+        self.model.reset_hooks(including_permanent=True)
+        # TransformerLens blocks wire torch pre-hooks whose closures point at the block
+        # they were made for; a deep copy keeps those closures, so the copy's forward would
+        # write into the base's modules. Drop them here: each block rewires its own copy
+        # on its next forward.
+        blocks = [m for m in self.model.modules() if hasattr(m, "_capture_hook_handles")]
+        stale = {h.id for b in blocks for h in b._capture_hook_handles}
+        for module in self.model.modules():
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key in stale & set(hooks):
+                    del hooks[key]
+        for block in blocks:
+            block._capture_hook_handles = []
+            block._capture_hooks_wired = False
+
+
+@dataclass(frozen=True)
+class _Part:
+    kind: str
+    layer: int | str
+
+
+class _RemovedBlock(nn.Module):
+    """A removed transformer block: the residual stream passes through unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+class _RemovedAttention(nn.Module):
+    """A removed attention sublayer: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class _RemovedMLP(nn.Module):
+    """A removed MLP sublayer: it adds nothing to the residual stream."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    """Whether the module itself (not its children) has parameters or buffers."""
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    owner, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, module)
+
+
+def _out_dim(layer: nn.Module) -> int:
+    """Which weight dimension indexes outputs: 0 for nn.Linear [out, in], 1 for GPT-2's Conv1D [in, out]."""
+    return 1 if type(layer).__name__ == "Conv1D" else 0
+
+
+def _slice_(layer: nn.Module, index: torch.Tensor, out_dim: int, bias: bool = True) -> None:
+    """Keep only `index` along weight dimension `out_dim` (and of the bias, if it is the output side)."""
+    layer.weight = nn.Parameter(layer.weight.index_select(out_dim, index).contiguous(), requires_grad=False)
+    if bias and getattr(layer, "bias", None) is not None:
+        layer.bias = nn.Parameter(layer.bias.index_select(0, index).contiguous(), requires_grad=False)
+    for attr in ("nf", "out_features"):  # Conv1D keeps its output width in nf
+        if hasattr(layer, attr) and bias:
+            setattr(layer, attr, layer.weight.shape[out_dim])
+    if hasattr(layer, "in_features") and not bias:
+        layer.in_features = layer.weight.shape[1]
