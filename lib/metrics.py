@@ -68,7 +68,11 @@ class BaseOutputs:
     top1: torch.Tensor
 
 
-def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs:
+def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor:
+    """The base's distribution prepared for KL and agreement; an image-to-image model's
+    outputs are images, not a distribution, and come back as they are."""
+    if isinstance(batch, ImageBatch) and batch.targets is not None:
+        return base
     lp = _log_probs(base, batch)
     p = lp.exp()
     return BaseOutputs(p, torch.einsum("nc,nc->n", p, lp), lp.argmax(-1))

@@ -208,3 +208,12 @@ def test_lab_on_the_digits_cnn():
     assert at.multiselect(key="lab_magnitude_stages").options == ["conv1", "conv3", "fc1", "head"]
     assert at.button(key="lab_add").disabled  # nothing chosen yet
     assert not errors(at) and not at.exception
+
+
+def test_lab_on_the_digits_denoiser():
+    at = lab_page("zoo:digits-denoiser", typed=False)
+    before = metrics(at)["PSNR (dB)"][0]  # images out: PSNR, no KL or agreement
+    click(at, "lab_add")  # magnitude pruning at its default 50%
+    assert recipe_lines(at)[0].startswith("1. magnitude")
+    assert metrics(at)["PSNR (dB)"][0] != before
+    assert not errors(at) and not at.exception

@@ -177,6 +177,9 @@ def skip_layers(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     return SkipLayers(round(speedup, 2))
 
 
+# The order of these imports is the order of the lab's method menu.
+# isort: off
 from ui import lab_alloc_controls  # noqa: E402, F401 - registers rate-distortion, search, low rank, sharing
 from ui import lab_quant_controls  # noqa: E402, F401 - registers quantization
 from ui import lab_exit_controls  # noqa: E402, F401 - registers early exits
+# isort: on
