@@ -282,3 +282,5 @@ def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
     again = Recipe.from_json(lab.recipe.to_json())
     assert again.edits == lab.recipe.edits and lab.apply(again).step == point.step  # same recipe, same point
     assert "does not exit early" in export_note(model) and export_note(lab.model_for(point.edits[:1])) == ""
+    pruned = lab.model_for(point.edits[:1])  # the same weights without the rule: another function, fingerprint
+    assert model.fingerprint != pruned.fingerprint and model.fingerprint == model.current_fingerprint()

@@ -192,4 +192,5 @@ def test_tuned_lens_is_trained_once_on_request(tiny_folder, monkeypatch):
     run(at)
     click(at, "lab_add")
     assert recipe_lines(at) == ["1. exit when max prob ≥ 0.2 (tuned lens)"]
+    assert "exit early" in controls(at) and not any(b.key == "lab_exit_train" for b in at.button)  # no new offer
     assert calls == [1] and panel(at)["compute saved"] == controls(at)["compute saved"]

@@ -43,12 +43,19 @@ LENS_HELP = {"logit": GLOSSARY["logit_lens"], "tuned": GLOSSARY["tuned_lens"], "
 
 
 def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
-    """The trained lens `lens` for this model if one is at hand (STORE, or the analysis'
-    own cache), made known to `exit_lens` again, so nothing retrains it; None if untrained."""
+    """The trained lens `lens` for this model if one is at hand (the recipe's own exit step,
+    STORE, or the analysis' cache), made known to `exit_lens` again, so nothing retrains it;
+    None if untrained. A model with an exit rule has a fingerprint of its own, but its
+    layers are those the rule's lens was trained on (or, after later edits, the ones it
+    exits through)."""
     if lens == "logit":
         return ex.exit_lens(edited, lens)
     key = ("exit_lens", edited.fingerprint, lens)
     found = STORE.get(key)
+    rule = edited.exit_rule
+    if found is None and isinstance(rule, ex.ExitRule) and rule.lens.kind == lens:
+        found = rule.lens
+        STORE.put(key, found)
     if found is None and ex.has_trained(edited, lens):
         found = ex.exit_lens(edited, lens)
         STORE.put(key, found)
