@@ -70,8 +70,13 @@ def upload(at, text):
     return run(at)
 
 
-def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe():
+def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe(monkeypatch):
+    from analysis import exits
+
     at = exit_page("zoo:code-lm")
+    passes = []  # recorded passes from here on: moving the threshold or the criterion must not add one
+    record = exits.collect_exit_stats
+    monkeypatch.setattr(exits, "collect_exit_stats", lambda *a, **k: passes.append(1) or record(*a, **k))
     assert at.radio(key="lab_exit_criterion").options == ["max probability ≥ t", "entropy ≤ t (nats)",
                                                           "argmax unchanged for t checks", "cos(h_l, h_l-1) ≥ t"]
     assert at.radio(key="lab_exit_lens").options == ["logit lens", "tuned lens"]
@@ -95,6 +100,12 @@ def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe():
     star = next(t for t in chart(at, "lab_exit_tradeoff")["data"] if t["name"] == "current threshold")
     assert star["x"][0] == pytest.approx(percent(loose["saved (oracle)"]), abs=0.05)
     assert star["y"][0] == pytest.approx(float(loose["perplexity"]), rel=5e-3)
+    at.radio(key="lab_exit_criterion").set_value("saturation")
+    run(at)
+    assert controls(at)["mean exit layer (of 6)"] != loose["mean exit layer (of 6)"]
+    at.radio(key="lab_exit_criterion").set_value("max_prob")
+    run(at)
+    assert controls(at) == loose and passes == [] and not at.warning  # its threshold kept, nothing recomputed
 
     at.text_input(key="lab_exit_prompt").input("x = 1").run()
     tokens = chart(at, "lab_exit_tokens")["data"][0]
@@ -124,6 +135,10 @@ def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe():
     click(at, "lab_add")
     assert recipe_lines(at) == ["1. exit when max prob ≥ 0.3 (logit lens)", "2. magnitude 50% (all, per layer)"]
     assert "compute saved" in panel(at) and not at.error
+    at.selectbox(key="lab_method").set_value("Early exit")
+    run(at)  # back to the method: its controls as the user left them
+    assert at.slider(key="lab_exit_threshold_max_prob").value == 0.5
+    assert at.text_input(key="lab_exit_prompt").value == "   " and len(at.warning) == 1  # the empty prompt's
     recipe = json.loads(lab_of(at).recipe.to_json())
     assert recipe["edits"][0] == {"type": "early_exit", "criterion": "max_prob", "threshold": 0.3, "lens": "logit"}
     recipe["edits"].append({"type": "quantize", "format": "int8"})

@@ -10,6 +10,8 @@ model fingerprint, on request (the tuned lens) or at once (exit heads take secon
 
 from __future__ import annotations
 
+from typing import Any, Callable, TypeVar
+
 import streamlit as st
 
 from analysis import exits as ex
@@ -26,6 +28,7 @@ from ui.views import eval_batch
 EXIT_KINDS = ("causal-lm", "image-classifier")
 DEFAULT_PROMPT = "def __init__(self, name, value=None): self.name = name"
 N_IMAGES = 8
+T = TypeVar("T")
 
 CRITERION_HELP = {
     "max_prob": "Exit once the most likely token (or class) has probability at least t: confident predictions "
@@ -40,6 +43,22 @@ CRITERION_HELP = {
 CRITERION_TERMS = {"max_prob": "max_probability", "entropy": "entropy", "patience": "patience",
                    "saturation": "state_saturation"}
 LENS_HELP = {"logit": GLOSSARY["logit_lens"], "tuned": GLOSSARY["tuned_lens"], "heads": GLOSSARY["exit_heads"]}
+
+
+def _recall(key: str, fits: Callable[[Any], bool] = lambda value: True) -> bool:
+    """Give widget `key` back the value it had when last drawn, if that still fits:
+    streamlit forgets a widget's state after a run that does not draw it (another
+    criterion's slider, another method). True when the widget has its value in the session
+    state, so it must be given no default of its own."""
+    memory = st.session_state.setdefault("lab_exit_memory", {})
+    if key not in st.session_state and key in memory and fits(memory[key]):
+        st.session_state[key] = memory[key]
+    return key in st.session_state
+
+
+def _keep(key: str, value: T) -> T:
+    st.session_state.setdefault("lab_exit_memory", {})[key] = value
+    return value
 
 
 def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
@@ -116,10 +135,14 @@ def _threshold(base: ModelHandle, criterion: str) -> float:
              "patience": "Threshold t (checks with the same top prediction)",
              "saturation": "Threshold t (cosine between consecutive states)"}[criterion]
     key = f"lab_exit_threshold_{criterion}"
+    kept = _recall(key, lambda value: span.low <= value <= span.high)
     if span.integer:
-        return st.slider(label, int(span.low), int(span.high), int(span.default), step=1, key=key)
-    digits = 3 if span.step < 0.01 else 2
-    return st.slider(label, span.low, span.high, span.default, step=span.step, format=f"%.{digits}f", key=key)
+        value = st.slider(label, int(span.low), int(span.high), None if kept else int(span.default), step=1, key=key)
+    else:
+        digits = 3 if span.step < 0.01 else 2
+        value = st.slider(label, span.low, span.high, None if kept else span.default, step=span.step,
+                          format=f"%.{digits}f", key=key)
+    return _keep(key, value)
 
 
 def _numbers(base: ModelHandle, point: ex.ExitPoint) -> None:
@@ -146,11 +169,14 @@ def _tradeoff(base: ModelHandle, curves: dict[str, ex.ExitCurve], point: ex.Exit
     qualities = ["agreement"] + (["accuracy"] if point.accuracy is not None else []) + \
         (["perplexity"] if base.kind == "causal-lm" else [])
     left, right = st.columns([3, 2], vertical_alignment="bottom")
-    quality = left.radio("Plot compute saved against", qualities, horizontal=True, key="lab_exit_quality",
-                         format_func={"agreement": "agreement", "accuracy": "accuracy",
-                                      "perplexity": "perplexity"}.get)
-    oracle = base.kind == "causal-lm" and right.toggle("Oracle savings", key="lab_exit_oracle",
-                                                       help=GLOSSARY["oracle_savings"])
+    _recall("lab_exit_quality", lambda value: value in qualities)
+    quality = _keep("lab_exit_quality", left.radio("Plot compute saved against", qualities, horizontal=True,
+                                                   key="lab_exit_quality"))
+    oracle = False
+    if base.kind == "causal-lm":
+        _recall("lab_exit_oracle")
+        oracle = _keep("lab_exit_oracle", right.toggle("Oracle savings", key="lab_exit_oracle",
+                                                       help=GLOSSARY["oracle_savings"]))
     figure = plots_exits.tradeoff_curves(curves, quality, oracle, current=point, keys_values=base.kind == "causal-lm")
     st.plotly_chart(figure, width="stretch",
                     key="lab_exit_tradeoff")
@@ -162,7 +188,9 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
     """LMs: the user's prompt, each token coloured by its exit layer; classifiers: a few
     evaluation images with their exit stage."""
     if base.kind == "causal-lm":
-        prompt = st.text_input("Your prompt (press Enter to apply)", DEFAULT_PROMPT, key="lab_exit_prompt")
+        kept = _recall("lab_exit_prompt")
+        prompt = _keep("lab_exit_prompt", st.text_input("Your prompt (press Enter to apply)",
+                                                        "" if kept else DEFAULT_PROMPT, key="lab_exit_prompt"))
         try:
             shown = ex.prompt_exits(edited, prompt, criterion, threshold, lens)
         except LayerScopeError as e:
@@ -190,15 +218,18 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
         available=lambda handle: bool(ex.exit_depths(handle)))
 def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     terms = "\n".join(f"- **{ex.CRITERION_LABELS[c]}**: {GLOSSARY[CRITERION_TERMS[c]]}" for c in ex.CRITERIA)
-    criterion = st.radio("Exit when", ex.CRITERIA, format_func=ex.CRITERION_LABELS.get, horizontal=True,
-                         key="lab_exit_criterion", help=f"{GLOSSARY['early_exit']}\n\n{terms}")
+    _recall("lab_exit_criterion", lambda value: value in ex.CRITERIA)
+    criterion = _keep("lab_exit_criterion", st.radio(
+        "Exit when", ex.CRITERIA, format_func=ex.CRITERION_LABELS.get, horizontal=True, key="lab_exit_criterion",
+        help=f"{GLOSSARY['early_exit']}\n\n{terms}"))
     st.caption(CRITERION_HELP[criterion])
     threshold = _threshold(base, criterion)
     choices = ex.lens_choices(base)
     if len(choices) > 1:
         lenses = "\n".join(f"- **{ex.LENS_LABELS[c]}**: {LENS_HELP[c]}" for c in choices)
-        lens = st.radio("Read predictions out through", choices, format_func=ex.LENS_LABELS.get, horizontal=True,
-                        key="lab_exit_lens", help=lenses)
+        _recall("lab_exit_lens", lambda value: value in choices)
+        lens = _keep("lab_exit_lens", st.radio("Read predictions out through", choices, format_func=ex.LENS_LABELS.get,
+                                               horizontal=True, key="lab_exit_lens", help=lenses))
     else:
         lens = choices[0]
         st.caption(f"Predictions are read out through {ex.LENS_LABELS[lens]}. {LENS_HELP[lens]}")
