@@ -142,10 +142,13 @@ def metrics_table(lab: Lab) -> str:
 def history_table(lab: Lab) -> str:
     quality = lab.quality
     head = ["step", "recipe", LABELS[quality], "KL to base", "size (MiB)", "latency (ms)"]
+    exits = any(p.exits is not None for p in lab.history)  # early exits: the compute they save
+    head += ["compute saved by exits"] if exits else []
     body = []
     for p in lab.history:
         m = p.metrics
         cells = [p.step, p.label, getattr(m, quality), m.kl_to_base, m.size_bits / 8 / 2**20, m.latency_ms]
+        cells += [f"{p.exits.saved:.1%}" if p.exits else None] if exits else []
         body.append("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table>")

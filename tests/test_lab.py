@@ -268,7 +268,7 @@ def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
 
 def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
     from analysis.exits import EarlyExit, collect_exit_stats, exit_at
-    from analysis.export import export_note
+    from analysis.export import export_note, history_table
 
     lab.add(Magnitude(0.3))
     assert lab.current.exits is None
@@ -282,5 +282,6 @@ def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
     again = Recipe.from_json(lab.recipe.to_json())
     assert again.edits == lab.recipe.edits and lab.apply(again).step == point.step  # same recipe, same point
     assert "does not exit early" in export_note(model) and export_note(lab.model_for(point.edits[:1])) == ""
+    assert f"<td>{point.exits.saved:.1%}</td>" in history_table(lab)
     pruned = lab.model_for(point.edits[:1])  # the same weights without the rule: another function, fingerprint
     assert model.fingerprint != pruned.fingerprint and model.fingerprint == model.current_fingerprint()
