@@ -178,8 +178,7 @@ def _tradeoff(base: ModelHandle, curves: dict[str, ex.ExitCurve], point: ex.Exit
         oracle = _keep("lab_exit_oracle", right.toggle("Oracle savings", key="lab_exit_oracle",
                                                        help=GLOSSARY["oracle_savings"]))
     figure = plots_exits.tradeoff_curves(curves, quality, oracle, current=point, keys_values=base.kind == "causal-lm")
-    st.plotly_chart(figure, width="stretch",
-                    key="lab_exit_tradeoff")
+    st.plotly_chart(figure, width="stretch", key="lab_exit_tradeoff")
     st.caption("Each line is one criterion over its whole threshold range, from one recorded pass; the star is the "
                "threshold above. Left of the dashed line the exit checks cost more than the skipped layers save.")
 
@@ -253,7 +252,7 @@ def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 def _recipe_note(edited: ModelHandle, edit: ex.EarlyExit) -> None:
     """A recipe holds one early exit: say so when it has one already."""
     rule = edited.exit_rule
-    if rule is None:
+    if not isinstance(rule, ex.ExitRule):
         return
     if (rule.criterion, rule.threshold, rule.lens.kind) == (edit.criterion, edit.threshold, edit.lens):
         st.info("This is the recipe's early exit. Move the threshold or change the criterion to try another, and "
