@@ -30,6 +30,25 @@ NF4_CODES = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.394
                           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
                           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
 _NF4_MIDDLES = (NF4_CODES[1:] + NF4_CODES[:-1]) / 2  # nearest code = bucket between neighbouring middles
+_NF4_CELLS = 4096  # a table over [-1, 1] in cells far narrower than any gap between middles
+# The code index half a cell below each cell's lower edge: never above the index of a value
+# that lands in the cell (float rounding of u + 1 moves u by far less than half a cell), and
+# at most one below it, since no two middles are within a cell and a half of each other.
+_NF4_GUESS = torch.bucketize(torch.arange(_NF4_CELLS) * (2 / _NF4_CELLS) - 1 - 1 / _NF4_CELLS,
+                             _NF4_MIDDLES).to(torch.int32)
+_NF4_ABOVE = torch.cat([_NF4_MIDDLES, torch.tensor([float("inf")])])  # the middle above code i
+
+
+def nf4_index(u: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 code of each value of `u` (in [-1, 1]), exactly what
+    `torch.bucketize(u, _NF4_MIDDLES)` returns (the number of middles below u), in about
+    a third of its time: a table lookup by cell, then one step up where a middle crosses
+    the cell. [same shape], int32."""
+    flat = u.reshape(-1)  # one copy if u is a strided view (GPT-2's transposed weights), then none
+    cell = flat.add(1).mul_(_NF4_CELLS / 2).to(torch.int32).clamp_(0, _NF4_CELLS - 1)
+    index = _NF4_GUESS.index_select(0, cell)
+    index += flat > _NF4_ABOVE.index_select(0, index)
+    return index.view(u.shape)
 
 
 @dataclass(frozen=True)
@@ -222,8 +241,8 @@ class Grid:
             lo, hi = (self.fmt.qmin, self.fmt.qmax) if zero is None else (-zero, self.fmt.qmax - zero)
             return (w / safe).round_().clamp_(lo, hi).mul_(scale).reshape(w.shape[:1] + (-1,))
         if self.fmt.scheme == "nf4":
-            index = torch.bucketize((w / safe).clamp_(-1, 1).contiguous(), _NF4_MIDDLES, out_int32=True)
-            values = NF4_CODES.index_select(0, index.flatten()).view(index.shape)  # faster than codes[index]
+            index = nf4_index((w / safe).clamp_(-1, 1))
+            values = NF4_CODES.index_select(0, index.reshape(-1)).view(index.shape)
             return values.mul_(scale).reshape(w.shape[:1] + (-1,))
         codes = _codes(self.fmt, w, scale, zero)
         return _dequantize(self.fmt, codes, scale, zero, in_place=True).reshape(w.shape[:1] + (-1,))
@@ -282,8 +301,19 @@ def _codes(fmt: QuantFormat, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor |
     if fmt.scheme == "int-asym":
         return u.round_().add_(z).clamp_(fmt.qmin, fmt.qmax)
     if fmt.scheme == "nf4":
-        return torch.bucketize(u.clamp_(-1, 1).contiguous(), _NF4_MIDDLES).float()
-    return minifloat_round(u, fmt.minifloat)
+        return nf4_index(u.clamp_(-1, 1)).float()
+    return _round_minifloat(u, fmt.minifloat)
+
+
+_TORCH_FLOAT8 = {E4M3: torch.float8_e4m3fn, E5M2: torch.float8_e5m2}
+
+
+def _round_minifloat(u: torch.Tensor, fmt: Minifloat) -> torch.Tensor:
+    """`minifloat_round`, through torch's own float8 cast where torch has the format (the
+    same values, a third of the time: tests check the generic rounding against the casts)."""
+    if fmt in _TORCH_FLOAT8:
+        return u.clamp_(-fmt.max_value, fmt.max_value).to(_TORCH_FLOAT8[fmt]).float()
+    return minifloat_round(u, fmt)
 
 
 def _dequantize(fmt: QuantFormat, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
@@ -344,7 +374,7 @@ def quantize_activations(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     elif fmt.scheme == "float":
         s = rows.abs().amax() / fmt.minifloat.max_value
         s = s if s > 0 else torch.ones_like(s)
-        q = minifloat_round(rows / s, fmt.minifloat) * s
+        q = _round_minifloat(rows / s, fmt.minifloat) * s
     else:
         raise RecipeError(f"Activations are quantized to {', '.join(n for n, f in FORMATS.items() if f.activations)} "
                           f"only, not {fmt.name}.")

@@ -228,6 +228,8 @@ def quantized_weight(weight: torch.Tensor, fmt: str, group_size: int | None = No
     QuantEase given calibration Σ [in, in]. Returns the dequantized weight (same shape and
     dtype), its storage in bits and a storage label ("int4 g128")."""
     w = as_matrix(weight)
+    if fmt == "nf4":  # its table lookups read flat tensors: one copy of a transposed view (GPT-2), then views
+        w = w.contiguous()
     grid = fit_grid(w, get_format(fmt), group_size)
     new = grid.quantize(w) if sigma is None else quantease(w, sigma, grid)
     return new.view(weight.shape).to(weight.dtype), grid.bits, grid.description

@@ -20,6 +20,7 @@ from analysis.quant_formats import (
     group_columns,
     minifloat_round,
     minifloat_values,
+    nf4_index,
     quantize_activations,
     relative_mse,
 )
@@ -60,6 +61,15 @@ def test_fp8_fake_quant_is_torchs_cast_round_trip(gaussian, name, dtype):
     limit = fmt.minifloat.max_value
     expected = (gaussian / scale).clamp(-limit, limit).to(dtype).float() * scale
     assert torch.equal(fake_quantize(gaussian, name), expected)
+
+
+def test_nf4_table_lookup_equals_bucketize():
+    middles = (NF4_CODES[1:] + NF4_CODES[:-1]) / 2
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.nextafter(middles, torch.tensor(2.0)), torch.nextafter(middles, torch.tensor(-2.0))
+    edges = torch.cat([middles, up, down, NF4_CODES, torch.tensor([-1.0, 1.0, 0.0, -0.0])])
+    u = torch.cat([torch.rand(1_000_000, generator=g) * 2 - 1, edges])
+    assert torch.equal(nf4_index(u), torch.bucketize(u, middles))
 
 
 @pytest.mark.parametrize("fmt, dtype", FLOAT8)
