@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from analysis.edits import Edit, applies, edit_type, require
-from analysis.pruning import _zero_smallest_, scoped_layers
+from analysis.pruning import _zero_smallest_magnitude_, scoped_layers, storage_view
 from lib.errors import AnalysisError, RecipeError
 from lib.handle import ModelHandle, Point
 
@@ -56,7 +56,7 @@ def _layer_sparsity(handle: ModelHandle, edit: LayerSparsity) -> None:
         raise RecipeError(f"This model has no linear layer(s) {', '.join(unknown[:3])}.")
     for name, sparsity in edit.sparsities:
         w = layers[name]
-        _zero_smallest_(w, w.abs(), round(sparsity * w.numel()))
+        _zero_smallest_magnitude_(w, round(sparsity * w.numel()))
 
 
 @dataclass(frozen=True)
@@ -74,15 +74,6 @@ class DistortionCurves:
 def _block(handle: ModelHandle, name: str) -> int | None:
     layer, _ = handle.place(name)
     return layer if isinstance(layer, int) else None
-
-
-def _flat(weight: torch.Tensor) -> torch.Tensor:
-    """A 1-d alias of `weight`'s storage (GPT-2's [out, in] views are transposes of
-    contiguous [in, out] tensors); writes through it prune the layer."""
-    alias = weight if weight.is_contiguous() or weight.dim() != 2 else weight.T
-    if not alias.is_contiguous():
-        raise AnalysisError(f"A weight of shape {tuple(weight.shape)} is not a plain view of its storage.")
-    return alias.view(-1)
 
 
 @torch.no_grad()
@@ -105,7 +96,9 @@ def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int =
     for i, (name, weight) in enumerate(weights.items()):
         original = weight.clone()
         block = _block(copy, name) if lm else None
-        flat = _flat(weight)
+        flat = storage_view(weight)
+        if flat is None:
+            raise AnalysisError(f"The weight of {name} is not a plain view of its storage.")
         order = flat.abs().sort(stable=True).indices  # one sort: the levels prune a growing prefix of it
         pruned = 0
         for k, level in enumerate(levels.tolist()[1:], start=1):
@@ -241,7 +234,7 @@ def kl_of_levels(base: ModelHandle, curves: DistortionCurves, levels: torch.Tens
     layers = copy.linear_layers()
     for name, k in zip(curves.layers, levels.tolist()):
         w = layers[name]
-        _zero_smallest_(w, w.abs(), round(float(curves.levels[k]) * w.numel()))
+        _zero_smallest_magnitude_(w, round(float(curves.levels[k]) * w.numel()))
     logq = torch.log_softmax(copy.forward(inputs).float(), -1)
     logp = torch.log_softmax(base_logits.float(), -1)
     return float((logp.exp() * (logp - logq)).sum(-1).mean())

@@ -241,10 +241,28 @@ def smallest_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(score.shape)
 
 
+def storage_view(weight: torch.Tensor) -> torch.Tensor | None:
+    """A 1-d view of `weight`'s entries in storage order (GPT-2's [out, in] layers are
+    transposes of contiguous [in, out] tensors), or None when it is no plain view. Writes
+    through it edit the layer; per-layer edits that ignore the layout read it without a copy."""
+    alias = weight if weight.is_contiguous() or weight.dim() != 2 else weight.T
+    return alias.view(-1) if alias.is_contiguous() else None
+
+
 def _zero_smallest_(weight: torch.Tensor, score: torch.Tensor, k: int) -> None:
     """Zero the k entries of `weight` with the smallest `score` (same shape), exactly k."""
     if k > 0:
         weight.masked_fill_(smallest_mask(score, k), 0)
+
+
+def _zero_smallest_magnitude_(weight: torch.Tensor, k: int) -> None:
+    """Zero the k entries of `weight` with the smallest |w|, exactly k (ties: first in
+    storage order), in storage order so that a transposed view costs no copy."""
+    flat = storage_view(weight)
+    if flat is None:
+        _zero_smallest_(weight, weight.abs(), k)
+    elif k > 0:
+        flat.masked_fill_(smallest_mask(flat.abs(), k), 0)
 
 
 @applies(Magnitude)
@@ -253,7 +271,7 @@ def _magnitude(handle: ModelHandle, edit: Magnitude) -> None:
     weights = scoped_layers(handle, edit.scope, edit.layers)
     if edit.per == "layer":
         for w in weights.values():
-            _zero_smallest_(w, w.abs(), round(edit.sparsity * w.numel()))
+            _zero_smallest_magnitude_(w, round(edit.sparsity * w.numel()))
         return
     scores = torch.cat([w.abs().reshape(-1) for w in weights.values()])  # one global threshold
     k = round(edit.sparsity * scores.numel())
