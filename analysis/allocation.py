@@ -243,12 +243,15 @@ def kl_of_levels(base: ModelHandle, curves: DistortionCurves, levels: torch.Tens
 def evolve(base: ModelHandle, selection: torch.Tensor, fresh: Callable[[int], torch.Tensor],
            curves: DistortionCurves, sparsity: float, generations: int = 10, offspring: int = 8,
            seed: int = 0, start: Allocation | None = None, progress: Progress | None = None,
-           stop: Callable[[], bool] | None = None) -> Search:
+           stop: Callable[[], bool] | None = None, on_generation: Callable[[Search], None] | None = None
+           ) -> Search:
     """EvoPress-style search over per-layer levels. Each generation mutates the best plan
     by moving one level from one layer to another (kept only if the budget still holds),
     screens the offspring by KL to the base on a fresh batch `fresh(generation)`, and
     keeps the best screened one if it also beats the incumbent on the fixed `selection`
-    batch, so the best-so-far KL never rises. Deterministic for a seed."""
+    batch, so the best-so-far KL never rises. Deterministic for a seed. `stop()` is asked
+    before each generation; `on_generation(search)` gets a snapshot after each one (what a
+    caller keeps if the search is interrupted)."""
     _check_budget(sparsity)
     rng = random.Random(seed)
     total = float(curves.sizes.sum())
@@ -285,6 +288,8 @@ def evolve(base: ModelHandle, selection: torch.Tensor, fresh: Callable[[int], to
             if kl < state.best_kl:
                 state.levels, state.best_kl = screened, kl
         state.curve.append(state.best_kl)
+        if on_generation:
+            on_generation(Search(state.layers, state.levels.clone(), state.best_kl, list(state.curve)))
         if progress:
             progress((g + 1) / generations, f"generation {g + 1}: best KL {state.best_kl:.4g}")
     return state

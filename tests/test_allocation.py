@@ -100,6 +100,11 @@ def test_evolution_keeps_the_budget_never_gets_worse_and_repeats(cnn):
     result = first.allocation(curves)
     assert result.sparsity >= 0.6 - 1e-9
     assert torch.equal(run().levels, first.levels)
+    snapshots = []
+    stopped = alloc.evolve(cnn, images[:100], fresh, curves, 0.6, generations=4, offspring=3, seed=1,
+                           on_generation=snapshots.append, stop=lambda: len(snapshots) == 2)
+    assert len(stopped.curve) == 3 and stopped.curve == first.curve[:3]  # stopped after two generations
+    assert snapshots[-1].curve == stopped.curve and torch.equal(snapshots[-1].levels, stopped.levels)
 
 
 def test_low_rank_factors_are_the_truncated_svd(tiny_lm):

@@ -60,3 +60,32 @@ def test_rate_distortion_allocation_on_the_digits_cnn():
     assert all(m > 0 for m in measured) and measured != predicted  # measured on the model, not copied
     add(at)
     assert not at.exception and [e.type for e in recipe_of(at).edits] == ["layer_sparsity"]
+
+
+def test_evolutionary_search_runs_and_a_stopped_one_keeps_its_best(monkeypatch):
+    from analysis import allocation as alloc
+    from lib.models import load_model
+    from ui.store import STORE
+
+    at = lab("zoo:digits-cnn", typed=False)
+    at.selectbox(key="lab_method").set_value("Search per-layer sparsity (evolutionary)")
+    run(at)
+    at.slider(key="lab_evo_generations").set_value(2)
+    at.toggle(key="lab_evo_go").set_value(True)
+    run(at)
+    assert at.button(key="lab_evo_stop")  # offered while the search runs
+    add(at)
+    [edit] = recipe_of(at).edits
+    assert edit.type == "layer_sparsity" and edit.method == "evolutionary"
+
+    # A stop click reruns the page at once; the rerun shows the best plan of the generations done.
+    fingerprint = load_model("zoo:digits-cnn").fingerprint
+    key = ("evolution", fingerprint, 0.5, 3)
+    so_far = STORE.get(("evolution", fingerprint, 0.5, 2))
+    STORE.put(key + ("so far",), alloc.Search(so_far.layers, so_far.levels, so_far.best_kl, so_far.curve[:2]))
+    monkeypatch.setattr(alloc, "evolve", lambda *a, **k: pytest.fail("a stopped search must not run again"))
+    at.session_state["lab_evo_stopped"] = key
+    at.slider(key="lab_evo_generations").set_value(3)
+    run(at)
+    assert any("Stopped after 1 of 3 generations" in c.value for c in at.caption)
+    assert not at.button(key="lab_add").disabled

@@ -77,10 +77,21 @@ def evolutionary(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     sparsity = sparsity_slider("evo")
     generations = st.slider("Generations", 1, 30, 8, key="lab_evo_generations")
     if sparsity <= 0 or not st.toggle("Run the search", key="lab_evo_go"):
+        st.session_state.pop("lab_evo_stopped", None)  # switched off: the next run starts afresh
         return None
     curves = _curves(base, 20)
     key = ("evolution", base.fingerprint, sparsity, generations)
+    partial = key + ("so far",)
     search = STORE.get(key)
+    # A click stops the running search (streamlit reruns at once); the rerun keeps its best so far.
+    if search is None and st.button("Stop the search", key="lab_evo_stop", help="Keep the best plan found so far."):
+        st.session_state["lab_evo_stopped"] = key
+    if search is None and st.session_state.get("lab_evo_stopped") == key:
+        search = STORE.get(partial)
+        if search is None:
+            st.info("The search was stopped before its first generation ended; switch it off and on to start again.")
+            return None
+        st.caption(f"Stopped after {len(search.curve) - 1} of {generations} generations: the best plan so far.")
     if search is None:
         inputs = _calibration(base)
         pool = model_inputs(data.default_batch(base))
@@ -93,7 +104,8 @@ def evolutionary(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         bar = st.progress(0.0, text="Evolutionary search")
         try:
             search = alloc.evolve(base, inputs, fresh, curves, sparsity, generations=generations,
-                                  progress=lambda f, m: bar.progress(min(1.0, f), text=m))
+                                  progress=lambda f, m: bar.progress(min(1.0, f), text=m),
+                                  on_generation=lambda so_far: STORE.put(partial, so_far))
         finally:
             bar.empty()
         STORE.put(key, search)
