@@ -209,3 +209,7 @@ def test_tuned_lens_is_trained_once_on_request(tiny_folder, monkeypatch):
     assert recipe_lines(at) == ["1. exit when max prob ≥ 0.2 (tuned lens)"]
     assert "exit early" in controls(at) and not any(b.key == "lab_exit_train" for b in at.button)  # no new offer
     assert calls == [1] and panel(at)["compute saved"] == controls(at)["compute saved"]
+    at.toggle(key="lab_exit_compare").set_value(True)
+    run(at)
+    assert any("The tuned lens reads closer to the final layer at" in c.value for c in at.caption)
+    assert calls == [1] and not at.exception

@@ -244,9 +244,30 @@ def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     point = ex.exit_at(stats, criterion, threshold)
     _numbers(base, point)
     _tradeoff(base, curves, point)
+    if lens == "tuned":
+        _lens_comparison(base, edited)
     _examples(base, edited, criterion, threshold, lens)
     _recipe_note(edited, edit)
     return edit
+
+
+def _lens_comparison(base: ModelHandle, edited: ModelHandle) -> None:
+    """KL to the final layer per depth through the logit lens and the tuned lens, on request
+    (one pass each, kept per model): how much closer the translators read."""
+    if not st.toggle("Compare the tuned lens with the logit lens", key="lab_exit_compare",
+                     help="KL to the model's own output at every depth, through each lens (one pass each)."):
+        return
+
+    def compute() -> list:
+        batch = eval_batch(base, base.fingerprint)
+        return [ex.lens_kl(edited, batch, lens) for lens in ("logit", "tuned")]
+
+    lenses = STORE.get_or_compute(("exit_lens_kl", edited.fingerprint), compute)
+    st.plotly_chart(plots_exits.lens_kl_lines(lenses), width="stretch")
+    logit, tuned = (lens.kl[:-1] for lens in lenses)  # the last depth is the output itself: KL 0
+    st.caption(f"The tuned lens reads closer to the final layer at {int((tuned < logit).sum())} of {len(tuned)} "
+               f"depths before the last (mean KL {float(tuned.mean()):.3g} vs {float(logit.mean()):.3g} nats): an "
+               "exit there agrees more often with what the whole model would say.")
 
 
 def _recipe_note(edited: ModelHandle, edit: ex.EarlyExit) -> None:
