@@ -8,9 +8,8 @@ from typing import Callable
 
 from analysis.allocation import distortion_curves
 from analysis.factorize import LowRank, break_even_rank
-from analysis.recipe import Recipe, build
-from bench.common import Row, Setup, Timing, measure, ratio_text
-from bench.lab import forward_flops
+from bench.common import Row, Setup, Timing, ratio_text
+from bench.lab import forward_flops, latency_row
 from lib.handle import Structure
 
 LEVELS = 20
@@ -46,16 +45,12 @@ def _mlp_flops(s: Structure, rank: int, seq_len: int) -> int:
 
 
 def low_rank_row(setup: Setup) -> Row:
-    handle, batch = setup.handle, setup.batch
-    s = handle.structure
+    s = setup.handle.structure
     rank = int(break_even_rank(s.d_mlp, s.d_model) / 2)
-    factorised = build(handle, Recipe(handle.fingerprint, [LowRank(rank=rank, scope="mlp")]))
-    t = measure(lambda: factorised.forward(batch.tokens), lambda: handle.forward(batch.tokens), setup.repeats)
-    seq_len = batch.tokens.shape[1]
+    seq_len = setup.batch.tokens.shape[1]
     predicted = _mlp_flops(s, rank, seq_len) / forward_flops(s, s.n_layers, seq_len)
-    return Row.timed("low-rank latency / full", t,
-                     f"every MLP weight at rank {rank} (half its break-even rank); FLOP prediction {predicted:.3f}; "
-                     f"measured/predicted {ratio_text([r / predicted for r in t.ratios])} (target within 15%)")
+    return latency_row("low-rank latency / full", setup, [LowRank(rank=rank, scope="mlp")], predicted,
+                       f"every MLP weight at rank {rank} (half its break-even rank)", "within 15%")
 
 
 ROWS: tuple[Callable[[Setup], Row], ...] = (low_rank_row, curves_row)

@@ -39,14 +39,22 @@ def half_blocks_row(setup: Setup) -> Row:
     """Latency of a copy with every other block really removed, over the full model."""
     handle, batch = setup.handle, setup.batch
     s = handle.structure
-    dropped = build(handle, Recipe(handle.fingerprint, [Drop("block", layer) for layer in range(1, s.n_layers, 2)]))
+    edits = [Drop("block", layer) for layer in range(1, s.n_layers, 2)]
     kept = s.n_layers - s.n_layers // 2
-    t = measure(lambda: dropped.forward(batch.tokens), lambda: handle.forward(batch.tokens), setup.repeats)
     seq_len = batch.tokens.shape[1]
     predicted = forward_flops(s, kept, seq_len) / forward_flops(s, s.n_layers, seq_len)
-    return Row.timed("latency half blocks dropped / full", t,
-                     f"{kept} of {s.n_layers} blocks kept; FLOP prediction {predicted:.3f}; measured/predicted "
-                     f"{ratio_text([r / predicted for r in t.ratios])} (target within 10%)")
+    return latency_row("latency half blocks dropped / full", setup, edits, predicted,
+                       f"{kept} of {s.n_layers} blocks kept", "within 10%")
+
+
+def latency_row(name: str, setup: Setup, edits: list, predicted: float, what: str, target: str) -> Row:
+    """Latency of the bench model with `edits` over the full model, measured first, then
+    measured over the `predicted` ratio (a FLOP count)."""
+    handle, batch = setup.handle, setup.batch
+    edited = build(handle, Recipe(handle.fingerprint, edits))
+    t = measure(lambda: edited.forward(batch.tokens), lambda: handle.forward(batch.tokens), setup.repeats)
+    return Row.timed(name, t, f"{what}; FLOP prediction {predicted:.3f}; measured/predicted "
+                              f"{ratio_text([r / predicted for r in t.ratios])} (target {target})")
 
 
 ROWS: tuple[Callable[[Setup], Row], ...] = (apply_row, half_blocks_row)
