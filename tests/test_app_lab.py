@@ -160,8 +160,11 @@ def test_bad_recipe_uploads_say_why_and_leave_the_recipe(tiny_folder, edits, mes
     assert any(message in e for e in errors(at)), errors(at)
     assert recipe_lines(at) == before and len(session_recipe(at)[1].edits) == 1
     assert not at.exception
-    run(at)  # the next run: the file was applied once, the page is whole again
-    assert not errors(at) and recipe_lines(at) == before
+    good = json.dumps({"fingerprint": shared.fingerprint, "edits": [{"type": "magnitude", "sparsity": 0.3}]})
+    upload(at, good, "good.json")  # the next file, in the same box, is applied (it was ignored once)
+    assert not errors(at) and len(recipe_lines(at)) == 1 and "30%" in recipe_lines(at)[0]
+    run(at)  # and only once
+    assert not errors(at) and len(session_recipe(at)[1].edits) == 1
 
 
 def test_drops_from_the_redundancy_page_appear_in_the_lab(tiny_folder):

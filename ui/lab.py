@@ -43,16 +43,16 @@ def session_lab(handle: ModelHandle) -> Lab:
     return labs[handle.fingerprint]
 
 
-def change(lab: Lab, handle: ModelHandle, label: str, act: Callable[[Progress], object]) -> None:
+def change(lab: Lab, handle: ModelHandle, label: str, act: Callable[[Progress], object]) -> bool:
     """Run one change of the recipe with a progress bar; on success share the new recipe
     with the session and rerun the page (every panel then shows it); on a user error
-    show it here and leave everything as it was."""
+    show it here, leave everything as it was and return False."""
     bar = st.progress(0.0, text=label)
     try:
         act(lambda fraction, message: bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}"))
     except LayerScopeError as e:
         st.error(app_message(e))
-        return
+        return False
     finally:
         bar.empty()
     recipe(handle).edits[:] = lab.recipe.edits
@@ -297,6 +297,8 @@ def upload(lab: Lab, handle: ModelHandle) -> None:
     file = st.file_uploader("Apply a recipe file (JSON saved by the lab)", type=["json"],
                             key=f"lab_upload_{version}")
     if file is not None:
-        st.session_state["lab_upload_version"] = version + 1  # a fresh uploader: the file is applied once
-        change(lab, handle, f"Applying {file.name}",
-               lambda p: lab.apply(export.read_recipe(file.getvalue(), handle), p))
+        st.session_state["lab_upload_version"] = version + 1  # applied: a fresh uploader, so it applies once
+        if not change(lab, handle, f"Applying {file.name}",
+                      lambda p: lab.apply(export.read_recipe(file.getvalue(), handle), p)):
+            # refused: this uploader stays (with the file and the message), so the next file lands in it
+            st.session_state["lab_upload_version"] = version
