@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import statistics
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +33,15 @@ from analysis.recipe import Recipe, check_for
 from lib import data
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import LABELS, BaseOutputs, Metrics, metrics_from_outputs, model_inputs, prepare_base
+from lib.metrics import (
+    LABELS,
+    BaseOutputs,
+    Metrics,
+    median_latency_ms,
+    metrics_from_outputs,
+    model_inputs,
+    prepare_base,
+)
 
 Progress = Callable[[float, str], None]
 
@@ -138,8 +145,9 @@ class Lab:
                  latency_repeats: int = 3, cache_bytes: int = 2 * 2**30) -> None:
         if base.base_fingerprint is not None:
             raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
-        if latency_repeats < 1 or cache_size < 1:
-            raise RecipeError("A lab needs at least one timed forward and one cached copy.")
+        if latency_repeats < 0 or cache_size < 1:
+            raise RecipeError("A lab needs a number of timed forwards (0: time the one that gives the outputs) "
+                              "and at least one cached copy.")
         self.base = base
         self.batch = batch if batch is not None else data.default_batch(base)
         data.check_batch(base, self.batch)
@@ -329,15 +337,16 @@ class Lab:
             return self._metrics(model, outputs, latency)
 
     def _timed_forwards(self, model: ModelHandle) -> tuple[torch.Tensor, float]:
-        """Outputs of the first forward, median milliseconds of `latency_repeats` forwards."""
+        """Outputs of one forward, and the median milliseconds of `latency_repeats` more
+        (`median_latency_ms`: a copy's first forward also builds its fast path, so it is not
+        timed), or with `latency_repeats` 0 the time of that one forward."""
         inputs = model_inputs(self.batch)
-        times, outputs = [], None
-        for _ in range(self.latency_repeats):
-            start = time.perf_counter()
-            out = model.forward(inputs)
-            times.append((time.perf_counter() - start) * 1000)
-            outputs = out if outputs is None else outputs
-        return outputs, statistics.median(times)
+        start = time.perf_counter()
+        outputs = model.forward(inputs)
+        latency = (time.perf_counter() - start) * 1000
+        if self.latency_repeats:
+            latency = median_latency_ms(lambda: model.forward(inputs), self.latency_repeats)
+        return outputs, latency
 
     def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
         return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)

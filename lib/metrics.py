@@ -7,8 +7,10 @@ already computed (e.g. by a drop sweep) into the same `Metrics` record.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -189,19 +191,42 @@ def model_inputs(batch: Batch) -> torch.Tensor:
     return batch.tokens if isinstance(batch, TextBatch) else batch.images
 
 
+LATENCY_SECONDS = 0.1  # a fast model is timed over more calls than asked, so scheduler noise averages out
+LATENCY_MAX_CALLS = 50
+
+
+def median_latency_ms(forward: Callable[[], object], repeats: int = 3) -> float:
+    """Median milliseconds of one call of `forward`, which has run once already (a model's
+    first forward also builds what later ones reuse): at least `repeats` timed calls, and
+    more, up to LATENCY_MAX_CALLS, until LATENCY_SECONDS have passed."""
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - began < LATENCY_SECONDS and len(times) < LATENCY_MAX_CALLS):
+        start = time.perf_counter()
+        forward()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
 def evaluate(
     handle: ModelHandle,
     batch: Batch,
     base: torch.Tensor | None = None,
     size_bits: int | None = None,
+    latency_repeats: int = 0,
 ) -> Metrics:
-    """Run `handle` once on `batch` and measure quality, agreement with `base`
-    outputs (if given), size and latency. A batch or base that does not fit the model
-    is refused before the forward (`lib.data.check_batch`, `check_base`)."""
+    """Run `handle` on `batch` and measure quality, agreement with `base` outputs (if
+    given), size and latency: with `latency_repeats` > 0 the median of that many timed
+    forwards after the one that gave the outputs (`median_latency_ms`), else the time of
+    that one forward. A batch or base that does not fit the model is refused before the
+    forward (`lib.data.check_batch`, `check_base`)."""
     check_batch(handle, batch)
     check_base(base, batch)
+    inputs = model_inputs(batch)
     start = time.perf_counter()
-    outputs = handle.forward(model_inputs(batch))
+    outputs = handle.forward(inputs)
     latency_ms = (time.perf_counter() - start) * 1000
+    if latency_repeats > 0:
+        latency_ms = median_latency_ms(lambda: handle.forward(inputs), latency_repeats)
     bits = size_bits if size_bits is not None else handle.size_bits
     return metrics_from_outputs(outputs, batch, handle.n_params, bits, base, latency_ms)

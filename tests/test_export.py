@@ -21,7 +21,7 @@ QUALITY = ("bits_per_byte", "perplexity", "accuracy", "kl_to_base", "agreement")
 
 
 def lm_lab(handle):
-    return Lab(handle, data.code_batch(handle.tokenizer, seq_len=48, n_windows=3), latency_repeats=1)
+    return Lab(handle, data.code_batch(handle.tokenizer, seq_len=48, n_windows=3), latency_repeats=0)
 
 
 def unzip(blob: bytes, into):
@@ -103,7 +103,7 @@ def test_code_lm_export_loads_in_plain_transformers(tmp_path):
 
 def test_cnn_export_loads_back_with_the_same_accuracy(tmp_path):
     base = load_model("zoo:digits-cnn")
-    lab = Lab(base, latency_repeats=1)
+    lab = Lab(base, latency_repeats=0)
     lab.add(Magnitude(0.6))
     lab.add(Drop("stage", "conv2"))
     folder, _ = unzip(export.lab_model_zip(lab), tmp_path)

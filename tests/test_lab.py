@@ -22,7 +22,7 @@ from lib.metrics import Metrics
 def lab(tiny_lm):
     """A fresh lab on the read-only tiny GPT-2 (3 layers, 4 heads), on a small batch."""
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
-    return Lab(tiny_lm, batch, latency_repeats=1)
+    return Lab(tiny_lm, batch, latency_repeats=0)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_duplicates_and_other_models_recipes_are_refused(lab, cnn):
 
 
 def test_lab_on_the_digits_cnn(cnn):
-    lab = Lab(cnn, latency_repeats=1)
+    lab = Lab(cnn, latency_repeats=0)
     assert lab.quality == "accuracy"
     lab.add(Magnitude(0.5, "layers", ("conv2", "fc1")))
     lab.add(Drop("stage", "conv2"))
@@ -248,7 +248,7 @@ def test_history_figure_marks_frontier_and_current(lab):
 
 def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=2)
-    lab = Lab(tiny_lm, batch, latency_repeats=1, cache_size=2)
+    lab = Lab(tiny_lm, batch, latency_repeats=0, cache_size=2)
     for sparsity in (0.1, 0.2, 0.3):
         lab.reset()
         lab.add(Magnitude(sparsity))
@@ -257,7 +257,7 @@ def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
     assert counted["private_copy"] == 3  # the last two are still cached
     lab.model_for([Magnitude(0.1)])
     assert counted["private_copy"] == 4  # the oldest was evicted
-    small = Lab(tiny_lm, batch, latency_repeats=1, cache_bytes=1)  # room for the newest copy only
+    small = Lab(tiny_lm, batch, latency_repeats=0, cache_bytes=1)  # room for the newest copy only
     small.add(Magnitude(0.1))
     small.add(Magnitude(0.2))
     small.model_for([Magnitude(0.1), Magnitude(0.2)])

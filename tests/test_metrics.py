@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import data
-from lib.metrics import evaluate, kl_and_agreement, metrics_from_outputs, prepare_base
+from lib.metrics import evaluate, kl_and_agreement, median_latency_ms, metrics_from_outputs, prepare_base
 
 
 def test_lm_metrics_match_hand_computation(tiny_lm):
@@ -57,3 +57,29 @@ def test_outputs_must_fit_the_batch():
         metrics_from_outputs(logits, batch, 1, 1, base=torch.zeros(3, 12))
     with pytest.raises(data.DataError, match="different batch"):
         metrics_from_outputs(logits, batch, 1, 1, base=prepare_base(torch.zeros(2, 10), batch))
+
+
+def test_latency_is_the_median_of_warm_calls_and_fast_models_get_more_of_them(tiny_lm):
+    import time
+
+    calls = []
+    steady = lambda: calls.append(1) or time.sleep(0.02)  # noqa: E731
+    assert 19 <= median_latency_ms(steady, repeats=3) < 60 and len(calls) >= 3
+    calls.clear()
+    assert median_latency_ms(lambda: calls.append(1), repeats=3) < 1 and len(calls) == 50  # many calls, capped
+
+    first = []
+    slow_first = tiny_lm.forward
+
+    class FirstForwardSlow:  # a model whose first forward builds something, as a copy's fast path
+        def __getattr__(self, name):
+            return getattr(tiny_lm, name)
+
+        def forward(self, inputs):
+            if not first:
+                first.append(1)
+                time.sleep(0.3)
+            return slow_first(inputs)
+
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=16, n_windows=2)
+    assert evaluate(FirstForwardSlow(), batch, latency_repeats=3).latency_ms < 100  # the first call is not timed

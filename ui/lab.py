@@ -173,8 +173,9 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
                   "Bits to store the weights as they are stored, in MiB."))
     items.append(("latency", f"{now.latency_ms:.0f} ms",
                   f"{now.latency_ms / base.latency_ms - 1:+.0%}" if edited else None, "inverse",
-                  f"Median of {lab.latency_repeats} timed forward passes over the whole evaluation batch on this "
-                  "machine; it moves by a few percent between runs on its own."))
+                  f"Median of at least {lab.latency_repeats} timed forward passes over the whole evaluation batch "
+                  "on this machine, after one untimed pass; it moves by a few percent between runs on its own, "
+                  "more when the machine is busy."))
     return items
 
 

@@ -23,6 +23,7 @@ from lib.metrics import Metrics, evaluate, model_inputs
 from ui.store import STORE
 
 T = TypeVar("T")
+LATENCY_REPEATS = 3  # timed forwards after a warm-up one, as the Compression lab times every recipe
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -33,7 +34,7 @@ def eval_batch(_handle: ModelHandle, fingerprint: str) -> data.Batch:
 @st.cache_data(show_spinner=False, max_entries=8)
 def baseline(_handle: ModelHandle, fingerprint: str) -> Metrics:
     """Baseline metrics of the base model on its evaluation batch."""
-    return evaluate(_handle, eval_batch(_handle, fingerprint))
+    return evaluate(_handle, eval_batch(_handle, fingerprint), latency_repeats=LATENCY_REPEATS)
 
 
 def base_outputs(handle: ModelHandle) -> torch.Tensor:

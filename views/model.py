@@ -43,8 +43,8 @@ with quality:
             label = "accuracy (repeated half)" if name == "accuracy" and helps["accuracy"].count("repeated") else \
                 LABELS[name]
             cols[i % 3].metric(label, f"{value:.4g}", help=helps.get(name))
-    st.caption(f"Evaluation set: {batch.source}. Latency is one forward pass over the whole batch "
-               "on this machine's CPU.")
+    st.caption(f"Evaluation set: {batch.source}. Latency is the median of timed forward passes over the whole "
+               "batch on this machine's CPU, after one untimed pass.")
 
 st.divider()
 if handle.kind == "causal-lm":
