@@ -35,6 +35,7 @@ from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import (
     LABELS,
+    LATENCY_REPEATS,
     BaseOutputs,
     Metrics,
     median_latency_ms,
@@ -142,7 +143,7 @@ class Lab:
 
     def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
                  base_outputs: torch.Tensor | BaseOutputs | None = None, cache_size: int = 4,
-                 latency_repeats: int = 3, cache_bytes: int = 2 * 2**30) -> None:
+                 latency_repeats: int = LATENCY_REPEATS, cache_bytes: int = 2 * 2**30) -> None:
         if base.base_fingerprint is not None:
             raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
         if latency_repeats < 0 or cache_size < 1:

@@ -193,6 +193,7 @@ def model_inputs(batch: Batch) -> torch.Tensor:
 
 LATENCY_SECONDS = 0.1  # a fast model is timed over more calls than asked, so scheduler noise averages out
 LATENCY_MAX_CALLS = 50
+LATENCY_REPEATS = 3  # timed forwards behind every latency the app shows
 
 
 def median_latency_ms(forward: Callable[[], object], repeats: int = 3) -> float:

@@ -19,11 +19,10 @@ from analysis.redundancy import LayerSimilarity, LogitLens, Residuals, StageSimi
 from analysis.redundancy_report import DropCheck, RedundancyReport
 from lib import data
 from lib.handle import ModelHandle
-from lib.metrics import Metrics, evaluate, model_inputs
+from lib.metrics import LATENCY_REPEATS, Metrics, evaluate, model_inputs
 from ui.store import STORE
 
 T = TypeVar("T")
-LATENCY_REPEATS = 3  # timed forwards after a warm-up one, as the Compression lab times every recipe
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
