@@ -98,11 +98,11 @@ def components_sentence(parts: ChannelComponents, mass: float = 0.8) -> str:
     """How many of the writer's directions carry `mass` of the pair's composition."""
     order = parts.shares.argsort(descending=True)
     carried = parts.shares[order].cumsum(0)
-    k = int((carried < mass).sum()) + 1
+    k = min(int((carried < mass).sum()) + 1, len(order))
     best = int(order[0])
-    return (f"{k} of {parts.shares.numel()} directions of {parts.channel.writer_label}'s output carry "
-            f"{mass:.0%} of its {parts.channel.mode}-composition with {parts.channel.reader_label}; "
-            f"component {best} alone carries {float(parts.shares[best]):.0%} "
+    return (f"The strongest {k} of {parts.shares.numel()} directions of {parts.channel.writer_label}'s output "
+            f"together carry {float(carried[k - 1]):.1%} (at least {mass:.0%}) of its {parts.channel.mode}-composition "
+            f"with {parts.channel.reader_label}; component {best} alone carries {float(parts.shares[best]):.1%} "
             f"({float(parts.relative[best]):.2f}× baseline).")
 
 

@@ -243,8 +243,8 @@ def not_droppable_sentences(sweep: DropSweep) -> list[str]:
 
 def lens_sentence(lens: LogitLens) -> str:
     agree = lens.agreement
-    reached = [i for i, a in enumerate(agree.tolist()) if a >= 0.5]
-    first = f"from depth {reached[0]} on" if reached else "only at the output"
+    reached = [i for i, a in enumerate(agree.tolist()[:-1]) if a >= 0.5]  # the last depth is the output itself
+    first = f"from depth {reached[0]} on" if reached else "only at the output (no earlier depth does)"
     return (f"Read out early, the model agrees with its final top-1 prediction on ≥ 50% of tokens "
             f"{first}; KL to the final distribution falls from {float(lens.kl[0]):.3g} nats at depth 0 "
             f"to {float(lens.kl[-2]):.3g} at depth {len(lens.kl) - 2}.")

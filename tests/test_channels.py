@@ -362,5 +362,9 @@ def test_sentences_state_the_numbers(tiny_lm, circuits, composition, batch):
     assert sentence.startswith("Scale L0H1 components 0, 2 by 1: bits per byte") and "(no worse)" in sentence
     assert result.after.kl_to_base == pytest.approx(0, abs=1e-6)
     parts = ch.channel_components(circuits, composition, (0, 0), (2, 3), "V")
-    k = int(report.components_sentence(parts).split(" of ")[0])
-    assert float(parts.shares.sort(descending=True).values[:k].sum()) >= 0.8
+    sentence = report.components_sentence(parts)
+    k = int(sentence.removeprefix("The strongest ").split(" of ")[0])
+    shares = parts.shares.sort(descending=True).values
+    assert float(shares[:k].sum()) >= 0.8 and (k == 1 or float(shares[:k - 1].sum()) < 0.8)
+    assert f"together carry {float(shares[:k].sum()):.1%}" in sentence
+    assert f"alone carries {float(shares[0]):.1%}" in sentence

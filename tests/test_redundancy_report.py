@@ -56,3 +56,12 @@ def test_cka_sentence_names_stages_like_the_axes():
     sentence = rr.cka_sentence(cka, ["input", "conv1", "fc"], "stages")
     assert "between stages conv1 and fc" in sentence and "0.500" in sentence and "0.200" in sentence
     assert "between depths 1 and 2" in rr.cka_sentence(cka)
+
+
+def test_lens_sentence_never_counts_the_output_as_an_early_depth():
+    from types import SimpleNamespace
+
+    late = SimpleNamespace(agreement=torch.tensor([0.1, 0.3, 1.0]), kl=torch.tensor([2.0, 1.0, 0.0]))
+    assert "only at the output" in rr.lens_sentence(late)  # depth 2 of a 2-layer model is the output
+    early = SimpleNamespace(agreement=torch.tensor([0.1, 0.6, 1.0]), kl=torch.tensor([2.0, 1.0, 0.0]))
+    assert "from depth 1 on" in rr.lens_sentence(early)
