@@ -60,6 +60,12 @@ def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontie
     fig.update_layout(xaxis_title=COST_AXES[cost], yaxis_title=f"{LABELS[quality]} ({worse} is worse)",
                       height=420, margin=dict(t=30, b=50), clickmode="event+select", dragmode="pan",
                       legend=dict(orientation="h", y=1.08, x=0))
+    fig.update_xaxes(rangemode="tozero")  # a size or a latency: never a negative axis around a lone point
+    if quality == "accuracy":
+        fig.update_yaxes(range=[0, 1.04])
+    elif len(points) == 1:  # one point: a band around it, not plotly's ±1
+        y = getattr(points[0].metrics, quality)
+        fig.update_yaxes(range=[y * 0.9, y * 1.1] if y > 0 else None)
     return fig
 
 

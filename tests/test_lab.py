@@ -228,6 +228,9 @@ def test_lab_on_the_digits_cnn(cnn):
     assert s.removed == (False, True, False, False, False) and s.sparsity[3] == 0.5
     assert lab.current.metrics.accuracy is not None and lab.current.metrics.n_params < cnn.n_params
     assert cnn.current_fingerprint() == cnn.fingerprint
+    alone = Lab(cnn, latency_repeats=0)  # before any edit: one point, axes that make sense for it
+    fig = plots_lab.history_scatter(alone.history, "size_bits", alone.quality, alone.frontier(), 0)
+    assert fig.layout.xaxis.rangemode == "tozero" and tuple(fig.layout.yaxis.range) == (0, 1.04)
 
 
 def test_quality_metric_by_kind():
