@@ -83,3 +83,13 @@ def test_an_empty_prompt_is_explained_and_the_model_stays(lm_page):
     at.text_area[0].input("x = 1")
     run(at)
     assert not errors(at) and float(metric(at, "reconstruction error")) < 1e-6
+
+
+def test_unknown_words_and_a_long_prompt_are_named_on_the_induction_model():
+    at = interpreter_page("zoo:induction-2l")
+    at.text_area[0].input("t5 t9 hello t5")
+    run(at)
+    assert any("“hello”" in w.value for w in at.warning)  # fed as BOS: said next to the result
+    at.text_area[0].input(" ".join(f"t{i % 40}" for i in range(600)))
+    run(at)
+    assert any("tokens were dropped" in i.value for i in at.info) and not errors(at)

@@ -128,3 +128,15 @@ def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
             return rr.check_drops(handle, batch, report, list(drops), base)
 
     return STORE.get_or_compute(("drop_check", handle.fingerprint, skip, drops), compute)
+
+
+def prompt_notes(result, n_ctx: int) -> None:
+    """What the model could not read of a prompt (a `NextTokens`): pieces outside its
+    vocabulary, and tokens dropped from the front to fit its context."""
+    if result.unknown:
+        st.warning("Not in this model's vocabulary, so fed as its unknown/BOS token: "
+                   + ", ".join(f"“{piece}”" for piece in result.unknown))
+    if result.truncated:
+        st.info(f"The prompt is longer than the model's context of {n_ctx} tokens: the first {result.truncated} "
+                "tokens were dropped, and the model reads the rest.")
+

@@ -9,7 +9,7 @@ from analysis.plots import WHITESPACE_NOTE, image_heatmap
 from analysis.predict import next_tokens
 from ui import interpreter as cached
 from ui.session import require_handle
-from ui.views import eval_batch
+from ui.views import eval_batch, prompt_notes
 
 handle = require_handle()
 st.title("Linear interpreter")
@@ -73,10 +73,11 @@ def text_view() -> None:
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
     prompt = st.text_area("Prompt", value=example, height=100, key=f"interpreter_prompt_{handle.spec}")
     top = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
+    prompt_notes(top, handle.structure.n_ctx)
     names = {i: f"“{shown_token(t)}”  (p = {float(p):.2f})" for i, t, p in zip(top.token_ids, top.tokens, top.probs)}
-    left, right = st.columns(2)
-    kind = left.radio("Target", ["logit", "difference"], horizontal=True, format_func={
+    kind = st.radio("Target", ["logit", "difference"], horizontal=True, format_func={
         "logit": "logit of a next token", "difference": "logit difference of two tokens"}.get)
+    left, right = st.columns(2)
     token = left.selectbox("Next token", top.token_ids, format_func=names.get, help="The model's top 10 guesses.")
     versus = None
     if kind == "difference":

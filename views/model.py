@@ -9,7 +9,7 @@ from analysis.predict import next_tokens, predict_image
 from lib.metrics import LABELS
 from lib.zoo import model_card
 from ui.session import require_handle
-from ui.views import baseline, eval_batch
+from ui.views import baseline, eval_batch, prompt_notes
 
 handle = require_handle()
 st.title(f"Model · {handle.spec}")
@@ -52,12 +52,7 @@ if handle.kind == "causal-lm":
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
     prompt = st.text_area("Prompt", value=example, height=120, key=f"prompt_{handle.spec}")
     result = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
-    if result.unknown:
-        st.warning("Not in this model's vocabulary, so fed as its unknown/BOS token: "
-                   + ", ".join(f"“{piece}”" for piece in result.unknown))
-    if result.truncated:
-        st.info(f"The prompt is longer than the model's context of {handle.structure.n_ctx} tokens: "
-                f"the first {result.truncated} tokens were dropped.")
+    prompt_notes(result, handle.structure.n_ctx)
     st.plotly_chart(plots.next_tokens_bar(result), width="stretch")
     st.caption(f"{result.n_prompt_tokens} tokens fed to the model (BOS first). Whitespace is shown as "
                f"{plots.WHITESPACE_NOTE}.", help=GLOSSARY["bos"])
