@@ -230,8 +230,11 @@ def not_droppable_sentences(sweep: DropSweep) -> list[str]:
     """Why some modules were not dropped: one sentence for all the image stages that change
     their input's shape, one line per other module."""
     reshaping = [m.layer for m, reason in sweep.not_droppable.items() if m.kind == "stage" and " maps shape " in reason]
-    lines = [f"{m.part}: {reason}" for m, reason in sweep.not_droppable.items() if m.layer not in reshaping
-             or m.kind != "stage"]
+    by_reason: dict[str, list[str]] = {}  # one line per reason ("mlp 0, mlp 1: the model has no MLP layers")
+    for m, reason in sweep.not_droppable.items():
+        if m.kind != "stage" or m.layer not in reshaping:
+            by_reason.setdefault(reason, []).append(m.part)
+    lines = [f"{', '.join(parts)}: {reason}" for reason, parts in by_reason.items()]
     if reshaping:
         names = ", ".join(map(str, reshaping[:-1])) + (" and " if len(reshaping) > 1 else "") + str(reshaping[-1])
         many = len(reshaping) > 1

@@ -161,6 +161,8 @@ def test_redundancy_page_on_denoiser_offers_no_kl():
     at = load(run(new_app()), "zoo:digits-denoiser")
     run(at, "views/redundancy.py")
     assert "hover for KL" not in " ".join(c.value for c in at.caption)  # a denoiser has no distribution
+    assert "KL to base (measured)" not in [m.label for m in at.metric]
+    assert not at.radio  # one stage can be dropped: nothing to rank
     assert not texts(at)
 
 
@@ -180,6 +182,8 @@ def test_redundancy_page_on_attention_only_model_has_no_duplicate_granularity():
     at = load(run(new_app()), "zoo:induction-2l")
     run(at, "views/redundancy.py")
     assert [r.label for r in at.radio] == ["Rank by"]  # sublayers and blocks are the same thing here
+    assert sum(c.value.startswith("mlp 0, mlp 1: ") for c in at.caption) == 1  # one line for both missing MLPs
+    assert not any(c.value.startswith("mlp 1: ") for c in at.caption)
     assert not texts(at)
 
 

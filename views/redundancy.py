@@ -77,9 +77,11 @@ if sim is not None and handle.structure.d_mlp:  # attention-only: a block is its
     granularity = st.radio("Drop", ["sublayers", "blocks"], horizontal=True,
                            format_func={"sublayers": "attention + MLP sublayers (joint ranking)",
                                         "blocks": "whole blocks"}.get)
-by = st.radio("Rank by", ["similarity", "measured"], horizontal=True,
-              format_func={"similarity": "similarity (1 − cos)", "measured": "measured single-drop cost"}.get,
-              help=GLOSSARY["one_minus_cos"])
+by = "measured"
+if len(rr.candidates(report, granularity, by)) > 1:  # one candidate: nothing to rank
+    by = st.radio("Rank by", ["similarity", "measured"], horizontal=True,
+                  format_func={"similarity": "similarity (1 − cos)", "measured": "measured single-drop cost"}.get,
+                  help=GLOSSARY["one_minus_cos"])
 ranked = rr.candidates(report, granularity, by)
 if not ranked:
     st.info("No module of this model can be dropped.")
@@ -93,8 +95,8 @@ st.dataframe({
 cols = st.columns(3)
 cols[0].metric(f"predicted Δ {label}", f"{check.predicted:+.4g}", help="sum of the single-drop changes")
 cols[1].metric(f"measured Δ {label}", f"{check.measured:+.4g}", help="all chosen modules dropped together")
-cols[2].metric("KL to base (measured)", f"{check.together.kl_to_base:.4g}" if check.together.kl_to_base
-               is not None else "–")
+if check.together.kl_to_base is not None:  # a denoiser outputs images: no distribution, no KL
+    cols[2].metric("KL to base (measured)", f"{check.together.kl_to_base:.4g}", help=GLOSSARY["kl"])
 st.caption("Predicted assumes the costs add up; the gap to the measured value shows how much the "
            "dropped modules interact.")
 user_recipe = recipe(handle)
