@@ -17,7 +17,11 @@ st.title("Attention channels")
 st.caption("Heads pass information between layers through small subspaces of the residual stream: one head "
            "writes a direction, a later head reads it with its queries (Q), keys (K) or values (V). The scores "
            "below come from the weights alone; the last section tests a channel by cutting it.")
-check_lm(handle)  # an image model has no heads: the page guard says so
+if handle.kind != "causal-lm":  # nothing went wrong: this view has nothing to show for an image model
+    st.info(f"Attention channels are a transformer's: {handle.spec} is an image model ({handle.kind}) with no "
+            "attention heads. Pick a language model in the sidebar (zoo:code-lm, zoo:induction-2l) to see them.")
+    st.stop()
+check_lm(handle)
 spec = handle.spec
 c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.head_roles(handle)
 if note := rep.approximation_note(c):
