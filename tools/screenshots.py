@@ -140,10 +140,17 @@ def bad_inputs(walk: Walk, scratch: Path) -> None:
 
 
 def main(args: list[str]) -> int:
+    import argparse
+
     from playwright.sync_api import sync_playwright
 
-    every = "--all-pages" in args
-    specs = [a for a in args if a != "--all-pages"]
+    parser = argparse.ArgumentParser(prog="python -m tools.screenshots", description=__doc__.split("\n\n")[0],
+                                     epilog="Screenshots go to artifacts/walk/ (the old ones are deleted first).")
+    parser.add_argument("specs", nargs="*", metavar="MODEL", help="bundled names or folders (default: every bundled "
+                        "model, then the bad inputs)")
+    parser.add_argument("--all-pages", action="store_true", help="every page in the navigation, not only three")
+    parsed = parser.parse_args(args)
+    every, specs = parsed.all_pages, parsed.specs
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.glob("*.png"):
         old.unlink()
