@@ -64,7 +64,13 @@ def attribution_rows(comparison: AttributionComparison) -> dict[str, list[str]]:
     add("exact (x0 ⊙ A, or J · e)", f"{comparison.exact_total:+.4g}", "1", f"F(x0) − b = {comparison.exact_total:+.4g}")
     for m in comparison.methods:
         r = "–" if m.correlation != m.correlation else f"{m.correlation:.3f}" + (" (vs |exact|)" if m.unsigned else "")
-        add(m.method, f"{m.total:+.4g}", r, expected.get(m.method, ""))
+        should = expected.get(m.method, "")
+        if m.method == "IntegratedGradients":  # how far off the finite-step path integral is, not only that it may be
+            miss = m.total - (comparison.value - comparison.zero_input_value)
+            should = gap + f"; its path integral misses by {miss:+.3g} here" + (
+                " (LayerNorm bends sharply near the zero input, so finite steps miss much)"
+                if not relu and abs(miss) > 0.1 * abs(comparison.value - comparison.zero_input_value) else "")
+        add(m.method, f"{m.total:+.4g}", r, should)
     for method, why in comparison.not_applicable:
         add(method, "–", "–", "not applicable: " + why)
     return rows

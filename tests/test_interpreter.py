@@ -307,6 +307,10 @@ def test_report_sentences_state_the_numbers(digits_cnn, image):
     assert "exact up to round-off" in report.reconstruction_sentence(linear.error)
     assert "NOT exact" in report.reconstruction_sentence(1e-3)
     assert report.frozen_sentence(linear) == "Frozen at this input: 4 ReLU and 2 MaxPool2d layers."
-    rows = report.attribution_rows(ic.image_attributions(digits_cnn, linear, k, n_steps=4))
+    comparison = ic.image_attributions(digits_cnn, linear, k, n_steps=4)
+    rows = report.attribution_rows(comparison)
     assert rows["method"][0].startswith("exact") and len(set(map(len, rows.values()))) == 1
+    ig = next(m for m in comparison.methods if m.method == "IntegratedGradients")
+    miss = ig.total - (comparison.value - comparison.zero_input_value)
+    assert f"misses by {miss:+.3g}" in rows["its sum should be"][rows["method"].index("IntegratedGradients")]
     assert it.shown_token(" \n") == "␣↵" and it.shown_token("") == "∅" and it.shown_token("abcdefgh", 6) == "abcde…"
