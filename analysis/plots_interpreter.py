@@ -145,10 +145,11 @@ def token_strip(result: TokenContributions) -> go.Figure:
     zmax = _symmetric([result.contributions])
     fig = go.Figure(go.Heatmap(z=z, text=text, texttemplate="%{text}", textfont=dict(size=15), customdata=hover,
                                colorscale=SIGNED, zmin=-zmax, zmax=zmax, hoverongaps=False, xgap=2, ygap=2,
-                               colorbar=dict(title=dict(text="contribution")),
+                               colorbar=dict(title=dict(text="contribution", side="right"), nticks=5,
+                                             thickness=14),
                                hovertemplate="position %{customdata[0]}: %{customdata[1]}<br>contribution "
                                              "%{z:+.4g}<extra></extra>"))
-    fig.update_layout(height=60 * rows + 40, margin=dict(l=10, r=10, t=10, b=10),
+    fig.update_layout(height=max(60 * rows + 40, 160), margin=dict(l=10, r=10, t=10, b=10),  # room for the colour bar
                       xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False, autorange="reversed"))
     return fig
 

@@ -74,7 +74,7 @@ with st.expander("Singular value spectra of every head"):
                "a circuit of low effective rank.")
 
 st.subheader("Attention on your prompt", help=GLOSSARY["attention_pattern"])
-prompt = st.text_area("Prompt", value=cached.example_prompt(handle), height=90, key=f"channels_prompt_{spec}")
+prompt = st.text_area("Prompt", value=cached.example_prompt(handle), height=130, key=f"channels_prompt_{spec}")
 tokens, patterns = cached.prompt_patterns(handle, prompt)
 head_names = [head_label((l, h)) for l in range(c.n_layers) for h in range(c.n_heads)]
 shown = st.selectbox("Head", range(len(head_names)), format_func=head_names.__getitem__,
