@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +61,20 @@ def _log_probs(outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
 class BaseOutputs:
     """Base outputs prepared once for many comparisons (a drop sweep, a recipe history).
 
-    probs: [n, classes] base probabilities at predicted positions; neg_entropy: [n]
-    sum p log p; top1: [n] base argmax.
+    probs: [n, classes] base probabilities at predicted positions; top1: [n] base argmax;
+    dot: [n] <p, z> with z the base's logits there; lse: [n] logsumexp(z). Then
+    sum p log p = dot - lse, and KL(base || model) = (dot - <p, z'>) + (lse' - lse) for a
+    model's logits z': exactly 0 when z' = z.
     """
 
     probs: torch.Tensor
-    neg_entropy: torch.Tensor
     top1: torch.Tensor
+    dot: torch.Tensor
+    lse: torch.Tensor
+
+    @property
+    def neg_entropy(self) -> torch.Tensor:
+        return self.dot - self.lse
 
 
 def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor:
@@ -75,19 +82,67 @@ def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor
     outputs are images, not a distribution, and come back as they are."""
     if isinstance(batch, ImageBatch) and batch.targets is not None:
         return base
-    lp = _log_probs(base, batch)
-    p = lp.exp()
-    return BaseOutputs(p, torch.einsum("nc,nc->n", p, lp), lp.argmax(-1))
+    if isinstance(batch, TextBatch):
+        probs, top1s, dots, lses = [], [], [], []
+        for z, top1, lse in _logit_chunks(base):
+            probs.append(torch.exp(z - lse[:, None]))
+            dots.append(torch.einsum("nc,nc->n", probs[-1], z))  # chunk by chunk, as text_scores computes <p, z'>
+            top1s.append(top1)
+            lses.append(lse)
+        return BaseOutputs(torch.cat(probs), torch.cat(top1s), torch.cat(dots), torch.cat(lses))
+    z = base.float()
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse[:, None])
+    return BaseOutputs(p, z.argmax(-1), torch.einsum("nc,nc->n", p, z), lse)
 
 
-def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, batch: Batch,
-                     log_probs: torch.Tensor | None = None) -> tuple[float, float]:
+ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
+
+
+def _logit_chunks(outputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """LM logits [b, T, V] at the predicted positions (all but the last of each window), in
+    row chunks in order: (z [rows, V] float32, argmax [rows], logsumexp [rows]) each, from
+    one max (which also gives the argmax) and one exp-sum over the chunk."""
+    b, T, _ = outputs.shape
+    for i in range(b):
+        window = outputs[i, :-1]  # [T-1, V], rows contiguous
+        for start in range(0, T - 1, ROWS_PER_CHUNK):
+            z = window[start:start + ROWS_PER_CHUNK].float()
+            top, top1 = z.max(-1)
+            yield z, top1, top + (z - top[:, None]).exp_().sum(-1).log_()
+
+
+def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, batch: Batch) -> tuple[float, float]:
     """Mean KL(base || model) and top-1 agreement over predicted positions."""
     ref = base if isinstance(base, BaseOutputs) else prepare_base(base, batch)
-    lq = _log_probs(outputs, batch) if log_probs is None else log_probs
+    if isinstance(batch, TextBatch):
+        _, kl, agree = text_scores(outputs, batch, ref)
+        return kl, agree
+    lq = _log_probs(outputs, batch)
     kl = (ref.neg_entropy - torch.einsum("nc,nc->n", ref.probs, lq)).mean().clamp_min(0).item()
     agree = (lq.argmax(-1) == ref.top1).float().mean().item()
     return kl, agree
+
+
+@torch.no_grad()
+def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None = None
+                ) -> tuple[float, float | None, float | None]:
+    """Mean NLL, KL(base || model) and top-1 agreement over the predicted positions of LM
+    logits [b, T, V], without log-probabilities of the whole batch: with log q = z - lse(z),
+    NLL = lse - z_target and KL = (dot - <p, z>) + (lse - lse_base) (see `BaseOutputs`)."""
+    targets = batch.tokens[:, 1:].reshape(-1)
+    nll = kl = agree = 0.0
+    start = 0
+    for z, top1, lse in _logit_chunks(outputs):
+        rows = slice(start, start + z.shape[0])
+        start += z.shape[0]
+        nll += float((lse - z.gather(1, targets[rows, None])[:, 0]).sum())
+        if ref is not None:
+            kl += float(((ref.dot[rows] - torch.einsum("nc,nc->n", ref.probs[rows], z)) + (lse - ref.lse[rows])).sum())
+            agree += float((top1 == ref.top1[rows]).sum())
+    if ref is None:
+        return nll / start, None, None
+    return nll / start, max(kl / start, 0.0), agree / start
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -167,11 +222,12 @@ def metrics_from_outputs(
     """
     check_outputs(outputs, batch, base)
     fields: dict[str, float | None] = {}
-    log_probs = None
     if isinstance(batch, TextBatch):
-        log_probs = _log_probs(outputs, batch)  # [n, vocab], shared by the NLL and the KL
-        nll = -log_probs.gather(1, batch.tokens[:, 1:].reshape(-1, 1)).mean().item()
+        ref = None if base is None else base if isinstance(base, BaseOutputs) else prepare_base(base, batch)
+        nll, kl, agree = text_scores(outputs, batch, ref)  # one chunked pass for the NLL and the KL
         fields.update(nll=nll, perplexity=math.exp(min(nll, 700.0)))
+        if ref is not None:
+            fields.update(kl_to_base=kl, agreement=agree)
         if batch.n_bytes:
             fields["bits_per_byte"] = nll * batch.n_predicted / math.log(2) / batch.n_bytes
         if batch.answer_mask is not None:
@@ -182,8 +238,8 @@ def metrics_from_outputs(
         fields["psnr_db"] = 10 * math.log10(1.0 / max(mse, 1e-12))
     else:
         fields["accuracy"] = (outputs.argmax(-1) == batch.labels).float().mean().item()
-    if base is not None and not (isinstance(batch, ImageBatch) and batch.targets is not None):
-        fields["kl_to_base"], fields["agreement"] = kl_and_agreement(outputs, base, batch, log_probs)
+    if base is not None and isinstance(batch, ImageBatch) and batch.targets is None:
+        fields["kl_to_base"], fields["agreement"] = kl_and_agreement(outputs, base, batch)
     return Metrics(n_params=n_params, size_bits=size_bits, latency_ms=latency_ms, **fields)
 
 

@@ -83,3 +83,20 @@ def test_latency_is_the_median_of_warm_calls_and_fast_models_get_more_of_them(ti
 
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=16, n_windows=2)
     assert evaluate(FirstForwardSlow(), batch, latency_repeats=3).latency_ms < 100  # the first call is not timed
+
+
+def test_chunked_text_scores_equal_the_log_softmax_formulas():
+    from lib.metrics import text_scores
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (3, 71), generator=g)  # 70 predicted rows per window: three chunks each
+    batch = data.TextBatch(tokens, 100, True, "random")
+    logits, base = torch.randn(3, 71, 50, generator=g) * 3, torch.randn(3, 71, 50, generator=g) * 3
+    lq = F.log_softmax(logits[:, :-1], -1).reshape(-1, 50)
+    lp = F.log_softmax(base[:, :-1], -1).reshape(-1, 50)
+    nll = -lq.gather(1, tokens[:, 1:].reshape(-1, 1)).mean()
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    agree = (lq.argmax(-1) == lp.argmax(-1)).float().mean()
+    got = text_scores(logits, batch, prepare_base(base, batch))
+    assert got == pytest.approx((float(nll), float(kl), float(agree)), rel=1e-5)
+    assert text_scores(logits, batch)[1:] == (None, None)
