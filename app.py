@@ -33,7 +33,7 @@ def model_picker() -> None:
     st.sidebar.selectbox(
         "Bundled model", options, key="zoo_choice", on_change=_load_from, args=("zoo_choice",),
         placeholder="(a model from a folder or the hub is loaded)",
-        format_func=lambda s: f"{s}  ({ZOO[s[4:]].kind})")
+        help="\n".join(f"- **{s}**: {ZOO[s[4:]].kind}" for s in options))  # kinds here: the names fit the sidebar
     st.sidebar.text_input("…or a Hugging Face name / local folder", key="typed_spec",
                           placeholder="gpt2  or  /path/to/checkpoint", on_change=_load_from, args=("typed_spec",),
                           help="Press Enter to load it.")

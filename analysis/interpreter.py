@@ -399,7 +399,9 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
         bias = model.unembedding_input(tokens)[0, -1] @ direction + offset
     position = parts[1] if len(parts) > 1 else torch.zeros_like(parts[0])
     error = float((parts[0].sum() + position.sum() + bias - value.detach()).abs())
-    texts = tuple(token_text(handle, int(t)) for t in tokens[0])
+    bos = handle.tokenizer.bos_token_id
+    texts = tuple("BOS" if i == 0 and int(t) == bos else token_text(handle, int(t))  # as the Channels page names it
+                  for i, t in enumerate(tokens[0]))
     result = TokenContributions(tokens[0], texts, target, parts[0], position, float(bias), float(value.detach()),
                                 error, frozen.n_frozen, len(parts) > 1)
     return result, frozen

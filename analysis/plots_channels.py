@@ -137,12 +137,15 @@ def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None 
     nodes = [(l, h) for l in range(L) for h in range(H)]
     roles_text = [_node_role(roles, l, h) for l, h in nodes]
     fig.add_trace(go.Scatter(
-        x=[l for l, _ in nodes], y=[h for _, h in nodes], mode="markers+text", showlegend=False,
+        x=[l for l, _ in nodes], y=[h for _, h in nodes], mode="markers", showlegend=False,
         marker=dict(size=22 if L * H <= 64 else 12, color=["#ff7f0e" if t else "#c7c7c7" for t in roles_text],
                     line=dict(width=1, color="#444")),
-        text=[head_label(n_) if L * H <= 64 else "" for n_ in nodes], textposition="middle right",
         customdata=roles_text, hovertemplate="L%{x}H%{y}<br>%{customdata}<extra></extra>",
         **_NO_DIMMING))
+    if L * H <= 64:  # labels as annotations on a white ground: drawn above the edges, readable where one passes
+        for l, h in nodes:
+            fig.add_annotation(x=l, y=h, text=head_label((l, h)), showarrow=False, xanchor="left", xshift=13,
+                               bgcolor="rgba(255,255,255,0.85)", font=dict(size=11), borderpad=1)
     fig.update_layout(height=max(300, 60 + 42 * H), margin=dict(t=10, b=10),
                       xaxis=dict(title="layer", range=[-0.4, L - 0.4], **integer_axis(L)),
                       yaxis=dict(title="head", autorange="reversed", **integer_axis(H)))

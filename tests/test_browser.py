@@ -109,9 +109,9 @@ def check_first_choice_sticks(page) -> None:
     choose_bundled(page, "zoo:digits-cnn")
     page.wait_for_timeout(2000)
     combo = page.locator('[data-testid="stSidebar"]').get_by_role("combobox", name="Bundled model")
-    expect(combo).to_have_value("zoo:digits-cnn  (image-classifier)", timeout=1)
+    expect(combo).to_have_value("zoo:digits-cnn", timeout=1)
     wait_model_page(page, "zoo:digits-cnn", "image-classifier")
-    expect(combo).to_have_value("zoo:digits-cnn  (image-classifier)", timeout=1)
+    expect(combo).to_have_value("zoo:digits-cnn", timeout=1)
     assert page.locator('[data-testid="stException"]').count() == 0
 
 

@@ -340,6 +340,8 @@ def test_figures_label_heads_and_tokens(circuits, composition, tiny_lm):
     top = composition.strongest("K", 3)
     graph = pc.channel_graph(composition, "K", 3, selected=top[0])
     assert [t.line.color for t in graph.data[:3]].count("#d62728") == 1
+    labels = [a.text for a in graph.layout.annotations]  # above the edges, on a white ground
+    assert "L0H0" in labels and len(labels) == composition.scores["K"].shape[0] * composition.scores["K"].shape[1]
     parts = ch.channel_components(circuits, composition, top[0].writer, top[0].reader, "K")
     assert len(pc.component_bars(parts).data[0].y) == 8
     roles = heads.roles_from_patterns([patterns[l][None] for l in range(3)], tokens.ids)
