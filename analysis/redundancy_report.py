@@ -174,10 +174,13 @@ def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
     unmeasured = [m.part for m in modules if m not in report.sweep.dropped]
     if unmeasured:
         raise redundancy.RedundancyError(f"The report has no single-drop measurement of {', '.join(unmeasured)}.")
-    if base_outputs is None:
-        base_outputs = handle.forward(model_inputs(batch))
     single = [report.sweep.delta(m, report.metric) for m in modules]
-    together = layer_drop.evaluate_dropped(handle, batch, modules, base_outputs)
+    if len(modules) == 1:  # one module dropped "together" is the sweep's own measurement of it
+        together = report.sweep.dropped[modules[0]]
+    else:
+        if base_outputs is None:
+            base_outputs = handle.forward(model_inputs(batch))
+        together = layer_drop.evaluate_dropped(handle, batch, modules, base_outputs)
     measured = getattr(together, report.metric) - getattr(report.sweep.base, report.metric)
     return DropCheck(modules, single, sum(single), measured, together)
 

@@ -31,10 +31,14 @@ def test_rankings_are_sorted(report):
 
 def test_one_drop_measured_equals_the_sweep(tiny_lm, batch, report):
     """The hook-based drop and the cached-prefix sweep are two routes to one number."""
+    from analysis import layer_drop
+
     base = tiny_lm.forward(batch.tokens)
     for module in (Drop("attention", 1), Drop("block", 2)):
-        check = rr.check_drops(tiny_lm, batch, report, [module], base)
-        assert abs(check.measured - check.predicted) < 1e-5
+        hooked = layer_drop.evaluate_dropped(tiny_lm, batch, [module], base)
+        assert abs(hooked.bits_per_byte - report.sweep.dropped[module].bits_per_byte) < 1e-5
+        check = rr.check_drops(tiny_lm, batch, report, [module], base)  # one module: the sweep's number, no rerun
+        assert check.together == report.sweep.dropped[module] and check.measured == pytest.approx(check.predicted)
 
 
 def test_two_drops_predicted_is_the_sum(tiny_lm, batch, report):
