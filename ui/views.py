@@ -8,6 +8,7 @@ and the parts of one view's analysis go through the no-copy `ui.store.STORE`.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, TypeVar
 
 import streamlit as st
@@ -23,6 +24,7 @@ from lib.metrics import LATENCY_REPEATS, Metrics, evaluate, model_inputs
 from ui.store import STORE
 
 T = TypeVar("T")
+PROGRESS_INTERVAL_S = 0.25
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -55,9 +57,14 @@ def _stored(key: tuple, compute: Callable[[Progress | None], T], label: str | No
         value = compute(None)
     else:
         bar = st.progress(0.0, text=label)
+        shown = [0.0]
 
         def update(fraction: float, message: str) -> None:
-            bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
+            # at most a few redraws a second: each one is browser work on the same CPUs as the computation
+            now = time.perf_counter()
+            if now - shown[0] >= PROGRESS_INTERVAL_S or fraction >= 1:
+                shown[0] = now
+                bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
 
         try:
             value = compute(update)
