@@ -26,10 +26,15 @@ SCOPES = ("all", "attention", "mlp", "layers")
 PER = ("layer", "global")
 
 
-def _check_scope(edit: Edit) -> None:
-    name = edit.type
+def _check_sparsity_and_scope(edit: Edit) -> None:
     require(isinstance(edit.sparsity, (int, float)) and not isinstance(edit.sparsity, bool)
-            and 0 <= edit.sparsity < 1, f"A {name} sparsity is a fraction in [0, 1), not {edit.sparsity!r}.")
+            and 0 <= edit.sparsity < 1, f"A {edit.type} sparsity is a fraction in [0, 1), not {edit.sparsity!r}.")
+    check_scope(edit)
+
+
+def check_scope(edit: Edit) -> None:
+    """Refuse an edit whose `scope` and `layers` fields (see `scoped_layers`) do not fit."""
+    name = edit.type
     require(edit.scope in SCOPES, f"A {name} scope is one of {', '.join(SCOPES)}, not {edit.scope!r}.")
     require(isinstance(edit.layers, tuple), f"A {name} edit's layers are a list, not {edit.layers!r}.")
     if edit.scope == "layers":
@@ -53,7 +58,7 @@ class Magnitude(Edit):
     per: str = "layer"
 
     def __post_init__(self) -> None:
-        _check_scope(self)
+        _check_sparsity_and_scope(self)
         require(self.per in PER, f"Magnitude pruning is per {' or '.join(PER)}, not {self.per!r}.")
 
     @property
@@ -73,7 +78,7 @@ class Wanda(Edit):
     layers: tuple = ()
 
     def __post_init__(self) -> None:
-        _check_scope(self)
+        _check_sparsity_and_scope(self)
 
     @property
     def label(self) -> str:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from analysis.edits import Edit, applies, edit_type, is_int, require
-from analysis.pruning import SCOPES, scoped_layers
+from analysis.pruning import check_scope, scoped_layers
 from analysis.quant_calibration import as_matrix, calibration_grams, quantease
 from analysis.quant_formats import (
     FORMATS,
@@ -37,18 +37,6 @@ from lib.handle import ModelHandle, StoredAs, quantized_bits
 
 METHODS = ("rtn", "quantease")
 ACTIVATION_FORMATS = tuple(name for name, f in FORMATS.items() if f.activations)
-
-
-def _check_scope(edit: Edit) -> None:
-    name = edit.type
-    require(edit.scope in SCOPES, f"A {name} scope is one of {', '.join(SCOPES)}, not {edit.scope!r}.")
-    require(isinstance(edit.layers, tuple), f"A {name} edit's layers are a list, not {edit.layers!r}.")
-    if edit.scope == "layers":
-        require(len(edit.layers) > 0, f"A {name} edit with scope 'layers' needs at least one layer.")
-        require(all(is_int(x) and x >= 0 or isinstance(x, str) and x for x in edit.layers),
-                f"A {name} edit's layers are block indices or stage names, not {edit.layers!r}.")
-    else:
-        require(edit.layers == (), f"A {name} edit lists layers only with scope 'layers'.")
 
 
 def _where(edit: Edit) -> str:
@@ -74,7 +62,7 @@ class Quantize(Edit):
     def __post_init__(self) -> None:
         require(isinstance(self.format, str) and self.format in FORMATS,
                 f"Unknown quantization format {self.format!r}; the formats are {', '.join(FORMATS)}.")
-        _check_scope(self)
+        check_scope(self)
         require(self.group_size is None or is_int(self.group_size) and self.group_size >= 1,
                 f"A group size is a whole number of columns >= 1 (or none), not {self.group_size!r}.")
         require(isinstance(self.activations, bool), f"activations is true or false, not {self.activations!r}.")
@@ -111,7 +99,7 @@ class LLMInt8(Edit):
     def __post_init__(self) -> None:
         require(isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
                 and self.threshold >= 0, f"The outlier threshold is a number >= 0, not {self.threshold!r}.")
-        _check_scope(self)
+        check_scope(self)
 
     @property
     def label(self) -> str:
