@@ -140,20 +140,23 @@ def _interleaved(fn: Callable[[], float], reference: Callable[[], float], repeat
     return Timing(tuple(measured), tuple(ref))
 
 
-def cold_start_row(setup: Setup) -> Row:
+def _page_row(name: str, setup: Setup, page: Callable, reference: Callable[[], float], detail: str) -> Row:
+    """`page(browser)` against `reference()`, interleaved, in one headless Chromium."""
     with _browser() as browser:
-        t = _interleaved(lambda: cold_start(browser), minimum_work, setup.repeats)
-    return Row.timed("cold start to model page / minimum work", t,
-                     f"{MODEL}; streamlit run + Chromium until the metrics are drawn, vs one process that "
-                     "imports, loads and evaluates (target <= 1.3)")
+        t = _interleaved(lambda: page(browser), reference, setup.repeats)
+    return Row.timed(name, t, f"{MODEL}; {detail}")
+
+
+def cold_start_row(setup: Setup) -> Row:
+    return _page_row("cold start to model page / minimum work", setup, cold_start, minimum_work,
+                     "streamlit run + Chromium until the metrics are drawn, vs one process that imports, loads "
+                     "and evaluates (target <= 1.3)")
 
 
 def redundancy_row(setup: Setup) -> Row:
-    with _browser() as browser:
-        t = _interleaved(lambda: redundancy_first_visit(browser), build_report_seconds, setup.repeats)
-    return Row.timed("redundancy page first visit / build_report", t,
-                     f"{MODEL}; click to all {REDUNDANCY_CHARTS} charts drawn, vs build_report in a process "
-                     "that has evaluated the model (target <= 1.5)")
+    return _page_row("redundancy page first visit / build_report", setup, redundancy_first_visit,
+                     build_report_seconds, f"click to all {REDUNDANCY_CHARTS} charts drawn, vs build_report in a "
+                     "process that has evaluated the model (target <= 1.5)")
 
 
 ROWS: tuple[Callable[[Setup], Row], ...] = (cold_start_row, redundancy_row)
