@@ -9,8 +9,6 @@ and go through the no-copy `ui.store.STORE`, under a progress bar where they are
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
 import streamlit as st
 import torch
 
@@ -19,30 +17,12 @@ from analysis import interpreter_captum as ic
 from analysis.interpreter import LinearMap, TokenContributions
 from analysis.interpreter_captum import AttributionComparison
 from lib.handle import ModelHandle
-from ui.store import STORE, TensorStore
+from ui.progress import stored
+from ui.store import TensorStore
 from ui.views import eval_batch
 
-T = TypeVar("T")
 COPIES = TensorStore(max_entries=2)
 N_STEPS = 32  # integrated-gradients steps
-
-
-def _stored(key: tuple, label: str, compute: Callable[[it.Progress], T]) -> T:
-    """`STORE`'s value for `key`, or `compute(progress)` under a progress bar drawn here."""
-    found = STORE.get(key)
-    if found is not None:
-        return found
-    bar = st.progress(0.0, text=label)
-
-    def update(fraction: float, message: str) -> None:
-        bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
-
-    try:
-        value = compute(update)
-    finally:
-        bar.empty()
-    STORE.put(key, value)
-    return value
 
 
 def working_copy(handle: ModelHandle) -> ModelHandle:
@@ -62,24 +42,27 @@ def image(handle: ModelHandle, index: int) -> torch.Tensor:
 
 
 def linear_map(handle: ModelHandle, index: int) -> LinearMap:
-    return _stored(("interpreter_map", handle.fingerprint, index), "Freezing the network at this image",
-                   lambda _: it.linear_map(working_copy(handle), image(handle, index)))
+    return stored(("interpreter_map", handle.fingerprint, index),
+                  lambda _: it.linear_map(working_copy(handle), image(handle, index)),
+                  "Freezing the network at this image")
 
 
 def image_comparison(handle: ModelHandle, index: int, target: int) -> AttributionComparison:
     linear = linear_map(handle, index)
-    return _stored(("interpreter_captum", handle.fingerprint, index, target), "captum attributions",
-                   lambda step: ic.image_attributions(working_copy(handle), linear, target, N_STEPS, progress=step))
+    return stored(("interpreter_captum", handle.fingerprint, index, target),
+                  lambda step: ic.image_attributions(working_copy(handle), linear, target, N_STEPS, progress=step),
+                  "captum attributions")
 
 
 def token_contributions(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> TokenContributions:
     tokens = it.prompt_tokens(handle, prompt)
     target = it.logit_target(handle, token, versus)
-    return _stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus), "Linearising the model",
-                   lambda _: it.token_contributions(working_copy(handle), tokens, target))
+    return stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus),
+                  lambda _: it.token_contributions(working_copy(handle), tokens, target), "Linearising the model")
 
 
 def token_comparison(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> AttributionComparison:
     exact = token_contributions(handle, prompt, token, versus)
-    return _stored(("interpreter_token_captum", handle.fingerprint, prompt, token, versus), "captum attributions",
-                   lambda step: ic.token_attributions(working_copy(handle), exact, N_STEPS, progress=step))
+    return stored(("interpreter_token_captum", handle.fingerprint, prompt, token, versus),
+                  lambda step: ic.token_attributions(working_copy(handle), exact, N_STEPS, progress=step),
+                  "captum attributions")

@@ -24,6 +24,7 @@ from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, prepare_base
 from ui.lab_controls import methods_for
+from ui.progress import progress_bar
 from ui.session import app_message, recipe
 from ui.store import STORE
 from ui.views import base_outputs, eval_batch
@@ -47,14 +48,12 @@ def change(lab: Lab, handle: ModelHandle, label: str, act: Callable[[Progress], 
     """Run one change of the recipe with a progress bar; on success share the new recipe
     with the session and rerun the page (every panel then shows it); on a user error
     show it here, leave everything as it was and return False."""
-    bar = st.progress(0.0, text=label)
     try:
-        act(lambda fraction, message: bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}"))
+        with progress_bar(label) as update:
+            act(update)
     except LayerScopeError as e:
         st.error(app_message(e))
         return False
-    finally:
-        bar.empty()
     recipe(handle).edits[:] = lab.recipe.edits
     st.rerun()
 

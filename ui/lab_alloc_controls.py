@@ -16,6 +16,7 @@ from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import model_inputs
 from ui.lab_controls import LM, LM_AND_IMAGES, live_layers, method, scope_controls, sparsity_slider
+from ui.progress import progress_bar
 from ui.store import STORE
 from ui.views import eval_batch
 
@@ -33,12 +34,8 @@ def _calibration(base: ModelHandle):
 
 def _curves(base: ModelHandle, n_levels: int) -> alloc.DistortionCurves:
     def compute():
-        bar = st.progress(0.0, text="Distortion curves")
-        try:
-            return alloc.distortion_curves(base, _calibration(base), n_levels,
-                                           progress=lambda f, m: bar.progress(min(1.0, f), text=m))
-        finally:
-            bar.empty()
+        with progress_bar("Distortion curves") as update:
+            return alloc.distortion_curves(base, _calibration(base), n_levels, progress=update)
 
     return STORE.get_or_compute(("distortion_curves", base.fingerprint, n_levels), compute)
 
@@ -101,13 +98,9 @@ def evolutionary(base: ModelHandle, edited: ModelHandle) -> Edit | None:
             return pool[(g * step) % len(pool):][:CALIBRATION_WINDOWS, :128] if base.kind == "causal-lm" \
                 else pool[g % 4::4]
 
-        bar = st.progress(0.0, text="Evolutionary search")
-        try:
-            search = alloc.evolve(base, inputs, fresh, curves, sparsity, generations=generations,
-                                  progress=lambda f, m: bar.progress(min(1.0, f), text=m),
+        with progress_bar("Evolutionary search") as update:
+            search = alloc.evolve(base, inputs, fresh, curves, sparsity, generations=generations, progress=update,
                                   on_generation=lambda so_far: STORE.put(partial, so_far))
-        finally:
-            bar.empty()
         STORE.put(key, search)
     st.plotly_chart(plots_alloc.search_progress(search.curve), width="stretch")
     plan = search.allocation(curves)

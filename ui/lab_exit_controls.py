@@ -21,6 +21,7 @@ from analysis.glossary import GLOSSARY
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
 from ui.lab_controls import method
+from ui.progress import progress_bar
 from ui.session import app_message
 from ui.store import STORE
 from ui.views import eval_batch
@@ -84,11 +85,8 @@ def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
 
 
 def _train_lens(edited: ModelHandle, lens: str) -> ex.ExitLens:
-    bar = st.progress(0.0, text=f"Training the {ex.LENS_LABELS[lens]}")
-    try:
-        trained = ex.exit_lens(edited, lens, progress=lambda f, m: bar.progress(min(1.0, max(0.0, f)), text=m))
-    finally:
-        bar.empty()
+    with progress_bar(f"Training the {ex.LENS_LABELS[lens]}") as update:
+        trained = ex.exit_lens(edited, lens, progress=update)
     STORE.put(("exit_lens", edited.fingerprint, lens), trained)
     return trained
 
@@ -118,12 +116,8 @@ def _pass(base: ModelHandle, edited: ModelHandle, lens: str) -> tuple[ex.ExitSta
     found = STORE.get(key)
     if found is None:
         batch = eval_batch(base, base.fingerprint)
-        bar = st.progress(0.0, text="Recording every layer's readout")
-        try:
-            stats = ex.collect_exit_stats(edited, batch, lens,
-                                          progress=lambda f, m: bar.progress(min(1.0, max(0.0, f)), text=m))
-        finally:
-            bar.empty()
+        with progress_bar("Recording every layer's readout") as update:
+            stats = ex.collect_exit_stats(edited, batch, lens, progress=update)
         found = (stats, ex.exit_curves(stats))
         STORE.put(key, found)
     return found

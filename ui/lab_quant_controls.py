@@ -22,6 +22,7 @@ from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
 from ui.lab_controls import LM, LM_AND_IMAGES, method, scope_controls
+from ui.progress import progress_bar
 from ui.session import app_message
 from ui.store import STORE
 from ui.views import eval_batch
@@ -233,12 +234,8 @@ def llm_int8(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 
 def _sensitivity(base: ModelHandle, edited: ModelHandle, fmt: str) -> Sensitivity:
     def compute() -> Sensitivity:
-        bar = st.progress(0.0, text="Layer sensitivity")
-        try:
-            return sensitivity(edited, fmt, batch=_calibration(base),
-                               progress=lambda f, m: bar.progress(min(1.0, f), text=f"Layer sensitivity: {m}"))
-        finally:
-            bar.empty()
+        with progress_bar("Layer sensitivity") as update:
+            return sensitivity(edited, fmt, batch=_calibration(base), progress=update)
 
     return STORE.get_or_compute(("quant_sensitivity", edited.fingerprint, fmt), compute)
 

@@ -8,9 +8,6 @@ and the parts of one view's analysis go through the no-copy `ui.store.STORE`.
 
 from __future__ import annotations
 
-import time
-from typing import Callable, TypeVar
-
 import streamlit as st
 import torch
 
@@ -21,10 +18,8 @@ from analysis.redundancy_report import DropCheck, RedundancyReport
 from lib import data
 from lib.handle import ModelHandle
 from lib.metrics import LATENCY_REPEATS, Metrics, evaluate, model_inputs
+from ui.progress import Progress, stored
 from ui.store import STORE
-
-T = TypeVar("T")
-PROGRESS_INTERVAL_S = 0.25
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -44,36 +39,6 @@ def base_outputs(handle: ModelHandle) -> torch.Tensor:
                                 lambda: handle.forward(model_inputs(eval_batch(handle, handle.fingerprint))))
 
 
-Progress = Callable[[float, str], None]
-
-
-def _stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None) -> T:
-    """`STORE`'s value for `key`, or `compute(progress)`; with a `label`, under a progress
-    bar drawn where the page is now (nothing is drawn when the value is already there)."""
-    found = STORE.get(key)
-    if found is not None:
-        return found
-    if label is None:
-        value = compute(None)
-    else:
-        bar = st.progress(0.0, text=label)
-        shown = [0.0]
-
-        def update(fraction: float, message: str) -> None:
-            # at most a few redraws a second: each one is browser work on the same CPUs as the computation
-            now = time.perf_counter()
-            if now - shown[0] >= PROGRESS_INTERVAL_S or fraction >= 1:
-                shown[0] = now
-                bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
-
-        try:
-            value = compute(update)
-        finally:
-            bar.empty()
-    STORE.put(key, value)
-    return value
-
-
 # The Redundancy view in parts, each cached by what it depends on: the hooked pass and
 # the drop sweep by the model alone, the statistics and the lens by model and skip.
 
@@ -84,23 +49,23 @@ def residuals(handle: ModelHandle) -> Residuals:
         with st.spinner("One forward pass with hooks ..."):
             return rr.residual_pass(handle, eval_batch(handle, handle.fingerprint))
 
-    return _stored(("residuals", handle.fingerprint), compute)
+    return stored(("residuals", handle.fingerprint), compute)
 
 
 def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
     batch = eval_batch(handle, handle.fingerprint)
-    return _stored(("layer_statistics", handle.fingerprint, skip),
+    return stored(("layer_statistics", handle.fingerprint, skip),
                    lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip))
 
 
 def lens(handle: ModelHandle, skip: int) -> LogitLens:
     batch = eval_batch(handle, handle.fingerprint)
-    return _stored(("lens", handle.fingerprint, skip),
+    return stored(("lens", handle.fingerprint, skip),
                    lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step), "Logit lens")
 
 
 def stage_statistics(handle: ModelHandle) -> StageSimilarity:
-    return _stored(("stage_statistics", handle.fingerprint),
+    return stored(("stage_statistics", handle.fingerprint),
                    lambda _: stage_similarity(handle, eval_batch(handle, handle.fingerprint)), "Comparing stages")
 
 
@@ -108,9 +73,9 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
     """Every single drop measured (LMs reuse the cached pass)."""
     batch = eval_batch(handle, handle.fingerprint)
     if rr.is_stage_model(handle, batch):
-        return _stored(("drop_sweep", handle.fingerprint), lambda _: rr.drop_sweep(handle, batch),
+        return stored(("drop_sweep", handle.fingerprint), lambda _: rr.drop_sweep(handle, batch),
                        "Dropping each stage")
-    return _stored(("drop_sweep", handle.fingerprint),
+    return stored(("drop_sweep", handle.fingerprint),
                    lambda step: rr.drop_sweep(handle, batch, residuals(handle), progress=step), "Dropping each module")
 
 
