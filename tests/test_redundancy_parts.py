@@ -8,7 +8,7 @@ import torch
 from analysis import redundancy
 from analysis import redundancy_report as rr
 from lib import data
-from ui import views
+from ui import progress, views
 from ui.session import load_base
 from ui.store import TensorStore
 
@@ -47,6 +47,7 @@ def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, mo
         monkeypatch.setattr(rr, name, counted(name))
     store = TensorStore()
     monkeypatch.setattr(views, "STORE", store)  # nothing cached by earlier tests
+    monkeypatch.setattr(progress, "STORE", store)  # where views.stored keeps the parts
     at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
     run(at, "views/redundancy.py")
     once = {"residual_pass": 1, "layer_statistics": 1, "lens_statistics": 1, "drop_sweep": 1}
