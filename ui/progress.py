@@ -2,36 +2,59 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import add_script_run_ctx
 
 from ui.store import STORE
 
 T = TypeVar("T")
 Progress = Callable[[float, str], None]
-PROGRESS_INTERVAL_S = 0.25  # at most a few redraws a second: each is browser work on the CPUs the work needs
+# Every redraw is browser work on the CPUs the computation needs (on a 2-core machine a
+# redraw stalls both of torch's threads), so the bar appears only once the work has run
+# FIRST_DRAW_S (short work draws nothing, like st.spinner) and then redraws at most every
+# PROGRESS_INTERVAL_S.
+FIRST_DRAW_S = 0.5
+PROGRESS_INTERVAL_S = 1.0
 
 
 @contextmanager
 def progress_bar(label: str) -> Iterator[Progress]:
-    """A progress bar drawn where the page is now, gone on exit (also when the body raises);
+    """A progress bar where the page is now, drawn FIRST_DRAW_S after the work starts
+    (with the latest progress reported) and gone on exit (also when the body raises);
     yields `update(fraction, message)`, which redraws it at most every PROGRESS_INTERVAL_S."""
-    bar = st.progress(0.0, text=label)
-    shown = [0.0]
+    slot = st.empty()
+    lock = threading.Lock()
+    state = {"latest": (0.0, label), "drawn_at": None, "open": True}
+
+    def draw() -> None:  # from the script thread or, once, from the timer
+        with lock:
+            if state["open"]:
+                fraction, text = state["latest"]
+                slot.progress(min(1.0, max(0.0, fraction)), text=text)
+                state["drawn_at"] = time.perf_counter()
 
     def update(fraction: float, message: str) -> None:
-        now = time.perf_counter()
-        if now - shown[0] >= PROGRESS_INTERVAL_S or fraction >= 1:
-            shown[0] = now
-            bar.progress(min(1.0, max(0.0, fraction)), text=f"{label}: {message}")
+        state["latest"] = (fraction, f"{label}: {message}")
+        drawn_at = state["drawn_at"]
+        if drawn_at is not None and time.perf_counter() - drawn_at >= PROGRESS_INTERVAL_S:
+            draw()
 
+    timer = threading.Timer(FIRST_DRAW_S, draw)
+    add_script_run_ctx(timer)
+    timer.start()
     try:
         yield update
     finally:
-        bar.empty()
+        timer.cancel()
+        with lock:
+            state["open"] = False
+            if state["drawn_at"] is not None:
+                slot.empty()
 
 
 def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None) -> T:

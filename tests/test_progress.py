@@ -1,0 +1,61 @@
+"""ui.progress.progress_bar: nothing drawn for short work, the latest progress drawn once the
+work has run FIRST_DRAW_S, at most one redraw per PROGRESS_INTERVAL_S, and gone on exit."""
+
+import time
+
+import pytest
+
+from ui import progress
+
+
+class Slot:
+    """Records what a page placeholder was asked to show."""
+
+    def __init__(self):
+        self.calls = []
+
+    def progress(self, fraction, text):
+        self.calls.append(("progress", fraction, text))
+
+    def empty(self):
+        self.calls.append(("empty",))
+
+
+@pytest.fixture
+def slot(monkeypatch):
+    recorder = Slot()
+    monkeypatch.setattr(progress.st, "empty", lambda: recorder)
+    return recorder
+
+
+def test_short_work_draws_nothing(slot, monkeypatch):
+    monkeypatch.setattr(progress, "FIRST_DRAW_S", 0.3)
+    with progress.progress_bar("Work") as update:
+        update(0.5, "half")
+        update(1.0, "done")
+    time.sleep(0.5)  # the timer was cancelled: it draws nothing later either
+    assert slot.calls == []
+
+
+def test_long_work_shows_latest_progress_then_redraws_at_most_each_interval(slot, monkeypatch):
+    monkeypatch.setattr(progress, "FIRST_DRAW_S", 0.05)
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 60)
+    with progress.progress_bar("Work") as update:
+        update(0.25, "first")
+        time.sleep(0.5)  # the timer draws what was reported last
+        assert slot.calls == [("progress", 0.25, "Work: first")]
+        update(0.5, "second")  # within the interval: not redrawn
+        assert len(slot.calls) == 1
+        monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0)
+        update(0.75, "third")
+        assert slot.calls[-1] == ("progress", 0.75, "Work: third")
+    assert slot.calls[-1] == ("empty",)
+
+
+def test_bar_is_removed_when_the_work_fails(slot, monkeypatch):
+    monkeypatch.setattr(progress, "FIRST_DRAW_S", 0.05)
+    with pytest.raises(ValueError):
+        with progress.progress_bar("Work"):
+            time.sleep(0.5)
+            raise ValueError("bad input")
+    assert slot.calls == [("progress", 0.0, "Work"), ("empty",)]
