@@ -75,14 +75,16 @@ def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor
         probs, top1s, dots, lses = [], [], [], []
         for z, top1, lse in _logit_chunks(base):
             probs.append(torch.exp(z - lse[:, None]))
-            dots.append(torch.einsum("nc,nc->n", probs[-1], z))  # chunk by chunk, as text_scores computes <p, z'>
+            # chunk by chunk, as text_scores computes <p, z'>; vecdot, not einsum("nc,nc->n"), whose
+            # batched-matmul path is 9x slower on a [32, 50257] chunk
+            dots.append(torch.linalg.vecdot(probs[-1], z))
             top1s.append(top1)
             lses.append(lse)
         return BaseOutputs(torch.cat(probs), torch.cat(top1s), torch.cat(dots), torch.cat(lses))
     z = base.float()
     lse = torch.logsumexp(z, -1)
     p = torch.exp(z - lse[:, None])
-    return BaseOutputs(p, z.argmax(-1), torch.einsum("nc,nc->n", p, z), lse)
+    return BaseOutputs(p, z.argmax(-1), torch.linalg.vecdot(p, z), lse)
 
 
 ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
@@ -108,7 +110,7 @@ def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, ba
         _, kl, agree = text_scores(outputs, batch, ref)
         return kl, agree
     z = outputs.float()  # class logits [n, classes]: one chunk, the same formula as text_scores
-    kl = ((ref.dot - torch.einsum("nc,nc->n", ref.probs, z)) + (torch.logsumexp(z, -1) - ref.lse)).mean()
+    kl = ((ref.dot - torch.linalg.vecdot(ref.probs, z)) + (torch.logsumexp(z, -1) - ref.lse)).mean()
     return max(float(kl), 0.0), (z.argmax(-1) == ref.top1).float().mean().item()
 
 
@@ -126,7 +128,7 @@ def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None
         start += z.shape[0]
         nll += float((lse - z.gather(1, targets[rows, None])[:, 0]).sum())
         if ref is not None:
-            kl += float(((ref.dot[rows] - torch.einsum("nc,nc->n", ref.probs[rows], z)) + (lse - ref.lse[rows])).sum())
+            kl += float(((ref.dot[rows] - torch.linalg.vecdot(ref.probs[rows], z)) + (lse - ref.lse[rows])).sum())
             agree += float((top1 == ref.top1[rows]).sum())
     if ref is None:
         return nll / start, None, None
