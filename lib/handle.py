@@ -196,10 +196,21 @@ class ModelHandle(LinearLayers, ABC):
 
     # ------------------------------------------------------------------ running
 
-    @abstractmethod
+    @exclusive
+    @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Model output without gradients. LM: tokens [batch, pos] -> logits
-        [batch, pos, vocab]; image models: [batch, 1, H, W] -> logits or images."""
+        [batch, pos, vocab]; image models: [batch, 1, H, W] -> logits or images. On a
+        private copy with an exit rule (an early-exit edit), each token's or image's output
+        is the one the rule reads out at its exit layer instead."""
+        if self.exit_rule is None:
+            return self._forward_every_layer(inputs)
+        states, outputs = self.exit_states(inputs)
+        return self.exit_rule(self, states, outputs)
+
+    @abstractmethod
+    def _forward_every_layer(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`forward` through every layer, no exit rule applied."""
 
     def check_point(self, point: Point) -> None:
         """Raise CapabilityError if this model has no such activation point."""

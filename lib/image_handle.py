@@ -59,7 +59,7 @@ class TorchHandle(ModelHandle):
 
     @exclusive
     @torch.no_grad()
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _forward_every_layer(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
 
     def _stage(self, point: Point) -> nn.Module:
@@ -261,19 +261,6 @@ class TorchHandle(ModelHandle):
         return hook
 
     # ---- early exits
-
-    _forward_every_layer = forward  # the forward defined above, kept as it is; the one below wraps it
-
-    @exclusive
-    @torch.no_grad()
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """`_forward_every_layer` (the forward above). On a private copy with an exit rule
-        (an early-exit edit), each image's output is the one the rule reads out at its exit
-        stage instead."""
-        if self.exit_rule is None:
-            return self._forward_every_layer(inputs)
-        states, outputs = self.exit_states(inputs)
-        return self.exit_rule(self, states, outputs)
 
     @exclusive
     @torch.no_grad()

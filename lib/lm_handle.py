@@ -131,17 +131,6 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
 
     @exclusive
     @torch.no_grad()
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, pos, vocab] from `_forward_every_layer`; on a private copy with an
-        exit rule (an early-exit edit), each token's logits are those the rule reads out at
-        its exit depth instead."""
-        if self.exit_rule is None:
-            return self._forward_every_layer(inputs)
-        states, logits = self.exit_states(inputs)
-        return self.exit_rule(self, states, logits)
-
-    @exclusive
-    @torch.no_grad()
     def _forward_every_layer(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits [batch, pos, vocab]. With no hook active this runs the plain transformers
         model with SDPA attention (the same weights, shared), as fast as Hugging Face's own
