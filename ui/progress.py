@@ -14,10 +14,9 @@ from ui.store import STORE
 
 T = TypeVar("T")
 Progress = Callable[[float, str], None]
-# Every redraw is browser work on the CPUs the computation needs (on a 2-core machine a
-# redraw stalls both of torch's threads), so the bar appears only once the work has run
-# FIRST_DRAW_S (short work draws nothing, like st.spinner) and then redraws at most every
-# PROGRESS_INTERVAL_S.
+# The bar appears only once the work has run FIRST_DRAW_S (short work draws nothing, like
+# st.spinner: no flash of a bar) and then redraws at most every PROGRESS_INTERVAL_S (each
+# redraw is browser work on the CPUs the computation shares when both run on one machine).
 FIRST_DRAW_S = 0.5
 PROGRESS_INTERVAL_S = 1.0
 
