@@ -74,11 +74,12 @@ class AttributionComparison:
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two tensors flattened; nan when either is constant."""
+    """Pearson correlation of two tensors flattened, in [-1, 1]; nan when either is constant.
+    Clamped: for proportional tensors round-off gives 1.0000000000000002."""
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
     denom = a.norm() * b.norm()
-    return float(a @ b / denom) if denom > 0 else float("nan")
+    return min(max(float(a @ b / denom), -1.0), 1.0) if denom > 0 else float("nan")
 
 
 def _attribution(method: str, values: torch.Tensor, exact: torch.Tensor, unsigned: bool = False) -> Attribution:
