@@ -14,8 +14,9 @@ serves round-to-nearest and calibrated coordinate descent (QuantEase).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -158,6 +159,14 @@ def group_columns(fmt: QuantFormat, row: int, group_size: int | None = None) -> 
         return fmt.group if fmt.group < 0 else row
     divisor = max(d for d in range(1, fmt.group + 1) if row % d == 0)
     return divisor if divisor * 4 >= fmt.group else row
+
+
+def common_group(fmt: QuantFormat, rows: Iterable[int]) -> int:
+    """The largest group size up to the format's default that divides every row length in
+    `rows`: a group the user can start from in any scope (code-lm's rows of 160 and 640
+    give int4 80, not its default 128)."""
+    common = math.gcd(*rows)
+    return max(d for d in range(1, fmt.group + 1) if common % d == 0)
 
 
 def _half(scale: torch.Tensor) -> torch.Tensor:

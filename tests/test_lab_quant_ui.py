@@ -69,6 +69,16 @@ def test_int4_on_the_code_lm_shrinks_it_and_stacks_with_pruning_both_ways():
     assert before.bits_per_byte != after.bits_per_byte  # another model: the order matters
 
 
+def test_own_group_size_starts_at_a_size_that_divides_every_row():
+    at = choose(lab_page("zoo:code-lm"), "Quantize weights")
+    at.selectbox(key="lab_quant_format").set_value("int4")
+    run(at)
+    at.toggle(key="lab_quant_own_group").set_value(True)
+    run(at)
+    assert at.number_input(key="lab_quant_group").value == 80  # rows of 160 and 640; int4's default 128 divides neither
+    assert not errors(at) and not at.button(key="lab_add").disabled
+
+
 def test_llm_int8_shows_its_outlier_columns_and_lands_in_the_recipe():
     at = choose(lab_page("zoo:code-lm"), "LLM.int8 outlier split")
     assert at.slider(key="lab_int8_threshold").value == 6.0

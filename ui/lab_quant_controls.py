@@ -14,7 +14,7 @@ from analysis.glossary import GLOSSARY
 from analysis.mixed_precision import Allocation, Sensitivity, allocate, drop_label, sensitivity
 from analysis.pruning import scoped_layers
 from analysis.quant_calibration import compare_methods
-from analysis.quant_formats import FORMATS, SCALE_BITS, group_columns
+from analysis.quant_formats import FORMATS, SCALE_BITS, common_group, group_columns
 from analysis.quant_kernels import KernelComparison, int8_kernel_comparison
 from analysis.quantization import ACTIVATION_FORMATS, LLMInt8, Quantize, find_outliers, layer_histogram
 from lib import data
@@ -99,7 +99,9 @@ def quantize(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     if FORMATS[fmt].group > 0:
         if st.toggle(f"Own group size (default {FORMATS[fmt].group}, or the largest that divides a row)",
                      key="lab_quant_own_group", help=_GROUP_HELP):
-            group_size = int(st.number_input("Columns per scale group", 1, 4096, FORMATS[fmt].group, step=1,
+            rows = [w[0].numel() for w in edited.linear_layers().values()]
+            start = common_group(FORMATS[fmt], rows)  # divides every row: no error before the user types
+            group_size = int(st.number_input("Columns per scale group", 1, 4096, start, step=1,
                                              key="lab_quant_group", help=_GROUP_HELP))
     scope, layers = scope_controls(base, edited, "quant")
     if scope == "layers" and not layers:
