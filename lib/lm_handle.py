@@ -120,7 +120,12 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         return _distinct(iter(named))
 
     def _linear_modules(self) -> dict[str, nn.Module]:
-        return {k: m for k, m in self._modules().items() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+        """Linear maps by readable name; an attention-only model's placeholder MLPs (weights
+        all zero, `structure.d_mlp` 0) are not layers: nothing prunes, quantizes or lists them."""
+        placeholder = not self.structure.d_mlp
+        return {k: m for k, m in self._modules().items()
+                if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+                and not (placeholder and self.place(k)[1] == "mlp")}
 
     def linear_layers(self) -> dict[str, torch.Tensor]:
         # GPT-2's Conv1D stores [in, out]; every other layer here is an nn.Linear [out, in]

@@ -178,3 +178,14 @@ def test_digits_denoiser_gain():
     noisy = 10 * torch.log10(1 / torch.nn.functional.mse_loss(batch.images, batch.targets))
     m = evaluate(handle, batch)
     assert m.psnr_db - float(noisy) >= 6
+
+
+def test_attention_only_placeholder_mlps_are_not_layers():
+    from analysis.lab import Lab
+
+    handle = load_model("zoo:induction-2l")
+    assert handle.structure.d_mlp == 0
+    assert list(handle.linear_layers()) == ["blocks.0.attn.qkv", "blocks.0.attn.o", "blocks.1.attn.qkv",
+                                            "blocks.1.attn.o", "unembed"]
+    summary = Lab(handle, latency_repeats=0).layer_summary()  # the lab's sparsity bars: no 100 %-sparse MLPs
+    assert not any(".mlp." in name for name in summary.names) and max(summary.sparsity) < 1
