@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterator, Sequence
 
 import torch
@@ -106,23 +107,43 @@ class RemoveHeads(Edit):
         return f"remove heads {', '.join(map(str, sorted(self.heads)))} of layer {self.layer}"
 
 
+SPEEDUP_DENOMINATOR = 10**6  # a speed-up is read as the nearest fraction with at most this denominator
+
+
+def skip_count(n_layers: int, speedup: float) -> int:
+    """K = round(L / r), the number of blocks unified layer skipping keeps (METHODS §4),
+    rounded once and float-safe: r is read as the nearest fraction with denominator <= 10^6
+    (so 1.2 and 1.2000000000000002 are both 6/5) and L / r is rounded half up exactly
+    (L=3, r=2 -> 1.5 -> 2). The only place K is computed: the edit, its check and the lab's
+    caption all call it. Raises RecipeError unless 2 <= K <= L."""
+    if isinstance(speedup, bool) or not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup > 0):
+        raise RecipeError(f"A speed-up is a finite number > 0, not {speedup!r}.")
+    ratio = n_layers / Fraction(speedup).limit_denominator(SPEEDUP_DENOMINATOR)  # exact L / r
+    k = math.floor(ratio + Fraction(1, 2))  # half up, not Python's half-to-even round
+    if k < 2:
+        most = (200 * n_layers // 3) / 100  # r <= L / 1.5 keeps 2; floored so that the bound shown is allowed
+        raise RecipeError(f"A speed-up of {speedup:g} would keep fewer than 2 of {n_layers} layers "
+                          f"(round({n_layers} / {speedup:g}) = {k}); the most this model allows is {most:g}.")
+    if k > n_layers:
+        raise RecipeError(f"A speed-up of {speedup:g} would keep {k} of {n_layers} layers; "
+                          "a speed-up below 1 keeps more layers than there are.")
+    return k
+
+
 def kept_layers(n_layers: int, speedup: float) -> list[int]:
-    """Unified layer skipping (METHODS §4): keep layers 0 and L-1, K = int(L / r) in all,
-    the others every int(L / (K - 1)) layers. L=12, r=2 -> [0, 2, 4, 6, 8, 11]."""
-    if not speedup <= n_layers / 2:
-        raise RecipeError(f"A speed-up of {speedup:g} would keep fewer than 2 of {n_layers} layers; "
-                          f"the most this model allows is {n_layers / 2:g}.")
-    k = int(n_layers / speedup)
-    interval = int(n_layers / (k - 1))
-    middle = [i for i in range(1, n_layers - 1) if i % interval == 0][: k - 2]
-    return [0] + middle + [n_layers - 1]
+    """Unified layer skipping (METHODS §4): the K = `skip_count` blocks kept, spread evenly
+    over the whole depth, kept_i = ceil(i (L-1) / (K-1)) for i = 0..K-1 in integer
+    arithmetic: blocks 0 and L-1 stay and the gaps between kept blocks differ by at most one,
+    so no run of skipped blocks piles up at the top. L=12, r=2 -> [0, 3, 5, 7, 9, 11]."""
+    k = skip_count(n_layers, speedup)
+    return [-(-i * (n_layers - 1) // (k - 1)) for i in range(k)]  # -(-a // b) is ceil(a / b)
 
 
 @edit_type("skip_layers")
 @dataclass(frozen=True)
 class SkipLayers(Edit):
-    """Unified layer skipping for a target speed-up r: keep the blocks `kept_layers`
-    chooses and remove the others."""
+    """Unified layer skipping for a target speed-up r: keep the K = round(L / r) blocks
+    `kept_layers` chooses (`skip_count` rounds) and remove the others."""
 
     speedup: float
 

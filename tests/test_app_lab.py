@@ -120,7 +120,9 @@ def test_heads_and_layer_skipping_controls(tiny_folder):
     run(at)
     assert at.multiselect(key="lab_heads_2").options == ["1", "2"]  # only the heads still there
     choose_method(at, "Skip layers for a speed-up")
-    assert "Keeps blocks 0, 2 of 0..2." in [c.value for c in at.caption]
+    assert "Keeps blocks 0, 2 of 0..2: K = round(3 / 1.5) = 2 blocks, a real speed-up of L / K = 1.50x over the " \
+        "blocks." in [c.value for c in at.caption]
+    assert at.slider(key="lab_skip_speedup").min == 1.3  # 1.1 and 1.2 would keep all three blocks
     click(at, "lab_add")
     assert recipe_lines(at)[1] == "2. skip layers for 1.5x speed-up" and not errors(at)
 

@@ -1,6 +1,9 @@
 """Pruning edits: exact counts, hand-computed Wanda scores, real head and block removal
 against hook references, unified layer skipping, checkpoints written back."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ from analysis.pruning import (
     dropping,
     kept_layers,
     kth_smallest,
+    skip_count,
     smallest_mask,
 )
 from analysis.recipe import Recipe, build
@@ -154,12 +158,52 @@ def test_removed_parts_equal_the_redundancy_views_drop_hooks(tiny_lm, tokens, dr
     assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
 
 
-def test_unified_layer_skipping():
-    assert kept_layers(12, 2) == [0, 2, 4, 6, 8, 11]
-    assert kept_layers(12, 3) == [0, 4, 8, 11]
+def test_unified_layer_skipping_keeps_a_balanced_spread():
+    """METHODS §4's examples: K = round(L / r), kept_i = ceil(i (L-1) / (K-1))."""
+    assert kept_layers(30, 5) == [0, 6, 12, 18, 24, 29]
+    assert kept_layers(12, 2) == [0, 3, 5, 7, 9, 11]
+    assert kept_layers(24, 4) == [0, 5, 10, 14, 19, 23]
     assert kept_layers(6, 2) == [0, 3, 5]
-    with pytest.raises(RecipeError, match="fewer than 2 of 12 layers"):
-        kept_layers(12, 7)
+    assert kept_layers(12, 3) == [0, 4, 8, 11]
+    assert kept_layers(12, 7) == [0, 11]  # round(12 / 7) = 2
+    assert kept_layers(32, 1.5) == [0, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16, 18, 19, 21, 22, 24, 25, 27, 28, 30, 31]
+    with pytest.raises(RecipeError, match=r"fewer than 2 of 12 layers \(round\(12 / 9\) = 1\); the most .* is 8\."):
+        kept_layers(12, 9)
+    with pytest.raises(RecipeError, match="keep 24 of 12 layers"):
+        kept_layers(12, 0.5)
+    for bad in (0, -2, float("inf"), float("nan"), True):
+        with pytest.raises(RecipeError, match="finite number > 0"):
+            kept_layers(12, bad)
+
+
+def _speedups(n_layers):
+    """Every r = 1.0, 1.1, ... up to L / 1.5 (K >= 2) twice: written as a decimal, and as the
+    float a slider's running sum gives (1.2000000000000002 and the like)."""
+    summed = 1.0
+    for tenths in range(10, int(10 * n_layers / 1.5) + 1):
+        yield Fraction(tenths, 10), float(Fraction(tenths, 10)), summed
+        summed += 0.1
+
+
+@pytest.mark.parametrize("n_layers", range(2, 49))
+def test_layer_skipping_is_balanced_for_every_depth_and_speed_up(n_layers):
+    for exact, written, summed in _speedups(n_layers):
+        k = math.floor(n_layers / exact + Fraction(1, 2))  # round half up, exactly
+        kept = kept_layers(n_layers, written)
+        assert skip_count(n_layers, written) == skip_count(n_layers, summed) == k == len(kept), (written, summed)
+        assert kept_layers(n_layers, summed) == kept
+        assert kept == [math.ceil(Fraction(i * (n_layers - 1), k - 1)) for i in range(k)]
+        assert kept[0] == 0 and kept[-1] == n_layers - 1
+        gaps = [b - a for a, b in zip(kept, kept[1:])]
+        assert min(gaps) >= 1 and max(gaps) - min(gaps) <= 1, (written, kept)
+        # the L - K skipped layers in K - 1 gaps: no run longer than that forces, at the top or anywhere
+        assert max(gaps) - 1 == -(-(n_layers - k) // (k - 1)), (written, kept)
+
+
+def test_float_spellings_of_one_speed_up_keep_the_same_layers():
+    assert kept_layers(6, 1.2) == kept_layers(6, 1.2000000000000002) == [0, 2, 3, 4, 5]
+    assert skip_count(3, 1.2) == skip_count(3, 1.2000000000000002) == 3  # 3 / 1.2 = 2.5, rounded half up
+    assert skip_count(30, 4) == skip_count(30, 4.000000000000001) == 8  # 7.5 -> 8 either way
 
 
 def test_layer_skipping_removes_the_other_blocks(tiny_lm, tmp_path):
@@ -171,8 +215,9 @@ def test_layer_skipping_removes_the_other_blocks(tiny_lm, tmp_path):
     six = load_model(str(tmp_path))
     copy = edited(six, SkipLayers(2.0))
     assert set(copy.structure.removed) == {"block 1", "block 2", "block 4"}
-    with pytest.raises(RecipeError, match="most this model allows is 1.5"):
-        edited(tiny_lm, SkipLayers(2.0))
+    assert set(edited(tiny_lm, SkipLayers(2.0)).structure.removed) == {"block 1"}  # round(3 / 2) = 2
+    with pytest.raises(RecipeError, match="most this model allows is 2"):
+        edited(tiny_lm, SkipLayers(2.5))
 
 
 @pytest.mark.parametrize("edit, message", [

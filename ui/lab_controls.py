@@ -18,7 +18,7 @@ import streamlit as st
 
 from analysis.edits import Edit
 from analysis.glossary import GLOSSARY
-from analysis.pruning import Drop, Magnitude, RemoveHeads, SkipLayers, Wanda, kept_layers
+from analysis.pruning import Drop, Magnitude, RemoveHeads, SkipLayers, Wanda, kept_layers, skip_count
 from lib.handle import ModelHandle
 
 LM = ("causal-lm",)
@@ -166,15 +166,20 @@ def drop_stage(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 
 
 @method("Skip layers for a speed-up", LM,
-        "Unified layer skipping: keep the first and the last block and evenly spaced blocks between them, "
-        "so that about 1/r of the blocks remain.",
+        "Unified layer skipping: keep K = round(L / r) blocks, the first, the last and evenly spaced ones "
+        "between them (the gaps differ by at most one block).",
         available=lambda handle: handle.structure.n_layers >= 3)
 def skip_layers(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     n = base.structure.n_layers
-    speedup = st.slider("Target speed-up r", 1.1, n / 2, min(2.0, n / 2), step=0.1, format="%.1fx",
-                        key="lab_skip_speedup")
-    st.caption(f"Keeps blocks {', '.join(map(str, kept_layers(n, speedup)))} of 0..{n - 1}.")
-    return SkipLayers(round(speedup, 2))
+    # One rounded r for the caption and the edit, so both describe the same K.
+    # from the first r that skips a block (on 3 blocks r = 1.1 or 1.2 keeps all three)
+    low = next(r / 10 for r in range(11, int(n * 5) + 1) if skip_count(n, r / 10) < n)
+    speedup = round(st.slider("Target speed-up r", low, n / 2, max(low, min(2.0, n / 2)), step=0.1, format="%.1fx",
+                              key="lab_skip_speedup"), 2)
+    k = skip_count(n, speedup)
+    st.caption(f"Keeps blocks {', '.join(map(str, kept_layers(n, speedup)))} of 0..{n - 1}: "
+               f"K = round({n} / {speedup:g}) = {k} blocks, a real speed-up of L / K = {n / k:.2f}x over the blocks.")
+    return SkipLayers(speedup)
 
 
 # The order of these imports is the order of the lab's method menu.
