@@ -3,13 +3,14 @@ rate-distortion dynamic programming or by an evolutionary search, applied as one
 recipe edit.
 
     curves = distortion_curves(handle, tokens)          # prune one layer at a time, K levels
-    plan = allocate(curves, sparsity=0.5)               # DP: least summed distortion in budget
+    plan = allocate(curves, sparsity=0.5)               # DP, then exactly half of the weights
     edit = plan.edit()                                  # LayerSparsity, a recipe edit
     search = evolve(handle, tokens, curves, 0.5, generations=10)   # EvoPress-style, from plan
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +23,7 @@ from lib.errors import AnalysisError, RecipeError
 from lib.handle import ModelHandle, Point
 
 Progress = Callable[[float, str], None]
-DP_UNITS = 2000  # the weight budget in bins of total / DP_UNITS weights
+DP_UNITS = 2000  # the DP counts all the weights in about this many units (a budget s in s * DP_UNITS)
 
 
 @edit_type("layer_sparsity")
@@ -122,8 +123,10 @@ def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int =
 
 @dataclass(frozen=True)
 class Allocation:
-    """One level per layer: sparsities [L]; predicted: summed single-layer distortions;
-    sparsity: the share of all scoped weights pruned (>= the asked budget)."""
+    """A per-layer plan: sparsities [L] float64, the share of each layer's weights pruned
+    (pruned / size, so `edit()` zeroes exactly those counts); predicted: the summed
+    single-layer distortions, each read off its layer's curve (linear between the measured
+    levels); sparsity: the share of all the plan's weights pruned."""
 
     layers: list[str]
     sparsities: torch.Tensor
@@ -132,8 +135,8 @@ class Allocation:
     method: str = "rate-distortion"
 
     def edit(self) -> LayerSparsity:
-        return LayerSparsity(tuple((n, round(float(s), 6)) for n, s in zip(self.layers, self.sparsities)),
-                             self.method)
+        # Unrounded: round(s * size) must give back each layer's exact count, also for layers of millions.
+        return LayerSparsity(tuple((n, float(s)) for n, s in zip(self.layers, self.sparsities)), self.method)
 
 
 def _check_budget(sparsity: float) -> None:
@@ -141,18 +144,60 @@ def _check_budget(sparsity: float) -> None:
         raise AnalysisError(f"The global sparsity is a fraction in (0, 1), not {sparsity!r}.")
 
 
-def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -> Allocation:
-    """Dynamic programming over layers: one level each, at least `sparsity` of all the
-    weights pruned, least summed distortion (additivity: D ~ sum_l D_l(s_l)). The
-    budget is counted in `units` bins; O(L * K * units)."""
+def _level_counts(curves: DistortionCurves) -> torch.Tensor:
+    """[L, K] weights each level prunes in each layer, rounded as `distortion_curves` and
+    `LayerSparsity` round them (each row non-decreasing)."""
+    return (curves.sizes[:, None].double() * curves.levels[None, :]).round().long()
+
+
+def _target(curves: DistortionCurves, sparsity: float) -> int:
+    """round(sparsity * all the curves' weights): the weights a plan at `sparsity` prunes.
+    Refused when the curves' last level cannot reach it."""
     _check_budget(sparsity)
-    if float(curves.levels[-1]) < sparsity:
+    target = round(sparsity * int(curves.sizes.sum()))
+    if sparsity > float(curves.levels[-1]) or target > int(_level_counts(curves)[:, -1].sum()):
         raise AnalysisError(f"The curves stop at {float(curves.levels[-1]):.0%} per layer; "
                             f"{sparsity:.0%} overall cannot be reached.")
-    total = float(curves.sizes.sum())
-    unit = total / units
-    need = int(torch.ceil(torch.tensor(sparsity * total / unit - 1e-9)))
-    cost = (curves.sizes[:, None].double() * curves.levels[None, :] / unit).floor().long()  # [L, K] units pruned
+    return target
+
+
+def _segment(steps: list[int], distortion: list[float], count: int, up: bool) -> tuple[float, int] | None:
+    """The straight piece of one layer's curve (pruned weights `steps` [K] -> `distortion`
+    [K]) just above `count` pruned weights (`up`) or just below it: (distortion per weight
+    along it, weights from `count` to its end), or None at the end of the curve. Pieces of
+    zero width (levels that round to one count in a small layer) are stepped over."""
+    j = bisect.bisect_right(steps, count) if up else bisect.bisect_left(steps, count)
+    if j == (len(steps) if up else 0):
+        return None
+    slope = (distortion[j] - distortion[j - 1]) / (steps[j] - steps[j - 1])
+    return slope, (steps[j] - count if up else count - steps[j - 1])
+
+
+def _distortion_at(steps: list[int], distortion: list[float], count: int) -> float:
+    """One layer's curve at `count` pruned weights (0 <= count <= steps[-1]), linear between levels."""
+    j = bisect.bisect_left(steps, count)
+    if steps[j] == count:
+        return distortion[j]
+    share = (count - steps[j - 1]) / (steps[j] - steps[j - 1])
+    return distortion[j - 1] + share * (distortion[j] - distortion[j - 1])
+
+
+def _plan(curves: DistortionCurves, counts: list[int], method: str) -> Allocation:
+    """The Allocation pruning `counts` [L] weights of each layer."""
+    steps, distortion, sizes = _level_counts(curves).tolist(), curves.distortion.tolist(), curves.sizes.tolist()
+    predicted = sum(_distortion_at(s, d, c) for s, d, c in zip(steps, distortion, counts))
+    sparsities = torch.tensor([c / n for c, n in zip(counts, sizes)], dtype=torch.float64)
+    return Allocation(curves.layers, sparsities, predicted, sum(counts) / sum(sizes), method)
+
+
+def _dp_levels(curves: DistortionCurves, target: int, bins: int) -> torch.Tensor:
+    """Dynamic programming over layers: [L] level indices with the least summed distortion
+    (additivity: D ~ sum_l D_l(s_l)) among the plans that prune at least `target` weights,
+    counted in `bins` units of target / bins weights each (units that divide the budget,
+    each level's count rounded to the nearest unit). O(L * K * bins)."""
+    unit = target / bins
+    cost = (_level_counts(curves).double() / unit).round().long()  # [L, K] units each level prunes
+    need, n_levels = bins, len(curves.levels)
     inf = float("inf")
     best = torch.full((need + 1,), inf, dtype=torch.float64)  # best[p]: least distortion, p units pruned
     best[0] = 0.0  # (p == need collects every plan that meets the budget)
@@ -161,7 +206,7 @@ def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -
         new = torch.full_like(best, inf)
         pick = torch.zeros(need + 1, dtype=torch.long)
         source = torch.zeros(need + 1, dtype=torch.long)
-        for k in range(len(curves.levels)):
+        for k in range(n_levels):
             c = int(cost[l, k])
             cand = torch.full_like(best, inf)
             src = torch.zeros(need + 1, dtype=torch.long)
@@ -179,17 +224,44 @@ def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -
         picks.append(pick)
         sources.append(source)
         best = new
-    if best[need] == inf:
-        raise AnalysisError(f"No choice of levels prunes {sparsity:.0%} of the weights.")
+    if best[need] == inf:  # the budget is within the units' rounding of every layer at its last level
+        return torch.full((len(curves.layers),), n_levels - 1)
     levels, p = [], need
     for l in range(len(curves.layers) - 1, -1, -1):  # walk back from the full budget
         levels.append(int(picks[l][p]))
         p = int(sources[l][p])
-    levels = torch.tensor(levels[::-1])
-    sparsities = curves.levels[levels].float()
-    realised = float((curves.sizes * sparsities.double()).sum() / total)
-    return Allocation(curves.layers, sparsities, float(curves.distortion[torch.arange(len(levels)), levels].sum()),
-                      realised)
+    return torch.tensor(levels[::-1])
+
+
+def _exact_counts(curves: DistortionCurves, levels: torch.Tensor, target: int) -> list[int]:
+    """Per-layer pruned counts [L] that sum to exactly `target`, starting from `levels` [L]:
+    the levels' rounding and granularity leave the total a little off, so the remainder is
+    pruned where the curves (linear between levels) rise least per weight, or given back
+    where they rise most. Each step ends a piece of some curve or the remainder, so this
+    takes at most L * K steps."""
+    steps, distortion = _level_counts(curves).tolist(), curves.distortion.tolist()
+    counts = [steps[l][k] for l, k in enumerate(levels.tolist())]
+    excess = sum(counts) - target
+    while excess:
+        up = excess < 0
+        pieces = {l: piece for l in range(len(counts))  # (slope, room) of each layer that can still move
+                  if (piece := _segment(steps[l], distortion[l], counts[l], up)) is not None}
+        l = (min if up else max)(pieces, key=lambda layer: pieces[layer][0])
+        move = min(pieces[l][1], abs(excess))
+        counts[l] += move if up else -move
+        excess += move if up else -move
+    return counts
+
+
+def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -> Allocation:
+    """Rate-distortion allocation (METHODS §4) that prunes exactly round(sparsity * total)
+    weights: the DP chooses one level per layer with the budget counted in about
+    sparsity * `units` units, then `_exact_counts` moves the rounding remainder between
+    layers so the realised global sparsity is the target to the weight."""
+    target = _target(curves, sparsity)
+    bins = max(1, min(target, round(sparsity * units)))  # a unit is never under one weight
+    levels = _dp_levels(curves, target, bins) if target else torch.zeros(len(curves.layers), dtype=torch.long)
+    return _plan(curves, _exact_counts(curves, levels, target), "rate-distortion")
 
 
 @torch.no_grad()
@@ -202,11 +274,12 @@ def measured_distortion(handle: ModelHandle, inputs: torch.Tensor, plan: Allocat
 
 
 def uniform(curves: DistortionCurves, sparsity: float) -> Allocation:
-    """Every layer at the same sparsity (the baseline the allocation should beat)."""
-    _check_budget(sparsity)
-    s = torch.full((len(curves.layers),), float(sparsity))
-    k = (curves.levels - sparsity).abs().argmin()
-    return Allocation(curves.layers, s, float(curves.distortion[:, k].sum()), float(sparsity), "uniform")
+    """Every layer at the same sparsity, as `Magnitude(sparsity)` per layer prunes it (the
+    baseline the allocation should beat: give it the allocation's realised `sparsity`, so
+    both prune the same share to within one weight per layer)."""
+    _target(curves, sparsity)  # refuses a sparsity beyond the curves
+    counts = (curves.sizes.double() * sparsity).round().long()  # [L], each rounded as Magnitude rounds it
+    return _plan(curves, counts.tolist(), "uniform")
 
 
 @dataclass
@@ -220,10 +293,9 @@ class Search:
     curve: list[float] = field(default_factory=list)
 
     def allocation(self, curves: DistortionCurves) -> Allocation:
-        s = curves.levels[self.levels].float()
-        total = float(curves.sizes.sum())
-        return Allocation(self.layers, s, float(curves.distortion[torch.arange(len(self.levels)), self.levels].sum()),
-                          float((curves.sizes * s.double()).sum() / total), "evolutionary")
+        """The plan of the best levels: whole levels, so at least the budget, not exactly it."""
+        counts = _level_counts(curves)[torch.arange(len(self.levels)), self.levels]  # [L]
+        return _plan(curves, counts.tolist(), "evolutionary")
 
 
 @torch.no_grad()
@@ -246,24 +318,27 @@ def evolve(base: ModelHandle, selection: torch.Tensor, fresh: Callable[[int], to
            stop: Callable[[], bool] | None = None, on_generation: Callable[[Search], None] | None = None
            ) -> Search:
     """EvoPress-style search over per-layer levels. Each generation mutates the best plan
-    by moving one level from one layer to another (kept only if the budget still holds),
+    by moving one level from one layer to another (kept only if it still prunes at least
+    round(sparsity * total) weights),
     screens the offspring by KL to the base on a fresh batch `fresh(generation)`, and
     keeps the best screened one if it also beats the incumbent on the fixed `selection`
     batch, so the best-so-far KL never rises. Deterministic for a seed. `stop()` is asked
     before each generation; `on_generation(search)` gets a snapshot after each one (what a
     caller keeps if the search is interrupted)."""
-    _check_budget(sparsity)
+    target = _target(curves, sparsity)
     rng = random.Random(seed)
-    total = float(curves.sizes.sum())
     plan = start or allocate(curves, sparsity)
-    levels = torch.tensor([int((curves.levels - s).abs().argmin()) for s in plan.sparsities.tolist()])
+    steps = _level_counts(curves)  # [L, K]
+    # The search moves whole levels: start each layer at the first level pruning at least as much as the plan.
+    counts = (plan.sparsities.double() * curves.sizes).round().long()  # [L]
+    levels = torch.searchsorted(steps, counts[:, None]).squeeze(1)
     base_selection = base.forward(selection)
     state = Search(curves.layers, levels, kl_of_levels(base, curves, levels, selection, base_selection))
     state.curve.append(state.best_kl)
     K, L = len(curves.levels), len(curves.layers)
 
     def meets(candidate: torch.Tensor) -> bool:
-        return float((curves.sizes * curves.levels[candidate]).sum()) >= sparsity * total - 1e-6
+        return int(steps[torch.arange(L), candidate].sum()) >= target
 
     for g in range(generations):
         if stop is not None and stop():

@@ -58,6 +58,7 @@ def test_rate_distortion_allocation_on_the_digits_cnn():
     predicted = [float(v) for v in table["predicted distortion (sum of the curves)"]]
     measured = [float(v) for v in table["measured distortion (all layers pruned at once)"]]
     assert all(m > 0 for m in measured) and measured != predicted  # measured on the model, not copied
+    assert any("Both plans prune 50.00% of the weights" in c.value for c in at.caption)  # the slider's 50 %, exactly
     add(at)
     assert not at.exception and [e.type for e in recipe_of(at).edits] == ["layer_sparsity"]
 

@@ -50,7 +50,8 @@ def rate_distortion(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     if not st.toggle("Compute the distortion curves (one pass per layer and level)", key="lab_rd_go"):
         return None
     curves = _curves(base, 20)
-    plan, flat = alloc.allocate(curves, sparsity), alloc.uniform(curves, sparsity)
+    plan = alloc.allocate(curves, sparsity)
+    flat = alloc.uniform(curves, plan.sparsity)  # the same realised sparsity, or the comparison is unfair
     st.plotly_chart(plots_alloc.distortion_curves(curves, plan), width="stretch")
     st.plotly_chart(plots_alloc.allocation_bars([plan, flat]), width="stretch")
     measured = STORE.get_or_compute(
@@ -60,10 +61,10 @@ def rate_distortion(base: ModelHandle, edited: ModelHandle) -> Edit | None:
                   "predicted distortion (sum of the curves)": [f"{plan.predicted:.4g}", f"{flat.predicted:.4g}"],
                   "measured distortion (all layers pruned at once)": [f"{m:.4g}" for m in measured]},
                  hide_index=True)
-    st.caption(f"Distortion: mean squared change of the outputs on the calibration batch. {plan.sparsity:.1%} of "
-               "the weights pruned. Predicted adds up each layer's own curve; measured prunes every layer together, "
-               "so the gap shows how much the layers interact. The metrics panel measures the real effect on the "
-               "evaluation set once you add it.")
+    st.caption(f"Distortion: mean squared change of the outputs on the calibration batch. Both plans prune "
+               f"{plan.sparsity:.2%} of the weights (uniform to within one weight per layer). Predicted adds up "
+               "each layer's own curve; measured prunes every layer together, so the gap shows how much the layers "
+               "interact. The metrics panel measures the real effect on the evaluation set once you add it.")
     return plan.edit()
 
 
