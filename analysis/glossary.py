@@ -25,6 +25,7 @@ _PREDICT = "Reading predictions"
 _QUALITY = "Measuring quality"
 _SHRINK = "Making a model smaller or faster"
 _HEADS = "Attention heads and channels"
+_EXPLAIN = "Explaining one output"
 
 TERMS: dict[str, Term] = {
     "residual_stream": Term(
@@ -62,6 +63,11 @@ TERMS: dict[str, Term] = {
         "relative update ‖y−x‖/‖x‖",
         "How much a block changes the residual stream, relative to what it received: 0.1 means the block "
         "adds a change one tenth as long as the vector that came in.", _INSIDE),
+    "fingerprint": Term(
+        "fingerprint",
+        "A short SHA-256 hash of every weight's name, shape, type and bytes: equal fingerprints mean "
+        "bit-identical weights, results are cached by it, and a recipe names the fingerprint of the base model "
+        "it applies to.", _INSIDE),
     "attention_head": Term(
         "attention head",
         "One of several small attention units in a layer: each query token weighs the earlier tokens (its "
@@ -145,6 +151,24 @@ TERMS: dict[str, Term] = {
         "Peak signal-to-noise ratio between the denoised image and the clean one, 10·log10(1 / mean squared "
         "error) for pixels in 0 to 1; higher is better, and 6 dB more means half the error amplitude.",
         _QUALITY),
+    "reconstruction_error": Term(
+        "reconstruction error",
+        "max |A·x0 + b − F(x0)|: the frozen linear map, run at the input, against the real model; below 1e-6 "
+        "(computed in float64) the decomposition output = A·input + b is exact up to round-off.", _EXPLAIN),
+    "saliency": Term(
+        "Saliency",
+        "The size of the gradient of the output with respect to each input, |∂F/∂x|: how strongly a small change "
+        "there would move the output; unsigned and not a share of the output, so it has no sum rule.", _EXPLAIN),
+    "integrated_gradients": Term(
+        "Integrated Gradients",
+        "Each input times the output's gradient averaged along the straight path from a baseline (here all zeros) "
+        "to the input; the attributions add up to F(x0) − F(0), up to the error of the finite steps that "
+        "approximate the path integral.", _EXPLAIN),
+    "deeplift": Term(
+        "DeepLift",
+        "Splits F(x0) − F(0) (a zero baseline) over the inputs by passing differences from the baseline back "
+        "through each layer with per-layer rules; the parts add up to that difference where the rules cover "
+        "every layer (ReLU-type layers, not attention, LayerNorm or GELU, so not a transformer).", _EXPLAIN),
     "sparsity": Term(
         "sparsity",
         "The share of a model's weights that pruning has set to zero: 50% sparsity keeps half of them.",
@@ -161,6 +185,40 @@ TERMS: dict[str, Term] = {
         "bits per weight",
         "What a quantized weight takes in storage: its code plus its share of its group's 16-bit scale and zero "
         "point (INT4 in groups of 128 takes about 4.16 bits, a float32 weight 32).", _SHRINK),
+    "wanda": Term(
+        "Wanda pruning",
+        "Pruning that scores each weight by |w| times the norm of its input feature over the evaluation batch "
+        "(|w_ij| · ‖X_j‖) and zeroes the lowest-scoring weights of each output row, so a small weight on a busy "
+        "input can outlive a larger one on a quiet input.", _SHRINK),
+    "pareto_frontier": Term(
+        "Pareto frontier",
+        "The recipes no other tried recipe beats on both counts at once (at most as costly and at least as good, "
+        "better in one of the two); any recipe off the frontier has one on it that is cheaper, better or both.",
+        _SHRINK),
+    "nf4": Term(
+        "NF4 (4-bit NormalFloat)",
+        "A 4-bit format whose 16 codes are spaced like the quantiles of a normal distribution, scaled per block of "
+        "64 weights by the block's largest |w|; on normally distributed weights it errs less than evenly spaced "
+        "INT4.", _SHRINK),
+    "fp6": Term(
+        "FP6 (E3M2)",
+        "A 6-bit floating-point format with 3 exponent and 2 mantissa bits (largest value 28), scaled per output "
+        "row so that the row's largest |w| maps to 28; like every float format its grid is finer near zero than "
+        "at the ends.", _SHRINK),
+    "binary_weights": Term(
+        "binary weights",
+        "Each weight replaced by alpha · sign(w), with alpha the mean |w| of its row: one bit per weight plus a "
+        "scale per row; on normally distributed weights the relative squared error is 1 − 2/π, about 0.36.",
+        _SHRINK),
+    "latency_change": Term(
+        "latency change",
+        "The edited model's latency over the base's, both timed in the same moment in alternating forwards; the "
+        "interval is the range in which the median ratio lies with about 95% confidence; 'no measurable change' "
+        "when it covers 1 or the change is under 5%.", _SHRINK),
+    "flop_prediction": Term(
+        "FLOP prediction",
+        "The edited model's forward FLOPs over the base's, counted from the weights it still multiplies: what "
+        "latency would do if time followed arithmetic.", _SHRINK),
     "round_to_nearest": Term(
         "round to nearest (RTN)",
         "Quantizing every weight on its own to the closest value of the format's grid: fast and needs no data, "
@@ -234,7 +292,7 @@ TERMS: dict[str, Term] = {
 }
 
 GLOSSARY: dict[str, str] = {key: term.text for key, term in TERMS.items()}
-GROUPS: tuple[str, ...] = (_INSIDE, _HEADS, _COMPARE, _PREDICT, _QUALITY, _SHRINK)
+GROUPS: tuple[str, ...] = (_INSIDE, _HEADS, _COMPARE, _PREDICT, _EXPLAIN, _QUALITY, _SHRINK)
 
 
 def by_group() -> dict[str, list[Term]]:
