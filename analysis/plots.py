@@ -16,6 +16,7 @@ from collections import Counter
 import plotly.graph_objects as go
 import torch
 
+from analysis.metric_text import PERCENT_METRICS
 from analysis.predict import ImagePrediction, NextTokens
 
 # ------------------------------------------------------------------ axes
@@ -159,20 +160,24 @@ def _module_axis_title(sweep) -> str:
 
 def drop_cost_bars(sweep, metric: str, label: str) -> go.Figure:
     """Measured change of `metric` with each module dropped alone (a DropSweep); x is the
-    layer (language models) or the stage name (image models)."""
+    layer (language models) or the stage name (image models). Shares (accuracy) change in
+    percentage points, as the Model page and the lab show them; other changes hover with
+    four significant figures in plain digits ("r": d3's format that never goes scientific)."""
     fig = go.Figure()
     axis = _module_axis_title(sweep)
+    points = metric in PERCENT_METRICS
+    scale, unit, shown = (100.0, " (percentage points)", "%{y:+.1f} points") if points else (1.0, "", "%{y:+,.4~r}")
     kinds = sorted({m.kind for m in sweep.dropped}, key=list(_KIND_COLORS).index)
     for kind in kinds:
         mods = [m for m in sweep.dropped if m.kind == kind]
         kl = [sweep.dropped[m].kl_to_base for m in mods]
         extra = "<br>KL to base = %{customdata:.4g}" if all(k is not None for k in kl) else ""
-        fig.add_bar(x=[str(m.layer) for m in mods], y=[sweep.delta(m, metric) for m in mods],
+        fig.add_bar(x=[str(m.layer) for m in mods], y=[scale * sweep.delta(m, metric) for m in mods],
                     name=kind, marker_color=_KIND_COLORS[kind], customdata=kl,
-                    hovertemplate=f"{kind} %{{x}}<br>Δ {label} = %{{y:+.4g}}{extra}<extra></extra>")
+                    hovertemplate=f"{kind} %{{x}}<br>Δ {label} = {shown}{extra}<extra></extra>")
     n_parts = len({m.layer for m in sweep.dropped})
     fig.update_layout(barmode="group", height=360, xaxis_title=axis, xaxis_type="category", bargap=_bargap(n_parts),
-                      yaxis_title=f"Δ {label} (dropped − base)",
+                      yaxis_title=f"Δ {label}{unit}, dropped − base",
                       margin=dict(t=10, b=10))
     return fig
 

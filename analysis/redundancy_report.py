@@ -9,6 +9,7 @@ import torch
 
 from analysis import layer_drop, redundancy
 from analysis.layer_drop import DropSweep
+from analysis.metric_text import metric_change, metric_value
 from analysis.pruning import Drop
 from analysis.redundancy import LayerSimilarity, LogitLens, Progress, Residuals, StageSimilarity
 from lib.data import Batch, ImageBatch, TextBatch, check_batch
@@ -209,13 +210,17 @@ def drop_sentence(report: RedundancyReport) -> str:
     ranked = sorted(report.sweep.dropped, key=lambda m: cost(report, m))
     if not ranked:
         return "No module of this model can be dropped on its own."
-    label = LABELS[report.metric]
+    metric, label = report.metric, LABELS[report.metric]
     cheap, dear = ranked[0], ranked[-1]
-    base = f"Base {label}: {getattr(report.sweep.base, report.metric):.4g}."
+
+    def change(m: Drop) -> str:
+        return metric_change(metric, report.sweep.delta(m, metric))
+
+    base = f"Base {label}: {metric_value(metric, getattr(report.sweep.base, metric))}."
     if len(ranked) == 1:
-        return f"Only {_name(cheap)} can be dropped: {label} {report.sweep.delta(cheap, report.metric):+.3g}. {base}"
-    return (f"Cheapest single drop: {_name(cheap)} ({label} {report.sweep.delta(cheap, report.metric):+.3g}); "
-            f"most expensive: {_name(dear)} ({report.sweep.delta(dear, report.metric):+.3g}). {base}")
+        return f"Only {_name(cheap)} can be dropped: {label} {change(cheap)}. {base}"
+    return (f"Cheapest single drop: {_name(cheap)} ({label} {change(cheap)}); most expensive: {_name(dear)} "
+            f"({change(dear)}). {base}")
 
 
 def cka_sentence(cka: torch.Tensor, labels: list[str] | None = None, unit: str = "depths") -> str:

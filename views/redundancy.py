@@ -5,15 +5,32 @@ import streamlit as st
 from analysis import plots
 from analysis import redundancy_report as rr
 from analysis.glossary import GLOSSARY
+from analysis.metric_text import metric_change
+from analysis.pruning import Drop
 from analysis.redundancy import DEFAULT_SKIP
+from lib.handle import ModelHandle
 from lib.metrics import LABELS
 from ui.session import recipe, require_handle
 from ui.views import drop_check, layer_statistics, lens, redundancy, stage_statistics
 
+
+def add_to_recipe(handle: ModelHandle, modules: list[Drop]) -> None:
+    """A button that adds the drops of `modules` to this session's compression recipe."""
+    user_recipe = recipe(handle)
+    if st.button("Add this drop to the compression recipe" if len(modules) == 1 else
+                 f"Add these {len(modules)} drops to the compression recipe", type="primary"):
+        added = sum(user_recipe.add(m) for m in modules)
+        st.success(f"Added {added} drop(s); the recipe now has {len(user_recipe.edits)} edit(s).")
+
+
 handle = require_handle()
 st.title("Layer redundancy")
-st.caption("How much each layer changes what flows through the model, how alike layers are, what "
-           "each depth would predict, and what removing layers really costs on the evaluation set.")
+if handle.kind == "causal-lm":
+    st.caption("How much each layer changes what flows through the model, how alike layers are, what "
+               "each depth would predict, and what removing layers really costs on the evaluation set.")
+else:  # an image model has stages, and no readout per depth
+    st.caption("How much each stage changes what flows through the model, how alike the stages are, and what "
+               "bypassing a stage really costs on the evaluation set.")
 
 skip = 0
 if handle.kind == "causal-lm":
@@ -71,6 +88,14 @@ st.caption(f"Each bar removes one module and re-measures {label}" + (" (hover fo
 for line in rr.not_droppable_sentences(report.sweep):
     st.caption(line)
 
+droppable = list(report.sweep.dropped)
+if len(droppable) < 2:  # nothing to combine (the bundled CNNs can bypass one stage): offer that drop alone
+    if droppable:
+        add_to_recipe(handle, droppable)
+    else:
+        st.info("No module of this model can be dropped.")
+    st.stop()
+
 st.subheader("Drop several modules")
 granularity = "blocks"
 if sim is not None and handle.structure.d_mlp:  # attention-only: a block is its attention sublayer
@@ -84,23 +109,20 @@ if len(rr.candidates(report, granularity, by)) > 1:  # one candidate: nothing to
                   help=GLOSSARY["one_minus_cos"])
 ranked = rr.candidates(report, granularity, by)
 if not ranked:
-    st.info("No module of this model can be dropped.")
+    st.info("No module of this model can be dropped at this granularity.")
     st.stop()
 n = st.slider("Number of modules to drop", 1, len(ranked), 1) if len(ranked) > 1 else 1
 check = drop_check(handle, int(skip), tuple(ranked[:n]))
+metric = report.metric
 st.dataframe({
     "module": [m.part for m in check.modules],
-    f"Δ {label} alone (measured)": [f"{d:+.4g}" for d in check.single],
+    f"Δ {label} alone (measured)": [metric_change(metric, d) for d in check.single],
 }, hide_index=True)
 cols = st.columns(3)
-cols[0].metric(f"predicted Δ {label}", f"{check.predicted:+.4g}", help="sum of the single-drop changes")
-cols[1].metric(f"measured Δ {label}", f"{check.measured:+.4g}", help="all chosen modules dropped together")
+cols[0].metric(f"predicted Δ {label}", metric_change(metric, check.predicted), help="sum of the single-drop changes")
+cols[1].metric(f"measured Δ {label}", metric_change(metric, check.measured), help="all chosen modules dropped together")
 if check.together.kl_to_base is not None:  # a denoiser outputs images: no distribution, no KL
     cols[2].metric("KL to base (measured)", f"{check.together.kl_to_base:.4g}", help=GLOSSARY["kl"])
 st.caption("Predicted assumes the costs add up; the gap to the measured value shows how much the "
            "dropped modules interact.")
-user_recipe = recipe(handle)
-if st.button("Add this drop to the compression recipe" if n == 1 else
-             f"Add these {n} drops to the compression recipe", type="primary"):
-    added = sum(user_recipe.add(m) for m in check.modules)
-    st.success(f"Added {added} drop(s); the recipe now has {len(user_recipe.edits)} edit(s).")
+add_to_recipe(handle, check.modules)
