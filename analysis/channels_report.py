@@ -6,13 +6,10 @@ from __future__ import annotations
 import torch
 
 from analysis.channels import ChannelComponents, Circuits, Composition, head_label
-from analysis.heads import REGIMES, HeadRoles, Intervention
+from analysis.heads import REGIMES, ROLE_THRESHOLDS, HeadRoles, Intervention, role_mask
+from analysis.metric_text import metric_change, metric_value
 from lib.metrics import LABELS
 
-# A head counts as having a role when its detect_head score reaches this share of its
-# attention (induction on the three-copy probe tops out near 2/3: the first copy's
-# queries have no earlier copy to look at).
-ROLE_THRESHOLDS = {"previous_token": 0.5, "duplicate_token": 0.3, "induction": 0.3}
 ROLE_NAMES = {"previous_token": "previous-token", "duplicate_token": "duplicate-token", "induction": "induction",
               "sink": "attention-sink"}
 STRONG = 2.0  # a channel "stands out" at twice the random baseline
@@ -33,9 +30,15 @@ def approximation_note(c: Circuits) -> str | None:
     return " ".join(notes) or None
 
 
+def role_rule() -> str:
+    """When a head counts as having a role, from the one threshold table:
+    "previous-token ≥ 0.5, duplicate-token ≥ 0.3, induction ≥ 0.3"."""
+    return ", ".join(f"{ROLE_NAMES[role]} ≥ {threshold:g}" for role, threshold in ROLE_THRESHOLDS.items())
+
+
 def _heads_with(roles: HeadRoles, role: str) -> list[tuple[tuple[int, int], float]]:
     scores = getattr(roles, role)
-    found = [((l, h), float(scores[l, h])) for l, h in (scores >= ROLE_THRESHOLDS[role]).nonzero().tolist()]
+    found = [((l, h), float(scores[l, h])) for l, h in role_mask(roles, role).nonzero().tolist()]
     return sorted(found, key=lambda x: -x[1])
 
 
@@ -107,11 +110,14 @@ def components_sentence(parts: ChannelComponents, mass: float = 0.8) -> str:
 
 
 def intervention_sentence(result: Intervention) -> str:
-    label = LABELS[result.metric]
-    before, after = getattr(result.before, result.metric), getattr(result.after, result.metric)
+    """The edit's effect on the evaluation set (where `result`'s metrics were measured; the
+    prompt only gives the reader's pattern), accuracy in percent as on the Model page."""
+    metric, label = result.metric, LABELS[result.metric]
+    before, after = getattr(result.before, metric), getattr(result.after, metric)
     worse = (after < before) if result.higher_is_better else (after > before)
     what = result.edit.label
-    return (f"{what[:1].upper() + what[1:]}: {label} {before:.4g} → {after:.4g} "
-            f"({'worse' if worse and abs(after - before) > 1e-9 else 'no worse'}); "
+    return (f"{what[:1].upper() + what[1:]}, on the evaluation set: {label} {metric_value(metric, before)} → "
+            f"{metric_value(metric, after)} ({metric_change(metric, after - before)}, "
+            f"{'worse' if worse and abs(after - before) > 1e-9 else 'no worse'}); "
             f"KL to the unedited model {result.after.kl_to_base:.3g} nats, top-1 agreement "
             f"{result.after.agreement:.1%}.")

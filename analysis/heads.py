@@ -63,6 +63,26 @@ class HeadRoles:
         return (i // scores.shape[1], i % scores.shape[1]), float(scores.flatten()[i])
 
 
+# A head has a role when its detect_head score reaches the role's threshold here. One
+# table for everything that names roles (the Channels graph's colours, its sentences), so
+# they cannot disagree. A previous-token head can put nearly all its attention on q-1;
+# duplicate-token and induction scores on the three-copy probe top out near 2/3 (the first
+# copy's queries have no earlier copy to look at), hence the lower bar.
+ROLE_THRESHOLDS: dict[str, float] = {"previous_token": 0.5, "duplicate_token": 0.3, "induction": 0.3}
+
+
+def role_mask(roles: HeadRoles, role: str) -> torch.Tensor:
+    """[L, H] True where a head's `role` score reaches ROLE_THRESHOLDS[role]."""
+    return getattr(roles, role) >= ROLE_THRESHOLDS[role]
+
+
+def head_role(roles: HeadRoles, head: Head) -> tuple[str, float] | None:
+    """The role (a ROLE_THRESHOLDS key) `head` has with the highest score, and that score;
+    None when it reaches no role's threshold."""
+    held = [(role, float(getattr(roles, role)[head])) for role in ROLE_THRESHOLDS if role_mask(roles, role)[head]]
+    return max(held, key=lambda held_role: held_role[1], default=None)
+
+
 def role_probe(handle: ModelHandle, n: int = 8, block: int = 15, copies: int = 3, seed: int = 0,
                vocabulary: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens [n, 1 + copies * block]: BOS, then `copies` copies of a block of distinct

@@ -11,7 +11,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from analysis.channels import Channel, ChannelComponents, Circuits, Composition, head_label
-from analysis.heads import REGIMES, HeadRoles
+from analysis.heads import REGIMES, HeadRoles, head_role
 from analysis.plots import integer_axis, token_label
 
 ROLE_TITLES = {"previous_token": "previous token", "duplicate_token": "duplicate token", "induction": "induction",
@@ -68,6 +68,18 @@ def role_grid(roles: HeadRoles) -> go.Figure:
     return fig
 
 
+_LABEL_PX = 12  # room one head label ("L5H3", 10 px font) needs across its axis, rotated on x
+_HEATMAP_WIDTH_PX = 420  # the plot area of a half-width column on a wide page, colour bar excluded
+
+
+def _head_ticks(labels: list[str], length_px: float) -> dict:
+    """Explicit ticks for a category axis of head labels: every head while each gets
+    `_LABEL_PX` of `length_px`, else every n-th. Left to itself plotly thins category
+    labels as it likes (it named only every other reader head of a 6-layer model)."""
+    step = max(1, math.ceil(len(labels) * _LABEL_PX / length_px))
+    return dict(tickmode="array", tickvals=labels[::step], ticktext=labels[::step], tickfont=dict(size=10))
+
+
 def composition_heatmap(comp: Composition, mode: str, selected: Channel | None = None) -> go.Figure:
     """Writers (rows: layers 0..L-2) x readers (columns: layers 1..L-1), score / random
     baseline; pairs that cannot compose (reader not in a later layer) are blank."""
@@ -96,25 +108,26 @@ def composition_heatmap(comp: Composition, mode: str, selected: Channel | None =
         fig.add_trace(go.Scatter(x=[selected.reader_label], y=[selected.writer_label], mode="markers",
                                  marker=dict(symbol="square-open", size=14, color=_SELECTED, line=dict(width=3)),
                                  hoverinfo="skip", showlegend=False, **_NO_DIMMING))
-    fig.update_layout(height=height, xaxis_title="reader head", yaxis_title="writer head",
-                      xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed",
-                      margin=dict(t=10, b=10))
+    fig.update_layout(height=height, margin=dict(t=10, b=10),
+                      xaxis=dict(title="reader head", type="category", tickangle=-90,
+                                 **_head_ticks(readers, _HEATMAP_WIDTH_PX)),
+                      yaxis=dict(title="writer head", type="category", autorange="reversed",
+                                 **_head_ticks(writers, height - 120)))  # less the margins and reader labels
     return fig
 
 
 def _node_role(roles: HeadRoles | None, layer: int, head: int) -> str:
-    if roles is None:
-        return ""
-    best = max(("previous_token", "duplicate_token", "induction"), key=lambda k: float(getattr(roles, k)[layer, head]))
-    score = float(getattr(roles, best)[layer, head])
-    return f"{ROLE_TITLES[best]} {score:.2f}" if score >= 0.3 else ""
+    """The head's role and score ("induction 0.62") by `heads.ROLE_THRESHOLDS`, as the
+    page's sentences name it; "" when it has none."""
+    held = head_role(roles, (layer, head)) if roles is not None else None
+    return f"{ROLE_TITLES[held[0]]} {held[1]:.2f}" if held else ""
 
 
 def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None = None,
                   selected: Channel | None = None) -> go.Figure:
     """Heads as nodes (x: layer, y: head), the n strongest `mode` channels as edges
     (width by score / baseline; the selected one red) with a marker near the writer end to
-    hover or click, each head labelled with a role it scores at least 0.3 on."""
+    hover or click; a head with a role (`heads.ROLE_THRESHOLDS`) orange, its role in the hover."""
     L, H = comp.scores[mode].shape[:2]
     top = comp.strongest(mode, n)
     peak = max((c.relative for c in top), default=1.0)
@@ -154,30 +167,31 @@ def channel_graph(comp: Composition, mode: str, n: int, roles: HeadRoles | None 
 
 def component_bars(parts: ChannelComponents) -> go.Figure:
     """Per writer-OV component: score against the reader / baseline (bars, the dashed line
-    is the random baseline), each bar's share of the pair's composition written on it,
-    the component's singular value as a line (right axis)."""
+    is the random baseline), each bar's share of the pair's composition written above it;
+    the component's singular value in a panel of its own underneath, so its markers never
+    sit on a share label."""
     r = parts.scores.numel()
     comps = list(range(r))
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
     fig.add_trace(go.Bar(
         x=comps, y=parts.relative.tolist(), name="score / baseline", marker_color="#1f77b4",
         text=[f"{s:.0%}" if s >= 0.02 else "" for s in parts.shares.tolist()], textposition="outside",
-        customdata=list(zip(parts.shares.tolist(), parts.singular_values.tolist())),
+        cliponaxis=False, customdata=list(zip(parts.shares.tolist(), parts.singular_values.tolist())),
         hovertemplate="component %{x}: %{y:.2f}× baseline<br>share of the composition %{customdata[0]:.1%}"
-                      "<br>singular value %{customdata[1]:.3g}<extra></extra>"), secondary_y=False)
+                      "<br>singular value %{customdata[1]:.3g}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=comps, y=parts.singular_values.tolist(), name="singular value s_i",
-                             mode="lines+markers", line=dict(color="#ff7f0e")), secondary_y=True)
+                             mode="lines+markers", line=dict(color="#ff7f0e"),
+                             hovertemplate="component %{x}: s_i %{y:.3g}<extra></extra>"), row=2, col=1)
     fig.add_hline(y=1.0, line_dash="dash", line_color="#555", annotation_text="random baseline",
-                  annotation_position="top right")
-    fig.update_xaxes(title_text=f"component of {parts.channel.writer_label}'s OV (strongest first)",
+                  annotation_position="top right", row=1, col=1)
+    fig.update_xaxes(title_text=f"component of {parts.channel.writer_label}'s OV (strongest first)", row=2, col=1,
                      **integer_axis(r))
+    fig.update_xaxes(row=1, col=1, **integer_axis(r))
     top = float(parts.relative.max()) if r else 1.0
-    fig.update_yaxes(title_text=f"score against {parts.channel.reader_label} / baseline", secondary_y=False,
+    fig.update_yaxes(title_text=f"score vs {parts.channel.reader_label} / baseline", row=1, col=1,
                      range=[0, max(1.2, top) * 1.15])
-    fig.update_yaxes(title_text="singular value", secondary_y=True, rangemode="tozero", showgrid=False,
-                     tickformat=".2g")
-    fig.update_layout(height=360, margin=dict(t=10, b=10), bargap=0.2,
-                      legend=dict(orientation="h", y=1.12, x=0))
+    fig.update_yaxes(title_text="s_i", row=2, col=1, rangemode="tozero", tickformat=".2g", nticks=3)
+    fig.update_layout(height=420, margin=dict(t=10, b=10), bargap=0.2, legend=dict(orientation="h", y=1.1, x=0))
     return fig
 
 

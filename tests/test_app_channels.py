@@ -21,6 +21,12 @@ def metrics(at):
     return {m.label: m.value for m in at.metric}
 
 
+def percent(shown: str) -> float:
+    """"98.4%" -> 0.984: accuracy reads as a percentage, as on the Model page and in the lab."""
+    assert shown.endswith("%"), shown
+    return float(shown[:-1]) / 100
+
+
 def test_induction_circuit_is_shown_and_cutting_it_breaks_induction():
     at = channels_page("zoo:induction-2l")
     assert not at.error
@@ -30,17 +36,21 @@ def test_induction_circuit_is_shown_and_cutting_it_breaks_induction():
     assert "Induction circuit: the strongest K-composition, L0H0 → L1H2" in captions(at)
     assert at.selectbox(key="head_zoo:induction-2l_L0H0 → L1H2 (K)").format_func(6) == "L1H2"  # the reader
     shown = metrics(at)
-    assert float(shown["accuracy before"]) > 0.95 and float(shown["accuracy after"]) < 0.2  # the head cut
+    assert percent(shown["accuracy before"]) > 0.95 and percent(shown["accuracy after"]) < 0.2  # the head cut
+    after = next(m for m in at.metric if m.label == "accuracy after")
+    assert after.delta.endswith(" points") and "evaluation set" in after.help and "not on your prompt" in after.help
+    assert "on the evaluation set: accuracy " in captions(at) and "% → " in captions(at)
+    assert "Orange heads have a role (previous-token ≥ 0.5, duplicate-token ≥ 0.3, induction ≥ 0.3)" in captions(at)
     at.slider(key="alpha_zoo:induction-2l").set_value(1.0)
     run(at)
     assert metrics(at)["accuracy after"] == metrics(at)["accuracy before"]  # alpha 1 changes nothing
     at.radio(key="scope_zoo:induction-2l").set_value("components")
     at.slider(key="alpha_zoo:induction-2l").set_value(0.0)
     run(at)
-    one = float(metrics(at)["accuracy after"])
+    one = percent(metrics(at)["accuracy after"])
     at.slider(key="k_zoo:induction-2l_L0H0 → L1H2 (K)").set_value(10)
     run(at)
-    assert float(metrics(at)["accuracy after"]) < one  # more of the channel's directions cut, less induction
+    assert percent(metrics(at)["accuracy after"]) < one  # more of the channel's directions cut, less induction
     assert not at.exception and not at.error
 
 

@@ -361,7 +361,8 @@ def test_sentences_state_the_numbers(tiny_lm, circuits, composition, batch):
     assert "No induction circuit" in report.circuit_sentence(roles, composition)
     result = heads.intervene(tiny_lm, circuits, batch, heads.HeadEdit(0, 1, (0, 2), 1.0), (1, 0), batch.tokens[:1])
     sentence = report.intervention_sentence(result)
-    assert sentence.startswith("Scale L0H1 components 0, 2 by 1: bits per byte") and "(no worse)" in sentence
+    assert sentence.startswith("Scale L0H1 components 0, 2 by 1, on the evaluation set: bits per byte")
+    assert "no worse)" in sentence
     assert result.after.kl_to_base == pytest.approx(0, abs=1e-6)
     parts = ch.channel_components(circuits, composition, (0, 0), (2, 3), "V")
     sentence = report.components_sentence(parts)

@@ -8,9 +8,11 @@ from analysis import plots_channels as pc
 from analysis.channels import MODE_NAMES, MODES, channel_components, check_lm, head_label
 from analysis.glossary import GLOSSARY
 from analysis.heads import HeadEdit
+from analysis.metric_text import metric_change, metric_value
 from lib.metrics import LABELS
 from ui import channels as cached
 from ui.session import require_handle
+from ui.views import eval_batch
 
 handle = require_handle()
 st.title("Attention channels")
@@ -58,8 +60,8 @@ with right:
     st.plotly_chart(pc.channel_graph(comp, mode, n, roles, pair), width="stretch", key=charts[1],
                     on_select="rerun", selection_mode="points")
 st.caption("Score = ‖OV_writer · M_reader‖ / (‖OV_writer‖ ‖M_reader‖), M the reader's QK (Q), QKᵀ (K) or OV (V), "
-           "divided by 1/√d, what random matrices score. Orange heads have a role (score ≥ 0.3); the red edge is the "
-           "chosen channel. " + rep.composition_sentence(comp, mode))
+           f"divided by 1/√d, what random matrices score. Orange heads have a role ({rep.role_rule()}); the red edge "
+           "is the chosen channel. " + rep.composition_sentence(comp, mode))
 
 st.subheader(f"The channel {pair.label}: which directions carry it", help=GLOSSARY["singular_values"])
 parts = channel_components(c, comp, pair.writer, pair.reader, mode)
@@ -99,14 +101,17 @@ if scope == "components":
     components = tuple(order[:k])
 alpha = st.slider("Scale α (0 cuts, 1 leaves it as it is)", 0.0, 2.0, 0.0, 0.1, key=f"alpha_{spec}")
 result = cached.intervention(handle, HeadEdit(*pair.writer, components, alpha), pair.reader, prompt)
-label = LABELS[result.metric]
-before, after = getattr(result.before, result.metric), getattr(result.after, result.metric)
+metric, label = result.metric, LABELS[result.metric]
+before, after = getattr(result.before, metric), getattr(result.after, metric)
+source = eval_batch(handle, handle.fingerprint).source
+on_eval = f"Measured on the evaluation set ({source}), not on your prompt."
 cols = st.columns(3)
-cols[0].metric(f"{label} before", f"{before:.4g}")
-cols[1].metric(f"{label} after", f"{after:.4g}", delta=f"{after - before:+.4g}",
-               delta_color="normal" if result.higher_is_better else "inverse")
+cols[0].metric(f"{label} before", metric_value(metric, before), help=on_eval)
+cols[1].metric(f"{label} after", metric_value(metric, after), delta=metric_change(metric, after - before),
+               delta_color="normal" if result.higher_is_better else "inverse", help=on_eval)
 cols[2].metric("KL to the unedited model", f"{result.after.kl_to_base:.3g}", help=GLOSSARY["kl"])
-st.caption(rep.intervention_sentence(result))
+st.caption(rep.intervention_sentence(result) + f" Evaluation set: {source}; your prompt only gives the reader's "
+           "attention patterns below.")
 left, right = st.columns(2)
 for column, when, pattern in ((left, "before", result.pattern_before), (right, "after", result.pattern_after)):
     column.plotly_chart(pc.pattern_heatmap(pattern, tokens.labels, f"{pair.reader_label} {when}", max_height=520),
