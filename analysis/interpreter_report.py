@@ -88,5 +88,6 @@ def token_sentence(result: TokenContributions, top: int = 3) -> str:
     c = result.contributions
     order = c.abs().argsort(descending=True)[:top].tolist()
     named = ", ".join(f"“{shown_token(result.texts[i])}” at {i} ({float(c[i]):+.3g})" for i in order)
+    plus = "−" if result.bias < 0 else "+"  # the operator carries the bias's sign: "+ 5.155", never "+ +5.155"
     return (f"The {result.target.label} is {result.value:+.4g} = {float(c.sum()):+.4g} from the {len(c)} positions "
-            f"+ {result.bias:+.4g} bias. Largest contributions: {named}.")
+            f"{plus} {abs(result.bias):.4g} bias. Largest contributions: {named}.")

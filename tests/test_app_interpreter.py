@@ -25,7 +25,9 @@ def charts(at):
 
 
 def captum_methods(at):
-    return list(at.dataframe[0].value["method"])
+    """The captum table's methods; a table (not a dataframe), so long explanations wrap in full."""
+    assert not at.dataframe
+    return list(at.table[0].value["method"])
 
 
 def test_digits_cnn_shows_votes_bias_svd_and_captum():

@@ -4,6 +4,7 @@ import streamlit as st
 
 from analysis import interpreter_report as report
 from analysis import plots_interpreter as pi
+from analysis.glossary import GLOSSARY
 from analysis.interpreter import output_labels, shown_token
 from analysis.plots import WHITESPACE_NOTE, image_heatmap
 from analysis.predict import next_tokens
@@ -16,8 +17,8 @@ st.title("Linear interpreter")
 st.caption("Freeze every nonlinearity at its state for one input (ReLU gates and max-pool choices; for a "
            "transformer also LayerNorm scales and attention patterns) and the network is exactly linear there: "
            "output = A·input + b. A and b show how it really decides.")
-ERROR_HELP = ("max |A·x0 + b − F(x0)|: the frozen map, run at this input, against the real model. Round-off "
-              "size means the decomposition is exact; b comes from a separate pass at a zero input.")
+ERROR_HELP = GLOSSARY["reconstruction_error"] + " b comes from a separate pass at a zero input."
+CAPTUM_HELP = " ".join(GLOSSARY[k] for k in ("saliency", "integrated_gradients", "deeplift"))
 
 
 def image_view() -> None:
@@ -61,10 +62,10 @@ def image_view() -> None:
     st.plotly_chart(pi.svd_gallery(linear), width="stretch")
     st.caption("The input images A amplifies most, strongest first (right singular vectors, sign fixed so each "
                "sums to ≥ 0).")
-    st.subheader(f"captum beside the exact answer for {labels[target]}")
+    st.subheader(f"captum beside the exact answer for {labels[target]}", help=CAPTUM_HELP)
     comparison = cached.image_comparison(handle, index, target)
     st.plotly_chart(pi.attribution_maps(comparison), width="stretch")
-    st.dataframe(report.attribution_rows(comparison), hide_index=True)
+    st.table(report.attribution_rows(comparison), hide_index=True)  # a table wraps long cells; a dataframe cuts them
     st.caption("Each map is scaled to its own largest value; captum runs on the real network (nothing frozen). "
                + report.zero_sentence(comparison))
 
@@ -96,10 +97,10 @@ def text_view() -> None:
     if result.has_positions:
         st.subheader("Token or position: what each embedding contributes")
         st.plotly_chart(pi.token_parts_bars(result), width="stretch")
-    st.subheader("captum beside the exact contributions")
+    st.subheader("captum beside the exact contributions", help=CAPTUM_HELP)
     comparison = cached.token_comparison(handle, prompt, token, versus)
     st.plotly_chart(pi.token_attribution_strips(comparison, result.texts), width="stretch")
-    st.dataframe(report.attribution_rows(comparison), hide_index=True)
+    st.table(report.attribution_rows(comparison), hide_index=True)  # a table wraps long cells; a dataframe cuts them
     st.caption("captum runs on the real model (nothing frozen), with respect to the summed input embeddings. "
                + report.zero_sentence(comparison))
 
