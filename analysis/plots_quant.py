@@ -14,13 +14,15 @@ from analysis.quant_calibration import MethodComparison
 from analysis.quantization import GridHistogram, OutlierReport
 
 BARS, GRID, RTN, QUANTEASE = "#1f77b4", "#d62728", "#9aa0a6", "#2ca02c"
+GRID_LINE = "rgba(214,39,40,0.45)"  # GRID, see-through: a bar under a grid line stays visible
 FORMAT_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
-_MAX_GRID_LINES = 40  # beyond this the grid is drawn as ticks under the bars, not lines through them
+_MAX_GRID_LINES = 40  # beyond this the grid is drawn as ticks along the axis only, not lines up the plot
 
 
 def grid_histogram(hist: GridHistogram) -> go.Figure:
-    """Histogram of a layer's weights in scale units with the format's grid: red lines
-    through the bars (few grid points) or red ticks along the axis (many, e.g. FP8)."""
+    """Histogram of a layer's weights in scale units with the format's grid: every grid
+    value as a red tick on the x axis (outside the plot, never over a bar); with few grid
+    values also a thin see-through line up the plot, so a bar keeps its colour under it."""
     centers = [(a + b) / 2 for a, b in zip(hist.edges[:-1], hist.edges[1:])]
     width = hist.edges[1] - hist.edges[0]
     fig = go.Figure(go.Bar(x=centers, y=list(hist.counts), width=width, marker_color=BARS, name="weights",
@@ -31,15 +33,18 @@ def grid_histogram(hist: GridHistogram) -> go.Figure:
         for g in hist.grid:
             xs += [g, g, None]
             ys += [0, top * 1.05, None]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=GRID, width=1, dash="dot"),
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=GRID_LINE, width=1),
                                  name=f"{hist.format} grid ({len(hist.grid)} values)", hoverinfo="skip"))
-    else:
-        fig.add_trace(go.Scatter(x=list(hist.grid), y=[0] * len(hist.grid), mode="markers",
+    else:  # only the legend entry: the axis ticks below draw the grid
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
                                  marker=dict(symbol="line-ns-open", size=10, color=GRID),
-                                 name=f"{hist.format} grid ({len(hist.grid)} values in range)",
-                                 hovertemplate="grid value %{x:.4g}<extra></extra>"))
-    fig.update_layout(xaxis_title=hist.unit, yaxis_title="weights", height=340, bargap=0,
-                      margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.1, x=0))
+                                 name=f"{hist.format} grid ({len(hist.grid)} values in range)"))
+    grid_ticks = dict(tickmode="array", tickvals=list(hist.grid), ticks="outside", ticklen=7, tickwidth=1,
+                      tickcolor=GRID, showgrid=False)
+    # invisible major ticks as long as the grid's push the value labels below the red ticks
+    labels_below = dict(ticks="outside", ticklen=grid_ticks["ticklen"] + 1, tickcolor="rgba(0,0,0,0)")
+    fig.update_layout(xaxis=dict(title=hist.unit, minor=grid_ticks, **labels_below), yaxis_title="weights",
+                      height=340, bargap=0, margin=dict(t=30, b=40), legend=dict(orientation="h", y=1.1, x=0))
     return fig
 
 
