@@ -59,7 +59,7 @@ __all__ = [  # the interface the lab and notebooks use; the pieces live in exit_
     "ExitPoint", "ExitRule", "ExitStats", "InputExits", "LensKL", "ThresholdRange", "collect_exit_stats",
     "default_thresholds", "depth_label", "exit_at", "exit_curve", "exit_curves", "exit_depths", "exit_lens",
     "exits_of", "has_trained", "image_exits", "lens_choices", "lens_kl", "prompt_exits", "remember_lens",
-    "threshold_range",
+    "threshold_range", "threshold_grid", "best_exit", "MAX_AGREEMENT_LOSS",
 ]
 
 CRITERIA = ("max_prob", "entropy", "patience", "saturation")
@@ -252,6 +252,34 @@ def exit_at(stats: ExitStats, criterion: str, threshold: float) -> ExitPoint:
     numbers = {k: None if v is None else float(v[0]) for k, v in out.items()}
     return ExitPoint(criterion, stats.lens, float(threshold), **numbers, n_layers=stats.n_layers,
                      exit_depth=depth[index[0]])
+
+
+MAX_AGREEMENT_LOSS = 0.01  # a default exit may change at most 1 % of the top-1 predictions
+
+
+def threshold_grid(handle: ModelHandle, criterion: str) -> torch.Tensor:
+    """Every threshold the lab's slider offers for `criterion` on this model, as the slider
+    holds them (low + i * step, rounded to the step's decimals) [n]."""
+    span = threshold_range(handle, criterion)
+    n = int(round((span.high - span.low) / span.step)) + 1
+    digits = max(0, -math.floor(math.log10(span.step)))
+    return torch.tensor([round(span.low + i * span.step, digits) for i in range(n)], dtype=torch.float64)
+
+
+def best_exit(handle: ModelHandle, stats: ExitStats, max_loss: float = MAX_AGREEMENT_LOSS) -> ExitPoint | None:
+    """The criterion and threshold (from the slider's grid, `threshold_grid`) that save the
+    most compute while the exited predictions agree with the full model's on at least
+    1 - `max_loss` of the tokens (or images); None when no threshold of any criterion saves
+    anything at that agreement through this lens."""
+    best: tuple[float, str, float] | None = None
+    for criterion in CRITERIA:
+        grid = threshold_grid(handle, criterion)
+        curve = exit_curve(stats, criterion, grid)
+        saved = torch.where(curve.agreement >= 1 - max_loss, curve.saved, torch.zeros_like(curve.saved))
+        i = int(saved.argmax())
+        if float(saved[i]) > 0 and (best is None or float(saved[i]) > best[0]):
+            best = (float(saved[i]), criterion, float(grid[i]))
+    return None if best is None else exit_at(stats, best[1], best[2])
 
 
 # ---------------------------------------------------------------------- the exiting forward

@@ -266,3 +266,22 @@ def test_figures_draw_every_criterion_and_token(tiny_lm, stats):
     tokens = exits.prompt_exits(tiny_lm, "x = 1\n", "entropy", 3.0)
     grid = plots_exits.token_exits(tokens, per_row=4)
     assert len(grid.data[0].z) == 2 and grid.data[0].z[0][:3] == tokens.exit_depth[:3]
+
+
+def test_best_exit_is_the_largest_saving_within_the_agreement_bound(tiny_lm, stats):
+    best = exits.best_exit(tiny_lm, stats, max_loss=0.2)
+    feasible = [(float(p.saved), c, float(t)) for c in exits.CRITERIA for t in exits.threshold_grid(tiny_lm, c)
+                for p in [exits.exit_at(stats, c, float(t))] if p.agreement >= 0.8 and p.saved > 0]
+    if not feasible:
+        assert best is None
+        return
+    assert best.saved == pytest.approx(max(feasible)[0]) and best.agreement >= 0.8
+    assert best.threshold in exits.threshold_grid(tiny_lm, best.criterion).tolist()  # a value the slider holds
+    strict = exits.best_exit(tiny_lm, stats, max_loss=0.0)
+    assert strict is None or strict.saved <= best.saved
+
+
+def test_threshold_grid_holds_the_sliders_values(tiny_lm):
+    assert exits.threshold_grid(tiny_lm, "max_prob")[83].item() == 0.83
+    assert exits.threshold_grid(tiny_lm, "patience").tolist() == list(range(len(exits.exit_depths(tiny_lm)) + 1))
+    assert len(exits.threshold_grid(tiny_lm, "saturation")) == 2001

@@ -185,7 +185,9 @@ def test_threshold_out_of_range_is_refused_and_the_recipe_kept(tiny_folder, thre
     recipe["edits"].append({"type": "early_exit", "criterion": "entropy", "threshold": threshold})
     upload(at, json.dumps(recipe))
     assert any(message in e.value for e in at.error), [e.value for e in at.error]
-    assert recipe_lines(at) == before == ["1. exit when max prob ≥ 0.9 (logit lens)"]
+    assert recipe_lines(at) == before and len(before) == 1 and before[0].startswith("1. exit when")
+    at.radio(key="lab_exit_criterion").set_value("max_prob")
+    run(at)
     at.slider(key="lab_exit_threshold_max_prob").set_value(1.5)
     run(at)  # a slider cannot leave its range: streamlit keeps the value in it
     assert at.slider(key="lab_exit_threshold_max_prob").value <= 1.0
@@ -202,7 +204,10 @@ def test_tuned_lens_is_trained_once_on_request(tiny_folder, monkeypatch):
     run(at)
     assert "exit early" not in controls(at) and at.button(key="lab_add").disabled and not calls
     click(at, "lab_exit_train")
-    assert calls == [1] and "exit early" in controls(at) and not at.info  # the offer goes once trained
+    assert calls == [1] and "exit early" in controls(at)
+    assert not any("trained once" in i.value for i in at.info)  # the offer goes once trained
+    at.radio(key="lab_exit_criterion").set_value("max_prob")
+    run(at)
     at.slider(key="lab_exit_threshold_max_prob").set_value(0.2)
     run(at)
     click(at, "lab_add")
@@ -213,3 +218,23 @@ def test_tuned_lens_is_trained_once_on_request(tiny_folder, monkeypatch):
     run(at)
     assert any("The tuned lens reads closer to the final layer at" in c.value for c in at.caption)
     assert calls == [1] and not at.exception
+
+
+@pytest.mark.parametrize("spec", ["zoo:code-lm", "zoo:digits-cnn"])
+def test_the_default_exit_is_the_best_the_curves_offer_and_saves_compute(spec):
+    at = exit_page(spec)
+    shown = controls(at)
+    assert percent(shown["compute saved"]) > 0 and percent(shown["agreement"]) >= 99
+    assert any(c.value.startswith("Best through the") for c in at.caption)
+    assert at.button(key="lab_exit_best").disabled  # the default is the best already
+    at.slider(key=f"lab_exit_threshold_{at.radio(key='lab_exit_criterion').value}").set_value(0.0)
+    run(at)
+    assert not at.button(key="lab_exit_best").disabled
+    click(at, "lab_exit_best")
+    assert controls(at) == shown
+
+
+def test_a_model_whose_exits_save_nothing_says_so():
+    at = exit_page("zoo:induction-2l")  # the induction head needs what layer 0 wrote: no early answer
+    assert any("No threshold of any criterion saves compute through the logit lens" in i.value for i in at.info)
+    assert not at.exception

@@ -110,17 +110,62 @@ def _lens_ready(edited: ModelHandle, lens: str) -> bool:
     return clicked
 
 
-def _pass(base: ModelHandle, edited: ModelHandle, lens: str) -> tuple[ex.ExitStats, dict[str, ex.ExitCurve]]:
-    """The one recorded pass and every criterion's curve (computed once per model and lens)."""
+def _pass(base: ModelHandle, edited: ModelHandle, lens: str
+          ) -> tuple[ex.ExitStats, dict[str, ex.ExitCurve], ex.ExitPoint | None]:
+    """The one recorded pass, every criterion's curve and the best exit through `lens`
+    (`best_exit`; computed once per model and lens)."""
     key = ("exit_pass", edited.fingerprint, lens)
     found = STORE.get(key)
     if found is None:
         batch = eval_batch(base, base.fingerprint)
         with progress_bar("Recording every layer's readout") as update:
             stats = ex.collect_exit_stats(edited, batch, lens, progress=update)
-        found = (stats, ex.exit_curves(stats))
+        found = (stats, ex.exit_curves(stats), ex.best_exit(base, stats))
         STORE.put(key, found)
     return found
+
+
+def _choose(criterion: str, threshold: float, lens: str) -> None:
+    """Make these the exit controls' values (before the widgets are drawn, or from a
+    button's callback)."""
+    for key, value in (("lab_exit_criterion", criterion), ("lab_exit_lens", lens),
+                       (f"lab_exit_threshold_{criterion}", int(threshold) if criterion == "patience" else threshold)):
+        st.session_state[key] = _keep(key, value)
+
+
+def _default_exit(base: ModelHandle, edited: ModelHandle) -> None:
+    """On the first visit, start from the measured curves rather than a fixed rule: the
+    criterion, lens and threshold that save the most compute at <= 1 % agreement loss,
+    over the lenses ready now (a tuned lens only once trained)."""
+    memory = st.session_state.setdefault("lab_exit_memory", {})
+    if "lab_exit_criterion" in st.session_state or "lab_exit_criterion" in memory:
+        return
+    ready = [lens for lens in ex.lens_choices(base) if lens != "tuned" or _stored_lens(edited, lens) is not None]
+    best = [(point, lens) for lens in ready if _lens_ready(edited, lens)
+            for point in [_pass(base, edited, lens)[2]] if point is not None]
+    if best:
+        point, lens = max(best, key=lambda found: found[0].saved)
+        _choose(point.criterion, point.threshold, lens)
+
+
+def _best_note(point: ex.ExitPoint | None, chosen: ex.ExitPoint, lens: str) -> None:
+    """What the curves say is the best exit through this lens, with a button to take it;
+    or that none saves compute here."""
+    keep = f"{1 - ex.MAX_AGREEMENT_LOSS:.0%}"
+    if point is None:
+        st.info(f"No threshold of any criterion saves compute through the {ex.LENS_LABELS[lens]} while {keep} of the "
+                "predictions stay what the full model says: on this model the exit checks cost more than the "
+                "layers they skip, or the early layers do not yet know the answer."
+                + (" Try the tuned lens." if lens == "logit" else ""))
+        return
+    best = (f"Best through the {ex.LENS_LABELS[lens]}: {ex.CRITERION_LABELS[point.criterion]} with t = "
+            f"{point.threshold:g} saves {point.saved:.1%} of the compute at {point.agreement:.1%} agreement (the "
+            f"largest saving with at least {keep} agreement).")
+    same = (point.criterion, point.threshold) == (chosen.criterion, chosen.threshold)
+    left, right = st.columns([4, 1], vertical_alignment="center")
+    left.caption(best)
+    right.button("Use it", key="lab_exit_best", disabled=same, width="stretch",
+                 on_click=_choose, args=(point.criterion, point.threshold, lens))
 
 
 def _threshold(base: ModelHandle, criterion: str) -> float:
@@ -210,6 +255,7 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
         "evaluation set; adding the edit makes the lab's model exit that way.",
         available=lambda handle: bool(ex.exit_depths(handle)))
 def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
+    _default_exit(base, edited)
     terms = "\n".join(f"- **{ex.CRITERION_LABELS[c]}**: {GLOSSARY[CRITERION_TERMS[c]]}" for c in ex.CRITERIA)
     _recall("lab_exit_criterion", lambda value: value in ex.CRITERIA)
     criterion = _keep("lab_exit_criterion", st.radio(
@@ -234,8 +280,9 @@ def early_exit(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         return None
     if not _lens_ready(edited, lens):
         return None
-    stats, curves = _pass(base, edited, lens)
+    stats, curves, best = _pass(base, edited, lens)
     point = ex.exit_at(stats, criterion, threshold)
+    _best_note(best, point, lens)
     _numbers(base, point)
     _tradeoff(base, curves, point)
     if lens == "tuned":
