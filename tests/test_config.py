@@ -5,8 +5,9 @@ default costs every user, as postScriptGC = true did: 0.27 s of CPU per rerun)."
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
