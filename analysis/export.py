@@ -14,6 +14,7 @@ from pathlib import Path
 
 from analysis import plots_lab
 from analysis.lab import Lab
+from analysis.metric_text import metric_change, metric_value
 from analysis.recipe import Recipe, check_for
 from lib.errors import CapabilityError, RecipeError
 from lib.handle import ModelHandle
@@ -115,11 +116,13 @@ def read_recipe(text: str | bytes, base: ModelHandle) -> Recipe:
 # ---------------------------------------------------------------------- report
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, metric: str = "") -> str:
+    """A table cell: a metric's float as pages show it (`metric_value`: accuracy in percent,
+    never scientific notation at ordinary magnitudes)."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return metric_value(metric, value)
     if isinstance(value, int):
         return f"{value:,}"
     return html.escape(str(value))
@@ -133,23 +136,30 @@ def metrics_table(lab: Lab) -> str:
         if getattr(base, name) is None:
             continue
         delta = deltas.get(name)
-        rows.append(f"<tr><td>{html.escape(label)}</td><td>{_cell(getattr(base, name))}</td>"
-                    f"<td>{_cell(getattr(now, name))}</td><td>{'' if delta is None else f'{delta:+.4g}'}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{_cell(getattr(base, name), name)}</td>"
+                    f"<td>{_cell(getattr(now, name), name)}</td>"
+                    f"<td>{'' if delta is None else metric_change(name, delta)}</td></tr>")
     return ("<table><thead><tr><th>metric</th><th>base</th><th>edited</th><th>change</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 
 
 def history_table(lab: Lab) -> str:
     quality = lab.quality
-    head = ["step", "recipe", LABELS[quality], "KL to base", "size (MiB)", "latency (ms)"]
+    head = ["step", "recipe", LABELS[quality], "KL to base", "size (MiB)", "latency (ms)", "latency vs base",
+            "FLOPs vs base"]
     exits = any(p.exits is not None for p in lab.history)  # early exits: the compute they save
     head += ["compute saved by exits"] if exits else []
     body = []
     for p in lab.history:
         m = p.metrics
-        cells = [p.step, p.label, getattr(m, quality), m.kl_to_base, m.size_bits / 8 / 2**20, m.latency_ms]
+        change = p.latency if p.step else None  # the base has no change against itself
+        cells = [p.step, p.label, getattr(m, quality), m.kl_to_base, m.size_bits / 8 / 2**20, m.latency_ms,
+                 change.text() if change else None,
+                 f"{change.predicted - 1:+.0%}" if change and change.predicted is not None else None]
         cells += [f"{p.exits.saved:.1%}" if p.exits else None] if exits else []
-        body.append("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
+        names = ["", "", quality, "kl_to_base"]  # the rest are plain numbers or text
+        body.append("<tr>" + "".join(f"<td>{_cell(c, n)}</td>" for c, n in zip(cells, names + [""] * len(cells)))
+                    + "</tr>")
     return ("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table>")
 

@@ -37,11 +37,15 @@ from lib.metrics import (
     LABELS,
     LATENCY_REPEATS,
     BaseOutputs,
+    LatencyChange,
     Metrics,
-    median_latency_ms,
+    base_timing,
+    compare_latency,
+    count_flops,
     metrics_from_outputs,
     model_inputs,
     prepare_base,
+    timed_rows,
 )
 
 Progress = Callable[[float, str], None]
@@ -96,9 +100,11 @@ class LabPoint:
 
     step: position in the history (0 is the base); edits: the recipe's edits in order;
     digest: `Recipe.digest` of them; recipe_json: the recipe as `Recipe.to_json()` writes
-    it; metrics: measured on the evaluation batch against the base outputs (latency:
-    median of a few timed forwards over the whole batch); exits: for a recipe with an
-    early exit, where its predictions exit and the compute that saves (None without one).
+    it; metrics: measured on the evaluation batch against the base outputs (latency_ms:
+    the median of the model's timed forwards); exits: for a recipe with an early exit,
+    where its predictions exit and the compute that saves (None without one); latency:
+    the model timed against the base in the same moment, with the FLOP prediction (None
+    when the lab does not time: `Lab(latency_repeats=0)`).
     """
 
     step: int
@@ -108,6 +114,15 @@ class LabPoint:
     recipe_json: str
     metrics: Metrics
     exits: ExitPoint | None = None
+    latency: LatencyChange | None = None
+
+    def cost(self, name: str) -> float:
+        """The cost `name` of this point: size in bits, or latency relative to the base
+        (measured against it in the same moment; 1.0 for the base), falling back to the
+        milliseconds when the lab does not time."""
+        if name == "latency_ms" and self.latency is not None:
+            return self.latency.ratio
+        return getattr(self.metrics, name)
 
 
 @dataclass(frozen=True)
@@ -137,8 +152,10 @@ class Lab:
     base_outputs: the base's outputs on `batch`, raw or prepared (pass shared ones to
     save a forward and the memory of a second copy). cache_size, cache_bytes: edited
     copies kept for prefix reuse, at most this many and (beyond the newest) this many
-    bytes of weights (each browser session has its own lab). latency_repeats: timed
-    forwards per measurement (the first also gives the outputs); the median is reported.
+    bytes of weights (each browser session has its own lab). latency_repeats: at least
+    this many timed forwards of the base, and pairs of base and edited forwards for each
+    recipe (`compare_latency`); 0: only the forward that gives the outputs is timed, and
+    points carry no `latency`.
     """
 
     def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
@@ -155,11 +172,22 @@ class Lab:
         self.cache_size, self.cache_bytes, self.latency_repeats = cache_size, cache_bytes, latency_repeats
         self._cache: OrderedDict[str, ModelHandle] = OrderedDict()
         self._lock = threading.RLock()  # the UI builds downloads on another thread
-        outputs, latency = self._timed_forwards(base)
+        inputs = model_inputs(self.batch)
+        start = time.perf_counter()
+        outputs = base.forward(inputs)
+        seconds = time.perf_counter() - start
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(
             outputs if base_outputs is None else base_outputs, self.batch)
-        metrics = self._metrics(base, outputs, latency)
-        self.history: list[LabPoint] = [self._point(0, (), metrics)]
+        latency = None
+        if latency_repeats:
+            timing = base_timing(base, inputs, seconds, latency_repeats)
+            # pairs of base and model forwards must fit the budget too: twice the forwards
+            self._timed_rows = timed_rows(timing.median_ms / 1000 * inputs.shape[0] / timing.rows,
+                                          inputs.shape[0], 2 * latency_repeats)
+            self._base_flops = count_flops(lambda: base.forward(inputs[:1]))
+            latency = LatencyChange(timing, timing, 1.0, 1.0, 1.0, 1.0)
+        metrics = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
+        self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency)]
         self._current = 0
         self._undo: list[tuple[Edit, ...]] = []
         self._redo: list[tuple[Edit, ...]] = []
@@ -270,12 +298,12 @@ class Lab:
         digest = recipe_digest(edits)
         point = next((p for p in self.history if p.digest == digest), None)
         if point is None:
-            metrics = self.evaluate(edits, progress)
-            model = self._model(edits, None)  # cached by `evaluate`
+            metrics, latency = self._measure(edits, progress)
+            model = self._model(edits, None)  # cached by `_measure`
             if progress and model.exit_rule is not None:
                 progress(0.9, "recording where the predictions exit")
             exits = exits_of(model, self.batch)
-            point = self._point(len(self.history), edits, metrics, exits)
+            point = self._point(len(self.history), edits, metrics, exits, latency)
             self.history.append(point)
         self._current = point.step
         return point
@@ -330,32 +358,40 @@ class Lab:
     def evaluate(self, edits: Sequence[Edit], progress: Progress | None = None) -> Metrics:
         """Build the base with `edits` (through the prefix cache) and measure it against the
         base outputs, without recording anything."""
+        return self._measure(edits, progress)[0]
+
+    def _measure(self, edits: Sequence[Edit], progress: Progress | None) -> tuple[Metrics, LatencyChange | None]:
+        """Metrics of the base with `edits`, and its latency timed against the base's in
+        alternating pairs (a copy's first forward also builds its fast path, so the one that
+        gives the outputs is not among them), with the FLOP prediction beside it."""
         with self._lock:
             model = self._model(tuple(edits), progress)
             if progress:
                 progress(0.8, "measuring")
-            outputs, latency = self._timed_forwards(model)
-            return self._metrics(model, outputs, latency)
-
-    def _timed_forwards(self, model: ModelHandle) -> tuple[torch.Tensor, float]:
-        """Outputs of one forward, and the median milliseconds of `latency_repeats` more
-        (`median_latency_ms`: a copy's first forward also builds its fast path, so it is not
-        timed), or with `latency_repeats` 0 the time of that one forward."""
-        inputs = model_inputs(self.batch)
-        start = time.perf_counter()
-        outputs = model.forward(inputs)
-        latency = (time.perf_counter() - start) * 1000
-        if self.latency_repeats:
-            latency = median_latency_ms(lambda: model.forward(inputs), self.latency_repeats)
-        return outputs, latency
+            inputs = model_inputs(self.batch)
+            start = time.perf_counter()
+            outputs = model.forward(inputs)
+            latency_ms = (time.perf_counter() - start) * 1000
+            latency = None
+            if self.latency_repeats:
+                if progress:
+                    progress(0.85, "timing the model against the base")
+                part = inputs[:self._timed_rows]
+                if self._timed_rows < inputs.shape[0]:
+                    self.base.forward(part), model.forward(part)  # a new shape: first forwards untimed
+                predicted = count_flops(lambda: model.forward(inputs[:1])) / max(self._base_flops, 1)
+                latency = compare_latency(lambda: self.base.forward(part), lambda: model.forward(part),
+                                          self.latency_repeats, self._timed_rows, predicted)
+                latency_ms = latency.model.median_ms
+            return self._metrics(model, outputs, latency_ms), latency
 
     def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
         return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)
 
     def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics,
-               exits: ExitPoint | None = None) -> LabPoint:
+               exits: ExitPoint | None = None, latency: LatencyChange | None = None) -> LabPoint:
         return LabPoint(step, edits, recipe_digest(edits), recipe_label(edits),
-                        self._recipe(edits).to_json(), metrics, exits)
+                        self._recipe(edits).to_json(), metrics, exits, latency)
 
     def deltas(self, point: LabPoint | None = None) -> dict[str, float]:
         """Each metric of `point` (default: the current one) minus the base's."""
@@ -377,6 +413,11 @@ class Lab:
             row: dict[str, object] = {"step": p.step, "current": p.step == self._current, "label": p.label,
                                       "edits": len(p.edits), "digest": p.digest}
             row.update({name: getattr(m, name) for name in METRIC_FIELDS})
+            change = p.latency
+            row["latency_ratio"] = change.ratio if change else None
+            row["latency_ratio_low"] = change.low if change else None
+            row["latency_ratio_high"] = change.high if change else None
+            row["flops_ratio"] = change.predicted if change else None
             row["params_kept"] = m.n_params / base.n_params
             row["size_kept"] = m.size_bits / base.size_bits
             row["mean_exit_layer"] = p.exits.mean_exit if p.exits else None
@@ -398,15 +439,15 @@ class Lab:
 
     def frontier(self, cost: str = "size_bits", quality: str | None = None) -> list[int]:
         """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms",
-        lower is better) against `quality` (default: `quality_metric` of the base)."""
+        lower is better; latency relative to the base, `LabPoint.cost`) against `quality`
+        (default: `quality_metric` of the base)."""
         if cost not in COSTS:
             raise RecipeError(f"The frontier is drawn against {' or '.join(COSTS)}, not {cost!r}.")
         quality = quality or self.quality
         if quality not in LABELS:
             raise RecipeError(f"There is no metric {quality!r}.")
-        points = [p for p in self.history
-                  if getattr(p.metrics, cost) is not None and getattr(p.metrics, quality) is not None]
-        front = pareto_front([getattr(p.metrics, cost) for p in points],
+        points = [p for p in self.history if p.cost(cost) is not None and getattr(p.metrics, quality) is not None]
+        front = pareto_front([p.cost(cost) for p in points],
                              [getattr(p.metrics, quality) for p in points], higher_is_better(quality))
         return [points[i].step for i in front]
 

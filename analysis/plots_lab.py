@@ -10,23 +10,46 @@ from typing import Sequence
 import plotly.graph_objects as go
 
 from analysis.lab import LabPoint, LayerSummary, higher_is_better
+from analysis.metric_text import metric_value
 from analysis.plots import integer_axis
 from lib.metrics import LABELS
 
 GREY, FRONT, CURRENT, REMOVED = "#9aa0a6", "#d62728", "#1f77b4", "#c7c7c7"
-COST_AXES = {"size_bits": "size (MiB)", "latency_ms": "latency per batch (ms)"}
+COST_AXES = {"size_bits": "size (MiB)", "latency_ms": "latency relative to the base"}
+MS_AXIS = "latency (ms)"  # a lab that does not time against the base: each point's own milliseconds
+
+
+def _timed(points: Sequence[LabPoint]) -> bool:
+    return all(p.latency is not None for p in points)
 
 
 def cost_value(point: LabPoint, cost: str) -> float:
-    """The x value of a point: size in MiB or latency in ms."""
-    value = getattr(point.metrics, cost)
+    """The x value of a point: size in MiB, or latency relative to the base (both timed in
+    the same moment, `LabPoint.cost`; milliseconds where the lab does not time)."""
+    value = point.cost(cost)
     return value / 8 / 2**20 if cost == "size_bits" else value
+
+
+def _latency_bars(points: Sequence[LabPoint]) -> dict | None:
+    """Asymmetric x error bars from each point's latency interval (None without one)."""
+    if not _timed(points):
+        return None
+    return dict(type="data", symmetric=False, array=[p.latency.high - p.latency.ratio for p in points],
+                arrayminus=[p.latency.ratio - p.latency.low for p in points], color=GREY, thickness=1, width=3)
 
 
 def _hover(point: LabPoint, cost: str, quality: str) -> str:
     m = point.metrics
     lines = [f"<b>step {point.step}</b>: {point.label}",
-             f"{LABELS[quality]}: {getattr(m, quality):.4g}", f"{COST_AXES[cost]}: {cost_value(point, cost):.4g}"]
+             f"{LABELS[quality]}: {metric_value(quality, getattr(m, quality))}"]
+    if cost == "latency_ms" and point.latency is not None:
+        lines.append(f"latency: {point.latency.text()} against the base")
+        if point.latency.predicted is not None:
+            lines.append(f"FLOP prediction: {point.latency.predicted - 1:+.0%}")
+    elif cost == "latency_ms":
+        lines.append(f"{MS_AXIS}: {m.latency_ms:.4g}")
+    else:
+        lines.append(f"{COST_AXES[cost]}: {cost_value(point, cost):.4g}")
     if m.kl_to_base is not None:
         lines.append(f"KL to base: {m.kl_to_base:.3g} nats")
     lines.append("click to restore this recipe")
@@ -43,6 +66,8 @@ def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontie
 
     def trace(steps: Sequence[int], **style) -> go.Scatter:
         chosen = [by_step[s] for s in steps]
+        if cost == "latency_ms" and style.get("mode") == "markers" and style.get("name") == "recipes tried":
+            style["error_x"] = _latency_bars(chosen)
         return go.Scatter(x=[cost_value(p, cost) for p in chosen], y=[getattr(p.metrics, quality) for p in chosen],
                           customdata=[p.step for p in chosen], hovertext=[_hover(p, cost, quality) for p in chosen],
                           hoverinfo="text", **style)
@@ -57,10 +82,14 @@ def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontie
         trace([current], mode="markers", name="current", marker=dict(symbol="star", size=18, color=CURRENT,
                                                                      line=dict(width=1, color="white"))),
     ])
-    fig.update_layout(xaxis_title=COST_AXES[cost], yaxis_title=f"{LABELS[quality]} ({worse} is worse)",
+    timed = cost != "latency_ms" or _timed(points)
+    fig.update_layout(xaxis_title=COST_AXES[cost] if timed else MS_AXIS,
+                      yaxis_title=f"{LABELS[quality]} ({worse} is worse)",
                       height=420, margin=dict(t=30, b=50), clickmode="event+select", dragmode="pan",
                       legend=dict(orientation="h", y=1.08, x=0))
     fig.update_xaxes(rangemode="tozero")  # a size or a latency: never a negative axis around a lone point
+    if cost == "latency_ms" and timed:
+        fig.add_vline(x=1.0, line=dict(color=GREY, dash="dot", width=1))  # the base's latency
     if quality == "accuracy":
         fig.update_yaxes(range=[0, 1.04])
     elif len(points) == 1:  # one point: a band around it, not plotly's ±1

@@ -10,10 +10,11 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from lib.data import Batch, DataError, ImageBatch, TextBatch, check_batch
 from lib.handle import ModelHandle
@@ -46,7 +47,7 @@ LABELS = {
     "perplexity": "perplexity", "bits_per_byte": "bits per byte", "nll": "loss (nats/token)",
     "accuracy": "accuracy", "psnr_db": "PSNR (dB)", "agreement": "top-1 agreement with base",
     "kl_to_base": "KL(base || model)", "n_params": "parameters", "size_bits": "size (bits)",
-    "latency_ms": "latency per batch (ms)",
+    "latency_ms": "latency (ms)",
 }
 
 
@@ -237,22 +238,144 @@ def model_inputs(batch: Batch) -> torch.Tensor:
     return batch.tokens if isinstance(batch, TextBatch) else batch.images
 
 
-LATENCY_SECONDS = 0.1  # a fast model is timed over more calls than asked, so scheduler noise averages out
-LATENCY_MAX_CALLS = 50
-LATENCY_REPEATS = 3  # timed forwards behind every latency the app shows
+LATENCY_REPEATS = 6  # timed forwards (or base/model pairs) behind every latency the app shows: the fewest
+# for which the smallest and largest of them bound the median with >= 95 % confidence (1 - 2/2**6)
+LATENCY_SECONDS = 0.2  # a fast model is timed over more calls than asked, so scheduler noise averages out
+LATENCY_MAX_CALLS = 40
+LATENCY_BUDGET_SECONDS = 3.0  # a slow model is timed on fewer rows of the batch rather than for minutes
+MIN_LATENCY_CHANGE = 0.05  # below this a ratio is not called a change: timing on a shared machine moves this much
+Clock = Callable[[], float]
 
 
-def median_latency_ms(forward: Callable[[], object], repeats: int = 3) -> float:
-    """Median milliseconds of one call of `forward`, which has run once already (a model's
-    first forward also builds what later ones reuse): at least `repeats` timed calls, and
-    more, up to LATENCY_MAX_CALLS, until LATENCY_SECONDS have passed."""
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of `values`: order statistics x_(k) and
+    x_(n+1-k) with the largest k for which P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2;
+    the smallest and largest value when n is too small for that (n < 6 at 95 %)."""
+    x = sorted(values)
+    n = len(x)
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2**n  # P(X = k) added: P(X <= k)
+        if tail > (1 - confidence) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return x[k - 1], x[n - k]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Timed forwards over `rows` rows of the evaluation batch (sequences or images):
+    median_ms, the interval of the median (low_ms, high_ms; `median_interval`) and how
+    many forwards were timed (runs)."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    runs: int
+    rows: int
+
+    def text(self) -> str:
+        return f"{self.median_ms:.0f} ms (95 % interval {self.low_ms:.0f}–{self.high_ms:.0f} ms, {self.runs} runs)"
+
+
+@dataclass(frozen=True)
+class LatencyChange:
+    """A model's latency against its base, both timed in the same moment: `runs` pairs of
+    forwards in alternating order (base then model, model then base, ...), so drift and
+    load hit both alike.
+
+    base, model: each one's timings; ratio: median over pairs of model time / base time;
+    low, high: the interval of that median (`median_interval`); predicted: the model's
+    forward FLOPs over the base's (`count_flops`), None where not counted.
+    """
+
+    base: Timing
+    model: Timing
+    ratio: float
+    low: float
+    high: float
+    predicted: float | None = None
+
+    @property
+    def measurable(self) -> bool:
+        """Whether the change stands out of the timing noise: its interval excludes 1 and it
+        is at least MIN_LATENCY_CHANGE."""
+        return not self.low <= 1.0 <= self.high and abs(self.ratio - 1) >= MIN_LATENCY_CHANGE
+
+    def text(self) -> str:
+        """'−31 % (−40 … −20 %)', or 'no measurable change (−3 … +4 %)'."""
+        spread = f"{self.low - 1:+.0%} … {self.high - 1:+.0%}"
+        return f"{self.ratio - 1:+.0%} ({spread})" if self.measurable else f"no measurable change ({spread})"
+
+
+def time_forward(forward: Callable[[], object], repeats: int = LATENCY_REPEATS, rows: int = 1,
+                 clock: Clock | None = None) -> Timing:
+    """Time `forward`, which has run once already (a model's first forward also builds what
+    later ones reuse): at least `repeats` calls, and more, up to LATENCY_MAX_CALLS, until
+    LATENCY_SECONDS have passed. `rows`: what one call covers, for the record."""
+    clock = clock or time.perf_counter
     times: list[float] = []
-    began = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - began < LATENCY_SECONDS and len(times) < LATENCY_MAX_CALLS):
-        start = time.perf_counter()
+    began = clock()
+    while len(times) < repeats or (clock() - began < LATENCY_SECONDS and len(times) < LATENCY_MAX_CALLS):
+        start = clock()
         forward()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        times.append((clock() - start) * 1000)
+    low, high = median_interval(times)
+    return Timing(statistics.median(times), low, high, len(times), rows)
+
+
+def compare_latency(base: Callable[[], object], model: Callable[[], object], repeats: int = LATENCY_REPEATS,
+                    rows: int = 1, predicted: float | None = None, clock: Clock | None = None
+                    ) -> LatencyChange:
+    """Time `base` and `model` (each run once already) in alternating pairs: at least
+    `repeats` pairs, more (up to LATENCY_MAX_CALLS) while under LATENCY_SECONDS. The
+    change is the median of the per-pair ratios, with its interval."""
+    clock = clock or time.perf_counter
+    base_ms: list[float] = []
+    model_ms: list[float] = []
+    began = clock()
+    while len(base_ms) < repeats or (clock() - began < LATENCY_SECONDS and len(base_ms) < LATENCY_MAX_CALLS):
+        order = ((base, base_ms), (model, model_ms))
+        for forward, times in order if len(base_ms) % 2 == 0 else order[::-1]:
+            start = clock()
+            forward()
+            times.append((clock() - start) * 1000)
+    ratios = [m / b for m, b in zip(model_ms, base_ms)]
+    low, high = median_interval(ratios)
+
+    def timing(times: list[float]) -> Timing:
+        return Timing(statistics.median(times), *median_interval(times), len(times), rows)
+
+    return LatencyChange(timing(base_ms), timing(model_ms), statistics.median(ratios), low, high, predicted)
+
+
+def timed_rows(seconds_per_forward: float, n_rows: int, forwards: int) -> int:
+    """Rows of the batch to time so that `forwards` forwards fit LATENCY_BUDGET_SECONDS,
+    given that one forward over all `n_rows` took `seconds_per_forward` (at least one row)."""
+    if seconds_per_forward * forwards <= LATENCY_BUDGET_SECONDS:
+        return n_rows
+    return max(1, int(n_rows * LATENCY_BUDGET_SECONDS / (seconds_per_forward * forwards)))
+
+
+def count_flops(forward: Callable[[], object]) -> int:
+    """FLOPs torch counts for one call of `forward` (matrix products and convolutions,
+    attention included; elementwise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        forward()
+    return counter.get_total_flops()
+
+
+def base_timing(handle: ModelHandle, inputs: torch.Tensor, first_seconds: float,
+                repeats: int = LATENCY_REPEATS) -> Timing:
+    """`handle`'s timed forwards on `inputs` [rows, ...], whose first forward (untimed here)
+    took `first_seconds`: on every row, or on the first rows when `repeats` forwards of all
+    of them would not fit LATENCY_BUDGET_SECONDS (`timed_rows`)."""
+    rows = timed_rows(first_seconds, inputs.shape[0], repeats)
+    part = inputs[:rows]
+    if rows < inputs.shape[0]:
+        handle.forward(part)  # a new shape: its first forward is not timed either
+    return time_forward(lambda: handle.forward(part), repeats, rows)
 
 
 def evaluate(
@@ -263,8 +386,8 @@ def evaluate(
     latency_repeats: int = 0,
 ) -> Metrics:
     """Run `handle` on `batch` and measure quality, agreement with `base` outputs (if
-    given), size and latency: with `latency_repeats` > 0 the median of that many timed
-    forwards after the one that gave the outputs (`median_latency_ms`), else the time of
+    given), size and latency: with `latency_repeats` > 0 the median of at least that many
+    timed forwards after the one that gave the outputs (`base_timing`), else the time of
     that one forward. A batch or base that does not fit the model is refused before the
     forward (`lib.data.check_batch`, `check_base`)."""
     check_batch(handle, batch)
@@ -274,6 +397,6 @@ def evaluate(
     outputs = handle.forward(inputs)
     latency_ms = (time.perf_counter() - start) * 1000
     if latency_repeats > 0:
-        latency_ms = median_latency_ms(lambda: handle.forward(inputs), latency_repeats)
+        latency_ms = base_timing(handle, inputs, latency_ms / 1000, latency_repeats).median_ms
     bits = size_bits if size_bits is not None else handle.size_bits
     return metrics_from_outputs(outputs, batch, handle.n_params, bits, base, latency_ms)

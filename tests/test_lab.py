@@ -288,3 +288,35 @@ def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
     assert f"<td>{point.exits.saved:.1%}</td>" in history_table(lab)
     pruned = lab.model_for(point.edits[:1])  # the same weights without the rule: another function, fingerprint
     assert model.fingerprint != pruned.fingerprint and model.fingerprint == model.current_fingerprint()
+
+
+def test_latency_is_timed_against_the_base_with_a_flop_prediction(tiny_lm, cnn):
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    lab = Lab(tiny_lm, batch, latency_repeats=6)
+    base = lab.base_point.latency
+    assert base.ratio == base.low == base.high == base.predicted == 1 and not base.measurable
+    assert base.base.runs >= 6 and base.base.rows == 4 and lab.base_point.cost("latency_ms") == 1
+    pruned = lab.add(Magnitude(0.5)).latency
+    assert pruned.predicted == 1.0  # zeros are multiplied as before: the same compute, exactly
+    assert pruned.model.runs == pruned.base.runs >= 6 and pruned.low <= pruned.ratio <= pruned.high
+    dropped = lab.add(Drop("block", 1)).latency
+    assert 0.5 < dropped.predicted < 1  # one block of three gone; the readout stays
+    assert lab.current.cost("latency_ms") == dropped.ratio
+    rows = lab.rows()
+    assert rows[-1]["flops_ratio"] == dropped.predicted and rows[0]["latency_ratio"] == 1
+    figure = plots_lab.history_scatter(lab.history, "latency_ms", lab.quality, lab.frontier("latency_ms"), 2)
+    assert figure.layout.xaxis.title.text == "latency relative to the base"
+    assert list(figure.data[0].x) == [p.latency.ratio for p in lab.history] and figure.data[0].error_x.array
+
+    image_lab = Lab(cnn, latency_repeats=6)
+    assert image_lab.add(Drop("stage", "conv2")).latency.predicted < 1
+
+
+def test_a_slow_model_is_timed_on_fewer_rows(tiny_lm, monkeypatch):
+    from lib import metrics
+
+    monkeypatch.setattr(metrics, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: one row
+    assert metrics.timed_rows(1.0, 16, 12) == 1 and metrics.timed_rows(0.0, 16, 12) == 16
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    lab = Lab(tiny_lm, batch, latency_repeats=6)
+    assert lab.base_point.latency.base.rows == 1 and lab.add(Magnitude(0.5)).latency.model.rows == 1

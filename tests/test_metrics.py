@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import data
-from lib.metrics import evaluate, kl_and_agreement, median_latency_ms, metrics_from_outputs, prepare_base
+from lib.metrics import evaluate, kl_and_agreement, metrics_from_outputs, prepare_base
 
 
 def test_lm_metrics_match_hand_computation(tiny_lm):
@@ -59,30 +59,97 @@ def test_outputs_must_fit_the_batch():
         metrics_from_outputs(logits, batch, 1, 1, base=prepare_base(torch.zeros(2, 10), batch))
 
 
-def test_latency_is_the_median_of_warm_calls_and_fast_models_get_more_of_them(tiny_lm):
-    import time
+class FakeClock:
+    """A clock that moves only when a fake forward says it took time: timing tests that
+    do not depend on the machine."""
 
-    calls = []
-    steady = lambda: calls.append(1) or time.sleep(0.02)  # noqa: E731
-    assert 19 <= median_latency_ms(steady, repeats=3) < 60 and len(calls) >= 3
-    calls.clear()
-    assert median_latency_ms(lambda: calls.append(1), repeats=3) < 1 and len(calls) == 50  # many calls, capped
+    def __init__(self):
+        self.now = 0.0
 
+    def __call__(self):
+        return self.now
+
+    def forward(self, seconds):
+        def run():
+            self.now += seconds() if callable(seconds) else seconds
+        return run
+
+
+def test_median_interval_is_the_order_statistics_interval():
+    from lib.metrics import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)  # n = 6: 1 - 2/64 >= 95 %
+    assert median_interval(list(range(20))) == (5, 14)  # P(Bin(20, 1/2) <= 5) = 0.021 <= 0.025 < P(<= 6)
+    assert median_interval([7.0]) == (7.0, 7.0)
+
+
+def test_timing_counts_only_warm_calls_and_fast_models_get_more_of_them(tiny_lm):
+    from lib import metrics
+
+    clock = FakeClock()
+    slow = metrics.time_forward(clock.forward(0.5), repeats=6, clock=clock)
+    assert slow.runs == 6 and slow.median_ms == 500 and slow.low_ms == slow.high_ms == 500
+    fast = metrics.time_forward(clock.forward(1e-4), repeats=6, clock=clock)
+    assert fast.runs == metrics.LATENCY_MAX_CALLS  # many calls, capped
+
+
+def test_evaluate_does_not_time_the_first_forward(tiny_lm, monkeypatch):
+    from lib import metrics
+
+    clock = FakeClock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
     first = []
-    slow_first = tiny_lm.forward
 
     class FirstForwardSlow:  # a model whose first forward builds something, as a copy's fast path
         def __getattr__(self, name):
             return getattr(tiny_lm, name)
 
         def forward(self, inputs):
-            if not first:
-                first.append(1)
-                time.sleep(0.3)
-            return slow_first(inputs)
+            clock.now += 0.01 if first else 0.3
+            first.append(1)
+            return tiny_lm.forward(inputs)
 
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=16, n_windows=2)
-    assert evaluate(FirstForwardSlow(), batch, latency_repeats=3).latency_ms < 100  # the first call is not timed
+    assert evaluate(FirstForwardSlow(), batch, latency_repeats=3).latency_ms == pytest.approx(10)
+
+
+def test_latency_change_pairs_alternate_and_say_when_nothing_changed():
+    from lib.metrics import compare_latency
+
+    clock, calls = FakeClock(), []
+    noise = iter([0.1, 0.11, 0.09, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.11, 0.1, 0.09] * 10)
+
+    def run(name, scale):
+        def forward():
+            calls.append(name)
+            clock.now += scale * next(noise)
+        return forward
+
+    same = compare_latency(run("base", 1), run("model", 1), repeats=6, clock=clock)
+    assert calls[:4] == ["base", "model", "model", "base"]  # drift hits both alike
+    assert same.low <= 1 <= same.high and not same.measurable
+    assert same.text().startswith("no measurable change (")
+    half = compare_latency(run("base", 1), run("model", 0.5), repeats=6, clock=clock, predicted=0.5)
+    assert half.measurable and half.high < 1 and half.text().startswith("-")
+    assert half.model.median_ms < half.base.median_ms and half.predicted == 0.5
+
+
+def test_a_change_inside_the_noise_floor_is_not_called_a_change():
+    from lib.metrics import LatencyChange, Timing
+
+    t = Timing(100.0, 99.0, 101.0, 6, 16)
+    assert not LatencyChange(t, t, 1.03, 1.02, 1.04).measurable  # interval excludes 1, but only 3 %
+    assert LatencyChange(t, t, 1.3, 1.2, 1.4).measurable
+
+
+def test_flops_count_the_matrix_products(tiny_lm):
+    from lib.metrics import count_flops
+
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    full = count_flops(lambda: tiny_lm.forward(tokens))
+    s = tiny_lm.structure
+    assert full >= 2 * 8 * s.d_model * s.d_vocab  # at least the readout
+    assert count_flops(lambda: tiny_lm.forward(torch.zeros(2, 8, dtype=torch.long))) == 2 * full
 
 
 def test_chunked_text_scores_equal_the_log_softmax_formulas():

@@ -22,7 +22,7 @@ from analysis.lab import COSTS, Lab, LabPoint, Progress, higher_is_better
 from analysis.recipe import Recipe
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import LABELS, prepare_base
+from lib.metrics import LABELS, model_inputs, prepare_base
 from ui.lab_controls import methods_for
 from ui.progress import progress_bar
 from ui.session import app_message, recipe
@@ -156,7 +156,7 @@ def _quality_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
 
 
 def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
-    now, base, edited = lab.current.metrics, lab.base_point.metrics, bool(lab.current.edits)
+    now, base = lab.current.metrics, lab.base_point.metrics
     items = []
     if now.kl_to_base is not None:
         items.append(("KL to base", f"{now.kl_to_base:.4g} nats", None, "off", GLOSSARY["kl"]))
@@ -170,11 +170,28 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
                   f"{(now.size_bits - base.size_bits) / MIB:+.2f} MiB" if now.size_bits != base.size_bits else None,
                   "inverse",
                   "Bits to store the weights as they are stored, in MiB."))
-    items.append(("latency", f"{now.latency_ms:.0f} ms",
-                  f"{now.latency_ms / base.latency_ms - 1:+.0%}" if edited else None, "inverse",
-                  f"Median of at least {lab.latency_repeats} timed forward passes over the whole evaluation batch "
-                  "on this machine, after one untimed pass; it moves by a few percent between runs on its own, "
-                  "more when the machine is busy."))
+    return items + _latency_items(lab)
+
+
+def _latency_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
+    """Latency against the base, both timed in the same moment, and the FLOP prediction
+    beside it: a change is shown only when it stands out of its own interval."""
+    point, n = lab.current, len(model_inputs(lab.batch))
+    change = point.latency
+    if change is None:  # a lab that does not time against the base
+        return [("latency", f"{point.metrics.latency_ms:.0f} ms", None, "off", "One forward over the batch.")]
+    rows = "the whole evaluation batch" if change.base.rows == n else f"{change.base.rows} of the batch's {n} rows"
+    if not point.edits:
+        return [("latency", f"{change.base.median_ms:.0f} ms", None, "off",
+                 f"Median of {change.base.runs} timed forwards over {rows} on this machine, after one untimed one; "
+                 f"95 % interval of the median {change.base.low_ms:.0f}–{change.base.high_ms:.0f} ms.")]
+    delta = f"{change.ratio - 1:+.0%}" if change.measurable else "no measurable change"
+    items = [("latency", f"{change.model.median_ms:.0f} ms", delta, "inverse" if change.measurable else "off",
+              f"{GLOSSARY['latency_change']} Here: {change.text()} over {change.model.runs} pairs of forwards over "
+              f"{rows}; the base took {change.base.median_ms:.0f} ms in the same moment.")]
+    if change.predicted is not None:
+        flops = "no change" if abs(change.predicted - 1) < 5e-4 else f"{change.predicted - 1:+.0%}"
+        items.append(("FLOP prediction", flops, None, "off", GLOSSARY["flop_prediction"]))
     return items
 
 
@@ -197,10 +214,12 @@ def metrics_panel(lab: Lab) -> None:
     items = _quality_items(lab) + _cost_items(lab)
     cols = st.columns(4)
     for i, (label, value, delta, color, helptext) in enumerate(items):
-        cols[i % 4].metric(label, value, delta, delta_color=color, help=helptext)
+        cols[i % 4].metric(label, value, delta, delta_color=color, help=helptext,
+                           delta_arrow="off" if color == "off" else "auto")
     if lab.current.exits is not None:
         st.caption("Early exits are simulated: every layer still runs and each prediction is then read out at its "
-                   "exit, so latency rises here; compute saved is what stopping there would save.")
+                   "exit, so latency does not fall here (the readouts are extra work); compute saved is what "
+                   "stopping there would save.")
 
 
 # ---------------------------------------------------------------------- history, layers

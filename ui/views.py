@@ -8,6 +8,8 @@ and the parts of one view's analysis go through the no-copy `ui.store.STORE`.
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 import torch
 
@@ -17,7 +19,7 @@ from analysis.redundancy import LayerSimilarity, LogitLens, Residuals, StageSimi
 from analysis.redundancy_report import DropCheck, RedundancyReport
 from lib import data
 from lib.handle import ModelHandle
-from lib.metrics import LATENCY_REPEATS, Metrics, evaluate, model_inputs
+from lib.metrics import Metrics, Timing, base_timing, evaluate, model_inputs
 from ui.progress import Progress, stored
 from ui.store import STORE
 
@@ -29,8 +31,21 @@ def eval_batch(_handle: ModelHandle, fingerprint: str) -> data.Batch:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def baseline(_handle: ModelHandle, fingerprint: str) -> Metrics:
-    """Baseline metrics of the base model on its evaluation batch."""
-    return evaluate(_handle, eval_batch(_handle, fingerprint), latency_repeats=LATENCY_REPEATS)
+    """Baseline metrics of the base model on its evaluation batch (its latency is
+    `base_latency`'s: a timing is not a fixed property of the model to cache forever)."""
+    return evaluate(_handle, eval_batch(_handle, fingerprint))
+
+
+def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
+    """The base model's timed forwards over its evaluation batch, and when they were made
+    (seconds since the epoch). `attempt`: a new measurement each time the user asks."""
+    def compute() -> tuple[Timing, float]:
+        inputs = model_inputs(eval_batch(handle, handle.fingerprint))
+        start = time.perf_counter()
+        handle.forward(inputs)  # untimed: it also builds what later forwards reuse
+        return base_timing(handle, inputs, time.perf_counter() - start), time.time()
+
+    return STORE.get_or_compute(("base_latency", handle.fingerprint, attempt), compute)
 
 
 def base_outputs(handle: ModelHandle) -> torch.Tensor:

@@ -24,8 +24,11 @@ st.subheader("Edited model vs base")
 ui.metrics_panel(lab)
 removable = "heads, sublayers or blocks are removed" if handle.kind == "causal-lm" else "stages are bypassed"
 st.caption("Arrows show the change from the base model. Pruned weights are set to zero but still stored, so size "
-           f"falls only when {removable} or weights are quantized (codes, scales and zero points are counted), and "
-           f"latency only when {removable}: quantization is simulated in float.")
+           f"falls only when {removable} or weights are quantized (codes, scales and zero points are counted). "
+           "Latency: the edited model and the base are timed in alternating pairs in the same moment, and a change "
+           "is shown only when it stands out of that timing's own spread; the FLOP prediction beside it counts the "
+           f"arithmetic. Compute falls only when {removable} or layers are factorised: pruned and quantized weights "
+           "are multiplied in float as before (activation quantization even adds the simulation's work).")
 
 st.subheader("Every recipe tried")
 ui.history_view(lab, handle)

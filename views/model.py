@@ -1,15 +1,17 @@
 """Model page: what is loaded, how good it is on the evaluation set, what it predicts."""
 
+import time
+
 import streamlit as st
 import torch
 
 from analysis import plots
 from analysis.glossary import GLOSSARY
 from analysis.predict import next_tokens, predict_image
-from lib.metrics import LABELS
+from lib.metrics import LABELS, model_inputs
 from lib.zoo import model_card
 from ui.session import require_handle
-from ui.views import baseline, eval_batch, prompt_notes
+from ui.views import base_latency, baseline, eval_batch, prompt_notes
 
 handle = require_handle()
 st.title(f"Model · {handle.spec}")
@@ -24,7 +26,7 @@ with quality:
     with st.spinner("Evaluating ..."):
         batch = eval_batch(handle, handle.fingerprint)
         metrics = baseline(handle, handle.fingerprint)
-    order = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "size_bits", "latency_ms")
+    order = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "size_bits")
     shown = [(k, getattr(metrics, k)) for k in order if getattr(metrics, k) is not None]
     helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
              "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
@@ -41,8 +43,23 @@ with quality:
                 LABELS[name]
             shown = f"{value:.1%}" if name == "accuracy" else f"{value:.4g}"  # as the lab shows it
             cols[i % 3].metric(label, shown, help=helps.get(name))
-    st.caption(f"Evaluation set: {batch.source}. Latency is the median of timed forward passes over the whole "
-               "batch on this machine's CPU, after one untimed pass.")
+    attempt = st.session_state.get(f"latency_attempt_{handle.spec}", 0)
+    with st.spinner("Timing the model ..."):
+        timing, when = base_latency(handle, attempt)
+    rows = model_inputs(batch).shape[0]
+    over = "the whole batch" if timing.rows == rows else f"{timing.rows} of its {rows} rows"
+    cols[len(shown) % 3].metric("latency", f"{timing.median_ms:.0f} ms",
+                                help=f"Median of {timing.runs} timed forwards over {over} on this machine, after one "
+                                     f"untimed one; 95 % interval of the median {timing.low_ms:.0f}–"
+                                     f"{timing.high_ms:.0f} ms.")
+    left, right = st.columns([4, 1], vertical_alignment="center")
+    at = time.strftime("%H:%M:%S", time.localtime(when))
+    left.caption(f"Evaluation set: {batch.source}. Latency measured at {at} over {over}: {timing.text()}; a busy "
+                 "machine widens the interval.")
+    if right.button("Time again", key="model_time_again", help="Measure the latency now (another session may have "
+                    "measured it while the machine was busy)."):
+        st.session_state[f"latency_attempt_{handle.spec}"] = attempt + 1
+        st.rerun()
 if text := model_card(handle.spec):  # full width: the card's code blocks need it
     with st.expander("Model card: how it was trained and what it scores"):
         st.caption("The card's metrics cover its whole held-out set; this page measures a fixed sample of it (the "
