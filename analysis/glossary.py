@@ -151,6 +151,10 @@ TERMS: dict[str, Term] = {
         "Peak signal-to-noise ratio between the denoised image and the clean one, 10·log10(1 / mean squared "
         "error) for pixels in 0 to 1; higher is better, and 6 dB more means half the error amplitude.",
         _QUALITY),
+    "noisy_psnr": Term(
+        "PSNR of the noisy input",
+        "The reference for a denoiser: the noisy inputs themselves scored against the clean targets, as if the "
+        "model changed nothing. A denoiser helps only as far as its PSNR is above this.", _QUALITY),
     "reconstruction_error": Term(
         "reconstruction error",
         "max |A·x0 + b − F(x0)|: the frozen linear map, run at the input, against the real model; below 1e-6 "

@@ -225,13 +225,26 @@ def metrics_from_outputs(
             hit = outputs[:, :-1].argmax(-1) == batch.tokens[:, 1:]
             fields["accuracy"] = hit[batch.answer_mask[:, 1:]].float().mean().item()
     elif isinstance(batch, ImageBatch) and batch.targets is not None:
-        mse = F.mse_loss(outputs.clamp(0, 1), batch.targets).item()
-        fields["psnr_db"] = 10 * math.log10(1.0 / max(mse, 1e-12))
+        fields["psnr_db"] = psnr_db(outputs, batch.targets)
     else:
         fields["accuracy"] = (outputs.argmax(-1) == batch.labels).float().mean().item()
     if base is not None and isinstance(batch, ImageBatch) and batch.targets is None:
         fields["kl_to_base"], fields["agreement"] = kl_and_agreement(outputs, base, batch)
     return Metrics(n_params=n_params, size_bits=size_bits, latency_ms=latency_ms, **fields)
+
+
+def psnr_db(images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of images [b, 1, H, W] against targets, both in [0, 1]
+    (images clamped to it first): 10 log10(1 / MSE)."""
+    mse = F.mse_loss(images.clamp(0, 1), targets).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def input_psnr_db(batch: ImageBatch) -> float | None:
+    """The PSNR of a denoising batch's noisy inputs themselves against the clean targets:
+    what a model that changes nothing scores, the reference for a denoiser's PSNR (None
+    for a batch without targets)."""
+    return None if batch.targets is None else psnr_db(batch.images, batch.targets)
 
 
 def model_inputs(batch: Batch) -> torch.Tensor:

@@ -36,6 +36,30 @@ def test_every_zoo_model_opens_on_the_model_page(spec, label):
     assert not texts(at)
 
 
+def test_denoiser_psnr_is_shown_beside_its_noisy_inputs_own():
+    from lib import data
+    from lib.metrics import input_psnr_db
+
+    at = load(run(new_app()), "zoo:digits-denoiser")
+    shown = {m.label: m.value for m in at.metric}
+    noisy = input_psnr_db(data.default_batch(load_model("zoo:digits-denoiser")))
+    assert shown["PSNR of the noisy input"] == f"{noisy:.4g}" and float(shown["PSNR (dB)"]) > noisy + 3
+    lab = run(at, "views/lab.py")
+    assert {m.label: m.value for m in lab.metric}["PSNR of the noisy input"] == f"{noisy:.2f}"
+
+
+def test_model_page_latency_has_its_interval_and_can_be_timed_again():
+    at = run(new_app())
+    latency = next(m for m in at.metric if m.label == "latency")
+    assert latency.value.endswith(" ms") and "95 % interval of the median" in latency.help
+    before = next(c.value for c in at.caption if "Latency measured at" in c.value)
+    at.button(key="model_time_again").click()
+    run(at)
+    assert at.session_state["latency_attempt_zoo:code-lm"] == 1
+    assert any("Latency measured at" in c.value for c in at.caption) and before
+    assert not texts(at)
+
+
 def test_unknown_words_are_named_next_to_the_prediction():
     at = load(run(new_app()), "zoo:induction-2l")
     at.text_area[0].input("t5 t9 hello t5 你好")

@@ -22,7 +22,7 @@ from analysis.lab import COSTS, Lab, LabPoint, Progress, higher_is_better
 from analysis.recipe import Recipe
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import LABELS, model_inputs, prepare_base
+from lib.metrics import LABELS, input_psnr_db, model_inputs, prepare_base
 from ui.lab_controls import methods_for
 from ui.progress import progress_bar
 from ui.session import app_message, recipe
@@ -152,6 +152,9 @@ def _quality_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
             shown = None if delta is None else fmt.replace("{:", "{:+").format(delta)
         items.append((LABELS[name], fmt.format(value), shown if edited and delta else None,
                       "normal" if higher_is_better(name) else "inverse", helptext))
+    if now.psnr_db is not None:  # a denoiser's PSNR means something only above its noisy input's
+        items.append(("PSNR of the noisy input", f"{input_psnr_db(lab.batch):.2f}", None, "off",
+                      GLOSSARY["noisy_psnr"]))
     return items
 
 

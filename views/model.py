@@ -8,7 +8,7 @@ import torch
 from analysis import plots
 from analysis.glossary import GLOSSARY
 from analysis.predict import next_tokens, predict_image
-from lib.metrics import LABELS, model_inputs
+from lib.metrics import LABELS, input_psnr_db, model_inputs
 from lib.zoo import model_card
 from ui.session import require_handle
 from ui.views import base_latency, baseline, eval_batch, prompt_notes
@@ -27,31 +27,36 @@ with quality:
         batch = eval_batch(handle, handle.fingerprint)
         metrics = baseline(handle, handle.fingerprint)
     order = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "size_bits")
-    shown = [(k, getattr(metrics, k)) for k in order if getattr(metrics, k) is not None]
+    repeated = getattr(batch, "answer_mask", None) is not None
     helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
              "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
              "accuracy": "Share of correct top-1 predictions" + (
                  " on the repeated half of each sequence only (from its second token on: the random first "
                  "half cannot be predicted, so perplexity, which covers every position, stays high)."
-                 if getattr(batch, "answer_mask", None) is not None else " on the held-out images.")}
-    cols = st.columns(3)
-    for i, (name, value) in enumerate(shown):
+                 if repeated else " on the held-out images.")}
+    items = []  # (label, value as shown, help)
+    for name in order:
+        value = getattr(metrics, name)
+        if value is None:
+            continue
         if name == "size_bits":
-            cols[i % 3].metric("size", f"{value / 8 / 2**20:.2f} MiB", help=f"{value:,} bits as stored")
+            items.append(("size", f"{value / 8 / 2**20:.2f} MiB", f"{value:,} bits as stored"))
         else:
-            label = "accuracy (repeated half)" if name == "accuracy" and helps["accuracy"].count("repeated") else \
-                LABELS[name]
-            shown = f"{value:.1%}" if name == "accuracy" else f"{value:.4g}"  # as the lab shows it
-            cols[i % 3].metric(label, shown, help=helps.get(name))
+            label = "accuracy (repeated half)" if name == "accuracy" and repeated else LABELS[name]
+            items.append((label, f"{value:.1%}" if name == "accuracy" else f"{value:.4g}", helps[name]))
+    if metrics.psnr_db is not None:  # a denoiser's PSNR means something only above its noisy input's
+        items.append(("PSNR of the noisy input", f"{input_psnr_db(batch):.4g}", GLOSSARY["noisy_psnr"]))
     attempt = st.session_state.get(f"latency_attempt_{handle.spec}", 0)
     with st.spinner("Timing the model ..."):
         timing, when = base_latency(handle, attempt)
     rows = model_inputs(batch).shape[0]
     over = "the whole batch" if timing.rows == rows else f"{timing.rows} of its {rows} rows"
-    cols[len(shown) % 3].metric("latency", f"{timing.median_ms:.0f} ms",
-                                help=f"Median of {timing.runs} timed forwards over {over} on this machine, after one "
-                                     f"untimed one; 95 % interval of the median {timing.low_ms:.0f}–"
-                                     f"{timing.high_ms:.0f} ms.")
+    items.append(("latency", f"{timing.median_ms:.0f} ms",
+                  f"Median of {timing.runs} timed forwards over {over} on this machine, after one untimed one; "
+                  f"95 % interval of the median {timing.low_ms:.0f}–{timing.high_ms:.0f} ms."))
+    cols = st.columns(3)
+    for i, (label, value, helptext) in enumerate(items):
+        cols[i % 3].metric(label, value, help=helptext)
     left, right = st.columns([4, 1], vertical_alignment="center")
     at = time.strftime("%H:%M:%S", time.localtime(when))
     left.caption(f"Evaluation set: {batch.source}. Latency measured at {at} over {over}: {timing.text()}; a busy "
