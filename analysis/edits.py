@@ -85,6 +85,12 @@ def apply_(handle: ModelHandle, edit: Edit) -> None:
     handle.weights_changed()
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists back as the tuples `to_dict` wrote, nested ones too (a per-layer sparsity
+    is a tuple of (name, sparsity) pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def from_dict(data: Any) -> Edit:
     """The edit a `to_dict()` dictionary describes; unknown types, unknown or missing
     fields and wrongly typed values are refused with a RecipeError naming them."""
@@ -104,7 +110,7 @@ def from_dict(data: Any) -> Edit:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise RecipeError(f"A {name} edit needs the field(s) {', '.join(missing)}.")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    values = {k: _tuples(v) for k, v in given.items()}
     try:
         return cls(**values)
     except RecipeError:

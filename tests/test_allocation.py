@@ -91,6 +91,12 @@ def test_realised_sparsity_is_the_target_and_uniform_compares_at_the_same(tiny_l
     assert all(torch.equal(by_uniform[name], by_magnitude[name]) for name in flat.layers)
 
 
+def test_a_per_layer_sparsity_recipe_round_trips_through_json(tiny_lm, lm_curves):
+    recipe = Recipe(tiny_lm.fingerprint, [alloc.allocate(lm_curves, 0.5).edit()])
+    again = Recipe.from_json(recipe.to_json())  # JSON lists of [name, sparsity] pairs were refused
+    assert again.edits == recipe.edits and again.digest == recipe.digest
+
+
 @pytest.fixture(scope="module")
 def cnn():
     from lib.models import load_model
