@@ -257,6 +257,7 @@ LATENCY_SECONDS = 0.2  # a fast model is timed over more calls than asked, so sc
 LATENCY_MAX_CALLS = 40
 LATENCY_BUDGET_SECONDS = 3.0  # a slow model is timed on fewer rows of the batch rather than for minutes
 MIN_LATENCY_CHANGE = 0.05  # below this a ratio is not called a change: timing on a shared machine moves this much
+NOISY_SPREAD = 0.1  # a ratio interval wider than this: time more pairs (within the budget), then call it noisy
 Clock = Callable[[], float]
 
 
@@ -312,9 +313,17 @@ class LatencyChange:
 
     @property
     def measurable(self) -> bool:
-        """Whether the change stands out of the timing noise: its interval excludes 1 and it
-        is at least MIN_LATENCY_CHANGE."""
-        return not self.low <= 1.0 <= self.high and abs(self.ratio - 1) >= MIN_LATENCY_CHANGE
+        """Whether the change stands out of the timing noise: the ratio's interval excludes
+        1, the two medians' intervals do not overlap (a busy machine moves the base's own
+        time by more than the change), and the change is at least MIN_LATENCY_CHANGE."""
+        apart = self.model.high_ms < self.base.low_ms or self.model.low_ms > self.base.high_ms
+        return not self.low <= 1.0 <= self.high and apart and abs(self.ratio - 1) >= MIN_LATENCY_CHANGE
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the machine was too busy to tell: the ratio's interval is wider than
+        NOISY_SPREAD."""
+        return self.high - self.low > NOISY_SPREAD
 
     def text(self) -> str:
         """'−31 % (−40 … −20 %)', or 'no measurable change (−3 … +4 %)'."""
@@ -342,19 +351,31 @@ def compare_latency(base: Callable[[], object], model: Callable[[], object], rep
                     rows: int = 1, predicted: float | None = None, clock: Clock | None = None
                     ) -> LatencyChange:
     """Time `base` and `model` (each run once already) in alternating pairs: at least
-    `repeats` pairs, more (up to LATENCY_MAX_CALLS) while under LATENCY_SECONDS. The
+    `repeats` pairs, more (up to LATENCY_MAX_CALLS) while under LATENCY_SECONDS, or while
+    the ratio's interval is wider than NOISY_SPREAD and under LATENCY_BUDGET_SECONDS. The
     change is the median of the per-pair ratios, with its interval."""
     clock = clock or time.perf_counter
     base_ms: list[float] = []
     model_ms: list[float] = []
+    ratios: list[float] = []
     began = clock()
-    while len(base_ms) < repeats or (clock() - began < LATENCY_SECONDS and len(base_ms) < LATENCY_MAX_CALLS):
+
+    def more() -> bool:
+        n, elapsed = len(ratios), clock() - began
+        if n < repeats:
+            return True
+        if n >= LATENCY_MAX_CALLS:
+            return False
+        low, high = median_interval(ratios)
+        return elapsed < LATENCY_SECONDS or (high - low > NOISY_SPREAD and elapsed < LATENCY_BUDGET_SECONDS)
+
+    while more():
         order = ((base, base_ms), (model, model_ms))
         for forward, times in order if len(base_ms) % 2 == 0 else order[::-1]:
             start = clock()
             forward()
             times.append((clock() - start) * 1000)
-    ratios = [m / b for m, b in zip(model_ms, base_ms)]
+        ratios.append(model_ms[-1] / base_ms[-1])
     low, high = median_interval(ratios)
 
     def timing(times: list[float]) -> Timing:

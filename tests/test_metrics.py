@@ -133,13 +133,20 @@ def test_latency_change_pairs_alternate_and_say_when_nothing_changed():
     assert half.measurable and half.high < 1 and half.text().startswith("-")
     assert half.model.median_ms < half.base.median_ms and half.predicted == 0.5
 
+    wild = iter([0.1, 0.3, 0.05, 0.2] * 100)  # a busy machine: more pairs, until the budget is spent
+    busy = compare_latency(lambda: setattr(clock, "now", clock.now + next(wild)), lambda: setattr(
+        clock, "now", clock.now + next(wild)), repeats=6, clock=clock)
+    assert busy.model.runs > 6 and busy.noisy and not busy.measurable
+
 
 def test_a_change_inside_the_noise_floor_is_not_called_a_change():
     from lib.metrics import LatencyChange, Timing
 
-    t = Timing(100.0, 99.0, 101.0, 6, 16)
-    assert not LatencyChange(t, t, 1.03, 1.02, 1.04).measurable  # interval excludes 1, but only 3 %
-    assert LatencyChange(t, t, 1.3, 1.2, 1.4).measurable
+    base, slower = Timing(100.0, 99.0, 101.0, 6, 16), Timing(130.0, 125.0, 135.0, 6, 16)
+    assert not LatencyChange(base, Timing(103.0, 102.0, 104.0, 6, 16), 1.03, 1.02, 1.04).measurable  # only 3 %
+    assert LatencyChange(base, slower, 1.3, 1.2, 1.4).measurable
+    busy = Timing(100.0, 40.0, 400.0, 6, 16)  # the base's own time moved more than the change
+    assert not LatencyChange(busy, slower, 1.3, 1.2, 1.4).measurable
 
 
 def test_flops_count_the_matrix_products(tiny_lm):

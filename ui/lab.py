@@ -188,10 +188,13 @@ def _latency_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
         return [("latency", f"{change.base.median_ms:.0f} ms", None, "off",
                  f"Median of {change.base.runs} timed forwards over {rows} on this machine, after one untimed one; "
                  f"95 % interval of the median {change.base.low_ms:.0f}–{change.base.high_ms:.0f} ms.")]
-    delta = f"{change.ratio - 1:+.0%}" if change.measurable else "no measurable change"
+    delta = f"{change.ratio - 1:+.0%}" if change.measurable else "no measurable change" + (
+        " (busy machine)" if change.noisy else "")
     items = [("latency", f"{change.model.median_ms:.0f} ms", delta, "inverse" if change.measurable else "off",
               f"{GLOSSARY['latency_change']} Here: {change.text()} over {change.model.runs} pairs of forwards over "
-              f"{rows}; the base took {change.base.median_ms:.0f} ms in the same moment.")]
+              f"{rows}; the base took {change.base.median_ms:.0f} ms in the same moment."
+              + (" The timings spread widely: the machine was busy, and a quieter moment gives a sharper answer."
+                 if change.noisy else ""))]
     if change.predicted is not None:
         flops = "no change" if abs(change.predicted - 1) < 5e-4 else f"{change.predicted - 1:+.0%}"
         items.append(("FLOP prediction", flops, None, "off", GLOSSARY["flop_prediction"]))
