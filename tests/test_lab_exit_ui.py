@@ -238,3 +238,12 @@ def test_a_model_whose_exits_save_nothing_says_so():
     at = exit_page("zoo:induction-2l")  # the induction head needs what layer 0 wrote: no early answer
     assert any("No threshold of any criterion saves compute through the logit lens" in i.value for i in at.info)
     assert not at.exception
+
+
+def test_another_model_gets_its_own_default_exit():
+    at = exit_page("zoo:code-lm")
+    at = load(at, "zoo:digits-cnn")
+    at.selectbox(key="lab_method").set_value("Early exit")
+    run(at)
+    assert at.button(key="lab_exit_best").disabled  # the CNN's best, not code-lm's threshold carried over
+    assert percent(controls(at)["agreement"]) >= 99 and not at.exception

@@ -134,12 +134,18 @@ def _choose(criterion: str, threshold: float, lens: str) -> None:
 
 
 def _default_exit(base: ModelHandle, edited: ModelHandle) -> None:
-    """On the first visit, start from the measured curves rather than a fixed rule: the
-    criterion, lens and threshold that save the most compute at <= 1 % agreement loss,
-    over the lenses ready now (a tuned lens only once trained)."""
+    """On the first visit with this base model, start from the measured curves rather than
+    a fixed rule: the criterion, lens and threshold that save the most compute at <= 1 %
+    agreement loss, over the lenses ready now (a tuned lens only once trained). Later visits
+    keep what the user chose."""
     memory = st.session_state.setdefault("lab_exit_memory", {})
-    if "lab_exit_criterion" in st.session_state or "lab_exit_criterion" in memory:
+    if memory.get("model") == base.fingerprint:
         return
+    memory.clear()  # another model: another model's thresholds mean nothing here
+    memory["model"] = base.fingerprint
+    for key in [k for k in st.session_state if str(k).startswith("lab_exit_")]:
+        if key != "lab_exit_memory":
+            del st.session_state[key]
     ready = [lens for lens in ex.lens_choices(base) if lens != "tuned" or _stored_lens(edited, lens) is not None]
     best = [(point, lens) for lens in ready if _lens_ready(edited, lens)
             for point in [_pass(base, edited, lens)[2]] if point is not None]
