@@ -122,3 +122,28 @@ def test_recipe_list_operations(tiny_lm):
     with pytest.raises(RecipeError, match="no edit number 5"):
         recipe.remove(4)
     assert recipe.undo() == Drop("block", 1) and recipe.undo() is None and recipe.digest == ""
+
+
+def _one_of_each_edit():
+    """An instance of every registered edit type, with tuples where JSON writes lists."""
+    from analysis.allocation import LayerSparsity
+    from analysis.exits import EarlyExit
+    from analysis.factorize import LowRank, ShareLayers
+    from analysis.pruning import Magnitude, RemoveHeads, SkipLayers, Wanda
+    from analysis.quantization import LLMInt8, Quantize
+
+    return [Drop("block", 1), EarlyExit("max_prob", 0.83, "logit"),
+            LayerSparsity((("blocks.0.mlp.in", 0.25), ("blocks.1.attn.o", 0.5))), LLMInt8(6.0, "layers", (0, 1)),
+            LowRank(rank=4, scope="mlp"), Magnitude(0.3, scope="layers", layers=(0, 2)), Quantize("int4", group_size=16),
+            RemoveHeads(2, (0, 3)), ShareLayers(0, 1, 2), SkipLayers(1.5), Wanda(0.5)]
+
+
+def test_every_edit_type_the_lab_saves_loads_back(tiny_lm):
+    from analysis import edits
+
+    examples = _one_of_each_edit()
+    shipped = {cls for cls in edits.EDIT_TYPES.values() if cls.__module__.startswith("analysis.")}  # not tests' own
+    assert {type(e) for e in examples} == shipped  # a new edit type needs an example here
+    recipe = Recipe(tiny_lm.fingerprint, examples, model="tiny")
+    again = Recipe.from_json(recipe.to_json())
+    assert again.edits == recipe.edits and again.digest == recipe.digest
