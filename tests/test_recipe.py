@@ -134,7 +134,8 @@ def _one_of_each_edit():
 
     return [Drop("block", 1), EarlyExit("max_prob", 0.83, "logit"),
             LayerSparsity((("blocks.0.mlp.in", 0.25), ("blocks.1.attn.o", 0.5))), LLMInt8(6.0, "layers", (0, 1)),
-            LowRank(rank=4, scope="mlp"), Magnitude(0.3, scope="layers", layers=(0, 2)), Quantize("int4", group_size=16),
+            LowRank(rank=4, scope="mlp"), Magnitude(0.3, scope="layers", layers=(0, 2)),
+            Quantize("int4", group_size=16),
             RemoveHeads(2, (0, 3)), ShareLayers(0, 1, 2), SkipLayers(1.5), Wanda(0.5)]
 
 
