@@ -4,14 +4,22 @@ config.json, safetensors headers (shapes only, no tensor data), pickled state di
 and the list of files `from_pretrained` would read; a file that is broken is refused
 with a message that names it and says what is wrong with it. `lib.preflight` then
 checks what these files describe against free memory and against each other.
+
+Only regular files inside the model's folder are read (`check_folder`, `check_file`):
+one server serves every browser session, so a folder whose config.json is a named pipe
+(the read blocks forever), a link to /dev/zero (it never ends) or a link to a file
+elsewhere on the server (its content would be read, and quoted in an error) is
+refused before anything is opened, naming the file and never quoting it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -24,19 +32,128 @@ SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I
                            "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 MAX_CONFIG_BYTES = 16 * 2**20  # real configs take a few kB; a huge one is not read into memory
+MAX_INDEX_BYTES = 16 * 2**20  # a shard index lists every tensor: a few hundred kB for the largest models
+MAX_FOLDER_ENTRIES = 10_000  # a checkpoint folder holds tens of files; more is not a checkpoint
 RESAVE = "Save the model again, e.g. model.save_pretrained(folder)."
+COPY_IN = "Copy the file itself into the folder (LayerScope reads only regular files inside the model's folder)."
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+# ---- which files may be read -------------------------------------------------------------------
+
+
+def check_file(path: Path, root: Path, spec: str) -> os.stat_result:
+    """Refuse `path` unless, with every link resolved, it is a regular file inside `root`
+    (an already resolved folder); its stat otherwise. Nothing is opened: a named pipe
+    would block the open itself. Messages name the file, never its content or target."""
+    shown = _shown(path, root)
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        why = "is a link to a file that does not exist" if path.is_symlink() else "does not exist"
+        raise NoCheckpointError(f"{spec!r}: {shown} {why}. {COPY_IN}") from None
+    except (OSError, RuntimeError):  # a link loop, a file we may not look at
+        raise NoCheckpointError(f"{spec!r}: {shown} cannot be followed to a file (a loop of links, or no "
+                                f"permission). {COPY_IN}") from None
+    if not real.is_relative_to(root):
+        raise NoCheckpointError(f"{spec!r}: {shown} is a link to a file outside the model's folder. {COPY_IN}")
+    info = os.stat(real)
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((k for test, k in _KINDS if test(info.st_mode)), "not a regular file")
+        raise NoCheckpointError(f"{spec!r}: {shown} is {kind}, not a regular file, so it cannot hold model "
+                                f"files. {COPY_IN}")
+    return info
+
+
+def check_folder(folder: Path, root: Path, spec: str) -> None:
+    """Refuse `folder` unless every file in it that a loader may open (transformers reads
+    config, tokenizer, chat-template and weight files by name, from subfolders too) is a
+    regular file inside `root`, and no linked subfolder leads out of it. Hidden entries
+    (.git, .cache) are skipped: no loader reads them."""
+    count = 0
+    for top, dirs, files in os.walk(folder):  # links to folders are listed in dirs, never entered
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in dirs + sorted(f for f in files if not f.startswith(".")):
+            count += 1
+            if count > MAX_FOLDER_ENTRIES:
+                raise NoCheckpointError(f"{spec!r} holds more than {MAX_FOLDER_ENTRIES:,} files, so it is not a "
+                                        "checkpoint folder. Give the folder that save_pretrained wrote.")
+            path = Path(top) / name
+            if name not in dirs:
+                check_file(path, root, spec)
+            elif path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise NoCheckpointError(f"{spec!r}: {_shown(path, root)} is a link to a folder outside the "
+                                        f"model's folder. {COPY_IN}")
+
+
+def contained(folder: Path, name: str, root: Path, spec: str, listed_in: str) -> Path:
+    """`folder / name` for a file name another file lists (a shard in an index): a
+    relative path that stays inside the folder, to a regular file inside `root`."""
+    if not _names_inside(name):
+        raise NoCheckpointError(f"{spec!r}: {listed_in} names the file {_short(name)}, which is not inside the "
+                                f"model's folder. Files it lists must lie in the folder itself. {RESAVE}")
+    path = folder / name
+    check_file(path, root, spec)
+    return path
+
+
+def _names_inside(name: str) -> bool:
+    """A relative path with no '..' (before any link is followed: `check_file` does that)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
+def read_bounded(path: Path, root: Path, spec: str, limit: int) -> bytes:
+    """The bytes of a regular file inside `root` of at most `limit` bytes (checked before
+    it is opened, and again on the open file, so a file swapped in between cannot block
+    or run on)."""
+    info = check_file(path, root, spec)
+    if info.st_size > limit:
+        raise NoCheckpointError(f"{spec!r}: {_shown(path, root)} is {info.st_size / 2**20:.0f} MiB, far more than "
+                                "this kind of file takes, so it is not read.")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise NoCheckpointError(f"{spec!r}: {_shown(path, root)} changed into something other than a regular "
+                                    f"file while it was read. {COPY_IN}")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise NoCheckpointError(f"{spec!r}: {_shown(path, root)} grew past {limit / 2**20:.0f} MiB while it was "
+                                "read, so it is not read.")
+    return data
+
+
+def _shown(path: Path, root: Path) -> str:
+    """`path` as a message names it: relative to the folder when it lies under it (for a
+    hub cache snapshot, whose root is the repository's cache folder, below snapshots/<commit>)."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return path.name
+    if root.name.startswith("models--") and parts[:1] == ("snapshots",):
+        parts = parts[2:]
+    return "/".join(parts) or path.name
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """`text` quoted, cut to `limit` characters (a name from a file may be of any length)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 # ---- files -------------------------------------------------------------------------------------
 
 
-def read_config(path: Path, spec: str) -> dict:
-    """config.json as a dict; a file that is not a JSON object is refused in words."""
-    if path.stat().st_size > MAX_CONFIG_BYTES:
+def read_config(path: Path, spec: str, root: Path | None = None) -> dict:
+    """config.json as a dict; a file that is not a JSON object is refused in words. It must
+    be a regular file inside `root` (default: its own folder, resolved), and no larger than
+    MAX_CONFIG_BYTES."""
+    root = path.parent.resolve() if root is None else root
+    if check_file(path, root, spec).st_size > MAX_CONFIG_BYTES:
         raise NoCheckpointError(f"{spec!r}: config.json is {path.stat().st_size / 2**20:.0f} MiB, far more than any "
                                 "model's settings take (a few kB), so it is not a model config.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, root, spec, MAX_CONFIG_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise NoCheckpointError(f"{spec!r}: config.json is not a text file (it is not UTF-8), so it holds no "
                                 f"model settings. {RESAVE}") from None
@@ -46,10 +163,15 @@ def read_config(path: Path, spec: str) -> dict:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         rest = text[e.pos:].strip()
-        near = repr(rest.splitlines()[0][:24]) if rest else "the end of the file"
+        if not rest:
+            near = " (at the end of the file)"
+        elif path.is_symlink():  # quote only the folder's own config.json, never a file a link leads to
+            near = f" ({e.msg[0].lower()}{e.msg[1:]})"
+        else:
+            near = f" (at {rest.splitlines()[0][:24]!r})"
         raise NoCheckpointError(
             f"{spec!r}: config.json is not valid JSON: it breaks the JSON rules at line {e.lineno}, column "
-            f"{e.colno} (at {near}). Fix the file or save the model again: model.save_pretrained(folder)."
+            f"{e.colno}{near}. Fix the file or save the model again: model.save_pretrained(folder)."
         ) from None
     if not isinstance(config, dict):
         raise NoCheckpointError(f"{spec!r}: config.json holds a JSON {_json_kind(config)}, not an object of "
@@ -61,10 +183,11 @@ def _json_kind(value: Any) -> str:
     return {list: "list", str: "string", bool: "true/false value", type(None): "null"}.get(type(value), "number")
 
 
-def safetensors_shapes(path: Path, spec: str) -> Shapes:
+def safetensors_shapes(path: Path, spec: str, root: Path | None = None) -> Shapes:
     """Tensor shapes from a safetensors header (no tensor data is read); the header and
-    the data offsets are checked against the file size, so a truncated file is caught."""
-    size = path.stat().st_size
+    the data offsets are checked against the file size, so a truncated file is caught.
+    The file must be a regular file inside `root` (default: its own folder)."""
+    size = check_file(path, path.parent.resolve() if root is None else root, spec).st_size
 
     def broken(why: str) -> NoCheckpointError:
         return NoCheckpointError(f"{spec!r}: {path.name} is not a valid safetensors file ({why}). {RESAVE}")
@@ -118,10 +241,11 @@ def load_safetensors(path: Path, spec: str) -> dict[str, torch.Tensor]:
                                 f"{RESAVE}") from None
 
 
-def load_pickled_state(path: Path, spec: str) -> dict[str, torch.Tensor]:
+def load_pickled_state(path: Path, spec: str, root: Path | None = None) -> dict[str, torch.Tensor]:
     """A pickled state dict read with `torch.load(weights_only=True)` (memory-mapped when
-    the file allows); anything but a mapping from names to tensors is refused in words."""
-    if path.stat().st_size == 0:
+    the file allows); anything but a mapping from names to tensors is refused in words.
+    The file must be a regular file inside `root` (default: its own folder)."""
+    if check_file(path, path.parent.resolve() if root is None else root, spec).st_size == 0:
         raise NoCheckpointError(f"{spec!r}: {path.name} is empty (0 bytes): the weights were never written.")
     try:
         try:
@@ -160,34 +284,46 @@ def tensor_shapes(state: dict[str, torch.Tensor]) -> Shapes:
     return {name: tuple(t.shape) for name, t in state.items()}
 
 
-def hf_weight_files(folder: Path, spec: str, allow_pickle: bool) -> list[Path]:
+def hf_weight_files(folder: Path, spec: str, allow_pickle: bool, root: Path | None = None) -> list[Path]:
     """The files `from_pretrained` reads, in its order of preference: model.safetensors
-    (or the shards its index lists), then, only with allow_pickle, pytorch_model.bin."""
+    (or the shards its index lists), then, only with allow_pickle, pytorch_model.bin.
+    Each is a regular file inside `root` (default: the folder, resolved)."""
+    root = folder.resolve() if root is None else root
     kinds = [("model.safetensors", "model.safetensors.index.json")]
     if allow_pickle:
         kinds.append(("pytorch_model.bin", "pytorch_model.bin.index.json"))
     for single, index in kinds:
-        if (folder / index).exists():
-            return _shards(folder / index, spec)
-        if (folder / single).exists():
+        if (folder / index).exists() or (folder / index).is_symlink():
+            return _shards(folder / index, spec, root)
+        if (folder / single).exists() or (folder / single).is_symlink():
+            check_file(folder / single, root, spec)
             return [folder / single]
     expected = " or ".join(f"{s} (or shards listed in {i})" for s, i in kinds)
     raise NoCheckpointError(f"{spec!r} has weight files, but none under the name transformers reads: {expected}. "
                             "Rename the file, or save the model with model.save_pretrained(folder).")
 
 
-def _shards(index: Path, spec: str) -> list[Path]:
+def _shards(index: Path, spec: str, root: Path) -> list[Path]:
+    """The shard files an index lists: relative names of regular files inside the folder
+    (an index naming ../other/pytorch_model.bin or /abs/path is refused, not followed)."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(read_bounded(index, root, spec, MAX_INDEX_BYTES).decode("utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise NoCheckpointError(f"{spec!r}: {index.name} is not a valid shard index (a JSON object with a "
                                 f"\"weight_map\" from tensor names to files). {RESAVE}") from None
-    missing = [n for n in names if not (index.parent / n).exists()]
+    outside = [n for n in names if not _names_inside(n)]
+    if outside:
+        raise NoCheckpointError(f"{spec!r}: {index.name} names shards outside the model's folder: "
+                                f"{', '.join(map(_short, outside[:3]))}. Shards must lie in the folder itself; "
+                                f"{RESAVE}")
+    missing = [n for n in names if not os.path.lexists(index.parent / n)]
     if missing:
         raise NoCheckpointError(f"{spec!r}: {index.name} lists shards that are not in the folder: "
-                                f"{', '.join(missing[:3])}. Copy every shard into the folder.")
-    return [index.parent / n for n in names]
+                                f"{', '.join(map(_short, missing[:3]))}. Copy every shard into the folder.")
+    return [contained(index.parent, n, root, spec, index.name) for n in names]
 
 
 def numel(shape: tuple[int, ...]) -> int:

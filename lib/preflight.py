@@ -50,6 +50,28 @@ def check_memory(spec: str, config_bytes: int, file_bytes: int, available_bytes:
             "Pick a smaller model.")
 
 
+def check_download(spec: str, download_bytes: int, float32_bytes: int, available_bytes: int | None,
+                   disk_free_bytes: int | None = None) -> None:
+    """Refuse a hub download before it starts: when its files (`download_bytes`) or its
+    weights as float32 (`float32_bytes`, 0 when the hub does not say) exceed RAM_FRACTION
+    of free memory, the model could not be loaded after the download; when its files
+    exceed the free disk under the download cache (`disk_free_bytes`), it would fill it."""
+    import psutil
+
+    need = max(download_bytes, float32_bytes)
+    free = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if need > RAM_FRACTION * free:
+        weights = f" (its weights take {_human(float32_bytes)} as float32)" if float32_bytes else ""
+        raise ModelTooLargeError(
+            f"{spec!r} is not downloaded: its files on the hub take {_human(download_bytes)}{weights}, but only "
+            f"{free / 2**30:.2f} GiB of memory is free (LayerScope uses at most {RAM_FRACTION:.0%} of it), so it "
+            "could not be loaded. Pick a smaller model.")
+    if disk_free_bytes is not None and download_bytes > disk_free_bytes:
+        raise ModelTooLargeError(
+            f"{spec!r} is not downloaded: its files on the hub take {_human(download_bytes)}, but the disk that "
+            f"holds the Hugging Face cache has only {_human(disk_free_bytes)} free. Pick a smaller model.")
+
+
 def _human(n_bytes: int) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n_bytes >= scale:
