@@ -9,7 +9,7 @@ import streamlit as st
 
 from lib.models import zoo_names
 from lib.zoo import ZOO
-from ui.session import DEFAULT_SPEC, LoadRequest, current_handle, guard, recipe, request_load
+from ui.session import DEFAULT_SPEC, OPT_INS, LoadRequest, current_handle, guard, opted_in, recipe, request_load
 
 st.set_page_config(page_title="LayerScope", page_icon=":material/biotech:", layout="wide")
 
@@ -18,8 +18,7 @@ def _load_from(key: str) -> None:
     """Widget callback: load the model named in widget `key` (the list or the text box)."""
     spec = (st.session_state.get(key) or "").strip()
     if spec:
-        request_load(LoadRequest(spec, st.session_state.get("allow_pickle", False),
-                                 st.session_state.get("trust_code", False)))
+        request_load(LoadRequest(spec, **opted_in()))
 
 
 def model_picker() -> None:
@@ -38,11 +37,12 @@ def model_picker() -> None:
                           placeholder="gpt2  or  /path/to/checkpoint", on_change=_load_from, args=("typed_spec",),
                           help="Press Enter to load it.")
     st.sidebar.button("Load this name or folder", on_click=_load_from, args=("typed_spec",), width="stretch")
-    with st.sidebar.expander("Loading options"):
-        st.checkbox("Allow pickled checkpoints (.bin/.pt)", key="allow_pickle",
-                    help="Pickle files can run code when loaded. Only for sources you trust.")
-        st.checkbox("Trust remote code", key="trust_code",
-                    help="Runs Python code shipped with the model. Only for sources you trust.")
+    with st.sidebar.expander("Loading options"):  # opt-ins the server offers (see ui.session.OPT_INS)
+        for opt_in in OPT_INS:
+            if opt_in.offered():
+                st.checkbox(opt_in.label, key=opt_in.key, help=opt_in.help)
+            else:
+                st.caption(opt_in.note)
     if "load_error" in st.session_state:  # shown once, right after the attempt that failed
         st.sidebar.error(st.session_state.pop("load_error"))
 

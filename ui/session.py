@@ -3,12 +3,18 @@ guard every page runs under.
 
 Base models come from `st.cache_resource` and are never mutated (read-only, shared
 by every browser session); anything a user edits lives in `st.session_state`.
+
+The two loading opt-ins (pickled checkpoints, repository code) can run code on the
+server, so they belong to whoever runs it, not to each visitor: a visitor sees a box
+for one only when the server was started with its environment variable (`OPT_INS`),
+and even then the box starts unticked in every session.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import streamlit as st
@@ -19,20 +25,64 @@ from lib.handle import ModelHandle
 from lib.models import load_model
 
 DEFAULT_SPEC = "zoo:code-lm"
+ENV_TRUE = {"1", "true", "yes", "on"}
 
-# library wording -> the control a user of the app changes instead
-_CONTROLS = {
-    "allow_pickle=True": 'the "Allow pickled checkpoints" box under "Loading options" in the sidebar',
-    "trust_remote_code=True": 'the "Trust remote code" box under "Loading options" in the sidebar',
-}
+
+@dataclass(frozen=True)
+class OptIn:
+    """A loading opt-in: `argument` of `load_model`, the sidebar box that sets it
+    (session key `key`), and the environment variable `env` that lets the server offer it."""
+
+    argument: str
+    key: str
+    name: str  # the box's name in messages; its label may add a detail
+    label: str
+    help: str
+    env: str
+    refused: str  # what this server refuses while `env` is not set
+
+    def offered(self) -> bool:
+        """Whether whoever runs the server has enabled this opt-in (read at every run)."""
+        return os.environ.get(self.env, "").strip().lower() in ENV_TRUE
+
+    @property
+    def control(self) -> str:
+        """The app's words for `argument=True` in a library message."""
+        box = f'the "{self.name}" box under "Loading options" in the sidebar'
+        if self.offered():
+            return box
+        return f"{box}, which whoever runs this server must first switch on (start it with {self.env}=1)"
+
+    @property
+    def note(self) -> str:
+        """What the sidebar says instead of the box while the server does not offer it."""
+        return (f"{self.refused} are refused on this server. Whoever runs it can offer a box for them by "
+                f"starting it with `{self.env}=1`.")
+
+
+OPT_INS = (
+    OptIn(argument="allow_pickle", key="allow_pickle", name="Allow pickled checkpoints",
+          label="Allow pickled checkpoints (.bin/.pt)",
+          help="Pickle files can run code when loaded. Only for sources you trust.",
+          env="LAYERSCOPE_ALLOW_PICKLE", refused="Pickled checkpoints (.bin/.pt)"),
+    OptIn(argument="trust_remote_code", key="trust_code", name="Trust remote code", label="Trust remote code",
+          help="Runs Python code shipped with the model. Only for sources you trust.",
+          env="LAYERSCOPE_TRUST_REMOTE_CODE", refused="Models that ship their own Python code"),
+)
 
 
 def app_message(error: Exception) -> str:
-    """A library error's message, with argument names replaced by the app's controls."""
+    """A library error's message, with argument names replaced by the app's controls
+    (and, for an opt-in this server does not offer, how its owner can offer it)."""
     text = str(error)
-    for code, control in _CONTROLS.items():
-        text = text.replace(code, control)
+    for opt_in in OPT_INS:
+        text = text.replace(f"{opt_in.argument}=True", opt_in.control)
     return text
+
+
+def opted_in() -> dict[str, bool]:
+    """The session's opt-ins as `load_model` arguments: ticked, and offered by the server."""
+    return {o.argument: o.offered() and bool(st.session_state.get(o.key, False)) for o in OPT_INS}
 
 
 @contextmanager
@@ -61,7 +111,9 @@ def load_base(request: LoadRequest) -> ModelHandle:
 
 def request_load(request: LoadRequest) -> bool:
     """Try to load a model; on success it becomes the session's model. On failure
-    the error is kept for the page and the previous model stays loaded."""
+    the error is kept for the page and the previous model stays loaded. An opt-in the
+    server does not offer is dropped from the request, whatever the session holds."""
+    request = replace(request, **{o.argument: getattr(request, o.argument) and o.offered() for o in OPT_INS})
     try:
         with st.spinner(f"Loading {request.spec} ..."):
             load_base(request)
