@@ -16,6 +16,13 @@ EXPECTED = {
     "runner.postScriptGC": False,  # no forced gc.collect() after every run
     "browser.gatherUsageStats": False,
     "client.toolbarMode": "minimal",
+    # a classroom server (README "Running LayerScope for a class")
+    "client.showErrorDetails": "none",  # no traceback, exception type or message in the browser
+    "server.address": "127.0.0.1",  # this machine only, until the owner exposes it deliberately
+    "server.allowedHosts": ["localhost", "127.0.0.1"],  # no DNS rebinding onto the local server
+    "server.maxUploadSize": 1,  # MB: a recipe JSON takes a few kB
+    "server.enableXsrfProtection": True,
+    "server.enableCORS": True,
 }
 
 
@@ -31,3 +38,17 @@ def test_streamlit_reads_them_from_the_checkout():
              f"print(json.dumps({{k: c.get_option(k) for k in {list(EXPECTED)!r}}}))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == EXPECTED
+
+
+def test_every_uploader_takes_what_the_upload_cap_was_sized_for():
+    """server.maxUploadSize is 1 MB because the only upload is a recipe JSON (a few kB); an
+    uploader for anything else (an image, a checkpoint) must revisit that cap."""
+    import ast
+
+    uploads = []
+    for path in [ROOT / "app.py", *sorted((ROOT / "ui").rglob("*.py")), *sorted((ROOT / "views").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "file_uploader":
+                types = next((ast.literal_eval(k.value) for k in node.keywords if k.arg == "type"), None)
+                uploads.append((path.relative_to(ROOT).as_posix(), types))
+    assert uploads and all(types == ["json"] for _, types in uploads), uploads
