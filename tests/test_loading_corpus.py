@@ -157,7 +157,8 @@ CASES = [
          models.NoCheckpointError, "model.pt holds a str", PICKLE_OK),
     # 3. corrupt files, named in words
     Case("config.json not JSON", lambda m: m.write(m.lm(), "config.json", NOT_JSON), models.NoCheckpointError,
-         "config.json is not valid JSON: it breaks the JSON rules at line 1, column 24 (at 'n_layer: 3}')"),
+         "config.json is not valid JSON: it breaks the JSON rules at line 1, column 24 (expecting property name "
+         "enclosed in double quotes)"),
     Case("config.json empty", lambda m: m.write(m.lm(), "config.json", ""), models.NoCheckpointError,
          "config.json is empty"),
     Case("config.json a list", lambda m: m.write(m.lm(), "config.json", "[1, 2]"), models.NoCheckpointError,
