@@ -8,10 +8,10 @@ import itertools
 import time
 from typing import Callable
 
-from analysis.edits import apply_
-from analysis.lab import Lab
-from analysis.quant_calibration import compare_methods
-from analysis.quantization import Quantize
+from analysis.compress.edits import apply_
+from analysis.compress.lab import Lab
+from analysis.compress.quant.calibration import compare_methods
+from analysis.compress.quant.quantize import Quantize
 from bench.common import Row, Setup, measure, tokens_text
 
 

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from lib.errors import CapabilityError
-from lib.handle import ActivationHook, ModelHandle, Part, Point, Structure, _distinct, exclusive
+from lib.handle import ActivationHook, ModelHandle, Part, Point, Structure
 from lib.hooks import forward_hooks
+from lib.locks import exclusive
+from lib.storage import distinct_tensors
 
 
 class TorchHandle(ModelHandle):
@@ -35,13 +37,9 @@ class TorchHandle(ModelHandle):
     def _stage_rows(self) -> tuple[tuple[str, str], ...]:
         return tuple((name, _describe_stage(m)) for name, m in self.model.stages.items())
 
-    @property
-    def stage_names(self) -> list[str]:
-        return list(self.model.stages)
-
     def weights(self) -> dict[str, torch.Tensor]:
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
-        return _distinct(iter((n.removeprefix("stages."), t) for n, t in named))
+        return distinct_tensors(iter((n.removeprefix("stages."), t) for n, t in named))
 
     def _linear_modules(self) -> dict[str, nn.Module]:
         found = {name.removeprefix("stages."): m for name, m in self.model.named_modules()

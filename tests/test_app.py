@@ -191,7 +191,7 @@ def test_redundancy_page_on_denoiser_offers_no_kl():
 
 
 def test_redundancy_terms_have_tooltips_from_the_glossary():
-    from analysis.glossary import GLOSSARY
+    from ui.glossary import GLOSSARY
 
     at = run(run(new_app()), "views/redundancy.py")
     helps = {s.value: s.proto.help for s in at.subheader}

@@ -64,7 +64,7 @@ def test_rate_distortion_allocation_on_the_digits_cnn():
 
 
 def test_evolutionary_search_runs_and_a_stopped_one_keeps_its_best(monkeypatch):
-    from analysis import allocation as alloc
+    from analysis.compress.prune import allocation as alloc
     from lib.models import load_model
     from ui.store import STORE
 

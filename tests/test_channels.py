@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis import channels as ch
-from analysis import channels_report as report
-from analysis import heads
+from analysis.channels import circuits as ch
+from analysis.channels import heads, report
 from lib import data
 from lib.errors import CapabilityError
 from lib.handle import Point
@@ -325,7 +324,7 @@ def test_induction_circuit_is_found_and_cutting_it_breaks_induction(induction):
 
 
 def test_figures_label_heads_and_tokens(circuits, composition, tiny_lm):
-    from analysis import plots_channels as pc
+    from analysis.channels import plots as pc
     from analysis.plots import token_label
 
     tokens = heads.prompt_tokens(tiny_lm, "ab ab")

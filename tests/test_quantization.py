@@ -6,11 +6,10 @@ the base model left alone."""
 import pytest
 import torch
 
-from analysis.edits import from_dict
-from analysis.mixed_precision import allocate, sensitivity
-from analysis.pruning import Magnitude
-from analysis.quant_calibration import compare_methods, layer_error, quantease
-from analysis.quant_formats import (
+from analysis.compress.edits import from_dict
+from analysis.compress.prune.pruning import Magnitude
+from analysis.compress.quant.calibration import compare_methods, layer_error, quantease
+from analysis.compress.quant.formats import (
     E4M3,
     E5M2,
     FORMATS,
@@ -24,8 +23,9 @@ from analysis.quant_formats import (
     quantize_activations,
     relative_mse,
 )
-from analysis.quantization import LLMInt8, Quantize, find_outliers, llm_int8_linear
-from analysis.recipe import Recipe, build
+from analysis.compress.quant.mixed_precision import allocate, sensitivity
+from analysis.compress.quant.quantize import LLMInt8, Quantize, find_outliers, llm_int8_linear
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import CapabilityError, RecipeError
 from lib.image_handle import TorchHandle
@@ -259,7 +259,7 @@ def test_bridge_paths_refuse_a_copy_whose_inputs_are_quantized_and_export_says_s
     import io
     import zipfile
 
-    from analysis.export import NOTE_FILE, model_zip
+    from analysis.compress.export import NOTE_FILE, model_zip
     from lib.handle import Point
 
     w8a8 = edited(tiny_lm, Quantize("int8", "mlp", activations=True))
@@ -294,7 +294,7 @@ def test_quantization_stacks_with_pruning_in_either_order(tiny_lm):
 
 
 def test_activation_quantization_stacks_with_removed_parts_in_either_order(tiny_lm, tokens):
-    from analysis.pruning import Drop
+    from analysis.compress.prune.pruning import Drop
 
     first = edited(tiny_lm, Quantize("int8", activations=True), Drop("mlp", 1))
     then = edited(tiny_lm, Drop("mlp", 1), Quantize("int8", activations=True))
@@ -393,9 +393,8 @@ def test_sensitivity_and_allocation(tiny_lm):
 
 
 def test_histogram_with_the_grid_and_the_other_figures(tiny_lm, tokens):
-    from analysis import plots_quant
-    from analysis.quant_calibration import MethodComparison
-    from analysis.quantization import layer_histogram
+    from analysis.compress.quant import plots as plots_quant
+    from analysis.compress.quant.quantize import layer_histogram
 
     hist = layer_histogram(tiny_lm, "blocks.0.mlp.in", "int4")
     assert hist.grid == tuple(float(v) for v in range(16)) and sum(hist.counts) == 128 * 32
@@ -407,12 +406,10 @@ def test_histogram_with_the_grid_and_the_other_figures(tiny_lm, tokens):
         layer_histogram(tiny_lm, "blocks.7.mlp.in", "int4")
     report = find_outliers(tiny_lm, ["blocks.0.mlp.in", "blocks.1.mlp.in"], 2.5, inputs=tokens)
     assert list(plots_quant.outlier_bars(report).data[0].y) == [len(c) for c in report.columns]
-    comparison = MethodComparison("int4", None, ("a", "b"), (0.2, 0.1), (0.1, 0.05))
-    assert [len(t.y) for t in plots_quant.method_error_bars(comparison).data] == [2, 2]
 
 
 def test_int8_kernel_runs_the_model_close_to_float(tiny_lm):
-    from analysis.quant_kernels import int8_kernel_comparison
+    from analysis.compress.quant.kernels import int8_kernel_comparison
 
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2)
     result = int8_kernel_comparison(tiny_lm, batch, repeats=3)

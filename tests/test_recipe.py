@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from analysis.edits import Edit, apply_, edit_type, from_dict
-from analysis.pruning import Drop, dropping
-from analysis.recipe import Recipe, build
+from analysis.compress.edits import Edit, apply_, edit_type, from_dict
+from analysis.compress.prune.pruning import Drop, dropping
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import RecipeError
 from lib.hooks import count_hooks

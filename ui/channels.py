@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import channels as ch
-from analysis import heads
+from analysis.channels import circuits as ch
+from analysis.channels import heads
 from lib.handle import ModelHandle
 from ui.store import STORE
 from ui.views import base_outputs, eval_batch

@@ -15,14 +15,17 @@ from typing import Callable
 
 import streamlit as st
 
-from analysis import export, plots_lab
-from analysis.edits import Edit
-from analysis.glossary import GLOSSARY
-from analysis.lab import COSTS, Lab, LabPoint, Progress, higher_is_better
-from analysis.recipe import Recipe
+from analysis.compress import export
+from analysis.compress import plots as plots_lab
+from analysis.compress.edits import Edit
+from analysis.compress.history import COSTS, LabPoint, higher_is_better
+from analysis.compress.lab import Lab, Progress
+from analysis.compress.recipe import Recipe
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import LABELS, input_psnr_db, model_inputs, prepare_base
+from lib.metrics import LABELS, input_psnr_db, model_inputs
+from lib.scoring import prepare_base
+from ui.glossary import GLOSSARY
 from ui.lab_controls import methods_for
 from ui.progress import progress_bar
 from ui.session import app_message, recipe

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import allocation as alloc
-from analysis import plots_alloc
-from analysis.edits import Edit
-from analysis.factorize import LowRank, ShareLayers, break_even_rank, energy_rank, spectrum
+from analysis.compress.edits import Edit
+from analysis.compress.prune import allocation as alloc
+from analysis.compress.prune import plots as plots_alloc
+from analysis.compress.prune.factorize import LowRank, ShareLayers, break_even_rank, energy_rank, spectrum
 from lib import data
 from lib.errors import RecipeError
 from lib.handle import ModelHandle

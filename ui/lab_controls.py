@@ -16,10 +16,10 @@ from typing import Callable
 
 import streamlit as st
 
-from analysis.edits import Edit
-from analysis.glossary import GLOSSARY
-from analysis.pruning import Drop, Magnitude, RemoveHeads, SkipLayers, Wanda, kept_layers, skip_count
+from analysis.compress.edits import Edit
+from analysis.compress.prune.pruning import Drop, Magnitude, RemoveHeads, SkipLayers, Wanda, kept_layers, skip_count
 from lib.handle import ModelHandle
+from ui.glossary import GLOSSARY
 
 LM = ("causal-lm",)
 IMAGES = ("image-classifier", "image-to-image")

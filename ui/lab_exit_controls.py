@@ -14,12 +14,12 @@ from typing import Any, Callable, TypeVar
 
 import streamlit as st
 
-from analysis import exits as ex
-from analysis import plots_exits
-from analysis.edits import Edit
-from analysis.glossary import GLOSSARY
+from analysis.compress import exits as ex
+from analysis.compress.edits import Edit
+from analysis.compress.exits import plots as plots_exits
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
+from ui.glossary import GLOSSARY
 from ui.lab_controls import method
 from ui.progress import progress_bar
 from ui.session import app_message

@@ -8,19 +8,19 @@ import dataclasses
 
 import streamlit as st
 
-from analysis import plots_quant
-from analysis.edits import Edit, apply_
-from analysis.glossary import GLOSSARY
-from analysis.mixed_precision import Allocation, Sensitivity, allocate, drop_label, sensitivity
-from analysis.pruning import scoped_layers
-from analysis.quant_calibration import compare_methods
-from analysis.quant_formats import FORMATS, SCALE_BITS, common_group, group_columns
-from analysis.quant_kernels import KernelComparison, int8_kernel_comparison
-from analysis.quantization import ACTIVATION_FORMATS, LLMInt8, Quantize, find_outliers, layer_histogram
+from analysis.compress.edits import Edit, apply_
+from analysis.compress.prune.pruning import scoped_layers
+from analysis.compress.quant import plots as plots_quant
+from analysis.compress.quant.calibration import compare_methods
+from analysis.compress.quant.formats import FORMATS, SCALE_BITS, common_group, group_columns
+from analysis.compress.quant.kernels import KernelComparison, int8_kernel_comparison
+from analysis.compress.quant.mixed_precision import Allocation, Sensitivity, allocate, drop_label, sensitivity
+from analysis.compress.quant.quantize import ACTIVATION_FORMATS, LLMInt8, Quantize, find_outliers, layer_histogram
 from lib import data
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
+from ui.glossary import GLOSSARY
 from ui.lab_controls import LM, LM_AND_IMAGES, method, scope_controls
 from ui.progress import progress_bar
 from ui.session import app_message

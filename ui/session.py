@@ -13,7 +13,7 @@ from typing import Iterator
 
 import streamlit as st
 
-from analysis.recipe import Recipe
+from analysis.compress.recipe import Recipe
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model

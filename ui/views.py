@@ -13,10 +13,11 @@ import time
 import streamlit as st
 import torch
 
-from analysis import redundancy_report as rr
-from analysis.layer_drop import DropSweep
-from analysis.redundancy import LayerSimilarity, LogitLens, Residuals, StageSimilarity, stage_similarity
-from analysis.redundancy_report import DropCheck, RedundancyReport
+from analysis.lens import LogitLens
+from analysis.redundancy import report as rr
+from analysis.redundancy.drops import DropSweep
+from analysis.redundancy.report import DropCheck, RedundancyReport
+from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, stage_similarity
 from lib import data
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, Timing, base_timing, evaluate, model_inputs

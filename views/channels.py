@@ -3,14 +3,14 @@ cutting a channel costs."""
 
 import streamlit as st
 
-from analysis import channels_report as rep
-from analysis import plots_channels as pc
-from analysis.channels import MODE_NAMES, MODES, channel_components, check_lm, head_label
-from analysis.glossary import GLOSSARY
-from analysis.heads import HeadEdit
+from analysis.channels import plots as pc
+from analysis.channels import report as rep
+from analysis.channels.circuits import MODE_NAMES, MODES, channel_components, check_lm, head_label
+from analysis.channels.heads import HeadEdit
 from analysis.metric_text import metric_change, metric_value
 from lib.metrics import LABELS
 from ui import channels as cached
+from ui.glossary import GLOSSARY
 from ui.session import require_handle
 from ui.views import eval_batch
 

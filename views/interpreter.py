@@ -2,13 +2,14 @@
 
 import streamlit as st
 
-from analysis import interpreter_report as report
-from analysis import plots_interpreter as pi
-from analysis.glossary import GLOSSARY
-from analysis.interpreter import output_labels, shown_token
+from analysis.interpreter import plots as pi
+from analysis.interpreter import report
+from analysis.interpreter.relu import output_labels
+from analysis.interpreter.transformer import shown_token
 from analysis.plots import WHITESPACE_NOTE, image_heatmap
 from analysis.predict import next_tokens
 from ui import interpreter as cached
+from ui.glossary import GLOSSARY
 from ui.session import require_handle
 from ui.views import eval_batch, prompt_notes
 

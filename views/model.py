@@ -6,10 +6,10 @@ import streamlit as st
 import torch
 
 from analysis import plots
-from analysis.glossary import GLOSSARY
 from analysis.predict import next_tokens, predict_image
 from lib.metrics import LABELS, input_psnr_db, model_inputs
 from lib.zoo import model_card
+from ui.glossary import GLOSSARY
 from ui.session import require_handle
 from ui.views import base_latency, baseline, eval_batch, prompt_notes
 

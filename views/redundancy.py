@@ -2,14 +2,14 @@
 
 import streamlit as st
 
-from analysis import plots
-from analysis import redundancy_report as rr
-from analysis.glossary import GLOSSARY
+from analysis.compress.prune.pruning import Drop
 from analysis.metric_text import metric_change
-from analysis.pruning import Drop
-from analysis.redundancy import DEFAULT_SKIP
+from analysis.redundancy import plots
+from analysis.redundancy import report as rr
+from analysis.redundancy.similarity import DEFAULT_SKIP
 from lib.handle import ModelHandle
 from lib.metrics import LABELS
+from ui.glossary import GLOSSARY
 from ui.session import recipe, require_handle
 from ui.views import drop_check, layer_statistics, lens, redundancy, stage_statistics
 

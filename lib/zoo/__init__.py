@@ -41,7 +41,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "digits-cnn", "image-classifier",
             "A small ReLU CNN with max-pooling that classifies 8x8 digits.",
-            "scikit-learn digits, 75/25 stratified split with seed 0 (`lib.data.digits_split`).",
+            "scikit-learn digits, 75/25 stratified split with seed 0 (`lib.corpus.digits_split`).",
         ),
         ZooEntry(
             "digits-denoiser", "image-to-image",
