@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from lib.checkpoint import save_image_model
 from lib.errors import CapabilityError
 from lib.handle import ActivationHook, ModelHandle, Part, Point, Structure
 from lib.hooks import forward_hooks
@@ -125,10 +127,6 @@ class TorchHandle(ModelHandle):
 
     def save_pretrained(self, folder: Any) -> None:
         """Write this model (bypassed stages included) as a folder `load_model` reads."""
-        from pathlib import Path
-
-        from lib.models import save_image_model
-
         removed = tuple(name for name, m in self.model.stages.items() if isinstance(m, nn.Identity))
         model = self.model
         replaced = [(p, m) for p, m in model.named_modules() if hasattr(m, "dense")]
