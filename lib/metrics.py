@@ -48,6 +48,10 @@ LABELS = {
     "kl_to_base": "KL(base || model)", "n_params": "parameters", "size_bits": "size (bits)",
     "latency_ms": "latency (ms)",
 }
+# The order every page and table lists a model's metrics in: quality, then agreement with
+# a base, then cost. A model has only some of them (the fields of `Metrics` that are not None).
+QUALITY_FIELDS = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db")
+METRIC_FIELDS = QUALITY_FIELDS + ("kl_to_base", "agreement", "n_params", "size_bits", "latency_ms")
 
 
 def _shape(t: torch.Tensor) -> list[int]:

@@ -28,7 +28,8 @@ def add(at):
 
 
 def recipe_of(at):
-    return next(r for r in at.session_state["recipes"].values() if r.model == at.session_state["load_request"].spec)
+    return next(lab.recipe for lab in at.session_state["labs"].values()
+                if lab.recipe.model == at.session_state["load_request"].spec)
 
 
 def test_sharing_then_low_rank_in_the_lab(tiny_folder):

@@ -212,7 +212,7 @@ def test_cnn_redundancy_page_offers_its_one_drop_without_a_per_depth_promise():
     button.click()
     run(at)
     assert "the recipe now has 1 edit(s)" in at.success[0].value and not at.error
-    cnn_recipe = next(r for r in at.session_state["recipes"].values() if r.model == "zoo:digits-cnn")
+    cnn_recipe = next(lab.recipe for lab in at.session_state["labs"].values() if lab.recipe.model == "zoo:digits-cnn")
     assert cnn_recipe.edits == [Drop("stage", "conv2")]
 
 

@@ -419,3 +419,15 @@ def test_int8_kernel_runs_the_model_close_to_float(tiny_lm):
     assert result.float_bytes == sum(4 * (w.numel() + w.shape[0]) for w in layers.values())
     assert 0 < result.metrics.kl_to_base < 0.01 and result.metrics.agreement > 0.9
     assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
+
+
+def test_simulated_int8_of_the_kernels_layers(tiny_lm):
+    from analysis.compress.quant.kernels import simulated_int8
+
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2)
+    layers = [n for n in tiny_lm.linear_layers() if n != "unembed"]  # the layers the kernel converts
+    simulated = simulated_int8(tiny_lm, batch, layers)
+    weights = sum(tiny_lm.linear_layers()[n].numel() for n in layers)
+    assert 8 * weights < simulated.bits < 9 * weights  # int8 codes plus 16-bit scales, those layers only
+    assert 0 <= simulated.metrics.kl_to_base < 0.01 and simulated.metrics.agreement > 0.9
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint

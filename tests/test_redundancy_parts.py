@@ -9,7 +9,8 @@ from analysis import lens as lens_module
 from analysis.redundancy import report as rr
 from analysis.redundancy import similarity as redundancy
 from lib import data
-from ui import progress, views
+from ui import cache, progress
+from ui import redundancy as views
 from ui.session import load_base
 from ui.store import TensorStore
 
@@ -48,6 +49,7 @@ def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, mo
         monkeypatch.setattr(rr, name, counted(name))
     store = TensorStore()
     monkeypatch.setattr(views, "STORE", store)  # nothing cached by earlier tests
+    monkeypatch.setattr(cache, "STORE", store)
     monkeypatch.setattr(progress, "STORE", store)  # where views.stored keeps the parts
     at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
     run(at, "views/redundancy.py")

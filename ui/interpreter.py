@@ -19,9 +19,9 @@ from analysis.interpreter.attributions import AttributionComparison
 from analysis.interpreter.relu import LinearMap
 from analysis.interpreter.transformer import TokenContributions
 from lib.handle import ModelHandle
+from ui.cache import eval_batch
 from ui.progress import stored
 from ui.store import TensorStore
-from ui.views import eval_batch
 
 COPIES = TensorStore(max_entries=2)
 N_STEPS = 32  # integrated-gradients steps
@@ -40,7 +40,7 @@ def working_copy(handle: ModelHandle) -> ModelHandle:
 
 def image(handle: ModelHandle, index: int) -> torch.Tensor:
     """Evaluation image `index` [1, 8, 8]."""
-    return eval_batch(handle, handle.fingerprint).images[index]
+    return eval_batch(handle).images[index]
 
 
 def linear_map(handle: ModelHandle, index: int) -> LinearMap:

@@ -10,9 +10,9 @@ from analysis.channels.heads import HeadEdit
 from analysis.metric_text import metric_change, metric_value
 from lib.metrics import LABELS
 from ui import channels as cached
+from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.session import require_handle
-from ui.views import eval_batch
 
 handle = require_handle()
 st.title("Attention channels")
@@ -103,7 +103,7 @@ alpha = st.slider("Scale α (0 cuts, 1 leaves it as it is)", 0.0, 2.0, 0.0, 0.1,
 result = cached.intervention(handle, HeadEdit(*pair.writer, components, alpha), pair.reader, prompt)
 metric, label = result.metric, LABELS[result.metric]
 before, after = getattr(result.before, metric), getattr(result.after, metric)
-source = eval_batch(handle, handle.fingerprint).source
+source = eval_batch(handle).source
 on_eval = f"Measured on the evaluation set ({source}), not on your prompt."
 cols = st.columns(3)
 cols[0].metric(f"{label} before", metric_value(metric, before), help=on_eval)

@@ -11,8 +11,10 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from analysis.compress import plots as plots_lab
+from analysis.compress.edits import Edit
 from analysis.compress.lab import Lab
 from analysis.compress.recipe import Recipe, check_for
 from analysis.metric_text import metric_change, metric_value
@@ -91,10 +93,14 @@ def export_note(edited: ModelHandle) -> str:
     return " ".join(notes) + " Apply the recipe in LayerScope to rebuild the model exactly."
 
 
-def lab_model_zip(lab: Lab) -> bytes:
-    """The lab's current edited model, zipped (see `model_zip`)."""
-    name = f"{safe_name(lab.base.spec)}-{lab.current.digest or 'base'}"
-    return model_zip(lab.edited(), name, lab.recipe if lab.current.edits else None)
+def lab_model_zip(lab: Lab, edits: Sequence[Edit] | None = None) -> bytes:
+    """The lab's edited model for `edits` (default: the current recipe's), zipped with its
+    recipe (see `model_zip`); named `<model>-<recipe digest or base>`. A page passes the
+    edits it showed, so a download made later zips what was on screen."""
+    edits = lab.current.edits if edits is None else tuple(edits)
+    recipe = Recipe(lab.base.fingerprint, list(edits), model=lab.base.spec)
+    name = f"{safe_name(lab.base.spec)}-{recipe.digest or 'base'}"
+    return model_zip(lab.model_for(edits), name, recipe if edits else None)
 
 
 # ---------------------------------------------------------------------- recipe

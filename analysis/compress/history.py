@@ -15,11 +15,9 @@ from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import LatencyChange, Metrics
 
-QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")
+QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")  # which quality number judges a model
 HIGHER_IS_BETTER = frozenset({"accuracy", "psnr_db", "agreement"})
 COSTS = ("size_bits", "latency_ms")
-METRIC_FIELDS = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "kl_to_base", "agreement",
-                 "n_params", "size_bits", "latency_ms")
 
 
 def quality_metric(metrics: Metrics) -> str:

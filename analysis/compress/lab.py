@@ -30,7 +30,6 @@ from analysis.compress.edits import Edit
 from analysis.compress.exits import ExitPoint, exits_of
 from analysis.compress.history import (
     COSTS,
-    METRIC_FIELDS,
     LabPoint,
     LayerSummary,
     higher_is_better,
@@ -47,6 +46,7 @@ from lib.handle import ModelHandle
 from lib.metrics import (
     LABELS,
     LATENCY_REPEATS,
+    METRIC_FIELDS,
     LatencyChange,
     Metrics,
     base_timing,

@@ -1,6 +1,7 @@
 """A real int8 CPU kernel next to the simulation: torch's dynamic int8 linear layers
 (fbgemm / oneDNN; weights int8 per output channel, inputs quantized per batch on the fly),
-measured for latency, weight memory and quality against the same model in float32.
+measured for latency, weight memory and quality against the same model in float32, and
+the simulation's INT8 of the same layers beside it (its quality, not its speed).
 Convolutions have no such kernel and stay in float."""
 
 from __future__ import annotations
@@ -8,9 +9,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from analysis.compress.edits import apply_
+from analysis.compress.quant.quantize import Quantize
 from lib import data
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
@@ -68,3 +72,29 @@ def int8_kernel_comparison(handle: ModelHandle, batch: data.Batch | None = None,
     metrics = metrics_from_outputs(quantized, batch, fast.n_params, size_bits, reference)
     return KernelComparison(tuple(sizes), statistics.median(times["float"]), statistics.median(times["int8"]),
                             float_bytes, sum(sizes.values()), metrics, repeats)
+
+
+@dataclass(frozen=True)
+class SimulatedInt8:
+    """The simulation's INT8 (`Quantize("int8")`) of some layers: the copy's metrics against
+    the model it was made from, and the bits those layers take as stored (codes + scales)."""
+
+    metrics: Metrics
+    bits: int
+
+
+@torch.no_grad()
+def simulated_int8(handle: ModelHandle, batch: data.Batch, layers: Sequence[str]) -> SimulatedInt8:
+    """Quantize the linear layers `layers` of a private copy of `handle` to INT8 the way the
+    lab simulates it (for an LM every block's layers, as the kernel converts them; for an
+    image model the stages that hold `layers`) and measure it against `handle` on `batch`:
+    the simulated side of `int8_kernel_comparison`."""
+    copy = handle.private_copy()
+    if handle.kind == "causal-lm":
+        apply_(copy, Quantize("int8"))
+    else:
+        apply_(copy, Quantize("int8", "layers", tuple(dict.fromkeys(handle.place(n)[0] for n in layers))))
+    inputs = model_inputs(batch)
+    metrics = metrics_from_outputs(copy.forward(inputs), batch, copy.n_params, copy.size_bits, handle.forward(inputs))
+    bits = sum(copy.storage[copy.weight_name(n)].bits for n in layers if copy.weight_name(n) in copy.storage)
+    return SimulatedInt8(metrics, bits)

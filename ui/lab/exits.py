@@ -1,6 +1,6 @@
-"""Compression lab controls for early exits (issue 14): criterion, threshold and lens, with
-the trade-off curve of every criterion and the prompt's tokens coloured by exit layer.
-Registered with `ui.lab_controls.method` like every other edit family.
+"""The lab's early-exit method (`analysis.compress.exits`, issue 14): criterion, threshold
+and lens, with the trade-off curve of every criterion and the prompt's tokens coloured by
+exit layer.
 
 Every number and curve here comes from one recorded pass over the evaluation batch
 (`collect_exit_stats`), kept in `STORE` by the edited model's fingerprint and the lens:
@@ -19,12 +19,12 @@ from analysis.compress.edits import Edit
 from analysis.compress.exits import plots as plots_exits
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
+from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
-from ui.lab_controls import method
+from ui.lab.methods import method
 from ui.progress import progress_bar
 from ui.session import app_message
 from ui.store import STORE
-from ui.views import eval_batch
 
 EXIT_KINDS = ("causal-lm", "image-classifier")
 DEFAULT_PROMPT = "def __init__(self, name, value=None): self.name = name"
@@ -117,7 +117,7 @@ def _pass(base: ModelHandle, edited: ModelHandle, lens: str
     key = ("exit_pass", edited.fingerprint, lens)
     found = STORE.get(key)
     if found is None:
-        batch = eval_batch(base, base.fingerprint)
+        batch = eval_batch(base)
         with progress_bar("Recording every layer's readout") as update:
             stats = ex.collect_exit_stats(edited, batch, lens, progress=update)
         found = (stats, ex.exit_curves(stats), ex.best_exit(base, stats))
@@ -240,7 +240,7 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
                    f"({shown.n_layers}: it ran every layer). {early} of {len(shown.labels)} exit early; "
                    f"{sum(shown.agrees)} predict the same token as the full model. Hover a cell for its prediction.")
         return
-    batch = eval_batch(base, base.fingerprint)
+    batch = eval_batch(base)
     images = batch.images[:N_IMAGES]
     shown = ex.image_exits(edited, images, criterion, threshold, lens)
     st.plotly_chart(plots_exits.image_exits(images, shown, batch.labels[:N_IMAGES].tolist()), width="stretch",
@@ -300,7 +300,7 @@ def _lens_comparison(base: ModelHandle, edited: ModelHandle) -> None:
         return
 
     def compute() -> list:
-        batch = eval_batch(base, base.fingerprint)
+        batch = eval_batch(base)
         return [ex.lens_kl(edited, batch, lens) for lens in ("logit", "tuned")]
 
     lenses = STORE.get_or_compute(("exit_lens_kl", edited.fingerprint), compute)
@@ -322,3 +322,6 @@ def _recipe_note(edited: ModelHandle, edit: ex.EarlyExit) -> None:
     else:
         st.info("The recipe already exits early, and holds one early exit: put this one in its place with "
                 "“Replace the last edit” if the exit is the last step, or remove that step first.")
+
+
+METHODS = (early_exit,)

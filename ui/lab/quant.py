@@ -1,6 +1,6 @@
-"""Compression lab controls for quantization (issue 13): formats, mixed precision and the
-LLM.int8 outlier split. Registered with `ui.lab_controls.method` like every other edit
-family; each shows what it will do to one layer (or to every layer) before it is added."""
+"""The lab's quantization methods (`analysis.compress.quant`, issue 13): formats, the
+LLM.int8 outlier split and mixed precision. Each shows what it will do to one layer (or to
+every layer) before it is added; for INT8, torch's real int8 kernel is measured beside it."""
 
 from __future__ import annotations
 
@@ -8,24 +8,23 @@ import dataclasses
 
 import streamlit as st
 
-from analysis.compress.edits import Edit, apply_
+from analysis.compress.edits import Edit
 from analysis.compress.prune.pruning import scoped_layers
 from analysis.compress.quant import plots as plots_quant
 from analysis.compress.quant.calibration import compare_methods
 from analysis.compress.quant.formats import FORMATS, SCALE_BITS, common_group, group_columns
-from analysis.compress.quant.kernels import KernelComparison, int8_kernel_comparison
+from analysis.compress.quant.kernels import int8_kernel_comparison, simulated_int8
 from analysis.compress.quant.mixed_precision import Allocation, Sensitivity, allocate, drop_label, sensitivity
 from analysis.compress.quant.quantize import ACTIVATION_FORMATS, LLMInt8, Quantize, find_outliers, layer_histogram
 from lib import data
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
-from lib.metrics import Metrics, metrics_from_outputs, model_inputs
+from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
-from ui.lab_controls import LM, LM_AND_IMAGES, method, scope_controls
+from ui.lab.methods import LM, LM_AND_IMAGES, method, scope_controls
 from ui.progress import progress_bar
 from ui.session import app_message
 from ui.store import STORE
-from ui.views import eval_batch
 
 MIB = 8 * 2**20
 CALIBRATION_WINDOWS, CALIBRATION_TOKENS = 4, 128  # sensitivity and allocation of an LM: a few windows
@@ -39,7 +38,7 @@ def _formats_text(name: str) -> str:
 def _calibration(base: ModelHandle) -> data.Batch:
     """The evaluation batch, cut to a few windows for an LM (sensitivity runs one forward per
     block; the lab measures the chosen allocation on the whole batch)."""
-    batch = eval_batch(base, base.fingerprint)
+    batch = eval_batch(base)
     if base.kind != "causal-lm" or len(batch.tokens) <= CALIBRATION_WINDOWS:
         return batch
     mask = batch.answer_mask
@@ -118,13 +117,13 @@ def quantize(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     edit.check(edited)  # a group size that does not divide a row: the edit's own message, shown by the lab
     names = list(scoped_layers(edited, scope, layers))
     st.markdown(_explain(edited, names, fmt, group_size), help=GLOSSARY["bits_per_weight"])
-    _layer_view(edited, names, edit)
+    _layer_view(base, edited, names, edit)
     if fmt == "int8" and not activations:
         _kernel_view(base, edited)
     return edit
 
 
-def _layer_view(edited: ModelHandle, names: list[str], edit: Quantize) -> None:
+def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: Quantize) -> None:
     """One layer's weights on the format's grid; for QuantEase, its layer-output error next to RTN."""
     layer = st.selectbox("Show one layer on the grid", names, key="lab_quant_layer")
     hist = STORE.get_or_compute(("quant_histogram", edited.fingerprint, layer, edit.format, edit.group_size),
@@ -158,45 +157,31 @@ def _layer_view(edited: ModelHandle, names: list[str], edit: Quantize) -> None:
 # ---------------------------------------------------------------------- a real int8 kernel
 
 
-def _simulated_int8(edited: ModelHandle, kernel: KernelComparison, batch: data.Batch) -> tuple[Metrics, int]:
-    """The same layers quantized to INT8 by the simulation: its metrics against `edited` and
-    the bits those layers take."""
-    copy = edited.private_copy()
-    if edited.kind == "causal-lm":
-        apply_(copy, Quantize("int8"))
-    else:
-        apply_(copy, Quantize("int8", "layers", tuple(dict.fromkeys(edited.place(n)[0] for n in kernel.layers))))
-    inputs = model_inputs(batch)
-    metrics = metrics_from_outputs(copy.forward(inputs), batch, copy.n_params, copy.size_bits, edited.forward(inputs))
-    bits = sum(copy.storage[copy.weight_name(n)].bits for n in kernel.layers if copy.weight_name(n) in copy.storage)
-    return metrics, bits
-
-
 def _kernel_view(base: ModelHandle, edited: ModelHandle) -> None:
     """torch's dynamic int8 CPU kernel on the edited model, next to the simulated INT8."""
     key = ("int8_kernel", edited.fingerprint)
     if st.button("Measure a real int8 kernel (torch, CPU)", key="lab_quant_kernel", icon=":material/speed:",
                  help="Runs the fully connected layers of the current model with torch's dynamic int8 kernel "
                       "(int8 weights per output channel, inputs quantized on the fly) and times it against float32."):
-        batch = eval_batch(base, base.fingerprint)
+        batch = eval_batch(base)
         try:
             with st.spinner("Timing float32 and int8 forwards ..."):
                 kernel = int8_kernel_comparison(edited, batch, repeats=3)
-                STORE.put(key, (kernel, *_simulated_int8(edited, kernel, batch)))
+                STORE.put(key, (kernel, simulated_int8(edited, batch, kernel.layers)))
         except LayerScopeError as e:
             st.info(f"No int8 kernel for this model: {app_message(e)}")
     found = STORE.get(key)
     if found is None:
         return
-    kernel, simulated, simulated_bits = found
+    kernel, simulated = found
     rows = {"": ["float32 (current model)", "simulated INT8 (this lab)", "torch int8 kernel"],
             "forward (ms)": [f"{kernel.float_ms:.1f}", f"{kernel.float_ms:.1f} (runs in float)",
                              f"{kernel.int8_ms:.1f}"],
             "weights of these layers (MiB)": [f"{kernel.float_bytes / 2**20:.3f}",
-                                              f"{simulated_bits / MIB:.3f} (computed)",
+                                              f"{simulated.bits / MIB:.3f} (computed)",
                                               f"{kernel.int8_bytes / 2**20:.3f} (held)"]}
     for name, label in (("kl_to_base", "KL to float (nats)"), ("agreement", "top-1 agreement")):
-        a, b = getattr(simulated, name), getattr(kernel.metrics, name)
+        a, b = getattr(simulated.metrics, name), getattr(kernel.metrics, name)
         if a is not None and b is not None:
             fmt = "{:.4g}" if name == "kl_to_base" else "{:.1%}"
             rows[label] = ["reference", fmt.format(a), fmt.format(b)]
@@ -282,3 +267,6 @@ def mixed_precision(base: ModelHandle, edited: ModelHandle) -> tuple[Edit, ...] 
                f"Chosen: {chosen}. Goal {plan.goal}: {verdict}; size {plan.size_bits / MIB:.2f} MiB, "
                f"measured drop {plan.drop:.3g}. The lab measures the real effect once you add it.")
     return plan.edits or None
+
+
+METHODS = (quantize, llm_int8, mixed_precision)  # in menu order

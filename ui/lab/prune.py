@@ -1,103 +1,17 @@
-"""The compression lab's controls: one small function per edit family, registered with
-`method`. Each draws its widgets and returns the edit they describe (or None while
-nothing is chosen); the lab page offers every method whose kinds include the loaded
-model's. A new edit family (quantization, early exits) adds one such function here and
-nothing else:
-
-    @method("Quantize weights", LM_AND_IMAGES, "Round weights to a coarse grid ...")
-    def quantize(base, edited):
-        return Quantize(st.selectbox("Format", FORMATS, key="lab_quant_format"))
+"""The lab's pruning methods (`analysis.compress.prune.pruning`): magnitude and Wanda
+pruning, removing attention heads, dropping a block / attention / MLP, bypassing an image
+model's stage, and skipping layers for a speed-up. Each function draws its widgets and
+returns the edit they describe (None while nothing is chosen).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import streamlit as st
 
 from analysis.compress.edits import Edit
 from analysis.compress.prune.pruning import Drop, Magnitude, RemoveHeads, SkipLayers, Wanda, kept_layers, skip_count
 from lib.handle import ModelHandle
-from ui.glossary import GLOSSARY
-
-LM = ("causal-lm",)
-IMAGES = ("image-classifier", "image-to-image")
-LM_AND_IMAGES = LM + IMAGES
-
-Controls = Callable[[ModelHandle, ModelHandle], "Edit | tuple[Edit, ...] | None"]
-
-
-@dataclass(frozen=True)
-class Method:
-    """An edit family as the lab offers it: `controls(base, edited)` draws its widgets and
-    returns the edit (None while nothing is chosen; a tuple for a family whose choice is several
-    recipe steps, such as a mixed-precision allocation); `edited` is the current edited model,
-    so controls offer only what is still there (heads left, layers not removed)."""
-
-    name: str
-    kinds: tuple[str, ...]
-    help: str
-    controls: Controls
-    available: Callable[[ModelHandle], bool]
-
-
-METHODS: dict[str, Method] = {}
-
-
-def method(name: str, kinds: tuple[str, ...], help: str,
-           available: Callable[[ModelHandle], bool] = lambda handle: True) -> Callable[[Controls], Controls]:
-    """Register the controls of one edit family for models of `kinds`."""
-
-    def register(controls: Controls) -> Controls:
-        METHODS[name] = Method(name, kinds, help, controls, available)
-        return controls
-
-    return register
-
-
-def methods_for(handle: ModelHandle) -> list[Method]:
-    return [m for m in METHODS.values() if handle.kind in m.kinds and m.available(handle)]
-
-
-# ---------------------------------------------------------------------- shared widgets
-
-
-def sparsity_slider(key: str) -> float:
-    percent = st.slider("Sparsity (share of weights set to zero)", 0, 95, 50, step=5, format="%d%%",
-                        key=f"lab_{key}_sparsity", help=GLOSSARY["sparsity"])
-    return percent / 100
-
-
-def live_layers(edited: ModelHandle) -> list[int]:
-    """Blocks of an LM copy that are still there."""
-    gone = set(edited.structure.removed)
-    return [layer for layer in range(edited.structure.n_layers) if f"block {layer}" not in gone]
-
-
-def live_stages(edited: ModelHandle) -> list[str]:
-    """Stages of an image model that still hold a linear layer (conv or fully connected)."""
-    return list(dict.fromkeys(str(edited.place(name)[0]) for name in edited.linear_layers()))
-
-
-def scope_controls(base: ModelHandle, edited: ModelHandle, key: str) -> tuple[str, tuple]:
-    """Which linear layers an unstructured edit acts on: (scope, chosen layers)."""
-    if base.kind in LM:
-        scopes = ["all", "attention"] + (["mlp"] if base.structure.d_mlp else []) + ["layers"]
-        names = {"all": "all blocks", "attention": "attention only", "mlp": "MLP only", "layers": "chosen blocks"}
-    else:
-        scopes, names = ["all", "layers"], {"all": "all layers", "layers": "chosen stages"}
-    scope = st.radio("Scope", scopes, format_func=names.get, horizontal=True, key=f"lab_{key}_scope")
-    if scope != "layers":
-        return scope, ()
-    if base.kind in LM:
-        chosen = st.multiselect("Blocks", live_layers(edited), key=f"lab_{key}_blocks")
-    else:
-        chosen = st.multiselect("Stages", live_stages(edited), key=f"lab_{key}_stages")
-    return scope, tuple(chosen)
-
-
-# ---------------------------------------------------------------------- edit families
+from ui.lab.methods import IMAGES, LM, LM_AND_IMAGES, live_layers, method, scope_controls, sparsity_slider
 
 
 @method("Magnitude pruning", LM_AND_IMAGES,
@@ -182,9 +96,4 @@ def skip_layers(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     return SkipLayers(speedup)
 
 
-# The order of these imports is the order of the lab's method menu.
-# isort: off
-from ui import lab_alloc_controls  # noqa: E402, F401 - registers rate-distortion, search, low rank, sharing
-from ui import lab_quant_controls  # noqa: E402, F401 - registers quantization
-from ui import lab_exit_controls  # noqa: E402, F401 - registers early exits
-# isort: on
+METHODS = (magnitude, wanda, remove_heads, drop_part, drop_stage, skip_layers)  # in menu order

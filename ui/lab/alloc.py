@@ -1,7 +1,7 @@
-"""Compression lab controls for the edits that decide how much each layer loses (issue 15):
-rate-distortion allocation, evolutionary search, low-rank factorisation, layer sharing.
-Registered with `ui.lab_controls.method` like every other edit family; each explains
-its choice with a figure before the edit is added."""
+"""The lab's methods that decide how much each layer loses (`analysis.compress.prune`:
+allocation and factorize): rate-distortion allocation, evolutionary search, low-rank
+factorisation, layer sharing. Each explains its choice with a figure before the edit is
+added."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ from lib import data
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import model_inputs
-from ui.lab_controls import LM, LM_AND_IMAGES, live_layers, method, scope_controls, sparsity_slider
+from ui.cache import eval_batch
+from ui.lab.methods import LM, LM_AND_IMAGES, live_layers, method, scope_controls, sparsity_slider
 from ui.progress import progress_bar
 from ui.store import STORE
-from ui.views import eval_batch
 
 CALIBRATION_WINDOWS = 4  # rate-distortion curves and the search run on a few windows: L x K forwards
 
 
 def _calibration(base: ModelHandle):
     """Inputs for the curves and the search's selection batch (small: each costs L x K forwards)."""
-    batch = eval_batch(base, base.fingerprint)
+    batch = eval_batch(base)
     inputs = model_inputs(batch)
     if base.kind == "causal-lm":
         return inputs[:CALIBRATION_WINDOWS, :128]
@@ -149,3 +149,5 @@ def share_layers(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     rank = st.slider("Correction rank r", 0, base.structure.d_model, 0, key="lab_share_rank")
     return ShareLayers(source, target, rank) if target is not None else None
 
+
+METHODS = (rate_distortion, evolutionary, low_rank, share_layers)  # in menu order

@@ -1,11 +1,10 @@
-"""Streamlit side of the compression lab (`analysis.lab`): one `Lab` per browser session
-and base model, every change run with a progress bar and a message on failure, and the
-page's panels (recipe list, metrics, history, per-layer view, downloads, upload).
+"""The compression lab page's panels (`analysis.compress.lab`): the method controls, the
+recipe list, metrics, history, per-layer view, downloads and upload, over this session's
+`Lab` (`ui.session.session_lab`, which owns the recipe: drops sent from the Redundancy
+page are already in it, and the sidebar reads it).
 
 A change is applied first and only made current when it succeeded, so a bad edit or
-file shows `st.error` and leaves the recipe as it was. The lab's recipe is also the
-session's recipe (`ui.session.recipe`), so drops sent from the Redundancy page show up
-here and edits made here show in the sidebar.
+file shows `st.error` and leaves the recipe as it was.
 """
 
 from __future__ import annotations
@@ -20,55 +19,22 @@ from analysis.compress import plots as plots_lab
 from analysis.compress.edits import Edit
 from analysis.compress.history import COSTS, LabPoint, higher_is_better
 from analysis.compress.lab import Lab, Progress
-from analysis.compress.recipe import Recipe
-from lib.errors import LayerScopeError, RecipeError
-from lib.handle import ModelHandle
+from lib.errors import RecipeError
 from lib.metrics import LABELS, input_psnr_db, model_inputs
-from lib.scoring import prepare_base
 from ui.glossary import GLOSSARY
-from ui.lab_controls import methods_for
-from ui.progress import progress_bar
-from ui.session import app_message, recipe
-from ui.store import STORE
-from ui.views import base_outputs, eval_batch
+from ui.lab import methods_for
+from ui.session import app_message, change_recipe
 
 MIB = 8 * 2**20
 
 
-def session_lab(handle: ModelHandle) -> Lab:
-    """This session's lab for the loaded model (made once: it measures the base)."""
-    labs = st.session_state.setdefault("labs", {})
-    if handle.fingerprint not in labs:
-        with st.spinner("Measuring the base model: quality, size and latency ..."):
-            batch = eval_batch(handle, handle.fingerprint)
-            reference = STORE.get_or_compute(("base_prepared", handle.fingerprint),
-                                             lambda: prepare_base(base_outputs(handle), batch))
-            labs[handle.fingerprint] = Lab(handle, batch, base_outputs=reference)
-    return labs[handle.fingerprint]
-
-
-def change(lab: Lab, handle: ModelHandle, label: str, act: Callable[[Progress], object]) -> bool:
-    """Run one change of the recipe with a progress bar; on success share the new recipe
-    with the session and rerun the page (every panel then shows it); on a user error
-    show it here, leave everything as it was and return False."""
-    try:
-        with progress_bar(label) as update:
-            act(update)
-    except LayerScopeError as e:
-        st.error(app_message(e))
+def change(lab: Lab, label: str, act: Callable[[Progress], object]) -> bool:
+    """Run one change of the lab's recipe with a progress bar; on success rerun the page
+    (every panel, and the sidebar, then show it); on a user error show it here, leave
+    everything as it was and return False."""
+    if not change_recipe(label, act):
         return False
-    recipe(handle).edits[:] = lab.recipe.edits
     st.rerun()
-
-
-def sync_with_session(lab: Lab, handle: ModelHandle) -> None:
-    """Apply edits another page put in the session's recipe (drops from the Redundancy page)."""
-    shared = recipe(handle)
-    if shared.edits == lab.recipe.edits:
-        return
-    wanted = Recipe(handle.fingerprint, list(shared.edits), model=handle.spec)
-    shared.edits[:] = lab.recipe.edits  # stays as it was unless the new recipe applies
-    change(lab, handle, "Applying the edits sent to the recipe", lambda p: lab.apply(wanted, p))
 
 
 # ---------------------------------------------------------------------- controls and recipe
@@ -82,15 +48,15 @@ def add_edits(lab: Lab, edits: tuple[Edit, ...], progress: Progress) -> LabPoint
     return lab.apply(recipe, progress)
 
 
-def edit_controls(lab: Lab, handle: ModelHandle) -> None:
+def edit_controls(lab: Lab) -> None:
     """Method, its controls, and buttons that add the edit (or the edits, for controls that
     return several) or put it in place of the last one."""
-    methods = methods_for(handle)
+    methods = methods_for(lab.base)
     name = st.selectbox("Method", [m.name for m in methods], key="lab_method")
     chosen = next(m for m in methods if m.name == name)
     st.caption(chosen.help)
     try:
-        edit = chosen.controls(handle, lab.edited())
+        edit = chosen.controls(lab.base, lab.edited())
     except RecipeError as e:
         st.error(app_message(e))
         edit = None
@@ -99,18 +65,18 @@ def edit_controls(lab: Lab, handle: ModelHandle) -> None:
     left, right = st.columns(2)
     if isinstance(edit, tuple):
         if left.button("Add to recipe", type="primary", disabled=not edit, key="lab_add", width="stretch"):
-            change(lab, handle, f"Applying {len(edit)} edit(s)", lambda p: add_edits(lab, edit, p))
+            change(lab, f"Applying {len(edit)} edit(s)", lambda p: add_edits(lab, edit, p))
         edit = None  # several edits replace nothing
     elif left.button("Add to recipe", type="primary", disabled=edit is None, key="lab_add", width="stretch"):
-        change(lab, handle, f"Applying {edit.label}", lambda p: lab.add(edit, p))
+        change(lab, f"Applying {edit.label}", lambda p: lab.add(edit, p))
     can_replace = edit is not None and last is not None and type(last) is type(edit) and last != edit
     if right.button("Replace the last edit", disabled=not can_replace, key="lab_replace", width="stretch",
                     help="Put this edit in place of the last one of the same method; the edits before it are "
                          "not redone."):
-        change(lab, handle, f"Applying {edit.label}", lambda p: lab.replace(len(edits) - 1, edit, p))
+        change(lab, f"Applying {edit.label}", lambda p: lab.replace(len(edits) - 1, edit, p))
 
 
-def recipe_list(lab: Lab, handle: ModelHandle) -> None:
+def recipe_list(lab: Lab) -> None:
     """The edits in order, each movable and removable; undo, redo and reset."""
     edits = lab.recipe.edits
     if not edits:
@@ -119,19 +85,19 @@ def recipe_list(lab: Lab, handle: ModelHandle) -> None:
         text, up, down, drop = st.columns([8, 1, 1, 1], vertical_alignment="center")
         text.markdown(f"**{i + 1}.** {edit.label}")  # not "1. x": markdown would make it a list
         if up.button("", icon=":material/arrow_upward:", key=f"lab_up_{i}", disabled=i == 0, help="Move up"):
-            change(lab, handle, "Reordering", lambda p: lab.move(i, i - 1, p))
+            change(lab, "Reordering", lambda p: lab.move(i, i - 1, p))
         if down.button("", icon=":material/arrow_downward:", key=f"lab_down_{i}", disabled=i == len(edits) - 1,
                        help="Move down"):
-            change(lab, handle, "Reordering", lambda p: lab.move(i, i + 1, p))
+            change(lab, "Reordering", lambda p: lab.move(i, i + 1, p))
         if drop.button("", icon=":material/close:", key=f"lab_remove_{i}", help=f"Remove '{edit.label}'"):
-            change(lab, handle, f"Removing {edit.label}", lambda p: lab.remove(i, p))
+            change(lab, f"Removing {edit.label}", lambda p: lab.remove(i, p))
     undo, redo, reset = st.columns(3)
     if undo.button("Undo", icon=":material/undo:", key="lab_undo", disabled=not lab.can_undo, width="stretch"):
-        change(lab, handle, "Undoing", lab.undo)
+        change(lab, "Undoing", lab.undo)
     if redo.button("Redo", icon=":material/redo:", key="lab_redo", disabled=not lab.can_redo, width="stretch"):
-        change(lab, handle, "Redoing", lab.redo)
+        change(lab, "Redoing", lab.redo)
     if reset.button("Reset", icon=":material/restart_alt:", key="lab_reset", disabled=not edits, width="stretch"):
-        change(lab, handle, "Back to the base model", lab.reset)
+        change(lab, "Back to the base model", lab.reset)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -231,7 +197,7 @@ def metrics_panel(lab: Lab) -> None:
 # ---------------------------------------------------------------------- history, layers
 
 
-def history_view(lab: Lab, handle: ModelHandle) -> None:
+def history_view(lab: Lab) -> None:
     """Every recipe tried, cost against quality, with the Pareto frontier; clicking a point
     (or choosing it in the list below) makes its recipe current again."""
     cost = st.radio("Cost", COSTS, horizontal=True, key="lab_cost",
@@ -244,14 +210,14 @@ def history_view(lab: Lab, handle: ModelHandle) -> None:
     if step is not None:
         st.session_state["lab_chart_version"] = version + 1  # a new chart: the click is handled once
         if step != lab.current.step:
-            change(lab, handle, "Restoring a recipe from the history", lambda p: lab.restore(step, p))
+            change(lab, "Restoring a recipe from the history", lambda p: lab.restore(step, p))
     steps = [p.step for p in lab.history]
     left, right = st.columns([4, 1], vertical_alignment="bottom")
     # no key: when the current step changes the list is a new widget that shows it
     chosen = left.selectbox("Restore a recipe from the history", steps, index=lab.current.step,
                             format_func=lambda s: f"{s}: {lab.history[s].label}")
     if right.button("Restore", key="lab_restore", disabled=chosen == lab.current.step, width="stretch"):
-        change(lab, handle, "Restoring a recipe from the history", lambda p: lab.restore(chosen, p))
+        change(lab, "Restoring a recipe from the history", lambda p: lab.restore(chosen, p))
 
 
 def _clicked_step(event: object) -> int | None:
@@ -291,17 +257,12 @@ def layer_view(lab: Lab) -> None:
 # ---------------------------------------------------------------------- import, export
 
 
-def _model_zip(lab: Lab, edits: tuple[Edit, ...]) -> Callable[[], bytes]:
-    """The zipped checkpoint of `edits`, made only when the button is clicked."""
-    name = f"{export.safe_name(lab.base.spec)}-{lab.current.digest or 'base'}"
-    made = Recipe(lab.base.fingerprint, list(edits), model=lab.base.spec)
-    return lambda: export.model_zip(lab.model_for(edits), name, made if edits else None)
-
-
 def downloads(lab: Lab) -> None:
     cols = st.columns(4)
-    cols[0].download_button("Model (zip)", _model_zip(lab, lab.current.edits), export.file_name(lab, "model", "zip"),
-                            "application/zip", key="lab_get_model", on_click="ignore", icon=":material/download:",
+    edits = lab.current.edits  # the zip made when the button is clicked holds these
+    cols[0].download_button("Model (zip)", lambda: export.lab_model_zip(lab, edits),
+                            export.file_name(lab, "model", "zip"), "application/zip", key="lab_get_model",
+                            on_click="ignore", icon=":material/download:",
                             help="A checkpoint folder (safetensors, config.json, tokenizer) that LayerScope and plain "
                                  "transformers load. Removed parts are written as zeros in their original shapes.")
     cols[1].download_button("Recipe (JSON)", lab.recipe.to_json(), export.file_name(lab, "recipe", "json"),
@@ -316,14 +277,14 @@ def downloads(lab: Lab) -> None:
         st.caption(f":orange[{note}] The zip holds this note too.")
 
 
-def upload(lab: Lab, handle: ModelHandle) -> None:
+def upload(lab: Lab) -> None:
     """A recipe file: applied to the loaded base model if it was made for it."""
     version = st.session_state.get("lab_upload_version", 0)
     file = st.file_uploader("Apply a recipe file (JSON saved by the lab)", type=["json"],
                             key=f"lab_upload_{version}")
     if file is not None:
         st.session_state["lab_upload_version"] = version + 1  # applied: a fresh uploader, so it applies once
-        if not change(lab, handle, f"Applying {file.name}",
-                      lambda p: lab.apply(export.read_recipe(file.getvalue(), handle), p)):
+        if not change(lab, f"Applying {file.name}",
+                      lambda p: lab.apply(export.read_recipe(file.getvalue(), lab.base), p)):
             # refused: this uploader stays (with the file and the message), so the next file lands in it
             st.session_state["lab_upload_version"] = version
