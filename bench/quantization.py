@@ -51,7 +51,7 @@ def quantease_row(setup: Setup) -> Row:
     handle, batch = setup.handle, setup.batch
     names = [f"blocks.{layer}.mlp.in" for layer in range(handle.structure.n_layers)]
     start = time.perf_counter()
-    result = compare_methods(handle, "int4", names, inputs=batch.tokens)
+    result = compare_methods(handle, batch.tokens, "int4", names)
     seconds = time.perf_counter() - start
     ratios = tuple(q / r for q, r in zip(result.quantease, result.rtn))
     return Row("quantease / rtn layer error", (result.mean_quantease / result.mean_rtn,),

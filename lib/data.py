@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lib.corpus import DIGITS_NOISE_STD, add_digit_noise, digits_split, heldout_files, read_bytes
-from lib.errors import DataError  # re-exported: callers catch lib.data.DataError
+from lib.errors import CapabilityError, DataError  # DataError re-exported: callers catch lib.data.DataError
 
 DIGIT_SHAPE = (1, 8, 8)  # every image model here reads one 8x8 grey digit: [1, 8, 8]
 
@@ -340,6 +340,18 @@ def check_batch(handle: Any, batch: object) -> None:
         raise DataError("This batch has no target images, but a denoiser is measured against clean targets. "
                         "Use lib.data.digits_batch(denoise=True).")
     check_images(batch.images)
+
+
+def check_lm(handle: Any, what: str, batch: object | None = None) -> None:
+    """Refuse, before any forward, a model that is not a causal language model (a
+    `CapabilityError` naming `what`, the view that needs one) and, given a `batch`, a batch
+    that does not fit the model (`check_batch`). Every analysis of a language model's heads
+    or residual stream starts with it."""
+    if handle.kind != "causal-lm":
+        raise CapabilityError(f"{what} need a transformer language model; this is an image model ({handle.kind}), "
+                              "which has no attention heads and no residual stream of tokens.")
+    if batch is not None:
+        check_batch(handle, batch)
 
 
 def _check_tokens_fit(handle: Any, tokens: torch.Tensor) -> None:

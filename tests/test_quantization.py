@@ -191,12 +191,12 @@ def test_llm_int8_edit_at_its_limits_and_its_outlier_report(tiny_lm, tokens):
     always = edited(tiny_lm, LLMInt8(threshold=0.0))
     assert torch.equal(always.forward(tokens), tiny_lm.forward(tokens))
     names = ["blocks.0.mlp.in", "blocks.2.attn.o"]  # LayerNorm outputs reach ~3, attention outputs ~0.3
-    report = find_outliers(tiny_lm, names, threshold=2.5, inputs=tokens)
+    report = find_outliers(tiny_lm, tokens, names, threshold=2.5)
     assert report.layers == tuple(names) and report.widths == (32, 32)
     assert 0 < len(report.columns[0]) < 32 and report.columns[1] == () and report.peaks[1] < 2.5
     copy = edited(tiny_lm, LLMInt8(2.5, "layers", (0,)))
     split = copy.input_transforms["blocks.0.mlp.in"]
-    assert split.columns == find_outliers(tiny_lm, ["blocks.0.mlp.in"], 2.5).columns[0]
+    assert split.columns == find_outliers(tiny_lm, None, ["blocks.0.mlp.in"], 2.5).columns[0]
     n_kept = len(split.columns)
     assert copy.storage["blocks.0.mlp.in.weight"].bits == 128 * (32 - n_kept) * 8 + 128 * 16 + 128 * n_kept * 16
 
@@ -357,7 +357,7 @@ def test_quantease_with_uncorrelated_inputs_is_round_to_nearest():
 
 def test_quantease_beats_round_to_nearest_on_the_layers_inputs(tiny_lm, tokens):
     names = ["blocks.0.mlp.in", "blocks.1.mlp.in", "blocks.2.attn.qkv"]
-    result = compare_methods(tiny_lm, "int4", names, inputs=tokens)
+    result = compare_methods(tiny_lm, tokens, "int4", names)
     assert all(q <= r for q, r in zip(result.quantease, result.rtn))
     assert result.mean_quantease < 0.8 * result.mean_rtn
     copy = edited(tiny_lm, Quantize("int4", "layers", (0,), method="quantease"))
@@ -372,21 +372,21 @@ def test_quantease_beats_round_to_nearest_on_the_layers_inputs(tiny_lm, tokens):
 
 def test_sensitivity_and_allocation(tiny_lm):
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2)
-    sens = sensitivity(tiny_lm, "int4", group_size=16, batch=batch)
+    sens = sensitivity(tiny_lm, batch, "int4", group_size=16)
     assert sens.units == (0, 1, 2) and all(d > 0 for d in sens.drops)
     assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
-    small = allocate(tiny_lm, sens, "int4", "int8", budget_bits=tiny_lm.size_bits, batch=batch)  # everything fits
+    small = allocate(tiny_lm, batch, sens, "int4", "int8", budget_bits=tiny_lm.size_bits)  # everything fits
     assert small.n_high == 3 and small.formats == ("int8",) * 3 and small.met
     all_int8 = edited(tiny_lm, *small.edits).size_bits
-    tight = allocate(tiny_lm, sens, "int4", "int8", budget_bits=all_int8 - 1, batch=batch)
+    tight = allocate(tiny_lm, batch, sens, "int4", "int8", budget_bits=all_int8 - 1)
     assert tight.n_high == 2 and tight.formats[sens.units.index(sens.order()[-1])] == "int4"
     assert edited(tiny_lm, *tight.edits).size_bits == tight.size_bits  # sizes are computed exactly
-    loose = allocate(tiny_lm, sens, "int4", None, max_drop=10.0, batch=batch)
+    loose = allocate(tiny_lm, batch, sens, "int4", None, max_drop=10.0)
     assert loose.n_high == 0 and loose.met and loose.formats == ("int4",) * 3
-    strict = allocate(tiny_lm, sens, "int4", None, max_drop=0.0, batch=batch)
+    strict = allocate(tiny_lm, batch, sens, "int4", None, max_drop=0.0)
     assert strict.n_high == 3 and strict.drop == 0.0 and strict.edits == ()
     with pytest.raises(RecipeError, match="either a size budget or a tolerated quality drop"):
-        allocate(tiny_lm, sens)
+        allocate(tiny_lm, batch, sens)
 
 
 # ---------------------------------------------------------------------- figures, real kernel
@@ -404,7 +404,7 @@ def test_histogram_with_the_grid_and_the_other_figures(tiny_lm, tokens):
     assert len(fp8.grid) > 40 and plots_quant.grid_histogram(fp8).data[1].mode == "markers"
     with pytest.raises(RecipeError, match="no linear layer 'blocks.7.mlp.in'"):
         layer_histogram(tiny_lm, "blocks.7.mlp.in", "int4")
-    report = find_outliers(tiny_lm, ["blocks.0.mlp.in", "blocks.1.mlp.in"], 2.5, inputs=tokens)
+    report = find_outliers(tiny_lm, tokens, ["blocks.0.mlp.in", "blocks.1.mlp.in"], 2.5)
     assert list(plots_quant.outlier_bars(report).data[0].y) == [len(c) for c in report.columns]
 
 

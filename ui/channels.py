@@ -77,7 +77,7 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
         batch = eval_batch(handle)
         base = base_outputs(handle)
         with st.spinner(f"Running the evaluation set with {edit.label} ..."):
-            return heads.intervene(handle, c, batch, edit, reader, tokens.ids, base=base)
+            return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=base)
 
     return STORE.get_or_compute(("channels.intervention", handle.fingerprint, edit, reader, prompt), compute)
 

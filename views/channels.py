@@ -5,9 +5,10 @@ import streamlit as st
 
 from analysis.channels import plots as pc
 from analysis.channels import report as rep
-from analysis.channels.circuits import MODE_NAMES, MODES, channel_components, check_lm, head_label
+from analysis.channels.circuits import MODE_NAMES, MODES, channel_components, head_label
 from analysis.channels.heads import HeadEdit
 from analysis.metric_text import metric_change, metric_value
+from lib.data import check_lm
 from lib.metrics import LABELS
 from ui import channels as cached
 from ui.cache import eval_batch
@@ -23,7 +24,7 @@ if handle.kind != "causal-lm":  # nothing went wrong: this view has nothing to s
     st.info(f"Attention channels are a transformer's: {handle.spec} is an image model ({handle.kind}) with no "
             "attention heads. Pick a language model in the sidebar (zoo:code-lm, zoo:induction-2l) to see them.")
     st.stop()
-check_lm(handle)
+check_lm(handle, "Attention channels")
 spec = handle.spec
 c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.head_roles(handle)
 if note := rep.approximation_note(c):

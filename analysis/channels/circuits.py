@@ -20,7 +20,8 @@ from typing import Sequence
 
 import torch
 
-from lib.errors import AnalysisError, CapabilityError
+from lib.data import check_lm
+from lib.errors import AnalysisError
 from lib.handle import ModelHandle
 
 MODES = ("Q", "K", "V")
@@ -32,12 +33,6 @@ Head = tuple[int, int]  # (layer, head)
 
 class ChannelsError(AnalysisError):
     """The model or the request cannot be analysed this way; the message says why."""
-
-
-def check_lm(handle: ModelHandle) -> None:
-    if handle.kind != "causal-lm":
-        raise CapabilityError(f"Attention channels need a transformer language model; this is an image model "
-                              f"({handle.kind}), which has no attention heads.")
 
 
 # ------------------------------------------------------------------ circuits (weights only)
@@ -123,7 +118,7 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def circuits(handle: ModelHandle) -> Circuits:
     """Every head's circuits and their spectra (weights only; cache per fingerprint)."""
-    check_lm(handle)
+    check_lm(handle, "Attention channels")
     f = handle.head_circuits()
     return from_factors(f["W_Q"], f["W_K"], f["W_V"], f["W_O"], f["n_kv_heads"], f["positional"])
 

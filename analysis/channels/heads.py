@@ -15,10 +15,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from analysis.channels.circuits import ChannelsError, Circuits, Head, check_head, check_lm, head_label
+from analysis.channels.circuits import ChannelsError, Circuits, Head, check_head, head_label
 from analysis.predict import _encode
 from analysis.redundancy.report import primary_metric
-from lib.data import TextBatch, check_batch, check_text
+from lib.data import TextBatch, check_batch, check_lm, check_text
 from lib.handle import ModelHandle, Point
 from lib.metrics import Metrics, metrics_from_outputs
 
@@ -92,7 +92,7 @@ def role_probe(handle: ModelHandle, n: int = 8, block: int = 15, copies: int = 3
     second copy's queries have a target, but every query's attention counts). Drawing from
     the ids of the model's own evaluation text keeps the probe in distribution (a code
     model never saw most random bytes)."""
-    check_lm(handle)
+    check_lm(handle, "Attention channels")
     tok = handle.tokenizer
     bos = getattr(tok, "bos_token_id", None)
     special = set(getattr(tok, "all_special_ids", ()) or ())
@@ -109,7 +109,7 @@ def role_probe(handle: ModelHandle, n: int = 8, block: int = 15, copies: int = 3
 
 
 def check_tokens(handle: ModelHandle, tokens: torch.Tensor) -> None:
-    check_lm(handle)
+    check_lm(handle, "Attention channels")
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ChannelsError("Tokens must be a tensor [batch, pos] of at least two positions.")
     check_batch(handle, TextBatch(tokens.long(), 0, False, "tokens"))
@@ -183,7 +183,7 @@ class PromptTokens:
 
 def prompt_tokens(handle: ModelHandle, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> PromptTokens:
     """Tokenize `prompt` (BOS first), keeping its first tokens up to `max_tokens` and the context."""
-    check_lm(handle)
+    check_lm(handle, "Attention channels")
     check_text(prompt, "prompt")
     tok = handle.tokenizer
     ids, unknown = _encode(tok, prompt)
@@ -293,7 +293,7 @@ class Intervention:
         return getattr(self.after, self.metric) - getattr(self.before, self.metric)
 
 
-def intervene(handle: ModelHandle, c: Circuits, batch: TextBatch, edit: HeadEdit, reader: Head,
+def intervene(handle: ModelHandle, batch: TextBatch, c: Circuits, edit: HeadEdit, reader: Head,
               prompt: torch.Tensor, base: torch.Tensor | None = None) -> Intervention:
     """Apply `edit`, re-measure the evaluation metric on `batch` and the `reader`'s pattern
     on `prompt` [1, T]. base: the unedited logits on `batch`, if already computed."""

@@ -65,7 +65,7 @@ def residual_pass(handle: ModelHandle, batch: TextBatch) -> Residuals:
 
 def at_skip(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) -> Residuals:
     """`res` (recorded on `batch`) with its statistics starting at position `skip`."""
-    redundancy.check_lm(handle, batch, skip)
+    redundancy.check_depths(handle, batch, skip)
     if res.batch_digest != batch.digest:
         raise redundancy.RedundancyError("These residuals were recorded on another batch; record them on this one.")
     return replace(res, skip=skip)
@@ -110,7 +110,7 @@ def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAU
         stages = redundancy.stage_similarity(handle, batch)
         step(0.5, "dropping stages")
         return assemble(batch, drop_sweep(handle, batch), stages=stages)
-    redundancy.check_lm(handle, batch, skip)  # a bad skip is refused before the pass
+    redundancy.check_depths(handle, batch, skip)  # a bad skip is refused before the pass
     step(0.02, "one forward pass with hooks")
     res = residual_pass(handle, batch)
     sim = layer_statistics(handle, batch, res, skip)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.redundancy.cka import cka_matrix
-from lib.data import ImageBatch, TextBatch, check_batch
+from lib.data import ImageBatch, TextBatch, check_batch, check_lm
 from lib.errors import AnalysisError
 from lib.handle import ModelHandle, Point
 
@@ -94,10 +94,11 @@ class LayerSimilarity:
 
 
 
-def check_lm(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
-    check_batch(handle, batch)
-    if handle.kind != "causal-lm" or not isinstance(batch, TextBatch):
-        raise RedundancyError("This analysis needs a transformer language model and a text batch.")
+def check_depths(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
+    """Refuse what cannot be compared layer by layer: anything but a language model and a
+    text batch that fits it (`lib.data.check_lm`), a model of one layer, and a skip that
+    leaves no position to compare."""
+    check_lm(handle, "Comparing layers", batch)
     if handle.structure.n_layers < 2:
         raise RedundancyError(
             f"The model has {handle.structure.n_layers} layer; comparing layers needs at least 2.")
@@ -117,7 +118,7 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
     h_L only when `with_logits` (the one-pass statistics never need them; the logit
     lens and the drop sweep do, and get them from `final_logits` either way).
     """
-    check_lm(handle, batch, skip)
+    check_depths(handle, batch, skip)
     L = handle.structure.n_layers
     pre = [Point("resid_pre", l) for l in range(L)]
     mid = [Point("resid_mid", l) for l in range(L)]

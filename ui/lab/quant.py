@@ -19,6 +19,7 @@ from analysis.compress.quant.quantize import ACTIVATION_FORMATS, LLMInt8, Quanti
 from lib import data
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
+from lib.metrics import model_inputs
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import LM, LM_AND_IMAGES, method, scope_controls
@@ -140,7 +141,8 @@ def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: 
     key = ("quant_methods", edited.fingerprint, layer, edit.format, edit.group_size)
     try:
         with st.spinner(f"QuantEase on {layer} ..."):
-            comparison = STORE.get_or_compute(key, lambda: compare_methods(edited, edit.format, [layer],
+            inputs = model_inputs(eval_batch(base))
+            comparison = STORE.get_or_compute(key, lambda: compare_methods(edited, inputs, edit.format, [layer],
                                                                            edit.group_size))
     except LayerScopeError as e:
         st.info(f"No QuantEase comparison for this layer: {app_message(e)}")
@@ -205,9 +207,10 @@ def llm_int8(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     edit = LLMInt8(threshold, scope, layers)
     if st.toggle("Show the outlier columns of each layer", key="lab_int8_show"):
         names = list(scoped_layers(edited, scope, layers))
+        inputs = model_inputs(eval_batch(base))
         with st.spinner("Reading every layer's inputs ..."):
             report = STORE.get_or_compute(("outliers", edited.fingerprint, threshold, tuple(names)),
-                                          lambda: find_outliers(edited, names, threshold))
+                                          lambda: find_outliers(edited, inputs, names, threshold))
         st.plotly_chart(plots_quant.outlier_bars(report), width="stretch", key="lab_int8_outliers")
         kept = sum(len(c) for c in report.columns)
         hit = sum(1 for c in report.columns if c)
@@ -222,7 +225,7 @@ def llm_int8(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 def _sensitivity(base: ModelHandle, edited: ModelHandle, fmt: str) -> Sensitivity:
     def compute() -> Sensitivity:
         with progress_bar("Layer sensitivity") as update:
-            return sensitivity(edited, fmt, batch=_calibration(base), progress=update)
+            return sensitivity(edited, _calibration(base), fmt, progress=update)
 
     return STORE.get_or_compute(("quant_sensitivity", edited.fingerprint, fmt), compute)
 
@@ -257,8 +260,8 @@ def mixed_precision(base: ModelHandle, edited: ModelHandle) -> tuple[Edit, ...] 
     sens = _sensitivity(base, edited, low)
     key = ("quant_allocation", edited.fingerprint, low, high, tuple(target.items()))
     with st.spinner("Choosing bits per layer ..."):
-        plan: Allocation = STORE.get_or_compute(key, lambda: allocate(edited, sens, low, high,
-                                                                      batch=_calibration(base), **target))
+        plan: Allocation = STORE.get_or_compute(key, lambda: allocate(edited, _calibration(base), sens, low,
+                                                                      high, **target))
     st.plotly_chart(plots_quant.sensitivity_bars(sens, plan), width="stretch", key="lab_mp_bars")
     chosen = ", ".join(f"{'block ' if isinstance(u, int) else ''}{u}: {f or 'kept'}"
                        for u, f in zip(plan.units, plan.formats))

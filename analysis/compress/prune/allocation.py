@@ -299,9 +299,10 @@ class Search:
 
 
 @torch.no_grad()
-def kl_of_levels(base: ModelHandle, curves: DistortionCurves, levels: torch.Tensor, inputs: torch.Tensor,
+def kl_of_levels(base: ModelHandle, inputs: torch.Tensor, curves: DistortionCurves, levels: torch.Tensor,
                  base_logits: torch.Tensor) -> float:
-    """KL(base || pruned) per position, averaged, with each layer at its level."""
+    """KL(base || pruned) per position on `inputs`, averaged, with each layer at its level
+    (`base_logits`: the base's outputs on `inputs`)."""
     copy = base.private_copy()
     layers = copy.linear_layers()
     for name, k in zip(curves.layers, levels.tolist()):
@@ -333,7 +334,7 @@ def evolve(base: ModelHandle, selection: torch.Tensor, fresh: Callable[[int], to
     counts = (plan.sparsities.double() * curves.sizes).round().long()  # [L]
     levels = torch.searchsorted(steps, counts[:, None]).squeeze(1)
     base_selection = base.forward(selection)
-    state = Search(curves.layers, levels, kl_of_levels(base, curves, levels, selection, base_selection))
+    state = Search(curves.layers, levels, kl_of_levels(base, selection, curves, levels, base_selection))
     state.curve.append(state.best_kl)
     K, L = len(curves.levels), len(curves.layers)
 
@@ -358,8 +359,8 @@ def evolve(base: ModelHandle, selection: torch.Tensor, fresh: Callable[[int], to
         if children:
             batch = fresh(g)
             reference = base.forward(batch)
-            screened = min(children, key=lambda c: kl_of_levels(base, curves, c, batch, reference))
-            kl = kl_of_levels(base, curves, screened, selection, base_selection)
+            screened = min(children, key=lambda c: kl_of_levels(base, batch, curves, c, reference))
+            kl = kl_of_levels(base, selection, curves, screened, base_selection)
             if kl < state.best_kl:
                 state.levels, state.best_kl = screened, kl
         state.curve.append(state.best_kl)

@@ -85,10 +85,10 @@ def quantease(w: torch.Tensor, sigma: torch.Tensor, grid: Grid, sweeps: int = SW
     return hat_t.T.contiguous()
 
 
-def calibration_grams(handle: ModelHandle, names: Sequence[str], inputs: torch.Tensor | None = None
+def calibration_grams(handle: ModelHandle, inputs: torch.Tensor | None, names: Sequence[str]
                       ) -> dict[str, torch.Tensor]:
-    """Σ = X^T X [in, in] for each linear layer of `names`, from the model's evaluation batch
-    (or `inputs`), as the model is now (earlier edits included). Layers are gathered a few at
+    """Σ = X^T X [in, in] for each linear layer of `names`, from `inputs` [batch, ...] (None:
+    the model's evaluation batch), as the model is now (earlier edits included). Layers are gathered a few at
     a time so the Σ matrices of one forward stay under ~256 MiB."""
     from lib.data import default_batch
     from lib.metrics import model_inputs
@@ -125,12 +125,13 @@ class MethodComparison:
         return sum(self.quantease) / len(self.quantease)
 
 
-def compare_methods(handle: ModelHandle, fmt: str, names: Sequence[str], group_size: int | None = None,
-                    inputs: torch.Tensor | None = None, sweeps: int = SWEEPS) -> MethodComparison:
-    """RTN and QuantEase errors for the linear layers `names` (the model is not changed)."""
+def compare_methods(handle: ModelHandle, inputs: torch.Tensor | None, fmt: str, names: Sequence[str],
+                    group_size: int | None = None, sweeps: int = SWEEPS) -> MethodComparison:
+    """RTN and QuantEase errors for the linear layers `names`, calibrated on `inputs` (None:
+    the evaluation batch); the model is not changed."""
     format_ = get_format(fmt)
     weights = handle.linear_layers()
-    grams = calibration_grams(handle, names, inputs)
+    grams = calibration_grams(handle, inputs, names)
     rtn, qe = [], []
     for name in names:
         w = as_matrix(weights[name])

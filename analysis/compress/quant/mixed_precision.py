@@ -68,9 +68,10 @@ class Sensitivity:
 
 
 @torch.no_grad()
-def sensitivity(handle: ModelHandle, fmt: str, group_size: int | None = None, batch: data.Batch | None = None,
+def sensitivity(handle: ModelHandle, batch: data.Batch | None, fmt: str, group_size: int | None = None,
                 progress: Callable[[float, str], None] | None = None) -> Sensitivity:
-    """Quantize one layer at a time (round-to-nearest) on a private copy, measure the drop,
+    """Quantize one layer at a time (round-to-nearest) on a private copy, measure the drop on
+    `batch` (None: the evaluation batch),
     put the layer's weights back exactly: one copy, one forward per layer. `progress(fraction,
     message)` is called before each layer."""
     batch = batch or data.default_batch(handle)
@@ -140,8 +141,8 @@ def _unit_bits(handle: ModelHandle, unit: int | str, fmt: str | None, group_size
 
 
 @torch.no_grad()
-def allocate(handle: ModelHandle, sens: Sensitivity, low: str = "int4", high: str | None = "int8",
-             budget_bits: int | None = None, max_drop: float | None = None, batch: data.Batch | None = None
+def allocate(handle: ModelHandle, batch: data.Batch | None, sens: Sensitivity, low: str = "int4",
+             high: str | None = "int8", budget_bits: int | None = None, max_drop: float | None = None
              ) -> Allocation:
     """Give the k most sensitive units `high` (None: keep them as they are) and the rest
     `low` (with the sensitivity's group size). With `budget_bits`: the largest k whose

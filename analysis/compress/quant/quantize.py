@@ -183,10 +183,11 @@ class OutlierReport:
 
 
 @torch.no_grad()
-def find_outliers(handle: ModelHandle, names: Sequence[str], threshold: float,
-                  inputs: torch.Tensor | None = None) -> OutlierReport:
-    """Outlier input columns of the linear layers `names` on the evaluation batch (or `inputs`),
-    as the model is now: one forward, the inputs read (not changed) on the way."""
+def find_outliers(handle: ModelHandle, inputs: torch.Tensor | None, names: Sequence[str], threshold: float
+                  ) -> OutlierReport:
+    """Outlier input columns of the linear layers `names` on `inputs` [batch, ...] (None: the
+    model's evaluation batch), as the model is now: one forward, the inputs read (not
+    changed) on the way."""
     from lib.data import default_batch
     from lib.metrics import model_inputs
 
@@ -228,7 +229,7 @@ def quantized_weight(weight: torch.Tensor, fmt: str, group_size: int | None = No
 @torch.no_grad()
 def _quantize(handle: ModelHandle, edit: Quantize) -> None:
     weights = scoped_layers(handle, edit.scope, edit.layers)
-    grams = calibration_grams(handle, list(weights)) if edit.method == "quantease" else {}
+    grams = calibration_grams(handle, None, list(weights)) if edit.method == "quantease" else {}
     for name, weight in weights.items():
         new, bits, label = quantized_weight(weight, edit.format, edit.group_size, grams.pop(name, None))
         weight.copy_(new)
@@ -242,7 +243,7 @@ def _quantize(handle: ModelHandle, edit: Quantize) -> None:
 @torch.no_grad()
 def _llm_int8(handle: ModelHandle, edit: LLMInt8) -> None:
     weights = scoped_layers(handle, edit.scope, edit.layers)
-    report = find_outliers(handle, list(weights), edit.threshold)
+    report = find_outliers(handle, None, list(weights), edit.threshold)
     for (name, weight), columns in zip(weights.items(), report.columns):
         new, bits = split_int8_weight(weight, columns)
         weight.copy_(new.to(weight.dtype))
