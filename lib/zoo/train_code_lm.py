@@ -1,6 +1,6 @@
 """Train `zoo:code-lm`: a byte-level GPT-2 on the Python standard library.
 
-The training text is every stdlib file except the held-out ones of `lib.data`
+The training text is every stdlib file except the held-out ones of `lib.corpus`
 (every 50th file); quality is bits per byte on the held-out files at the training
 context. The run is deterministic for a given `--steps`: with only a time budget,
 the step count is fixed once from the measured speed of the first steps and
