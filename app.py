@@ -9,7 +9,7 @@ import streamlit as st
 
 from lib.models import zoo_names
 from lib.zoo import ZOO
-from ui.session import DEFAULT_SPEC, OPT_INS, LoadRequest, current_handle, guard, opted_in, recipe, request_load
+from ui.session import DEFAULT_SPEC, OPT_INS, LoadRequest, current_handle, current_lab, guard, opted_in, request_load
 
 st.set_page_config(page_title="LayerScope", page_icon=":material/biotech:", layout="wide")
 
@@ -65,5 +65,6 @@ try:
     with guard():  # every error a user can cause ends in st.error, never a traceback
         page.run()
 finally:  # also when the page stopped early
-    if handle is not None and (edits := recipe(handle).edits):
+    lab = current_lab(handle) if handle is not None else None
+    if lab is not None and (edits := lab.current.edits):
         recipe_slot.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from analysis.allocation import distortion_curves
-from analysis.factorize import LowRank, break_even_rank
+from analysis.compress.prune.allocation import distortion_curves
+from analysis.compress.prune.factorize import LowRank, break_even_rank
 from bench.common import Row, Setup, Timing, ratio_text
 from bench.lab import forward_flops, latency_row
 from lib.handle import Structure

@@ -7,7 +7,8 @@ import statistics
 import time
 from typing import Callable
 
-from analysis import channels, heads
+from analysis.channels import circuits as channels
+from analysis.channels import heads
 from bench.common import Row, Setup, measure, tokens_text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from analysis import exits
+from analysis.compress import exits
 from bench.common import Row, Setup, measure, tokens_text
 
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from analysis import interpreter as it
+from analysis.interpreter import gradients, relu
+from analysis.interpreter import transformer as it
 from bench.common import Row, Setup, measure, ratio_text
 from lib import data
 from lib.models import load_model
@@ -25,12 +26,12 @@ CALLS = 20  # a forward of one 8x8 image takes well under a millisecond: time 20
 def all_classes_row(setup: Setup) -> Row:
     handle = load_model("zoo:digits-cnn")
     image = data.default_batch(handle).images[0]  # [1, 8, 8]
-    copies = {dtype: it.working_copy(handle, dtype) for dtype in (torch.float64, torch.float32)}
+    copies = {dtype: gradients.working_copy(handle, dtype) for dtype in (torch.float64, torch.float32)}
 
     def interpreter(dtype: torch.dtype) -> Callable[[], object]:
         def run() -> object:
             for _ in range(CALLS):
-                linear = it.linear_map(copies[dtype], image)  # A, b, reconstruction, SVD
+                linear = relu.linear_map(copies[dtype], image)  # A, b, reconstruction, SVD
                 votes = torch.stack([linear.votes(c) for c in range(linear.n_outputs)])  # every class's vote map
             return votes
         return run
@@ -51,11 +52,11 @@ def linearisation_row(setup: Setup) -> Row:
     handle = setup.handle
     tokens = setup.batch.tokens[:1, :128]  # one 128-token sequence
     target = it.logit_target(handle, int(tokens[0, -1]))
-    copies = {torch.float32: it.working_copy(handle, torch.float32)}
+    copies = {torch.float32: gradients.working_copy(handle, torch.float32)}
     forward = lambda: handle.forward(tokens)  # noqa: E731
     t = measure(lambda: it.token_contributions(copies[torch.float32], tokens, target), forward, setup.repeats)
     result = it.token_contributions(copies[torch.float32], tokens, target)
-    copies[torch.float64] = it.working_copy(handle, torch.float64)
+    copies[torch.float64] = gradients.working_copy(handle, torch.float64)
     wide = measure(lambda: it.token_contributions(copies[torch.float64], tokens, target), forward, setup.repeats)
     error = it.token_contributions(copies[torch.float64], tokens, target).error
     s = handle.structure

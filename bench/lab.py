@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from analysis.lab import Lab
-from analysis.pruning import Drop, Magnitude
-from analysis.recipe import Recipe, build
+from analysis.compress.lab import Lab
+from analysis.compress.prune.pruning import Drop, Magnitude
+from analysis.compress.recipe import Recipe, build
 from bench.common import Row, Setup, measure, ratio_text, tokens_text
 from lib.handle import Structure
 

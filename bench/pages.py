@@ -38,7 +38,7 @@ metrics.evaluate(handle, data.default_batch(handle), latency_repeats=metrics.LAT
 BUILD_REPORT = f"""
 import time
 
-from analysis.redundancy_report import build_report
+from analysis.redundancy.report import build_report
 from lib import data, metrics
 from lib.models import load_model
 

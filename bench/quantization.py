@@ -8,10 +8,10 @@ import itertools
 import time
 from typing import Callable
 
-from analysis.edits import apply_
-from analysis.lab import Lab
-from analysis.quant_calibration import compare_methods
-from analysis.quantization import Quantize
+from analysis.compress.edits import apply_
+from analysis.compress.lab import Lab
+from analysis.compress.quant.calibration import compare_methods
+from analysis.compress.quant.quantize import Quantize
 from bench.common import Row, Setup, measure, tokens_text
 
 
@@ -51,7 +51,7 @@ def quantease_row(setup: Setup) -> Row:
     handle, batch = setup.handle, setup.batch
     names = [f"blocks.{layer}.mlp.in" for layer in range(handle.structure.n_layers)]
     start = time.perf_counter()
-    result = compare_methods(handle, "int4", names, inputs=batch.tokens)
+    result = compare_methods(handle, batch.tokens, "int4", names)
     seconds = time.perf_counter() - start
     ratios = tuple(q / r for q, r in zip(result.quantease, result.rtn))
     return Row("quantease / rtn layer error", (result.mean_quantease / result.mean_rtn,),

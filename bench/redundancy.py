@@ -8,7 +8,10 @@ from typing import Callable
 
 import torch
 
-from analysis import cka, layer_drop, redundancy
+from analysis import lens as lenses
+from analysis.redundancy import cka
+from analysis.redundancy import drops as layer_drop
+from analysis.redundancy import similarity as redundancy
 from bench.common import Row, Setup, measure, ratio_text, tokens_text
 
 
@@ -67,7 +70,7 @@ def lens_row(setup: Setup) -> Row:
     h = depth_tokens(setup)
 
     def lens():
-        redundancy.logit_lens(handle, redundancy.collect_residuals(handle, batch, with_logits=False))
+        lenses.logit_lens(handle, redundancy.collect_residuals(handle, batch, with_logits=False))
 
     def readouts():
         handle.forward(batch.tokens)

@@ -1,1 +1,23 @@
-"""Plumbing shared by analyses and pages: models, data, metrics, hooks. No streamlit."""
+"""Plumbing shared by analyses and pages; never imports analysis or streamlit.
+
+    models        load a model from a hub name, a local folder or the zoo -> ModelHandle
+    checkpoint    read checkpoint files (config, safetensors headers, opted-in pickles,
+                  shards) and write an image model's folder
+    preflight     checks before anything is allocated: sizes against free memory, weights
+                  against the config, a working tokenizer
+    handle        ModelHandle, the one interface to a model: Point, Structure, forward,
+                  record and hooks, private copies, fingerprints
+    handle_layers linear layers by readable name: placing, replacing, input transforms,
+                  calibration statistics, torch's int8 kernel
+    storage       how tensors are stored (StoredAs, quantized bits) and fingerprinted
+    lm_handle     the language-model backend (TransformerBridge), with lm_parts (structural
+                  edits, saving) and lm_views (what only a language model has)
+    image_handle  the plain-torch image-model backend
+    data, corpus  evaluation batches and the checks that they fit a model; the stdlib files
+                  and digits they come from
+    metrics       the Metrics record, evaluate, latency timing; scoring: NLL, KL and
+                  top-1 agreement in row chunks
+    hooks, layers, locks, errors   hooks that always go, replacement linear layers, the
+                  handle's lock, LayerScopeError and its kinds
+    zoo/          the bundled models, their cards and their training scripts
+"""

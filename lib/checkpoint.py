@@ -1,4 +1,5 @@
-"""Read the files of a checkpoint folder without building a model.
+"""Read the files of a checkpoint folder without building a model, and write an image
+model's folder (`save_image_model`).
 
 config.json, safetensors headers (shapes only, no tensor data), pickled state dicts
 and the list of files `from_pretrained` would read; a file that is broken is refused
@@ -339,3 +340,21 @@ def first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
     text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def save_image_model(model: torch.nn.Module, architecture: str, folder: Path, removed_stages: tuple[str, ...] = (),
+                     **kwargs) -> None:
+    """Write an image model as safetensors + config.json (loadable by `load_model`);
+    `removed_stages` are stages replaced by the identity (they hold no weights)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    config = {"layerscope_architecture": architecture, "kwargs": kwargs}
+    if removed_stages:
+        config["removed_stages"] = list(removed_stages)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

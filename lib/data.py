@@ -1,4 +1,5 @@
-"""Evaluation sets: held-out Python source, user text, and scikit-learn digits.
+"""Evaluation sets: held-out Python source, user text, and scikit-learn digits (read by
+`lib.corpus`), and the checks that a batch fits a model.
 
 Everything here is deterministic: the same interpreter gives the same file list,
 the same held-out split and the same batches, so metrics are comparable across
@@ -9,18 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-import sysconfig
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from lib.errors import DataError  # re-exported: callers catch lib.data.DataError
+from lib.corpus import DIGITS_NOISE_STD, add_digit_noise, digits_split, heldout_files, read_bytes
+from lib.errors import CapabilityError, DataError  # DataError re-exported: callers catch lib.data.DataError
 
-HELDOUT_EVERY = 50  # every 50th file of the sorted stdlib list is held out
 DIGIT_SHAPE = (1, 8, 8)  # every image model here reads one 8x8 grey digit: [1, 8, 8]
 
 
@@ -160,36 +159,6 @@ Batch = TextBatch | ImageBatch
 # --------------------------------------------------------------------------- text
 
 
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-@lru_cache(maxsize=1)
-def stdlib_files() -> tuple[Path, ...]:
-    """All `.py` files of the running interpreter's standard library, sorted by
-    relative path, excluding `site-packages` (third-party code, not stdlib)."""
-    root = stdlib_root()
-    files = [
-        f for f in root.rglob("*.py")
-        if "site-packages" not in f.relative_to(root).parts and f.is_file()
-    ]
-    return tuple(sorted(files, key=lambda f: f.relative_to(root).as_posix()))
-
-
-def heldout_files() -> tuple[Path, ...]:
-    """Every 50th file of `stdlib_files()`: never seen by the bundled code LM."""
-    return stdlib_files()[::HELDOUT_EVERY]
-
-
-def training_files() -> tuple[Path, ...]:
-    held = set(heldout_files())
-    return tuple(f for f in stdlib_files() if f not in held)
-
-
-def read_bytes(files: Sequence[Path]) -> list[bytes]:
-    return [f.read_bytes() for f in files]
-
-
 def check_window_args(seq_len: object, n_windows: object, name: str = "n_windows") -> None:
     """Refuse a window length below 2 tokens (one read, one predicted) and a window
     count (`name`) below 1; `n_windows` None means "as many as fit"."""
@@ -317,37 +286,6 @@ def repeated_tokens_batch(vocab: int, bos_id: int, seq_len: int, n: int = 64, se
 
 # --------------------------------------------------------------------------- digits
 
-DIGITS_NOISE_STD = 0.5  # the denoiser's task: Gaussian noise of this std on [0, 1] pixels
-
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
-
-
-def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn digits, split 75/25 stratified with a fixed seed.
-
-    Returns images [n, 1, 8, 8] float32 in [0, 1] and labels [n] int64.
-    """
-    from sklearn.model_selection import train_test_split
-
-    images, labels = _digits()
-    idx = np.arange(len(labels))
-    train_idx, test_idx = train_test_split(idx, test_size=0.25, random_state=0, stratify=labels)
-    pick = {"train": np.sort(train_idx), "heldout": np.sort(test_idx)}[split]
-    return torch.from_numpy(images[pick]).unsqueeze(1), torch.from_numpy(labels[pick])
-
-
-def add_digit_noise(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """Noisy copies of `images` [n, 1, 8, 8]: Gaussian noise, clipped to [0, 1]."""
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(images.shape, generator=gen) * DIGITS_NOISE_STD
-    return (images + noise).clamp(0.0, 1.0)
-
 
 def digits_batch(n: int | None = None, denoise: bool = False) -> ImageBatch:
     """Held-out digits: for a classifier the images and labels; for the denoiser
@@ -402,6 +340,18 @@ def check_batch(handle: Any, batch: object) -> None:
         raise DataError("This batch has no target images, but a denoiser is measured against clean targets. "
                         "Use lib.data.digits_batch(denoise=True).")
     check_images(batch.images)
+
+
+def check_lm(handle: Any, what: str, batch: object | None = None) -> None:
+    """Refuse, before any forward, a model that is not a causal language model (a
+    `CapabilityError` naming `what`, the view that needs one) and, given a `batch`, a batch
+    that does not fit the model (`check_batch`). Every analysis of a language model's heads
+    or residual stream starts with it."""
+    if handle.kind != "causal-lm":
+        raise CapabilityError(f"{what} need a transformer language model; this is an image model ({handle.kind}), "
+                              "which has no attention heads and no residual stream of tokens.")
+    if batch is not None:
+        check_batch(handle, batch)
 
 
 def _check_tokens_fit(handle: Any, tokens: torch.Tensor) -> None:

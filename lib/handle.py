@@ -1,9 +1,11 @@
 """The one interface to a model. Pages and analyses talk to a `ModelHandle`, never to a
 backend: activation points are named by `Point`, weights by readable names
 (`blocks.3.mlp.in`), and a capability a backend lacks raises `CapabilityError` from the
-handle. The backends live beside this file: `lib.lm_handle.BridgeHandle` (language
-models behind TransformerLens) and `lib.image_handle.TorchHandle` (plain torch image
-models); nothing outside these three files knows which one it has.
+handle. Two backends implement it: `lib.lm_handle.BridgeHandle` (language models behind
+TransformerLens; its structural edits in `lib.lm_parts`, its views only a language model
+has in `lib.lm_views`) and `lib.image_handle.TorchHandle` (plain torch image models).
+`lib.handle_layers` gives both the linear layers by readable name; `lib.storage` says how
+tensors are stored and identified. Nothing outside lib/ knows which backend it has.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterator, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from torch import nn
 from lib.errors import CapabilityError, RecipeError
 from lib.handle_layers import InputTransform, LinearLayers
 from lib.locks import exclusive
+from lib.storage import StoredAs, shared_storage_memo, weight_fingerprint
 
 KINDS = ("causal-lm", "image-classifier", "image-to-image")
 LM_PARTS = ("block", "attention", "mlp")
@@ -70,37 +73,6 @@ class Structure:
     n_ctx: int = 0
     stages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     removed: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class StoredAs:
-    """How one weight tensor is stored when it is not the plain float tensor in memory:
-    `bits` in total (codes + scales + zero points for a quantized tensor, 0 for a
-    removed one) and a short description ("int4 g128", "removed")."""
-
-    bits: int
-    format: str
-
-    @property
-    def removed(self) -> bool:
-        return self.format == "removed"
-
-
-def quantized_bits(numel: int, code_bits: int, n_groups: int, scale_bits: int = 16, zero_bits: int = 0) -> int:
-    """Storage of a quantized tensor: a code per element plus a scale (and a zero point,
-    for asymmetric formats) per group."""
-    return numel * code_bits + n_groups * (scale_bits + zero_bits)
-
-
-def weight_fingerprint(tensors: Iterator[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes of every tensor, in name order.
-    Equal fingerprints mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for name, t in sorted(tensors, key=lambda kv: kv[0]):
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 class _Recorded(Exception):
@@ -323,7 +295,7 @@ class ModelHandle(LinearLayers, ABC):
 
     def _copy_memo(self) -> dict[int, Any]:
         """The deep copy's memo, seeded: views stay views, the tokenizer is shared."""
-        memo: dict[int, Any] = _shared_storage_memo(self.model)
+        memo: dict[int, Any] = shared_storage_memo(self.model)
         if self.tokenizer is not None:
             memo[id(self.tokenizer)] = self.tokenizer
         return memo
@@ -379,48 +351,11 @@ class ModelHandle(LinearLayers, ABC):
         raise CapabilityError(f"A {self.kind} model cannot exit early.")
 
 
-def _shared_storage_memo(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Copies, made in advance, of the tensors that share storage with another tensor.
-
-    `copy.deepcopy` clones each parameter on its own, so tensors that are views of one
-    storage would come apart in the copy (TransformerLens splits GPT-2's fused qkv
-    weight into q, k and v views; the fast path reads the fused one). Seeding the deep
-    copy's memo with views of one cloned storage keeps them views.
-    """
-    groups: dict[int, list[torch.Tensor]] = {}
-    seen: set[int] = set()
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            groups.setdefault(t.untyped_storage().data_ptr(), []).append(t)
-    memo: dict[int, torch.Tensor] = {}
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        storage = group[0].untyped_storage().clone()
-        for t in group:
-            view = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
-            memo[id(t)] = nn.Parameter(view, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else view
-    return memo
-
-
 def _keeper(cache: dict, point: Point) -> ActivationHook:
     def hook(tensor: torch.Tensor) -> None:
         cache[point] = tensor
 
     return hook
-
-
-def _distinct(named: Iterator[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    out = {}
-    for name, t in named:
-        key = (t.data_ptr(), tuple(t.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
 
 
 def _zero(tensor: torch.Tensor) -> torch.Tensor:

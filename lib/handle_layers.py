@@ -1,13 +1,14 @@
 """A model's linear layers by readable name (`blocks.3.mlp.in`, `conv2`): where each
 sits, its parameter, replacing it on a private copy, transforming its inputs
 (activation quantization), its calibration statistics, and torch's int8 kernel in its
-place. A mixin of `ModelHandle` (lib/handle.py); the attributes it uses are the handle's."""
+place. A base class of `ModelHandle` (lib/handle.py), which provides what `LinearLayers`
+declares it needs."""
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -16,15 +17,36 @@ from lib.errors import CapabilityError, RecipeError
 from lib.hooks import forward_pre_hooks
 from lib.locks import exclusive
 
-if TYPE_CHECKING:
-    from lib.handle import ModelHandle
-
 # An input transform: gets a linear layer's input, returns a replacement or None (keep it).
 InputTransform = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
-class LinearLayers:
-    """Linear layers by readable name; `ModelHandle` provides `_linear_modules` and the rest."""
+class LinearLayers(ABC):
+    """Linear layers by readable name.
+
+    What it needs from the model class (`ModelHandle` and its backends provide it):
+    kind; lock, the re-entrant lock every use of the model holds; base_fingerprint (None on
+    a base model) and input_transforms, set up by `ModelHandle.__init__`; `weights()`,
+    `weights_changed()` and `private_copy()`; and from each backend `_linear_modules()`,
+    `_forward_weights_only()` and `replace_linear_()`.
+    """
+
+    kind: str
+    lock: AbstractContextManager[Any]
+    base_fingerprint: str | None
+    input_transforms: dict[str, InputTransform]
+
+    @abstractmethod
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every distinct tensor the forward reads, by readable name."""
+
+    @abstractmethod
+    def weights_changed(self) -> None:
+        """Forget the memoised fingerprint (after editing a private copy)."""
+
+    @abstractmethod
+    def private_copy(self, dtype: torch.dtype | None = None, requires_grad: bool = False) -> LinearLayers:
+        """A copy that edits can never leak from."""
 
     def place(self, name: str) -> tuple[int | str | None, str | None]:
         """Where a readable weight name sits: (block index or stage name, "attention" |
@@ -161,7 +183,7 @@ class LinearLayers:
     def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
         """A forward through the modules `_linear_modules()` returns (no TransformerLens hooks)."""
 
-    def int8_kernel_copy(self, names: Sequence[str] | None = None) -> tuple["ModelHandle", dict[str, int]]:
+    def int8_kernel_copy(self, names: Sequence[str] | None = None) -> tuple[LinearLayers, dict[str, int]]:
         """A private copy whose fully connected layers `names` (default: all; nn.Linear,
         GPT-2's Conv1D; convolutions are skipped) run torch's dynamic int8 CPU kernel: weights
         int8 per output channel, inputs quantized per batch on the fly (torch.ao

@@ -37,20 +37,6 @@ def forward_pre_hooks(pairs: Sequence[tuple[nn.Module, Callable]]) -> Iterator[N
             h.remove()
 
 
-@contextmanager
-def record_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each named module's forward output (detached) into the yielded dict."""
-    store: dict[str, torch.Tensor] = {}
-
-    def make(name: str) -> HookFn:
-        def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-            store[name] = out.detach()
-        return hook
-
-    with forward_hooks([(m, make(n)) for n, m in modules.items()]):
-        yield store
-
-
 def count_hooks(model: nn.Module) -> int:
     """Hooks a user (or our code) added and did not remove; 0 means nothing leaked.
 

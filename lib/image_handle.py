@@ -5,14 +5,18 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from lib.checkpoint import save_image_model
 from lib.errors import CapabilityError
-from lib.handle import ActivationHook, ModelHandle, Part, Point, Structure, _distinct, exclusive
+from lib.handle import ActivationHook, ModelHandle, Part, Point, Structure
 from lib.hooks import forward_hooks
+from lib.locks import exclusive
+from lib.storage import distinct_tensors
 
 
 class TorchHandle(ModelHandle):
@@ -35,13 +39,9 @@ class TorchHandle(ModelHandle):
     def _stage_rows(self) -> tuple[tuple[str, str], ...]:
         return tuple((name, _describe_stage(m)) for name, m in self.model.stages.items())
 
-    @property
-    def stage_names(self) -> list[str]:
-        return list(self.model.stages)
-
     def weights(self) -> dict[str, torch.Tensor]:
         named = list(self.model.named_parameters()) + list(self.model.named_buffers())
-        return _distinct(iter((n.removeprefix("stages."), t) for n, t in named))
+        return distinct_tensors(iter((n.removeprefix("stages."), t) for n, t in named))
 
     def _linear_modules(self) -> dict[str, nn.Module]:
         found = {name.removeprefix("stages."): m for name, m in self.model.named_modules()
@@ -127,10 +127,6 @@ class TorchHandle(ModelHandle):
 
     def save_pretrained(self, folder: Any) -> None:
         """Write this model (bypassed stages included) as a folder `load_model` reads."""
-        from pathlib import Path
-
-        from lib.models import save_image_model
-
         removed = tuple(name for name, m in self.model.stages.items() if isinstance(m, nn.Identity))
         model = self.model
         replaced = [(p, m) for p, m in model.named_modules() if hasattr(m, "dense")]

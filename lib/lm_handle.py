@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from lib.errors import CapabilityError
-from lib.handle import ActivationHook, ModelHandle, Point, Structure, _distinct, exclusive
+from lib.handle import ActivationHook, ModelHandle, Point, Structure
 from lib.hooks import count_hooks
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
 from lib.lm_views import LMViews
+from lib.locks import exclusive
+from lib.storage import distinct_tensors
 
 _STASHED = ("_pattern", "_captured_pre_ln_residual")  # what TransformerLens keeps of the last forward
 
@@ -117,7 +119,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
             named += [(f"{readable}.{n}", t) for n, t in module.named_parameters(recurse=False)]
             named += [(f"{readable}.{n}", t) for n, t in module.named_buffers(recurse=False)
                       if t.is_floating_point()]
-        return _distinct(iter(named))
+        return distinct_tensors(iter(named))
 
     def _linear_modules(self) -> dict[str, nn.Module]:
         """Linear maps by readable name; an attention-only model's placeholder MLPs (weights

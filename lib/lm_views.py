@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lib.errors import CapabilityError
-from lib.handle import ActivationHook, Point, exclusive
+from lib.handle import ActivationHook, Point
 from lib.hooks import count_hooks
+from lib.locks import exclusive
 
 
 class LMViews:

@@ -1,7 +1,8 @@
 """Quality and cost of a model on an evaluation batch, optionally against a base.
 
 `evaluate` runs the model once; `metrics_from_outputs` turns outputs that were
-already computed (e.g. by a drop sweep) into the same `Metrics` record.
+already computed (e.g. by a drop sweep) into the same `Metrics` record; the scores
+behind it (NLL, KL to a base, top-1 agreement) are `lib.scoring`'s.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lib.data import Batch, DataError, ImageBatch, TextBatch, check_batch
 from lib.handle import ModelHandle
+from lib.scoring import BaseOutputs, kl_and_agreement, prepare_base, text_scores
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,6 @@ class Metrics:
     agreement: float | None = None
     kl_to_base: float | None = None
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return asdict(self)
-
 
 LABELS = {
     "perplexity": "perplexity", "bits_per_byte": "bits per byte", "nll": "loss (nats/token)",
@@ -49,91 +48,10 @@ LABELS = {
     "kl_to_base": "KL(base || model)", "n_params": "parameters", "size_bits": "size (bits)",
     "latency_ms": "latency (ms)",
 }
-
-
-@dataclass(frozen=True)
-class BaseOutputs:
-    """Base outputs prepared once for many comparisons (a drop sweep, a recipe history).
-
-    probs: [n, classes] base probabilities at predicted positions; top1: [n] base argmax;
-    dot: [n] <p, z> with z the base's logits there; lse: [n] logsumexp(z). Then
-    sum p log p = dot - lse, and KL(base || model) = (dot - <p, z'>) + (lse' - lse) for a
-    model's logits z': exactly 0 when z' = z.
-    """
-
-    probs: torch.Tensor
-    top1: torch.Tensor
-    dot: torch.Tensor
-    lse: torch.Tensor
-
-
-def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor:
-    """The base's distribution prepared for KL and agreement; an image-to-image model's
-    outputs are images, not a distribution, and come back as they are."""
-    if isinstance(batch, ImageBatch) and batch.targets is not None:
-        return base
-    if isinstance(batch, TextBatch):
-        probs, top1s, dots, lses = [], [], [], []
-        for z, top1, lse in _logit_chunks(base):
-            probs.append(torch.exp(z - lse[:, None]))
-            # chunk by chunk, as text_scores computes <p, z'>; vecdot, not einsum("nc,nc->n"), whose
-            # batched-matmul path is 9x slower on a [32, 50257] chunk
-            dots.append(torch.linalg.vecdot(probs[-1], z))
-            top1s.append(top1)
-            lses.append(lse)
-        return BaseOutputs(torch.cat(probs), torch.cat(top1s), torch.cat(dots), torch.cat(lses))
-    z = base.float()
-    lse = torch.logsumexp(z, -1)
-    p = torch.exp(z - lse[:, None])
-    return BaseOutputs(p, z.argmax(-1), torch.linalg.vecdot(p, z), lse)
-
-
-ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
-
-
-def _logit_chunks(outputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """LM logits [b, T, V] at the predicted positions (all but the last of each window), in
-    row chunks in order: (z [rows, V] float32, argmax [rows], logsumexp [rows]) each, from
-    one max (which also gives the argmax) and one exp-sum over the chunk."""
-    b, T, _ = outputs.shape
-    for i in range(b):
-        window = outputs[i, :-1]  # [T-1, V], rows contiguous
-        for start in range(0, T - 1, ROWS_PER_CHUNK):
-            z = window[start:start + ROWS_PER_CHUNK].float()
-            top, top1 = z.max(-1)
-            yield z, top1, top + (z - top[:, None]).exp_().sum(-1).log_()
-
-
-def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, batch: Batch) -> tuple[float, float]:
-    """Mean KL(base || model) and top-1 agreement over predicted positions."""
-    ref = base if isinstance(base, BaseOutputs) else prepare_base(base, batch)
-    if isinstance(batch, TextBatch):
-        _, kl, agree = text_scores(outputs, batch, ref)
-        return kl, agree
-    z = outputs.float()  # class logits [n, classes]: one chunk, the same formula as text_scores
-    kl = ((ref.dot - torch.linalg.vecdot(ref.probs, z)) + (torch.logsumexp(z, -1) - ref.lse)).mean()
-    return max(float(kl), 0.0), (z.argmax(-1) == ref.top1).float().mean().item()
-
-
-@torch.no_grad()
-def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None = None
-                ) -> tuple[float, float | None, float | None]:
-    """Mean NLL, KL(base || model) and top-1 agreement over the predicted positions of LM
-    logits [b, T, V], without log-probabilities of the whole batch: with log q = z - lse(z),
-    NLL = lse - z_target and KL = (dot - <p, z>) + (lse - lse_base) (see `BaseOutputs`)."""
-    targets = batch.tokens[:, 1:].reshape(-1)
-    nll = kl = agree = 0.0
-    start = 0
-    for z, top1, lse in _logit_chunks(outputs):
-        rows = slice(start, start + z.shape[0])
-        start += z.shape[0]
-        nll += float((lse - z.gather(1, targets[rows, None])[:, 0]).sum())
-        if ref is not None:
-            kl += float(((ref.dot[rows] - torch.linalg.vecdot(ref.probs[rows], z)) + (lse - ref.lse[rows])).sum())
-            agree += float((top1 == ref.top1[rows]).sum())
-    if ref is None:
-        return nll / start, None, None
-    return nll / start, max(kl / start, 0.0), agree / start
+# The order every page and table lists a model's metrics in: quality, then agreement with
+# a base, then cost. A model has only some of them (the fields of `Metrics` that are not None).
+QUALITY_FIELDS = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db")
+METRIC_FIELDS = QUALITY_FIELDS + ("kl_to_base", "agreement", "n_params", "size_bits", "latency_ms")
 
 
 def _shape(t: torch.Tensor) -> list[int]:

@@ -18,7 +18,6 @@ not fit is refused before anything is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ import torch
 
 from lib import checkpoint as ckpt
 from lib import preflight
+from lib.checkpoint import save_image_model  # noqa: F401 - re-exported: callers save from lib.models
 from lib.errors import (  # noqa: F401 - re-exported: callers catch these from lib.models
     HubUnavailableError,
     ModelLoadError,
@@ -355,18 +355,3 @@ def _meta_image_model(arch: str, kwargs: object, spec: str) -> torch.nn.Module:
     except (TypeError, ValueError, RuntimeError) as e:
         raise UnsupportedModelError(f"{spec!r}: config.json gives {arch} arguments it cannot be built with "
                                     f"({e}); {arch} takes: {takes}.") from None
-
-
-def save_image_model(model: torch.nn.Module, architecture: str, folder: Path, removed_stages: tuple[str, ...] = (),
-                     **kwargs) -> None:
-    """Write an image model as safetensors + config.json (loadable by `load_model`);
-    `removed_stages` are stages replaced by the identity (they hold no weights)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    config = {"layerscope_architecture": architecture, "kwargs": kwargs}
-    if removed_stages:
-        config["removed_stages"] = list(removed_stages)
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
 import pytest
 import torch
 
@@ -39,3 +44,58 @@ def tiny_lm(tiny_gpt2_dir):
     from lib.models import load_model
 
     return load_model(str(tiny_gpt2_dir))
+
+
+# ---- the shared-server tests (test_server_safety, test_server_hub) ---------------------------
+
+PROMPT_S = 60  # a refused load answers in well under a second; a blocked one never does
+
+
+@pytest.fixture
+def base(tiny_lm):
+    """The session's read-only base model; checked unchanged after the test."""
+    yield tiny_lm
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
+
+
+@pytest.fixture
+def lm(tmp_path, tiny_gpt2_dir) -> Path:
+    """A fresh copy of the tiny GPT-2 folder, inside tmp_path/model (tmp_path/other is outside it)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    (tmp_path / "other").mkdir()
+    return folder
+
+
+def in_thread(fn: Callable[[], object], timeout: float = PROMPT_S, fifos: tuple[Path, ...] = ()) -> object:
+    """What `fn()` returns or raises, run in a thread; fails the test if it takes longer than
+    `timeout` (first opening each of `fifos` for writing, so a reader blocked on one wakes up)."""
+    result: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            result["value"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in fifos:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        thread.join(10)
+        pytest.fail(f"the call was still running after {timeout} s")
+    return result["value"]
+
+
+def refused(spec: object, *, fifos: tuple[Path, ...] = (), **options: object) -> str:
+    """The message of the LoadError that loading `spec` gives, promptly."""
+    from lib import models
+
+    error = in_thread(lambda: models.load_model(spec, **options), fifos=fifos)
+    assert isinstance(error, models.ModelLoadError), error
+    return str(error)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import allocation as alloc
-from analysis.factorize import LowRank, ShareLayers, break_even_rank, truncated_svd
-from analysis.pruning import Magnitude
-from analysis.recipe import Recipe, build
+from analysis.compress.prune import allocation as alloc
+from analysis.compress.prune.factorize import LowRank, ShareLayers, break_even_rank, truncated_svd
+from analysis.compress.prune.pruning import Magnitude
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import AnalysisError, RecipeError
-from lib.metrics import kl_and_agreement
+from lib.scoring import kl_and_agreement
 
 
 def curves_by_hand() -> alloc.DistortionCurves:
@@ -214,7 +214,7 @@ def test_ranks_above_full_are_refused(tiny_lm):
 
 
 def test_allocation_figures_draw_from_results():
-    from analysis import plots_alloc
+    from analysis.compress.prune import plots as plots_alloc
 
     curves = curves_by_hand()
     plan = alloc.allocate(curves, 0.5)

@@ -4,9 +4,10 @@ result for a typo), and the base model is untouched with no hook left afterwards
 import pytest
 import torch
 
-from analysis import layer_drop, redundancy
-from analysis import redundancy_report as rr
-from analysis.pruning import Drop
+from analysis.compress.prune.pruning import Drop
+from analysis.redundancy import drops as layer_drop
+from analysis.redundancy import report as rr
+from analysis.redundancy import similarity as redundancy
 from lib import data
 from lib.errors import AnalysisError, LayerScopeError, RecipeError
 from lib.hooks import count_hooks

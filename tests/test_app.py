@@ -165,7 +165,7 @@ def test_redundancy_page_on_default_model_sends_drops_to_recipe():
     next(b for b in at.button if b.label.startswith("Add these 3 drops")).click()
     run(at)
     assert "the recipe now has 3 edit(s)" in at.success[0].value
-    recipe = next(iter(at.session_state["recipes"].values()))
+    recipe = next(iter(at.session_state["labs"].values())).recipe  # the session's lab owns the recipe
     assert len(recipe.edits) == 3
     assert not texts(at)
 
@@ -191,7 +191,7 @@ def test_redundancy_page_on_denoiser_offers_no_kl():
 
 
 def test_redundancy_terms_have_tooltips_from_the_glossary():
-    from analysis.glossary import GLOSSARY
+    from ui.glossary import GLOSSARY
 
     at = run(run(new_app()), "views/redundancy.py")
     helps = {s.value: s.proto.help for s in at.subheader}

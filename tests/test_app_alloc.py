@@ -28,7 +28,8 @@ def add(at):
 
 
 def recipe_of(at):
-    return next(r for r in at.session_state["recipes"].values() if r.model == at.session_state["load_request"].spec)
+    return next(lab.recipe for lab in at.session_state["labs"].values()
+                if lab.recipe.model == at.session_state["load_request"].spec)
 
 
 def test_sharing_then_low_rank_in_the_lab(tiny_folder):
@@ -64,7 +65,7 @@ def test_rate_distortion_allocation_on_the_digits_cnn():
 
 
 def test_evolutionary_search_runs_and_a_stopped_one_keeps_its_best(monkeypatch):
-    from analysis import allocation as alloc
+    from analysis.compress.prune import allocation as alloc
     from lib.models import load_model
     from ui.store import STORE
 

@@ -60,7 +60,7 @@ def test_default_code_model_says_what_it_finds():
     text = captions(at)
     assert "Strongest" in text and "Regimes:" in text and "directions of" in text
     assert "bits per byte before" in metrics(at)
-    from analysis.glossary import GLOSSARY
+    from ui.glossary import GLOSSARY
 
     helps = {h.value: h.proto.help for h in at.subheader}
     assert GLOSSARY["head_roles"] in helps["What each head does"]

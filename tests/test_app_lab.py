@@ -39,8 +39,8 @@ def recipe_lines(at):
 
 
 def session_recipe(at):
-    return at.session_state["load_request"], next(r for r in at.session_state["recipes"].values()
-                                                   if r.model == at.session_state["load_request"].spec)
+    return at.session_state["load_request"], next(lab.recipe for lab in at.session_state["labs"].values()
+                                                   if lab.recipe.model == at.session_state["load_request"].spec)
 
 
 def click(at, key):

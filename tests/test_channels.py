@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis import channels as ch
-from analysis import channels_report as report
-from analysis import heads
+from analysis.channels import circuits as ch
+from analysis.channels import heads, report
 from lib import data
 from lib.errors import CapabilityError
 from lib.handle import Point
@@ -254,7 +253,7 @@ def test_interventions_leave_no_hook_and_the_base_untouched(tiny_lm, circuits, b
         with heads.editing(tiny_lm, circuits, [heads.HeadEdit(0, 0), heads.HeadEdit(0, 7)]):
             pass
     assert count_hooks(tiny_lm.model) == 0
-    result = heads.intervene(tiny_lm, circuits, batch, heads.HeadEdit(0, 3), (1, 0), batch.tokens[:1, :10])
+    result = heads.intervene(tiny_lm, batch, circuits, heads.HeadEdit(0, 3), (1, 0), batch.tokens[:1, :10])
     assert result.metric == "bits_per_byte" and result.after.kl_to_base > 0
     assert result.pattern_before.shape == (10, 10) and not torch.allclose(result.pattern_before, result.pattern_after)
     assert count_hooks(tiny_lm.model) == 0
@@ -278,7 +277,7 @@ def test_llama_style_model_runs_every_analysis_with_the_rotary_note(llama):
     tokens = heads.role_probe(llama, n=1, block=5)
     assert heads.attention_patterns(llama, tokens).shape == (2, 4, 16, 16)
     lm_batch = data.code_batch(llama.tokenizer, seq_len=16, n_windows=2)
-    result = heads.intervene(llama, c, lm_batch, heads.HeadEdit(0, 1, (0,), 0.0), (1, 2), tokens)
+    result = heads.intervene(llama, lm_batch, c, heads.HeadEdit(0, 1, (0,), 0.0), (1, 2), tokens)
     assert result.after.kl_to_base > 0
     # RMSNorm: nothing is centred, so the component edit is exactly r <- r - (r · v) v
     point = Point("attn_out", 0)
@@ -314,7 +313,7 @@ def test_induction_circuit_is_found_and_cutting_it_breaks_induction(induction):
     sentence = report.circuit_sentence(roles, comp)
     assert "L0H0" in sentence and "L1H2" in sentence and "induction" in sentence
     batch = data.default_batch(induction)
-    result = heads.intervene(induction, c, batch, heads.HeadEdit(*prev), ind, heads.role_probe(induction, n=1))
+    result = heads.intervene(induction, batch, c, heads.HeadEdit(*prev), ind, heads.role_probe(induction, n=1))
     assert result.before.accuracy > 0.95 and result.after.accuracy < 0.2
     # the reader stops attending to the token after the earlier copy
     assert float(result.pattern_after.diagonal(-14).mean()) < 0.5 * float(result.pattern_before.diagonal(-14).mean())
@@ -325,7 +324,7 @@ def test_induction_circuit_is_found_and_cutting_it_breaks_induction(induction):
 
 
 def test_figures_label_heads_and_tokens(circuits, composition, tiny_lm):
-    from analysis import plots_channels as pc
+    from analysis.channels import plots as pc
     from analysis.plots import token_label
 
     tokens = heads.prompt_tokens(tiny_lm, "ab ab")
@@ -359,7 +358,7 @@ def test_sentences_state_the_numbers(tiny_lm, circuits, composition, batch):
     assert text.startswith("Previous-token heads: L0H0 (0.83), L0H1 (0.83)")
     assert "no clear induction head (best L0H0, 0.00 < 0.3)" in text and "Regimes: 2 single pattern." in text
     assert "No induction circuit" in report.circuit_sentence(roles, composition)
-    result = heads.intervene(tiny_lm, circuits, batch, heads.HeadEdit(0, 1, (0, 2), 1.0), (1, 0), batch.tokens[:1])
+    result = heads.intervene(tiny_lm, batch, circuits, heads.HeadEdit(0, 1, (0, 2), 1.0), (1, 0), batch.tokens[:1])
     sentence = report.intervention_sentence(result)
     assert sentence.startswith("Scale L0H1 components 0, 2 by 1, on the evaluation set: bits per byte")
     assert "no worse)" in sentence

@@ -4,7 +4,7 @@ minibatch estimator, and the inputs CKA refuses."""
 import pytest
 import torch
 
-from analysis import cka
+from analysis.redundancy import cka
 from lib.errors import AnalysisError
 
 

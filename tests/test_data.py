@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from lib import data
+from lib import corpus, data
 from lib.zoo.tokenizer import build_byte_tokenizer
 
 
 def test_heldout_is_every_50th_sorted_file():
-    files = data.stdlib_files()
-    assert list(files) == sorted(files, key=lambda f: f.relative_to(data.stdlib_root()).as_posix())
-    assert data.heldout_files() == files[::50]
-    assert not set(data.heldout_files()) & set(data.training_files())
-    assert len(data.heldout_files()) + len(data.training_files()) == len(files)
+    files = corpus.stdlib_files()
+    assert list(files) == sorted(files, key=lambda f: f.relative_to(corpus.stdlib_root()).as_posix())
+    assert corpus.heldout_files() == files[::50]
+    assert not set(corpus.heldout_files()) & set(corpus.training_files())
+    assert len(corpus.heldout_files()) + len(corpus.training_files()) == len(files)
     assert all("site-packages" not in f.parts for f in files)
 
 
@@ -35,8 +35,8 @@ def test_text_batch_errors_are_clear():
 
 
 def test_digits_split_is_stratified_and_fixed():
-    tr_x, tr_y = data.digits_split("train")
-    te_x, te_y = data.digits_split("heldout")
+    tr_x, tr_y = corpus.digits_split("train")
+    te_x, te_y = corpus.digits_split("heldout")
     assert tr_x.shape[1:] == (1, 8, 8) and len(tr_y) + len(te_y) == 1797
     assert set(te_y.tolist()) == set(range(10))
     assert float(tr_x.max()) <= 1.0

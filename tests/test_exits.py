@@ -7,12 +7,13 @@ every edit gets (base untouched, no hooks left, bad thresholds refused)."""
 import pytest
 import torch
 
-from analysis import exits
-from analysis.edits import from_dict
-from analysis.exit_lens import LOGIT_LENS, Reader, lens_choices, remember_lens, train_tuned_lens
-from analysis.exit_stats import class_blocks, summarise
-from analysis.pruning import Drop, Magnitude
-from analysis.recipe import Recipe, build
+from analysis.compress import exits
+from analysis.compress.edits import from_dict
+from analysis.compress.exits.readouts import lens_choices, remember_lens
+from analysis.compress.exits.stats import class_blocks, summarise
+from analysis.compress.prune.pruning import Drop, Magnitude
+from analysis.compress.recipe import Recipe, build
+from analysis.lens import LOGIT_LENS, Reader, train_tuned_lens
 from lib import data
 from lib.errors import RecipeError
 from lib.handle import Point
@@ -256,7 +257,7 @@ def test_cnn_exit_heads_give_the_same_curve_as_the_exited_model(cnn):
 
 
 def test_figures_draw_every_criterion_and_token(tiny_lm, stats):
-    from analysis import plots_exits
+    from analysis.compress.exits import plots as plots_exits
 
     curves = exits.exit_curves(stats, n=20)
     current = exits.exit_at(stats, "entropy", 3.0)

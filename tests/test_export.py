@@ -9,9 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from analysis import export
-from analysis.lab import Lab
-from analysis.pruning import Drop, Magnitude, RemoveHeads, Wanda
+from analysis.compress import export
+from analysis.compress.lab import Lab
+from analysis.compress.prune.pruning import Drop, Magnitude, RemoveHeads, Wanda
 from lib import data
 from lib.errors import RecipeError
 from lib.metrics import metrics_from_outputs, model_inputs

@@ -1,6 +1,6 @@
 """The glossary: the terms the pages use, one sentence each, and the page that lists them."""
 
-from analysis.glossary import GLOSSARY, GROUPS, TERMS, by_group
+from ui.glossary import GLOSSARY, GROUPS, TERMS, by_group
 
 ISSUE_TERMS = ["one_minus_cos", "residual_stream", "cka", "angular_distance", "logit_lens", "kl", "top1_agreement",
                "entropy", "bos", "attention_sink", "perplexity", "bits_per_byte", "psnr", "drop",

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.pruning import Drop, dropping
+from analysis.compress.prune.pruning import Drop, dropping
 from lib import data
 from lib.errors import CapabilityError
-from lib.handle import Point, StoredAs, quantized_bits
+from lib.handle import Point
 from lib.hooks import count_hooks
+from lib.storage import StoredAs, quantized_bits
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def test_fast_path_of_a_copy_sees_the_copys_edits(tiny_lm, tokens):
 
 def test_fingerprint_reads_scalar_tensors():
     """BatchNorm keeps a 0-d counter; a fingerprint over it must not fail."""
-    from lib.handle import weight_fingerprint
+    from lib.storage import weight_fingerprint
 
     one = weight_fingerprint(iter([("n", torch.tensor(3)), ("w", torch.ones(2))]))
     assert one != weight_fingerprint(iter([("n", torch.tensor(4)), ("w", torch.ones(2))]))

@@ -15,7 +15,8 @@ from analysis.predict import next_tokens, predict_image
 from lib import data
 from lib.data import DataError, ImageBatch, TextBatch
 from lib.hooks import count_hooks
-from lib.metrics import evaluate, metrics_from_outputs, prepare_base
+from lib.metrics import evaluate, metrics_from_outputs
+from lib.scoring import prepare_base
 from lib.zoo.tokenizer import build_byte_tokenizer
 
 TEXT = "def f(x):\n    return x + 1\n" * 8

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from analysis import interpreter as it
-from analysis import interpreter_captum as ic
+from analysis.interpreter import attributions as ic
+from analysis.interpreter import gradients, relu
+from analysis.interpreter import transformer as it
 from lib.errors import CapabilityError, DataError
 from lib.hooks import count_hooks
 from lib.image_handle import TorchHandle
@@ -35,7 +36,7 @@ def _with_stats(bn: nn.Module) -> nn.Module:
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
-    bn.num_batches_tracked = None  # a 0-d integer buffer lib.handle.weight_fingerprint cannot hash yet
+    bn.num_batches_tracked = None  # a 0-d integer buffer lib.storage.weight_fingerprint cannot hash yet
     return bn
 
 
@@ -79,7 +80,7 @@ def image():
 def test_relu_nets_are_exactly_affine_on_the_region_of_x0(make, image):
     handle = _handle(make())
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-9)):
-        linear = it.linear_map(handle, image, dtype=dtype)
+        linear = relu.linear_map(handle, image, dtype=dtype)
         assert linear.matrix.dtype == dtype and linear.error < tol
     with torch.no_grad():  # F(x0) is the real network's output, not the frozen one's
         expected = copy.deepcopy(handle.model).double()(image[None].double()).flatten()
@@ -89,9 +90,9 @@ def test_relu_nets_are_exactly_affine_on_the_region_of_x0(make, image):
 
 def test_zoo_cnn_map_and_its_parts(digits_cnn, image):
     fingerprint = digits_cnn.fingerprint
-    linear = it.linear_map(digits_cnn, image, dtype=torch.float32)
+    linear = relu.linear_map(digits_cnn, image, dtype=torch.float32)
     assert linear.error < 1e-5
-    linear = it.linear_map(digits_cnn, image)
+    linear = relu.linear_map(digits_cnn, image)
     assert linear.matrix.shape == (10, 64) and linear.output_shape == (10,) and linear.error < 1e-9
     assert [t for _, t in linear.frozen] == ["ReLU", "ReLU", "MaxPool2d", "ReLU", "MaxPool2d", "ReLU"]
     k = int(linear.output.argmax())
@@ -102,13 +103,13 @@ def test_zoo_cnn_map_and_its_parts(digits_cnn, image):
     # singular vectors: A v_i = s_i u_i
     v = linear.input_vectors.flatten(1)
     assert torch.allclose(linear.matrix @ v.T, linear.output_vectors.T * linear.singular_values, atol=1e-10)
-    assert it.output_labels(linear)[3] == "class 3"
+    assert relu.output_labels(linear)[3] == "class 3"
     assert digits_cnn.current_fingerprint() == fingerprint and count_hooks(digits_cnn.model) == 0
 
 
 def test_a_column_is_the_frozen_networks_response_to_a_unit_impulse(image):
-    model = it.working_copy(_handle(_cnn()))
-    linear = it.linear_map(model, image)
+    model = gradients.working_copy(_handle(_cnn()))
+    linear = relu.linear_map(model, image)
     x = image[None].double()
     with model.frozen_at(x):
         zero = model.differentiable_forward(torch.zeros_like(x)).flatten()
@@ -127,14 +128,14 @@ def test_denoiser_rows_and_columns_are_images():
 
     handle = load_model("zoo:digits-denoiser")
     x0 = data.default_batch(handle).images[0]
-    linear = it.linear_map(handle, x0)
+    linear = relu.linear_map(handle, x0)
     assert linear.matrix.shape == (64, 64) and linear.output_shape == (1, 8, 8) and linear.error < 1e-9
     assert linear.column(10).shape == (1, 8, 8) and linear.row(10).shape == (1, 8, 8)
-    assert it.output_labels(linear)[10] == "pixel (1, 2)"
+    assert relu.output_labels(linear)[10] == "pixel (1, 2)"
 
 
 def test_captum_input_x_gradient_sums_to_the_output_minus_the_bias(digits_cnn, image):
-    linear = it.linear_map(digits_cnn, image)
+    linear = relu.linear_map(digits_cnn, image)
     k = int(linear.output.argmax())
     comparison = ic.image_attributions(digits_cnn, linear, k, n_steps=8)
     methods = {m.method: m for m in comparison.methods}
@@ -153,7 +154,7 @@ def test_captum_input_x_gradient_sums_to_the_output_minus_the_bias(digits_cnn, i
 
 def test_deeplift_sums_to_the_difference_from_the_zero_input_on_a_relu_mlp(image):
     handle = _handle(_mlp())
-    linear = it.linear_map(handle, image)
+    linear = relu.linear_map(handle, image)
     comparison = ic.image_attributions(handle, linear, 2, n_steps=64)
     methods = {m.method: m for m in comparison.methods}
     gap = float(linear.output[2]) - comparison.zero_input_value
@@ -164,11 +165,11 @@ def test_deeplift_sums_to_the_difference_from_the_zero_input_on_a_relu_mlp(image
 def test_unsupported_layer_is_named():
     net = StageNet(flatten=nn.Flatten(), fc=nn.Sequential(nn.Linear(64, 8), nn.Tanh()), head=nn.Linear(8, 10))
     with pytest.raises(CapabilityError, match=r"'fc\.1' is a Tanh"):
-        it.linear_map(_handle(net), torch.rand(1, 8, 8))
+        relu.linear_map(_handle(net), torch.rand(1, 8, 8))
 
 
 def test_no_hook_survives_an_exception(image):
-    model = it.working_copy(_handle(_cnn()))
+    model = gradients.working_copy(_handle(_cnn()))
     with pytest.raises(RuntimeError, match="boom"):
         with model.frozen_at(image[None]):
             assert count_hooks(model.model) > 0
@@ -182,11 +183,11 @@ def test_no_hook_survives_an_exception(image):
 
 def test_bad_inputs_are_refused(digits_cnn, tiny_lm):
     with pytest.raises(DataError, match="one float image"):
-        it.linear_map(digits_cnn, torch.rand(2, 1, 8, 8))
+        relu.linear_map(digits_cnn, torch.rand(2, 1, 8, 8))
     with pytest.raises(DataError, match="8, 8"):
-        it.linear_map(digits_cnn, torch.rand(1, 5, 5))
-    with pytest.raises(it.InterpreterError, match="language model"):
-        it.linear_map(tiny_lm, torch.rand(1, 8, 8))
+        relu.linear_map(digits_cnn, torch.rand(1, 5, 5))
+    with pytest.raises(gradients.InterpreterError, match="language model"):
+        relu.linear_map(tiny_lm, torch.rand(1, 8, 8))
     with pytest.raises(DataError, match="empty"):
         it.prompt_tokens(tiny_lm, "   ")
     with pytest.raises(DataError, match="two different"):
@@ -194,7 +195,7 @@ def test_bad_inputs_are_refused(digits_cnn, tiny_lm):
     with pytest.raises(DataError, match="0..256"):
         it.logit_target(tiny_lm, 300)
     with pytest.raises(DataError, match="output index"):
-        ic.image_attributions(digits_cnn, it.linear_map(digits_cnn, torch.rand(1, 8, 8)), 10)
+        ic.image_attributions(digits_cnn, relu.linear_map(digits_cnn, torch.rand(1, 8, 8)), 10)
 
 
 # ------------------------------------------------------------------ transformers
@@ -205,7 +206,7 @@ def biased_lm(tiny_lm):
     """A float64 private copy of the tiny GPT-2 with random biases everywhere (the random
     init leaves them zero, which would make b = 0 trivially) and MLPs scaled up so that
     their pre-activations are of order 1 (at init they are ~0.02, GELU's linear range)."""
-    model = it.working_copy(tiny_lm)
+    model = gradients.working_copy(tiny_lm)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, tensor in model.weights().items():
@@ -278,7 +279,7 @@ def test_token_attributions_beside_the_exact_contributions(tiny_lm):
 
 
 def test_no_lm_hook_survives_an_exception(tiny_lm, monkeypatch):
-    model = it.working_copy(tiny_lm)
+    model = gradients.working_copy(tiny_lm)
 
     def broken(activation, pre):
         raise RuntimeError("boom")
@@ -297,10 +298,10 @@ def test_pearson():
 
 
 def test_report_sentences_state_the_numbers(digits_cnn, image):
-    from analysis import interpreter_report as report
+    from analysis.interpreter import report
 
-    linear = it.linear_map(digits_cnn, image)
-    labels = it.output_labels(linear)
+    linear = relu.linear_map(digits_cnn, image)
+    labels = relu.output_labels(linear)
     k = int(linear.output.argmax())
     sentence = report.bias_sentence(linear, labels, k)
     assert f"{float(linear.bias[k]):+.3g}" in sentence and labels[k].capitalize() in sentence

@@ -12,13 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analysis import channels_report as rep
-from analysis import heads, plots
-from analysis import plots_channels as pc
-from analysis import redundancy_report as rr
-from analysis.layer_drop import DropSweep
+from analysis.channels import heads
+from analysis.channels import plots as pc
+from analysis.channels import report as rep
+from analysis.compress.prune.pruning import Drop
 from analysis.metric_text import metric_change, metric_value, readable
-from analysis.pruning import Drop
+from analysis.redundancy import plots as rplots
+from analysis.redundancy import report as rr
+from analysis.redundancy.drops import DropSweep
 from lib.metrics import Metrics
 
 from apptest_helpers import load, new_app, run
@@ -54,10 +55,10 @@ def test_drop_sentence_and_bars_give_accuracy_in_percent_and_points():
     report = stage_report(2)
     assert rr.drop_sentence(report) == ("Cheapest single drop: stage conv1 (accuracy -88.8 points); most "
                                         "expensive: stage conv0 (-98.8 points). Base accuracy: 98.8%.")
-    fig = plots.drop_cost_bars(report.sweep, "accuracy", "accuracy")
+    fig = rplots.drop_cost_bars(report.sweep, "accuracy", "accuracy")
     assert list(fig.data[0].y) == pytest.approx([-98.75, -88.75])  # percentage points, not fractions
     assert "percentage points" in fig.layout.yaxis.title.text and "points" in fig.data[0].hovertemplate
-    other = plots.drop_cost_bars(DropSweep(metrics(psnr_db=20.0), {Drop("stage", "mid"): metrics(psnr_db=-5e5)}, {}),
+    other = rplots.drop_cost_bars(DropSweep(metrics(psnr_db=20.0), {Drop("stage", "mid"): metrics(psnr_db=-5e5)}, {}),
                                  "psnr_db", "PSNR (dB)")
     assert "%{y:+,.4~r}" in other.data[0].hovertemplate  # d3's "r" never writes -5.000e+5
 
@@ -109,7 +110,7 @@ def test_a_previous_token_score_between_the_thresholds_is_no_role_anywhere():
 
 @pytest.fixture(scope="module")
 def code_lm_composition():
-    from analysis import channels as ch
+    from analysis.channels import circuits as ch
     from lib.models import load_model
 
     circuits = ch.circuits(load_model("zoo:code-lm"))
@@ -127,7 +128,7 @@ def test_composition_heat_map_labels_every_head(code_lm_composition):
 
 
 def test_component_share_labels_and_singular_values_do_not_share_a_panel(code_lm_composition):
-    from analysis import channels as ch
+    from analysis.channels import circuits as ch
 
     circuits, comp = code_lm_composition
     top = comp.strongest("K", 1)[0]
@@ -142,7 +143,7 @@ def test_component_share_labels_and_singular_values_do_not_share_a_panel(code_lm
 
 
 def histogram(n_grid: int):
-    from analysis.quantization import GridHistogram
+    from analysis.compress.quant.quantize import GridHistogram
 
     edges = tuple(float(e) for e in range(17))
     grid = tuple(i * 16 / n_grid for i in range(n_grid))
@@ -151,7 +152,7 @@ def histogram(n_grid: int):
 
 @pytest.mark.parametrize("n_grid", [16, 64])
 def test_quantization_grid_leaves_the_bars_visible(n_grid):
-    from analysis import plots_quant
+    from analysis.compress.quant import plots as plots_quant
 
     fig = plots_quant.grid_histogram(histogram(n_grid))
     minor = fig.layout.xaxis.minor  # every grid value a red tick on the axis, outside the plot
@@ -169,7 +170,7 @@ def test_quantization_grid_leaves_the_bars_visible(n_grid):
 
 @pytest.mark.parametrize("bias, operator", [(5.155, "+ 5.155 bias"), (-5.155, "− 5.155 bias")])
 def test_token_sentence_writes_the_bias_with_one_sign(bias, operator):
-    from analysis import interpreter_report
+    from analysis.interpreter import report as interpreter_report
 
     result = SimpleNamespace(contributions=torch.tensor([1.0, 0.262]), texts=("a", "b"), value=1.262 + bias,
                              bias=bias, target=SimpleNamespace(label="logit “c”"))
@@ -182,7 +183,7 @@ def test_token_sentence_writes_the_bias_with_one_sign(bias, operator):
 
 
 def test_glossary_has_the_terms_issue_22_asked_for():
-    from analysis.glossary import GLOSSARY, TERMS
+    from ui.glossary import GLOSSARY, TERMS
 
     for key in ("wanda", "pareto_frontier", "nf4", "fp6", "binary_weights", "saliency", "integrated_gradients",
                 "deeplift", "reconstruction_error", "fingerprint", "latency_change", "flop_prediction"):
@@ -211,7 +212,7 @@ def test_cnn_redundancy_page_offers_its_one_drop_without_a_per_depth_promise():
     button.click()
     run(at)
     assert "the recipe now has 1 edit(s)" in at.success[0].value and not at.error
-    cnn_recipe = next(r for r in at.session_state["recipes"].values() if r.model == "zoo:digits-cnn")
+    cnn_recipe = next(lab.recipe for lab in at.session_state["labs"].values() if lab.recipe.model == "zoo:digits-cnn")
     assert cnn_recipe.edits == [Drop("stage", "conv2")]
 
 

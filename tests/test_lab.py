@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from analysis import edits as edit_registry
-from analysis import plots_lab
-from analysis.lab import Lab, LabPoint, pareto_front, quality_metric
-from analysis.pruning import Drop, Magnitude, RemoveHeads, Wanda
-from analysis.recipe import Recipe, build
+from analysis.compress import edits as edit_registry
+from analysis.compress import plots as plots_lab
+from analysis.compress.history import LabPoint, pareto_front, quality_metric
+from analysis.compress.lab import Lab
+from analysis.compress.prune.pruning import Drop, Magnitude, RemoveHeads, Wanda
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
@@ -270,8 +271,8 @@ def test_cache_keeps_at_most_its_entries_and_bytes(tiny_lm, counted):
 
 
 def test_an_early_exit_step_is_measured_with_the_compute_it_saves(lab):
-    from analysis.exits import EarlyExit, collect_exit_stats, exit_at
-    from analysis.export import export_note, history_table
+    from analysis.compress.exits import EarlyExit, collect_exit_stats, exit_at
+    from analysis.compress.export import export_note, history_table
 
     lab.add(Magnitude(0.3))
     assert lab.current.exits is None

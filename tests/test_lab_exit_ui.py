@@ -71,7 +71,7 @@ def upload(at, text):
 
 
 def test_code_lm_threshold_curve_prompt_and_the_edit_in_the_recipe(monkeypatch):
-    from analysis import exits
+    from analysis.compress import exits
 
     at = exit_page("zoo:code-lm")
     passes = []  # recorded passes from here on: moving the threshold or the criterion must not add one
@@ -194,7 +194,7 @@ def test_threshold_out_of_range_is_refused_and_the_recipe_kept(tiny_folder, thre
 
 
 def test_tuned_lens_is_trained_once_on_request(tiny_folder, monkeypatch):
-    from analysis import exit_lens
+    from analysis import lens as exit_lens
 
     calls = []
     train = exit_lens.train_tuned_lens

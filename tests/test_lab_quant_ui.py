@@ -153,7 +153,7 @@ def test_real_int8_kernel_next_to_the_simulation():
 
 
 def test_every_format_on_the_digits_cnn_each_replacing_the_last():
-    from analysis.quant_formats import FORMATS
+    from analysis.compress.quant.formats import FORMATS
 
     at = choose(lab_page("zoo:digits-cnn"), "Quantize weights")
     base = lab_of(at).base_point.metrics.size_bits

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from lib import data
-from lib.metrics import evaluate, kl_and_agreement, metrics_from_outputs, prepare_base
+from lib.metrics import evaluate, metrics_from_outputs
+from lib.scoring import kl_and_agreement, prepare_base
 
 
 def test_lm_metrics_match_hand_computation(tiny_lm):
@@ -160,7 +161,7 @@ def test_flops_count_the_matrix_products(tiny_lm):
 
 
 def test_chunked_text_scores_equal_the_log_softmax_formulas():
-    from lib.metrics import text_scores
+    from lib.scoring import text_scores
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 50, (3, 71), generator=g)  # 70 predicted rows per window: three chunks each

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from analysis import plots
-from analysis.layer_drop import DropSweep
+from analysis.compress.prune.pruning import Drop
+from analysis.lens import LogitLens
 from analysis.predict import ImagePrediction, NextTokens
-from analysis.pruning import Drop
-from analysis.redundancy import LayerSimilarity, LogitLens, StageSimilarity
+from analysis.redundancy import plots as rplots
+from analysis.redundancy.drops import DropSweep
+from analysis.redundancy.similarity import LayerSimilarity, StageSimilarity
 from lib.metrics import Metrics
 
 
@@ -92,10 +94,10 @@ def integer_axes(fig: go.Figure) -> list:
 
 
 @pytest.mark.parametrize("make", [
-    lambda: plots.importance_bars(similarity()),
-    lambda: plots.lens_lines(lens()),
-    lambda: plots.depth_lines(similarity()),
-    lambda: plots.angular_heatmap(torch.rand(3, 3)),
+    lambda: rplots.importance_bars(similarity()),
+    lambda: rplots.lens_lines(lens()),
+    lambda: rplots.depth_lines(similarity()),
+    lambda: rplots.angular_heatmap(torch.rand(3, 3)),
 ])
 def test_integer_axes_of_a_two_layer_model_tick_whole_numbers(make):
     axes = integer_axes(make())
@@ -109,14 +111,14 @@ def test_integer_axis_thins_ticks_on_deep_models():
 
 
 def test_relative_updates_less_than_a_decade_apart_get_a_linear_axis_from_zero():
-    fig = plots.depth_lines(similarity(relative_update=(0.458, 0.431)))
+    fig = rplots.depth_lines(similarity(relative_update=(0.458, 0.431)))
     assert fig.layout.yaxis2.type == "linear" and fig.layout.yaxis2.rangemode == "tozero"
     assert "log" not in fig.layout.annotations[1].text
 
 
 @pytest.mark.parametrize("values", [(0.458, 0.0431), (0.031, 0.458, 0.2), (0.0012, 0.95), (3e-7, 0.5)])
 def test_a_log_axis_has_two_labelled_ticks_inside_the_data(values):
-    fig = plots.depth_lines(similarity(relative_update=values))
+    fig = rplots.depth_lines(similarity(relative_update=values))
     axis = fig.layout.yaxis2
     assert axis.type == "log" and axis.tickformat == "~g" and "log" in fig.layout.annotations[1].text
     inside = [t for t in axis.tickvals if min(values) <= t <= max(values)]
@@ -134,10 +136,10 @@ def test_log_ticks_hold_two_values_in_every_interval_of_a_decade_or_more():
 
 
 def test_importance_bars_switch_to_log_only_over_a_decade():
-    assert plots.importance_bars(similarity()).layout.yaxis.type == "linear"
+    assert rplots.importance_bars(similarity()).layout.yaxis.type == "linear"
     spread = LayerSimilarity(torch.tensor([0.5, 0.999]), torch.tensor([0.9, 0.99]), torch.tensor([0.9, 0.99]),
                              torch.rand(3, 3), torch.eye(3), torch.ones(3), torch.ones(2), 10, 4)
-    yaxis = plots.importance_bars(spread).layout.yaxis
+    yaxis = rplots.importance_bars(spread).layout.yaxis
     assert yaxis.type == "log" and "log" in yaxis.title.text
     assert sum(0.001 <= t <= 0.5 for t in yaxis.tickvals) >= 2
 
@@ -150,30 +152,30 @@ def test_a_zero_value_keeps_a_linear_axis_and_a_nan_is_ignored():
 # ------------------------------------------------------------------ drop cost
 
 def test_drop_cost_x_axis_says_layer_on_language_models_and_stage_on_image_models():
-    assert plots.drop_cost_bars(lm_sweep(), "bits_per_byte", "bits per byte").layout.xaxis.title.text == "layer"
-    assert plots.drop_cost_bars(stage_sweep(), "accuracy", "accuracy").layout.xaxis.title.text == "stage"
-    assert plots.drop_cost_bars(stage_sweep(False), "accuracy", "accuracy").layout.xaxis.title.text == "stage"
+    assert rplots.drop_cost_bars(lm_sweep(), "bits_per_byte", "bits per byte").layout.xaxis.title.text == "layer"
+    assert rplots.drop_cost_bars(stage_sweep(), "accuracy", "accuracy").layout.xaxis.title.text == "stage"
+    assert rplots.drop_cost_bars(stage_sweep(False), "accuracy", "accuracy").layout.xaxis.title.text == "stage"
 
 
 def test_drop_cost_bars_show_the_measured_change():
-    fig = plots.drop_cost_bars(lm_sweep(), "bits_per_byte", "bits per byte")
+    fig = rplots.drop_cost_bars(lm_sweep(), "bits_per_byte", "bits per byte")
     assert [trace.name for trace in fig.data] == ["block", "attention", "mlp"]
     assert list(fig.data[0].y) == [0.5, 1.5] and list(fig.data[0].x) == ["0", "1"]
 
 
 def test_drop_cost_hover_offers_kl_only_where_there_is_one():
     denoiser = DropSweep(metrics(psnr_db=20.0), {Drop("stage", "conv2"): metrics(psnr_db=18.0)}, {})
-    assert "KL" not in plots.drop_cost_bars(denoiser, "psnr_db", "PSNR (dB)").data[0].hovertemplate
-    assert "KL" in plots.drop_cost_bars(stage_sweep(), "accuracy", "accuracy").data[0].hovertemplate
+    assert "KL" not in rplots.drop_cost_bars(denoiser, "psnr_db", "PSNR (dB)").data[0].hovertemplate
+    assert "KL" in rplots.drop_cost_bars(stage_sweep(), "accuracy", "accuracy").data[0].hovertemplate
 
 
 # ------------------------------------------------------------------ heat maps and titles
 
 HEATMAPS = [
     lambda: plots.matrix_heatmap(torch.eye(3), ["0", "1", "2"], "", 1.0, "depth", "depth"),
-    lambda: plots.cka_heatmap(torch.eye(3), ["0", "1", "2"], "depth"),
-    lambda: plots.cka_heatmap(stages().cka, stages().names, "stage"),
-    lambda: plots.angular_heatmap(torch.rand(3, 3)),
+    lambda: rplots.cka_heatmap(torch.eye(3), ["0", "1", "2"], "depth"),
+    lambda: rplots.cka_heatmap(stages().cka, stages().names, "stage"),
+    lambda: rplots.angular_heatmap(torch.rand(3, 3)),
 ]
 
 
@@ -184,20 +186,20 @@ def test_every_heat_map_colour_bar_has_a_title(make):
 
 
 def test_cka_axes_are_categories_named_by_depth_or_stage():
-    fig = plots.cka_heatmap(torch.eye(3), ["0", "1", "2"], "depth")
+    fig = rplots.cka_heatmap(torch.eye(3), ["0", "1", "2"], "depth")
     assert fig.layout.xaxis.type == fig.layout.yaxis.type == "category"
     assert fig.data[0].colorbar.title.text == "linear CKA" and fig.layout.xaxis.title.text == "depth"
 
 
 @pytest.mark.parametrize("make", [
     lambda: plots.next_tokens_bar(NextTokens(["a"], [1], torch.tensor([1.0]), 2, 0)),
-    lambda: plots.importance_bars(similarity()),
-    lambda: plots.drop_cost_bars(lm_sweep(), "bits_per_byte", "bits per byte"),
-    lambda: plots.lens_lines(lens()),
-    lambda: plots.depth_lines(similarity()),
-    lambda: plots.stage_importance_bars(stages()),
-    lambda: plots.cka_heatmap(torch.eye(3), ["0", "1", "2"], "depth"),
-    lambda: plots.angular_heatmap(torch.rand(3, 3)),
+    lambda: rplots.importance_bars(similarity()),
+    lambda: rplots.drop_cost_bars(lm_sweep(), "bits_per_byte", "bits per byte"),
+    lambda: rplots.lens_lines(lens()),
+    lambda: rplots.depth_lines(similarity()),
+    lambda: rplots.stage_importance_bars(stages()),
+    lambda: rplots.cka_heatmap(torch.eye(3), ["0", "1", "2"], "depth"),
+    lambda: rplots.angular_heatmap(torch.rand(3, 3)),
 ])
 def test_figures_under_a_section_header_have_no_title_of_their_own(make):
     assert make().layout.title.text is None

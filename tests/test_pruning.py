@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from analysis.pruning import (
+from analysis.compress.prune.pruning import (
     Drop,
     Magnitude,
     RemoveHeads,
@@ -19,7 +19,7 @@ from analysis.pruning import (
     skip_count,
     smallest_mask,
 )
-from analysis.recipe import Recipe, build
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import RecipeError
 from lib.handle import Point
@@ -88,7 +88,7 @@ def test_kth_smallest_is_exact_and_the_mask_holds_exactly_k(values):
 def test_wanda_scores_match_a_hand_computation():
     """One linear layer W [2, 3] fed X [2 positions, 3]: ||X_j|| = (5, 1, 10), so the scores
     |W| * ||X_j|| are [[5, 4, 2], [2.5, 3, 10]]; at 1/3 per row, row 0 loses its 0.2, row 1 its 0.5."""
-    from analysis import pruning
+    from analysis.compress.prune import pruning
     from lib.image_handle import TorchHandle
 
     class OneLayer(torch.nn.Module):

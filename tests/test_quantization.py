@@ -1,16 +1,14 @@
 """Quantization (METHODS §5): exact agreement with torch's FP8 casts, reference errors on a
-seeded Gaussian matrix, codes and storage by hand, LLM.int8 at its two limits, QuantEase
-against round-to-nearest, activation quantization inside the edited copy's forward, and
-the base model left alone."""
+seeded Gaussian matrix, codes and storage by hand, LLM.int8 at its two limits, activation
+quantization inside the edited copy's forward, and the base model left alone. QuantEase,
+mixed precision and the int8 kernel: tests/test_quant_calibration.py."""
 
 import pytest
 import torch
 
-from analysis.edits import from_dict
-from analysis.mixed_precision import allocate, sensitivity
-from analysis.pruning import Magnitude
-from analysis.quant_calibration import compare_methods, layer_error, quantease
-from analysis.quant_formats import (
+from analysis.compress.edits import from_dict
+from analysis.compress.prune.pruning import Magnitude
+from analysis.compress.quant.formats import (
     E4M3,
     E5M2,
     FORMATS,
@@ -24,8 +22,8 @@ from analysis.quant_formats import (
     quantize_activations,
     relative_mse,
 )
-from analysis.quantization import LLMInt8, Quantize, find_outliers, llm_int8_linear
-from analysis.recipe import Recipe, build
+from analysis.compress.quant.quantize import LLMInt8, Quantize, find_outliers, llm_int8_linear
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import CapabilityError, RecipeError
 from lib.image_handle import TorchHandle
@@ -191,12 +189,12 @@ def test_llm_int8_edit_at_its_limits_and_its_outlier_report(tiny_lm, tokens):
     always = edited(tiny_lm, LLMInt8(threshold=0.0))
     assert torch.equal(always.forward(tokens), tiny_lm.forward(tokens))
     names = ["blocks.0.mlp.in", "blocks.2.attn.o"]  # LayerNorm outputs reach ~3, attention outputs ~0.3
-    report = find_outliers(tiny_lm, names, threshold=2.5, inputs=tokens)
+    report = find_outliers(tiny_lm, tokens, names, threshold=2.5)
     assert report.layers == tuple(names) and report.widths == (32, 32)
     assert 0 < len(report.columns[0]) < 32 and report.columns[1] == () and report.peaks[1] < 2.5
     copy = edited(tiny_lm, LLMInt8(2.5, "layers", (0,)))
     split = copy.input_transforms["blocks.0.mlp.in"]
-    assert split.columns == find_outliers(tiny_lm, ["blocks.0.mlp.in"], 2.5).columns[0]
+    assert split.columns == find_outliers(tiny_lm, None, ["blocks.0.mlp.in"], 2.5).columns[0]
     n_kept = len(split.columns)
     assert copy.storage["blocks.0.mlp.in.weight"].bits == 128 * (32 - n_kept) * 8 + 128 * 16 + 128 * n_kept * 16
 
@@ -259,7 +257,7 @@ def test_bridge_paths_refuse_a_copy_whose_inputs_are_quantized_and_export_says_s
     import io
     import zipfile
 
-    from analysis.export import NOTE_FILE, model_zip
+    from analysis.compress.export import NOTE_FILE, model_zip
     from lib.handle import Point
 
     w8a8 = edited(tiny_lm, Quantize("int8", "mlp", activations=True))
@@ -294,7 +292,7 @@ def test_quantization_stacks_with_pruning_in_either_order(tiny_lm):
 
 
 def test_activation_quantization_stacks_with_removed_parts_in_either_order(tiny_lm, tokens):
-    from analysis.pruning import Drop
+    from analysis.compress.prune.pruning import Drop
 
     first = edited(tiny_lm, Quantize("int8", activations=True), Drop("mlp", 1))
     then = edited(tiny_lm, Drop("mlp", 1), Quantize("int8", activations=True))
@@ -343,82 +341,3 @@ def test_image_model_quantizes_convolutions_and_their_inputs(tmp_path):
     assert set(copy.input_transforms) == set(base.linear_layers())
     assert torch.equal(copy.private_copy().forward(images), copy.forward(images))
     assert base.current_fingerprint() == base.fingerprint and permanent_hooks(base) == 0
-
-
-# ---------------------------------------------------------------------- calibration, mixed precision
-
-
-def test_quantease_with_uncorrelated_inputs_is_round_to_nearest():
-    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
-    grid = fit_grid(w, FORMATS["int4"], 32)
-    sigma = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(5)) + 0.5)  # no coupling
-    assert torch.equal(quantease(w, sigma, grid), grid.quantize(w))
-
-
-def test_quantease_beats_round_to_nearest_on_the_layers_inputs(tiny_lm, tokens):
-    names = ["blocks.0.mlp.in", "blocks.1.mlp.in", "blocks.2.attn.qkv"]
-    result = compare_methods(tiny_lm, "int4", names, inputs=tokens)
-    assert all(q <= r for q, r in zip(result.quantease, result.rtn))
-    assert result.mean_quantease < 0.8 * result.mean_rtn
-    copy = edited(tiny_lm, Quantize("int4", "layers", (0,), method="quantease"))
-    w_hat = copy.linear_layers()["blocks.0.mlp.in"]
-    original = tiny_lm.linear_layers()["blocks.0.mlp.in"]
-    grid = fit_grid(original, FORMATS["int4"])
-    assert torch.equal(grid.quantize(w_hat), w_hat)  # on the grid round-to-nearest uses
-    sigma = tiny_lm.input_grams(data.default_batch(tiny_lm).tokens, ["blocks.0.mlp.in"])["blocks.0.mlp.in"]
-    rtn = grid.quantize(original)
-    assert layer_error(original, w_hat, sigma) < layer_error(original, rtn, sigma)
-
-
-def test_sensitivity_and_allocation(tiny_lm):
-    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2)
-    sens = sensitivity(tiny_lm, "int4", group_size=16, batch=batch)
-    assert sens.units == (0, 1, 2) and all(d > 0 for d in sens.drops)
-    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
-    small = allocate(tiny_lm, sens, "int4", "int8", budget_bits=tiny_lm.size_bits, batch=batch)  # everything fits
-    assert small.n_high == 3 and small.formats == ("int8",) * 3 and small.met
-    all_int8 = edited(tiny_lm, *small.edits).size_bits
-    tight = allocate(tiny_lm, sens, "int4", "int8", budget_bits=all_int8 - 1, batch=batch)
-    assert tight.n_high == 2 and tight.formats[sens.units.index(sens.order()[-1])] == "int4"
-    assert edited(tiny_lm, *tight.edits).size_bits == tight.size_bits  # sizes are computed exactly
-    loose = allocate(tiny_lm, sens, "int4", None, max_drop=10.0, batch=batch)
-    assert loose.n_high == 0 and loose.met and loose.formats == ("int4",) * 3
-    strict = allocate(tiny_lm, sens, "int4", None, max_drop=0.0, batch=batch)
-    assert strict.n_high == 3 and strict.drop == 0.0 and strict.edits == ()
-    with pytest.raises(RecipeError, match="either a size budget or a tolerated quality drop"):
-        allocate(tiny_lm, sens)
-
-
-# ---------------------------------------------------------------------- figures, real kernel
-
-
-def test_histogram_with_the_grid_and_the_other_figures(tiny_lm, tokens):
-    from analysis import plots_quant
-    from analysis.quant_calibration import MethodComparison
-    from analysis.quantization import layer_histogram
-
-    hist = layer_histogram(tiny_lm, "blocks.0.mlp.in", "int4")
-    assert hist.grid == tuple(float(v) for v in range(16)) and sum(hist.counts) == 128 * 32
-    fig = plots_quant.grid_histogram(hist)
-    assert fig.data[1].mode == "lines" and len(fig.data[1].x) == 3 * 16  # one dotted line per grid value
-    fp8 = layer_histogram(tiny_lm, "blocks.0.mlp.in", "fp8-e4m3")
-    assert len(fp8.grid) > 40 and plots_quant.grid_histogram(fp8).data[1].mode == "markers"
-    with pytest.raises(RecipeError, match="no linear layer 'blocks.7.mlp.in'"):
-        layer_histogram(tiny_lm, "blocks.7.mlp.in", "int4")
-    report = find_outliers(tiny_lm, ["blocks.0.mlp.in", "blocks.1.mlp.in"], 2.5, inputs=tokens)
-    assert list(plots_quant.outlier_bars(report).data[0].y) == [len(c) for c in report.columns]
-    comparison = MethodComparison("int4", None, ("a", "b"), (0.2, 0.1), (0.1, 0.05))
-    assert [len(t.y) for t in plots_quant.method_error_bars(comparison).data] == [2, 2]
-
-
-def test_int8_kernel_runs_the_model_close_to_float(tiny_lm):
-    from analysis.quant_kernels import int8_kernel_comparison
-
-    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=2)
-    result = int8_kernel_comparison(tiny_lm, batch, repeats=3)
-    layers = {n: w for n, w in tiny_lm.linear_layers().items() if n != "unembed"}
-    assert set(result.layers) == set(layers)  # the tied unembedding stays in float
-    assert result.int8_bytes == sum(w.numel() + 12 * w.shape[0] for w in layers.values())  # codes, scale, zero, bias
-    assert result.float_bytes == sum(4 * (w.numel() + w.shape[0]) for w in layers.values())
-    assert 0 < result.metrics.kl_to_base < 0.01 and result.metrics.agreement > 0.9
-    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint

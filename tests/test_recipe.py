@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from analysis.edits import Edit, apply_, edit_type, from_dict
-from analysis.pruning import Drop, dropping
-from analysis.recipe import Recipe, build
+from analysis.compress.edits import Edit, apply_, edit_type, from_dict
+from analysis.compress.prune.pruning import Drop, dropping
+from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import RecipeError
 from lib.hooks import count_hooks
@@ -126,11 +126,11 @@ def test_recipe_list_operations(tiny_lm):
 
 def _one_of_each_edit():
     """An instance of every registered edit type, with tuples where JSON writes lists."""
-    from analysis.allocation import LayerSparsity
-    from analysis.exits import EarlyExit
-    from analysis.factorize import LowRank, ShareLayers
-    from analysis.pruning import Magnitude, RemoveHeads, SkipLayers, Wanda
-    from analysis.quantization import LLMInt8, Quantize
+    from analysis.compress.exits.rule import EarlyExit
+    from analysis.compress.prune.allocation import LayerSparsity
+    from analysis.compress.prune.factorize import LowRank, ShareLayers
+    from analysis.compress.prune.pruning import Magnitude, RemoveHeads, SkipLayers, Wanda
+    from analysis.compress.quant.quantize import LLMInt8, Quantize
 
     return [Drop("block", 1), EarlyExit("max_prob", 0.83, "logit"),
             LayerSparsity((("blocks.0.mlp.in", 0.25), ("blocks.1.attn.o", 0.5))), LLMInt8(6.0, "layers", (0, 1)),
@@ -140,7 +140,7 @@ def _one_of_each_edit():
 
 
 def test_every_edit_type_the_lab_saves_loads_back(tiny_lm):
-    from analysis import edits
+    from analysis.compress import edits
 
     examples = _one_of_each_edit()
     shipped = {cls for cls in edits.EDIT_TYPES.values() if cls.__module__.startswith("analysis.")}  # not tests' own

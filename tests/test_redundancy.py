@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-from analysis import cka, layer_drop, redundancy
-from analysis.pruning import Drop, dropping
+from analysis import lens as lens_module
+from analysis.compress.prune.pruning import Drop, dropping
+from analysis.redundancy import cka
+from analysis.redundancy import drops as layer_drop
+from analysis.redundancy import similarity as redundancy
 from lib import data
 from lib.errors import RecipeError
 from lib.hooks import count_hooks
@@ -125,8 +128,8 @@ def test_logit_lens_matches_full_softmax(tiny_lm, batch, monkeypatch, affine, wi
     else:
         assert tiny_lm.unembedding() is not None
     # several uneven token chunks (25, 25, 25, 13 of 88 tokens), across prompt boundaries (22 tokens each)
-    monkeypatch.setattr(redundancy, "LENS_CHUNK_ELEMENTS", 25 * tiny_lm.structure.d_vocab)
-    lens = redundancy.logit_lens(tiny_lm, res)
+    monkeypatch.setattr(lens_module, "LENS_CHUNK_ELEMENTS", 25 * tiny_lm.structure.d_vocab)
+    lens = lens_module.logit_lens(tiny_lm, res)
     kl, entropy, agreement = _brute_force_lens(tiny_lm.hf_model, res, skip=2)
     assert torch.allclose(lens.kl, kl, atol=1e-5)
     assert torch.allclose(lens.entropy, entropy, atol=1e-5)

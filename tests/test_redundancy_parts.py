@@ -5,10 +5,12 @@ from collections import Counter
 
 import torch
 
-from analysis import redundancy
-from analysis import redundancy_report as rr
+from analysis import lens as lens_module
+from analysis.redundancy import report as rr
+from analysis.redundancy import similarity as redundancy
 from lib import data
-from ui import progress, views
+from ui import cache, progress
+from ui import redundancy as views
 from ui.session import load_base
 from ui.store import TensorStore
 
@@ -25,7 +27,7 @@ def test_one_pass_at_skip_0_gives_the_statistics_of_every_skip(tiny_lm):
         assert sim.skip == skip and sim.n_tokens == 3 * (24 - skip)
         for field in ("block", "attention", "mlp", "angular", "cka", "norms", "relative_update"):
             assert torch.equal(getattr(sim, field), getattr(expected, field)), field
-        lens, expected_lens = rr.lens_statistics(tiny_lm, batch, res, skip), redundancy.logit_lens(tiny_lm, direct)
+        lens, expected_lens = rr.lens_statistics(tiny_lm, batch, res, skip), lens_module.logit_lens(tiny_lm, direct)
         for field in ("kl", "agreement", "entropy"):
             assert torch.equal(getattr(lens, field), getattr(expected_lens, field)), field
     report = rr.build_report(tiny_lm, batch, skip=3)
@@ -47,6 +49,7 @@ def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, mo
         monkeypatch.setattr(rr, name, counted(name))
     store = TensorStore()
     monkeypatch.setattr(views, "STORE", store)  # nothing cached by earlier tests
+    monkeypatch.setattr(cache, "STORE", store)
     monkeypatch.setattr(progress, "STORE", store)  # where views.stored keeps the parts
     at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
     run(at, "views/redundancy.py")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from analysis import redundancy_report as rr
-from analysis.pruning import Drop
+from analysis.compress.prune.pruning import Drop
+from analysis.redundancy import report as rr
 from lib import data
 
 
@@ -31,7 +31,7 @@ def test_rankings_are_sorted(report):
 
 def test_one_drop_measured_equals_the_sweep(tiny_lm, batch, report):
     """The hook-based drop and the cached-prefix sweep are two routes to one number."""
-    from analysis import layer_drop
+    from analysis.redundancy import drops as layer_drop
 
     base = tiny_lm.forward(batch.tokens)
     for module in (Drop("attention", 1), Drop("block", 2)):

@@ -181,7 +181,7 @@ def test_digits_denoiser_gain():
 
 
 def test_attention_only_placeholder_mlps_are_not_layers():
-    from analysis.lab import Lab
+    from analysis.compress.lab import Lab
 
     handle = load_model("zoo:induction-2l")
     assert handle.structure.d_mlp == 0

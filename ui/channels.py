@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis import channels as ch
-from analysis import heads
+from analysis.channels import circuits as ch
+from analysis.channels import heads
 from lib.handle import ModelHandle
+from ui.cache import base_outputs, eval_batch
 from ui.store import STORE
-from ui.views import base_outputs, eval_batch
 
 EXAMPLE_PROMPTS = {  # a repeat in each, so induction has something to find
     "repeated-tokens": "t5 t17 t42 t8 t33 t21 t60 t2 t5 t17 t42 t8 t33 t21 t60 t2",
@@ -46,7 +46,7 @@ def composition(handle: ModelHandle) -> ch.Composition:
 
 def role_probe(handle: ModelHandle):
     """The repeated-token probe, drawn from the ids of the model's own evaluation text."""
-    return heads.role_probe(handle, vocabulary=eval_batch(handle, handle.fingerprint).tokens)
+    return heads.role_probe(handle, vocabulary=eval_batch(handle).tokens)
 
 
 def head_roles(handle: ModelHandle) -> heads.HeadRoles:
@@ -74,10 +74,10 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
     def compute() -> heads.Intervention:
         c = circuits(handle)
         tokens = heads.prompt_tokens(handle, prompt)
-        batch = eval_batch(handle, handle.fingerprint)
+        batch = eval_batch(handle)
         base = base_outputs(handle)
         with st.spinner(f"Running the evaluation set with {edit.label} ..."):
-            return heads.intervene(handle, c, batch, edit, reader, tokens.ids, base=base)
+            return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=base)
 
     return STORE.get_or_compute(("channels.intervention", handle.fingerprint, edit, reader, prompt), compute)
 

@@ -2,7 +2,7 @@
 each result really depends on.
 
 Gradients and float64 run on a private copy of the base model (`analysis.interpreter.
-working_copy`), made once per model and kept in a store of its own that holds at most two
+gradients.working_copy`), made once per model and kept in a store of its own that holds at most two
 (a copy is a whole model, which `ui.store.tensor_bytes` does not count). Results are small
 and go through the no-copy `ui.store.STORE`, under a progress bar where they are computed.
 """
@@ -12,14 +12,16 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
-from analysis import interpreter as it
-from analysis import interpreter_captum as ic
-from analysis.interpreter import LinearMap, TokenContributions
-from analysis.interpreter_captum import AttributionComparison
+from analysis.interpreter import attributions as ic
+from analysis.interpreter import gradients, relu
+from analysis.interpreter import transformer as it
+from analysis.interpreter.attributions import AttributionComparison
+from analysis.interpreter.relu import LinearMap
+from analysis.interpreter.transformer import TokenContributions
 from lib.handle import ModelHandle
+from ui.cache import eval_batch
 from ui.progress import stored
 from ui.store import TensorStore
-from ui.views import eval_batch
 
 COPIES = TensorStore(max_entries=2)
 N_STEPS = 32  # integrated-gradients steps
@@ -31,19 +33,19 @@ def working_copy(handle: ModelHandle) -> ModelHandle:
     found = COPIES.get(key)
     if found is None:
         with st.spinner("Making a float64 copy of the model to take gradients on ..."):
-            found = it.working_copy(handle)
+            found = gradients.working_copy(handle)
         COPIES.put(key, found)
     return found
 
 
 def image(handle: ModelHandle, index: int) -> torch.Tensor:
     """Evaluation image `index` [1, 8, 8]."""
-    return eval_batch(handle, handle.fingerprint).images[index]
+    return eval_batch(handle).images[index]
 
 
 def linear_map(handle: ModelHandle, index: int) -> LinearMap:
     return stored(("interpreter_map", handle.fingerprint, index),
-                  lambda _: it.linear_map(working_copy(handle), image(handle, index)),
+                  lambda _: relu.linear_map(working_copy(handle), image(handle, index)),
                   "Freezing the network at this image")
 
 

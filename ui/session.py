@@ -1,5 +1,6 @@
-"""The session: which base model is loaded, the user's recipe for it, and the one
-guard every page runs under.
+"""The session: which base model is loaded, the user's compression lab for it (the `Lab`
+owns the recipe: every page that changes the recipe asks the lab), and the one guard every
+page runs under.
 
 Base models come from `st.cache_resource` and are never mutated (read-only, shared
 by every browser session); anything a user edits lives in `st.session_state`.
@@ -15,14 +16,18 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import streamlit as st
 
-from analysis.recipe import Recipe
+from analysis.compress.lab import Lab, Progress
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model
+from lib.scoring import prepare_base
+from ui.cache import base_outputs, eval_batch
+from ui.progress import progress_bar
+from ui.store import STORE
 
 DEFAULT_SPEC = "zoo:code-lm"
 ENV_TRUE = {"1", "true", "yes", "on"}
@@ -148,8 +153,31 @@ def require_handle() -> ModelHandle:
     return handle
 
 
-def recipe(handle: ModelHandle) -> Recipe:
-    """The user's compression recipe for the loaded model (kept across pages; one per
-    model, so switching models and back keeps each recipe)."""
-    recipes = st.session_state.setdefault("recipes", {})
-    return recipes.setdefault(handle.fingerprint, Recipe(handle.fingerprint, model=handle.spec))
+def current_lab(handle: ModelHandle) -> Lab | None:
+    """This session's lab for the loaded model, if one was made (no recipe yet: None)."""
+    return st.session_state.get("labs", {}).get(handle.fingerprint)
+
+
+def session_lab(handle: ModelHandle) -> Lab:
+    """This session's lab for the loaded model, made on first use (it measures the base).
+    One per model, so switching models and back keeps each recipe."""
+    labs = st.session_state.setdefault("labs", {})
+    if handle.fingerprint not in labs:
+        with st.spinner("Measuring the base model: quality, size and latency ..."):
+            batch = eval_batch(handle)
+            reference = STORE.get_or_compute(("base_prepared", handle.fingerprint),
+                                             lambda: prepare_base(base_outputs(handle), batch))
+            labs[handle.fingerprint] = Lab(handle, batch, base_outputs=reference)
+    return labs[handle.fingerprint]
+
+
+def change_recipe(label: str, act: Callable[[Progress], object]) -> bool:
+    """Run one change of a lab's recipe (`act(progress)`) under a progress bar; on a user
+    error show it where the page is, leave the recipe as it was and return False."""
+    try:
+        with progress_bar(label) as update:
+            act(update)
+    except LayerScopeError as e:
+        st.error(app_message(e))
+        return False
+    return True

@@ -3,16 +3,17 @@ cutting a channel costs."""
 
 import streamlit as st
 
-from analysis import channels_report as rep
-from analysis import plots_channels as pc
-from analysis.channels import MODE_NAMES, MODES, channel_components, check_lm, head_label
-from analysis.glossary import GLOSSARY
-from analysis.heads import HeadEdit
+from analysis.channels import plots as pc
+from analysis.channels import report as rep
+from analysis.channels.circuits import MODE_NAMES, MODES, channel_components, head_label
+from analysis.channels.heads import HeadEdit
 from analysis.metric_text import metric_change, metric_value
+from lib.data import check_lm
 from lib.metrics import LABELS
 from ui import channels as cached
+from ui.cache import eval_batch
+from ui.glossary import GLOSSARY
 from ui.session import require_handle
-from ui.views import eval_batch
 
 handle = require_handle()
 st.title("Attention channels")
@@ -23,7 +24,7 @@ if handle.kind != "causal-lm":  # nothing went wrong: this view has nothing to s
     st.info(f"Attention channels are a transformer's: {handle.spec} is an image model ({handle.kind}) with no "
             "attention heads. Pick a language model in the sidebar (zoo:code-lm, zoo:induction-2l) to see them.")
     st.stop()
-check_lm(handle)
+check_lm(handle, "Attention channels")
 spec = handle.spec
 c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.head_roles(handle)
 if note := rep.approximation_note(c):
@@ -103,7 +104,7 @@ alpha = st.slider("Scale α (0 cuts, 1 leaves it as it is)", 0.0, 2.0, 0.0, 0.1,
 result = cached.intervention(handle, HeadEdit(*pair.writer, components, alpha), pair.reader, prompt)
 metric, label = result.metric, LABELS[result.metric]
 before, after = getattr(result.before, metric), getattr(result.after, metric)
-source = eval_batch(handle, handle.fingerprint).source
+source = eval_batch(handle).source
 on_eval = f"Measured on the evaluation set ({source}), not on your prompt."
 cols = st.columns(3)
 cols[0].metric(f"{label} before", metric_value(metric, before), help=on_eval)

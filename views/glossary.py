@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from analysis.glossary import by_group
+from ui.glossary import by_group
 
 st.title("Glossary")
 st.caption("The words LayerScope's pages use, in one sentence each.")

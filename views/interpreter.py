@@ -2,15 +2,17 @@
 
 import streamlit as st
 
-from analysis import interpreter_report as report
-from analysis import plots_interpreter as pi
-from analysis.glossary import GLOSSARY
-from analysis.interpreter import output_labels, shown_token
+from analysis.interpreter import plots as pi
+from analysis.interpreter import report
+from analysis.interpreter.relu import output_labels
+from analysis.interpreter.transformer import shown_token
 from analysis.plots import WHITESPACE_NOTE, image_heatmap
 from analysis.predict import next_tokens
 from ui import interpreter as cached
+from ui.cache import eval_batch
+from ui.glossary import GLOSSARY
+from ui.model import prompt_notes
 from ui.session import require_handle
-from ui.views import eval_batch, prompt_notes
 
 handle = require_handle()
 st.title("Linear interpreter")
@@ -22,7 +24,7 @@ CAPTUM_HELP = " ".join(GLOSSARY[k] for k in ("saliency", "integrated_gradients",
 
 
 def image_view() -> None:
-    batch = eval_batch(handle, handle.fingerprint)
+    batch = eval_batch(handle)
     index = st.slider("Evaluation image", 0, len(batch.labels) - 1, 0, key=f"interpreter_image_{handle.spec}")
     linear = cached.linear_map(handle, index)
     labels = output_labels(linear)

@@ -2,23 +2,22 @@
 
 import streamlit as st
 
-from ui import lab as ui
-from ui.session import require_handle
+from ui.lab import panels as ui
+from ui.session import require_handle, session_lab
 
 handle = require_handle()
 st.title(f"Compression lab · {handle.spec}")
 st.caption("Build a recipe of edits. Each change is applied to a private copy of the loaded model (the model "
            "itself is never touched) and measured on the evaluation set against the base model.")
-lab = ui.session_lab(handle)
-ui.sync_with_session(lab, handle)
+lab = session_lab(handle)
 
 controls, recipe = st.columns([3, 2], gap="large")
 with controls:
     st.subheader("Add an edit")
-    ui.edit_controls(lab, handle)
+    ui.edit_controls(lab)
 with recipe:
     st.subheader("Recipe")
-    ui.recipe_list(lab, handle)
+    ui.recipe_list(lab)
 
 st.subheader("Edited model vs base")
 ui.metrics_panel(lab)
@@ -31,7 +30,7 @@ st.caption("Arrows show the change from the base model. Pruned weights are set t
            "are multiplied in float as before (activation quantization even adds the simulation's work).")
 
 st.subheader("Every recipe tried")
-ui.history_view(lab, handle)
+ui.history_view(lab)
 st.caption("Red: the Pareto frontier (no other recipe is both cheaper and better). Click a point to make its "
            "recipe current again.")
 
@@ -40,4 +39,4 @@ ui.layer_view(lab)
 
 st.subheader("Export and import")
 ui.downloads(lab)
-ui.upload(lab, handle)
+ui.upload(lab)

@@ -6,12 +6,13 @@ import streamlit as st
 import torch
 
 from analysis import plots
-from analysis.glossary import GLOSSARY
 from analysis.predict import next_tokens, predict_image
-from lib.metrics import LABELS, input_psnr_db, model_inputs
+from lib.metrics import LABELS, QUALITY_FIELDS, input_psnr_db, model_inputs
 from lib.zoo import model_card
+from ui.cache import baseline, eval_batch
+from ui.glossary import GLOSSARY
+from ui.model import base_latency, prompt_notes
 from ui.session import require_handle
-from ui.views import base_latency, baseline, eval_batch, prompt_notes
 
 handle = require_handle()
 st.title(f"Model · {handle.spec}")
@@ -24,9 +25,8 @@ with card:
 with quality:
     st.subheader("Baseline on the evaluation set")
     with st.spinner("Evaluating ..."):
-        batch = eval_batch(handle, handle.fingerprint)
-        metrics = baseline(handle, handle.fingerprint)
-    order = ("bits_per_byte", "perplexity", "nll", "accuracy", "psnr_db", "size_bits")
+        batch = eval_batch(handle)
+        metrics = baseline(handle)
     repeated = getattr(batch, "answer_mask", None) is not None
     helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
              "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
@@ -35,7 +35,7 @@ with quality:
                  "half cannot be predicted, so perplexity, which covers every position, stays high)."
                  if repeated else " on the held-out images.")}
     items = []  # (label, value as shown, help)
-    for name in order:
+    for name in (*QUALITY_FIELDS, "size_bits"):  # in the order every page lists metrics
         value = getattr(metrics, name)
         if value is None:
             continue

@@ -2,25 +2,28 @@
 
 import streamlit as st
 
-from analysis import plots
-from analysis import redundancy_report as rr
-from analysis.glossary import GLOSSARY
+from analysis.compress.prune.pruning import Drop
 from analysis.metric_text import metric_change
-from analysis.pruning import Drop
-from analysis.redundancy import DEFAULT_SKIP
+from analysis.redundancy import plots
+from analysis.redundancy import report as rr
+from analysis.redundancy.similarity import DEFAULT_SKIP
 from lib.handle import ModelHandle
 from lib.metrics import LABELS
-from ui.session import recipe, require_handle
-from ui.views import drop_check, layer_statistics, lens, redundancy, stage_statistics
+from ui.glossary import GLOSSARY
+from ui.redundancy import drop_check, layer_statistics, lens, redundancy, stage_statistics
+from ui.session import change_recipe, require_handle, session_lab
 
 
 def add_to_recipe(handle: ModelHandle, modules: list[Drop]) -> None:
-    """A button that adds the drops of `modules` to this session's compression recipe."""
-    user_recipe = recipe(handle)
+    """A button that adds the drops of `modules` to this session's compression recipe (the
+    lab applies and measures them at once; an edit that does not fit is refused here)."""
     if st.button("Add this drop to the compression recipe" if len(modules) == 1 else
                  f"Add these {len(modules)} drops to the compression recipe", type="primary"):
-        added = sum(user_recipe.add(m) for m in modules)
-        st.success(f"Added {added} drop(s); the recipe now has {len(user_recipe.edits)} edit(s).")
+        lab = session_lab(handle)
+        wanted = lab.recipe
+        added = sum(wanted.add(m) for m in modules)
+        if change_recipe(f"Adding {added} drop(s) to the recipe", lambda p: lab.apply(wanted, p)):
+            st.success(f"Added {added} drop(s); the recipe now has {len(lab.recipe.edits)} edit(s).")
 
 
 handle = require_handle()

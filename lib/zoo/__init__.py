@@ -1,4 +1,11 @@
-"""The bundled demo models: small networks trained here by `python -m lib.zoo.train`."""
+"""The bundled demo models: small networks trained here by `python -m lib.zoo.train`, one
+folder each (weights, config, MODEL_CARD.md), listed in `ZOO`.
+
+    nets            the plain torch image networks, built by name from a small config
+    tokenizer       the byte-level tokenizer of the language models
+    train           `python -m lib.zoo.train <name>`: train one model, write its folder and card
+    train_code_lm, train_induction, train_digits   each model's training
+"""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ ZOO: dict[str, ZooEntry] = {
             "code-lm", "causal-lm",
             "A byte-level GPT-2 trained on Python source: the default model.",
             "The Python standard library of the training interpreter, except the held-out "
-            "files of `lib.data` (every 50th file of the sorted list); evaluated on those.",
+            "files of `lib.corpus` (every 50th file of the sorted list); evaluated on those.",
         ),
         ZooEntry(
             "induction-2l", "causal-lm",
@@ -41,7 +48,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "digits-cnn", "image-classifier",
             "A small ReLU CNN with max-pooling that classifies 8x8 digits.",
-            "scikit-learn digits, 75/25 stratified split with seed 0 (`lib.data.digits_split`).",
+            "scikit-learn digits, 75/25 stratified split with seed 0 (`lib.corpus.digits_split`).",
         ),
         ZooEntry(
             "digits-denoiser", "image-to-image",

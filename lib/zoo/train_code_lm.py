@@ -1,6 +1,6 @@
 """Train `zoo:code-lm`: a byte-level GPT-2 on the Python standard library.
 
-The training text is every stdlib file except the held-out ones of `lib.data`
+The training text is every stdlib file except the held-out ones of `lib.corpus`
 (every 50th file); quality is bits per byte on the held-out files at the training
 context. The run is deterministic for a given `--steps`: with only a time budget,
 the step count is fixed once from the measured speed of the first steps and
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib import data
+from lib import corpus, data
 from lib.zoo.tokenizer import BOS_ID, BYTE_VOCAB_SIZE, save_byte_tokenizer
 
 CONFIG = dict(
@@ -62,13 +62,13 @@ def build_model(seed: int):
 
 def training_stream() -> np.ndarray:
     """All training files as one uint8 array (file boundaries are newlines)."""
-    return np.frombuffer(b"\n".join(data.read_bytes(data.training_files())), dtype=np.uint8)
+    return np.frombuffer(b"\n".join(corpus.read_bytes(corpus.training_files())), dtype=np.uint8)
 
 
 def heldout_windows(seq_len: int) -> tuple[torch.Tensor, int]:
     """Every non-overlapping window of the held-out text: [n, seq_len] with BOS
     first, and the number of predicted bytes."""
-    text = b"\n".join(data.read_bytes(data.heldout_files()))
+    text = b"\n".join(corpus.read_bytes(corpus.heldout_files()))
     ids = list(text.decode("utf-8", errors="replace").encode("utf-8"))
     rows = data.windows_from_ids(ids, seq_len, BOS_ID)
     return rows, int(rows.shape[0] * (seq_len - 1))

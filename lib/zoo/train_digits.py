@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lib import data
+from lib import corpus, data
 from lib.models import save_image_model
 from lib.zoo.nets import build
 
@@ -26,7 +26,7 @@ def train(name: str, out, seed: int, steps: int | None) -> dict:
     steps = steps or STEPS[name]
     torch.manual_seed(seed)
     model = build(name)
-    images, labels = data.digits_split("train")
+    images, labels = corpus.digits_split("train")
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -40,7 +40,7 @@ def train(name: str, out, seed: int, steps: int | None) -> dict:
             x = torch.roll(x, shifts=shift, dims=(2, 3))
             loss = F.cross_entropy(model(x), y)
         else:
-            noisy = (x + torch.randn(x.shape, generator=gen) * data.DIGITS_NOISE_STD).clamp(0, 1)
+            noisy = (x + torch.randn(x.shape, generator=gen) * corpus.DIGITS_NOISE_STD).clamp(0, 1)
             loss = F.mse_loss(model(noisy), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,300 @@
+"""Attention communication channels: what each head does and which heads talk to which.
+Definitions: METHODS.md §2.
+
+Weights (no forward pass): each head's OV circuit W_V W_O and QK circuit W_Q W_K^T,
+[d, d] of rank <= d_head, in TransformerLens' row-vector convention with LayerNorm
+folded in (`ModelHandle.head_circuits`). Everything is computed from d_head x d_head
+Gram matrices of the factors, never from a dense d x d product: for M = A B,
+A^T A = T_A^T T_A and B B^T = T_B^T T_B give M = Q_A (T_A T_B^T) Q_B^T with Q_A, Q_B
+orthonormal, so norms, singular values and products of M come from [d_head, d_head]
+cores (the cheap form of TransformerLens' `FactoredMatrix`).
+
+What heads do on activations (roles, patterns, interventions) is `analysis.channels.heads`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from lib.data import check_lm
+from lib.errors import AnalysisError
+from lib.handle import ModelHandle
+
+MODES = ("Q", "K", "V")
+MODE_NAMES = {"Q": "Q-composition (writer feeds the reader's queries)",
+              "K": "K-composition (writer feeds the reader's keys)",
+              "V": "V-composition (writer feeds the reader's values)"}
+Head = tuple[int, int]  # (layer, head)
+
+
+class ChannelsError(AnalysisError):
+    """The model or the request cannot be analysed this way; the message says why."""
+
+
+# ------------------------------------------------------------------ circuits (weights only)
+
+
+@dataclass(frozen=True)
+class Circuits:
+    """Every head's OV and QK circuit, LayerNorm folded in. r = d_head.
+
+    W_Q, W_K, W_V: [L, H, d, r]; W_O: [L, H, r, d] (OV = W_V W_O, QK = W_Q W_K^T);
+    ov_S: [L, H, r] singular values of OV, descending; ov_V: [L, H, d, r] its right
+    singular vectors, the directions each head writes (OV = U diag(S) V^T; signs are
+    arbitrary); ov_in: [L, H, r, r] column i = W_O v_i, so the component of a head's
+    output along v_i is z · (W_O v_i) for its z [r]; ov_out: [L, H, r, r] column i = p_i
+    with W_O^T p_i = v_i, the z change that writes along v_i; qk_S: [L, H, r] singular
+    values of QK; n_kv_heads: key/value heads per layer (< H: grouped-query attention);
+    positional: "rotary", "standard", ...
+    """
+
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    W_V: torch.Tensor
+    W_O: torch.Tensor
+    ov_S: torch.Tensor
+    ov_V: torch.Tensor
+    ov_in: torch.Tensor
+    ov_out: torch.Tensor
+    qk_S: torch.Tensor
+    n_kv_heads: int
+    positional: str
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.W_Q.shape[0])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.W_Q.shape[1])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.W_Q.shape[2])
+
+    @property
+    def rotary(self) -> bool:
+        """Rotary models rotate queries and keys by position between W_Q and W_K, so the
+        weight-only QK circuit (and Q/K composition) leaves out what position does."""
+        return self.positional == "rotary"
+
+    @property
+    def grouped(self) -> bool:
+        return self.n_kv_heads < self.n_heads
+
+
+def _gram_root(m: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For m [..., n, r] (or, with rows, m [..., r, n] read as its transpose): the Gram
+    matrix G = m^T m [..., r, r] = E diag(lam) E^T and its root T = diag(sqrt(lam)) E^T,
+    so T^T T = G. Returns (T, E, lam), float64, lam >= 0 ascending."""
+    m = m.double()
+    gram = m @ m.transpose(-2, -1) if rows else m.transpose(-2, -1) @ m
+    lam, vecs = torch.linalg.eigh(gram)
+    lam = lam.clamp_min(0)
+    return lam.sqrt()[..., :, None] * vecs.transpose(-2, -1), vecs, lam
+
+
+def _inverse_sqrt(lam: torch.Tensor) -> torch.Tensor:
+    """1/sqrt(lam) where lam is not negligible against the largest, else 0 (a rank-deficient factor)."""
+    keep = lam > lam.amax(-1, keepdim=True) * 1e-12
+    return torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+
+
+def factored_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of M = a b (a [..., d, r], b [..., r, d]) from r x r cores: (S [..., r]
+    descending, V [..., d, r] right singular vectors, W [..., r, r] with column i = b v_i,
+    P [..., r, r] with b^T P = V). float64."""
+    t_a, _, _ = _gram_root(a)
+    t_b, e_b, lam_b = _gram_root(b, rows=True)  # b = T_b^T Q_b^T, Q_b = b^T E_b diag(lam_b^-1/2)
+    _, s, vh = torch.linalg.svd(t_a @ t_b.transpose(-2, -1))  # core [r, r]
+    p = e_b @ (_inverse_sqrt(lam_b)[..., :, None] * vh.transpose(-2, -1))  # [.., r, r]
+    v = b.double().transpose(-2, -1) @ p  # [.., d, r]
+    return s, v, b.double() @ v, p
+
+
+def circuits(handle: ModelHandle) -> Circuits:
+    """Every head's circuits and their spectra (weights only; cache per fingerprint)."""
+    check_lm(handle, "Attention channels")
+    f = handle.head_circuits()
+    return from_factors(f["W_Q"], f["W_K"], f["W_V"], f["W_O"], f["n_kv_heads"], f["positional"])
+
+
+def from_factors(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
+                 n_kv_heads: int | None = None, positional: str = "standard") -> Circuits:
+    """`Circuits` from the factors (W_Q, W_K, W_V [L, H, d, r], W_O [L, H, r, d])."""
+    s, v, w_in, p = factored_svd(w_v, w_o)
+    qk_s = factored_svd(w_q, w_k.transpose(-2, -1))[0]
+    return Circuits(w_q.float(), w_k.float(), w_v.float(), w_o.float(), s.float(), v.float(), w_in.float(),
+                    p.float(), qk_s.float(), n_kv_heads or w_q.shape[1], positional)
+
+
+def reader_factor(c: Circuits, mode: str) -> torch.Tensor:
+    """Y [L, H, d, r] with ||x^T M||= ||x^T Y|| for every x and ||M||_F = ||Y||_F, where
+    M is what a reader reads a writer through: QK (Q), QK^T (K) or OV (V) = A B^T
+    (A, B [d, r]); with B^T B = T^T T, Y = A T^T."""
+    check_mode(mode)
+    a, b = {"Q": (c.W_Q, c.W_K), "K": (c.W_K, c.W_Q), "V": (c.W_V, c.W_O.transpose(-2, -1))}[mode]
+    t, _, _ = _gram_root(b)
+    return (a.double() @ t.transpose(-2, -1)).float()
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ChannelsError(f"A composition mode is one of {', '.join(MODES)}, not {mode!r}.")
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Composition scores of every writer head (l1, h1) into every reader (l2, h2), l1 < l2.
+
+    scores: mode -> [L, H, L, H] ||OV_w M_r||_F / (||OV_w||_F ||M_r||_F) with M_r the
+    reader's QK (Q), QK^T (K) or OV (V); 0 where l1 >= l2 (see `valid`). Random matrices
+    score about `baseline` = 1/sqrt(d); `relative` divides by it. rotary: the Q and K
+    scores leave out the position-dependent rotation (approximate).
+    """
+
+    scores: dict[str, torch.Tensor]
+    d_model: int
+    rotary: bool = False
+
+    @property
+    def baseline(self) -> float:
+        return 1 / math.sqrt(self.d_model)
+
+    def relative(self, mode: str) -> torch.Tensor:
+        check_mode(mode)
+        return self.scores[mode] / self.baseline
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[L, H, L, H] True where the writer's layer is before the reader's."""
+        L, H = self.scores[next(iter(self.scores))].shape[:2]
+        layer = torch.arange(L)
+        return (layer[:, None, None, None] < layer[None, None, :, None]).expand(L, H, L, H)
+
+    def strongest(self, mode: str, n: int) -> list[Channel]:
+        """The n highest-scoring writer/reader pairs of `mode`, strongest first."""
+        rel = self.relative(mode).masked_fill(~self.valid, -math.inf).flatten()
+        n = max(0, min(n, int(self.valid.sum())))
+        L, H = self.scores[mode].shape[:2]
+        out = []
+        for i in rel.topk(n).indices.tolist():
+            l1, h1, l2, h2 = i // (H * L * H), i // (L * H) % H, i // H % L, i % H
+            out.append(Channel((l1, h1), (l2, h2), mode, float(self.scores[mode][l1, h1, l2, h2]), self.baseline))
+        return out
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One writer -> reader pair: score and score / baseline."""
+
+    writer: Head
+    reader: Head
+    mode: str
+    score: float
+    baseline: float
+
+    @property
+    def relative(self) -> float:
+        return self.score / self.baseline
+
+    @property
+    def writer_label(self) -> str:
+        return head_label(self.writer)
+
+    @property
+    def reader_label(self) -> str:
+        return head_label(self.reader)
+
+    @property
+    def label(self) -> str:
+        return f"{self.writer_label} → {self.reader_label} ({self.mode})"
+
+
+def head_label(head: Head) -> str:
+    return f"L{head[0]}H{head[1]}"
+
+
+def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition:
+    """All writer/reader composition scores. With X_w = diag(S_w) V_w^T [r, d] (so
+    ||OV_w x|| and ||OV_w||_F are X_w's), ||OV_w M_r||_F = ||X_w Y_r||_F (`reader_factor`):
+    one [H r, d] x [d, (later layers) H r] product per writer layer, then block norms."""
+    L, H, r = c.n_layers, c.n_heads, c.ov_S.shape[-1]
+    x = c.ov_S[..., :, None] * c.ov_V.transpose(-2, -1)  # [L, H, r, d]
+    x_norm = c.ov_S.norm(dim=-1)  # [L, H]
+    out = {}
+    for mode in modes:
+        y = reader_factor(c, mode)  # [L, H, d, r]
+        y_norm = y.norm(dim=(-2, -1))  # [L, H]
+        y_cols = y.permute(2, 0, 1, 3).reshape(c.d_model, L * H * r)  # [d, L H r]
+        scores = torch.zeros(L, H, L, H)
+        for l1 in range(L - 1):
+            later = L - 1 - l1
+            prod = x[l1].reshape(H * r, c.d_model) @ y_cols[:, (l1 + 1) * H * r:]  # [H r, later H r]
+            norms = prod.reshape(H, r, later, H, r).pow(2).sum((1, 4)).sqrt()  # [H, later, H]
+            scores[l1, :, l1 + 1:] = norms / (x_norm[l1][:, None, None] * y_norm[l1 + 1:][None])
+        out[mode] = scores.nan_to_num(0.0)  # a zeroed head has norm 0: no composition
+    return Composition(out, c.d_model, c.rotary)
+
+
+# ------------------------------------------------------------------ low-rank channels
+
+
+@dataclass(frozen=True)
+class ChannelComponents:
+    """A writer's OV split into rank-1 components s_i u_i v_i^T, each scored against one
+    reader ("Talking Heads"): scores [r] = ||v_i^T M|| / ||M||_F, so a component writing
+    in a direction the reader ignores scores 0, a random one about `baseline`.
+    singular_values: [r] s_i, descending; full: the pair's composition score, which is
+    sqrt(sum s_i^2 scores_i^2 / sum s_i^2); shares: [r] each component's part of it.
+    """
+
+    channel: Channel
+    singular_values: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def baseline(self) -> float:
+        return self.channel.baseline
+
+    @property
+    def relative(self) -> torch.Tensor:
+        return self.scores / self.baseline
+
+    @property
+    def full(self) -> float:
+        s2 = self.singular_values.double().pow(2)
+        return float((s2 * self.scores.double().pow(2)).sum().div(s2.sum()).sqrt())
+
+    @property
+    def shares(self) -> torch.Tensor:
+        """[r] s_i^2 scores_i^2 / sum_j s_j^2 scores_j^2: how much of the composed norm^2 each carries."""
+        w = self.singular_values.double().pow(2) * self.scores.double().pow(2)
+        return (w / w.sum().clamp_min(1e-300)).float()
+
+
+def channel_components(c: Circuits, composition: Composition, writer: Head, reader: Head,
+                       mode: str) -> ChannelComponents:
+    """Per-component scores of `writer`'s OV against `reader` in `mode`."""
+    check_head(c, writer, "writer")
+    check_head(c, reader, "reader")
+    if writer[0] >= reader[0]:
+        raise ChannelsError(f"A writer must sit in an earlier layer than its reader; {head_label(writer)} does not "
+                            f"come before {head_label(reader)}.")
+    y = reader_factor(c, mode)[reader]  # [d, r]
+    v = c.ov_V[writer]  # [d, r]
+    scores = (v.transpose(0, 1) @ y).norm(dim=-1) / y.norm().clamp_min(1e-30)  # [r]
+    channel = Channel(writer, reader, mode, float(composition.scores[mode][writer + reader]), composition.baseline)
+    return ChannelComponents(channel, c.ov_S[writer], scores)
+
+
+def check_head(c: Circuits, head: Head, what: str = "head") -> None:
+    layer, h = head
+    if not (0 <= layer < c.n_layers and 0 <= h < c.n_heads):
+        raise ChannelsError(f"The {what} {head_label(head)} is not in this model (layers 0..{c.n_layers - 1}, "
+                            f"heads 0..{c.n_heads - 1}).")
+

@@ -1,0 +1,129 @@
+"""What the compression lab records and how it compares recipes: one `LabPoint` per recipe
+tried, the quality number a model of each kind is judged by, the Pareto frontier of cost
+against quality, and what the edits did to each linear layer (`LayerSummary`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from analysis.compress.edits import Edit
+from analysis.compress.exits import ExitPoint
+from analysis.compress.recipe import Recipe
+from lib.errors import RecipeError
+from lib.handle import ModelHandle
+from lib.metrics import LatencyChange, Metrics
+
+QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")  # which quality number judges a model
+HIGHER_IS_BETTER = frozenset({"accuracy", "psnr_db", "agreement"})
+COSTS = ("size_bits", "latency_ms")
+
+
+def quality_metric(metrics: Metrics) -> str:
+    """The quality number a model of this kind is judged by: bits per byte for text with
+    byte counts, else accuracy (classifiers, the induction task), PSNR (denoisers),
+    perplexity."""
+    for name in QUALITY_ORDER:
+        if getattr(metrics, name) is not None:
+            return name
+    raise RecipeError("These metrics hold no quality number (bits per byte, accuracy, PSNR or perplexity).")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER
+
+
+def pareto_front(costs: Sequence[float], qualities: Sequence[float], higher_better: bool) -> list[int]:
+    """Indices of the points no other point dominates (cost <= and quality at least as
+    good, one of them strictly), in order of increasing cost. Lower cost is better;
+    quality is better higher or lower as `higher_better` says."""
+    sign = -1.0 if higher_better else 1.0  # compare "badness": lower is better on both axes
+    points = [(float(c), sign * float(q)) for c, q in zip(costs, qualities)]
+    front = []
+    for i, (c, b) in enumerate(points):
+        dominated = any(c2 <= c and b2 <= b and (c2 < c or b2 < b) for j, (c2, b2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+def recipe_digest(edits: Sequence[Edit]) -> str:
+    """The digest `Recipe.digest` gives these edits in this order ('' for none)."""
+    return Recipe("", list(edits)).digest
+
+
+def recipe_label(edits: Sequence[Edit]) -> str:
+    return " + ".join(e.label for e in edits) if edits else "base (no edits)"
+
+
+@dataclass(frozen=True)
+class LabPoint:
+    """One recipe tried in the lab.
+
+    step: position in the history (0 is the base); edits: the recipe's edits in order;
+    digest: `Recipe.digest` of them; recipe_json: the recipe as `Recipe.to_json()` writes
+    it; metrics: measured on the evaluation batch against the base outputs (latency_ms:
+    the median of the model's timed forwards); exits: for a recipe with an early exit,
+    where its predictions exit and the compute that saves (None without one); latency:
+    the model timed against the base in the same moment, with the FLOP prediction (None
+    when the lab does not time: `Lab(latency_repeats=0)`).
+    """
+
+    step: int
+    edits: tuple[Edit, ...]
+    digest: str
+    label: str
+    recipe_json: str
+    metrics: Metrics
+    exits: ExitPoint | None = None
+    latency: LatencyChange | None = None
+
+    def cost(self, name: str) -> float:
+        """The cost `name` of this point: size in bits, or latency relative to the base
+        (measured against it in the same moment; 1.0 for the base), falling back to the
+        milliseconds when the lab does not time."""
+        if name == "latency_ms" and self.latency is not None:
+            return self.latency.ratio
+        return getattr(self.metrics, name)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """What the edits did to each linear layer of the base, in the base's order.
+
+    names: readable layer names (`blocks.3.mlp.in`, `conv2`) [n]; sparsity: share of
+    exact zeros in the edited layer's weight [n] (1.0 for a removed layer); kept: nonzero
+    weights of the edited layer over the base layer's weight count [n] (smaller after
+    head removal, 0 when removed); removed: whether the layer is gone [n];
+    heads_kept: heads each block still computes (LMs; None for image models), with
+    n_heads the base's count; removed_parts: the structure's removed parts.
+    """
+
+    names: tuple[str, ...]
+    sparsity: tuple[float, ...]
+    kept: tuple[float, ...]
+    removed: tuple[bool, ...]
+    heads_kept: tuple[int, ...] | None
+    n_heads: int
+    removed_parts: tuple[str, ...]
+
+
+def layer_summary(base: ModelHandle, edited: ModelHandle) -> LayerSummary:
+    """Per linear layer of `base`: the share of exact zeros in `edited`'s weight, the
+    nonzero weights kept, whether it is gone; heads kept per block for LMs."""
+    before, after = base.linear_layers(), edited.linear_layers()
+    sparsity, kept, removed = [], [], []
+    for name, weight in before.items():
+        w = after.get(name)
+        removed.append(w is None)
+        zeros = 0 if w is None else int((w == 0).sum())
+        sparsity.append(1.0 if w is None else zeros / w.numel())
+        kept.append(0.0 if w is None else (w.numel() - zeros) / weight.numel())
+    heads = None
+    if edited.kind == "causal-lm":
+        gone = set(edited.structure.removed)
+        heads = tuple(0 if {f"block {layer}", f"attention {layer}"} & gone else len(edited.heads_left(layer))
+                      for layer in range(edited.structure.n_layers))
+    return LayerSummary(tuple(before), tuple(sparsity), tuple(kept), tuple(removed), heads,
+                        base.structure.n_heads, edited.structure.removed)

@@ -1,0 +1,389 @@
+"""The compression lab: one base model, its evaluation batch, and every recipe tried on it.
+
+A `Lab` keeps the current recipe, builds each edited model from the base (reusing the
+edited copy of the longest recipe prefix it still holds, so changing the last edit
+does not redo the ones before it), measures it against the base outputs (computed
+once), and records every distinct recipe tried as a `LabPoint` in its history. Undo,
+redo and reset move between exact recipe states: models are always rebuilt from the
+base, so an undone recipe gives bit-identical weights.
+
+    lab = Lab(handle)                       # evaluates the base once
+    lab.add(Magnitude(0.5))                 # builds, evaluates, records
+    lab.add(Drop("block", 3))               # reuses the magnitude-pruned copy
+    lab.undo(); lab.current.metrics; lab.frontier("size_bits")
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+
+from analysis.compress import edits as edit_registry
+from analysis.compress.edits import Edit
+from analysis.compress.exits import ExitPoint, exits_of
+from analysis.compress.history import (
+    COSTS,
+    LabPoint,
+    LayerSummary,
+    higher_is_better,
+    layer_summary,
+    pareto_front,
+    quality_metric,
+    recipe_digest,
+    recipe_label,
+)
+from analysis.compress.recipe import Recipe, check_for
+from lib import data
+from lib.errors import LayerScopeError, RecipeError
+from lib.handle import ModelHandle
+from lib.metrics import (
+    LABELS,
+    LATENCY_REPEATS,
+    METRIC_FIELDS,
+    LatencyChange,
+    Metrics,
+    base_timing,
+    compare_latency,
+    count_flops,
+    metrics_from_outputs,
+    model_inputs,
+    timed_rows,
+)
+from lib.scoring import BaseOutputs, prepare_base
+
+Progress = Callable[[float, str], None]
+
+
+class Lab:
+    """Recipes tried on one base model (never mutated) and its evaluation batch.
+
+    base_outputs: the base's outputs on `batch`, raw or prepared (pass shared ones to
+    save a forward and the memory of a second copy). cache_size, cache_bytes: edited
+    copies kept for prefix reuse, at most this many and (beyond the newest) this many
+    bytes of weights (each browser session has its own lab). latency_repeats: at least
+    this many timed forwards of the base, and pairs of base and edited forwards for each
+    recipe (`compare_latency`); 0: only the forward that gives the outputs is timed, and
+    points carry no `latency`.
+    """
+
+    def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
+                 base_outputs: torch.Tensor | BaseOutputs | None = None, cache_size: int = 4,
+                 latency_repeats: int = LATENCY_REPEATS, cache_bytes: int = 2 * 2**30) -> None:
+        if base.base_fingerprint is not None:
+            raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
+        if latency_repeats < 0 or cache_size < 1:
+            raise RecipeError("A lab needs a number of timed forwards (0: time the one that gives the outputs) "
+                              "and at least one cached copy.")
+        self.base = base
+        self.batch = batch if batch is not None else data.default_batch(base)
+        data.check_batch(base, self.batch)
+        self.cache_size, self.cache_bytes, self.latency_repeats = cache_size, cache_bytes, latency_repeats
+        self._cache: OrderedDict[str, ModelHandle] = OrderedDict()
+        self._lock = threading.RLock()  # the UI builds downloads on another thread
+        inputs = model_inputs(self.batch)
+        start = time.perf_counter()
+        outputs = base.forward(inputs)
+        seconds = time.perf_counter() - start
+        self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(
+            outputs if base_outputs is None else base_outputs, self.batch)
+        latency = None
+        if latency_repeats:
+            timing = base_timing(base, inputs, seconds, latency_repeats)
+            # pairs of base and model forwards must fit the budget too: twice the forwards
+            self._timed_rows = timed_rows(timing.median_ms / 1000 * inputs.shape[0] / timing.rows,
+                                          inputs.shape[0], 2 * latency_repeats)
+            self._base_flops = count_flops(lambda: base.forward(inputs[:1]))
+            latency = LatencyChange(timing, timing, 1.0, 1.0, 1.0, 1.0)
+        metrics = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
+        self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency)]
+        self._current = 0
+        self._undo: list[tuple[Edit, ...]] = []
+        self._redo: list[tuple[Edit, ...]] = []
+        self._summaries: dict[str, LayerSummary] = {}
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def current(self) -> LabPoint:
+        return self.history[self._current]
+
+    @property
+    def base_point(self) -> LabPoint:
+        return self.history[0]
+
+    @property
+    def recipe(self) -> Recipe:
+        """The current recipe (a new object: changing it changes nothing here)."""
+        return self._recipe(self.current.edits)
+
+    @property
+    def quality(self) -> str:
+        return quality_metric(self.base_point.metrics)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def _recipe(self, edits: Sequence[Edit]) -> Recipe:
+        return Recipe(self.base.fingerprint, list(edits), model=self.base.spec)
+
+    # ------------------------------------------------------------------ changing the recipe
+
+    def apply(self, recipe: Recipe, progress: Progress | None = None) -> LabPoint:
+        """Make `recipe` current: build and evaluate it (unless it was tried before) and
+        record it. A recipe for another model, or an edit that does not fit, raises
+        RecipeError and leaves the lab as it was."""
+        check_for(recipe, self.base)
+        with self._lock:
+            before = self.current.edits
+            point = self._go(tuple(recipe.edits), progress)
+            if point.edits != before:
+                self._undo.append(before)
+                self._redo.clear()
+            return point
+
+    def add(self, edit: Edit, progress: Progress | None = None) -> LabPoint:
+        recipe = self.recipe
+        if not recipe.add(edit):
+            raise RecipeError(f"'{edit.label}' is already in the recipe.")
+        return self.apply(recipe, progress)
+
+    def replace(self, index: int, edit: Edit, progress: Progress | None = None) -> LabPoint:
+        """Put `edit` in place of edit number `index` (the edits before it are reused)."""
+        recipe = self.recipe
+        recipe.remove(index)
+        recipe.edits.insert(index, edit)
+        return self.apply(recipe, progress)
+
+    def remove(self, index: int, progress: Progress | None = None) -> LabPoint:
+        recipe = self.recipe
+        recipe.remove(index)
+        return self.apply(recipe, progress)
+
+    def move(self, index: int, to: int, progress: Progress | None = None) -> LabPoint:
+        recipe = self.recipe
+        recipe.move(index, to)
+        return self.apply(recipe, progress)
+
+    def restore(self, step: int, progress: Progress | None = None) -> LabPoint:
+        """Make the recipe of history entry `step` current again."""
+        if not 0 <= step < len(self.history):
+            raise RecipeError(f"The history has entries 0..{len(self.history) - 1}; there is no entry {step}.")
+        return self.apply(self._recipe(self.history[step].edits), progress)
+
+    def reset(self, progress: Progress | None = None) -> LabPoint:
+        """Back to the base model (an undoable step, like any other change)."""
+        return self.apply(self._recipe(()), progress)
+
+    def undo(self, progress: Progress | None = None) -> LabPoint:
+        """Restore the recipe that was current before the last change."""
+        with self._lock:
+            if not self._undo:
+                raise RecipeError("There is nothing to undo.")
+            before = self.current.edits
+            point = self._go(self._undo[-1], progress)
+            self._undo.pop()
+            self._redo.append(before)
+            return point
+
+    def redo(self, progress: Progress | None = None) -> LabPoint:
+        """Restore the recipe the last undo left."""
+        with self._lock:
+            if not self._redo:
+                raise RecipeError("There is nothing to redo.")
+            before = self.current.edits
+            point = self._go(self._redo[-1], progress)
+            self._redo.pop()
+            self._undo.append(before)
+            return point
+
+    def _go(self, edits: tuple[Edit, ...], progress: Progress | None) -> LabPoint:
+        """Make `edits` current, evaluating them unless the history has them already."""
+        digest = recipe_digest(edits)
+        point = next((p for p in self.history if p.digest == digest), None)
+        if point is None:
+            metrics, latency = self._measure(edits, progress)
+            model = self._model(edits, None)  # cached by `_measure`
+            if progress and model.exit_rule is not None:
+                progress(0.9, "recording where the predictions exit")
+            exits = exits_of(model, self.batch)
+            point = self._point(len(self.history), edits, metrics, exits, latency)
+            self.history.append(point)
+        self._current = point.step
+        return point
+
+    # ------------------------------------------------------------------ models
+
+    def edited(self, progress: Progress | None = None) -> ModelHandle:
+        """The current edited model (the base itself for an empty recipe: read it, never
+        edit it). Rebuilt from the base if it has left the cache."""
+        return self.model_for(self.current.edits, progress)
+
+    def model_for(self, edits: Sequence[Edit], progress: Progress | None = None) -> ModelHandle:
+        """The base with `edits` applied in order, through the prefix cache."""
+        with self._lock:
+            return self._model(tuple(edits), progress)
+
+    def clear_cache(self) -> None:
+        """Forget every edited copy (the next model is rebuilt from the base)."""
+        with self._lock:
+            self._cache.clear()
+
+    def _model(self, edits: tuple[Edit, ...], progress: Progress | None) -> ModelHandle:
+        if not edits:
+            return self.base
+        start, done = self.base, 0
+        for k in range(len(edits), 0, -1):  # the longest prefix still cached
+            key = recipe_digest(edits[:k])
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                start, done = self._cache[key], k
+                break
+        if done == len(edits):
+            return start
+        if progress:
+            progress(0.05, "copying the " + ("base model" if done == 0 else f"model with {done} edit(s) applied"))
+        model = start.private_copy()
+        todo = edits[done:]
+        for i, edit in enumerate(todo):
+            if progress:
+                progress(0.1 + 0.7 * i / len(todo), f"applying {edit.label}")
+            _apply_(model, edit)
+        self._cache[recipe_digest(edits)] = model
+        while len(self._cache) > 1 and (len(self._cache) > self.cache_size or self._cached_bytes() > self.cache_bytes):
+            self._cache.popitem(last=False)
+        return model
+
+    def _cached_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self._cache.values() for t in m.weights().values())
+
+    # ------------------------------------------------------------------ measuring
+
+    def evaluate(self, edits: Sequence[Edit], progress: Progress | None = None) -> Metrics:
+        """Build the base with `edits` (through the prefix cache) and measure it against the
+        base outputs, without recording anything."""
+        return self._measure(edits, progress)[0]
+
+    def _measure(self, edits: Sequence[Edit], progress: Progress | None) -> tuple[Metrics, LatencyChange | None]:
+        """Metrics of the base with `edits`, and its latency timed against the base's in
+        alternating pairs (a copy's first forward also builds its fast path, so the one that
+        gives the outputs is not among them), with the FLOP prediction beside it."""
+        with self._lock:
+            model = self._model(tuple(edits), progress)
+            if progress:
+                progress(0.8, "measuring")
+            inputs = model_inputs(self.batch)
+            start = time.perf_counter()
+            outputs = model.forward(inputs)
+            latency_ms = (time.perf_counter() - start) * 1000
+            latency = None
+            if self.latency_repeats:
+                if progress:
+                    progress(0.85, "timing the model against the base")
+                part = inputs[:self._timed_rows]
+                if self._timed_rows < inputs.shape[0]:
+                    self.base.forward(part), model.forward(part)  # a new shape: first forwards untimed
+                predicted = count_flops(lambda: model.forward(inputs[:1])) / max(self._base_flops, 1)
+                latency = compare_latency(lambda: self.base.forward(part), lambda: model.forward(part),
+                                          self.latency_repeats, self._timed_rows, predicted)
+                latency_ms = latency.model.median_ms
+            return self._metrics(model, outputs, latency_ms), latency
+
+    def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
+        return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)
+
+    def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics,
+               exits: ExitPoint | None = None, latency: LatencyChange | None = None) -> LabPoint:
+        return LabPoint(step, edits, recipe_digest(edits), recipe_label(edits),
+                        self._recipe(edits).to_json(), metrics, exits, latency)
+
+    def deltas(self, point: LabPoint | None = None) -> dict[str, float]:
+        """Each metric of `point` (default: the current one) minus the base's."""
+        point = point or self.current
+        base = self.base_point.metrics
+        return {name: getattr(point.metrics, name) - getattr(base, name) for name in METRIC_FIELDS
+                if getattr(point.metrics, name) is not None and getattr(base, name) is not None}
+
+    # ------------------------------------------------------------------ history
+
+    def rows(self) -> list[dict[str, object]]:
+        """The history as table rows: step, label, metrics, shares kept, early exits (mean
+        exit layer, compute saved with and without the skipped layers' keys and values
+        charged; None without an exit step), the recipe."""
+        base = self.base_point.metrics
+        rows = []
+        for p in self.history:
+            m = p.metrics
+            row: dict[str, object] = {"step": p.step, "current": p.step == self._current, "label": p.label,
+                                      "edits": len(p.edits), "digest": p.digest}
+            row.update({name: getattr(m, name) for name in METRIC_FIELDS})
+            change = p.latency
+            row["latency_ratio"] = change.ratio if change else None
+            row["latency_ratio_low"] = change.low if change else None
+            row["latency_ratio_high"] = change.high if change else None
+            row["flops_ratio"] = change.predicted if change else None
+            row["params_kept"] = m.n_params / base.n_params
+            row["size_kept"] = m.size_bits / base.size_bits
+            row["mean_exit_layer"] = p.exits.mean_exit if p.exits else None
+            row["compute_saved"] = p.exits.saved if p.exits else None
+            row["compute_saved_oracle"] = p.exits.saved_oracle if p.exits else None
+            row["recipe"] = json.dumps([e.to_dict() for e in p.edits])
+            rows.append(row)
+        return rows
+
+    def history_csv(self) -> str:
+        """The history as CSV text (one row per recipe tried; empty cells for metrics
+        that do not apply to this model)."""
+        rows = self.rows()
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+        return out.getvalue()
+
+    def frontier(self, cost: str = "size_bits", quality: str | None = None) -> list[int]:
+        """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms",
+        lower is better; latency relative to the base, `LabPoint.cost`) against `quality`
+        (default: `quality_metric` of the base)."""
+        if cost not in COSTS:
+            raise RecipeError(f"The frontier is drawn against {' or '.join(COSTS)}, not {cost!r}.")
+        quality = quality or self.quality
+        if quality not in LABELS:
+            raise RecipeError(f"There is no metric {quality!r}.")
+        points = [p for p in self.history if p.cost(cost) is not None and getattr(p.metrics, quality) is not None]
+        front = pareto_front([p.cost(cost) for p in points],
+                             [getattr(p.metrics, quality) for p in points], higher_is_better(quality))
+        return [points[i].step for i in front]
+
+    # ------------------------------------------------------------------ per layer
+
+    def layer_summary(self) -> LayerSummary:
+        """Sparsity, kept weights and heads per layer of the current edited model (counted
+        once per recipe: a page redraws it on every rerun)."""
+        digest = self.current.digest
+        if digest not in self._summaries:
+            self._summaries[digest] = layer_summary(self.base, self.edited())
+        return self._summaries[digest]
+
+
+def _apply_(model: ModelHandle, edit: Edit) -> None:
+    """Apply one edit; an unexpected failure inside it becomes a RecipeError naming the
+    edit, so a page shows a message and keeps its recipe instead of a traceback."""
+    try:
+        edit_registry.apply_(model, edit)
+    except LayerScopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported to the user with the edit that caused it
+        raise RecipeError(f"'{edit.label}' could not be applied to this model ({type(e).__name__}: {e}). "
+                          "The recipe is unchanged.") from e

@@ -1,0 +1,126 @@
+"""What dropping layers really costs: measured by removing them (METHODS §1,
+measured drop sensitivity).
+
+The single-part sweep reuses the residuals of one cached pass, so layers before the
+dropped one are never recomputed; several parts are dropped together through
+`analysis.compress.prune.pruning.dropping`, whose hooks are always removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from analysis.compress.prune.pruning import Drop, dropping
+from analysis.redundancy.similarity import Progress, Residuals, final_logits
+from lib.data import Batch, ImageBatch, TextBatch, check_batch
+from lib.errors import AnalysisError
+from lib.handle import ModelHandle
+from lib.metrics import Metrics, metrics_from_outputs, model_inputs
+from lib.scoring import BaseOutputs, prepare_base
+
+LM_KINDS = ("block", "attention", "mlp")
+
+
+@dataclass(frozen=True)
+class DropSweep:
+    """Base metrics and the metrics with each single part dropped.
+
+    dropped: part -> Metrics measured with only that part removed;
+    not_droppable: part -> reason, for parts that cannot be removed on their own.
+    """
+
+    base: Metrics
+    dropped: dict[Drop, Metrics]
+    not_droppable: dict[Drop, str]
+
+    def delta(self, drop: Drop, metric: str) -> float:
+        return getattr(self.dropped[drop], metric) - getattr(self.base, metric)
+
+
+def _metrics(handle: ModelHandle, outputs: torch.Tensor, batch: Batch,
+             base: torch.Tensor | BaseOutputs | None) -> Metrics:
+    return metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bits, base)
+
+
+def evaluate_dropped(handle: ModelHandle, batch: Batch, drops: Sequence[Drop],
+                     base: torch.Tensor | BaseOutputs | None) -> Metrics:
+    """Metrics with all `drops` removed together (one full forward under hooks)."""
+    check_batch(handle, batch)
+    with dropping(handle, drops):
+        outputs = handle.forward(model_inputs(batch))
+    return _metrics(handle, outputs, batch, base)
+
+
+@torch.no_grad()
+def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> torch.Tensor:
+    """Blocks start..L-1 on resid [batch, pos, d], then the readout: logits."""
+    for layer in range(start, handle.structure.n_layers):
+        resid = handle.run_block(layer, resid)
+    return handle.readout(resid)
+
+
+@torch.no_grad()
+def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
+                  kinds: Sequence[str] = LM_KINDS, progress: Progress | None = None) -> DropSweep:
+    """Metrics with each single block / attention / MLP dropped, reusing the cached
+    h_l and m_l: dropping part l only reruns layers l..L-1 (blocks: l+1..L-1).
+    Parts the model does not have (the MLPs of an attention-only model) are listed
+    in `not_droppable`."""
+    unknown = [k for k in kinds if k not in LM_KINDS]
+    if unknown:
+        raise AnalysisError(f"A language model's parts are {', '.join(LM_KINDS)}; {', '.join(map(repr, unknown))} "
+                            "is not one.")
+    if res.batch_digest != batch.digest:
+        raise AnalysisError("These residuals were recorded on another batch; record them on this one.")
+    L = handle.structure.n_layers
+    base_logits = final_logits(handle, res)
+    reference = prepare_base(base_logits, batch)  # base softmax once, not once per drop
+    base = _metrics(handle, base_logits, batch, reference)
+    out: dict[Drop, Metrics] = {}
+    jobs = [Drop(kind, layer) for kind in kinds for layer in range(L)]
+    skipped = {d: reason for d in jobs if (reason := handle.drop_problem(d))}
+    jobs = [d for d in jobs if d not in skipped]
+    for i, drop in enumerate(jobs):
+        if drop.kind == "block":
+            logits = _run_from(handle, drop.layer + 1, res.resid[drop.layer])
+        elif drop.kind == "mlp":
+            logits = _run_from(handle, drop.layer + 1, res.mid[drop.layer])
+        else:
+            with dropping(handle, [drop]):
+                after = handle.run_block(drop.layer, res.resid[drop.layer])
+            logits = _run_from(handle, drop.layer + 1, after)
+        out[drop] = _metrics(handle, logits, batch, reference)
+        if progress:
+            progress((i + 1) / len(jobs), f"dropping {drop.part}")
+    return DropSweep(base, out, skipped)
+
+
+@torch.no_grad()
+def naive_lm_drop_sweep(handle: ModelHandle, batch: TextBatch, kinds: Sequence[str] = LM_KINDS) -> DropSweep:
+    """The same sweep by full reruns under hooks (the reference for tests and bench)."""
+    base_logits = handle.forward(batch.tokens)
+    reference = prepare_base(base_logits, batch)
+    base = _metrics(handle, base_logits, batch, reference)
+    jobs = [Drop(k, l) for k in kinds for l in range(handle.structure.n_layers)]
+    out = {d: evaluate_dropped(handle, batch, [d], reference) for d in jobs if not handle.drop_problem(d)}
+    return DropSweep(base, out, {})
+
+
+@torch.no_grad()
+def stage_drop_sweep(handle: ModelHandle, batch: ImageBatch) -> DropSweep:
+    """Metrics with each bypassable stage replaced by the identity."""
+    check_batch(handle, batch)
+    base_out = handle.forward(batch.images)
+    base = _metrics(handle, base_out, batch, base_out)
+    out, skipped = {}, {}
+    for name, _ in handle.structure.stages:
+        drop = Drop("stage", name)
+        reason = handle.drop_problem(drop)
+        if reason:
+            skipped[drop] = reason
+            continue
+        out[drop] = evaluate_dropped(handle, batch, [drop], base_out)
+    return DropSweep(base, out, skipped)

@@ -1,0 +1,46 @@
+"""What every page reads about the loaded base model, computed once per model: its
+evaluation batch and baseline metrics (`st.cache_data`, keyed by the model's fingerprint)
+and its outputs on that batch (large: the no-copy `ui.store.STORE`).
+
+Small results go through `st.cache_data`, which copies its value on every hit; large
+tensors (base logits: 16 x 256 x 50257 floats is about 800 MB for gpt2), analyses that
+report progress while they run and the parts of one view's analysis go through `STORE`.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from lib import data
+from lib.handle import ModelHandle
+from lib.metrics import Metrics, evaluate, model_inputs
+from ui.store import STORE
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _eval_batch(_handle: ModelHandle, fingerprint: str) -> data.Batch:
+    return data.default_batch(_handle)
+
+
+def eval_batch(handle: ModelHandle) -> data.Batch:
+    """The model's fixed evaluation batch (`lib.data.default_batch`), made once per model."""
+    return _eval_batch(handle, handle.fingerprint)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _baseline(_handle: ModelHandle, fingerprint: str) -> Metrics:
+    return evaluate(_handle, eval_batch(_handle))
+
+
+def baseline(handle: ModelHandle) -> Metrics:
+    """Baseline metrics of the base model on its evaluation batch (its latency is
+    `ui.model.base_latency`'s: a timing is not a fixed property of the model to cache
+    forever)."""
+    return _baseline(handle, handle.fingerprint)
+
+
+def base_outputs(handle: ModelHandle) -> torch.Tensor:
+    """The base model's outputs on its evaluation batch (kept once, never copied)."""
+    return STORE.get_or_compute(("base_outputs", handle.fingerprint),
+                                lambda: handle.forward(model_inputs(eval_batch(handle))))

@@ -1,0 +1,77 @@
+"""The Redundancy view in parts, each cached by what it depends on: the hooked pass and the
+drop sweep by the model alone, the statistics and the lens by model and skip (in the
+no-copy `ui.store.STORE`, under a progress bar where they are computed), so changing skip
+reruns only the statistics and the lens."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.lens import LogitLens
+from analysis.redundancy import report as rr
+from analysis.redundancy.drops import DropSweep
+from analysis.redundancy.report import DropCheck, RedundancyReport
+from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, stage_similarity
+from lib.handle import ModelHandle
+from ui.cache import base_outputs, eval_batch
+from ui.progress import Progress, stored
+from ui.store import STORE
+
+
+def residuals(handle: ModelHandle) -> Residuals:
+    """The hooked pass over the evaluation batch (every position, logits included)."""
+    def compute(_: Progress | None) -> Residuals:
+        with st.spinner("One forward pass with hooks ..."):
+            return rr.residual_pass(handle, eval_batch(handle))
+
+    return stored(("residuals", handle.fingerprint), compute)
+
+
+def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
+    batch = eval_batch(handle)
+    return stored(("layer_statistics", handle.fingerprint, skip),
+                   lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip))
+
+
+def lens(handle: ModelHandle, skip: int) -> LogitLens:
+    batch = eval_batch(handle)
+    return stored(("lens", handle.fingerprint, skip),
+                   lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step), "Logit lens")
+
+
+def stage_statistics(handle: ModelHandle) -> StageSimilarity:
+    return stored(("stage_statistics", handle.fingerprint),
+                   lambda _: stage_similarity(handle, eval_batch(handle)), "Comparing stages")
+
+
+def drop_sweep(handle: ModelHandle) -> DropSweep:
+    """Every single drop measured (LMs reuse the cached pass)."""
+    batch = eval_batch(handle)
+    if rr.is_stage_model(handle, batch):
+        return stored(("drop_sweep", handle.fingerprint), lambda _: rr.drop_sweep(handle, batch),
+                       "Dropping each stage")
+    return stored(("drop_sweep", handle.fingerprint),
+                   lambda step: rr.drop_sweep(handle, batch, residuals(handle), progress=step), "Dropping each module")
+
+
+def redundancy(handle: ModelHandle, skip: int) -> RedundancyReport:
+    """The Redundancy view's report, assembled from the cached parts (any missing one is
+    computed here; the page computes them one by one first, to draw each when ready)."""
+    batch = eval_batch(handle)
+    if rr.is_stage_model(handle, batch):
+        return rr.assemble(batch, drop_sweep(handle), stages=stage_statistics(handle))
+    return rr.assemble(batch, drop_sweep(handle), similarity=layer_statistics(handle, skip), lens=lens(handle, skip))
+
+
+def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
+    """Predicted vs measured change for dropping `drops` together. An LM's base outputs
+    are the logits of the cached pass (no second base forward)."""
+    batch = eval_batch(handle)
+
+    def compute():
+        with st.spinner("Dropping the parts together and re-measuring ..."):
+            report = redundancy(handle, skip)
+            base = base_outputs(handle) if rr.is_stage_model(handle, batch) else residuals(handle).logits
+            return rr.check_drops(handle, batch, report, list(drops), base)
+
+    return STORE.get_or_compute(("drop_check", handle.fingerprint, skip, drops), compute)
