@@ -1,6 +1,7 @@
 """Recipes: tagged edits, JSON round trip, registry dispatch, edited copies of the base."""
 
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -63,6 +64,26 @@ def test_bad_recipe_files_are_refused(tiny_lm):
         Recipe.from_json(json.dumps({"format": "other/9", "fingerprint": "x", "edits": []}))
     with pytest.raises(RecipeError, match="made for another model"):
         build(tiny_lm, Recipe("0123456789abcdef", [Drop("block", 0)], model="gpt2"))
+
+
+HUGE = "x" * 300_000
+
+
+@pytest.mark.parametrize("text, message", [
+    (json.dumps({"fingerprint": "x", "edits": [{"type": "drop", "kind": "block", "layer": 0}] * 201}),
+     "lists 201 edits; LayerScope applies at most 200"),
+    (json.dumps({"fingerprint": "x", "edits": [], "pad": HUGE}), "The recipe file is 293 KiB"),
+    ("[" * 20_000 + "]" * 20_000, "nests lists or objects too deeply"),
+    (json.dumps({"fingerprint": "x", "edits": [{"type": ["drop"]}]}), "Unknown edit type ['drop']"),
+    (json.dumps({"fingerprint": "x", "edits": [{"type": "drop", "kind": HUGE[:100_000], "layer": 0}]}),
+     "kind is one of"),
+    (json.dumps({"fingerprint": "x", "edits": [{"type": "drop", "kind": "block", "layer": 0, HUGE[:9_000]: 1}]}),
+     "no field"),
+])
+def test_a_hostile_recipe_is_refused_in_a_short_message(text, message):
+    with pytest.raises(RecipeError, match=re.escape(message)) as refused:
+        Recipe.from_json(text)
+    assert len(str(refused.value)) < 500  # never the megabyte field echoed back
 
 
 def test_apply_dispatches_through_the_registry(tiny_lm):

@@ -85,6 +85,19 @@ def apply_(handle: ModelHandle, edit: Edit) -> None:
     handle.weights_changed()
 
 
+MAX_MESSAGE = 400  # characters of an edit's refusal: a recipe field can be a megabyte, the message stays short
+
+
+def cut(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters: what a message may quote of a user's text."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters."""
+    return cut(repr(value), limit)
+
+
 def _tuples(value: Any) -> Any:
     """JSON lists back as the tuples `to_dict` wrote, nested ones too (a per-layer sparsity
     is a tuple of (name, sparsity) pairs)."""
@@ -95,17 +108,18 @@ def from_dict(data: Any) -> Edit:
     """The edit a `to_dict()` dictionary describes; unknown types, unknown or missing
     fields and wrongly typed values are refused with a RecipeError naming them."""
     if not isinstance(data, dict):
-        raise RecipeError(f"An edit must be a JSON object like {{\"type\": \"drop\", ...}}, not {data!r}.")
+        raise RecipeError('An edit must be a JSON object like {"type": "drop", ...}, '
+                          f"not a {type(data).__name__}.")
     name = data.get("type")
-    if name not in EDIT_TYPES:
-        raise RecipeError(f"Unknown edit type {name!r}; known types: {', '.join(sorted(EDIT_TYPES))}.")
+    if not isinstance(name, str) or name not in EDIT_TYPES:
+        raise RecipeError(f"Unknown edit type {shown(name)}; known types: {', '.join(sorted(EDIT_TYPES))}.")
     cls = EDIT_TYPES[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {k: v for k, v in data.items() if k != "type"}
     unknown = sorted(set(given) - set(fields))
     if unknown:
-        raise RecipeError(f"A {name} edit has no field(s) {', '.join(unknown)}; its fields are "
-                          f"{', '.join(fields)}.")
+        raise RecipeError(f"A {name} edit has no field(s) {', '.join(cut(str(k)) for k in unknown[:5])}; its "
+                          f"fields are {', '.join(fields)}.")
     missing = [n for n, f in fields.items() if n not in given and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -116,13 +130,14 @@ def from_dict(data: Any) -> Edit:
     except RecipeError:
         raise
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"A {name} edit with {given} is not valid: {e}") from e
+        raise RecipeError(f"A {name} edit is not valid: {str(e)[:MAX_MESSAGE]}") from e
 
 
 def require(condition: bool, message: str) -> None:
-    """Raise RecipeError(message) unless `condition` (for edits' __post_init__)."""
+    """Raise RecipeError(message) unless `condition` (for edits' __post_init__); a message
+    that quotes a huge value is cut to MAX_MESSAGE characters."""
     if not condition:
-        raise RecipeError(message)
+        raise RecipeError(message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + "...")
 
 
 def is_int(value: Any) -> bool:

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from analysis.compress.edits import Edit, apply_, from_dict
+from analysis.compress.edits import Edit, apply_, cut, from_dict, shown
 from analysis.compress.exits import rule  # noqa: F401 - importing an edit family registers its edit types
 from analysis.compress.prune import allocation, factorize, pruning  # noqa: F401
 from analysis.compress.quant import quantize  # noqa: F401
@@ -19,6 +19,8 @@ from lib.errors import RecipeError
 from lib.handle import ModelHandle
 
 FORMAT = "layerscope-recipe/1"
+MAX_EDITS = 200  # every rebuild applies every edit to a fresh copy (~0.1 s each on the smallest model)
+MAX_RECIPE_BYTES = 256 * 1024  # 200 edits take a few KiB of JSON
 
 
 @dataclass
@@ -77,22 +79,29 @@ class Recipe:
     def from_dict(cls, data: Any) -> "Recipe":
         if not isinstance(data, dict) or not isinstance(data.get("edits"), list):
             raise RecipeError('A recipe is a JSON object with "fingerprint" and a list of "edits".')
-        unknown = sorted(set(data) - {"format", "model", "fingerprint", "edits"})
+        unknown = sorted(map(str, set(data) - {"format", "model", "fingerprint", "edits"}))
         if unknown:
-            raise RecipeError(f"A recipe has no field(s) {', '.join(unknown)}; its fields are "
+            raise RecipeError(f"A recipe has no field(s) {', '.join(cut(k) for k in unknown[:5])}; its fields are "
                               "format, model, fingerprint, edits.")
         if data.get("format", FORMAT) != FORMAT:
-            raise RecipeError(f"This recipe's format is {data['format']!r}; LayerScope reads {FORMAT!r}.")
+            raise RecipeError(f"This recipe's format is {shown(data['format'])}; LayerScope reads {FORMAT!r}.")
         if not isinstance(data.get("fingerprint"), str):
             raise RecipeError('A recipe names the model it was made for in "fingerprint" (a string).')
+        if len(data["edits"]) > MAX_EDITS:  # every rebuild applies every edit to a fresh copy
+            raise RecipeError(f"The recipe lists {len(data['edits']):,} edits; LayerScope applies at most {MAX_EDITS}.")
         return cls(data["fingerprint"], [from_dict(e) for e in data["edits"]], str(data.get("model", "")))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Recipe":
+        if len(text) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"The recipe file is {len(text) / 1024:.0f} KiB; a recipe of {MAX_EDITS} edits takes "
+                              f"a few KiB, and LayerScope reads at most {MAX_RECIPE_BYTES // 1024} KiB.")
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RecipeError(f"The recipe file is not valid JSON ({e}).") from e
+        except RecursionError:
+            raise RecipeError("The recipe file nests lists or objects too deeply to be a recipe.") from None
         return cls.from_dict(data)
 
 
@@ -100,9 +109,9 @@ def check_for(recipe: Recipe, handle: ModelHandle) -> None:
     """Refuse a recipe made for another model (its fingerprint is not `handle`'s). Whether
     its edits fit the model is checked when they are applied (`build`, `Lab.apply`)."""
     if recipe.fingerprint != handle.fingerprint:
-        made_for = f" ({recipe.model})" if recipe.model else ""
+        made_for = f" ({shown(recipe.model)})" if recipe.model else ""
         raise RecipeError(f"This recipe was made for another model{made_for}, fingerprint "
-                          f"{recipe.fingerprint}; the loaded model {handle.spec} has {handle.fingerprint}.")
+                          f"{shown(recipe.fingerprint)}; the loaded model {handle.spec} has {handle.fingerprint}.")
 
 
 def build(base: ModelHandle, recipe: Recipe) -> ModelHandle:
