@@ -123,8 +123,9 @@ def train_exit_heads(handle: ModelHandle, progress: Progress | None = None, step
         features = pooled(states[depth]).detach()  # [n, C]
         mean, scale = features.mean(0), features.std(0).clamp_min(1e-6)
         head = torch.nn.Linear(features.shape[1], n_classes)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+        with torch.no_grad():  # zeroed directly: another session's meta build switches torch.nn.init off
+            head.weight.zero_()
+            head.bias.zero_()
         optimiser = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
         standard = (features - mean) / scale  # standardised: L-BFGS converges in about 20 steps
 
