@@ -218,7 +218,8 @@ TERMS: dict[str, Term] = {
         "latency change",
         "The edited model's latency over the base's, both timed in the same moment in alternating forwards; the "
         "interval is the range in which the median ratio lies with about 95% confidence; 'no measurable change' "
-        "when it covers 1 or the change is under 5%.", _SHRINK),
+        "when it covers 1, the change is under 5%, or the two models' own timings overlap; 'too noisy to tell' "
+        "when the interval is wider than 10% (a busy machine).", _SHRINK),
     "flop_prediction": Term(
         "FLOP prediction",
         "The edited model's forward FLOPs over the base's, counted from the weights it still multiplies: what "
