@@ -216,10 +216,9 @@ TERMS: dict[str, Term] = {
         _SHRINK),
     "latency_change": Term(
         "latency change",
-        "The edited model's latency over the base's, both timed in the same moment in alternating forwards; the "
-        "interval is the range in which the median ratio lies with about 95% confidence; 'no measurable change' "
-        "when it covers 1, the change is under 5%, or the two models' own timings overlap; 'too noisy to tell' "
-        "when the interval is wider than 10% (a busy machine).", _SHRINK),
+        "Edited over base latency, timed together in alternating forwards, with a 95% interval of the median "
+        "ratio: 'no measurable change' when it covers 1, is under 5% or the two timings overlap; 'too noisy to "
+        "tell' when it is over 10% wide.", _SHRINK),
     "flop_prediction": Term(
         "FLOP prediction",
         "The edited model's forward FLOPs over the base's, counted from the weights it still multiplies: what "
