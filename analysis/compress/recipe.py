@@ -109,9 +109,9 @@ def check_for(recipe: Recipe, handle: ModelHandle) -> None:
     """Refuse a recipe made for another model (its fingerprint is not `handle`'s). Whether
     its edits fit the model is checked when they are applied (`build`, `Lab.apply`)."""
     if recipe.fingerprint != handle.fingerprint:
-        made_for = f" ({shown(recipe.model)})" if recipe.model else ""
+        made_for = f" ({cut(recipe.model)})" if recipe.model else ""
         raise RecipeError(f"This recipe was made for another model{made_for}, fingerprint "
-                          f"{shown(recipe.fingerprint)}; the loaded model {handle.spec} has {handle.fingerprint}.")
+                          f"{cut(recipe.fingerprint)}; the loaded model {handle.spec} has {handle.fingerprint}.")
 
 
 def build(base: ModelHandle, recipe: Recipe) -> ModelHandle:
