@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from analysis.compress.edits import Edit, applies, edit_type, is_int, require
-from analysis.compress.prune.pruning import SCOPES, scoped_layers
+from analysis.compress.prune.pruning import check_scope, scoped_layers
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.layers import LowRankLinear, SharedLinear
@@ -66,7 +66,7 @@ class LowRank(Edit):
         else:
             require(isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool)
                     and 0 < self.energy <= 1, f"The kept energy is a fraction in (0, 1], not {self.energy!r}.")
-        require(self.scope in SCOPES, f"A low-rank scope is one of {', '.join(SCOPES)}, not {self.scope!r}.")
+        check_scope(self)
 
     @property
     def label(self) -> str:

@@ -212,13 +212,20 @@ def dropping(handle: ModelHandle, drops: Sequence[Drop]) -> Iterator[ModelHandle
 def scoped_layers(handle: ModelHandle, scope: str, layers: tuple = ()) -> dict[str, torch.Tensor]:
     """The linear weights [out, in, ...] an edit with this scope acts on. The unembedding
     is left out (on most LMs it is tied to the embedding, and pruning it prunes both)."""
-    weights = {}
+    weights, places = {}, []
     for name, weight in handle.linear_layers().items():
         layer, sublayer = handle.place(name)
         if layer is None:  # the unembedding
             continue
+        places += [] if layer in places else [layer]
         if scope == "all" or scope == sublayer or scope == "layers" and layer in layers:
             weights[name] = weight
+    missing = [x for x in layers if x not in places] if scope == "layers" else []
+    if missing:
+        known = (f"blocks 0..{len(places) - 1}" if places == list(range(len(places)))
+                 else "layers " + ", ".join(map(str, places)))
+        raise RecipeError(f"This model has no layer {', '.join(map(str, missing))}; it has {known}. "
+                          "Pick layers from that list.")
     if not weights:
         where = scope if scope != "layers" else f"layers {', '.join(map(str, layers))}"
         raise RecipeError(f"This model has no prunable linear layers in scope '{where}'.")
