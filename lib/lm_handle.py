@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lib.errors import CapabilityError
+from lib.errors import AnalysisError, CapabilityError
 from lib.handle import ActivationHook, ModelHandle, Point, Structure
 from lib.hooks import count_hooks
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
@@ -215,6 +215,10 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
     def run_block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
         """Block `layer` alone: resid_pre [batch, pos, d_model] -> resid_post."""
         self._check_whole("running one block")
+        n_blocks = len(self.model.blocks)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_blocks:
+            raise AnalysisError(f"There is no block {layer!r} to run: this model has blocks 0..{n_blocks - 1}; "
+                                "pass one of those.")
         out = self.model.blocks[layer](resid)
         return out[0] if isinstance(out, tuple) else out
 

@@ -185,6 +185,9 @@ def prompt_tokens(handle: ModelHandle, prompt: str, max_tokens: int = MAX_PROMPT
     """Tokenize `prompt` (BOS first), keeping its first tokens up to `max_tokens` and the context."""
     check_lm(handle, "Attention channels")
     check_text(prompt, "prompt")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ChannelsError(f"The prompt's token limit is a whole number >= 1, not {max_tokens!r}; "
+                            f"pass at least 1 (the default is {MAX_PROMPT_TOKENS}).")
     tok = handle.tokenizer
     ids, unknown = _encode(tok, prompt)
     if not prompt.strip() or not ids:

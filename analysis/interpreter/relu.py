@@ -95,6 +95,9 @@ def linear_map(handle: ModelHandle, x0: torch.Tensor, dtype: torch.dtype = torch
     """
     if handle.kind == "causal-lm":
         raise InterpreterError("This is a language model; use token_contributions for a prompt.")
+    if isinstance(n_singular, bool) or not isinstance(n_singular, int) or n_singular < 0:
+        raise InterpreterError(f"The number of singular directions to keep is a whole number >= 0, "
+                               f"not {n_singular!r}; pass 0 for none (the default is {DEFAULT_SINGULAR}).")
     x = _image_input(x0)
     model = gradient_model(handle, dtype)
     with model.frozen_at(x) as output:
