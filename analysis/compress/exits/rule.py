@@ -211,9 +211,38 @@ def _evaluate(stats: ExitStats, criterion: str, thresholds: torch.Tensor
 def exit_curve(stats: ExitStats, criterion: str, thresholds: torch.Tensor | None = None) -> ExitCurve:
     """Every number of one criterion at many thresholds (default `default_thresholds`),
     from the recorded statistics alone: no forward."""
-    thresholds = default_thresholds(stats, criterion) if thresholds is None else torch.as_tensor(thresholds)
+    thresholds = (default_thresholds(stats, criterion) if thresholds is None
+                  else _checked_thresholds(stats, criterion, thresholds))
     _, out = _evaluate(stats, criterion, thresholds)
     return ExitCurve(criterion, stats.lens, thresholds, **out, n_layers=stats.n_layers)
+
+
+def _checked_thresholds(stats: ExitStats, criterion: str, thresholds: object) -> torch.Tensor:
+    """`thresholds` as a tensor [T], refused (ExitError) unless every one is a finite number in
+    the criterion's range: a NaN threshold would silently never (or always) exit."""
+    _check_criterion(criterion)
+    try:
+        values = torch.as_tensor(thresholds)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if values is None or values.dim() != 1 or values.numel() == 0 or values.dtype == torch.bool \
+            or values.is_complex():
+        raise ExitError(f"Exit thresholds are a non-empty list of numbers, not {str(thresholds)[:60]}.")
+    as_float = values.double()
+    finite = torch.isfinite(as_float)
+    if not bool(finite.all()):
+        raise ExitError(f"The {criterion} thresholds include {as_float[~finite][0].item()}; every exit threshold "
+                        "must be a finite number. Remove the NaN or infinite values.")
+    low, high = {"max_prob": (0.0, 1.0), "entropy": (0.0, math.inf), "saturation": (-1.0, 1.0),
+                 "patience": (0.0, float(len(stats.depths)))}[criterion]
+    outside = (as_float < low) | (as_float > high)
+    if criterion == "patience":
+        outside |= as_float != as_float.round()
+    if bool(outside.any()):
+        span = f"whole numbers 0..{int(high)}" if criterion == "patience" else f"in [{low:g}, {high:g}]"
+        raise ExitError(f"The {criterion} thresholds are {span} on this model; {as_float[outside][0].item():g} "
+                        "is outside that. Pick thresholds inside the range.")
+    return values
 
 
 def exit_curves(stats: ExitStats, n: int = N_THRESHOLDS) -> dict[str, ExitCurve]:
