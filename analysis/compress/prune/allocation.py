@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +42,9 @@ class LayerSparsity(Edit):
             require(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
                     and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and 0 <= pair[1] < 1,
                     f"Each entry is (layer name, sparsity in [0, 1)), not {pair!r}.")
+        twice = sorted(name for name, n in Counter(name for name, _ in self.sparsities).items() if n > 1)
+        require(not twice, f"A per-layer sparsity edit names each layer once; {', '.join(twice[:3])} "
+                           "appear(s) more than once. Keep one sparsity per layer.")
 
     @property
     def label(self) -> str:

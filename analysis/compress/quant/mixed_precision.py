@@ -151,6 +151,11 @@ def allocate(handle: ModelHandle, batch: data.Batch | None, sens: Sensitivity, l
     the drop is taken to fall as k grows)."""
     if (budget_bits is None) == (max_drop is None):
         raise RecipeError("Give either a size budget or a tolerated quality drop, not both or neither.")
+    low_format, high_format = get_format(low), None if high is None else get_format(high)
+    if high_format is not None and high_format.code_bits < low_format.code_bits:
+        raise RecipeError(f"The sensitive layers' format {high} ({high_format.code_bits} bits) is narrower than "
+                          f"the others' {low} ({low_format.code_bits} bits); pick a high format with at least "
+                          f"{low_format.code_bits} bits, or swap the two.")
     batch = batch or data.default_batch(handle)
     order = sens.order()
     low_bits = [_unit_bits(handle, u, low, sens.group_size) for u in order]
