@@ -18,13 +18,14 @@ not fit is refused before anything is downloaded.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -267,6 +268,7 @@ def _containing_root(folder: Path) -> Path:
 
 def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Shapes], allow_pickle: bool,
              trust_remote_code: bool, *, root: Path, file_bytes: int, available_bytes: int | None) -> BridgeHandle:
+    _check_norm_epsilon(config, spec)
     with _PROCESS_STATE:  # transformers' config classes: lazy imports; meta builds switch torch.nn.init off
         hf_config = preflight.hf_config(folder, config, spec, trust_remote_code)
         model_class = preflight.hf_model_class(hf_config, spec)
@@ -286,7 +288,34 @@ def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Sha
         if mismatch:
             raise NoCheckpointError(mismatch.message(spec, _names(files), "config.json"))
         preflight.check_tokenizer(folder, spec, trust_remote_code)
-        return _load_bridge(folder, spec, trust_remote_code)
+        handle = _load_bridge(folder, spec, trust_remote_code)
+    bridged = "._original_component"  # TransformerBridge's wrapper in every path: the checkpoint's names lack it
+    _check_finite(((n.replace(bridged, ""), p) for n, p in handle.model.original_model.named_parameters()), spec)
+    return handle
+
+
+EPSILON_SETTINGS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps", "layernorm_epsilon")
+
+
+def _check_norm_epsilon(config: dict, spec: str) -> None:
+    """Refuse a normalisation epsilon that is negative or not finite: the model would load and
+    every metric would come out NaN (a square root of a negative variance)."""
+    for key in EPSILON_SETTINGS:
+        value = config.get(key)
+        if key in config and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                  and math.isfinite(value) and value >= 0):
+            raise NoCheckpointError(f"{spec!r}: config.json sets {key} to {str(value)[:40]}; it must be a finite "
+                                    "number >= 0 (usually 1e-5). Fix that setting in config.json.")
+
+
+def _check_finite(tensors: Iterable[tuple[str, torch.Tensor]], spec: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: they would load and give
+    NaN metrics (or a classifier's chance accuracy) with no word of why."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NoCheckpointError(f"{spec!r}: the weight {name} holds NaN or infinite values, so every result "
+                                    "computed with it would be meaningless. Load a checkpoint saved before the "
+                                    "values went bad, or retrain the model.")
 
 
 def _names(files: list[Path]) -> str:
@@ -334,6 +363,7 @@ def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, c
         raise NoCheckpointError(mismatch.message(spec, file.name, "config.json"))
     expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+    _check_finite(model.state_dict().items(), spec)
     for p in model.parameters():
         p.requires_grad_(False)
     return TorchHandle(spec, model, ARCHITECTURES[arch][1], arch, kwargs)
