@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lib.data import Batch, DataError, ImageBatch, TextBatch, check_batch
 from lib.handle import ModelHandle
-from lib.scoring import BaseOutputs, kl_and_agreement, prepare_base, text_scores
+from lib.scoring import BaseOutputs, check_finite, kl_and_agreement, prepare_base, text_scores
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,8 @@ def metrics_from_outputs(
     Outputs or a base that do not fit the batch are refused (`check_outputs`).
     """
     check_outputs(outputs, batch, base)
+    if not isinstance(batch, TextBatch):  # text logits are checked chunk by chunk as they are scored
+        check_finite(outputs)
     fields: dict[str, float | None] = {}
     if isinstance(batch, TextBatch):
         ref = None if base is None else base if isinstance(base, BaseOutputs) else prepare_base(base, batch)

@@ -12,6 +12,16 @@ from typing import Iterator
 import torch
 
 from lib.data import Batch, ImageBatch, TextBatch
+from lib.errors import DataError
+
+
+def check_finite(outputs: torch.Tensor, who: str = "model") -> None:
+    """Refuse outputs holding NaN or inf: every score from them would be NaN, or an agreement
+    or accuracy that counts them as misses."""
+    if not bool(torch.isfinite(outputs).all()):
+        raise DataError(f"The {who} produced NaN or infinite outputs on this batch, so nothing can be scored. "
+                        "An edit can cause this (a weight scaled or quantized out of range): undo the last "
+                        "change, or check the model's weights.")
 
 
 @dataclass(frozen=True)
@@ -37,14 +47,16 @@ def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor
         return base
     if isinstance(batch, TextBatch):
         probs, top1s, dots, lses = [], [], [], []
-        for z, top1, lse in _logit_chunks(base):
+        for z, top1, lse in _logit_chunks(base, "base model"):
             probs.append(torch.exp(z - lse[:, None]))
             # chunk by chunk, as text_scores computes <p, z'>; vecdot, not einsum("nc,nc->n"), whose
             # batched-matmul path is 9x slower on a [32, 50257] chunk
             dots.append(torch.linalg.vecdot(probs[-1], z))
+            check_finite(dots[-1], who="base model")  # a -inf logit: 0 * -inf in <p, z>
             top1s.append(top1)
             lses.append(lse)
         return BaseOutputs(torch.cat(probs), torch.cat(top1s), torch.cat(dots), torch.cat(lses))
+    check_finite(base, "base model")
     z = base.float()
     lse = torch.logsumexp(z, -1)
     p = torch.exp(z - lse[:, None])
@@ -54,17 +66,23 @@ def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor
 ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
 
 
-def _logit_chunks(outputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _logit_chunks(outputs: torch.Tensor, who: str = "model"
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """LM logits [b, T, V] at the predicted positions (all but the last of each window), in
     row chunks in order: (z [rows, V] float32, argmax [rows], logsumexp [rows]) each, from
-    one max (which also gives the argmax) and one exp-sum over the chunk."""
+    one max (which also gives the argmax) and one exp-sum over the chunk. A chunk holding
+    NaN or inf is refused (`check_finite`, naming `who` made it) while it is in cache."""
     b, T, _ = outputs.shape
     for i in range(b):
         window = outputs[i, :-1]  # [T-1, V], rows contiguous
         for start in range(0, T - 1, ROWS_PER_CHUNK):
             z = window[start:start + ROWS_PER_CHUNK].float()
             top, top1 = z.max(-1)
-            yield z, top1, top + (z - top[:, None]).exp_().sum(-1).log_()
+            lse = top + (z - top[:, None]).exp_().sum(-1).log_()
+            # NaN anywhere, +inf anywhere or a row of -inf makes its logsumexp non-finite: checking
+            # [rows] numbers, not the chunk (a -inf logit alone, a token ruled out, is allowed)
+            check_finite(lse, who)
+            yield z, top1, lse
 
 
 def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, batch: Batch) -> tuple[float, float]:
@@ -73,6 +91,7 @@ def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, ba
     if isinstance(batch, TextBatch):
         _, kl, agree = text_scores(outputs, batch, ref)
         return kl, agree
+    check_finite(outputs)
     z = outputs.float()  # class logits [n, classes]: one chunk, the same formula as text_scores
     kl = ((ref.dot - torch.linalg.vecdot(ref.probs, z)) + (torch.logsumexp(z, -1) - ref.lse)).mean()
     return max(float(kl), 0.0), (z.argmax(-1) == ref.top1).float().mean().item()
@@ -94,6 +113,7 @@ def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None
         if ref is not None:
             kl += float(((ref.dot[rows] - torch.linalg.vecdot(ref.probs[rows], z)) + (lse - ref.lse[rows])).sum())
             agree += float((top1 == ref.top1[rows]).sum())
+    check_finite(torch.tensor([nll, kl]))  # a -inf logit where the target or the base's mass is
     if ref is None:
         return nll / start, None, None
     return nll / start, max(kl / start, 0.0), agree / start

@@ -29,7 +29,7 @@ CkaForm = Literal["gram", "feature"]
 
 
 def check_representations(reps: Sequence[torch.Tensor]) -> tuple[int, list[int]]:
-    """Raise `AnalysisError` unless `reps` are matrices [N, d_i] of the same N >= 2
+    """Raise `AnalysisError` unless `reps` are finite matrices [N, d_i] of the same N >= 2
     samples with d_i >= 1; returns N and the widths d_i."""
     if len(reps) == 0:
         raise AnalysisError("CKA needs at least one representation to compare.")
@@ -51,6 +51,12 @@ def check_representations(reps: Sequence[torch.Tensor]) -> tuple[int, list[int]]
     widths = [int(r.shape[1]) for r in reps]
     if min(widths) < 1:
         raise AnalysisError(f"Representation {widths.index(min(widths))} has no features; CKA is undefined.")
+    for i, r in enumerate(reps):
+        if r.is_floating_point() and not bool(torch.isfinite(r).all()):
+            raise AnalysisError(
+                f"Representation {i} holds NaN or infinite values, so its CKA with every other one would be "
+                "NaN. The model produced them on this batch (an edit or bad weights can cause this); "
+                "check the model's outputs on this batch first.")
     return counts[0], widths
 
 
