@@ -5,6 +5,8 @@
                   shards) and write an image model's folder
     preflight     checks before anything is allocated: sizes against free memory, weights
                   against the config, a working tokenizer
+    config_checks settings in config.json no model can have: sizes that are not positive
+                  whole numbers, a bad norm epsilon, an architecture of another family
     handle        ModelHandle, the one interface to a model: Point, Structure, forward,
                   record and hooks, private copies, fingerprints
     handle_layers linear layers by readable name: placing, replacing, input transforms,

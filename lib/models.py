@@ -18,7 +18,6 @@ not fit is refused before anything is downloaded.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from typing import Iterable, Iterator
 import torch
 
 from lib import checkpoint as ckpt
-from lib import preflight
+from lib import config_checks, preflight
 from lib.checkpoint import save_image_model  # noqa: F401 - re-exported: callers save from lib.models
 from lib.errors import (  # noqa: F401 - re-exported: callers catch these from lib.models
     HubUnavailableError,
@@ -268,9 +267,10 @@ def _containing_root(folder: Path) -> Path:
 
 def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Shapes], allow_pickle: bool,
              trust_remote_code: bool, *, root: Path, file_bytes: int, available_bytes: int | None) -> BridgeHandle:
-    _check_norm_epsilon(config, spec)
+    config_checks.check_settings(config, spec)
     with _PROCESS_STATE:  # transformers' config classes: lazy imports; meta builds switch torch.nn.init off
         hf_config = preflight.hf_config(folder, config, spec, trust_remote_code)
+        config_checks.check_sizes(hf_config, spec)
         model_class = preflight.hf_model_class(hf_config, spec)
         size = preflight.hf_config_size(model_class, hf_config, spec, trust_remote_code)
     preflight.check_memory(spec, size.bytes, file_bytes, available_bytes)
@@ -292,20 +292,6 @@ def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Sha
     bridged = "._original_component"  # TransformerBridge's wrapper in every path: the checkpoint's names lack it
     _check_finite(((n.replace(bridged, ""), p) for n, p in handle.model.original_model.named_parameters()), spec)
     return handle
-
-
-EPSILON_SETTINGS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps", "layernorm_epsilon")
-
-
-def _check_norm_epsilon(config: dict, spec: str) -> None:
-    """Refuse a normalisation epsilon that is negative or not finite: the model would load and
-    every metric would come out NaN (a square root of a negative variance)."""
-    for key in EPSILON_SETTINGS:
-        value = config.get(key)
-        if key in config and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                  and math.isfinite(value) and value >= 0):
-            raise NoCheckpointError(f"{spec!r}: config.json sets {key} to {str(value)[:40]}; it must be a finite "
-                                    "number >= 0 (usually 1e-5). Fix that setting in config.json.")
 
 
 def _check_finite(tensors: Iterable[tuple[str, torch.Tensor]], spec: str) -> None:

@@ -106,6 +106,9 @@ def hf_config(folder: Path, config: dict, spec: str, trust_remote_code: bool) ->
         raise UnsupportedModelError(
             f"{spec!r}: config.json has no \"model_type\" (such as \"gpt2\" or \"llama\"), so transformers "
             f"cannot tell which architecture it describes. {RESAVE}")
+    if not isinstance(model_type, str):
+        raise UnsupportedModelError(f"{spec!r}: config.json gives \"model_type\" as {str(model_type)[:40]}; it must "
+                                    f"be one name in quotes, such as \"gpt2\" or \"llama\". {RESAVE}")
     if model_type not in CONFIG_MAPPING and not (trust_remote_code and config.get("auto_map")):
         raise UnsupportedModelError(f"{spec!r}: config.json names the model type {model_type!r}, which this "
                                     "version of transformers does not know.")
