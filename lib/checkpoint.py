@@ -30,7 +30,8 @@ from lib.errors import NoCheckpointError
 Shapes = dict[str, tuple[int, ...]]
 
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                           "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+                           "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+                           "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "C64": 8}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 MAX_CONFIG_BYTES = 16 * 2**20  # real configs take a few kB; a huge one is not read into memory
 MAX_INDEX_BYTES = 16 * 2**20  # a shard index lists every tensor: a few hundred kB for the largest models
@@ -64,6 +65,9 @@ def check_file(path: Path, root: Path, spec: str) -> os.stat_result:
         kind = next((k for test, k in _KINDS if test(info.st_mode)), "not a regular file")
         raise NoCheckpointError(f"{spec!r}: {shown} is {kind}, not a regular file, so it cannot hold model "
                                 f"files. {COPY_IN}")
+    if not os.access(real, os.R_OK):
+        raise NoCheckpointError(f"{spec!r}: {shown} cannot be read: the server's user has no permission to read "
+                                "it. Make it readable (e.g. chmod a+r on the file).")
     return info
 
 
@@ -162,6 +166,9 @@ def read_config(path: Path, spec: str, root: Path | None = None) -> dict:
         raise NoCheckpointError(f"{spec!r}: config.json is empty, so it says nothing about the model. {RESAVE}")
     try:
         config = json.loads(text)
+    except RecursionError:
+        raise NoCheckpointError(f"{spec!r}: config.json nests lists or objects too deeply to be read (more than "
+                                f"about a thousand levels; a model's settings nest two or three). {RESAVE}") from None
     except json.JSONDecodeError as e:
         # the parser's own words, never the file's: on a shared server a visitor may name any folder
         near = " (at the end of the file)" if not text[e.pos:].strip() else f" ({e.msg[0].lower()}{e.msg[1:]})"
@@ -202,12 +209,13 @@ def safetensors_shapes(path: Path, spec: str, root: Path | None = None) -> Shape
         raw = f.read(n_header)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise broken("its header is not JSON") from None
     if not isinstance(header, dict):
         raise broken("its header is not a JSON object")
     n_data = size - 8 - n_header
     shapes: Shapes = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -219,9 +227,29 @@ def safetensors_shapes(path: Path, spec: str, root: Path | None = None) -> Shape
             raise broken(f"its header entry for {name!r} has no dtype, shape and data offsets") from None
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= n_data:
             raise broken(f"tensor {name!r} points outside the file; the file is truncated or corrupt")
-        if dtype in SAFETENSORS_DTYPE_BYTES and end - begin != numel(shape) * SAFETENSORS_DTYPE_BYTES[dtype]:
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise broken(f"tensor {name!r} has the dtype {_short(str(dtype), 20)}, which is none of the safetensors "
+                         f"dtypes LayerScope reads ({', '.join(SAFETENSORS_DTYPE_BYTES)})")
+        if end - begin != numel(shape) * SAFETENSORS_DTYPE_BYTES[dtype]:
             raise broken(f"tensor {name!r} of shape {list(shape)} ({dtype}) does not fill its {end - begin} bytes")
         shapes[name] = shape
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):  # the format's rule: byte ranges follow on, no overlap, no gap
+        if begin != at:
+            how = "leaves a gap after" if begin > at else "overlaps"
+            raise broken(f"tensor {name!r} (bytes {begin} to {end} of the data) {how} the tensor before it, "
+                         f"which ends at byte {at}")
+        at = end
+    if at != n_data:
+        raise broken(f"its tensors end at byte {at} of the data, but the file holds {n_data} bytes of data")
+    from safetensors import SafetensorError, safe_open
+
+    try:  # whatever else the safetensors reader itself rejects (it reads the header only)
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise broken(f"the safetensors reader says: {first_line(e)}") from None
     return shapes
 
 
@@ -307,9 +335,12 @@ def _shards(index: Path, spec: str, root: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
         if not all(isinstance(n, str) for n in names):
             raise TypeError
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError):
         raise NoCheckpointError(f"{spec!r}: {index.name} is not a valid shard index (a JSON object with a "
                                 f"\"weight_map\" from tensor names to files). {RESAVE}") from None
+    if not names:
+        raise NoCheckpointError(f"{spec!r}: {index.name} lists no shards (its \"weight_map\" is empty), so it points "
+                                f"to no weights. {RESAVE}")
     outside = [n for n in names if not _names_inside(n)]
     if outside:
         raise NoCheckpointError(f"{spec!r}: {index.name} names shards outside the model's folder: "
