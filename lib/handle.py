@@ -175,6 +175,7 @@ class ModelHandle(LinearLayers, ABC):
         [batch, pos, vocab]; image models: [batch, 1, H, W] -> logits or images. On a
         private copy with an exit rule (an early-exit edit), each token's or image's output
         is the one the rule reads out at its exit layer instead."""
+        inputs = self.check_inputs(inputs)
         if self.exit_rule is None:
             return self._forward_every_layer(inputs)
         states, outputs = self.exit_states(inputs)
@@ -183,6 +184,11 @@ class ModelHandle(LinearLayers, ABC):
     @abstractmethod
     def _forward_every_layer(self, inputs: torch.Tensor) -> torch.Tensor:
         """`forward` through every layer, no exit rule applied."""
+
+    def check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs` as the model reads them, or a DataError saying why it cannot (each
+        backend knows its limits: token ids and context length, image dtypes)."""
+        return inputs
 
     def check_point(self, point: Point) -> None:
         """Raise CapabilityError if this model has no such activation point."""
@@ -280,13 +286,17 @@ class ModelHandle(LinearLayers, ABC):
         (recomputed, equal to this one until the copy is edited), and optionally
         gradients and another dtype. The tokenizer is shared (it is never mutated).
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise RecipeError(f"A copy of the model can only be made in a floating-point dtype (torch.float32, "
+                              f"torch.float64, torch.float16 or torch.bfloat16), not {dtype}. To store weights "
+                              "in fewer bits, quantize them (Lab page, Quantize) instead.")
         with self.lock:
             new = copy.deepcopy(self, self._copy_memo())
         new._strip_hooks()
         if new.input_transforms:  # part of the copy's definition: kept, on the copy's own modules
             new._wire_input_transforms()
         if dtype is not None:
-            new.model.to(dtype)
+            new.model.to(dtype)  # refused above for a dtype that is not floating point
         for p in new.model.parameters():
             p.requires_grad_(requires_grad)
         new.base_fingerprint = self.base_fingerprint or self.fingerprint

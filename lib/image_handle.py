@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lib.checkpoint import save_image_model
-from lib.errors import CapabilityError
+from lib.errors import CapabilityError, DataError
 from lib.handle import ActivationHook, ModelHandle, Part, Point, Structure
 from lib.hooks import forward_hooks
 from lib.locks import exclusive
@@ -55,7 +55,17 @@ class TorchHandle(ModelHandle):
                 for k, m in self._linear_modules().items()}
 
     def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+        return self.model(self.check_inputs(inputs))
+
+    def check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images [batch, C, H, W] in the model's own dtype: another floating dtype
+        (float64, float16) is converted; integer pixels are refused, since the scale they
+        are on cannot be told."""
+        if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+            what = f"a {inputs.dtype} tensor" if isinstance(inputs, torch.Tensor) else f"a {type(inputs).__name__}"
+            raise DataError(f"An image model reads floating-point images [batch, 1, H, W] (pixels scaled to 0 ... 1), "
+                            f"not {what}. Convert the images first, e.g. images.float() / images.max().")
+        return inputs.to(self._param_dtype())
 
     @exclusive
     @torch.no_grad()

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lib.errors import AnalysisError, CapabilityError
+from lib.errors import AnalysisError, CapabilityError, DataError
 from lib.handle import ActivationHook, ModelHandle, Point, Structure
 from lib.hooks import count_hooks
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
@@ -134,7 +134,27 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         return {k: m.weight.T if _out_dim(m) else m.weight for k, m in self._linear_modules().items()}
 
     def _forward_weights_only(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.plain_model()(input_ids=inputs).logits
+        return self.plain_model()(input_ids=self.check_inputs(inputs)).logits
+
+    def check_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Token ids [batch, pos] the model can read: integers in [0, d_vocab), at most n_ctx
+        per row (out-of-range ids would index past the embedding; longer rows past the
+        positions the model was built for)."""
+        s = self.structure
+        if not isinstance(inputs, torch.Tensor) or inputs.dtype == torch.bool or inputs.is_floating_point() \
+                or inputs.is_complex() or inputs.dim() != 2:
+            what = f"a {inputs.dtype} tensor of shape {list(inputs.shape)}" if isinstance(inputs, torch.Tensor) \
+                else f"a {type(inputs).__name__}"
+            raise DataError(f"A language model reads token ids: an integer tensor [batch, pos], not {what}. "
+                            "Encode text with the model's tokenizer.")
+        if inputs.numel() and (int(inputs.min()) < 0 or (s.d_vocab and int(inputs.max()) >= s.d_vocab)):
+            raise DataError(f"Token ids must lie in 0 ... {s.d_vocab - 1} (this model's vocabulary has {s.d_vocab} "
+                            f"tokens), but the input holds ids from {int(inputs.min())} to {int(inputs.max())}. "
+                            "Encode text with this model's own tokenizer.")
+        if s.n_ctx and inputs.shape[1] > s.n_ctx:
+            raise DataError(f"The input has {inputs.shape[1]} tokens per row, but this model reads at most "
+                            f"{s.n_ctx} (its context length). Use shorter texts or cut them to {s.n_ctx} tokens.")
+        return inputs
 
     @exclusive
     @torch.no_grad()
@@ -161,7 +181,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         plain = self.plain_model()
         plain.set_attn_implementation("eager")  # SDPA computes no weights to return
         try:
-            patterns = plain.base_model(input_ids=inputs, output_attentions=True).attentions
+            patterns = plain.base_model(input_ids=self.check_inputs(inputs), output_attentions=True).attentions
         finally:
             plain.set_attn_implementation("sdpa")
         return {p: patterns[p.layer] for p in points}
