@@ -87,6 +87,9 @@ def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int =
     """Prune each layer alone to each of `n_levels` levels (0, 1/K, ..., (K-1)/K) and
     measure the logits' mean squared change. For LMs a layer's curve reruns only the
     blocks from that layer on, from the cached residual stream entering it."""
+    if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:
+        raise AnalysisError(f"A distortion curve needs n_levels to be a whole number of at least 2 (the unpruned "
+                            f"layer and one pruned level), not {n_levels!r}. 20 levels is the usual choice.")
     layers = scoped_layers(handle, scope)
     copy = handle.private_copy()
     weights = {n: w for n, w in copy.linear_layers().items() if n in layers}

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from analysis.compress.quant.formats import Grid, fit_grid, get_format
+from lib.errors import RecipeError
 from lib.handle import ModelHandle
 
 SWEEPS = 25
@@ -131,6 +132,10 @@ def compare_methods(handle: ModelHandle, inputs: torch.Tensor | None, fmt: str, 
     the evaluation batch); the model is not changed."""
     format_ = get_format(fmt)
     weights = handle.linear_layers()
+    unknown = [name for name in names if name not in weights]
+    if unknown:
+        raise RecipeError(f"The model has no linear layer {unknown[0]!r}; its layers are "
+                          f"{', '.join(list(weights)[:6])}, ... Pick layers from handle.linear_layers().")
     grams = calibration_grams(handle, inputs, names)
     rtn, qe = [], []
     for name in names:

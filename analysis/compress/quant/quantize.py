@@ -275,6 +275,9 @@ class GridHistogram:
 def layer_histogram(handle: ModelHandle, layer: str, fmt: str, group_size: int | None = None, bins: int = 120
                     ) -> GridHistogram:
     """The histogram of linear layer `layer`'s weights with the grid of `fmt` over it."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise RecipeError(f"A histogram needs bins to be a whole number of at least 1, not {bins!r}; "
+                          "120 bins is the usual choice.")
     layers = handle.linear_layers()
     if layer not in layers:
         raise RecipeError(f"The model has no linear layer {layer!r}; its layers are {', '.join(list(layers)[:6])}, ...")
