@@ -321,3 +321,16 @@ def test_a_slow_model_is_timed_on_fewer_rows(tiny_lm, monkeypatch):
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
     lab = Lab(tiny_lm, batch, latency_repeats=6)
     assert lab.base_point.latency.base.rows == 1 and lab.add(Magnitude(0.5)).latency.model.rows == 1
+
+
+def test_time_again_replaces_only_the_current_points_latency(tiny_lm):
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    lab = Lab(tiny_lm, batch, latency_repeats=6)
+    with pytest.raises(RecipeError, match="Only an edited model"):
+        lab.time_again()  # the base is the reference itself
+    before = lab.add(Magnitude(0.5))
+    again = lab.time_again()
+    assert again.step == before.step and len(lab.history) == 2 and lab.current is again
+    assert again.latency is not before.latency and again.latency.predicted == 1.0
+    assert again.metrics.latency_ms == again.latency.model.median_ms
+    assert again.metrics.bits_per_byte == before.metrics.bits_per_byte and again.edits == before.edits

@@ -5,6 +5,7 @@ against quality, and what the edits did to each linear layer (`LayerSummary`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,7 +14,7 @@ from analysis.compress.exits import ExitPoint
 from analysis.compress.recipe import Recipe
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import LatencyChange, Metrics
+from lib.metrics import METRIC_FIELDS, LatencyChange, Metrics
 
 QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")  # which quality number judges a model
 HIGHER_IS_BETTER = frozenset({"accuracy", "psnr_db", "agreement"})
@@ -127,3 +128,22 @@ def layer_summary(base: ModelHandle, edited: ModelHandle) -> LayerSummary:
                       for layer in range(edited.structure.n_layers))
     return LayerSummary(tuple(before), tuple(sparsity), tuple(kept), tuple(removed), heads,
                         base.structure.n_heads, edited.structure.removed)
+
+
+def point_row(point: LabPoint, base: Metrics, current: bool) -> dict[str, object]:
+    """One history entry as a table row: step, label, every metric, latency against the base
+    (ratio, its interval, the FLOP prediction), shares kept, early exits (mean exit layer,
+    compute saved with and without the skipped layers' keys and values charged; None
+    without an exit step), the recipe as JSON."""
+    m, change, exits = point.metrics, point.latency, point.exits
+    row: dict[str, object] = {"step": point.step, "current": current, "label": point.label,
+                              "edits": len(point.edits), "digest": point.digest}
+    row.update({name: getattr(m, name) for name in METRIC_FIELDS})
+    row.update(latency_ratio=change.ratio if change else None, latency_ratio_low=change.low if change else None,
+               latency_ratio_high=change.high if change else None,
+               flops_ratio=change.predicted if change else None)
+    row.update(params_kept=m.n_params / base.n_params, size_kept=m.size_bits / base.size_bits,
+               mean_exit_layer=exits.mean_exit if exits else None, compute_saved=exits.saved if exits else None,
+               compute_saved_oracle=exits.saved_oracle if exits else None)
+    row["recipe"] = json.dumps([e.to_dict() for e in point.edits])
+    return row

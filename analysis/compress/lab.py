@@ -16,8 +16,8 @@ base, so an undone recipe gives bit-identical weights.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +35,7 @@ from analysis.compress.history import (
     higher_is_better,
     layer_summary,
     pareto_front,
+    point_row,
     quality_metric,
     recipe_digest,
     recipe_label,
@@ -291,14 +292,34 @@ class Lab:
             if self.latency_repeats:
                 if progress:
                     progress(0.85, "timing the model against the base")
-                part = inputs[:self._timed_rows]
-                if self._timed_rows < inputs.shape[0]:
-                    self.base.forward(part), model.forward(part)  # a new shape: first forwards untimed
-                predicted = count_flops(lambda: model.forward(inputs[:1])) / max(self._base_flops, 1)
-                latency = compare_latency(lambda: self.base.forward(part), lambda: model.forward(part),
-                                          self.latency_repeats, self._timed_rows, predicted)
+                latency = self._against_base(model)
                 latency_ms = latency.model.median_ms
             return self._metrics(model, outputs, latency_ms), latency
+
+    def _against_base(self, model: ModelHandle) -> LatencyChange:
+        """`model` timed against the base in alternating pairs (both have run once on the
+        whole batch), with the FLOP prediction."""
+        inputs = model_inputs(self.batch)
+        part = inputs[:self._timed_rows]
+        if self._timed_rows < inputs.shape[0]:
+            self.base.forward(part), model.forward(part)  # a new shape: first forwards untimed
+        predicted = count_flops(lambda: model.forward(inputs[:1])) / max(self._base_flops, 1)
+        return compare_latency(lambda: self.base.forward(part), lambda: model.forward(part),
+                               self.latency_repeats, self._timed_rows, predicted)
+
+    def time_again(self, progress: Progress | None = None) -> LabPoint:
+        """Time the current recipe against the base once more (a timing taken while the
+        machine was busy can be too noisy to tell); the point keeps every other number."""
+        if not self.latency_repeats or not self.current.edits:
+            raise RecipeError("Only an edited model in a lab that times latency can be timed against the base.")
+        with self._lock:
+            point = self.current
+            if progress:
+                progress(0.1, "timing the model against the base")
+            latency = self._against_base(self._model(point.edits, progress))
+            metrics = dataclasses.replace(point.metrics, latency_ms=latency.model.median_ms)
+            self.history[point.step] = dataclasses.replace(point, metrics=metrics, latency=latency)
+            return self.history[point.step]
 
     def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
         return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)
@@ -321,26 +342,7 @@ class Lab:
         """The history as table rows: step, label, metrics, shares kept, early exits (mean
         exit layer, compute saved with and without the skipped layers' keys and values
         charged; None without an exit step), the recipe."""
-        base = self.base_point.metrics
-        rows = []
-        for p in self.history:
-            m = p.metrics
-            row: dict[str, object] = {"step": p.step, "current": p.step == self._current, "label": p.label,
-                                      "edits": len(p.edits), "digest": p.digest}
-            row.update({name: getattr(m, name) for name in METRIC_FIELDS})
-            change = p.latency
-            row["latency_ratio"] = change.ratio if change else None
-            row["latency_ratio_low"] = change.low if change else None
-            row["latency_ratio_high"] = change.high if change else None
-            row["flops_ratio"] = change.predicted if change else None
-            row["params_kept"] = m.n_params / base.n_params
-            row["size_kept"] = m.size_bits / base.size_bits
-            row["mean_exit_layer"] = p.exits.mean_exit if p.exits else None
-            row["compute_saved"] = p.exits.saved if p.exits else None
-            row["compute_saved_oracle"] = p.exits.saved_oracle if p.exits else None
-            row["recipe"] = json.dumps([e.to_dict() for e in p.edits])
-            rows.append(row)
-        return rows
+        return [point_row(p, self.base_point.metrics, p.step == self._current) for p in self.history]
 
     def history_csv(self) -> str:
         """The history as CSV text (one row per recipe tried; empty cells for metrics

@@ -191,6 +191,13 @@ def metrics_panel(lab: Lab) -> None:
     for i, (label, value, delta, color, helptext) in enumerate(items):
         cols[i % 4].metric(label, value, delta, delta_color=color, help=helptext,
                            delta_arrow="off" if color == "off" else "auto")
+    change = lab.current.latency
+    if change is not None and lab.current.edits and not change.measurable:
+        left, right = st.columns([4, 1], vertical_alignment="center")
+        left.caption(f"Latency {change.text()} against the base: time it again when the machine is quieter.")
+        if right.button("Time again", key="lab_time_again", width="stretch"):
+            if change_recipe("Timing the model against the base", lab.time_again):
+                st.rerun()
     if lab.current.exits is not None:
         st.caption("Early exits are simulated: every layer still runs and each prediction is then read out at its "
                    "exit, so latency does not fall here (the readouts are extra work); compute saved is what "
