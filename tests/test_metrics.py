@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -118,7 +119,7 @@ def test_latency_change_pairs_alternate_and_say_when_nothing_changed():
     from lib.metrics import compare_latency
 
     clock, calls = FakeClock(), []
-    noise = iter([0.1, 0.11, 0.09, 0.1, 0.12, 0.1, 0.1, 0.08, 0.1, 0.11, 0.1, 0.09] * 10)
+    noise = itertools.cycle([0.1, 0.101, 0.099, 0.1, 0.102, 0.1, 0.1, 0.098, 0.1, 0.101, 0.1, 0.099])
 
     def run(name, scale):
         def forward():
@@ -145,9 +146,9 @@ def test_a_change_inside_the_noise_floor_is_not_called_a_change():
 
     base, slower = Timing(100.0, 99.0, 101.0, 6, 16), Timing(130.0, 125.0, 135.0, 6, 16)
     assert not LatencyChange(base, Timing(103.0, 102.0, 104.0, 6, 16), 1.03, 1.02, 1.04).measurable  # only 3 %
-    assert LatencyChange(base, slower, 1.3, 1.2, 1.4).measurable
-    busy = Timing(100.0, 40.0, 400.0, 6, 16)  # the base's own time moved more than the change
-    assert not LatencyChange(busy, slower, 1.3, 1.2, 1.4).measurable
+    assert LatencyChange(base, slower, 1.3, 1.27, 1.33).measurable
+    wide = LatencyChange(base, slower, 1.3, 1.05, 1.6)  # excludes 1, but the pairs disagree by 55 %
+    assert wide.noisy and not wide.measurable
 
 
 def test_flops_count_the_matrix_products(tiny_lm):

@@ -217,8 +217,8 @@ TERMS: dict[str, Term] = {
     "latency_change": Term(
         "latency change",
         "Edited over base latency, timed together in alternating forwards, with a 95% interval of the median "
-        "ratio: 'no measurable change' when it covers 1, is under 5% or the two timings overlap; 'too noisy to "
-        "tell' when it is over 10% wide.", _SHRINK),
+        "ratio: 'no measurable change' when it covers 1 or the change is under 5%; 'too noisy to tell' when "
+        "the interval is over 10% wide.", _SHRINK),
     "flop_prediction": Term(
         "FLOP prediction",
         "The edited model's forward FLOPs over the base's, counted from the weights it still multiplies: what "
