@@ -46,6 +46,19 @@ def tiny_lm(tiny_gpt2_dir):
     return load_model(str(tiny_gpt2_dir))
 
 
+@pytest.fixture(scope="session")
+def tiny_cnn(tmp_path_factory):
+    """Session-wide read-only handle on a width-4 digits CNN with seeded random weights,
+    saved and loaded like a user's folder."""
+    from lib.models import load_model, save_image_model
+    from lib.zoo.nets import DigitsCNN
+
+    folder = tmp_path_factory.mktemp("cnn")
+    torch.manual_seed(0)
+    save_image_model(DigitsCNN(width=4), "digits-cnn", folder, width=4)
+    return load_model(str(folder))
+
+
 # ---- the shared-server tests (test_server_safety, test_server_hub) ---------------------------
 
 PROMPT_S = 60  # a refused load answers in well under a second; a blocked one never does

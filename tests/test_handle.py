@@ -20,17 +20,6 @@ def tokens(tiny_lm):
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    from lib.models import load_model, save_image_model
-    from lib.zoo.nets import DigitsCNN
-
-    folder = tmp_path_factory.mktemp("cnn")
-    torch.manual_seed(0)
-    save_image_model(DigitsCNN(width=4), "digits-cnn", folder, width=4)
-    return load_model(str(folder))
-
-
-@pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     from test_channels import save_tiny_llama
 
@@ -66,16 +55,16 @@ def test_patterns_alone_come_from_the_plain_model_equal_to_the_bridge(model, req
         handle.record(tokens, [Point("pattern", 9)])
 
 
-def test_unknown_points_are_refused_clearly(tiny_lm, cnn, tokens):
+def test_unknown_points_are_refused_clearly(tiny_lm, tiny_cnn, tokens):
     with pytest.raises(CapabilityError, match="no 'stage' activations"):
         tiny_lm.record(tokens, [Point("stage", "conv1")])
     with pytest.raises(CapabilityError, match="no block 7"):
         tiny_lm.record(tokens, [Point("resid_pre", 7)])
     with pytest.raises(CapabilityError, match="no stage 'conv9'"):
-        cnn.record(torch.zeros(1, 1, 8, 8), [Point("stage", "conv9")])
+        tiny_cnn.record(torch.zeros(1, 1, 8, 8), [Point("stage", "conv9")])
     with pytest.raises(CapabilityError, match="no vocabulary readout"):
-        cnn.readout(torch.zeros(1, 4))
-    assert count_hooks(tiny_lm.model) == 0 and count_hooks(cnn.model) == 0
+        tiny_cnn.readout(torch.zeros(1, 4))
+    assert count_hooks(tiny_lm.model) == 0 and count_hooks(tiny_cnn.model) == 0
 
 
 def test_linear_layers_have_readable_names_and_are_views(tiny_lm, tokens):
@@ -153,7 +142,7 @@ def test_copy_in_float64_with_gradients(tiny_lm, tokens):
     tiny_lm.private_copy()  # the copy's graph never reached the base
 
 
-def test_removed_parts_change_structure_and_size(tiny_lm, cnn):
+def test_removed_parts_change_structure_and_size(tiny_lm, tiny_cnn):
     copy = tiny_lm.private_copy()
     copy.remove_(Drop("attention", 1))
     d = 32  # q, k, v, o weights and biases, and the block's first LayerNorm
@@ -161,22 +150,22 @@ def test_removed_parts_change_structure_and_size(tiny_lm, cnn):
     assert tiny_lm.size_bits - copy.size_bits == 32 * (4 * (d * d + d) + 2 * d)
     assert ("removed", "attention 1") in copy.describe() and copy.structure.removed == ("attention 1",)
     assert tiny_lm.structure.removed == ()
-    cnn_copy = cnn.private_copy()
+    cnn_copy = tiny_cnn.private_copy()
     cnn_copy.remove_(Drop("stage", "conv2"))
     assert dict(cnn_copy.structure.stages)["conv2"] == "removed (identity)"
-    assert cnn.n_params - cnn_copy.n_params == 4 * 4 * 9 + 4
-    assert "conv2" not in cnn_copy.linear_layers() and "conv2" in cnn.linear_layers()
+    assert tiny_cnn.n_params - cnn_copy.n_params == 4 * 4 * 9 + 4
+    assert "conv2" not in cnn_copy.linear_layers() and "conv2" in tiny_cnn.linear_layers()
 
 
-def test_size_counts_codes_scales_and_zero_points(cnn):
+def test_size_counts_codes_scales_and_zero_points(tiny_cnn):
     """Hand-worked: head is Linear(64 -> 10), 640 float32 weights = 20,480 bits. Stored as
     int4 in groups of 64 (10 groups) with a float16 scale and a 4-bit zero point per
     group: 640 x 4 + 10 x 16 + 10 x 4 = 2,560 + 160 + 40 = 2,760 bits."""
     assert quantized_bits(640, code_bits=4, n_groups=10, scale_bits=16, zero_bits=4) == 2760
-    copy = cnn.private_copy()
+    copy = tiny_cnn.private_copy()
     copy.storage["head.weight"] = StoredAs(2760, "int4 g64")
-    assert cnn.size_bits - copy.size_bits == 20480 - 2760
-    assert copy.n_params == cnn.n_params  # quantized weights are still parameters
+    assert tiny_cnn.size_bits - copy.size_bits == 20480 - 2760
+    assert copy.n_params == tiny_cnn.n_params  # quantized weights are still parameters
 
 
 def test_bundled_cnn_weights_are_named_by_stage():

@@ -174,17 +174,6 @@ def test_architectures_as_a_string_of_the_same_family_loads(tiny_gpt2_dir, tmp_p
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    from lib.models import save_image_model
-    from lib.zoo.nets import DigitsCNN
-
-    folder = tmp_path_factory.mktemp("cnn")
-    torch.manual_seed(0)
-    save_image_model(DigitsCNN(width=4), "digits-cnn", folder, width=4)
-    return load_model(str(folder))
-
-
-@pytest.fixture(scope="module")
 def images():
     torch.manual_seed(1)
     return torch.rand(6, 1, 8, 8)
@@ -221,30 +210,32 @@ def test_pattern_records_check_tokens_too(tiny_lm):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
-def test_copies_are_only_made_in_floating_dtypes(tiny_lm, cnn, dtype):
-    for handle in (tiny_lm, cnn):
+def test_copies_are_only_made_in_floating_dtypes(tiny_lm, tiny_cnn, dtype):
+    for handle in (tiny_lm, tiny_cnn):
         with pytest.raises(errors.RecipeError, match=f"only be made in a floating-point dtype .* not {dtype}"):
             handle.private_copy(dtype=dtype)
     assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-def test_images_in_other_float_dtypes_are_converted(cnn, images, dtype):
+def test_images_in_other_float_dtypes_are_converted(tiny_cnn, images, dtype):
     from analysis.compress.prune.allocation import distortion_curves
     from analysis.compress.quant.calibration import compare_methods
 
     converted = images.to(dtype).float()  # what the model sees: the same values, rounded once
-    assert torch.equal(cnn.forward(images.to(dtype)), cnn.forward(converted))
-    curves, expected = distortion_curves(cnn, images.to(dtype), n_levels=3), distortion_curves(cnn, converted, 3)
+    assert torch.equal(tiny_cnn.forward(images.to(dtype)), tiny_cnn.forward(converted))
+    curves = distortion_curves(tiny_cnn, images.to(dtype), n_levels=3)
+    expected = distortion_curves(tiny_cnn, converted, 3)
     assert torch.equal(curves.distortion, expected.distortion)
-    layer = next(iter(cnn.linear_layers()))
-    assert compare_methods(cnn, images.to(dtype), "int8", [layer]) == compare_methods(cnn, converted, "int8", [layer])
-    assert cnn.current_fingerprint() == cnn.fingerprint
+    layer = next(iter(tiny_cnn.linear_layers()))
+    methods = compare_methods(tiny_cnn, images.to(dtype), "int8", [layer])
+    assert methods == compare_methods(tiny_cnn, converted, "int8", [layer])
+    assert tiny_cnn.current_fingerprint() == tiny_cnn.fingerprint
 
 
-def test_integer_images_are_refused(cnn):
+def test_integer_images_are_refused(tiny_cnn):
     with pytest.raises(errors.DataError, match="reads floating-point images .* not a torch.uint8 tensor"):
-        cnn.forward(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+        tiny_cnn.forward(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
 
 
 # ---- analysis arguments ------------------------------------------------------------------------
