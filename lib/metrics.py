@@ -248,9 +248,11 @@ class LatencyChange:
         return self.high - self.low > NOISY_SPREAD
 
     def text(self) -> str:
-        """'−31 % (−40 … −20 %)', or 'no measurable change (−3 … +4 %)'."""
+        """'−31 % (−40 … −20 %)', 'no measurable change (−3 … +4 %)' or 'too noisy to tell (−60 … +9 %)'."""
         spread = f"{self.low - 1:+.0%} … {self.high - 1:+.0%}"
-        return f"{self.ratio - 1:+.0%} ({spread})" if self.measurable else f"no measurable change ({spread})"
+        if self.measurable:
+            return f"{self.ratio - 1:+.0%} ({spread})"
+        return f"{'too noisy to tell' if self.noisy else 'no measurable change'} ({spread})"
 
 
 def time_forward(forward: Callable[[], object], repeats: int = LATENCY_REPEATS, rows: int = 1,

@@ -157,8 +157,7 @@ def _latency_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
         return [("latency", f"{change.base.median_ms:.0f} ms", None, "off",
                  f"Median of {change.base.runs} timed forwards over {rows} on this machine, after one untimed one; "
                  f"95 % interval of the median {change.base.low_ms:.0f}–{change.base.high_ms:.0f} ms.")]
-    delta = f"{change.ratio - 1:+.0%}" if change.measurable else \
-        "too noisy to tell" if change.noisy else "no measurable change"  # short: the delta pill cuts long text
+    delta = change.text().split(" (")[0]  # without the interval: the delta pill cuts long text
     items = [("latency", f"{change.model.median_ms:.0f} ms", delta, "inverse" if change.measurable else "off",
               f"{GLOSSARY['latency_change']} Here: {change.text()} over {change.model.runs} pairs of forwards over "
               f"{rows}; the base took {change.base.median_ms:.0f} ms in the same moment."
