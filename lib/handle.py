@@ -36,7 +36,8 @@ ActivationHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 class Point:
     """A named activation point.
 
-    site: LMs "resid_pre" (x_l, entering block l) | "resid_mid" (m_l, after attention) |
+    site: LMs "resid_pre" (x_l, entering block l) | "resid_mid" (m_l = x_l + attention's
+    write; in a parallel block too, where nothing reads it) |
     "resid_post" (y_l) | "attn_out" | "mlp_out" | "pattern" (attention pattern
     [batch, head, query, key]) | "z" (each head's output before the output projection,
     [batch, pos, head, d_head]); image models "stage" (a stage's output).
@@ -61,6 +62,8 @@ class Structure:
 
     stages: for image models, (name, description) per stage in forward order.
     removed: labels of parts removed from this (edited) copy, e.g. "attention 3".
+    parallel: attention and MLP of a block both read the block's input and their writes
+    are added together (GPT-NeoX, Phi, GPT-J), METHODS.md §1 "Parallel blocks".
     """
 
     architecture: str
@@ -73,6 +76,7 @@ class Structure:
     n_ctx: int = 0
     stages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     removed: tuple[str, ...] = ()
+    parallel: bool = False
 
 
 class _Recorded(Exception):
@@ -234,7 +238,7 @@ class ModelHandle(LinearLayers, ABC):
             pass
         return {p: cache[p] for p in points if p in cache}
 
-    def run_block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    def run_block(self, layer: int, resid: torch.Tensor, drop: str | None = None) -> torch.Tensor:
         raise CapabilityError(f"A {self.kind} model has no transformer blocks to run one by one.")
 
     def readout(self, resid: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lib.errors import AnalysisError, CapabilityError, DataError
+from lib.errors import CapabilityError, DataError
 from lib.handle import ActivationHook, ModelHandle, Point, Structure
 from lib.hooks import count_hooks
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
@@ -28,6 +28,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
     kind = "causal-lm"
     sites = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "pattern", "z")
     sites += ("ln1_scale", "ln2_scale", "mlp_pre", "mlp_post", "embed", "pos_embed", "ln_final_scale")
+    sites += ("q", "k", "mlp_gate")
     _HOOKS = {  # the one place TransformerLens hook names are spelled
         "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
         "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
@@ -36,6 +37,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         # linearisation (Interpreter view): what it freezes, where it feeds the input; model-level points use layer 0
         "ln1_scale": "blocks.{}.ln1.hook_scale", "ln2_scale": "blocks.{}.ln2.hook_scale",
         "mlp_pre": "blocks.{}.mlp.hook_pre", "mlp_post": "blocks.{}.mlp.hook_post", "embed": "hook_embed",
+        "q": "blocks.{}.attn.hook_q", "k": "blocks.{}.attn.hook_k", "mlp_gate": "blocks.{}.mlp.gate.hook_out",
         "pos_embed": "hook_pos_embed", "ln_final_scale": "ln_final.hook_scale", "ln_final_out": "ln_final.hook_out",
     }
     _TOP = ("embed", "pos_embed", "blocks", "ln_final", "unembed")
@@ -50,14 +52,19 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
             architecture=str(getattr(cfg, "architecture", None) or type(bridge.original_model).__name__),
             n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
             d_mlp=int(getattr(cfg, "d_mlp", 0) or 0) if self._has_mlp(bridge) else 0,
-            d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx,
+            d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx, parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
         )
         self.eval_task = getattr(bridge.original_model.config, "layerscope_eval", "text")
         self._plain_model: nn.Module | None = None
         self._active_hooks = 0
         self._structural = False  # parts removed: the plain model is the model, the bridge is stale
         self._heads: dict[int, list[int]] = {}  # layer -> original indices of the heads still there
+        self._kv: dict[int, list[int]] = {}  # layer -> original indices of its key/value heads still there
         self._path_map: dict[str, str] | None = None
+        self._hook_names: frozenset[str] | None = None
+        self._late_pattern: bool | None = None  # see LMViews._pattern_reported_late
+        self._block_path_list: list[str | None] | None = None
+        self._block_kwargs: tuple[tuple, list[dict[str, Any]]] | None = None  # input shape -> each layer's kwargs
 
     @staticmethod
     def _has_mlp(bridge: Any) -> bool:
@@ -73,7 +80,15 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         L = self.structure.n_layers
         if not isinstance(point.layer, int) or isinstance(point.layer, bool) or not 0 <= point.layer < L:
             raise CapabilityError(f"This model has blocks 0..{L - 1}; there is no block {point.layer!r}.")
-        return self._HOOKS[point.site].format(point.layer)
+        name = self._HOOKS[point.site].format(point.layer)
+        if self._hook_names is None:
+            self._hook_names = frozenset(self.model.hook_dict)
+        if name not in self._hook_names:
+            raise CapabilityError(f"This {self.structure.architecture} has no {point.site!r} activation"
+                                  + (" (attention and MLP run in parallel, so no residual stream lies between "
+                                     "them)" if point.site == "resid_mid" and self.structure.parallel else "")
+                                  + f" at block {point.layer}.")
+        return name
 
     def _paths(self) -> dict[str, str]:
         """Readable name (`blocks.0.attn.qkv`, `blocks.0.mlp.in`, `unembed`, ...) -> path of
@@ -172,6 +187,8 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         """As `ModelHandle.record`; attention patterns alone come from the plain model's own
         decoder with eager attention asked for its weights (no vocabulary readout, none of
         the bridge's hook machinery), which is how the head-role view reads every layer."""
+        if self.structure.parallel and any(p.site == "resid_mid" for p in points):
+            return self._record_parallel_mid(inputs, points)
         hooked = self._active_hooks or count_hooks(self.model)
         if not points or any(p.site != "pattern" for p in points) or hooked or self._structural \
                 or self.input_transforms:
@@ -186,8 +203,23 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
             plain.set_attn_implementation("sdpa")
         return {p: patterns[p.layer] for p in points}
 
+    def _record_parallel_mid(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+        """A parallel block's m_l is x_l + attention's write (what the block's output would be
+        with its MLP dropped): recorded as resid_pre + attn_out of the same pass."""
+        mids = [p for p in points if p.site == "resid_mid"]
+        wanted = [p for p in points if p.site != "resid_mid"]
+        wanted += [Point(site, p.layer) for p in mids for site in ("resid_pre", "attn_out")]
+        got = self.record(inputs, list(dict.fromkeys(wanted)))
+        for p in mids:
+            pre, write = Point("resid_pre", p.layer), Point("attn_out", p.layer)
+            if pre in got and write in got:
+                got[p] = got[pre] + got[write]
+        return {p: got[p] for p in points if p in got}
+
     def _copy_memo(self) -> dict[int, Any]:
         memo = super()._copy_memo()
+        if self._block_kwargs is not None:
+            memo[id(self._block_kwargs)] = None  # rebuilt for the copy's own modules
         if not self._structural:
             memo[id(self._plain_model)] = None  # rebuilt from the copy's own weights on first use
         for module in self.model.modules():  # activations a forward left behind are not weights
@@ -229,18 +261,6 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
                 yield
             finally:
                 self._active_hooks -= 1
-
-    @exclusive
-    @torch.no_grad()
-    def run_block(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
-        """Block `layer` alone: resid_pre [batch, pos, d_model] -> resid_post."""
-        self._check_whole("running one block")
-        n_blocks = len(self.model.blocks)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_blocks:
-            raise AnalysisError(f"There is no block {layer!r} to run: this model has blocks 0..{n_blocks - 1}; "
-                                "pass one of those.")
-        out = self.model.blocks[layer](resid)
-        return out[0] if isinstance(out, tuple) else out
 
     @exclusive
     @torch.no_grad()

@@ -1,6 +1,6 @@
-"""What the Interpreter, early exits and Channels views read from a language model:
-where it is not linear in its input, the residual stream entering every block, and the
-per-head OV and QK circuits. A mixin of `BridgeHandle` (lib/lm_handle.py)."""
+"""What the Interpreter, Redundancy, early exits and Channels views read from a language
+model: where it is not linear in its input, one block run on its own, the residual stream
+entering every block, and the per-head OV and QK circuits. A mixin of `BridgeHandle` (lib/lm_handle.py)."""
 
 from __future__ import annotations
 
@@ -9,49 +9,72 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from lib.errors import CapabilityError
+from lib.errors import AnalysisError, CapabilityError
 from lib.handle import ActivationHook, Point
 from lib.hooks import count_hooks
 from lib.locks import exclusive
 
 
 class LMViews:
-    """Linearisation points, exit states and head circuits of a `BridgeHandle`."""
+    """Linearisation points, blocks run one at a time, exit states and head circuits of a `BridgeHandle`."""
 
     class _Stop(Exception):
-        """Raised in a hook to end a forward once the final LayerNorm's output is there."""
+        """Raised in a hook to end a forward once what it waits for is there."""
 
     def linearisation_points(self) -> dict[str, list[Point]]:
         """Where this model is not linear in its input embeddings, grouped by how a detached
         linearisation (METHODS.md §3) freezes each at its value for one input.
 
-        "scale": every LayerNorm scale [batch, pos, 1] (ln1, ln2 of each block, then the
-        final one); "pattern": every attention pattern [batch, head, query, key];
-        "gate_in" / "gate_out": each MLP's pre-activation p and activation act(p)
-        [batch, pos, d_mlp], same layers in the same order (frozen as p · act(p)/p);
-        "inputs": where the input enters, the token embedding ("embed") and, for learned
-        positions, the position embedding ("pos_embed"), [batch, pos, d_model] each.
+        "scale": every LayerNorm / RMSNorm scale [batch, pos, 1] (ln1, ln2 of each block
+        where there is one, then the final one); "pattern": every attention pattern
+        [batch, head, query, key]; "query_key": instead, where the model reports its pattern
+        only after using it (OPT), each layer's queries and keys (q, k: frozen, the
+        pattern computed from them is too); "gate_in" / "gate_out": each plain MLP's
+        pre-activation p and activation act(p) [batch, pos, d_mlp], same layers in the same
+        order (frozen as p · act(p)/p); "gate_branch": each gated MLP's gate branch
+        x·W_gate (frozen, so act(x·W_gate) ⊙ x·W_up is linear in x); "inputs": where the
+        input enters, the token embedding ("embed") and, for learned positions, the
+        position embedding ("pos_embed"), [batch, pos, d_model] each (rotary positions act
+        inside attention, whose pattern is frozen).
         Raises CapabilityError for a model this cannot make exactly linear.
         """
         self._check_whole("the linear interpreter")
         cfg = self.model.cfg
-        if getattr(cfg, "gated_mlp", False):
-            raise CapabilityError(
-                "This model's MLPs are gated (act(x·W_gate) ⊙ x·W_up): with the gate frozen the output is still a "
-                "product of two paths from the input, so the detached linearisation would not be exact. "
-                "It supports GPT-2-style MLPs (act(x·W_in)·W_out).")
         layers = range(self.structure.n_layers)
 
         def present(sites: Sequence[str], at: Sequence[int]) -> list[Point]:
             return [Point(s, l) for l in at for s in sites if self._HOOKS[s].format(l) in self.model.hook_dict]
 
-        inputs = present(("embed", "pos_embed"), [0])
+        learned = str(getattr(cfg, "positional_embedding_type", "standard")) == "standard"
+        inputs = present(("embed",), [0]) + (present(("pos_embed",), [0]) if learned else [])
         if not inputs or inputs[0].site != "embed":
             raise CapabilityError("This model has no token-embedding hook point to feed the linear interpreter.")
         mlp = layers if self.structure.d_mlp else ()
+        gated = bool(getattr(cfg, "gated_mlp", False))
+        if gated and len(present(("mlp_gate",), mlp)) != len(mlp):
+            raise CapabilityError("This model's gated MLPs show no gate branch to freeze, so the linear "
+                                  "interpreter cannot make them linear; use a model with plain MLPs.")
+        late = self._pattern_reported_late()
+        attention = present(("q", "k") if late else ("pattern",), layers)
         return {"scale": present(("ln1_scale", "ln2_scale"), layers) + present(("ln_final_scale",), [0]),
-                "pattern": present(("pattern",), layers), "gate_in": present(("mlp_pre",), mlp),
-                "gate_out": present(("mlp_post",), mlp), "inputs": inputs}
+                "pattern": [] if late else attention, "query_key": attention if late else [],
+                "gate_branch": present(("mlp_gate",), mlp) if gated else [],
+                "gate_in": [] if gated else present(("mlp_pre",), mlp),
+                "gate_out": [] if gated else present(("mlp_post",), mlp), "inputs": inputs}
+
+    def _pattern_reported_late(self) -> bool:
+        """Whether block 0's attention pattern hook fires after its head outputs (z): then
+        the pattern is reported, not used, and replacing it changes nothing."""
+        if self._late_pattern is None:
+            order: list[str] = []
+            names = [self._HOOKS[s].format(0) for s in ("pattern", "z")]
+            with self.lock, self.model.hooks(fwd_hooks=[(n, lambda t, hook=None, n=n: order.append(n)) for n in names]):
+                with torch.no_grad():
+                    device = next(self.model.parameters()).device
+                    self.model(torch.zeros(1, 2, dtype=torch.long, device=device), prepend_bos=False)
+            pattern, z = names
+            self._late_pattern = pattern in order and z in order and order.index(pattern) > order.index(z)
+        return self._late_pattern
 
     def unembedding_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """What the unembedding reads for `tokens` [batch, pos]: the final LayerNorm's
@@ -79,6 +102,80 @@ class LMViews:
         if not kept:
             raise CapabilityError("The final LayerNorm's output never appeared in this model's forward.")
         return kept[0]
+
+    # ---- blocks one at a time (the drop sweep, distortion curves)
+
+    @exclusive
+    @torch.no_grad()
+    def run_block(self, layer: int, resid: torch.Tensor, drop: str | None = None) -> torch.Tensor:
+        """Block `layer` alone: resid_pre [batch, pos, d_model] -> resid_post, computed by the
+        checkpoint's own decoder layer with what the full forward passes it (rotary
+        position embeddings, causal mask, position ids), so chaining every block and
+        `readout` reproduces `forward`. drop: "attention" | "mlp", that sublayer adds nothing
+        (its output projection's output, bias included, is zero). Hooks set with `hooks(...)`
+        do not fire here."""
+        n_blocks = self.structure.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_blocks:
+            raise AnalysisError(f"There is no block {layer!r} to run: this model has blocks 0..{n_blocks - 1}; "
+                                "pass one of those.")
+        if drop not in (None, "attention", "mlp"):
+            raise AnalysisError(f"A block's sublayers are 'attention' and 'mlp'; {drop!r} is not one.")
+        if self._active_hooks:
+            raise CapabilityError("Running one block uses the checkpoint's own layer, where hooks set with "
+                                  "`hooks(...)` do not fire; run `forward` inside `hooks(...)` instead.")
+        plain = self.plain_model()
+        block = plain.get_submodule(self._block_paths()[layer])
+        kwargs = self._layer_kwargs(resid, layer)
+        zeroed = []
+        if drop is not None:
+            readable = f"blocks.{layer}.{'attn.o' if drop == 'attention' else 'mlp.out'}"
+            if readable in self._modules():  # a removed sublayer adds nothing already
+                zeroed.append(self._modules()[readable].register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
+        try:
+            out = block(resid, **kwargs)
+        finally:
+            for handle in zeroed:
+                handle.remove()
+        return out[0] if isinstance(out, tuple) else out
+
+    def _block_paths(self) -> list[str]:
+        """Path of each block's decoder layer in the plain model (kept: removing a block
+        puts its replacement at the same path)."""
+        if self._block_path_list is None:
+            self._block_path_list = [self._hf_path(block) for block in self.model.blocks]
+        paths = self._block_path_list
+        if None in paths:
+            raise CapabilityError("This model's blocks are not found in its transformers model, so they cannot "
+                                  "be run one by one.")
+        return paths
+
+    def _layer_kwargs(self, resid: torch.Tensor, layer: int) -> dict[str, Any]:
+        """The keyword arguments the model's own forward passes decoder layer `layer` for
+        inputs of `resid`'s rows and positions: rotary embeddings, mask (per layer: sliding-
+        window layers get their own), position ids. Caught by pre-hooks on one forward of
+        zeros per input shape (they do not depend on the tokens); no key/value cache."""
+        key = (tuple(resid.shape[:2]), str(resid.device), resid.dtype)
+        if self._block_kwargs is None or self._block_kwargs[0] != key:
+            plain, paths = self.plain_model(), self._block_paths()
+            caught: list[dict[str, Any]] = []
+
+            def catch(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+                caught.append({k: None if type(v).__name__.endswith("Cache") else v
+                               for k, v in kwargs.items() if k != "hidden_states"})
+                if len(caught) == len(paths):
+                    raise self._Stop
+
+            hooks = [plain.get_submodule(p).register_forward_pre_hook(catch, with_kwargs=True) for p in paths]
+            try:
+                zeros = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
+                plain.base_model(input_ids=zeros, use_cache=False)
+            except self._Stop:
+                pass
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            self._block_kwargs = (key, caught)
+        return self._block_kwargs[1][layer]
 
     # ---- early exits
 
@@ -110,11 +207,7 @@ class LMViews:
 
             return pre_hook
 
-        paths = [self._hf_path(self.model.blocks[layer]) for layer in range(L)]
-        if None in paths:
-            raise CapabilityError("This model's blocks are not found in its transformers model, so their "
-                                  "states cannot be read for early exits.")
-        blocks = enumerate(self.plain_model().get_submodule(path) for path in paths)
+        blocks = enumerate(self.plain_model().get_submodule(path) for path in self._block_paths())
         handles = [block.register_forward_pre_hook(catch(layer), with_kwargs=True) for layer, block in blocks]
         try:
             logits = self._forward_every_layer(inputs)

@@ -252,8 +252,10 @@ def test_input_transform_hooks_go_when_the_body_raises(tiny_lm, tokens):
 
 def test_bridge_paths_refuse_a_copy_whose_inputs_are_quantized_and_export_says_so(tiny_lm, tokens):
     """TransformerLens' forward does not pass through the plain model's pre-hooks, so what
-    runs through it would silently skip the activation quantization: it is refused; a
-    checkpoint folder cannot hold it, so the exported zip carries a note saying so."""
+    runs through it would silently skip the activation quantization: it is refused; one
+    block runs the plain model's own layer, pre-hooks included, so chained blocks give the
+    copy's forward; a checkpoint folder cannot hold it, so the exported zip carries a note
+    saying so."""
     import io
     import zipfile
 
@@ -261,9 +263,13 @@ def test_bridge_paths_refuse_a_copy_whose_inputs_are_quantized_and_export_says_s
     from lib.handle import Point
 
     w8a8 = edited(tiny_lm, Quantize("int8", "mlp", activations=True))
-    for use in (lambda: w8a8.record(tokens, [Point("resid_pre", 1)]), lambda: w8a8.run_block(0, torch.zeros(1, 3, 32))):
-        with pytest.raises(CapabilityError, match="quantizes the inputs of 6 linear layer"):
-            use()
+    with pytest.raises(CapabilityError, match="quantizes the inputs of 6 linear layer"):
+        w8a8.record(tokens, [Point("resid_pre", 1)])
+    h = tiny_lm.record(tokens, [Point("resid_pre", 0)])[Point("resid_pre", 0)]
+    for layer in range(w8a8.structure.n_layers):
+        h = w8a8.run_block(layer, h)
+    torch.testing.assert_close(w8a8.readout(h), w8a8.forward(tokens))
+    assert not torch.allclose(w8a8.forward(tokens), tiny_lm.forward(tokens))  # the quantized inputs count
     weights_only = edited(tiny_lm, Quantize("int8", "mlp"))
     assert Point("resid_pre", 1) in weights_only.record(tokens, [Point("resid_pre", 1)])
     names = {n: zipfile.ZipFile(io.BytesIO(model_zip(m, "m"))).namelist() for n, m in

@@ -66,7 +66,8 @@ def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> torch.Ten
 def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
                   kinds: Sequence[str] = LM_KINDS, progress: Progress | None = None) -> DropSweep:
     """Metrics with each single block / attention / MLP dropped, reusing the cached
-    h_l and m_l: dropping part l only reruns layers l..L-1 (blocks: l+1..L-1).
+    h_l and m_l: dropping part l only reruns layers l..L-1 (blocks and MLPs: l+1..L-1;
+    m_l is what block l gives with its MLP dropped, in a parallel block too).
     Parts the model does not have (the MLPs of an attention-only model) are listed
     in `not_droppable`."""
     unknown = [k for k in kinds if k not in LM_KINDS]
@@ -89,8 +90,7 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
         elif drop.kind == "mlp":
             logits = _run_from(handle, drop.layer + 1, res.mid[drop.layer])
         else:
-            with dropping(handle, [drop]):
-                after = handle.run_block(drop.layer, res.resid[drop.layer])
+            after = handle.run_block(drop.layer, res.resid[drop.layer], drop="attention")
             logits = _run_from(handle, drop.layer + 1, after)
         out[drop] = _metrics(handle, logits, batch, reference)
         if progress:

@@ -203,9 +203,13 @@ def similarity_sentence(sim: LayerSimilarity) -> str:
     where = "deeper" if att_deep < att_shallow else "shallower"
     means = f"attention {float(imp['attention'].mean()):.3g}" + (
         f", MLP {float(imp['mlp'].mean()):.3g}" if "mlp" in imp else " (the model has no MLPs)")
+    parallel = (" In this model attention and MLP run in parallel (both read the block's input h and their "
+                "writes are added): each sublayer is scored as 1 − cos(h, h + its own write), and dropping one "
+                "keeps the other's write.") if sim.parallel else ""
     return (f"Least important sublayer: {_name(Drop(kind, layer))} (1 − cos = {score:.3g}). "
             f"Mean importance — {means}; the {where} half of the attention layers changes the "
-            f"residual stream less ({min(att_deep, att_shallow):.3g} vs {max(att_deep, att_shallow):.3g}).")
+            f"residual stream less ({min(att_deep, att_shallow):.3g} vs {max(att_deep, att_shallow):.3g})."
+            + parallel)
 
 
 def drop_sentence(report: RedundancyReport) -> str:

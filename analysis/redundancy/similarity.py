@@ -3,7 +3,9 @@ sublayer changes the residual stream, and how similar layers are (what each dept
 predict is `analysis.lens.logit_lens`). Definitions: METHODS.md §1.
 
 Notation: h_l is the residual stream entering block l (point "resid_pre"), h_L the
-output of the last block; m_l the residual after attention l ("resid_mid"). Token
+output of the last block; m_l = h_l + attention l's write ("resid_mid"). In a parallel
+block (GPT-NeoX, Phi: both sublayers read h_l) m_l is what the block would give with
+its MLP dropped, and the MLP is compared with what it reads, h_l. Token
 statistics skip the first `skip` positions (BOS and the huge-norm "sink" positions
 that dominate every similarity).
 """
@@ -38,7 +40,7 @@ class Residuals:
     logits: [batch, pos, vocab] the model's output = readout(h_L), or None when the
     pass was collected for statistics that do not need it (see `final_logits`);
     batch_digest: the `digest` of the batch they were recorded on; has_mlp: False for
-    an attention-only model.
+    an attention-only model; parallel: attention and MLP both read h_l.
     """
 
     resid: torch.Tensor
@@ -47,17 +49,20 @@ class Residuals:
     skip: int
     batch_digest: str = ""
     has_mlp: bool = True
+    parallel: bool = False
 
 
 @dataclass(frozen=True)
 class LayerSimilarity:
     """Per-layer statistics from one pass (cosines averaged over evaluation tokens).
 
-    block, attention, mlp: [L] cos(h_l, h_{l+1}), cos(h_l, m_l), cos(m_l, h_{l+1});
+    block, attention, mlp: [L] cos(h_l, h_{l+1}), cos(h_l, m_l), cos(m_l, h_{l+1}) (in a
+    parallel block the MLP's is cos(h_l, h_l + f_l), f_l = h_{l+1} - m_l its write);
     angular: [L+1, L+1] arccos(cos(h_i, h_j)) / pi at the last token, mean over prompts;
     cka: [L+1, L+1] linear CKA between depths; norms: [L+1] mean ||h_l||;
     relative_update: [L] mean ||h_{l+1} - h_l|| / ||h_l||; has_mlp: False for an
-    attention-only model (its `mlp` cosines are 1 and are left out of every ranking).
+    attention-only model (its `mlp` cosines are 1 and are left out of every ranking);
+    parallel: attention and MLP of a block both read h_l.
     """
 
     block: torch.Tensor
@@ -70,6 +75,7 @@ class LayerSimilarity:
     n_tokens: int
     skip: int
     has_mlp: bool = True
+    parallel: bool = False
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -133,7 +139,7 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
     resid = torch.stack([cache[n] for n in pre] + [cache[last]])
     logits = handle.readout(resid[-1]) if with_logits else None
     return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip, batch.digest,
-                     has_mlp=handle.structure.d_mlp > 0)
+                     has_mlp=handle.structure.d_mlp > 0, parallel=handle.structure.parallel)
 
 
 def final_logits(handle: ModelHandle, res: Residuals) -> torch.Tensor:
@@ -164,13 +170,16 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
     unit_m = m / m.norm(dim=-1).clamp_min(1e-12)[..., None]
     block = (unit_h[:-1] * unit_h[1:]).sum(-1).mean((1, 2))
     attention = (unit_h[:-1] * unit_m).sum(-1).mean((1, 2))
-    mlp = (unit_m * unit_h[1:]).sum(-1).mean((1, 2))
+    if res.parallel:  # the MLP read h_l and wrote f_l = h_{l+1} - m_l
+        mlp = token_cosine(h[:-1], h[:-1] + h[1:] - m).mean((1, 2))
+    else:
+        mlp = (unit_m * unit_h[1:]).sum(-1).mean((1, 2))
     last = unit_h[:, :, -1].transpose(0, 1)  # [batch, L+1, d]
     angular = _angle(last).mean(0) / math.pi
     flat = [layer.reshape(-1, layer.shape[-1]) for layer in h]  # each [N, d]
     update = (h[1:] - h[:-1]).norm(dim=-1) / h_norm[:-1].clamp_min(1e-12)
     return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), h_norm.mean((1, 2)),
-                           update.mean((1, 2)), flat[0].shape[0], res.skip, res.has_mlp)
+                           update.mean((1, 2)), flat[0].shape[0], res.skip, res.has_mlp, res.parallel)
 
 
 @dataclass(frozen=True)
