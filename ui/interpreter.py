@@ -59,6 +59,7 @@ def image_comparison(handle: ModelHandle, index: int, target: int) -> Attributio
 def token_contributions(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> TokenContributions:
     tokens = it.prompt_tokens(handle, prompt)
     target = it.logit_target(handle, token, versus)
+    it.check_linearisable(handle)  # before the float64 copy
     return stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus),
                   lambda _: it.token_contributions(working_copy(handle), tokens, target), "Linearising the model")
 

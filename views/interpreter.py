@@ -92,7 +92,7 @@ def text_view() -> None:
     cols[1].metric("from the tokens", f"{float(result.contributions.sum()):+.4g}")
     cols[2].metric("bias b", f"{result.bias:+.4g}", help="The frozen model's target at zero input embeddings.")
     cols[3].metric("reconstruction error", f"{result.error:.1e}", help=ERROR_HELP)
-    st.caption(report.reconstruction_sentence(result.error) + f" {result.n_frozen} scales, patterns and gates frozen.")
+    st.caption(report.reconstruction_sentence(result.error) + " " + report.lm_frozen_sentence(result))
     st.subheader(f"Which tokens push the {result.target.label}")
     st.plotly_chart(pi.token_strip(result), width="stretch")
     st.caption(report.token_sentence(result) + f" Whitespace is shown as {WHITESPACE_NOTE}; hover for long tokens.")

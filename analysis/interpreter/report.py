@@ -19,6 +19,18 @@ def reconstruction_sentence(error: float, dtype_bits: int = 64) -> str:
             f"operation): the decomposition is {verdict}.")
 
 
+def lm_frozen_sentence(result: TokenContributions) -> str:
+    """What the transformer linearisation froze at this prompt, e.g. "Frozen at this prompt:
+    7 norm scales, 3 attention patterns and 3 gated-MLP gate branches act(x·W_gate)"."""
+    parts = [f"{n} {what}" for what, n in result.frozen]
+    if not parts:
+        return "Nothing was frozen: the model is linear in its input embeddings."
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    positions = "" if result.has_positions else (" This model has no position embedding at its input: positions act "
+                                                  "inside attention, whose patterns are frozen.")
+    return f"Frozen at this prompt: {listed}.{positions}"
+
+
 def frozen_sentence(linear: LinearMap) -> str:
     """Which layers were frozen, e.g. "4 ReLU and 2 MaxPool2d layers"."""
     counts = Counter(kind for _, kind in linear.frozen)

@@ -1,11 +1,13 @@
 """The detached linearisation of a transformer language model (METHODS.md §3).
 
-With every LayerNorm scale, attention pattern and MLP gate g = act(p)/p frozen at its value
-for a prompt, a target logit at the last position is exactly linear in the input embeddings
-plus a bias term: logit = sum over positions of J_pos · e_pos + b. One pass with the frozen
-parts detached gives the value and, with one backward, J; a second pass at zero embeddings
-gives b, so the reconstruction error |sum + b - logit| is a real check that nothing was
-left unfrozen. Gradients and float64 run on a private copy (`gradients.working_copy`); the
+With every LayerNorm / RMSNorm scale, attention pattern (or the queries and keys it is
+computed from) and MLP gate frozen at its value for a prompt (a plain MLP's g = act(p)/p;
+a gated MLP's gate branch act(x·W_gate), so act(x·W_gate) ⊙ x·W_up is linear in x), a
+target logit at the last position is exactly linear in the input embeddings plus a bias
+term: logit = sum over positions of J_pos · e_pos + b. One pass with the frozen parts
+detached gives the value and, with one backward, J; a second pass at zero embeddings gives
+b, so the reconstruction error |sum + b - logit| is a real check that nothing was left
+unfrozen. Gradients and float64 run on a private copy (`gradients.working_copy`); the
 shared base model is never hooked for gradients and stays bit-identical.
 """
 
@@ -19,6 +21,20 @@ import torch
 from analysis.interpreter.gradients import InterpreterError, gradient_model
 from lib.data import DataError, check_text
 from lib.handle import ModelHandle, Point
+
+
+NOT_LINEAR_READOUT = ("This model's readout is not a plain linear unembedding (e.g. soft-capped logits, as in "
+                      "Gemma 2), so its logits are not linear in the final norm's output and the interpreter "
+                      "cannot decompose them exactly. Pick a model with a linear readout (GPT-2, Pythia, Llama, "
+                      "Qwen, Gemma 1) for this page; the other pages work on this one.")
+
+
+def check_linearisable(handle: ModelHandle) -> None:
+    """Refuse, before any float64 copy is made, a model the detached linearisation cannot
+    make exact (CapabilityError / InterpreterError saying why and what to pick instead)."""
+    handle.linearisation_points()
+    if handle.unembedding() is None:
+        raise InterpreterError(NOT_LINEAR_READOUT)
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ class TokenContributions:
     learned positions (has_positions False); bias: b, the frozen model's target value at
     zero input embeddings (every bias term it carries); value: F(x0), the model's real
     target value; error: |sum(token_part + position_part) + b - F(x0)|; n_frozen: how many
-    scales, patterns and gates were frozen.
+    scales, patterns and gates were frozen; frozen: (what, how many) for each kind frozen.
     """
 
     tokens: torch.Tensor
@@ -102,6 +118,7 @@ class TokenContributions:
     error: float
     n_frozen: int
     has_positions: bool
+    frozen: tuple[tuple[str, int], ...] = ()
 
     @property
     def contributions(self) -> torch.Tensor:
@@ -126,7 +143,16 @@ class FrozenLM:
 
     @property
     def n_frozen(self) -> int:
-        return sum(len(self.points[k]) for k in ("scale", "pattern", "gate_out"))
+        return sum(n for _, n in self.frozen_counts())
+
+    def frozen_counts(self) -> tuple[tuple[str, int], ...]:
+        """(what, how many) for each kind of point frozen, in words."""
+        p = self.points
+        counts = (("norm scales", len(p["scale"])), ("attention patterns", len(p["pattern"])),
+                  ("attention patterns (via their queries and keys)", len(p["query_key"]) // 2),
+                  ("MLP gates act(p)/p", len(p["gate_out"])),
+                  ("gated-MLP gate branches act(x·W_gate)", len(p["gate_branch"])))
+        return tuple((what, n) for what, n in counts if n)
 
     @property
     def x0(self) -> torch.Tensor:
@@ -138,8 +164,7 @@ def _readout(model: ModelHandle, target: LogitTarget) -> tuple[torch.Tensor, tor
     """(direction [d_model], offset []) with target = LN_final(h) · direction + offset."""
     found = model.unembedding()
     if found is None:
-        raise InterpreterError("This model's readout is not a plain linear unembedding (e.g. soft-capped "
-                               "logits), so its logits are not linear in the final LayerNorm's output.")
+        raise InterpreterError(NOT_LINEAR_READOUT)
     w_u, b_u = found
     ids, weights = list(target.token_ids), torch.tensor(target.weights, dtype=w_u.dtype)
     direction = weights @ w_u[ids]
@@ -177,10 +202,15 @@ def _detaching(points: dict[str, list[Point]], kept: dict[Point, torch.Tensor]) 
             return t.detach() + (x - x.detach()) * g  # value exactly act(p); derivative g
         return hook
 
-    pairs = [(p, constant(p)) for p in points["scale"] + points["pattern"]]
+    pairs = [(p, constant(p)) for p in _constants(points)]
     for i, (p_in, p_out) in enumerate(zip(points["gate_in"], points["gate_out"])):
         pairs += [(p_in, pre(i)), (p_out, gate(i, p_out))]
     return pairs
+
+
+def _constants(points: dict[str, list[Point]]) -> list[Point]:
+    """The points frozen outright at their value for the prompt."""
+    return points["scale"] + points["pattern"] + points["query_key"] + points["gate_branch"]
 
 
 def _gate(activation: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
@@ -205,7 +235,7 @@ def _replaying(frozen: FrozenLM) -> list[tuple[Point, Callable]]:
         return lambda _t: live[i] * frozen.values[p]
 
     points = frozen.points
-    pairs = [(p, constant(p)) for p in points["scale"] + points["pattern"]]
+    pairs = [(p, constant(p)) for p in _constants(points)]
     for i, (p_in, p_out) in enumerate(zip(points["gate_in"], points["gate_out"])):
         pairs += [(p_in, pre(i)), (p_out, gate(i, p_out))]
     return pairs
@@ -247,7 +277,7 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
         value = model.unembedding_input(tokens)[0, -1] @ direction + offset
         grads = torch.autograd.grad(value, leaves)
     parts = [(g * e).sum(-1)[0].detach() for g, e in zip(grads, leaves)]  # [pos] each
-    unfrozen = [p for k in ("scale", "pattern", "gate_out") for p in points[k] if p not in kept]
+    unfrozen = [p for p in _constants(points) + points["gate_out"] if p not in kept]
     if unfrozen:
         raise InterpreterError(f"{len(unfrozen)} point(s) to freeze never fired in this model's forward "
                                f"(first: {unfrozen[0].site} {unfrozen[0].layer}); it cannot be linearised exactly.")
@@ -260,7 +290,7 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
     texts = tuple("BOS" if i == 0 and int(t) == bos else token_text(handle, int(t))  # as the Channels page names it
                   for i, t in enumerate(tokens[0]))
     result = TokenContributions(tokens[0], texts, target, parts[0], position, float(bias), float(value.detach()),
-                                error, frozen.n_frozen, len(parts) > 1)
+                                error, frozen.n_frozen, len(parts) > 1, frozen.frozen_counts())
     return result, frozen
 
 
