@@ -59,10 +59,15 @@ class LMParts:
             _set_submodule(plain, block, _RemovedBlock())
         else:
             sub, norm = ("attn", "ln1") if part.kind == "attention" else ("mlp", "ln2")
-            _set_submodule(plain, self._hf_path(getattr(self.model.blocks[part.layer], sub)),
-                           _RemovedAttention() if part.kind == "attention" else _RemovedMLP())
+            path = self._hf_path(getattr(self.model.blocks[part.layer], sub))
+            if path == block and part.kind == "mlp":  # no MLP module of its own (OPT): its two linear maps go
+                _set_submodule(plain, self._paths()[f"blocks.{part.layer}.mlp.in"], _NoFeatures())
+                _set_submodule(plain, self._paths()[f"blocks.{part.layer}.mlp.out"], _ZeroWrite(self.structure.d_model))
+            else:
+                _set_submodule(plain, path, _RemovedAttention() if part.kind == "attention" else _RemovedMLP())
             norm_path = self._paths().get(f"blocks.{part.layer}.{norm}")
-            if norm_path is not None:  # pre-norm: the LayerNorm only fed the removed sublayer
+            shared = self.structure.parallel and f"blocks.{part.layer}.ln2" not in self._paths()  # Phi: one norm
+            if norm_path is not None and not shared:  # pre-norm: the LayerNorm only fed the removed sublayer
                 _set_submodule(plain, norm_path, nn.Identity())
         self.refresh_structure(f"{part.kind} {part.layer}")
         self.weights_changed()
@@ -72,6 +77,15 @@ class LMParts:
         if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
             return []
         return self._heads.get(layer, list(range(self.structure.n_heads)))
+
+    def head_groups(self, layer: int) -> list[list[int]]:
+        """The heads layer `layer` still has, grouped by the key/value head they share
+        (one head per group without grouped-query attention): what can be removed together."""
+        group = self.structure.n_heads // self._n_kv()
+        groups: dict[int, list[int]] = {}
+        for h in self.heads_left(layer):
+            groups.setdefault(h // group, []).append(h)
+        return list(groups.values())
 
     @torch.no_grad()
     def remove_heads_(self, layer: int, heads: Sequence[int]) -> None:
@@ -89,31 +103,53 @@ class LMParts:
         if not keep:
             self.remove_(_Part("attention", layer))
             return
-        cfg = self.model.cfg
-        if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
-            raise CapabilityError("Removing single heads of a grouped-query attention layer is not supported.")
+        kv_left, group = self._kv_heads(layer), self.structure.n_heads // self._n_kv()
+        kv_keep = [i for i, g in enumerate(kv_left) if any(left[k] // group == g for k in keep)]
+        partial = sorted({h // group for h in heads} & {left[k] // group for k in keep})
+        if partial:
+            g = partial[0]
+            raise CapabilityError(
+                f"In this model's grouped-query attention every {group} query heads share one key/value head "
+                f"(heads {g * group}–{(g + 1) * group - 1} share one), so a head goes only with its whole group: "
+                f"remove heads {', '.join(str(h) for h in left if h // group == g)} together. To see what one "
+                "head does, cut it on the Channels page (the weights stay).")
         plain = self._make_structural()
         attention = plain.get_submodule(self._hf_path(self.model.blocks[layer].attn))
-        d_head, n_now = self.structure.d_head, len(left)
-        rows = torch.cat([torch.arange(i * d_head, (i + 1) * d_head) for i in keep])  # [kept * d_head]
+        d_head = self.structure.d_head
+        rows = _head_rows(keep, d_head)  # [kept * d_head]
         paths = {k: self._paths().get(f"blocks.{layer}.attn.{k}") for k in ("qkv", "q", "k", "v", "o")}
-        if paths["qkv"] is not None:  # fused [q | k | v] columns of a Conv1D [d, 3 * n * d_head]
+        if paths["qkv"] is not None:  # fused q, k, v (multi-head attention: kv_keep is keep)
             fused = plain.get_submodule(paths["qkv"])
-            cols = torch.cat([rows + j * n_now * d_head for j in range(3)])
+            if _per_head_qkv(attention):  # GPT-NeoX: [q k v] of head 0, then of head 1, ...
+                cols = _head_rows(keep, 3 * d_head)
+            else:  # GPT-2's Conv1D: [q | k | v], each n * d_head wide
+                cols = torch.cat([rows + j * len(left) * d_head for j in range(3)])
             _slice_(fused, cols, out_dim=_out_dim(fused))
             attention.split_size = len(rows)
         else:
-            for k in ("q", "k", "v"):
+            for k, index in (("q", rows), ("k", _head_rows(kv_keep, d_head)), ("v", _head_rows(kv_keep, d_head))):
                 proj = plain.get_submodule(paths[k])
-                _slice_(proj, rows, out_dim=_out_dim(proj))
+                _slice_(proj, index, out_dim=_out_dim(proj))
         out_proj = plain.get_submodule(paths["o"])
         _slice_(out_proj, rows, out_dim=1 - _out_dim(out_proj), bias=False)  # its inputs are the heads
         for attr in ("num_heads", "num_attention_heads"):
             if isinstance(getattr(attention, attr, None), int):
                 setattr(attention, attr, len(keep))
+        for attr in ("num_key_value_heads", "num_kv_heads"):
+            if isinstance(getattr(attention, attr, None), int):
+                setattr(attention, attr, len(kv_keep))
+        self._kv[layer] = [kv_left[i] for i in kv_keep]
         self._heads[layer] = [left[i] for i in keep]
         self.refresh_structure(f"heads {', '.join(map(str, sorted(heads)))} of layer {layer}")
         self.weights_changed()
+
+    def _n_kv(self) -> int:
+        """Key/value heads per layer of the checkpoint (grouped-query attention: fewer than heads)."""
+        return int(getattr(self.model.cfg, "n_key_value_heads", None) or self.structure.n_heads)
+
+    def _kv_heads(self, layer: int) -> list[int]:
+        """Original indices of the key/value heads layer `layer` still has."""
+        return self._kv.get(layer, list(range(self._n_kv())))
 
     @torch.no_grad()
     def save_pretrained(self, folder: Any) -> None:
@@ -136,7 +172,7 @@ class LMParts:
             dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
         mine = self.plain_model().state_dict()
         for path, module in self.plain_model().named_modules():  # factorised or shared layers, made dense again
-            if hasattr(module, "dense"):
+            if callable(getattr(type(module), "dense", None)):  # a method, not a submodule named dense (GPT-NeoX)
                 mine.update({f"{path}.{k}": v for k, v in module.dense().items()})
         state = {}
         for name, meta in dense.state_dict().items():
@@ -152,12 +188,16 @@ class LMParts:
 
     def _unslice_into(self, dense: torch.Tensor, kept: torch.Tensor, name: str) -> None:
         layer = next(l for l in self._heads if name.startswith(f"{self._hf_path(self.model.blocks[l])}."))
-        d_head, n = self.structure.d_head, self.structure.n_heads
-        heads = torch.cat([torch.arange(h * d_head, (h + 1) * d_head) for h in self._heads[layer]])
+        d_head, n, n_kv = self.structure.d_head, self.structure.n_heads, self._n_kv()
+        attention = self.plain_model().get_submodule(self._hf_path(self.model.blocks[layer].attn))
+        heads, kv = _head_rows(self._heads[layer], d_head), _head_rows(self._kv_heads(layer), d_head)
         for dim in range(dense.dim()):
             if dense.shape[dim] != kept.shape[dim]:
-                parts = dense.shape[dim] // (n * d_head)  # 3 for a fused [q | k | v], else 1
-                index = torch.cat([heads + j * n * d_head for j in range(parts)])
+                if dense.shape[dim] == 3 * n * d_head:  # fused q, k, v
+                    index = (_head_rows(self._heads[layer], 3 * d_head) if _per_head_qkv(attention)
+                             else torch.cat([heads + j * n * d_head for j in range(3)]))
+                else:
+                    index = kv if dense.shape[dim] == n_kv * d_head and kept.shape[dim] == len(kv) else heads
                 dense.index_copy_(dim, index, kept)
                 return
 
@@ -230,6 +270,35 @@ class _RemovedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
+
+
+def _head_rows(heads: Sequence[int], width: int) -> torch.Tensor:
+    """The rows (or columns) of `heads` in a weight that holds `width` of them per head."""
+    return torch.cat([torch.arange(h * width, (h + 1) * width) for h in heads])
+
+
+def _per_head_qkv(attention: nn.Module) -> bool:
+    """Whether a fused q/k/v projection is laid out head by head ([q k v] of head 0, then
+    head 1, ...), as GPT-NeoX and BLOOM do, rather than [all q | all k | all v]."""
+    return type(attention).__name__.startswith(("GPTNeoX", "Bloom"))
+
+
+class _NoFeatures(nn.Module):
+    """A removed MLP's first linear map, where the MLP is no module of its own: no features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], 0)
+
+
+class _ZeroWrite(nn.Module):
+    """A removed MLP's last linear map: it writes nothing to the residual stream."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.width)
 
 
 def _holds_tensors(module: nn.Module) -> bool:

@@ -49,8 +49,15 @@ def remove_heads(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         st.info("Every attention sublayer is already removed.")
         return None
     layer = st.selectbox("Layer", layers, key="lab_heads_layer")
-    heads = st.multiselect(f"Heads of layer {layer} to remove", edited.heads_left(layer), key=f"lab_heads_{layer}")
-    return RemoveHeads(layer, tuple(sorted(heads))) if heads else None
+    groups = edited.head_groups(layer)
+    if all(len(g) == 1 for g in groups):
+        heads = st.multiselect(f"Heads of layer {layer} to remove", edited.heads_left(layer), key=f"lab_heads_{layer}")
+        return RemoveHeads(layer, tuple(sorted(heads))) if heads else None
+    picked = st.multiselect(f"Head groups of layer {layer} to remove", range(len(groups)), key=f"lab_heads_{layer}",
+                            format_func=lambda i: "heads " + ", ".join(map(str, groups[i])))
+    st.caption("Grouped-query attention: the heads of a group share one key/value head, so they go together. "
+               "To see what one head does, cut it on the Channels page.")
+    return RemoveHeads(layer, tuple(sorted(h for i in picked for h in groups[i]))) if picked else None
 
 
 @method("Drop a block, attention or MLP", LM,
