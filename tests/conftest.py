@@ -112,3 +112,28 @@ def refused(spec: object, *, fifos: tuple[Path, ...] = (), **options: object) ->
     error = in_thread(lambda: models.load_model(spec, **options), fifos=fifos)
     assert isinstance(error, models.ModelLoadError), error
     return str(error)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """A tiny random-weight checkpoint folder of every family in `tools.families`."""
+    from tools.families import FAMILIES, save_tiny
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: save_tiny(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def family_handles(family_dirs):
+    """Each family's folder loaded as a user's folder is (read-only: tests must not mutate them)."""
+    from lib.models import load_model
+
+    return {name: load_model(str(folder)) for name, folder in family_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def plain_models(family_dirs):
+    """Each family's folder loaded again by plain transformers (the independent reference)."""
+    import family_refs
+
+    return {name: family_refs.plain_model(folder) for name, folder in family_dirs.items()}

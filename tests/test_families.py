@@ -1,0 +1,157 @@
+"""The family matrix (forward and views): a tiny random-weight checkpoint of every family
+in `tools.families`, loaded through the user's loader, checked against plain
+transformers with plain torch hooks (`tests/family_refs.py`) value by value."""
+
+from __future__ import annotations
+
+import family_refs as ref
+import pytest
+import torch
+
+from tools.families import FAMILIES
+
+FAMILY_NAMES = list(FAMILIES)
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 6
+
+
+def _batch(handle):
+    from lib.data import text_batch
+
+    return text_batch(handle.tokenizer, TEXT, seq_len=24, max_windows=4)
+
+
+def _close(a, b, tol=2e-5):
+    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_forward_and_every_block_run_alone_match_plain_transformers(family, family_handles, plain_models):
+    from lib.handle import Point
+
+    handle, plain = family_handles[family], plain_models[family]
+    tokens = _batch(handle).tokens
+    logits = handle.forward(tokens)
+    _close(logits, ref.logits(plain, tokens))
+    L = handle.structure.n_layers
+    resid = handle.record(tokens, [Point("resid_pre", 0)])[Point("resid_pre", 0)]
+    for layer in range(L):
+        resid = handle.run_block(layer, resid)
+    _close(handle.readout(resid), logits)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_single_drop_of_the_fast_sweep_matches_a_plain_hook(family, family_handles, plain_models):
+    from analysis.redundancy.drops import lm_drop_sweep
+    from analysis.redundancy.similarity import collect_residuals
+    from lib.metrics import metrics_from_outputs
+    from lib.scoring import prepare_base
+
+    handle, plain = family_handles[family], plain_models[family]
+    batch = _batch(handle)
+    sweep = lm_drop_sweep(handle, batch, collect_residuals(handle, batch))
+    base = ref.logits(plain, batch.tokens)
+    reference = prepare_base(base, batch)
+    assert not sweep.not_droppable and len(sweep.dropped) == 3 * handle.structure.n_layers
+    for drop, got in sweep.dropped.items():
+        cut = ref.logits(plain, batch.tokens, [(drop.kind, drop.layer)])
+        want = metrics_from_outputs(cut, batch, handle.n_params, handle.size_bits, reference)
+        assert got.nll == pytest.approx(want.nll, rel=1e-4, abs=1e-6), drop
+        assert got.kl_to_base == pytest.approx(want.kl_to_base, rel=1e-3, abs=1e-6), drop
+        assert (cut - base).abs().max() > 1e-3  # every drop changes the logits: the check can fail
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_redundancy_report_and_sublayer_similarities(family, family_handles, plain_models):
+    from analysis.redundancy.report import build_report
+
+    handle, plain = family_handles[family], plain_models[family]
+    batch = _batch(handle)
+    report = build_report(handle, batch, skip=2)
+    sim = report.similarity
+    tokens = batch.tokens
+    layers = ref.decoder_layers(plain)
+    seen: dict[str, list] = {"in": [], "attn": [], "out": []}
+    hooks = [layer.register_forward_hook(
+        lambda m, a, k, out: seen["in"].append(a[0] if a else k["hidden_states"]) or
+        seen["out"].append(out[0] if isinstance(out, tuple) else out), with_kwargs=True) for layer in layers]
+    hooks += [ref.attention(layer).register_forward_hook(lambda m, a, out: seen["attn"].append(out[0]))
+              for layer in layers]
+    with torch.no_grad():
+        plain(input_ids=tokens)
+    for h in hooks:
+        h.remove()
+
+    def cos(a, b):
+        return torch.nn.functional.cosine_similarity(a[:, 2:].double(), b[:, 2:].double(), dim=-1).mean()
+
+    for l in range(handle.structure.n_layers):
+        x, a, y = seen["in"][l], seen["attn"][l], seen["out"][l]
+        m = x + a
+        mlp_want = cos(x, x + (y - m)) if handle.structure.parallel else cos(m, y)  # METHODS: parallel blocks
+        assert float(sim.attention[l]) == pytest.approx(float(cos(x, m)), abs=1e-5)
+        assert float(sim.mlp[l]) == pytest.approx(float(mlp_want), abs=1e-5)
+        assert float(sim.block[l]) == pytest.approx(float(cos(x, y)), abs=1e-5)
+    assert handle.structure.parallel == (family in ("neox", "phi"))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_the_linearisation_is_complete_and_its_value_is_the_real_logit(family, family_handles, family_dirs):
+    from analysis.interpreter import transformer as it
+    from analysis.interpreter.gradients import working_copy
+
+    handle = family_handles[family]
+    tokens = it.prompt_tokens(handle, "def f(x): return x")
+    result = it.token_contributions(working_copy(handle), tokens, it.logit_target(handle, 50, versus=51))
+    real = ref.logits(ref.plain_model(family_dirs[family], torch.float64), tokens)[0, -1]
+    assert result.value == pytest.approx(float(real[50] - real[51]), abs=1e-6)
+    assert result.error < 1e-5 and abs(float(result.contributions.sum()) + result.bias - result.value) < 1e-5
+    assert result.has_positions == (family in ("gpt2", "opt"))  # learned positions
+    kinds = dict(result.frozen)
+    gated = family in ("llama", "qwen2", "mistral", "gemma")
+    assert ("gated-MLP gate branches act(x·W_gate)" in kinds) == gated
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_head_roles_circuits_and_head_cuts(family, family_handles, plain_models):
+    from analysis.channels.circuits import channel_components, circuits, composition_scores
+    from analysis.channels.heads import HeadEdit, attention_patterns, editing, head_roles, role_probe
+
+    handle, plain = family_handles[family], plain_models[family]
+    probe = role_probe(handle)
+    roles = head_roles(handle, probe)
+    assert roles.induction.shape == (handle.structure.n_layers, handle.structure.n_heads)
+    with torch.no_grad():
+        want = plain(input_ids=probe[:1], output_attentions=True).attentions
+    _close(attention_patterns(handle, probe), torch.stack([p[0] for p in want]))
+
+    c = circuits(handle)
+    comp = composition_scores(c)
+    for scores in comp.scores.values():
+        assert torch.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1 + 1e-6
+    parts = channel_components(c, comp, (0, 1), (1, 2), "V")
+    assert parts.full == pytest.approx(float(comp.scores["V"][0, 1, 1, 2]), rel=1e-4)
+
+    tokens = _batch(handle).tokens
+    with editing(handle, c, [HeadEdit(1, 2)]):
+        got = handle.forward(tokens)
+    _close(got, ref.logits(plain, tokens, heads=[(1, 2)]))
+    _close(handle.forward(tokens), ref.logits(plain, tokens))  # the hooks are gone
+
+
+def test_the_readme_table_is_the_matrix():
+    """The README's family table is `tools.families.readme_table()`, whose families are
+    the ones every matrix test runs on and whose columns name matrix tests that exist."""
+    from pathlib import Path
+
+    import test_families_lab
+
+    from tools.families import VIEWS, readme_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_table() in readme
+    matrix = {name: getattr(module, name) for module in (__import__(__name__), test_families_lab)
+              for name in dir(module) if name.startswith("test_")}
+    for view, tests in VIEWS.items():
+        for name in tests:
+            marks = [m for m in getattr(matrix.get(name), "pytestmark", []) if m.name == "parametrize"]
+            assert marks and list(marks[0].args[1]) == FAMILY_NAMES, (view, name)
