@@ -232,3 +232,22 @@ def test_an_unmeasurable_latency_can_be_timed_again(tiny_folder):
     first = lab.current.latency
     click(at, "lab_time_again")
     assert lab.current.latency is not first and len(lab.history) == 2 and not errors(at)
+
+
+def test_grouped_query_heads_are_offered_by_group(tmp_path):
+    """A Llama-shaped folder (4 heads sharing 2 key/value heads): the lab offers head
+    groups, removes a whole group, and then offers the group that is left."""
+    from tools.families import save_tiny
+
+    at = lab_page(str(save_tiny("llama", tmp_path / "llama")))
+    choose_method(at, "Remove attention heads")
+    at.selectbox(key="lab_heads_layer").set_value(1)
+    run(at)
+    heads = at.multiselect(key="lab_heads_1")
+    assert heads.options == ["heads 0, 1", "heads 2, 3"]
+    heads.set_value([1])
+    run(at)
+    click(at, "lab_add")
+    assert recipe_lines(at) == ["1. remove heads 2, 3 of layer 1"] and not errors(at)
+    run(at)
+    assert at.multiselect(key="lab_heads_1").options == ["heads 0, 1"]
