@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import streamlit as st
 
+from lib.devices import DEVICES, DTYPES, available
 from lib.models import zoo_names
 from lib.zoo import ZOO
-from ui.session import DEFAULT_SPEC, OPT_INS, LoadRequest, current_handle, current_lab, guard, opted_in, request_load
+from ui.session import (
+    DEFAULT_SPEC,
+    OPT_INS,
+    LoadRequest,
+    current_handle,
+    current_lab,
+    guard,
+    opted_in,
+    placement_choice,
+    request_load,
+)
 
 st.set_page_config(page_title="LayerScope", page_icon=":material/biotech:", layout="wide")
 
@@ -18,7 +29,7 @@ def _load_from(key: str) -> None:
     """Widget callback: load the model named in widget `key` (the list or the text box)."""
     spec = (st.session_state.get(key) or "").strip()
     if spec:
-        request_load(LoadRequest(spec, **opted_in()))
+        request_load(LoadRequest(spec, **opted_in(), **placement_choice()))
 
 
 def model_picker() -> None:
@@ -37,7 +48,13 @@ def model_picker() -> None:
                           placeholder="gpt2  or  /path/to/checkpoint", on_change=_load_from, args=("typed_spec",),
                           help="Press Enter to load it.")
     st.sidebar.button("Load this name or folder", on_click=_load_from, args=("typed_spec",), width="stretch")
-    with st.sidebar.expander("Loading options"):  # opt-ins the server offers (see ui.session.OPT_INS)
+    with st.sidebar.expander("Loading options"):  # device, precision, and the opt-ins the server offers
+        st.selectbox("Device", [d for d in DEVICES if d == "auto" or available(d)], key="load_device",
+                     help="auto: a CUDA GPU, then Apple MPS, then the CPU. Applies to the next model loaded.")
+        st.selectbox("Precision", list(DTYPES), key="load_dtype",
+                     help="auto keeps the checkpoint's own (a bfloat16 checkpoint stays bfloat16, half the memory "
+                          "of float32). Statistics and metrics are accumulated in float32 either way. Applies to "
+                          "the next model loaded.")
         for opt_in in OPT_INS:
             if opt_in.offered():
                 st.checkbox(opt_in.label, key=opt_in.key, help=opt_in.help)

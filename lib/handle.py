@@ -337,8 +337,19 @@ class ModelHandle(LinearLayers, ABC):
         if s.removed:
             rows.append(("removed", ", ".join(s.removed)))
         rows += [("parameters", f"{self.n_params:,}"), ("size", f"{self.size_bits / 8 / 2**20:.2f} MiB"),
+                 ("runs on", f"{self.device.type} · {str(self.dtype).replace('torch.', '')}"),
                  ("fingerprint", self.fingerprint)]
         return rows
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (the first device, for a model spread over several)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the weights (the first floating-point parameter's)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     # ---- early exits
 

@@ -65,7 +65,7 @@ class TorchHandle(ModelHandle):
             what = f"a {inputs.dtype} tensor" if isinstance(inputs, torch.Tensor) else f"a {type(inputs).__name__}"
             raise DataError(f"An image model reads floating-point images [batch, 1, H, W] (pixels scaled to 0 ... 1), "
                             f"not {what}. Convert the images first, e.g. images.float() / images.max().")
-        return inputs.to(self._param_dtype())
+        return inputs.to(self.device, self._param_dtype())
 
     @exclusive
     @torch.no_grad()

@@ -169,7 +169,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         if s.n_ctx and inputs.shape[1] > s.n_ctx:
             raise DataError(f"The input has {inputs.shape[1]} tokens per row, but this model reads at most "
                             f"{s.n_ctx} (its context length). Use shorter texts or cut them to {s.n_ctx} tokens.")
-        return inputs
+        return inputs.to(self.device)  # on the CPU: the same tensor
 
     @exclusive
     @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Sequence
 
 import torch
@@ -130,6 +130,7 @@ def metrics_from_outputs(
     Outputs or a base that do not fit the batch are refused (`check_outputs`).
     """
     check_outputs(outputs, batch, base)
+    batch = _on(batch, outputs.device)  # a model on a GPU: its outputs are scored there
     if not isinstance(batch, TextBatch):  # text logits are checked chunk by chunk as they are scored
         check_finite(outputs)
     fields: dict[str, float | None] = {}
@@ -151,6 +152,14 @@ def metrics_from_outputs(
     if base is not None and isinstance(batch, ImageBatch) and batch.targets is None:
         fields["kl_to_base"], fields["agreement"] = kl_and_agreement(outputs, base, batch)
     return Metrics(n_params=n_params, size_bits=size_bits, latency_ms=latency_ms, **fields)
+
+
+def _on(batch: Batch, device: torch.device) -> Batch:
+    """`batch` with every tensor it holds on `device` (itself when they are there)."""
+    tensors = {f.name: value for f in fields(batch) if isinstance(value := getattr(batch, f.name), torch.Tensor)}
+    if all(t.device == device for t in tensors.values()):
+        return batch
+    return replace(batch, **{name: t.to(device) for name, t in tensors.items()})
 
 
 def psnr_db(images: torch.Tensor, targets: torch.Tensor) -> float:

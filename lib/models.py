@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import torch
 
 from lib import checkpoint as ckpt
-from lib import config_checks, preflight
+from lib import config_checks, devices, preflight
 from lib.checkpoint import save_image_model  # noqa: F401 - re-exported: callers save from lib.models
 from lib.errors import (  # noqa: F401 - re-exported: callers catch these from lib.models
     HubUnavailableError,
@@ -66,13 +66,17 @@ _PROCESS_STATE = threading.Lock()
 def load_model(
     spec: str | os.PathLike,
     *,
+    device: str = "auto",
+    dtype: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     available_bytes: int | None = None,
 ) -> ModelHandle:
     """Load `spec` (zoo name, local folder as a string or a `Path`, or hub name) into a `ModelHandle`.
 
-    available_bytes: free memory to check against (default: measured now).
+    device: "auto" (CUDA, then Apple MPS, then the CPU), "cpu", "cuda" or "mps"; dtype:
+    "auto" (the checkpoint's own: bfloat16 stays bfloat16), "float32", "bfloat16" or
+    "float16" (`lib.devices`). available_bytes: free memory to check against (default: measured now).
     Raises a `ModelLoadError` subclass with a user-facing message on bad input.
 
     Loads of one model run one at a time (a lock per resolved spec, so two sessions
@@ -86,7 +90,7 @@ def load_model(
     """
     with _spec_lock(_lock_key(spec)):
         return _load(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                     available_bytes=available_bytes)
+                     available_bytes=available_bytes, device=device, dtype=dtype)
 
 
 def _lock_key(spec: object) -> str:
@@ -122,7 +126,7 @@ def _spec_lock(key: str) -> Iterator[None]:
 
 
 def _load(spec: str | os.PathLike, *, allow_pickle: bool, trust_remote_code: bool,
-          available_bytes: int | None) -> ModelHandle:
+          available_bytes: int | None, device: str, dtype: str) -> ModelHandle:
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if spec is not None and not isinstance(spec, str):
@@ -130,8 +134,9 @@ def _load(spec: str | os.PathLike, *, allow_pickle: bool, trust_remote_code: boo
     spec = (spec or "").strip()
     if not spec:
         raise ModelNotFoundError("No model given. Pick a bundled model or type a hub name or folder.")
+    devices.pick_device(device), devices.pick_dtype(dtype, {})  # a name this machine lacks: refused first
     opts = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                available_bytes=available_bytes)
+                available_bytes=available_bytes, device=device, dtype=dtype)
     if spec.startswith("zoo:"):
         name = spec[4:]
         if name not in ZOO:
@@ -216,7 +221,7 @@ def _download(name: str, allow_pickle: bool, revision: str | None = None) -> Pat
 
 
 def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_code: bool,
-                 available_bytes: int | None) -> ModelHandle:
+                 available_bytes: int | None, device: str, dtype: str) -> ModelHandle:
     """Check everything that can be checked without allocating the model (files readable,
     regular and inside the folder, size against free memory, checkpoint against config,
     tokenizer), then load it."""
@@ -248,7 +253,7 @@ def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_co
     headers = {f: ckpt.safetensors_shapes(f, spec, root) for f in weights}  # every header readable
     # float32 bytes the files hold: exact for safetensors, the file size for pickles
     file_bytes = sum(map(ckpt.shapes_bytes, headers.values())) or sum(p.stat().st_size for p in pickled)
-    opts = dict(file_bytes=file_bytes, available_bytes=available_bytes)
+    opts = dict(file_bytes=file_bytes, available_bytes=available_bytes, device=device, dtype=dtype)
     if "layerscope_architecture" in config:
         files = weights[:1] or pickled[:1]
         return _load_torch_image_model(files[0], headers.get(files[0]), spec, config, root=root, **opts)
@@ -266,14 +271,17 @@ def _containing_root(folder: Path) -> Path:
 
 
 def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Shapes], allow_pickle: bool,
-             trust_remote_code: bool, *, root: Path, file_bytes: int, available_bytes: int | None) -> BridgeHandle:
+             trust_remote_code: bool, *, root: Path, file_bytes: int, available_bytes: int | None, device: str,
+             dtype: str) -> BridgeHandle:
     config_checks.check_settings(config, spec)
     with _PROCESS_STATE:  # transformers' config classes: lazy imports; meta builds switch torch.nn.init off
         hf_config = preflight.hf_config(folder, config, spec, trust_remote_code)
         config_checks.check_sizes(hf_config, spec)
         model_class = preflight.hf_model_class(hf_config, spec)
         size = preflight.hf_config_size(model_class, hf_config, spec, trust_remote_code)
-    preflight.check_memory(spec, size.bytes, file_bytes, available_bytes)
+    precision = devices.pick_dtype(dtype, config)
+    where = devices.placement(device, dtype, config, size.bytes * devices.itemsize(precision) // 4)
+    preflight.check_memory(spec, size.bytes, file_bytes, available_bytes, where.dtype)
     files = ckpt.hf_weight_files(folder, spec, allow_pickle, root)
     shapes: ckpt.Shapes = {}
     for f in files:
@@ -288,7 +296,7 @@ def _load_lm(folder: Path, spec: str, config: dict, headers: dict[Path, ckpt.Sha
         if mismatch:
             raise NoCheckpointError(mismatch.message(spec, _names(files), "config.json"))
         preflight.check_tokenizer(folder, spec, trust_remote_code)
-        handle = _load_bridge(folder, spec, trust_remote_code)
+        handle = _load_bridge(folder, spec, trust_remote_code, where)
     bridged = "._original_component"  # TransformerBridge's wrapper in every path: the checkpoint's names lack it
     _check_finite(((n.replace(bridged, ""), p) for n, p in handle.model.original_model.named_parameters()), spec)
     return handle
@@ -308,12 +316,13 @@ def _names(files: list[Path]) -> str:
     return files[0].name if len(files) == 1 else f"{files[0].name} ... {files[-1].name} ({len(files)} shards)"
 
 
-def _load_bridge(folder: Path, spec: str, trust_remote_code: bool) -> BridgeHandle:
+def _load_bridge(folder: Path, spec: str, trust_remote_code: bool, where: devices.Placement) -> BridgeHandle:
     from transformer_lens.model_bridge import TransformerBridge
 
+    spread = {"device_map": where.device_map} if where.device_map else {"device": where.device}
     try:
         bridge = TransformerBridge.boot_transformers(
-            str(folder), device="cpu", trust_remote_code=trust_remote_code)
+            str(folder), dtype=where.dtype, trust_remote_code=trust_remote_code, **spread)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise UnsupportedModelError(f"{spec!r} could not be loaded as a TransformerLens model: {e}") from e
     bridge.eval()
@@ -325,7 +334,7 @@ def _load_bridge(folder: Path, spec: str, trust_remote_code: bool) -> BridgeHand
 
 
 def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, config: dict, *, root: Path,
-                            file_bytes: int, available_bytes: int | None) -> TorchHandle:
+                            file_bytes: int, available_bytes: int | None, device: str, dtype: str) -> TorchHandle:
     """Build the zoo network on the meta device, check its size and the file's tensor
     names and shapes, then move the file's tensors in (no random weights ever exist)."""
     from lib.zoo.nets import ARCHITECTURES
@@ -342,13 +351,15 @@ def _load_torch_image_model(file: Path, header: ckpt.Shapes | None, spec: str, c
                                     f"({', '.join(model.stages)}), not {removed!r}.")
     for name in removed:  # an exported copy with stages bypassed
         model.stages[name] = torch.nn.Identity()
-    preflight.check_memory(spec, preflight.model_bytes(model), file_bytes, available_bytes)
+    where = devices.placement(device, dtype, config)
+    preflight.check_memory(spec, preflight.model_bytes(model), file_bytes, available_bytes, where.dtype)
     state = ckpt.load_safetensors(file, spec) if header is not None else ckpt.load_pickled_state(file, spec, root)
     mismatch = preflight.plain_mismatch(model, ckpt.tensor_shapes(state))
     if mismatch:
         raise NoCheckpointError(mismatch.message(spec, file.name, "config.json"))
     expected = model.state_dict()
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+    model.load_state_dict({k: v.to(where.device, where.dtype if expected[k].is_floating_point() else expected[k].dtype)
+                           for k, v in state.items()}, assign=True)
     _check_finite(model.state_dict().items(), spec)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -35,16 +35,21 @@ TOKENIZER_PROBE = "def f(x):\n    return x + 1\n"
 # ---- memory ------------------------------------------------------------------------------------
 
 
-def check_memory(spec: str, config_bytes: int, file_bytes: int, available_bytes: int | None) -> None:
+def check_memory(spec: str, config_bytes: int, file_bytes: int, available_bytes: int | None,
+                 dtype: torch.dtype = torch.float32) -> None:
     """Refuse when the larger of what the config builds and what the files hold (float32
-    bytes) exceeds RAM_FRACTION of free memory (`available_bytes`, or measured now)."""
+    bytes, scaled to `dtype`, the precision it loads in) exceeds RAM_FRACTION of free
+    memory (`available_bytes`, or measured now)."""
     import psutil
 
+    scale = torch.empty((), dtype=dtype).element_size() / 4
+    config_bytes, file_bytes = int(config_bytes * scale), int(file_bytes * scale)
     need = max(config_bytes, file_bytes)
     free = psutil.virtual_memory().available if available_bytes is None else available_bytes
     if need > RAM_FRACTION * free:
         raise ModelTooLargeError(
-            f"{spec!r} needs about {need / 2**30:.2f} GiB as float32 (the model config.json describes takes "
+            f"{spec!r} needs about {need / 2**30:.2f} GiB as {str(dtype).replace('torch.', '')} (the model "
+            "config.json describes takes "
             f"{_human(config_bytes)}; the weight files hold {_human(file_bytes)}), but only "
             f"{free / 2**30:.2f} GiB of memory is free (LayerScope uses at most {RAM_FRACTION:.0%} of it). "
             "Pick a smaller model.")

@@ -218,3 +218,21 @@ def test_redundancy_page_on_one_layer_model_says_why(tmp_path):
     at = load(run(new_app()), str(tmp_path), typed=True)
     run(at, "views/redundancy.py")
     assert any("at least 2" in t for t in texts(at))
+
+
+def test_the_sidebar_loads_in_the_precision_chosen(tmp_path):
+    """Loading options: the precision chosen applies to the next model loaded, and the
+    model card says where and in what precision the model runs."""
+    import torch
+
+    from tools.families import save_tiny
+
+    at = run(new_app())
+    assert at.selectbox(key="load_device").options[0] == "auto"
+    at.selectbox(key="load_dtype").set_value("bfloat16")
+    at = load(run(at), str(save_tiny("llama", tmp_path / "llama")), typed=True)  # a float32 checkpoint
+    card = dict(zip(at.table[0].value["property"], at.table[0].value["value"]))
+    assert card["runs on"] == "cpu · bfloat16" and not texts(at)
+    at.selectbox(key="load_dtype").set_value("auto")
+    at = load(run(at), str(save_tiny("gpt2", tmp_path / "gpt2", dtype=torch.bfloat16)), typed=True)
+    assert dict(zip(at.table[0].value["property"], at.table[0].value["value"]))["runs on"] == "cpu · bfloat16"

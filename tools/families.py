@@ -123,8 +123,10 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
-def save_tiny(family: str, folder: str | Path, n_layers: int = 3, seed: int = 0) -> Path:
-    """Write a random-weight `family` model with `n_layers` blocks and the byte tokenizer to `folder`."""
+def save_tiny(family: str, folder: str | Path, n_layers: int = 3, seed: int = 0,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random-weight `family` model with `n_layers` blocks and the byte tokenizer to
+    `folder`, its weights saved in `dtype` (config.json says which)."""
     build = FAMILIES[family][0]
     torch.manual_seed(seed)
     model = build(n_layers).eval()
@@ -133,7 +135,7 @@ def save_tiny(family: str, folder: str | Path, n_layers: int = 3, seed: int = 0)
             if "norm" in name or "ln" in name.split(".")[-2:][0]:
                 p.add_(0.1 * torch.randn_like(p))
     folder = Path(folder)
-    model.save_pretrained(str(folder))
+    model.to(dtype).save_pretrained(str(folder))
     save_byte_tokenizer(folder, N_CTX)
     return folder
 

@@ -2,7 +2,7 @@
 each result really depends on.
 
 Gradients and float64 run on a private copy of the base model (`analysis.interpreter.
-gradients.working_copy`), made once per model and kept in a store of its own that holds at most two
+gradients.working_copy`), made once per model and kept in a store of its own that holds one
 (a copy is a whole model, which `ui.store.tensor_bytes` does not count). Results are small
 and go through the no-copy `ui.store.STORE`, under a progress bar where they are computed.
 """
@@ -23,7 +23,7 @@ from ui.cache import eval_batch
 from ui.progress import stored
 from ui.store import TensorStore
 
-COPIES = TensorStore(max_entries=2)
+COPIES = TensorStore(max_entries=1)  # a float64 copy is 2x a float32 model (4x bfloat16): one at a time
 N_STEPS = 32  # integrated-gradients steps
 
 

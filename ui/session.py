@@ -106,12 +106,19 @@ class LoadRequest:
     spec: str
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 @st.cache_resource(max_entries=3, show_spinner=False)
 def load_base(request: LoadRequest) -> ModelHandle:
     return load_model(request.spec, allow_pickle=request.allow_pickle,
-                      trust_remote_code=request.trust_remote_code)
+                      trust_remote_code=request.trust_remote_code, device=request.device, dtype=request.dtype)
+
+
+def placement_choice() -> dict[str, str]:
+    """The sidebar's device and precision choice, as `load_model` arguments."""
+    return {"device": st.session_state.get("load_device", "auto"), "dtype": st.session_state.get("load_dtype", "auto")}
 
 
 def request_load(request: LoadRequest) -> bool:
