@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from analysis.redundancy.similarity import Residuals
 from lib import corpus, data
-from lib.errors import CapabilityError
-from lib.handle import ModelHandle
+from lib.errors import CapabilityError, require_type
+from lib.handle import ModelHandle, check_handle
 
 Progress = Callable[[float, str], None]
 LENSES = ("logit", "tuned", "heads")
@@ -338,6 +338,8 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
     first. Tokens go in chunks of at most LENS_CHUNK_ELEMENTS logits, so memory stays
     bounded (one chunk of 992 x 50257 for GPT-2 on 8 x 128 windows).
     """
+    check_handle(handle)
+    require_type(res, Residuals, "The residuals")
     L = handle.structure.n_layers
     h = res.resid[:, :, res.skip:].reshape(L + 1, -1, res.resid.shape[-1])  # [L+1, N, d]
     n_tokens = h.shape[1]

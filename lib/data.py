@@ -19,6 +19,7 @@ import torch
 
 from lib.corpus import DIGITS_NOISE_STD, add_digit_noise, digits_split, heldout_files, read_bytes
 from lib.errors import CapabilityError, DataError  # DataError re-exported: callers catch lib.data.DataError
+from lib.handle import check_handle
 
 DIGIT_SHAPE = (1, 8, 8)  # every image model here reads one 8x8 grey digit: [1, 8, 8]
 
@@ -169,6 +170,11 @@ def check_window_args(seq_len: object, n_windows: object, name: str = "n_windows
         raise DataError(f"{name} must be a whole number of at least 1; got {n_windows!r}.")
 
 
+def check_tokenizer(tokenizer: object) -> None:
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise DataError(f"Expected the model's tokenizer (handle.tokenizer), not a {type(tokenizer).__name__} value.")
+
+
 def check_text(text: object, what: str = "text") -> str:
     """Return `text` if it is a str that encodes as UTF-8; else a DataError. A lone
     surrogate (e.g. "\\ud800", left by decoding bytes with errors="surrogateescape")
@@ -220,6 +226,7 @@ def text_batch(
 ) -> TextBatch:
     """Evaluation batch from arbitrary user text: [n, seq_len] windows with BOS."""
     check_text(text)
+    check_tokenizer(tokenizer)
     check_window_args(seq_len, max_windows, "max_windows")
     if not text.strip():
         raise DataError("The text is empty. Type or upload some text to evaluate on.")
@@ -236,6 +243,7 @@ def code_batch(tokenizer, seq_len: int = 128, n_windows: int = 16) -> TextBatch:
     Windows are spread evenly over the held-out text so the batch samples many
     files, not just the first one.
     """
+    check_tokenizer(tokenizer)
     check_window_args(seq_len, n_windows)
     text = "\n".join(b.decode("utf-8", errors="replace") for b in read_bytes(heldout_files()))
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -306,22 +314,15 @@ def digits_batch(n: int | None = None, denoise: bool = False) -> ImageBatch:
 
 
 def check_batch(handle: Any, batch: object) -> None:
-    """Refuse, before any forward, a batch that does not fit `handle` (a `ModelHandle`).
-
-    The batch's own fields are already checked when it is built (`TextBatch`,
-    `ImageBatch`: int64 tokens [batch, pos] with pos ≥ 2, at least one row, n_bytes a
-    whole number ≥ 0, a mask of the tokens' shape; float images [batch, C, H, W] with one
-    label each). Against the model:
-
-    - a language model ("causal-lm") takes a `TextBatch`, an image model an `ImageBatch`;
-    - a classifier takes images without targets, the denoiser ("image-to-image") images
-      with clean targets;
-    - token ids lie in 0..d_vocab-1 (not -1, not another tokenizer's ids) and a window
-      is at most n_ctx tokens long;
-    - every image is [1, 8, 8] (`DIGIT_SHAPE`) with finite pixels.
-
-    Raises `DataError` with what is wrong and what to build instead.
-    """
+    """Refuse, before any forward, a batch that does not fit `handle` (a `ModelHandle`), with
+    a `DataError` saying what is wrong and what to build instead. The batch's own fields are
+    checked when it is built (`TextBatch`, `ImageBatch`). Against the model: a language
+    model ("causal-lm") takes a `TextBatch`, an image model an `ImageBatch`; a classifier
+    takes images without targets, the denoiser ("image-to-image") images with clean
+    targets; token ids lie in 0..d_vocab-1 (not -1, not another tokenizer's ids) and a
+    window is at most n_ctx tokens long; every image is [1, 8, 8] (`DIGIT_SHAPE`) with
+    finite pixels."""
+    check_handle(handle)
     if not isinstance(batch, (TextBatch, ImageBatch)):
         raise DataError(f"Expected a TextBatch or an ImageBatch from lib.data; got {type(batch).__name__}.")
     if handle.kind == "causal-lm":
@@ -347,6 +348,7 @@ def check_lm(handle: Any, what: str, batch: object | None = None) -> None:
     `CapabilityError` naming `what`, the view that needs one) and, given a `batch`, a batch
     that does not fit the model (`check_batch`). Every analysis of a language model's heads
     or residual stream starts with it."""
+    check_handle(handle)
     if handle.kind != "causal-lm":
         raise CapabilityError(f"{what} need a transformer language model; this is an image model ({handle.kind}), "
                               "which has no attention heads and no residual stream of tokens.")

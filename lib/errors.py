@@ -57,3 +57,19 @@ class CapabilityError(AnalysisError):
 
 class RecipeError(LayerScopeError):
     """An edit or a recipe is invalid for this model (bad field, unknown type, other model)."""
+
+
+def require_int(value: object, what: str, low: int, high: int) -> int:
+    """`value` if it is a whole number in [low, high]; else a DataError saying which range."""
+    import numbers
+
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
+        raise DataError(f"{what} is a whole number from {low} to {high:,}, not {value!r}."[:300])
+    return int(value)
+
+
+def require_type(value: object, kind: type | tuple[type, ...], what: str) -> None:
+    """A DataError naming what `what` must be when `value` is not a `kind`."""
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DataError(f"{what} must be a {names}, not a {type(value).__name__} value.")

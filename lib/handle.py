@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import torch
 from torch import nn
 
-from lib.errors import CapabilityError, RecipeError
+from lib.errors import CapabilityError, DataError, RecipeError
 from lib.handle_layers import InputTransform, LinearLayers
 from lib.locks import exclusive
 from lib.storage import StoredAs, shared_storage_memo, weight_fingerprint
@@ -77,6 +77,13 @@ class Structure:
     stages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     removed: tuple[str, ...] = ()
     parallel: bool = False
+
+
+def check_handle(handle: object) -> None:
+    """Refuse anything but a loaded model (`lib.models.load_model`) where one is needed."""
+    if not isinstance(handle, ModelHandle):
+        raise DataError(f"The model must be a ModelHandle from lib.models.load_model(...), not a "
+                        f"{type(handle).__name__} value.")
 
 
 class _Recorded(Exception):
@@ -258,6 +265,8 @@ class ModelHandle(LinearLayers, ABC):
 
     def check_parts(self, parts: Sequence[Part]) -> None:
         for part in parts:
+            if not isinstance(getattr(part, "kind", None), str) or not hasattr(part, "layer"):
+                raise RecipeError(f"A part to drop is a Drop(kind, layer), e.g. Drop('mlp', 1), not {part!r}."[:200])
             reason = self.drop_problem(part)
             if reason:
                 raise RecipeError(reason)

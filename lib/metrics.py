@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lib.data import Batch, DataError, ImageBatch, TextBatch, check_batch
+from lib.errors import require_int
 from lib.handle import ModelHandle
 from lib.scoring import BaseOutputs, check_finite, kl_and_agreement, prepare_base, text_scores
 
@@ -358,6 +359,9 @@ def evaluate(
     that one forward. A batch or base that does not fit the model is refused before the
     forward (`lib.data.check_batch`, `check_base`)."""
     check_batch(handle, batch)
+    if size_bits is not None:
+        require_int(size_bits, "size_bits (the model's size in bits)", 0, 2**62)
+    require_int(latency_repeats, "latency_repeats (timed forwards)", 0, 1000)
     check_base(base, batch)
     inputs = model_inputs(batch)
     start = time.perf_counter()

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from lib.data import check_lm
-from lib.errors import AnalysisError
+from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle
 
 MODES = ("Q", "K", "V")
@@ -223,6 +223,12 @@ def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition
     """All writer/reader composition scores. With X_w = diag(S_w) V_w^T [r, d] (so
     ||OV_w x|| and ||OV_w||_F are X_w's), ||OV_w M_r||_F = ||X_w Y_r||_F (`reader_factor`):
     one [H r, d] x [d, (later layers) H r] product per writer layer, then block norms."""
+    require_type(c, Circuits, "The circuits")
+    require_type(modes, (list, tuple), "The composition modes")
+    if not modes:
+        raise ChannelsError(f"Name at least one composition mode ({', '.join(MODES)}).")
+    for mode in modes:
+        check_mode(mode)
     L, H, r = c.n_layers, c.n_heads, c.ov_S.shape[-1]
     x = c.ov_S[..., :, None] * c.ov_V.transpose(-2, -1)  # [L, H, r, d]
     x_norm = c.ov_S.norm(dim=-1)  # [L, H]
@@ -282,6 +288,10 @@ def channel_components(c: Circuits, composition: Composition, writer: Head, read
     """Per-component scores of `writer`'s OV against `reader` in `mode`."""
     check_head(c, writer, "writer")
     check_head(c, reader, "reader")
+    writer, reader = tuple(writer), tuple(reader)
+    require_type(composition, Composition, "The composition scores")
+    if mode not in composition.scores:
+        raise ChannelsError(f"These composition scores hold modes {', '.join(composition.scores)}, not {mode!r}."[:200])
     if writer[0] >= reader[0]:
         raise ChannelsError(f"A writer must sit in an earlier layer than its reader; {head_label(writer)} does not "
                             f"come before {head_label(reader)}.")
@@ -293,6 +303,10 @@ def channel_components(c: Circuits, composition: Composition, writer: Head, read
 
 
 def check_head(c: Circuits, head: Head, what: str = "head") -> None:
+    require_type(c, Circuits, "The circuits")
+    if not isinstance(head, (tuple, list)) or len(head) != 2 or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in head):
+        raise ChannelsError(f"The {what} is a (layer, head) pair of whole numbers, e.g. (1, 4), not {head!r}."[:200])
     layer, h = head
     if not (0 <= layer < c.n_layers and 0 <= h < c.n_heads):
         raise ChannelsError(f"The {what} {head_label(head)} is not in this model (layers 0..{c.n_layers - 1}, "

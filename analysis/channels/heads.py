@@ -19,6 +19,7 @@ from analysis.channels.circuits import ChannelsError, Circuits, Head, check_head
 from analysis.predict import _encode
 from analysis.redundancy.report import primary_metric
 from lib.data import TextBatch, check_batch, check_lm, check_text
+from lib.errors import require_int
 from lib.handle import ModelHandle, Point
 from lib.metrics import Metrics, metrics_from_outputs
 
@@ -93,6 +94,8 @@ def role_probe(handle: ModelHandle, n: int = 8, block: int = 15, copies: int = 3
     the ids of the model's own evaluation text keeps the probe in distribution (a code
     model never saw most random bytes)."""
     check_lm(handle, "Attention channels")
+    n, block = require_int(n, "The number of probe rows", 1, 4096), require_int(block, "The block length", 2, 10**6)
+    copies, seed = require_int(copies, "The number of copies", 2, 64), require_int(seed, "The seed", 0, 2**63 - 1)
     tok = handle.tokenizer
     bos = getattr(tok, "bos_token_id", None)
     special = set(getattr(tok, "all_special_ids", ()) or ())

@@ -20,8 +20,7 @@ import torch
 
 from analysis.interpreter.gradients import InterpreterError, gradient_model
 from lib.data import DataError, check_text
-from lib.handle import ModelHandle, Point
-
+from lib.handle import ModelHandle, Point, check_handle
 
 NOT_LINEAR_READOUT = ("This model's readout is not a plain linear unembedding (e.g. soft-capped logits, as in "
                       "Gemma 2), so its logits are not linear in the final norm's output and the interpreter "
@@ -49,6 +48,7 @@ class LogitTarget:
 
 def logit_target(handle: ModelHandle, token: int, versus: int | None = None) -> LogitTarget:
     """The logit of `token`, or the logit difference `token` - `versus` (token ids)."""
+    check_handle(handle)
     vocab = handle.structure.d_vocab
     for t in (token, versus):
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab):
@@ -79,6 +79,7 @@ def shown_token(text: str, limit: int = 0) -> str:
 def prompt_tokens(handle: ModelHandle, prompt: str) -> torch.Tensor:
     """The prompt as the model reads it, [1, pos]: BOS first (when the tokenizer has one),
     the oldest tokens dropped if it is longer than the context."""
+    check_handle(handle)
     if handle.kind != "causal-lm":
         raise DataError("Prompts are for language models; this is an image model.")
     check_text(prompt, "prompt")
@@ -242,6 +243,7 @@ def _replaying(frozen: FrozenLM) -> list[tuple[Point, Callable]]:
 
 
 def _check_tokens(handle: ModelHandle, tokens: torch.Tensor) -> torch.Tensor:
+    check_handle(handle)
     if handle.kind != "causal-lm":
         raise InterpreterError("The detached linearisation is for language models; use linear_map for an image.")
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tokens.dim() not in (1, 2) \
@@ -264,6 +266,8 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
     one at zero input embeddings with the same frozen values (the bias b).
     """
     tokens = _check_tokens(handle, tokens)
+    if not isinstance(target, LogitTarget):
+        raise DataError(f"The target is a LogitTarget from logit_target(handle, token), not a {type(target).__name__}.")
     model = gradient_model(handle, dtype)
     points = model.linearisation_points()
     inputs = points["inputs"]

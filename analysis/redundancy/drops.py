@@ -16,7 +16,7 @@ import torch
 from analysis.compress.prune.pruning import Drop, dropping
 from analysis.redundancy.similarity import Progress, Residuals, final_logits
 from lib.data import Batch, ImageBatch, TextBatch, check_batch
-from lib.errors import AnalysisError
+from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
 from lib.scoring import BaseOutputs, prepare_base
@@ -49,6 +49,7 @@ def evaluate_dropped(handle: ModelHandle, batch: Batch, drops: Sequence[Drop],
                      base: torch.Tensor | BaseOutputs | None) -> Metrics:
     """Metrics with all `drops` removed together (one full forward under hooks)."""
     check_batch(handle, batch)
+    require_type(drops, (list, tuple), "The parts to drop")
     with dropping(handle, drops):
         outputs = handle.forward(model_inputs(batch))
     return _metrics(handle, outputs, batch, base)

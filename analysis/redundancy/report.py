@@ -15,6 +15,7 @@ from analysis.redundancy import similarity as redundancy
 from analysis.redundancy.drops import DropSweep
 from analysis.redundancy.similarity import LayerSimilarity, Progress, Residuals, StageSimilarity
 from lib.data import Batch, ImageBatch, TextBatch, check_batch
+from lib.errors import require_type
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, Metrics, model_inputs
 
@@ -132,6 +133,7 @@ def candidates(report: RedundancyReport, granularity: str, by: str) -> list[Drop
     models have stages only); by: "similarity" (1 - cos, LLM-Drop / ShortGPT) or
     "measured" (single-drop cost).
     """
+    require_type(report, RedundancyReport, "The report")
     if granularity not in GRANULARITIES:
         raise redundancy.RedundancyError(f"Granularity is one of {', '.join(GRANULARITIES)}, not {granularity!r}.")
     if by not in RANKINGS:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from analysis.redundancy.cka import cka_matrix
 from lib.data import ImageBatch, TextBatch, check_batch, check_lm
-from lib.errors import AnalysisError
+from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle, Point
 
 Progress = Callable[[float, str], None]
@@ -125,6 +125,7 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
     lens and the drop sweep do, and get them from `final_logits` either way).
     """
     check_depths(handle, batch, skip)
+    require_type(with_logits, bool, "with_logits")
     L = handle.structure.n_layers
     pre = [Point("resid_pre", l) for l in range(L)]
     mid = [Point("resid_mid", l) for l in range(L)]

@@ -13,7 +13,7 @@ from analysis.compress.exits.readouts import exit_depths, exit_lens
 from analysis.compress.exits.rule import EarlyExit, ExitRule
 from lib.data import check_images, check_text
 from lib.errors import DataError
-from lib.handle import ModelHandle
+from lib.handle import ModelHandle, check_handle
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ def prompt_exits(handle: ModelHandle, prompt: str, criterion: str, threshold: fl
     """Per token of `prompt` (BOS prepended, cut from the left to the context): the depth
     where the prediction of the next token exits under this criterion and threshold, and
     what it predicts there. A tuned lens is trained first if needed (`exit_lens`)."""
+    check_handle(handle)
     if handle.kind != "causal-lm":
         raise DataError(f"A prompt needs a language model; this is an {handle.kind} model: use image_exits.")
     check_text(prompt, "prompt")

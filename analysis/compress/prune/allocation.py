@@ -20,8 +20,8 @@ import torch
 
 from analysis.compress.edits import Edit, applies, edit_type, require
 from analysis.compress.prune.pruning import _zero_smallest_magnitude_, scoped_layers, storage_view
-from lib.errors import AnalysisError, RecipeError
-from lib.handle import ModelHandle, Point
+from lib.errors import AnalysisError, RecipeError, require_int, require_type
+from lib.handle import ModelHandle, Point, check_handle
 
 Progress = Callable[[float, str], None]
 DP_UNITS = 2000  # the DP counts all the weights in about this many units (a budget s in s * DP_UNITS)
@@ -87,9 +87,13 @@ def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int =
     """Prune each layer alone to each of `n_levels` levels (0, 1/K, ..., (K-1)/K) and
     measure the logits' mean squared change. For LMs a layer's curve reruns only the
     blocks from that layer on, from the cached residual stream entering it."""
-    if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:
-        raise AnalysisError(f"A distortion curve needs n_levels to be a whole number of at least 2 (the unpruned "
-                            f"layer and one pruned level), not {n_levels!r}. 20 levels is the usual choice.")
+    check_handle(handle)
+    if isinstance(n_levels, bool) or not isinstance(n_levels, int) or not 2 <= n_levels <= 1000:
+        raise AnalysisError(f"A distortion curve needs n_levels to be a whole number from 2 (the unpruned layer and "
+                            f"one pruned level) to 1,000, not {n_levels!r}. 20 levels is the usual choice."[:300])
+    inputs = handle.check_inputs(inputs)
+    if not inputs.numel():
+        raise AnalysisError("The calibration inputs are empty; pass at least one row (e.g. batch.tokens[:2]).")
     layers = scoped_layers(handle, scope)
     copy = handle.private_copy()
     weights = {n: w for n, w in copy.linear_layers().items() if n in layers}
@@ -265,6 +269,8 @@ def allocate(curves: DistortionCurves, sparsity: float, units: int = DP_UNITS) -
     weights: the DP chooses one level per layer with the budget counted in about
     sparsity * `units` units, then `_exact_counts` moves the rounding remainder between
     layers so the realised global sparsity is the target to the weight."""
+    require_type(curves, DistortionCurves, "The distortion curves")
+    units = require_int(units, "The allocation's budget units", 1, 10**6)
     target = _target(curves, sparsity)
     bins = max(1, min(target, round(sparsity * units)))  # a unit is never under one weight
     levels = _dp_levels(curves, target, bins) if target else torch.zeros(len(curves.layers), dtype=torch.long)
