@@ -382,9 +382,12 @@ def check_images(images: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- dispatch
 
 
-def default_batch(handle, n_windows: int = 16, seq_len: int = 256) -> Batch:
-    """The fixed evaluation batch that fits `handle` (a `lib.handle.ModelHandle`); LM
-    windows are as long as the model's context allows, up to `seq_len` tokens."""
+EVAL_PARAMETER_TOKENS = 124_000_000 * 16 * 256  # parameters x tokens: GPT-2 small keeps 16 x 256, 1.2B gets 2 x 256
+
+
+def default_batch(handle, n_windows: int | None = None, seq_len: int = 256) -> Batch:
+    """The fixed evaluation batch that fits `handle` (a `ModelHandle`): LM windows of up to `seq_len`
+    tokens (the context), as many (2 to 16) as keep parameters x tokens in EVAL_PARAMETER_TOKENS."""
     if handle.eval_task == "digits":
         return digits_batch()
     if handle.eval_task == "noisy-digits":
@@ -392,4 +395,6 @@ def default_batch(handle, n_windows: int = 16, seq_len: int = 256) -> Batch:
     s = handle.structure
     if handle.eval_task == "repeated-tokens":
         return repeated_tokens_batch(s.d_vocab - 1, handle.tokenizer.bos_token_id, s.n_ctx)
-    return code_batch(handle.tokenizer, seq_len=min(seq_len, s.n_ctx), n_windows=n_windows)
+    seq_len = min(seq_len, s.n_ctx)
+    n_windows = n_windows or max(2, min(16, EVAL_PARAMETER_TOKENS // max(1, handle.n_params * seq_len)))
+    return code_batch(handle.tokenizer, seq_len=seq_len, n_windows=n_windows)

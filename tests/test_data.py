@@ -87,3 +87,19 @@ def test_text_with_lone_surrogate_is_refused():
     assert data.check_text("héllo") == "héllo"
     with pytest.raises(data.DataError, match="U\\+DC80 at character 1"):
         data.check_text("a\udc80b")
+
+
+def test_the_default_batch_is_sized_from_the_model(tiny_lm):
+    """GPT-2 small keeps 16 windows of 256 tokens; a 1.2B-parameter model gets 2 (16 x 256
+    tokens took 127 s to evaluate on Llama-3.2-1B's shape on a CPU); small models keep 16."""
+    from types import SimpleNamespace
+
+    from lib.data import default_batch
+
+    def shaped(n_params):
+        return SimpleNamespace(eval_task="text", tokenizer=tiny_lm.tokenizer, n_params=n_params,
+                               structure=SimpleNamespace(n_ctx=1024))
+
+    rows = {n: default_batch(shaped(n)).tokens.shape for n in (2_000_000, 124_000_000, 494_000_000, 1_240_000_000)}
+    assert rows == {2_000_000: (16, 256), 124_000_000: (16, 256), 494_000_000: (4, 256), 1_240_000_000: (2, 256)}
+    assert default_batch(shaped(1_240_000_000), n_windows=8).tokens.shape == (8, 256)  # asked for: given
