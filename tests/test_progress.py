@@ -59,3 +59,10 @@ def test_bar_is_removed_when_the_work_fails(slot, monkeypatch):
             time.sleep(0.5)
             raise ValueError("bad input")
     assert slot.calls == [("progress", 0.0, "Work"), ("empty",)]
+
+
+def test_the_time_left_comes_from_the_pace_so_far():
+    assert progress.time_left(0.25, 10.0) == " · about 30 s left"  # 10 s for a quarter: 30 s for the rest
+    assert progress.time_left(0.1, 30.0) == " · about 4 min left"
+    assert progress.time_left(0.02, 10.0) == "" and progress.time_left(0.5, 1.0) == ""  # no pace to go by yet
+    assert progress.time_left(0.9, 20.0) == ""  # a few seconds left: not worth a number

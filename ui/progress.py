@@ -25,9 +25,11 @@ PROGRESS_INTERVAL_S = 1.0
 def progress_bar(label: str) -> Iterator[Progress]:
     """A progress bar where the page is now, drawn FIRST_DRAW_S after the work starts
     (with the latest progress reported) and gone on exit (also when the body raises);
-    yields `update(fraction, message)`, which redraws it at most every PROGRESS_INTERVAL_S."""
+    yields `update(fraction, message)`, which redraws it at most every PROGRESS_INTERVAL_S,
+    with the time left estimated from the pace so far (`time_left`)."""
     slot = st.empty()
     lock = threading.Lock()
+    began = time.perf_counter()
     state = {"latest": (0.0, label), "drawn_at": None, "open": True}
 
     def draw() -> None:  # from the script thread or, once, from the timer
@@ -38,7 +40,7 @@ def progress_bar(label: str) -> Iterator[Progress]:
                 state["drawn_at"] = time.perf_counter()
 
     def update(fraction: float, message: str) -> None:
-        state["latest"] = (fraction, f"{label}: {message}")
+        state["latest"] = (fraction, f"{label}: {message}{time_left(fraction, time.perf_counter() - began)}")
         drawn_at = state["drawn_at"]
         if drawn_at is not None and time.perf_counter() - drawn_at >= PROGRESS_INTERVAL_S:
             draw()
@@ -54,6 +56,17 @@ def progress_bar(label: str) -> Iterator[Progress]:
             state["open"] = False
             if state["drawn_at"] is not None:
                 slot.empty()
+
+
+def time_left(fraction: float, elapsed: float) -> str:
+    """" · about N s left" from the pace so far, once there is a pace to go by (at least
+    5 % done and 2 s spent) and more than 5 s remain; else nothing."""
+    if fraction < 0.05 or elapsed < 2 or fraction >= 1:
+        return ""
+    left = elapsed * (1 - fraction) / fraction
+    if left <= 5:
+        return ""
+    return f" · about {left:.0f} s left" if left < 120 else f" · about {left / 60:.0f} min left"
 
 
 def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None) -> T:
