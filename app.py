@@ -44,7 +44,7 @@ def model_picker() -> None:
         "Bundled model", options, key="zoo_choice", on_change=_load_from, args=("zoo_choice",),
         placeholder="(a model from a folder or the hub is loaded)",
         help="\n".join(f"- **{s}**: {ZOO[s[4:]].kind}" for s in options))  # kinds here: the names fit the sidebar
-    st.sidebar.text_input("…or a Hugging Face name / local folder", key="typed_spec",
+    st.sidebar.text_input("…or a Hugging Face name / local folder", key="typed_spec", max_chars=1000,
                           placeholder="gpt2  or  /path/to/checkpoint", on_change=_load_from, args=("typed_spec",),
                           help="Press Enter to load it.")
     st.sidebar.button("Load this name or folder", on_click=_load_from, args=("typed_spec",), width="stretch")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lib.data import DIGIT_SHAPE, DataError, check_images, check_text
+from lib.data import DIGIT_SHAPE, MAX_PROMPT_CHARS, DataError, check_images, check_text
 from lib.handle import ModelHandle
 
 
@@ -64,7 +64,7 @@ def next_tokens(handle: ModelHandle, prompt: str, k: int = 10) -> NextTokens:
     if handle.kind != "causal-lm":
         raise DataError(f"Next-token prediction needs a language model; this is an image model ({handle.kind}). "
                         "Use predict_image for an image.")
-    check_text(prompt, "prompt")
+    check_text(prompt, "prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
         raise DataError("The prompt is empty. Type some text to see what the model predicts next.")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:

@@ -36,6 +36,8 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 MAX_CONFIG_BYTES = 16 * 2**20  # real configs take a few kB; a huge one is not read into memory
 MAX_INDEX_BYTES = 16 * 2**20  # a shard index lists every tensor: a few hundred kB for the largest models
 MAX_FOLDER_ENTRIES = 10_000  # a checkpoint folder holds tens of files; more is not a checkpoint
+MAX_SIDE_FILE_BYTES = 64 << 20  # tokenizer and config files: the largest real tokenizer.json is about 35 MB
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 RESAVE = "Save the model again, e.g. model.save_pretrained(folder)."
 COPY_IN = "Copy the file itself into the folder (LayerScope reads only regular files inside the model's folder)."
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
@@ -85,8 +87,10 @@ def check_folder(folder: Path, root: Path, spec: str) -> None:
                 raise NoCheckpointError(f"{spec!r} holds more than {MAX_FOLDER_ENTRIES:,} files, so it is not a "
                                         "checkpoint folder. Give the folder that save_pretrained wrote.")
             path = Path(top) / name
-            if name not in dirs:
-                check_file(path, root, spec)
+            if name not in dirs and check_file(path, root, spec).st_size > MAX_SIDE_FILE_BYTES \
+                    and path.suffix not in WEIGHT_SUFFIXES:
+                raise NoCheckpointError(f"{spec!r}: {_shown(path, root)} is larger than {MAX_SIDE_FILE_BYTES >> 20} "
+                                        "MB; tokenizer and config files are far smaller, so it is not one.")
             elif path.is_symlink() and not path.resolve().is_relative_to(root):
                 raise NoCheckpointError(f"{spec!r}: {_shown(path, root)} is a link to a folder outside the "
                                         f"model's folder. {COPY_IN}")
@@ -95,7 +99,7 @@ def check_folder(folder: Path, root: Path, spec: str) -> None:
 def contained(folder: Path, name: str, root: Path, spec: str, listed_in: str) -> Path:
     """`folder / name` for a file name another file lists (a shard in an index): a
     relative path that stays inside the folder, to a regular file inside `root`."""
-    if not _names_inside(name):
+    if not names_inside(name):
         raise NoCheckpointError(f"{spec!r}: {listed_in} names the file {_short(name)}, which is not inside the "
                                 f"model's folder. Files it lists must lie in the folder itself. {RESAVE}")
     path = folder / name
@@ -103,7 +107,7 @@ def contained(folder: Path, name: str, root: Path, spec: str, listed_in: str) ->
     return path
 
 
-def _names_inside(name: str) -> bool:
+def names_inside(name: str) -> bool:
     """A relative path with no '..' (before any link is followed: `check_file` does that)."""
     path = PurePosixPath(name)
     return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
@@ -341,7 +345,7 @@ def _shards(index: Path, spec: str, root: Path) -> list[Path]:
     if not names:
         raise NoCheckpointError(f"{spec!r}: {index.name} lists no shards (its \"weight_map\" is empty), so it points "
                                 f"to no weights. {RESAVE}")
-    outside = [n for n in names if not _names_inside(n)]
+    outside = [n for n in names if not names_inside(n)]
     if outside:
         raise NoCheckpointError(f"{spec!r}: {index.name} names shards outside the model's folder: "
                                 f"{', '.join(map(_short, outside[:3]))}. Shards must lie in the folder itself; "

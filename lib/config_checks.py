@@ -7,10 +7,13 @@ entry naming a class of another model family than `model_type`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from functools import lru_cache
 from typing import Any
 
+from lib import checkpoint as ckpt
 from lib.errors import NoCheckpointError, UnsupportedModelError
 
 EPSILON_SETTINGS = ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps", "layernorm_epsilon")
@@ -21,6 +24,24 @@ SIZE_SETTINGS = ("n_head", "n_layer", "n_embd", "n_positions", "n_ctx", "n_inner
                  "num_heads", "d_ff", "ffn_dim", "d_head", "d_mlp", "d_vocab")
 # the same sizes as a parsed transformers config names them, whatever config.json called them
 CONFIG_SIZES = ("num_attention_heads", "num_hidden_layers", "hidden_size", "vocab_size")
+
+
+def check_listed_files(folder: Any, root: Any, spec: str) -> None:
+    """Refuse file names that tokenizer_config.json lists for transformers to open
+    ("fast_tokenizer_files") unless each is a regular file inside the folder: transformers
+    joins them onto the folder unchecked, so "tokenizer.1.json/../../etc/passwd" was read."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return
+    try:
+        listed = json.loads(ckpt.read_bounded(path, root, spec, ckpt.MAX_SIDE_FILE_BYTES)).get("fast_tokenizer_files")
+    except (ValueError, AttributeError):
+        return  # not a JSON object: the tokenizer load refuses it in words
+    for name in listed if isinstance(listed, list) else [listed] if listed is not None else []:
+        if not isinstance(name, str):
+            raise NoCheckpointError(f"{spec!r}: tokenizer_config.json lists a tokenizer file that is not a name.")
+        if not ckpt.names_inside(name) or os.path.lexists(folder / name):  # a missing one: transformers skips it
+            ckpt.contained(folder, name, root, spec, "tokenizer_config.json")
 
 
 def check_settings(config: dict, spec: str) -> None:

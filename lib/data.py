@@ -21,6 +21,7 @@ from lib.corpus import DIGITS_NOISE_STD, add_digit_noise, digits_split, heldout_
 from lib.errors import CapabilityError, DataError  # DataError re-exported: callers catch lib.data.DataError
 from lib.handle import check_handle
 
+EVAL_PARAMETER_TOKENS = 124_000_000 * 16 * 256  # parameters x tokens: GPT-2 small keeps 16 x 256, 1.2B gets 2 x 256
 DIGIT_SHAPE = (1, 8, 8)  # every image model here reads one 8x8 grey digit: [1, 8, 8]
 
 
@@ -175,20 +176,22 @@ def check_tokenizer(tokenizer: object) -> None:
         raise DataError(f"Expected the model's tokenizer (handle.tokenizer), not a {type(tokenizer).__name__} value.")
 
 
-def check_text(text: object, what: str = "text") -> str:
-    """Return `text` if it is a str that encodes as UTF-8; else a DataError. A lone
-    surrogate (e.g. "\\ud800", left by decoding bytes with errors="surrogateescape")
-    is no Unicode character, so no tokenizer can encode it."""
+MAX_TEXT_CHARS, MAX_PROMPT_CHARS = 4_000_000, 20_000  # an evaluation text; a prompt (tokenized whole, then cut)
+
+
+def check_text(text: object, what: str = "text", limit: int = MAX_TEXT_CHARS) -> str:
+    """Return `text` if it is a str of at most `limit` characters that encodes as UTF-8; else a
+    DataError. A lone surrogate (e.g. "\\ud800") is no Unicode character: no tokenizer encodes it."""
     if not isinstance(text, str):
         raise DataError(f"The {what} must be a string; got {type(text).__name__}.")
+    if len(text) > limit:
+        raise DataError(f"The {what} has {len(text):,} characters; at most {limit:,} are read. Shorten it.")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(
-            f"The {what} contains an invalid character (lone surrogate U+{ord(text[e.start]):04X} at "
-            f"character {e.start}), which is not valid Unicode. Remove it, or decode the source with "
-            "errors='replace'."
-        ) from None
+        raise DataError(f"The {what} contains an invalid character (lone surrogate U+{ord(text[e.start]):04X} at "
+                        f"character {e.start}), which is not valid Unicode. Remove it, or decode the source with "
+                        "errors='replace'.") from None
     return text
 
 
@@ -380,9 +383,6 @@ def check_images(images: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- dispatch
-
-
-EVAL_PARAMETER_TOKENS = 124_000_000 * 16 * 256  # parameters x tokens: GPT-2 small keeps 16 x 256, 1.2B gets 2 x 256
 
 
 def default_batch(handle, n_windows: int | None = None, seq_len: int = 256) -> Batch:

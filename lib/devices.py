@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lib.errors import ModelLoadError
+from lib import preflight
+from lib.errors import ModelLoadError, ModelTooLargeError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES: dict[str, torch.dtype | None] = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -79,3 +80,15 @@ def itemsize(dtype: torch.dtype) -> int:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def check_copy(n_bytes: int, available_bytes: int | None = None) -> None:
+    """Refuse a private copy of `n_bytes` (the lab's edited models, the interpreter's float64
+    copy) that would take more than RAM_FRACTION of the memory free now (as a load may)."""
+    import psutil
+
+    free = psutil.virtual_memory().available if available_bytes is None else available_bytes
+    if n_bytes > preflight.RAM_FRACTION * free:
+        raise ModelTooLargeError(f"A private copy of this model (for an edit, or the interpreter's float64 "
+                                 f"gradients) needs {n_bytes / 2**30:.2f} GiB, but only {free / 2**30:.2f} GiB of "
+                                 "memory is free. Close other labs or sessions, or use a smaller model.")

@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import torch
 from torch import nn
 
+from lib.devices import check_copy
 from lib.errors import CapabilityError, DataError, RecipeError
 from lib.handle_layers import InputTransform, LinearLayers
 from lib.locks import exclusive
@@ -303,6 +304,7 @@ class ModelHandle(LinearLayers, ABC):
             raise RecipeError(f"A copy of the model can only be made in a floating-point dtype (torch.float32, "
                               f"torch.float64, torch.float16 or torch.bfloat16), not {dtype}. To store weights "
                               "in fewer bits, quantize them (Lab page, Quantize) instead.")
+        check_copy(sum(p.numel() * (dtype or p.dtype).itemsize for p in self.model.parameters()))
         with self.lock:
             new = copy.deepcopy(self, self._copy_memo())
         new._strip_hooks()

@@ -235,6 +235,7 @@ def _load_folder(folder: Path, spec: str, *, allow_pickle: bool, trust_remote_co
                                 "folder. Give the folder that save_pretrained wrote.")
     root = _containing_root(folder)
     ckpt.check_folder(folder, root, spec)  # nothing below opens a pipe, a device or a file elsewhere
+    config_checks.check_listed_files(folder, root, spec)
     config = ckpt.read_config(config_path, spec, root)
     weights = sorted(folder.glob("*.safetensors"))
     pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -23,6 +23,7 @@ from torch import nn
 from lib.checkpoint import RESAVE, Shapes, first_line
 from lib.errors import ModelTooLargeError, NoCheckpointError, UnsupportedModelError
 
+DISK_MARGIN = 0.1  # a hub download leaves at least this share of the cache's free disk free
 RAM_FRACTION = 0.8  # refuse a model whose float32 weights need more than this share of free RAM
 MAX_META_LAYERS = 64  # above this many layers the size is extrapolated from 1- and 2-layer builds
 # causal-mask constants old GPT-2-style checkpoints stored; no model of this version reads them
@@ -57,10 +58,9 @@ def check_memory(spec: str, config_bytes: int, file_bytes: int, available_bytes:
 
 def check_download(spec: str, download_bytes: int, float32_bytes: int, available_bytes: int | None,
                    disk_free_bytes: int | None = None) -> None:
-    """Refuse a hub download before it starts: when its files (`download_bytes`) or its
-    weights as float32 (`float32_bytes`, 0 when the hub does not say) exceed RAM_FRACTION
-    of free memory, the model could not be loaded after the download; when its files
-    exceed the free disk under the download cache (`disk_free_bytes`), it would fill it."""
+    """Refuse a hub download before it starts: when its files (`download_bytes`) or its weights as
+    float32 (`float32_bytes`, 0 if the hub does not say) exceed RAM_FRACTION of free memory (it
+    could not be loaded), or leave less than DISK_MARGIN of the cache's free disk free."""
     import psutil
 
     need = max(download_bytes, float32_bytes)
@@ -71,10 +71,11 @@ def check_download(spec: str, download_bytes: int, float32_bytes: int, available
             f"{spec!r} is not downloaded: its files on the hub take {_human(download_bytes)}{weights}, but only "
             f"{free / 2**30:.2f} GiB of memory is free (LayerScope uses at most {RAM_FRACTION:.0%} of it), so it "
             "could not be loaded. Pick a smaller model.")
-    if disk_free_bytes is not None and download_bytes > disk_free_bytes:
+    if disk_free_bytes is not None and download_bytes > (1 - DISK_MARGIN) * disk_free_bytes:
         raise ModelTooLargeError(
             f"{spec!r} is not downloaded: its files on the hub take {_human(download_bytes)}, but the disk that "
-            f"holds the Hugging Face cache has only {_human(disk_free_bytes)} free. Pick a smaller model.")
+            f"holds the Hugging Face cache has only {_human(disk_free_bytes)} free (a download may use at most "
+            f"{1 - DISK_MARGIN:.0%} of it). Pick a smaller model.")
 
 
 def _human(n_bytes: int) -> str:
@@ -129,11 +130,26 @@ def hf_model_class(config: Any, spec: str) -> Any:
     from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
     from transformer_lens.model_bridge.sources.transformers.helpers import get_hf_model_class_for_architecture
 
+    _no_installs()
     try:
-        return get_hf_model_class_for_architecture(determine_architecture_from_hf_config(config))
+        architecture = determine_architecture_from_hf_config(config)
+        model_class = get_hf_model_class_for_architecture(architecture)
     except ValueError as e:
         raise UnsupportedModelError(f"{spec!r}: TransformerLens cannot tell which architecture config.json "
                                     f"describes ({first_line(e)}).") from None
+    if model_class.__name__ != "AutoModelForCausalLM":  # images, audio, encoders: no views here read them
+        raise UnsupportedModelError(f"{spec!r} is a {architecture} ({model_class.__name__.replace('AutoModelFor', '')}"
+                                    " model); LayerScope reads text-only causal language models. Load one "
+                                    "(e.g. gpt2, EleutherAI/pythia-160m, Qwen/Qwen2.5-0.5B).")
+    return model_class
+
+
+def _no_installs() -> None:
+    """TransformerLens installs torchvision with pip when a multimodal model's processor
+    needs it; a load never installs anything (multimodal models are refused anyway)."""
+    from transformer_lens.model_bridge.sources.transformers import helpers
+
+    helpers._ensure_torchvision = lambda: False
 
 
 def meta_hf_model(model_class: Any, config: Any, spec: str, trust_remote_code: bool) -> nn.Module:

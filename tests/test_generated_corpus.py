@@ -113,9 +113,6 @@ def _cases() -> list[Case]:
 # (case, argument, kind) -> why that value is fine, and what checks it
 ACCEPTED: dict[tuple[str, str, str], str] = {
     ("text_batch", "text", "huge"): "a long text makes at most max_windows windows (checked: 3 rows)",
-    ("channels prompt_tokens", "prompt", "huge"): "a long prompt keeps its last max_tokens tokens (checked)",
-    ("interpreter prompt_tokens", "prompt", "huge"): "a long prompt keeps its last n_ctx tokens (checked)",
-    ("prompt_exits", "prompt", "huge"): "a long prompt keeps its last n_ctx tokens",
     ("code_batch", "n_windows", "huge"): "asks for more windows than the held-out text has: gets them all",
     ("role_probe", "seed", "huge"): "any whole number below 2^63 is a seed",
     ("role_probe", "block", "huge"): "the block is shortened to fit the context and the vocabulary (documented)",

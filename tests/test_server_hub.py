@@ -192,3 +192,25 @@ def test_an_offered_opt_in_is_a_box_each_visitor_ticks(monkeypatch, lm):
     run(at)
     assert at.session_state["load_request"].spec == folder and at.session_state["load_request"].allow_pickle
     _code_lm_unchanged()
+
+
+def test_a_download_leaves_a_tenth_of_the_disk_free():
+    """A download was refused only when it was larger than the free disk, so one could fill it."""
+    from lib import preflight
+    from lib.errors import ModelTooLargeError
+
+    preflight.check_download("someone/fits", 89 << 20, 0, 1 << 40, 100 << 20)
+    with pytest.raises(ModelTooLargeError, match="may use at most 90% of it"):
+        preflight.check_download("someone/too-close", 95 << 20, 0, 1 << 40, 100 << 20)
+
+
+def test_three_other_loads_do_not_push_the_default_model_out():
+    """The shared cache held three models: three loads by any visitor evicted the class's model,
+    which was then loaded again (twice in memory while labs still held the old one)."""
+    from ui.session import DEFAULT_SPEC, LoadRequest, load_base
+
+    default = load_base(LoadRequest(DEFAULT_SPEC))
+    for spec, dtype in (("zoo:induction-2l", "auto"), ("zoo:code-lm", "bfloat16"), ("zoo:code-lm", "float16"),
+                        ("zoo:digits-cnn", "auto")):
+        load_base(LoadRequest(spec, dtype=dtype))
+    assert load_base(LoadRequest(DEFAULT_SPEC)) is default

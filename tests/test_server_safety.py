@@ -267,3 +267,120 @@ def test_loads_of_one_model_take_turns(monkeypatch, base, tiny_gpt2_dir):
     for t in threads:
         t.join(PROMPT_S)
     assert most[0] == 1
+
+
+def test_a_multimodal_model_is_refused_and_no_load_starts_a_process(tmp_path, monkeypatch):
+    """TransformerLens pip-installs torchvision for a multimodal model's processor (which
+    would replace the pinned torch in the server's environment while every load waits):
+    such a model is refused before anything is built, and no load starts a process."""
+    import subprocess
+
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from lib.errors import UnsupportedModelError
+    from lib.models import load_model
+    from lib.zoo.tokenizer import save_byte_tokenizer
+
+    started = []
+
+    def no_process(*args, **kwargs):  # recorded: TransformerLens catches what this raises
+        started.append(args)
+        raise OSError("no process may start during a load")
+
+    for name in ("Popen", "check_call", "run", "call", "check_output"):
+        monkeypatch.setattr(subprocess, name, no_process)
+    text = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=32, patch_size=16)
+    LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=299)
+                                  ).save_pretrained(str(tmp_path / "llava"))
+    save_byte_tokenizer(tmp_path / "llava", 64)
+    with pytest.raises(UnsupportedModelError, match="LayerScope reads text-only causal language models"):
+        load_model(str(tmp_path / "llava"))
+    assert load_model("zoo:induction-2l").kind == "causal-lm"  # a text model still loads
+    assert not started
+
+
+def test_a_tokenizer_file_listed_outside_the_folder_is_refused_before_transformers_opens_it(tmp_path):
+    """transformers joins tokenizer_config.json's "fast_tokenizer_files" onto the folder
+    unchecked: "tokenizer.1.json/../../etc/passwd" was opened and read (its errors told a
+    visitor whether any path exists, and its first bytes)."""
+    import json
+
+    from lib.errors import NoCheckpointError
+    from lib.models import load_model
+    from tools.families import save_tiny
+
+    folder = save_tiny("gpt2", tmp_path / "m", n_layers=2)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["fast_tokenizer_files"] = ["tokenizer.1.json/../../../../../../../../etc/passwd"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.1.json").mkdir()
+    (folder / "tokenizer.1.json" / "README.json").write_text("{}")
+    with pytest.raises(NoCheckpointError, match="names the file .* which is not inside the model's folder") as e:
+        load_model(str(folder))
+    assert "root:" not in str(e.value)  # nothing of the file quoted
+
+
+def test_an_oversized_tokenizer_file_is_refused_unread(tmp_path):
+    from lib.errors import NoCheckpointError
+    from lib.models import load_model
+    from tools.families import save_tiny
+
+    folder = save_tiny("gpt2", tmp_path / "m", n_layers=2)
+    with open(folder / "tokenizer.json", "r+b") as f:
+        f.truncate(65 << 20)  # sparse: 65 MB by its size, nothing written
+    with pytest.raises(NoCheckpointError, match="tokenizer.json is larger than 64 MB"):
+        load_model(str(folder))
+
+
+def test_a_pasted_megabyte_prompt_is_refused_before_it_is_tokenized(tiny_lm):
+    """Every prompt box tokenized the whole text before cutting it (19 MB: 34 s and 5.4 GB);
+    the library reads at most MAX_PROMPT_CHARS characters of a prompt, the boxes take no more."""
+    from analysis.channels import heads
+    from analysis.compress.exits.inputs import prompt_exits
+    from analysis.interpreter import transformer as it
+    from analysis.predict import next_tokens
+    from lib.data import MAX_PROMPT_CHARS
+    from lib.errors import DataError
+
+    pasted = "x = 1\n" * 200_000
+    for call in (lambda: heads.prompt_tokens(tiny_lm, pasted), lambda: it.prompt_tokens(tiny_lm, pasted),
+                 lambda: next_tokens(tiny_lm, pasted), lambda: prompt_exits(tiny_lm, pasted, "max_prob", 0.5)):
+        with pytest.raises(DataError, match=f"at most {MAX_PROMPT_CHARS:,} are read"):
+            call()
+    assert it.prompt_tokens(tiny_lm, "x" * MAX_PROMPT_CHARS).shape[1] == tiny_lm.structure.n_ctx  # at the limit: cut
+
+
+def test_a_copy_that_would_not_fit_in_free_memory_is_refused(tiny_lm, monkeypatch):
+    """Only loads were checked against free memory; the lab's copies and the interpreter's
+    float64 copy (2x a float32 model, 4x a bfloat16 one) were made unchecked."""
+    import psutil
+
+    from lib.errors import ModelTooLargeError
+
+    class Little:
+        available = 100_000  # bytes: less than the tiny model's float64 copy
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Little())
+    with pytest.raises(ModelTooLargeError, match="A private copy of this model .* needs"):
+        tiny_lm.private_copy(dtype=torch.float64)
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
+
+
+def test_a_recipe_nested_hundreds_deep_is_refused_in_words(tiny_lm):
+    """json.loads took it; turning its lists back into tuples recursed ~500 deep and raised a
+    RecursionError, which the page shows only as a generic error."""
+    import json
+
+    from analysis.compress.export import read_recipe
+    from lib.errors import RecipeError
+
+    layers = 0
+    for _ in range(500):
+        layers = [layers]
+    text = json.dumps({"fingerprint": tiny_lm.fingerprint, "edits": [
+        {"type": "magnitude", "sparsity": 0.5, "scope": "layers", "layers": layers}]})
+    with pytest.raises(RecipeError, match="nest lists more than 8 deep"):
+        read_recipe(text, tiny_lm)

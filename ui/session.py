@@ -110,8 +110,23 @@ class LoadRequest:
     dtype: str = "auto"
 
 
-@st.cache_resource(max_entries=3, show_spinner=False)
 def load_base(request: LoadRequest) -> ModelHandle:
+    """The shared base model for `request`: the default model in a cache of its own, which
+    visitors loading three other models cannot push out; any other in a cache of three."""
+    return _load_default(request) if request == LoadRequest(DEFAULT_SPEC) else _load_other(request)
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def _load_default(request: LoadRequest) -> ModelHandle:
+    return _load(request)
+
+
+@st.cache_resource(max_entries=3, show_spinner=False)
+def _load_other(request: LoadRequest) -> ModelHandle:
+    return _load(request)
+
+
+def _load(request: LoadRequest) -> ModelHandle:
     return load_model(request.spec, allow_pickle=request.allow_pickle,
                       trust_remote_code=request.trust_remote_code, device=request.device, dtype=request.dtype)
 

@@ -8,7 +8,7 @@ from analysis.channels import report as rep
 from analysis.channels.circuits import MODE_NAMES, MODES, channel_components, head_label
 from analysis.channels.heads import HeadEdit
 from analysis.metric_text import metric_change, metric_value
-from lib.data import check_lm
+from lib.data import MAX_PROMPT_CHARS, check_lm
 from lib.metrics import LABELS
 from ui import channels as cached
 from ui.cache import eval_batch
@@ -77,7 +77,8 @@ with st.expander("Singular value spectra of every head"):
                "a circuit of low effective rank.")
 
 st.subheader("Attention on your prompt", help=GLOSSARY["attention_pattern"])
-prompt = st.text_area("Prompt", value=cached.example_prompt(handle), height=130, key=f"channels_prompt_{spec}")
+prompt = st.text_area("Prompt", value=cached.example_prompt(handle), max_chars=MAX_PROMPT_CHARS, height=130,
+                      key=f"channels_prompt_{spec}")
 tokens, patterns = cached.prompt_patterns(handle, prompt)
 head_names = [head_label((l, h)) for l in range(c.n_layers) for h in range(c.n_heads)]
 shown = st.selectbox("Head", range(len(head_names)), format_func=head_names.__getitem__,

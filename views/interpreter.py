@@ -8,6 +8,7 @@ from analysis.interpreter.relu import output_labels
 from analysis.interpreter.transformer import shown_token
 from analysis.plots import WHITESPACE_NOTE, image_heatmap
 from analysis.predict import next_tokens
+from lib.data import MAX_PROMPT_CHARS
 from ui import interpreter as cached
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
@@ -74,7 +75,8 @@ def image_view() -> None:
 
 def text_view() -> None:
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
-    prompt = st.text_area("Prompt", value=example, height=100, key=f"interpreter_prompt_{handle.spec}")
+    prompt = st.text_area("Prompt", value=example, max_chars=MAX_PROMPT_CHARS, height=100,
+                          key=f"interpreter_prompt_{handle.spec}")
     top = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
     prompt_notes(top, handle.structure.n_ctx)
     names = {i: f"“{shown_token(t)}”  (p = {float(p):.2f})" for i, t, p in zip(top.token_ids, top.tokens, top.probs)}

@@ -7,6 +7,7 @@ import torch
 
 from analysis import plots
 from analysis.predict import next_tokens, predict_image
+from lib.data import MAX_PROMPT_CHARS
 from lib.metrics import LABELS, QUALITY_FIELDS, input_psnr_db, model_inputs
 from lib.zoo import model_card
 from ui.cache import baseline, eval_batch
@@ -75,7 +76,7 @@ st.divider()
 if handle.kind == "causal-lm":
     st.subheader("Next-token prediction")
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
-    prompt = st.text_area("Prompt", value=example, height=120, key=f"prompt_{handle.spec}")
+    prompt = st.text_area("Prompt", value=example, max_chars=MAX_PROMPT_CHARS, height=120, key=f"prompt_{handle.spec}")
     result = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
     prompt_notes(result, handle.structure.n_ctx)
     st.plotly_chart(plots.next_tokens_bar(result), width="stretch")

@@ -18,7 +18,7 @@ import torch
 from analysis.channels.circuits import ChannelsError, Circuits, Head, check_head, head_label
 from analysis.predict import _encode
 from analysis.redundancy.report import primary_metric
-from lib.data import TextBatch, check_batch, check_lm, check_text
+from lib.data import MAX_PROMPT_CHARS, TextBatch, check_batch, check_lm, check_text
 from lib.errors import require_int
 from lib.handle import ModelHandle, Point
 from lib.metrics import Metrics, metrics_from_outputs
@@ -187,7 +187,7 @@ class PromptTokens:
 def prompt_tokens(handle: ModelHandle, prompt: str, max_tokens: int = MAX_PROMPT_TOKENS) -> PromptTokens:
     """Tokenize `prompt` (BOS first), keeping its first tokens up to `max_tokens` and the context."""
     check_lm(handle, "Attention channels")
-    check_text(prompt, "prompt")
+    check_text(prompt, "prompt", MAX_PROMPT_CHARS)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ChannelsError(f"The prompt's token limit is a whole number >= 1, not {max_tokens!r}; "
                             f"pass at least 1 (the default is {MAX_PROMPT_TOKENS}).")

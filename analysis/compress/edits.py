@@ -98,10 +98,17 @@ def shown(value: Any, limit: int = 60) -> str:
     return cut(repr(value), limit)
 
 
-def _tuples(value: Any) -> Any:
+MAX_NESTING = 8  # an edit's values nest at most two deep: a per-layer sparsity is a tuple of (name, sparsity)
+
+
+def _tuples(value: Any, depth: int = 0) -> Any:
     """JSON lists back as the tuples `to_dict` wrote, nested ones too (a per-layer sparsity
-    is a tuple of (name, sparsity) pairs)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+    is a tuple of (name, sparsity) pairs); lists nested deeper than MAX_NESTING are refused."""
+    if not isinstance(value, list):
+        return value
+    if depth >= MAX_NESTING:
+        raise RecipeError(f"An edit's values nest lists more than {MAX_NESTING} deep; no edit's do.")
+    return tuple(_tuples(v, depth + 1) for v in value)
 
 
 def from_dict(data: Any) -> Edit:

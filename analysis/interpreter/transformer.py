@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from analysis.interpreter.gradients import InterpreterError, gradient_model
-from lib.data import DataError, check_text
+from lib.data import MAX_PROMPT_CHARS, DataError, check_text
 from lib.handle import ModelHandle, Point, check_handle
 
 NOT_LINEAR_READOUT = ("This model's readout is not a plain linear unembedding (e.g. soft-capped logits, as in "
@@ -82,7 +82,7 @@ def prompt_tokens(handle: ModelHandle, prompt: str) -> torch.Tensor:
     check_handle(handle)
     if handle.kind != "causal-lm":
         raise DataError("Prompts are for language models; this is an image model.")
-    check_text(prompt, "prompt")
+    check_text(prompt, "prompt", MAX_PROMPT_CHARS)
     if not prompt.strip():
         raise DataError("The prompt is empty. Type some text to see how the model reads it.")
     tok = handle.tokenizer

@@ -17,6 +17,7 @@ import streamlit as st
 from analysis.compress import exits as ex
 from analysis.compress.edits import Edit
 from analysis.compress.exits import plots as plots_exits
+from lib.data import MAX_PROMPT_CHARS
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
 from ui.cache import eval_batch
@@ -234,7 +235,8 @@ def _examples(base: ModelHandle, edited: ModelHandle, criterion: str, threshold:
     if base.kind == "causal-lm":
         kept = _recall("lab_exit_prompt")
         prompt = _keep("lab_exit_prompt", st.text_input("Your prompt (press Enter to apply)",
-                                                        "" if kept else DEFAULT_PROMPT, key="lab_exit_prompt"))
+                                                        "" if kept else DEFAULT_PROMPT, key="lab_exit_prompt",
+                                                        max_chars=MAX_PROMPT_CHARS))
         try:
             shown = ex.prompt_exits(edited, prompt, criterion, threshold, lens)
         except LayerScopeError as e:

@@ -11,7 +11,7 @@ import torch
 
 from analysis.compress.exits.readouts import exit_depths, exit_lens
 from analysis.compress.exits.rule import EarlyExit, ExitRule
-from lib.data import check_images, check_text
+from lib.data import MAX_PROMPT_CHARS, check_images, check_text
 from lib.errors import DataError
 from lib.handle import ModelHandle, check_handle
 
@@ -70,7 +70,7 @@ def prompt_exits(handle: ModelHandle, prompt: str, criterion: str, threshold: fl
     check_handle(handle)
     if handle.kind != "causal-lm":
         raise DataError(f"A prompt needs a language model; this is an {handle.kind} model: use image_exits.")
-    check_text(prompt, "prompt")
+    check_text(prompt, "prompt", MAX_PROMPT_CHARS)
     tok = handle.tokenizer
     ids = tok.encode(prompt, add_special_tokens=False)
     if not prompt.strip() or not ids:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from analysis.compress.edits import Edit, applies, edit_type, require
+from analysis.compress.edits import Edit, applies, cut, edit_type, require
 from analysis.compress.prune.pruning import _zero_smallest_magnitude_, scoped_layers, storage_view
 from lib.errors import AnalysisError, RecipeError, require_int, require_type
 from lib.handle import ModelHandle, Point, check_handle
@@ -58,7 +58,7 @@ def _layer_sparsity(handle: ModelHandle, edit: LayerSparsity) -> None:
     layers = handle.linear_layers()
     unknown = [name for name, _ in edit.sparsities if name not in layers]
     if unknown:
-        raise RecipeError(f"This model has no linear layer(s) {', '.join(unknown[:3])}.")
+        raise RecipeError(f"This model has no linear layer(s) {', '.join(cut(str(n)) for n in unknown[:3])}.")
     for name, sparsity in edit.sparsities:
         w = layers[name]
         _zero_smallest_magnitude_(w, round(sparsity * w.numel()))
