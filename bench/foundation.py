@@ -33,4 +33,16 @@ def handle_forward_row(setup: Setup) -> Row:
     return Row.timed("handle forward / HF sdpa forward", t, f"zoo:code-lm on {tokens_text(batch)} (bar <= 1.05)")
 
 
-ROWS: tuple[Callable[[Setup], Row], ...] = (evaluate_row, handle_forward_row)
+def bf16_forward_row(setup: Setup) -> Row:
+    """The same GPT-2-small-shaped checkpoint loaded in bfloat16 (`load_model(dtype=...)`)
+    against float32: the forward's cost; its weights take half the memory."""
+    from lib.models import load_model
+
+    handle, batch = setup.handle, setup.batch
+    half = load_model(handle.spec, dtype="bfloat16")
+    t = measure(lambda: half.forward(batch.tokens), lambda: handle.forward(batch.tokens), setup.repeats)
+    return Row.timed("bf16 forward / fp32 forward", t, f"on {tokens_text(batch)}; weights "
+                     f"{half.size_bits / 8 / 2**20:.0f} MiB vs {handle.size_bits / 8 / 2**20:.0f} MiB")
+
+
+ROWS: tuple[Callable[[Setup], Row], ...] = (evaluate_row, handle_forward_row, bf16_forward_row)
