@@ -27,11 +27,15 @@ def _close(a, b, tol=2e-5):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_forward_and_every_block_run_alone_match_plain_transformers(family, family_handles, plain_models):
     from lib.handle import Point
+    from lib.metrics import evaluate, metrics_from_outputs
 
     handle, plain = family_handles[family], plain_models[family]
-    tokens = _batch(handle).tokens
+    batch = _batch(handle)
+    tokens = batch.tokens
     logits = handle.forward(tokens)
     _close(logits, ref.logits(plain, tokens))
+    want = metrics_from_outputs(ref.logits(plain, tokens), batch, handle.n_params, handle.size_bits)
+    assert evaluate(handle, batch).nll == pytest.approx(want.nll, rel=1e-5)
     L = handle.structure.n_layers
     resid = handle.record(tokens, [Point("resid_pre", 0)])[Point("resid_pre", 0)]
     for layer in range(L):
