@@ -51,9 +51,7 @@ class LMParts:
         LayerNorm that feeds it) or its MLP (likewise) is replaced by a module that passes
         the residual stream on, so its weights and its compute are gone."""
         self.check_parts([part])
-        block = self._hf_path(self.model.blocks[part.layer])
-        if block is None:
-            raise CapabilityError("This model's blocks cannot be removed one by one.")
+        block = self._block_paths()[part.layer]  # a CapabilityError when they are not found
         plain = self._make_structural()
         if part.kind == "block":
             _set_submodule(plain, block, _RemovedBlock())
@@ -187,7 +185,7 @@ class LMParts:
         return dense.eval()
 
     def _unslice_into(self, dense: torch.Tensor, kept: torch.Tensor, name: str) -> None:
-        layer = next(l for l in self._heads if name.startswith(f"{self._hf_path(self.model.blocks[l])}."))
+        layer = next(l for l in self._heads if name.startswith(f"{self._block_paths()[l]}."))
         d_head, n, n_kv = self.structure.d_head, self.structure.n_heads, self._n_kv()
         attention = self.plain_model().get_submodule(self._hf_path(self.model.blocks[layer].attn))
         heads, kv = _head_rows(self._heads[layer], d_head), _head_rows(self._kv_heads(layer), d_head)

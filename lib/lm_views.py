@@ -128,9 +128,9 @@ class LMViews:
         kwargs = self._layer_kwargs(resid, layer)
         zeroed = []
         if drop is not None:
-            readable = f"blocks.{layer}.{'attn.o' if drop == 'attention' else 'mlp.out'}"
-            if readable in self._modules():  # a removed sublayer adds nothing already
-                zeroed.append(self._modules()[readable].register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
+            writer = self._modules().get(f"blocks.{layer}.{'attn.o' if drop == 'attention' else 'mlp.out'}")
+            if writer is not None:  # a removed sublayer adds nothing already
+                zeroed.append(writer.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
         try:
             out = block(resid, **kwargs)
         finally:

@@ -184,7 +184,8 @@ def test_a_bad_argument_is_refused_in_words(name, arg, kind, index, fixtures):
     assert set(ARGS[name]) <= set(kwargs) and tag(kwargs[arg]) == ARGS[name][arg]  # the table fits the calls
     if name == "token_contributions":
         kwargs["handle"] = fixtures["copy"]  # gradients run on a private float64 copy, as the page does
-    kwargs[arg] = _bad_values(kwargs[arg])[index][1]
+    made, kwargs[arg] = _bad_values(kwargs[arg])[index]
+    assert made == kind  # the id names the value tried
     lm = fixtures["lm"]
     before = (lm.current_fingerprint(), count_hooks(lm.model))
     outcome = in_thread(lambda: case.call(**kwargs), timeout=120)
