@@ -69,6 +69,7 @@ page = st.navigation([
     st.Page("views/redundancy.py", title="Redundancy", icon=":material/layers:"),
     st.Page("views/channels.py", title="Channels", icon=":material/hub:"),
     st.Page("views/interpreter.py", title="Interpreter", icon=":material/functions:"),
+    st.Page("views/representations.py", title="Representations", icon=":material/psychology:"),
     st.Page("views/lab.py", title="Compression lab", icon=":material/content_cut:"),
     st.Page("views/glossary.py", title="Glossary", icon=":material/menu_book:"),
 ])  # drawn first: the menu shows before the model loads

@@ -20,11 +20,13 @@ from bench import (  # noqa: E402
     pages,
     quantization,
     redundancy,
+    representations,
 )
 
 SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
           "channels": channels.ROWS, "pages": pages.ROWS, "interpreter": interpreter.ROWS,
-          "quantization": quantization.ROWS, "allocation": allocation.ROWS}
+          "quantization": quantization.ROWS, "allocation": allocation.ROWS,
+          "representations": representations.ROWS}
 
 
 def main() -> None:

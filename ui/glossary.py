@@ -293,6 +293,31 @@ TERMS: dict[str, Term] = {
         "oracle savings",
         "Compute saved if the keys and values a skipped layer owes later tokens came for free; real decoding has "
         "to compute them, so this is an upper bound that only an oracle reaches.", _SHRINK),
+    "linear_probe": Term(
+        "linear probe",
+        "A linear classifier trained to read one property of each token (here: ridge regression on one-hot "
+        "classes) from one depth's residual stream and tested on other files; high accuracy means the property "
+        "is there in linearly readable form.", _INSIDE),
+    "control_task": Term(
+        "control task",
+        "The same probe trained on random classes fixed per token type (Hewitt & Liang): it can only succeed by "
+        "memorising what each token is, so it shows how much a probe manages without the property itself.", _INSIDE),
+    "selectivity": Term(
+        "selectivity",
+        "A probe's accuracy on the property minus its accuracy on the control task; high when the property is "
+        "read from the context, near zero or negative when memorising tokens would do as well.", _INSIDE),
+    "token_alone_baseline": Term(
+        "token alone (baseline)",
+        "Each test token answered with the class its token type has most often in training: what the input "
+        "token says by itself, before any layer has looked at its context.", _INSIDE),
+    "depth_linearity": Term(
+        "linear in depth",
+        "Whether a weight family's layers lie on a line θ_A + (l/L)·θ_B (Learngene's linear expansion); the "
+        "relative residual is what the best such line leaves of each layer's weights.", _COMPARE),
+    "shared_blocks": Term(
+        "shared blocks",
+        "A block that reuses another block's weights plus, optionally, a low-rank correction of the difference; "
+        "it saves that block's weights at the cost of the change shown.", _SHRINK),
 }
 
 GLOSSARY: dict[str, str] = {key: term.text for key, term in TERMS.items()}
