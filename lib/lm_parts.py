@@ -85,6 +85,18 @@ class LMParts:
             groups.setdefault(h // group, []).append(h)
         return list(groups.values())
 
+    def qkv_layout(self, layer: int) -> str | None:
+        """How the fused query/key/value weight of layer `layer` (`blocks.{layer}.attn.qkv` in
+        `linear_layers()`, [3 · heads · d_head, d_model]) stacks its rows: "blocks" ([all q;
+        all k; all v], GPT-2's Conv1D c_attn), "per-head" ([q; k; v] of head 0, then of head
+        1, ...: GPT-NeoX, BLOOM); None without a fused projection or with another layout."""
+        module = self._linear_modules().get(f"blocks.{layer}.attn.qkv")
+        if module is None:
+            return None
+        if _per_head_qkv(self.plain_model().get_submodule(self._hf_path(self.model.blocks[layer].attn))):
+            return "per-head"
+        return "blocks" if _out_dim(module) == 1 else None  # the layout remove_heads_ slices
+
     @torch.no_grad()
     def remove_heads_(self, layer: int, heads: Sequence[int]) -> None:
         """Cut heads out of layer `layer` of this private copy: their query, key and value

@@ -1,5 +1,5 @@
 """The Representations page: AppTest runs on the default code model and an image model, and
-a real Chromium session that opens it and sees its charts drawn."""
+a real Chromium session that opens it on both and sees their charts drawn."""
 
 import os
 import shutil
@@ -38,11 +38,19 @@ def test_code_model_shows_probes_and_weights_across_depth_with_their_numbers():
     assert "With sharing with rank-8 deltas" in captions(at) and not at.error
 
 
-def test_image_model_is_told_what_the_page_needs():
+def test_image_model_shows_stage_probes_and_says_why_there_are_no_weights_across_depth():
     at = load(run(new_app()), "zoo:digits-cnn")
     at = run(at, PAGE)
     assert not at.error
-    assert "need a language model" in at.info[0].value and "zoo:code-lm" in at.info[0].value
+    assert [s.value for s in at.subheader] == ["What each depth knows", "Weights across depth"]
+    text = captions(at)
+    for prop in ("Class", "Ink mass", "Stroke thickness"):
+        assert f"{prop}: best at " in text, prop
+    assert "of test images (majority class" in text and "nearest prototype" in text and "control task" in text
+    assert "Selectivity (accuracy − control)" in text
+    assert len(at.info) == 1 and "stages differ in shape" in at.info[0].value
+    assert not at.select_slider  # no sharing rank to choose for an image model
+    assert "the nearest of 100 prototypes" in " ".join(m.value for m in at.markdown)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +89,19 @@ def test_representations_page_draws_in_chromium(browser_page):
     screenshot(page, "representations_page_weights.png")
     assert page.get_by_text("Token kind: best at depth").count() == 1
     assert page.locator('[data-testid="stException"]').count() == 0
+
+
+def test_image_model_stage_probes_draw_in_chromium(browser_page):
+    from test_browser import choose_bundled, screenshot
+
+    page = browser_page  # on the Representations page of zoo:code-lm, where the test above left it
+    choose_bundled(page, "zoo:digits-cnn")  # the page stays; it reruns on the new model
+    page.get_by_text("stages differ in shape").wait_for(timeout=300_000)  # the page ran to its end
+    charts = page.locator(".js-plotly-plot")
+    charts.first.wait_for(timeout=60_000)
+    assert charts.count() == 1
+    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() == 12  # 3 panels x 4 lines
+    assert page.get_by_text("Class: best at stage").count() == 1
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.wait_for_timeout(1000)
+    screenshot(page, "representations_page_cnn.png")

@@ -182,7 +182,8 @@ def test_depth_fit_on_a_model_made_linear_in_depth(tiny_lm):
         for layer in range(L):
             layers[f"blocks.{layer}.{role}"].copy_(first + layer / (L - 1) * (last - first))
     fit = depth_fit(copy)
-    assert fit.layers == tuple(range(L)) and set(fit.labels) == {"QKV (fused)", "O", "MLP in", "MLP out"}
+    assert fit.layers == tuple(range(L)) and fit.labels == ("Q", "K", "V", "O", "MLP in", "MLP out")
+    assert fit.qkv_layout == "blocks"  # GPT-2's fused c_attn, split into its three blocks of columns
     assert fit.residual.max() < 1e-5
     assert (fit.cosine > 0).all()
     unchanged = depth_fit(tiny_lm)
@@ -200,7 +201,7 @@ def test_share_loss_is_what_the_lab_edit_changes(tiny_lm):
         apply_(edited, ShareLayers(source=0, target=1, rank=rank))
         before, paths = tiny_lm.linear_layers(), edited._paths()
         change = after_norm = 0.0
-        for role in fit.families:
+        for role in ("attn.qkv", "attn.o", "mlp.in", "mlp.out"):  # the layers the edit shares (Q, K, V fused)
             module = edited.plain_model().get_submodule(paths[f"blocks.1.{role}"])
             assert type(module).__name__ == "SharedLinear"
             width = before[f"blocks.1.{role}"].shape[1]
@@ -233,6 +234,7 @@ def test_every_sentence_states_the_numbers(tiny_lm):
     fit = depth_fit(tiny_lm)
     fitted, cosines, shared = report.depth_sentences(fit)
     assert f"{float(fit.cosine.max()):.3f}" in cosines
+    assert "Q, K and V are the rows of the model's one fused query/key/value weight" in fitted
     assert f"{100 * float(fit.share_total.min()):.0f}%" in shared
     assert np.isfinite(fit.chance.numpy()).all()
 
@@ -247,3 +249,74 @@ def test_a_fast_tokenizer_is_labelled_through_its_offsets():
     ids, chars = token_characters(PreTrainedTokenizerFast(tokenizer_object=core), "def f(x):")
     assert ids == [0, 1, 2, 3, 4]
     assert chars.tolist() == [0, 4, 5, 6, 7]  # each token labelled by its first character
+
+
+def _computed_qkv(plain, text_ids, monkeypatch):
+    """Per layer, the attention's input [b, pos, d] and the query, key and value [b, heads,
+    pos, d_head] that plain transformers' own attention forward computes (rotary switched off,
+    so they are the projections themselves), caught at its attention function."""
+    import importlib
+
+    module = importlib.import_module(type(plain).__module__)
+    seen, inputs = {}, {}
+    original = module.eager_attention_forward
+
+    def catch(attention, query, key, value, *args, **kwargs):
+        seen[attention.layer_idx] = (query, key, value)
+        return original(attention, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(module, "eager_attention_forward", catch)
+    if hasattr(module, "apply_rotary_pos_emb"):
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", lambda q, k, *args, **kwargs: (q, k))
+    plain.set_attn_implementation("eager")
+    fused = [m for n, m in plain.named_modules() if n.endswith(("attn.c_attn", "attention.query_key_value"))]
+    handles = [m.register_forward_pre_hook(lambda _m, args, i=i: inputs.__setitem__(i, args[0]))
+               for i, m in enumerate(fused)]
+    try:
+        with torch.no_grad():
+            plain(input_ids=text_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, seen
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox"])
+def test_split_q_k_v_are_the_models_own_projections(family, tiny_gpt2_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from analysis.representations.depth import split_families, split_qkv, weight_families
+    from lib.models import load_model
+    from tools.families import save_tiny
+
+    folder = tiny_gpt2_dir if family == "gpt2" else save_tiny("neox", tmp_path / "neox")
+    handle = load_model(str(folder))
+    layout = {"gpt2": "blocks", "neox": "per-head"}[family]
+    assert [handle.qkv_layout(layer) for layer in range(handle.structure.n_layers)] == \
+        [layout] * handle.structure.n_layers
+    families, found = split_families(handle, weight_families(handle)[1])
+    assert found == layout and "attn.qkv" not in families
+    ids = torch.randint(0, handle.structure.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    inputs, computed = _computed_qkv(AutoModelForCausalLM.from_pretrained(str(folder)).eval(), ids, monkeypatch)
+    n, d_head = handle.structure.n_heads, handle.structure.d_head
+    weights = handle.weights()
+    for layer in range(handle.structure.n_layers):
+        biases = split_qkv(weights[f"blocks.{layer}.attn.qkv.bias"][:, None], layout, d_head)
+        for j, role in enumerate(("attn.q", "attn.k", "attn.v")):
+            ours = inputs[layer] @ families[role][layer].T + biases[j][:, 0]  # [b, pos, n * d_head]
+            ours = ours.view(*ours.shape[:2], n, d_head).transpose(1, 2)  # [b, heads, pos, d_head]
+            assert torch.allclose(ours, computed[layer][j], atol=1e-5), (family, layer, role)
+    wrong = "per-head" if layout == "blocks" else "blocks"  # the test can fail: the other layout gives other rows
+    swapped = split_qkv(handle.linear_layers()["blocks.0.attn.qkv"], wrong, d_head)[0]
+    assert not torch.allclose(swapped, families["attn.q"][0])
+
+
+def test_split_families_keep_what_the_shared_fused_weight_loses(tiny_lm):
+    fit = depth_fit(tiny_lm)
+    layers = tiny_lm.linear_layers()
+    change = (layers["blocks.1.attn.qkv"] - layers["blocks.0.attn.qkv"]).double()  # pure sharing, blocks 0 -> 1
+    fused_loss = float(change.norm() / layers["blocks.1.attn.qkv"].double().norm())
+    parts = [fit.labels.index(x) for x in ("Q", "K", "V")]
+    target_norms = [float(w.double().norm()) for w in layers["blocks.1.attn.qkv"].chunk(3, 0)]
+    recombined = sum(float(fit.share_loss[p, 0]) ** 2 * t**2 for p, t in zip(parts, target_norms))
+    assert recombined ** 0.5 / sum(t**2 for t in target_norms) ** 0.5 == pytest.approx(fused_loss, rel=1e-5)

@@ -300,8 +300,9 @@ TERMS: dict[str, Term] = {
         "is there in linearly readable form.", _INSIDE),
     "control_task": Term(
         "control task",
-        "The same probe trained on random classes fixed per token type (Hewitt & Liang): it can only succeed by "
-        "memorising what each token is, so it shows how much a probe manages without the property itself.", _INSIDE),
+        "The same probe trained on random classes fixed per token type (Hewitt & Liang; for images, per nearest "
+        "prototype image): it can only succeed by memorising what each input is, so it shows how much a probe "
+        "manages without the property itself.", _INSIDE),
     "selectivity": Term(
         "selectivity",
         "A probe's accuracy on the property minus its accuracy on the control task; high when the property is "
@@ -318,6 +319,11 @@ TERMS: dict[str, Term] = {
         "shared blocks",
         "A block that reuses another block's weights plus, optionally, a low-rank correction of the difference; "
         "it saves that block's weights at the cost of the change shown.", _SHRINK),
+    "nearest_prototype_baseline": Term(
+        "nearest prototype (baseline)",
+        "For image probes: each test image answered with the class most frequent, in training, among the images "
+        "that share its nearest prototype (one of a fixed set of training images, by raw-pixel distance); what "
+        "the input's rough look says by itself. The control task fixes one random class per such cell.", _INSIDE),
 }
 
 GLOSSARY: dict[str, str] = {key: term.text for key, term in TERMS.items()}

@@ -1,7 +1,8 @@
 """Cached computations behind the Representations view, in the no-copy `ui.store.STORE`,
 keyed by the model fingerprint and what each part really depends on: the labelled probe
-text by the model (its tokenizer and shape choose the windows), the probes by the model,
-the weights across depth by the model and the delta rank of the sharing."""
+text by the model (its tokenizer and shape choose the windows), the probes (of tokens, or of
+an image model's stages) by the model, the weights across depth by the model and the delta
+rank of the sharing."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import streamlit as st
 from analysis.representations.dataset import ProbeText, probe_text
 from analysis.representations.depth import DepthFit, depth_fit
 from analysis.representations.probes import ProbeResult, probe_layers
+from analysis.representations.stage_probes import probe_stages
 from lib.handle import ModelHandle
 from ui.progress import Progress, stored
 
@@ -29,6 +31,12 @@ def probes(handle: ModelHandle) -> ProbeResult:
     text = labelled_text(handle)
     return stored(("representations.probes", handle.fingerprint),
                   lambda step: probe_layers(handle, text, progress=step), "Linear probes")
+
+
+def stage_probes(handle: ModelHandle) -> ProbeResult:
+    """Every image property probed on the input and every stage's output, from one recorded pass."""
+    return stored(("representations.stages", handle.fingerprint),
+                  lambda step: probe_stages(handle, progress=step), "Linear probes of every stage")
 
 
 def depth(handle: ModelHandle, share_rank: int) -> DepthFit:

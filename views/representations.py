@@ -1,5 +1,6 @@
-"""Representations page: what each depth knows about the code it reads (linear probes),
-and how the weights change from block to block."""
+"""Representations page: what each depth knows about what it reads (linear probes of the
+code's tokens, or of a digit's class, ink mass and stroke thickness after every stage of an
+image model), and how the weights change from block to block."""
 
 import streamlit as st
 
@@ -13,36 +14,49 @@ from ui.session import require_handle
 SHARE_RANKS = (0, 1, 2, 4, 8, 16, 32, 64)
 
 handle = require_handle()
+image_model = handle.kind != "causal-lm"
 st.title("Representations")
-st.caption("Two views of what the layers hold. Linear probes ask each depth's residual stream for properties of the "
-           "code being read; the weights view asks whether the blocks are one module stretched over depth.")
-if handle.kind != "causal-lm":  # nothing went wrong: this view has nothing to show for an image model
-    st.info(f"Probes of code properties and weights across transformer blocks need a language model: {handle.spec} "
-            f"is an image model ({handle.kind}). Pick zoo:code-lm in the sidebar to see them.")
-    st.stop()
+st.caption("Two views of what the layers hold. Linear probes ask each depth for properties of what the model reads "
+           + ("(a digit's class, ink mass and stroke thickness, at the input and after every stage)"
+              if image_model else "(the code's tokens, from the residual stream)")
+           + "; the weights view asks whether the blocks are one module stretched over depth.")
 
 st.subheader("What each depth knows", help=GLOSSARY["linear_probe"] + " " + GLOSSARY["depth_layer_block"])
 try:
-    result = cached.probes(handle)
+    result = cached.stage_probes(handle) if image_model else cached.probes(handle)
 except CapabilityError as e:  # a tokenizer without offsets: the weights below still apply
     st.info(f"{e} The weights across depth are shown below.")
     result = None
 if result is not None:
     st.plotly_chart(plots.probe_lines(result), width="stretch")
-    st.caption("One ridge-regression probe per property and depth, trained on some files of the held-out source "
+    if image_model:
+        how = ("One ridge-regression probe per property and stage output, trained on the images the model was "
+               "trained on and tested on its held-out ones; properties are read from the clean digit. Blue: the "
+               "probe; red: the same probe on the control task (random classes fixed per cell of similar-looking "
+               "inputs: the nearest prototype in raw pixels); green: the nearest prototype's most frequent class; "
+               "grey: always the most frequent class. ")
+    else:
+        how = ("One ridge-regression probe per property and depth, trained on some files of the held-out source "
                "and tested on others. Blue: the probe; red: the same probe on the control task (random classes "
-               "fixed per token type); green: the token alone; grey: always the most frequent class. "
-               + " ".join(rep.property_sentences(result)), help=GLOSSARY["token_alone_baseline"])
+               "fixed per token type); green: the token alone; grey: always the most frequent class. ")
+    st.caption(how + " ".join(rep.property_sentences(result)),
+               help=GLOSSARY["nearest_prototype_baseline" if image_model else "token_alone_baseline"])
     st.caption(rep.selectivity_sentence(result), help=GLOSSARY["control_task"] + " " + GLOSSARY["selectivity"])
-    with st.expander("Which tokens were labelled"):
+    with st.expander("Which images were read and how their properties are defined" if image_model
+                     else "Which tokens were labelled"):
         st.write(rep.labelled_sentence(result))
 
 st.subheader("Weights across depth", help=GLOSSARY["depth_linearity"])
 bound = max(0, min(handle.structure.d_model, 64))
-rank = st.select_slider("Rank of the low-rank correction when a block shares its neighbour's weights",
-                        [r for r in SHARE_RANKS if r <= bound], value=0, key=f"share_rank_{handle.spec}",
-                        help=GLOSSARY["shared_blocks"] + " Rank 0 is pure sharing, as in the lab's shared-blocks edit.")
-fit = cached.depth(handle, int(rank))
+rank = 0 if image_model else st.select_slider(
+    "Rank of the low-rank correction when a block shares its neighbour's weights",
+    [r for r in SHARE_RANKS if r <= bound], value=0, key=f"share_rank_{handle.spec}",
+    help=GLOSSARY["shared_blocks"] + " Rank 0 is pure sharing, as in the lab's shared-blocks edit.")
+try:
+    fit = cached.depth(handle, int(rank))
+except CapabilityError as e:  # an image model's stages differ in shape: nothing to compare across depth
+    st.info(f"{e} Probes of the stages are shown above.")
+    st.stop()
 fitted, cosines, shared = rep.depth_sentences(fit)
 left, right = st.columns(2)
 with left:

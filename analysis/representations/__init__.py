@@ -8,22 +8,29 @@ linear probes, and how its weights change with depth.
                  (byte-level tokenizers by byte, others by offsets), the train/test split
     probes       one recorded pass, a ridge-regression probe per property and depth, with
                  the majority class, the token alone and Hewitt & Liang's control task
-    depth        weights across depth: θ_A + (l/L)·θ_B per weight family, cosines between
-                 consecutive layers, what the lab's shared-blocks edit would lose per pair
+    image_labels properties of digit images from their pixels (ink mass, stroke thickness),
+                 the control task's cells (nearest prototype in raw pixels)
+    stage_probes the same probes on an image model's input and every stage's output: class,
+                 ink mass, stroke thickness
+    depth        weights across depth: θ_A + (l/L)·θ_B per weight family (a fused Q/K/V
+                 split into Q, K and V), cosines between consecutive layers, what the lab's
+                 shared-blocks edit would lose per pair
     report       the sentences the page shows
     plots        the page's figures
 
 From a notebook:
 
     from lib.models import load_model
-    from analysis.representations import depth_fit, probe_layers
+    from analysis.representations import depth_fit, probe_layers, probe_stages
 
     handle = load_model("zoo:code-lm")
     probes = probe_layers(handle)   # ProbeResult: accuracy, control [P, D]; majority, token_alone [P]
     fit = depth_fit(handle)         # DepthFit: residual [F, n], cosine and share_loss [F, n-1]
+    stages = probe_stages(load_model("zoo:digits-cnn"))   # ProbeResult, depths "input", "conv1", ...
 """
 
 from analysis.representations.depth import DepthFit, depth_fit
 from analysis.representations.probes import ProbeResult, probe_layers
+from analysis.representations.stage_probes import ProbeImages, probe_images, probe_stages
 
-__all__ = ["DepthFit", "ProbeResult", "depth_fit", "probe_layers"]
+__all__ = ["DepthFit", "ProbeImages", "ProbeResult", "depth_fit", "probe_images", "probe_layers", "probe_stages"]

@@ -3,8 +3,10 @@
 to θ_A + (l/L)·θ_B, a shared module expanded linearly in depth), how alike consecutive
 layers are, and what the lab's shared-blocks edit (`ShareLayers`) would lose per pair.
 
-A weight family is one role in every block, as the model stores it (`attn.q`, `attn.o`,
-`mlp.in`; GPT-2 keeps Q, K and V in one fused `attn.qkv`). For a family with layers
+A weight family is one role in every block (`attn.q`, `attn.o`, `mlp.in`). A fused
+query/key/value projection (`attn.qkv`: GPT-2's Conv1D c_attn, GPT-NeoX's query_key_value)
+is split into its Q, K and V rows where the handle knows the layout (`qkv_layout`), and stays
+one "QKV (fused)" family where it does not. For a family with layers
 W_l [out, in] at depths t_l = l/L, least squares gives θ_A, θ_B per weight, and
 
     relative residual_l = ‖W_l − θ_A − t_l·θ_B‖_F / ‖W_l‖_F.
@@ -24,6 +26,7 @@ from analysis.compress.prune.factorize import ShareLayers, truncated_svd
 from lib.errors import CapabilityError
 from lib.handle import ModelHandle, check_handle
 
+QKV_ROLES = ("attn.q", "attn.k", "attn.v")
 FAMILY_NAMES = {"attn.q": "Q", "attn.k": "K", "attn.v": "V", "attn.qkv": "QKV (fused)", "attn.o": "O",
                 "mlp.in": "MLP in", "mlp.gate": "MLP gate", "mlp.out": "MLP out"}
 
@@ -32,14 +35,16 @@ FAMILY_NAMES = {"attn.q": "Q", "attn.k": "K", "attn.v": "V", "attn.qkv": "QKV (f
 class DepthFit:
     """The depth-linearity fit and consecutive-layer comparisons of every weight family.
 
-    families: F roles (`attn.o`, `mlp.in`, ...); labels: their names as shown ("O", "MLP in").
+    families: F roles (`attn.q`, `attn.o`, `mlp.in`, ...); labels: their names as shown ("Q", "O",
+    "MLP in"); qkv_layout: how Q, K, V were split from a fused weight (None: not split).
     layers: n block indices present (a family's layers all have one shape); n_layers: L.
     residual: [F, n] relative residual of each layer under θ_A + (l/L)·θ_B;
     chance: [n] sqrt(1 − h_l), the residual unrelated layers would leave in expectation.
     cosine: [F, n-1] cosine between layer i's and layer i+1's weights (flattened).
     share_loss: [F, n-1] relative change of layer i+1's weights if it shared layer i's
     (`ShareLayers(source=i, target=i+1, rank=share_rank)`): ‖W_{i+1} − W_i − SVD_r(W_{i+1} − W_i)‖ /
-    ‖W_{i+1}‖; share_total: [n-1] the same over all families of the pair together;
+    ‖W_{i+1}‖ (for split Q, K, V: their rows of the fused weight's change, as the edit shares the
+    fused weight whole); share_total: [n-1] the same over all families of the pair together;
     share_params: [n-1] weights the pair's sharing would save (minus the deltas' factors).
     """
 
@@ -54,6 +59,7 @@ class DepthFit:
     share_total: torch.Tensor
     share_params: torch.Tensor
     share_rank: int
+    qkv_layout: str | None = None  # how a fused Q/K/V weight was split: "blocks", "per-head" (None: not split)
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -77,6 +83,39 @@ def weight_families(handle: ModelHandle) -> tuple[tuple[int, ...], dict[str, dic
                 else f"this model has {len(blocks)} block(s) with weights of one shape")
         raise CapabilityError(f"Weights across depth compare blocks of one shape, at least 3 of them: {what}.")
     return tuple(blocks), families
+
+
+def split_qkv(weight: torch.Tensor, layout: str, d_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Q, K and V rows [heads · d_head, in] each of a fused weight [3 · heads · d_head, in]
+    (a bias as [3 · heads · d_head, 1]): "blocks" stacks all of Q, then K, then V; "per-head"
+    stacks [q; k; v] of head 0, then of head 1, ... (views, no copy)."""
+    if layout == "blocks":
+        q, k, v = weight.chunk(3, dim=0)
+        return q, k, v
+    if layout == "per-head":
+        heads = weight.reshape(-1, 3, d_head, weight.shape[1])  # [heads, q k v, d_head, in]
+        q, k, v = (heads[:, j].reshape(-1, weight.shape[1]) for j in range(3))
+        return q, k, v
+    raise CapabilityError(f"Unknown layout {layout!r} of a fused query/key/value weight (blocks or per-head).")
+
+
+def split_families(handle: ModelHandle, families: dict[str, dict[int, torch.Tensor]]
+                   ) -> tuple[dict[str, dict[int, torch.Tensor]], str | None]:
+    """`families` with a fused `attn.qkv` replaced, in place in the order, by `attn.q`,
+    `attn.k`, `attn.v` when every block's layout is known and the same; and that layout."""
+    fused = families.get("attn.qkv")
+    layouts = {handle.qkv_layout(b) for b in fused} if fused else {None}
+    if len(layouts) != 1 or None in layouts:
+        return families, None
+    layout = layouts.pop()
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for role, layers in families.items():
+        if role != "attn.qkv":
+            out[role] = layers
+            continue
+        parts = {b: split_qkv(w, layout, handle.structure.d_head) for b, w in layers.items()}
+        out.update({r: {b: p[j] for b, p in parts.items()} for j, r in enumerate(QKV_ROLES)})
+    return out, layout
 
 
 def linear_fit(weights: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,20 +146,21 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def _share_error(source: torch.Tensor, target: torch.Tensor, rank: int) -> float:
-    """‖target − source − SVD_rank(target − source)‖², the squared error `ShareLayers` leaves."""
+def _share_residual(source: torch.Tensor, target: torch.Tensor, rank: int) -> torch.Tensor:
+    """target − source − SVD_rank(target − source) [out, in]: what `ShareLayers` changes."""
     delta = (target - source).double()
     if rank > 0:
         a, b = truncated_svd(delta, rank)  # delta ≈ b @ a
         delta = delta - b @ a
-    return float(delta.pow(2).sum())
+    return delta
 
 
 @torch.no_grad()
 def depth_fit(handle: ModelHandle, share_rank: int = 0) -> DepthFit:
     """The depth-linearity fit, consecutive cosines and shared-blocks losses of every weight
     family of `handle` (weights only, no forward)."""
-    blocks, families = weight_families(handle)
+    blocks, stored = weight_families(handle)
+    families, layout = split_families(handle, stored)
     n_layers = handle.structure.n_layers
     roles = tuple(families)
     depths = torch.tensor(blocks, dtype=torch.float64) / n_layers
@@ -135,13 +175,19 @@ def depth_fit(handle: ModelHandle, share_rank: int = 0) -> DepthFit:
         error = norm = 0.0
         for target in pairs:
             role = target.split(".", 2)[-1]
-            if role not in families:
+            if role not in stored:
                 continue
-            w_t, w_s = families[role][b], families[role][a]
-            squared = _share_error(w_s, w_t, share_rank)
-            loss[roles.index(role), i] = (squared / max(float(w_t.double().pow(2).sum()), 1e-30)) ** 0.5
-            error, norm = error + squared, norm + float(w_t.double().pow(2).sum())
+            w_t = stored[role][b]
+            change = _share_residual(stored[role][a], w_t, share_rank)  # the edit shares the stored (fused) weight
+            split = role == "attn.qkv" and layout is not None
+            for part, part_t, part_role in (zip(split_qkv(change, layout, handle.structure.d_head),
+                                                split_qkv(w_t, layout, handle.structure.d_head), QKV_ROLES)
+                                            if split else [(change, w_t, role)]):
+                loss[roles.index(part_role), i] = (float(part.pow(2).sum())
+                                                   / max(float(part_t.double().pow(2).sum()), 1e-30)) ** 0.5
+            error, norm = error + float(change.pow(2).sum()), norm + float(w_t.double().pow(2).sum())
             saved[i] += w_t.numel() - share_rank * sum(w_t.shape)
         total[i] = (error / max(norm, 1e-30)) ** 0.5
     return DepthFit(roles, tuple(FAMILY_NAMES.get(r, r) for r in roles), blocks, n_layers, residual.float(),
-                    chance_residual(depths).float(), cosine.float(), loss.float(), total.float(), saved, share_rank)
+                    chance_residual(depths).float(), cosine.float(), loss.float(), total.float(), saved, share_rank,
+                    layout)

@@ -8,7 +8,6 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.plots import _bargap, integer_axis
-from analysis.representations.dataset import PROPERTY_NAMES
 from analysis.representations.depth import DepthFit
 from analysis.representations.probes import ProbeResult
 
@@ -18,33 +17,38 @@ _FAMILY_COLORS = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f
 
 def probe_lines(result: ProbeResult, columns: int = 3) -> go.Figure:
     """One panel per property: probe and control-task accuracy per depth (lines), majority
-    class and token alone (flat lines), all on test tokens, y from 0 to 100%."""
+    class and the lookup baseline (token alone, nearest prototype; flat lines), all on test
+    tokens or images, y from 0 to 100%. Image models' depths are named by stage."""
     n = len(result.properties)
+    columns = min(columns, n)
     rows = -(-n // columns)
-    fig = make_subplots(rows=rows, cols=columns, subplot_titles=[PROPERTY_NAMES[p] for p in result.properties],
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=list(result.names),
                         shared_yaxes=True, vertical_spacing=0.16, horizontal_spacing=0.04)
-    depths = list(range(len(result.depth_labels)))
-    for i, prop in enumerate(result.properties):
+    numeric = all(label.isdigit() for label in result.depth_labels)
+    depths = list(range(len(result.depth_labels))) if numeric else list(result.depth_labels)
+    where = "depth %{x}" if numeric else "%{x}"
+    for i, name in enumerate(result.names):
         row, col = divmod(i, columns)
         first = i == 0  # one legend entry per line kind
-        name = PROPERTY_NAMES[prop]
         for values, label, color, dash in ((result.accuracy[i], "probe", _PROBE, "solid"),
                                            (result.control[i], "control task", _CONTROL, "dot"),
-                                           ([float(result.token_alone[i])] * len(depths), "token alone", _ALONE,
-                                            "dashdot"),
+                                           ([float(result.token_alone[i])] * len(depths), result.baseline_name,
+                                            _ALONE, "dashdot"),
                                            ([float(result.majority[i])] * len(depths), "majority class", _MAJORITY,
                                             "dash")):
             values = [float(v) for v in values]
             fig.add_scatter(x=depths, y=values, mode="lines+markers" if dash in ("solid", "dot") else "lines",
                             name=label, legendgroup=label, showlegend=first, line=dict(color=color, dash=dash),
                             row=row + 1, col=col + 1,
-                            hovertemplate=f"{name}<br>depth %{{x}}<br>{label} %{{y:.1%}}<extra></extra>")
-        fig.update_xaxes(row=row + 1, col=col + 1, title_text="depth", **integer_axis(len(depths)))
+                            hovertemplate=f"{name}<br>{where}<br>{label} %{{y:.1%}}<extra></extra>")
+        axis = integer_axis(len(depths)) if numeric else dict(type="category", tickangle=-45)
+        fig.update_xaxes(row=row + 1, col=col + 1, title_text="depth" if numeric else "stage output", **axis)
         fig.update_yaxes(row=row + 1, col=col + 1, range=[0, 1.02], tickformat=".0%")
     for r in range(rows):
         fig.update_yaxes(row=r + 1, col=1, title_text="test accuracy")
-    fig.update_layout(height=300 * rows + 60, margin=dict(t=40, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0))
+    one_row = rows == 1  # a short figure: the legend needs more room above the panel titles
+    fig.update_layout(height=300 * rows + (90 if one_row else 60), margin=dict(t=80 if one_row else 40, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.12 if one_row else 1.04, x=0))
     return fig
 
 

@@ -19,7 +19,8 @@ holds little more). The control task (Hewitt & Liang 2019,
 one random class, drawn from the property's own class distribution, and the same probe is
 trained on those labels; it can only succeed by memorising token identities. Selectivity
 = accuracy − control accuracy: high when the property is read from context, not from the
-token alone.
+token alone. Image models (`stage_probes`) use the same machinery with an image's nearest
+prototype in raw pixels as its type (see `image_labels`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from analysis.representations.dataset import PROPERTIES, ProbeText, probe_text
+from analysis.representations.dataset import PROPERTIES, PROPERTY_NAMES, ProbeText, probe_text
 from lib.data import check_lm
 from lib.errors import DataError
 from lib.handle import ModelHandle, Point
@@ -44,16 +45,21 @@ SEED = 0
 class ProbeResult:
     """Test accuracy of a linear probe per property and depth, with its references.
 
-    properties: P property keys (`dataset.PROPERTIES`); classes: their class names.
-    depth_labels: D names of the depths probed, "0".."L": depth d is the residual stream
-        entering block d, depth L the last block's output.
+    properties: P property keys (`dataset.PROPERTIES`, `stage_probes.IMAGE_PROPERTIES`);
+        names: as shown ("token kind"); classes: their class names.
+    depth_labels: D names of the depths probed: for a language model "0".."L" (depth d is
+        the residual stream entering block d, depth L the last block's output); for an image
+        model "input", then each stage whose output was probed.
     accuracy, control: [P, D] test accuracy of the probe on the property and on its
         control task; majority: [P] test accuracy of always answering the training set's
-        most frequent class; token_alone: [P] of answering each token type's most frequent
-        training class (types unseen in training: the majority class).
-    n_labelled, n_train, n_test: [P] tokens labelled, used for training, for testing.
-    n_positions: tokens a probe could read (BOS excluded); split: "file" (no file in both
-    training and test windows) or "window"; source: the text's description.
+        most frequent class; token_alone: [P] of answering each type's most frequent
+        training class (types unseen in training: the majority class), a type being the
+        token id, or for images the cell of the nearest prototype (`baseline_name` says which).
+    n_labelled, n_train, n_test: [P] tokens (images) labelled, used for training, for testing.
+    n_positions: tokens (images) a probe could read (BOS excluded); split: "file" (no file in
+    both training and test windows), "window", or "model" (images: trained on the model's
+    training images, tested on its held-out ones); source: the data's description;
+    unit: "token" or "image".
     """
 
     properties: tuple[str, ...]
@@ -69,6 +75,14 @@ class ProbeResult:
     n_positions: int
     split: str
     source: str
+    names: tuple[str, ...]
+    baseline_name: str = "token alone"
+    unit: str = "token"
+
+    def depth_name(self, d: int) -> str:
+        """Depth d in words: "depth 3", "the input", "stage conv2"."""
+        label = self.depth_labels[d]
+        return f"depth {label}" if label.isdigit() else "the input" if label == "input" else f"stage {label}"
 
     @property
     def selectivity(self) -> torch.Tensor:
@@ -99,8 +113,9 @@ def split_windows(window_file: torch.Tensor, test_share: float = TEST_SHARE, see
 
 
 def control_labels(labels: torch.Tensor, token_ids: torch.Tensor, n_classes: int, seed: int = SEED) -> torch.Tensor:
-    """Hewitt & Liang's control task: every token type gets one class, drawn (seeded) from the
-    class distribution of `labels` [N] (-1 unlabelled, kept -1); returns [N]."""
+    """Hewitt & Liang's control task: every type (`token_ids` [N]: a token id, or an image's
+    nearest prototype) gets one class, drawn (seeded) from the class distribution of `labels`
+    [N] (-1 unlabelled, kept -1); returns [N]."""
     found = labels[labels >= 0]
     if not len(found):
         return labels.clone()
@@ -155,14 +170,17 @@ def _probe_depth(x: torch.Tensor, train: torch.Tensor, groups: Sequence[Group], 
 
 
 def probe_features(features: Sequence[torch.Tensor], labels: dict[str, torch.Tensor],
-                   classes: dict[str, Sequence[str]], token_ids: torch.Tensor, train: torch.Tensor,
+                   classes: dict[str, Sequence[str]], types: torch.Tensor, train: torch.Tensor,
                    ridge: float = RIDGE, progress: Progress | None = None
                    ) -> tuple[torch.Tensor, ...]:
-    """Probe every property at every depth.
+    """Probe every property at every depth: the one probe machinery behind `probe_layers`
+    (tokens) and `stage_probes.probe_stages` (images).
 
-    features: D tensors [N, d] (one per depth, the same N positions); labels: property ->
-    [N] int64 (-1 unlabelled); classes: property -> class names; token_ids: [N] (the
-    control task's token types); train: [N] bool, the rest is the test set.
+    features: D tensors [N, d] (one per depth, the same N positions or images); labels:
+    property -> [N] int64 (-1 unlabelled); classes: property -> class names; types: [N]
+    int64 >= 0, the control task's types (token ids; for images the nearest prototype's
+    index), also what the lookup baseline answers from; train: [N] bool, the rest is the
+    test set.
     Returns accuracy [P, D], control accuracy [P, D], the majority and token-alone
     baselines [P], and the training and test token counts [P] (P in the order of `labels`).
     """
@@ -174,7 +192,7 @@ def probe_features(features: Sequence[torch.Tensor], labels: dict[str, torch.Ten
         if not (masks[p] & train).any() or not (masks[p] & ~train).any():
             raise DataError(f"No labelled token of '{p}' is on both the training and the test side; "
                             "use more windows.")
-    control = {p: control_labels(labels[p], token_ids, len(classes[p]), SEED + i) for i, p in enumerate(props)}
+    control = {p: control_labels(labels[p], types, len(classes[p]), SEED + i) for i, p in enumerate(props)}
     groups: list[list[str]] = []
     for p in props:  # properties labelled on the same tokens share one Gram matrix per depth
         same = next((group for group in groups if torch.equal(masks[group[0]], masks[p])), None)
@@ -197,7 +215,7 @@ def probe_features(features: Sequence[torch.Tensor], labels: dict[str, torch.Ten
     majority = torch.zeros(len(props), dtype=torch.float64)
     token_alone = torch.zeros_like(majority)
     for i, p in enumerate(props):
-        majority[i], token_alone[i] = _lookup_baselines(labels[p], masks[p], token_ids, train, len(classes[p]))
+        majority[i], token_alone[i] = _lookup_baselines(labels[p], masks[p], types, train, len(classes[p]))
     n_train = torch.tensor([int((masks[p] & train).sum()) for p in props])
     n_test = torch.tensor([int((masks[p] & ~train).sum()) for p in props])
     return accuracy, control_acc, majority, token_alone, n_train, n_test
@@ -248,4 +266,5 @@ def probe_layers(handle: ModelHandle, text: ProbeText | None = None, ridge: floa
                                                                          train, ridge, progress)
     return ProbeResult(PROPERTIES, tuple(text.classes[p] for p in PROPERTIES),
                        tuple(str(d) for d in range(len(points))), accuracy.float(), control.float(), majority.float(),
-                       alone.float(), n_train + n_test, n_train, n_test, text.n_positions, split, text.source)
+                       alone.float(), n_train + n_test, n_train, n_test, text.n_positions, split, text.source,
+                       tuple(PROPERTY_NAMES[p] for p in PROPERTIES))

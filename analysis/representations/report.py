@@ -4,8 +4,8 @@ show."""
 
 from __future__ import annotations
 
-from analysis.representations.dataset import PROPERTY_NAMES
 from analysis.representations.depth import DepthFit
+from analysis.representations.image_labels import INK_THRESHOLD
 from analysis.representations.probes import ProbeResult
 
 LOW_SELECTIVITY = 0.05  # below this everywhere, the control task is about as easy as the properties
@@ -20,8 +20,11 @@ def _points(share: float) -> str:
 
 
 def labelled_sentence(result: ProbeResult) -> str:
-    """How many tokens each property could be read for, and how the split was made."""
-    counts = ", ".join(f"{PROPERTY_NAMES[p]} {int(n):,}" for p, n in zip(result.properties, result.n_labelled))
+    """How many tokens each property could be read for, and how the split was made (for
+    images: which images, how they were split, how the properties are read)."""
+    if result.unit == "image":
+        return image_data_sentence(result)
+    counts = ", ".join(f"{name} {int(n):,}" for name, n in zip(result.names, result.n_labelled))
     split = ("training and test windows come from different files" if result.split == "file"
              else "the text is one file, so windows (not files) were split")
     return (f"Tokens labelled by Python's tokenize and ast, of {result.n_positions:,} read ({result.source}): "
@@ -33,18 +36,35 @@ def labelled_sentence(result: ProbeResult) -> str:
 def property_sentences(result: ProbeResult) -> list[str]:
     """One sentence per property: its best depth, accuracy there, and the three references."""
     out = []
-    for i, prop in enumerate(result.properties):
+    lookup = result.baseline_name
+    for i, name in enumerate(result.names):
         best = int(result.accuracy[i].argmax())
         gain = result.accuracy[i] - result.token_alone[i]
         first = next(d for d in range(len(gain)) if gain[d] >= 0.9 * gain.max()) if gain.max() > 0 else best
-        reach = (f"; 90% of its gain over the token alone is there by depth {first}" if gain.max() > 0.02
-                 else "; no depth reads it better than the token alone")
-        name = PROPERTY_NAMES[prop]
-        out.append(f"{name[:1].upper() + name[1:]}: best at depth {best}, "
-                   f"{_pct(float(result.accuracy[i, best]))} of test tokens (majority class "
-                   f"{_pct(float(result.majority[i]))}, token alone {_pct(float(result.token_alone[i]))}, control task "
+        last = len(gain) - 1
+        reach = (f"; 90% of its gain over the {lookup} is there by {result.depth_name(first)}"
+                 if gain.max() > 0.02 and first > 0 else "" if gain.max() > 0.02
+                 else f"; no depth reads it better than the {lookup}")
+        if best != last:
+            reach += f"; {_pct(float(result.accuracy[i, last]))} at {result.depth_name(last)}"
+        out.append(f"{name[:1].upper() + name[1:]}: best at {result.depth_name(best)}, "
+                   f"{_pct(float(result.accuracy[i, best]))} of test {result.unit}s (majority class "
+                   f"{_pct(float(result.majority[i]))}, {lookup} {_pct(float(result.token_alone[i]))}, control task "
                    f"{_pct(float(result.control[i, best]))}){reach}.")
     return out
+
+
+def image_data_sentence(result: ProbeResult) -> str:
+    """Which images the stage probes read and how their properties and control are made."""
+    classes = "; ".join(f"{name}: {' / '.join(c)}" for name, c in zip(result.names, result.classes)
+                        if len(c) == 2)
+    return (f"Images: {result.source}. Ink mass is the sum of the clean digit's pixel intensities (0 to 1 "
+            f"each); stroke thickness the mean, over its ink pixels (intensity at least {INK_THRESHOLD}), of the "
+            "shorter of the horizontal and vertical runs of ink through the pixel; both are cut at the training "
+            f"images' median ({classes}). The control "
+            "task gives every cell of the input space (the images nearest one prototype, by raw-pixel distance) one "
+            "random class drawn from the property's class shares; the nearest-prototype baseline answers "
+            "each test image with its cell's most frequent training class.")
 
 
 def selectivity_sentence(result: ProbeResult) -> str:
@@ -52,14 +72,15 @@ def selectivity_sentence(result: ProbeResult) -> str:
     selectivity = result.selectivity
     i, d = divmod(int(selectivity.argmax()), selectivity.shape[1])
     top = float(selectivity[i, d])
-    where = f"{PROPERTY_NAMES[result.properties[i]]} at depth {d}"
+    where = f"{result.names[i]} at {result.depth_name(d)}"
     text = (f"Selectivity (accuracy − control) is highest for {where}: {_points(top)}." if top > 0 else
             f"Selectivity (accuracy − control) is negative at every depth (at best {_points(top)}, {where}).")
     if top < LOW_SELECTIVITY:
         control0 = float(result.control[:, 0].mean())
-        text += (f" The control task is as easy as the properties (on average {_pct(control0)} at depth 0): a linear "
-                 "probe here can memorise a class for every token type, so read the accuracies against the "
-                 "token-alone baseline instead.")
+        memorise = "token type" if result.unit == "token" else "cell of similar-looking inputs"
+        text += (f" The control task is as easy as the properties (on average {_pct(control0)} at "
+                 f"{result.depth_name(0)}): a linear probe here can memorise a class for every {memorise}, so read "
+                 f"the accuracies against the {result.baseline_name} baseline instead.")
     return text
 
 
@@ -74,6 +95,10 @@ def depth_sentences(fit: DepthFit) -> list[str]:
                f"no family is closer to a straight line in depth than unrelated layers would be ({_pct(chance)} "
                f"left on average; the closest is {fit.labels[best]} at {_pct(float(mean_residual[best]))})")
     fitted = (f"Fitting each family's {len(fit.layers)} layers as θ_A + (l/L)·θ_B (L = {fit.n_layers}): {verdict}.")
+    if fit.qkv_layout is not None:
+        how = {"blocks": "stored as [all Q | all K | all V]", "per-head": "stored head by head, [q k v] per head"}
+        fitted += (f" Q, K and V are the rows of the model's one fused query/key/value weight "
+                   f"({how.get(fit.qkv_layout, fit.qkv_layout)}); sharing moves the fused weight as a whole.")
     f, p = divmod(int(fit.cosine.argmax()), fit.cosine.shape[1])
     pair = fit.pairs[p]
     cosines = (f"Consecutive layers' weights have cosines from {float(fit.cosine.min()):.3f} to "
