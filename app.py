@@ -8,12 +8,17 @@ from __future__ import annotations
 import streamlit as st
 
 from lib.devices import DEVICES, DTYPES, available
+from lib.errors import LayerScopeError
 from lib.models import zoo_names
 from lib.zoo import ZOO
+from ui import links, presenter, tour
+from ui.cache import verified
+from ui.glossary import GLOSSARY
 from ui.session import (
     DEFAULT_SPEC,
     OPT_INS,
     LoadRequest,
+    app_message,
     current_handle,
     current_lab,
     guard,
@@ -73,16 +78,33 @@ page = st.navigation([
     st.Page("views/lab.py", title="Compression lab", icon=":material/content_cut:"),
     st.Page("views/glossary.py", title="Glossary", icon=":material/menu_book:"),
 ])  # drawn first: the menu shows before the model loads
+links.restore()  # once per session: the address's model and recipe
+tour.from_link()  # once per session: a scenario the address names
 model_picker()
+tour.picker()
 handle = current_handle()
+tour.take_pending(handle)  # a scenario step asked for: its model, controls, recipe and page
 if handle is not None:
     st.sidebar.caption(f"Loaded: **{handle.spec}** · {handle.n_params:,} parameters")
+    try:
+        check = verified(handle)
+        (st.sidebar.caption if check.ok else st.sidebar.warning)(
+            (":material/verified: " if check.ok else "") + check.text(), help=GLOSSARY["verified_outputs"])
+    except Exception as e:  # noqa: BLE001 - a hooked path that cannot run: say so here, the pages that hook will too
+        why = app_message(e) if isinstance(e, LayerScopeError) else f"the hooked forward failed ({type(e).__name__})"
+        st.sidebar.caption(f"Outputs not verified: {why}", help=GLOSSARY["verified_outputs"])
+presenter.sidebar()  # large text for a projector; the warm server's progress
 recipe_slot = st.sidebar.empty()  # filled after the page ran, so edits made there show at once
 
+tour_slot = st.container()  # the scenario's step, drawn once the page has computed what it checks
 try:
     with guard():  # every error a user can cause ends in st.error, never a traceback
         page.run()
 finally:  # also when the page stopped early
+    with guard():
+        tour.banner(tour_slot, handle, page.url_path)
+    links.reflect(handle)  # what the lab measured goes to the journal; the view to the address
+    presenter.warm_after_first_page()  # LAYERSCOPE_WARM=1: once this page is drawn
     lab = current_lab(handle) if handle is not None else None
     if lab is not None and (edits := lab.current.edits):
         recipe_slot.caption(f"Recipe: {len(edits)} edit(s) — " + ", ".join(e.label for e in edits))

@@ -21,12 +21,13 @@ from bench import (  # noqa: E402
     quantization,
     redundancy,
     representations,
+    warm,
 )
 
 SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
           "channels": channels.ROWS, "pages": pages.ROWS, "interpreter": interpreter.ROWS,
           "quantization": quantization.ROWS, "allocation": allocation.ROWS,
-          "representations": representations.ROWS}
+          "representations": representations.ROWS, "warm": warm.ROWS}
 
 
 def main() -> None:

@@ -190,6 +190,9 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         if self.structure.parallel and any(p.site == "resid_mid" for p in points):
             return self._record_parallel_mid(inputs, points)
         hooked = self._active_hooks or count_hooks(self.model)
+        if points and all(p.site == "pattern" for p in points) and not hooked \
+                and (self._structural or self.input_transforms):
+            return self._plain_patterns(inputs, points)
         if not points or any(p.site != "pattern" for p in points) or hooked or self._structural \
                 or self.input_transforms:
             return super().record(inputs, points)
@@ -202,6 +205,28 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         finally:
             plain.set_attn_implementation("sdpa")
         return {p: patterns[p.layer] for p in points}
+
+    def _plain_patterns(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+        """Attention patterns of a copy the bridge does not compute (parts removed, inputs
+        transformed), from its plain model with eager attention: each attention module's
+        weights, caught by a forward hook, [batch, heads left, query, key]. A removed
+        attention (or block) has none: its point is missing from the result."""
+        plain, caught, handles = self.plain_model(), {}, []
+        for p in points:
+            self.hook_name(p)  # refuses a layer the model does not have
+            if not self.heads_left(p.layer):
+                continue
+            attention = plain.get_submodule(self._hf_path(self.model.blocks[p.layer].attn))
+            handles.append(attention.register_forward_hook(
+                lambda _m, _args, out, p=p: caught.__setitem__(p, out[1] if isinstance(out, tuple) else None)))
+        plain.set_attn_implementation("eager")  # SDPA computes no weights to return
+        try:
+            plain.base_model(input_ids=self.check_inputs(inputs), use_cache=False)
+        finally:
+            plain.set_attn_implementation("sdpa")
+            for handle in handles:
+                handle.remove()
+        return {p: caught[p] for p in points if caught.get(p) is not None}
 
     def _record_parallel_mid(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
         """A parallel block's m_l is x_l + attention's write (what the block's output would be

@@ -81,8 +81,8 @@ def check_base(base: torch.Tensor | BaseOutputs | None, batch: Batch) -> None:
         return
     if isinstance(base, BaseOutputs):
         n = batch.n_predicted
-        if base.probs.dim() != 2 or base.probs.shape[0] != n:
-            raise DataError(f"The prepared base outputs cover {base.probs.shape[0]} predicted positions but this "
+        if base.n_rows != n:
+            raise DataError(f"The prepared base outputs cover {base.n_rows} predicted positions but this "
                             f"batch has {n}: they come from a different batch. Prepare them on this batch.")
         return
     if not isinstance(base, torch.Tensor) or not _fits(base, batch):
@@ -111,8 +111,8 @@ def check_outputs(outputs: torch.Tensor, batch: Batch, base: torch.Tensor | Base
     if isinstance(base, torch.Tensor) and base.shape != outputs.shape:
         raise DataError(f"The base outputs have shape {_shape(base)} but these outputs {_shape(outputs)}: "
                         "the base comes from a different batch or model. Compute it on this batch.")
-    if isinstance(base, BaseOutputs) and base.probs.shape[-1] != outputs.shape[-1]:
-        raise DataError(f"The prepared base outputs have {base.probs.shape[-1]} classes but these outputs "
+    if isinstance(base, BaseOutputs) and base.n_classes != outputs.shape[-1]:
+        raise DataError(f"The prepared base outputs have {base.n_classes} classes but these outputs "
                         f"{outputs.shape[-1]}: they come from a different model.")
 
 
@@ -123,11 +123,14 @@ def metrics_from_outputs(
     size_bits: int,
     base: torch.Tensor | BaseOutputs | None = None,
     latency_ms: float | None = None,
+    per_row: dict[str, torch.Tensor] | None = None,
 ) -> Metrics:
     """Metrics from model outputs already computed on `batch`.
 
     outputs: LM logits [b, pos, vocab], classifier logits [b, classes] or images [b, 1, H, W].
     base: the base model's outputs on the same batch, for KL and agreement.
+    per_row: for text, a dict that receives every predicted position's scores from the
+    same pass (`lib.scoring.text_scores`; `lib.spread.position_scores` reads it).
     Outputs or a base that do not fit the batch are refused (`check_outputs`).
     """
     check_outputs(outputs, batch, base)
@@ -137,7 +140,7 @@ def metrics_from_outputs(
     fields: dict[str, float | None] = {}
     if isinstance(batch, TextBatch):
         ref = None if base is None else base if isinstance(base, BaseOutputs) else prepare_base(base, batch)
-        nll, kl, agree = text_scores(outputs, batch, ref)  # one chunked pass for the NLL and the KL
+        nll, kl, agree = text_scores(outputs, batch, ref, per_row)  # one chunked pass for the NLL and the KL
         fields.update(nll=nll, perplexity=math.exp(min(nll, 700.0)))
         if ref is not None:
             fields.update(kl_to_base=kl, agreement=agree)

@@ -28,16 +28,40 @@ def check_finite(outputs: torch.Tensor, who: str = "model") -> None:
 class BaseOutputs:
     """Base outputs prepared once for many comparisons (a drop sweep, a recipe history).
 
-    probs: [n, classes] base probabilities at predicted positions; top1: [n] base argmax;
-    dot: [n] <p, z> with z the base's logits there; lse: [n] logsumexp(z). Then
-    sum p log p = dot - lse, and KL(base || model) = (dot - <p, z'>) + (lse' - lse) for a
-    model's logits z': exactly 0 when z' = z.
+    logits: the base's outputs as given, not copied (LM logits [b, T, V], or class logits
+    [n, classes]): its probabilities p = exp(z - lse) are recomputed chunk by chunk where a
+    KL needs them (`probs`), so no second tensor of the outputs' size is kept beside them;
+    top1: [n] base argmax at the predicted positions; dot: [n] <p, z>; lse: [n] logsumexp(z).
+    Then sum p log p = dot - lse, and KL(base || model) = (dot - <p, z'>) + (lse' - lse) for
+    a model's logits z': exactly 0 when z' = z.
     """
 
-    probs: torch.Tensor
+    logits: torch.Tensor
     top1: torch.Tensor
     dot: torch.Tensor
     lse: torch.Tensor
+
+    @property
+    def n_rows(self) -> int:
+        return self.lse.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.logits.shape[-1]
+
+    def probs(self, rows: slice) -> torch.Tensor:
+        """p [rows, classes] in float32 at predicted positions `rows` (for text, a chunk of
+        `_logit_chunks`: within one window), from the kept logits."""
+        if self.logits.dim() == 2:
+            z = self.logits[rows].float()
+        else:
+            per_window = self.logits.shape[1] - 1
+            window, start = divmod(rows.start, per_window)
+            stop = start + rows.stop - rows.start
+            if stop > per_window:
+                raise ValueError("A chunk of base probabilities lies within one window.")
+            z = self.logits[window, start:stop].float()
+        return torch.exp(z - self.lse[rows, None])
 
 
 def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor:
@@ -46,21 +70,20 @@ def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor
     if isinstance(batch, ImageBatch) and batch.targets is not None:
         return base
     if isinstance(batch, TextBatch):
-        probs, top1s, dots, lses = [], [], [], []
+        top1s, dots, lses = [], [], []
         for z, top1, lse in _logit_chunks(base, "base model"):
-            probs.append(torch.exp(z - lse[:, None]))
             # chunk by chunk, as text_scores computes <p, z'>; vecdot, not einsum("nc,nc->n"), whose
             # batched-matmul path is 9x slower on a [32, 50257] chunk
-            dots.append(torch.linalg.vecdot(probs[-1], z))
+            dots.append(torch.linalg.vecdot(torch.exp(z - lse[:, None]), z))
             check_finite(dots[-1], who="base model")  # a -inf logit: 0 * -inf in <p, z>
             top1s.append(top1)
             lses.append(lse)
-        return BaseOutputs(torch.cat(probs), torch.cat(top1s), torch.cat(dots), torch.cat(lses))
+        return BaseOutputs(base, torch.cat(top1s), torch.cat(dots), torch.cat(lses))
     check_finite(base, "base model")
     z = base.float()
     lse = torch.logsumexp(z, -1)
     p = torch.exp(z - lse[:, None])
-    return BaseOutputs(p, z.argmax(-1), torch.linalg.vecdot(p, z), lse)
+    return BaseOutputs(base, z.argmax(-1), torch.linalg.vecdot(p, z), lse)
 
 
 ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
@@ -93,26 +116,37 @@ def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, ba
         return kl, agree
     check_finite(outputs)
     z = outputs.float()  # class logits [n, classes]: one chunk, the same formula as text_scores
-    kl = ((ref.dot - torch.linalg.vecdot(ref.probs, z)) + (torch.logsumexp(z, -1) - ref.lse)).mean()
+    kl = ((ref.dot - torch.linalg.vecdot(ref.probs(slice(0, ref.n_rows)), z)) + (torch.logsumexp(z, -1) - ref.lse)
+          ).mean()
     return max(float(kl), 0.0), (z.argmax(-1) == ref.top1).float().mean().item()
 
 
 @torch.no_grad()
-def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None = None
-                ) -> tuple[float, float | None, float | None]:
+def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None = None,
+                per_row: dict[str, torch.Tensor] | None = None) -> tuple[float, float | None, float | None]:
     """Mean NLL, KL(base || model) and top-1 agreement over the predicted positions of LM
     logits [b, T, V], without log-probabilities of the whole batch: with log q = z - lse(z),
-    NLL = lse - z_target and KL = (dot - <p, z>) + (lse - lse_base) (see `BaseOutputs`)."""
-    targets = batch.tokens[:, 1:].reshape(-1)
+    NLL = lse - z_target and KL = (dot - <p, z>) + (lse - lse_base) (see `BaseOutputs`).
+    per_row: a dict that receives each predicted position's "nll", "kl" (with a base) and
+    "top1" [n] from the same pass, on the CPU (`lib.spread` keeps them)."""
+    targets = batch.tokens[:, 1:].reshape(-1).to(outputs.device)
     nll = kl = agree = 0.0
     start = 0
+    kept: dict[str, list[torch.Tensor]] = {"nll": [], "kl": [], "top1": []}
     for z, top1, lse in _logit_chunks(outputs):
         rows = slice(start, start + z.shape[0])
         start += z.shape[0]
-        nll += float((lse - z.gather(1, targets[rows, None])[:, 0]).sum())
+        row_nll = lse - z.gather(1, targets[rows, None])[:, 0]
+        nll += float(row_nll.sum())
+        kept["nll"].append(row_nll)
+        kept["top1"].append(top1)
         if ref is not None:
-            kl += float(((ref.dot[rows] - torch.linalg.vecdot(ref.probs[rows], z)) + (lse - ref.lse[rows])).sum())
+            row_kl = (ref.dot[rows] - torch.linalg.vecdot(ref.probs(rows), z)) + (lse - ref.lse[rows])
+            kl += float(row_kl.sum())
+            kept["kl"].append(row_kl)
             agree += float((top1 == ref.top1[rows]).sum())
+    if per_row is not None:  # moved once, after the loop
+        per_row.update({name: torch.cat(rows).cpu() for name, rows in kept.items() if rows})
     check_finite(torch.tensor([nll, kl]))  # a -inf logit where the target or the base's mass is
     if ref is None:
         return nll / start, None, None

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the lab journal (analysis.compress.journal) writes here, never to the home folder; servers the tests start inherit it
+os.environ["LAYERSCOPE_DATA"] = tempfile.mkdtemp(prefix="layerscope-test-data-")
 
-import shutil
 import threading
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+
+atexit.register(shutil.rmtree, os.environ["LAYERSCOPE_DATA"], True)
 
 
 def save_tiny_gpt2(folder, n_layer: int = 3, n_embd: int = 32, n_head: int = 4, n_positions: int = 64,

@@ -156,7 +156,7 @@ def test_html_report_is_self_contained(tiny_lm):
     lab.add(RemoveHeads(0, (1,)))
     page = export.html_report(lab)
     assert page.startswith("<!DOCTYPE html>") and "<script src=" not in page  # nothing fetched when opened
-    assert page.count('class="plotly-graph-div"') == 4  # two history charts, sparsity, heads
+    assert page.count('class="plotly-graph-div"') == 5  # two history charts, sparsity, heads, internals
     assert page.count("plotly.js v") == 1  # the library itself, inlined once
     assert "<td>bits per byte</td>" in page and "remove heads 1 of layer 0" in page
     assert '"type": "remove_heads"' in page.replace("&quot;", '"')

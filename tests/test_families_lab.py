@@ -32,10 +32,14 @@ def _close(a, b, tol=2e-5):
 
 def _exported_logits(edited, tokens, tmp_path):
     from analysis.compress.export import model_zip
+    from lib.packed import PACKED_FILE, unpack_folder
 
     with zipfile.ZipFile(io.BytesIO(model_zip(edited, "edited"))) as archive:
         archive.extractall(tmp_path)
-    return ref.logits(ref.plain_model(tmp_path / "edited"), tokens)
+    folder = tmp_path / "edited"
+    if (folder / PACKED_FILE).exists():  # NF4, FP6, FP8 E5M2, binary: LayerScope's packed codes, unpacked to float
+        folder = unpack_folder(folder, tmp_path / "unpacked")
+    return ref.logits(ref.plain_model(folder), tokens)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

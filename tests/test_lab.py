@@ -308,6 +308,10 @@ def test_latency_is_timed_against_the_base_with_a_flop_prediction(tiny_lm, cnn):
     figure = plots_lab.history_scatter(lab.history, "latency_ms", lab.quality, lab.frontier("latency_ms"), 2)
     assert figure.layout.xaxis.title.text == "latency relative to the base"
     assert list(figure.data[0].x) == [p.latency.ratio for p in lab.history] and figure.data[0].error_x.array
+    low, high = lab.history[1].spread.intervals[lab.quality]  # quality bars: each point's bootstrap interval
+    value = getattr(lab.history[1].metrics, lab.quality)
+    assert figure.data[0].error_y.array[1] == pytest.approx(high - value)
+    assert figure.data[0].error_y.arrayminus[1] == pytest.approx(value - low) and low <= value <= high
 
     image_lab = Lab(cnn, latency_repeats=6)
     assert image_lab.add(Drop("stage", "conv2")).latency.predicted < 1

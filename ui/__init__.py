@@ -6,6 +6,8 @@ besides views/ that imports streamlit. Its modules mirror the pages.
     cache        what every page reads about the loaded model: evaluation batch, baseline
                  metrics, base outputs
     store        a no-copy, memory-bounded cache for large tensors (`STORE`)
+    experiments  this browser's visitor id; the lab's points stored in the experiments database
+    links        the page, model and recipe in the address, and restoring them from it
     progress     progress bars for long work, and results kept in `STORE` under one
     glossary     every term the pages use, in one sentence (the glossary page and tooltips)
     model        the Model page's parts (latency on request, prompt notes)

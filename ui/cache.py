@@ -15,6 +15,8 @@ import torch
 from lib import data
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, evaluate, model_inputs
+from lib.spread import Spread, position_scores, spread
+from lib.verify import Verification, verify
 from ui.store import STORE
 
 
@@ -44,3 +46,23 @@ def base_outputs(handle: ModelHandle) -> torch.Tensor:
     """The base model's outputs on its evaluation batch (kept once, never copied)."""
     return STORE.get_or_compute(("base_outputs", handle.fingerprint),
                                 lambda: handle.forward(model_inputs(eval_batch(handle))))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _verified(_handle: ModelHandle, fingerprint: str) -> Verification:
+    return verify(_handle, model_inputs(eval_batch(_handle)))
+
+
+def verified(handle: ModelHandle) -> Verification:
+    """The load-time check that the hooked path gives the plain path's outputs (`lib.verify`)."""
+    return _verified(handle, handle.fingerprint)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _baseline_spread(_handle: ModelHandle, fingerprint: str) -> Spread:
+    return spread(position_scores(base_outputs(_handle), eval_batch(_handle)))
+
+
+def baseline_spread(handle: ModelHandle) -> Spread:
+    """Bootstrap intervals of the baseline metrics (`lib.spread`), from the base outputs."""
+    return _baseline_spread(handle, handle.fingerprint)

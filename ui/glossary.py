@@ -126,6 +126,21 @@ TERMS: dict[str, Term] = {
         "How far a predicted distribution is from a reference one, averaged over predicted tokens (or images): 0 "
         "means identical; the reference is the unedited base model (or, in the logit lens, the final layer), and "
         "the unit is nats, natural-log units (1 nat is about 1.44 bits).", _PREDICT),
+    "bootstrap": Term(
+        "bootstrap interval",
+        "How far a metric could move on another evaluation set like this one: the evaluation windows (or "
+        "images) are redrawn with replacement 2,000 times and the metric recomputed; the middle 95 % of those "
+        "values is the interval. A change against the base is resampled in pairs (the same windows for both).",
+        _QUALITY),
+    "flipped_answer": Term(
+        "flipped answer",
+        "A position (or image) where the edited model's most likely answer differs from the base model's; "
+        "listed worst first by the KL there.", _QUALITY),
+    "verified_outputs": Term(
+        "verified outputs",
+        "At load, the model's outputs through the hooked path that records activations are compared with its "
+        "outputs through plain transformers (or the torch module) on the same input: matching to rounding "
+        "means the recorded activations are the model's own.", _INSIDE),
     "top1_agreement": Term(
         "top-1 agreement",
         "The share of positions where two predictions (an edited model and the base, or a depth and the final "

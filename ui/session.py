@@ -27,7 +27,6 @@ from lib.models import load_model
 from lib.scoring import prepare_base
 from ui.cache import base_outputs, eval_batch
 from ui.progress import progress_bar
-from ui.store import STORE
 
 DEFAULT_SPEC = "zoo:code-lm"
 ENV_TRUE = {"1", "true", "yes", "on"}
@@ -187,9 +186,8 @@ def session_lab(handle: ModelHandle) -> Lab:
     if handle.fingerprint not in labs:
         with st.spinner("Measuring the base model: quality, size and latency ..."):
             batch = eval_batch(handle)
-            reference = STORE.get_or_compute(("base_prepared", handle.fingerprint),
-                                             lambda: prepare_base(base_outputs(handle), batch))
-            labs[handle.fingerprint] = Lab(handle, batch, base_outputs=reference)
+            # prepared per lab: it keeps the shared base outputs by reference, plus [n] numbers of its own
+            labs[handle.fingerprint] = Lab(handle, batch, base_outputs=prepare_base(base_outputs(handle), batch))
     return labs[handle.fingerprint]
 
 

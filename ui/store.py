@@ -16,7 +16,18 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-DEFAULT_MAX_BYTES = 4 * 2**30
+STORE_SHARE = 0.25  # of the machine's memory the shared store may hold: room for one 1B model's residuals and
+# base outputs together (3.1 + 2 GB at Llama-1B's default batch), so switching pages does not recompute them
+
+
+def default_max_bytes() -> int:
+    """4 GiB, or a quarter of this machine's memory when that is more."""
+    import psutil
+
+    return max(4 * 2**30, int(STORE_SHARE * psutil.virtual_memory().total))
+
+
+DEFAULT_MAX_BYTES = default_max_bytes()
 
 
 def tensor_bytes(value: Any) -> int:

@@ -6,17 +6,20 @@ import streamlit as st
 import torch
 
 from analysis import plots
+from analysis.metric_text import metric_value
 from analysis.predict import next_tokens, predict_image
 from lib.data import MAX_PROMPT_CHARS
 from lib.metrics import LABELS, QUALITY_FIELDS, input_psnr_db, model_inputs
-from lib.zoo import model_card
-from ui.cache import baseline, eval_batch
+from lib.zoo import ZOO, model_card, zoo_name
+from ui.cache import baseline, baseline_spread, eval_batch
 from ui.glossary import GLOSSARY
 from ui.model import base_latency, prompt_notes
 from ui.session import require_handle
 
 handle = require_handle()
 st.title(f"Model · {handle.spec}")
+st.caption((ZOO[zoo_name(handle.spec)].description + " " if zoo_name(handle.spec) else "")
+           + "What it is built of, how well it does on its evaluation set, and what it predicts for an input of yours.")
 
 card, quality = st.columns([2, 3])
 with card:
@@ -28,6 +31,7 @@ with quality:
     with st.spinner("Evaluating ..."):
         batch = eval_batch(handle)
         metrics = baseline(handle)
+        intervals = baseline_spread(handle)
     repeated = getattr(batch, "answer_mask", None) is not None
     helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
              "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
@@ -36,6 +40,7 @@ with quality:
                  "half cannot be predicted, so perplexity, which covers every position, stays high)."
                  if repeated else " on the held-out images.")}
     items = []  # (label, value as shown, help)
+    ranges = {}  # label -> the value's bootstrap interval, as text
     for name in (*QUALITY_FIELDS, "size_bits"):  # in the order every page lists metrics
         value = getattr(metrics, name)
         if value is None:
@@ -45,6 +50,8 @@ with quality:
         else:
             label = "accuracy (repeated half)" if name == "accuracy" and repeated else LABELS[name]
             items.append((label, f"{value:.1%}" if name == "accuracy" else f"{value:.4g}", helps[name]))
+            if name in intervals.intervals:  # shown under the value, as the lab shows a change
+                ranges[label] = "95 %: {} – {}".format(*(metric_value(name, v) for v in intervals.intervals[name]))
     if metrics.psnr_db is not None:  # a denoiser's PSNR means something only above its noisy input's
         items.append(("PSNR of the noisy input", f"{input_psnr_db(batch):.4g}", GLOSSARY["noisy_psnr"]))
     attempt = st.session_state.get(f"latency_attempt_{handle.spec}", 0)
@@ -57,11 +64,12 @@ with quality:
                   f"95 % interval of the median {timing.low_ms:.0f}–{timing.high_ms:.0f} ms."))
     cols = st.columns(3)
     for i, (label, value, helptext) in enumerate(items):
-        cols[i % 3].metric(label, value, help=helptext)
+        cols[i % 3].metric(label, value, ranges.get(label), delta_color="off", delta_arrow="off", help=helptext)
     left, right = st.columns([4, 1], vertical_alignment="center")
     at = time.strftime("%H:%M:%S", time.localtime(when))
-    left.caption(f"Evaluation set: {batch.source}. Latency measured at {at} over {over}: {timing.text()}; a busy "
-                 "machine widens the interval.")
+    left.caption(f"Evaluation set: {batch.source}. Under each quality metric: its 95 % interval, a percentile "
+                 f"bootstrap over the {intervals.n_units} evaluation {intervals.unit}s. Latency measured at {at} over "
+                 f"{over}: {timing.text()}; a busy machine widens the interval.")
     if right.button("Time again", key="model_time_again", help="Measure the latency now (another session may have "
                     "measured it while the machine was busy)."):
         st.session_state[f"latency_attempt_{handle.spec}"] = attempt + 1

@@ -5,6 +5,7 @@ edits applied to a private copy of the base model; the lab measures every recipe
     recipe    `Recipe` (ordered edits, JSON) and `build(base, recipe)`
     lab       `Lab`: the current recipe, undo/redo, prefix-cached copies, measurements
     history   what the lab records: `LabPoint`, quality metric, Pareto front, per-layer summary
+    journal   every lab point kept in SQLite (`Journal`), per visitor and model
     export    the edited model as a zip, the recipe file, the history CSV, the HTML report
     plots     the lab's figures
 

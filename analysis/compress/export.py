@@ -6,101 +6,30 @@ report. File names are made safe from whatever the model was called.
 from __future__ import annotations
 
 import html
-import io
-import re
-import tempfile
-import zipfile
-from pathlib import Path
-from typing import Sequence
 
 from analysis.compress import plots as plots_lab
-from analysis.compress.edits import Edit
+from analysis.compress.checkpoint_export import (  # noqa: F401 - the model export lives there; callers import it here
+    NOTE_FILE,
+    RECIPE_FILE,
+    export_note,
+    lab_model_zip,
+    measured_for,
+    model_zip,
+    safe_name,
+    write_folder,
+)
+from analysis.compress.compare_report import changed_html
 from analysis.compress.lab import Lab
 from analysis.compress.recipe import Recipe, check_for
 from analysis.metric_text import metric_change, metric_value
-from lib.errors import CapabilityError, RecipeError
+from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import LABELS
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_NAME = 80
-
-
-def safe_name(spec: str) -> str:
-    """A file-name stem from a model spec: path separators and other characters become
-    '_', '.' and '..' path parts vanish, no leading dot. `/tmp/x/../y` -> `tmp_x_y`,
-    `zoo:code-lm` -> `zoo_code-lm`, `gpt2` -> `gpt2`; 'model' if nothing is left."""
-    parts = [p for p in re.split(r"[/\\:]+", str(spec)) if p not in ("", ".", "..")]
-    name = _UNSAFE.sub("_", "_".join(parts)).strip("._-")
-    return name[:MAX_NAME].rstrip("._-") or "model"
 
 
 def file_name(lab: Lab, what: str, suffix: str) -> str:
     """`<model>-<recipe digest or base>-<what>.<suffix>`, e.g. `zoo_code-lm-3f2a...-recipe.json`."""
     return f"{safe_name(lab.base.spec)}-{lab.current.digest or 'base'}-{what}.{suffix}"
-
-
-# ---------------------------------------------------------------------- model
-
-
-def model_zip(edited: ModelHandle, name: str, recipe: Recipe | None = None) -> bytes:
-    """The edited model as a zip of one checkpoint folder `name/` (safetensors, config.json,
-    tokenizer files, as `ModelHandle.save_pretrained` writes them), with the recipe that
-    made it as `layerscope-recipe.json` when given, and `LAYERSCOPE-NOTE.txt` saying what the
-    folder leaves out (`export_note`: activation quantization, early exits). Unzipped, the
-    folder loads with `lib.models.load_model` (and, for language models, with plain
-    transformers)."""
-    if not hasattr(edited, "save_pretrained"):
-        raise CapabilityError("This version of LayerScope cannot save models yet (ModelHandle.save_pretrained).")
-    name = safe_name(name)
-    with tempfile.TemporaryDirectory(prefix="layerscope-export-") as tmp:
-        folder = Path(tmp) / name
-        edited.save_pretrained(folder)
-        note = export_note(edited)
-        if note:
-            (folder / NOTE_FILE).write_text(note + "\n")
-        if recipe is not None:
-            (folder / "layerscope-recipe.json").write_text(recipe.to_json() + "\n")
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    archive.write(path, str(path.relative_to(tmp)))
-    return buffer.getvalue()
-
-
-NOTE_FILE = "LAYERSCOPE-NOTE.txt"
-
-
-def export_note(edited: ModelHandle) -> str:
-    """What a checkpoint folder of `edited` leaves out ('' if nothing): the inputs of linear
-    layers that the edited model quantizes as it runs (activation quantization, LLM.int8)
-    and an early-exit rule (with its tuned lens or exit heads) have no place in a standard
-    config, so a folder loads without them."""
-    notes = []
-    layers = sorted(getattr(edited, "input_transforms", {}))
-    if layers:
-        notes.append(f"This checkpoint does not quantize activations. The edited model quantized the inputs of "
-                     f"{len(layers)} linear layer(s) as it ran ({', '.join(layers)}); a checkpoint folder cannot say "
-                     "so, so it loads with those inputs in full precision and its outputs differ from the lab's. Its "
-                     "quantized weights are written as their dequantized float values.")
-    if getattr(edited, "exit_rule", None) is not None:
-        notes.append("This checkpoint does not exit early. The edited model read each prediction out at the layer "
-                     "where its exit rule fired; a checkpoint folder holds no exit rule (nor a tuned lens or exit "
-                     "heads), so it loads running every layer and its outputs differ from the lab's.")
-    if not notes:
-        return ""
-    return " ".join(notes) + " Apply the recipe in LayerScope to rebuild the model exactly."
-
-
-def lab_model_zip(lab: Lab, edits: Sequence[Edit] | None = None) -> bytes:
-    """The lab's edited model for `edits` (default: the current recipe's), zipped with its
-    recipe (see `model_zip`); named `<model>-<recipe digest or base>`. A page passes the
-    edits it showed, so a download made later zips what was on screen."""
-    edits = lab.current.edits if edits is None else tuple(edits)
-    recipe = Recipe(lab.base.fingerprint, list(edits), model=lab.base.spec)
-    name = f"{safe_name(lab.base.spec)}-{recipe.digest or 'base'}"
-    return model_zip(lab.model_for(edits), name, recipe if edits else None)
 
 
 # ---------------------------------------------------------------------- recipe
@@ -204,4 +133,5 @@ def html_report(lab: Lab) -> str:
             f"{html.escape(str(getattr(lab.batch, 'source', '')))}.</p>"
             f"<h2>Recipe</h2><ol>{edits}</ol><h2>Metrics</h2>{metrics_table(lab)}"
             f"<h2>History</h2>{history_table(lab)}<h2>Figures</h2>{''.join(parts)}"
+            f"<h2>What the recipe changed</h2>{changed_html(lab)}"
             f"<h2>Recipe JSON</h2><pre>{html.escape(recipe.to_json())}</pre></body></html>")

@@ -6,7 +6,7 @@ against quality, and what the edits did to each linear layer (`LayerSummary`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from analysis.compress.edits import Edit
@@ -15,6 +15,7 @@ from analysis.compress.recipe import Recipe
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import METRIC_FIELDS, LatencyChange, Metrics
+from lib.spread import Scores, Spread
 
 QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")  # which quality number judges a model
 HIGHER_IS_BETTER = frozenset({"accuracy", "psnr_db", "agreement"})
@@ -69,6 +70,8 @@ class LabPoint:
     where its predictions exit and the compute that saves (None without one); latency:
     the model timed against the base in the same moment, with the FLOP prediction (None
     when the lab does not time: `Lab(latency_repeats=0)`).
+    scores: per-position scores on the batch (`lib.spread.Scores`: flipped answers, KL per
+    token); spread: the metrics' bootstrap intervals, and their changes' against the base.
     """
 
     step: int
@@ -79,6 +82,8 @@ class LabPoint:
     metrics: Metrics
     exits: ExitPoint | None = None
     latency: LatencyChange | None = None
+    scores: Scores | None = field(default=None, repr=False, compare=False)
+    spread: Spread | None = None
 
     def cost(self, name: str) -> float:
         """The cost `name` of this point: size in bits, or latency relative to the base

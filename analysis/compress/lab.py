@@ -58,6 +58,7 @@ from lib.metrics import (
     timed_rows,
 )
 from lib.scoring import BaseOutputs, prepare_base
+from lib.spread import Scores, position_scores, spread
 
 Progress = Callable[[float, str], None]
 
@@ -102,8 +103,8 @@ class Lab:
                                           inputs.shape[0], 2 * latency_repeats)
             self._base_flops = count_flops(lambda: base.forward(inputs[:1]))
             latency = LatencyChange(timing, timing, 1.0, 1.0, 1.0, 1.0)
-        metrics = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
-        self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency)]
+        metrics, scores = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
+        self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency, scores=scores)]
         self._current = 0
         self._undo: list[tuple[Edit, ...]] = []
         self._redo: list[tuple[Edit, ...]] = []
@@ -214,12 +215,12 @@ class Lab:
         digest = recipe_digest(edits)
         point = next((p for p in self.history if p.digest == digest), None)
         if point is None:
-            metrics, latency = self._measure(edits, progress)
+            metrics, latency, scores = self._measure(edits, progress)
             model = self._model(edits, None)  # cached by `_measure`
             if progress and model.exit_rule is not None:
                 progress(0.9, "recording where the predictions exit")
             exits = exits_of(model, self.batch)
-            point = self._point(len(self.history), edits, metrics, exits, latency)
+            point = self._point(len(self.history), edits, metrics, exits, latency, scores)
             self.history.append(point)
         self._current = point.step
         return point
@@ -276,7 +277,8 @@ class Lab:
         base outputs, without recording anything."""
         return self._measure(edits, progress)[0]
 
-    def _measure(self, edits: Sequence[Edit], progress: Progress | None) -> tuple[Metrics, LatencyChange | None]:
+    def _measure(self, edits: Sequence[Edit], progress: Progress | None
+                 ) -> tuple[Metrics, LatencyChange | None, Scores]:
         """Metrics of the base with `edits`, and its latency timed against the base's in
         alternating pairs (a copy's first forward also builds its fast path, so the one that
         gives the outputs is not among them), with the FLOP prediction beside it."""
@@ -294,7 +296,8 @@ class Lab:
                     progress(0.85, "timing the model against the base")
                 latency = self._against_base(model)
                 latency_ms = latency.model.median_ms
-            return self._metrics(model, outputs, latency_ms), latency
+            metrics, scores = self._metrics(model, outputs, latency_ms)
+            return metrics, latency, scores
 
     def _against_base(self, model: ModelHandle) -> LatencyChange:
         """`model` timed against the base in alternating pairs (both have run once on the
@@ -321,13 +324,19 @@ class Lab:
             self.history[point.step] = dataclasses.replace(point, metrics=metrics, latency=latency)
             return self.history[point.step]
 
-    def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> Metrics:
-        return metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference, latency_ms)
+    def _metrics(self, model: ModelHandle, outputs: torch.Tensor, latency_ms: float) -> tuple[Metrics, Scores]:
+        """The metrics of `outputs` against the base, and their per-position scores."""
+        per_row: dict[str, torch.Tensor] = {}  # the scoring pass's per-position numbers: scored once
+        metrics = metrics_from_outputs(outputs, self.batch, model.n_params, model.size_bits, self.reference,
+                                       latency_ms, per_row)
+        return metrics, position_scores(outputs, self.batch, self.reference, per_row or None)
 
-    def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics,
-               exits: ExitPoint | None = None, latency: LatencyChange | None = None) -> LabPoint:
-        return LabPoint(step, edits, recipe_digest(edits), recipe_label(edits),
-                        self._recipe(edits).to_json(), metrics, exits, latency)
+    def _point(self, step: int, edits: tuple[Edit, ...], metrics: Metrics, exits: ExitPoint | None = None,
+               latency: LatencyChange | None = None, scores: Scores | None = None) -> LabPoint:
+        """A history entry; with `scores`, its intervals (paired against the base's scores)."""
+        base = scores if step == 0 else self.base_point.scores
+        return LabPoint(step, edits, recipe_digest(edits), recipe_label(edits), self._recipe(edits).to_json(),
+                        metrics, exits, latency, scores, None if scores is None else spread(scores, base))
 
     def deltas(self, point: LabPoint | None = None) -> dict[str, float]:
         """Each metric of `point` (default: the current one) minus the base's."""

@@ -38,10 +38,26 @@ def _latency_bars(points: Sequence[LabPoint]) -> dict | None:
                 arrayminus=[p.latency.ratio - p.latency.low for p in points], color=GREY, thickness=1, width=3)
 
 
+def _quality_bars(points: Sequence[LabPoint], quality: str) -> dict | None:
+    """Asymmetric y error bars from each point's bootstrap interval of the quality; none for
+    a point without one (measured in an earlier session: its intervals were not kept), and
+    None when no point has one."""
+    spans = [p.spread.intervals.get(quality) if p.spread is not None else None for p in points]
+    if all(span is None for span in spans):
+        return None
+    values = [getattr(p.metrics, quality) for p in points]
+    return dict(type="data", symmetric=False, color=GREY, thickness=1, width=3,
+                array=[None if span is None else max(span[1] - v, 0.0) for span, v in zip(spans, values)],
+                arrayminus=[None if span is None else max(v - span[0], 0.0) for span, v in zip(spans, values)])
+
+
 def _hover(point: LabPoint, cost: str, quality: str) -> str:
     m = point.metrics
     lines = [f"<b>step {point.step}</b>: {point.label}",
              f"{LABELS[quality]}: {metric_value(quality, getattr(m, quality))}"]
+    if point.spread is not None and quality in point.spread.intervals:
+        low, high = point.spread.intervals[quality]
+        lines[-1] += f" (95 %: {metric_value(quality, low)} – {metric_value(quality, high)})"
     if cost == "latency_ms" and point.latency is not None:
         lines.append(f"latency: {point.latency.text()} against the base")
         if point.latency.predicted is not None:
@@ -66,8 +82,10 @@ def history_scatter(points: Sequence[LabPoint], cost: str, quality: str, frontie
 
     def trace(steps: Sequence[int], **style) -> go.Scatter:
         chosen = [by_step[s] for s in steps]
-        if cost == "latency_ms" and style.get("mode") == "markers" and style.get("name") == "recipes tried":
-            style["error_x"] = _latency_bars(chosen)
+        if style.get("mode") == "markers" and style.get("name") == "recipes tried":
+            if cost == "latency_ms":
+                style["error_x"] = _latency_bars(chosen)
+            style["error_y"] = _quality_bars(chosen, quality)
         return go.Scatter(x=[cost_value(p, cost) for p in chosen], y=[getattr(p.metrics, quality) for p in chosen],
                           customdata=[p.step for p in chosen], hovertext=[_hover(p, cost, quality) for p in chosen],
                           hoverinfo="text", **style)

@@ -2,6 +2,7 @@
 
     panels    the page's panels: controls, recipe list, metrics, history, per-layer view,
               downloads and upload; every change of the recipe under a progress bar
+    journal   the table of this visitor's experiments on the model (CSV, forget a row)
     methods   what a method family is (`Method`) and the widgets families share
     prune     magnitude, Wanda, heads, drops, stage bypass, layer skipping
     alloc     rate-distortion allocation, evolutionary search, low rank, shared blocks

@@ -18,11 +18,15 @@ from analysis.compress import export
 from analysis.compress import plots as plots_lab
 from analysis.compress.edits import Edit
 from analysis.compress.history import COSTS, LabPoint, higher_is_better
+from analysis.compress.journal import frontier
 from analysis.compress.lab import Lab, Progress
+from analysis.compress.recipe import Recipe
 from lib.errors import RecipeError
 from lib.metrics import LABELS, input_psnr_db, model_inputs
+from ui import experiments
 from ui.glossary import GLOSSARY
 from ui.lab import methods_for
+from ui.progress import progress_bar
 from ui.session import app_message, change_recipe
 
 MIB = 8 * 2**20
@@ -119,8 +123,14 @@ def _quality_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
             shown = f"{100 * delta:+.1f} points"
         else:
             shown = None if delta is None else fmt.replace("{:", "{:+").format(delta)
-        items.append((LABELS[name], fmt.format(value), shown if edited and delta else None,
-                      "normal" if higher_is_better(name) else "inverse", helptext))
+        colour, spread = "normal" if higher_is_better(name) else "inverse", lab.current.spread
+        if spread is not None and name in spread.intervals:
+            low, high = spread.intervals[name]
+            helptext += f" 95 % interval here: {fmt.format(low)} – {fmt.format(high)}."
+        if edited and spread is not None and spread.significant(name) is False:
+            colour = "off"  # the paired interval of the change includes zero: within the evaluation's noise
+            helptext += " The change is not significant: its paired 95 % interval includes zero."
+        items.append((LABELS[name], fmt.format(value), shown if edited and delta else None, colour, helptext))
     if now.psnr_db is not None:  # a denoiser's PSNR means something only above its noisy input's
         items.append(("PSNR of the noisy input", f"{input_psnr_db(lab.batch):.2f}", None, "off",
                       GLOSSARY["noisy_psnr"]))
@@ -207,26 +217,39 @@ def metrics_panel(lab: Lab) -> None:
 
 
 def history_view(lab: Lab) -> None:
-    """Every recipe tried, cost against quality, with the Pareto frontier; clicking a point
-    (or choosing it in the list below) makes its recipe current again."""
+    """Every recipe this visitor tried on this model (kept in the experiments database, so
+    earlier sessions' too: `ui.experiments`), cost against quality, with the Pareto frontier;
+    clicking a point (or choosing it in the list below) applies its recipe again, measured anew."""
     cost = st.radio("Cost", COSTS, horizontal=True, key="lab_cost",
                     format_func={"size_bits": "size", "latency_ms": "latency"}.get)
-    figure = plots_lab.history_scatter(lab.history, cost, lab.quality, lab.frontier(cost), lab.current.step)
+    points, _ = experiments.lab_history(lab)
+    current = next(p.step for p in points if p.digest == lab.current.digest)
+    figure = plots_lab.history_scatter(points, cost, lab.quality, frontier(points, cost, lab.quality), current)
     version = st.session_state.get("lab_chart_version", 0)
     event = st.plotly_chart(figure, on_select="rerun", selection_mode="points", key=f"lab_history_{version}",
                             width="stretch")
     step = _clicked_step(event)
-    if step is not None:
+    if step is not None and step < len(points):
         st.session_state["lab_chart_version"] = version + 1  # a new chart: the click is handled once
-        if step != lab.current.step:
-            change(lab, "Restoring a recipe from the history", lambda p: lab.restore(step, p))
-    steps = [p.step for p in lab.history]
+        if step != current:
+            change(lab, "Restoring a recipe from the history", lambda p: _restore(lab, points[step], p))
+    earlier = {p.digest for p in points} - {p.digest for p in lab.history}
     left, right = st.columns([4, 1], vertical_alignment="bottom")
     # no key: when the current step changes the list is a new widget that shows it
-    chosen = left.selectbox("Restore a recipe from the history", steps, index=lab.current.step,
-                            format_func=lambda s: f"{s}: {lab.history[s].label}")
-    if right.button("Restore", key="lab_restore", disabled=chosen == lab.current.step, width="stretch"):
-        change(lab, "Restoring a recipe from the history", lambda p: lab.restore(chosen, p))
+    chosen = left.selectbox("Restore a recipe from the history", range(len(points)), index=current,
+                            format_func=lambda s: f"{s}: {points[s].label}"
+                            + (" (earlier session)" if points[s].digest in earlier else ""))
+    if right.button("Restore", key="lab_restore", disabled=chosen == current, width="stretch"):
+        change(lab, "Restoring a recipe from the history", lambda p: _restore(lab, points[chosen], p))
+    if earlier:
+        st.caption(f"{len(earlier)} recipe(s) from earlier sessions show the numbers measured then, on this same "
+                   "model and evaluation set; restoring one measures it again.")
+    if experiments.journal_problem():
+        st.caption(f":orange[This history is not being saved: {experiments.journal_problem()}]")
+
+
+def _restore(lab: Lab, point: LabPoint, progress: Progress) -> LabPoint:
+    return lab.apply(Recipe(lab.base.fingerprint, list(point.edits), model=lab.base.spec), progress)
 
 
 def _clicked_step(event: object) -> int | None:
@@ -269,21 +292,45 @@ def layer_view(lab: Lab) -> None:
 def downloads(lab: Lab) -> None:
     cols = st.columns(4)
     edits = lab.current.edits  # the zip made when the button is clicked holds these
-    cols[0].download_button("Model (zip)", lambda: export.lab_model_zip(lab, edits),
-                            export.file_name(lab, "model", "zip"), "application/zip", key="lab_get_model",
+    zip_name, report_name = export.file_name(lab, "model", "zip"), export.file_name(lab, "report", "html")
+    cols[0].download_button("Model (zip)", experiments.noting_export(lab, lambda: export.lab_model_zip(lab, edits),
+                                                                     zip_name),
+                            zip_name, "application/zip", key="lab_get_model",
                             on_click="ignore", icon=":material/download:",
-                            help="A checkpoint folder (safetensors, config.json, tokenizer) that LayerScope and plain "
-                                 "transformers load. Removed parts are written as zeros in their original shapes.")
+                            help="A checkpoint folder (safetensors, config.json, tokenizer, README.md) with removed "
+                                 "blocks gone and quantized weights stored quantized where plain transformers reads "
+                                 "them; README.md says per edit what is realised in storage, in compute or simulated "
+                                 "only.")
     cols[1].download_button("Recipe (JSON)", lab.recipe.to_json(), export.file_name(lab, "recipe", "json"),
                             "application/json", key="lab_get_recipe", on_click="ignore", icon=":material/download:")
     cols[2].download_button("History (CSV)", lab.history_csv(), export.file_name(lab, "history", "csv"), "text/csv",
                             key="lab_get_history", on_click="ignore", icon=":material/download:")
-    cols[3].download_button("Report (HTML)", lambda: export.html_report(lab), export.file_name(lab, "report", "html"),
-                            "text/html", key="lab_get_report", on_click="ignore", icon=":material/download:",
+    cols[3].download_button("Report (HTML)", experiments.noting_export(lab, lambda: export.html_report(lab),
+                                                                       report_name), report_name, "text/html",
+                            key="lab_get_report", on_click="ignore", icon=":material/download:",
                             help="Metrics, history and figures in one page that opens offline.")
     note = export.export_note(lab.edited())
     if note:
         st.caption(f":orange[{note}] The zip holds this note too.")
+    export_check(lab, edits)
+
+
+def export_check(lab: Lab, edits: tuple[Edit, ...]) -> None:
+    """The export loaded back (plain transformers where it can): its size, metrics and latency beside the lab's."""
+    from analysis.compress.export_check import check_export
+
+    key = ("lab_export_check", lab.base.fingerprint, lab.current.digest)
+    if lab.base.kind == "causal-lm" and st.button("Load the export back and measure it", key="lab_check_export"):
+        try:
+            with progress_bar("Checking the export") as bar:
+                st.session_state["lab_export_check"] = (key, check_export(lab, edits, progress=bar))
+        except Exception as e:  # noqa: BLE001 - any failure of transformers' loader on the written files is reported
+            first = (str(e).splitlines() or [""])[0][:300]
+            st.error(f"The export could not be loaded back ({type(e).__name__}): {first}")
+    shown = st.session_state.get("lab_export_check")
+    if shown and shown[0] == key:
+        st.table(shown[1].rows(lab.quality))
+        st.caption(shown[1].caption(lab.quality))
 
 
 def upload(lab: Lab) -> None:

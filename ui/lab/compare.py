@@ -1,0 +1,127 @@
+"""The lab page's "What the recipe changed" section: the metrics with their intervals,
+the answers that flipped (in their text, or the images), the KL strip over a window, and
+the internals of the base and the edited model side by side (`analysis.compress.compare`)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis import plots
+from analysis.compress import compare as cmp
+from analysis.compress import compare_view as view
+from analysis.compress.lab import Lab
+from lib.data import TextBatch
+from lib.errors import LayerScopeError
+from ui.glossary import GLOSSARY
+from ui.session import app_message
+from ui.store import STORE
+
+
+def decoder(lab: Lab):
+    tokenizer = lab.base.tokenizer
+    return lambda token: tokenizer.decode([token], clean_up_tokenization_spaces=False)
+
+
+def intervals(lab: Lab) -> None:
+    """Every metric of the base and the current recipe with its bootstrap interval, the
+    paired change and whether it is significant; the per-token KL's quantiles."""
+    point = lab.current
+    if point.spread is None:
+        return
+    st.dataframe(view.spread_rows(lab.base_point, point), hide_index=True, width="stretch")
+    st.caption(f"Intervals: {point.spread.method}. A change is called significant only when its interval "
+               "excludes zero.", help=GLOSSARY["bootstrap"])
+    if text := view.kl_quantile_text(point):
+        st.caption(text + " The mean hides where the damage is: a few positions can carry most of it.")
+
+
+def flipped(lab: Lab) -> None:
+    """The answers the recipe changed, worst KL first (text in context, or images), or a
+    denoiser's images whose PSNR fell most."""
+    point, batch = lab.current, lab.batch
+    if point.scores is None or not point.edits:
+        st.caption("With an empty recipe nothing has changed: add an edit to see which answers it flips.")
+        return
+    if lab.base.kind == "image-to-image":
+        drops = cmp.psnr_drops(point.scores, lab.base_point.scores, limit=5)
+        st.markdown("**The images whose PSNR fell most**")
+        if drops:
+            edited = lab.edited().forward(batch.images[[d.image for d in drops[:3]]])
+            for d, out in zip(drops[:3], edited):
+                cols = st.columns(4)
+                cols[0].plotly_chart(plots.image_heatmap(batch.images[d.image], f"input {d.image}"))
+                cols[1].plotly_chart(plots.image_heatmap(out.detach(), f"edited: {d.edited_db:.1f} dB"))
+                cols[2].plotly_chart(plots.image_heatmap(batch.targets[d.image], "clean target"))
+                cols[3].metric("PSNR change", f"{d.edited_db - d.base_db:+.2f} dB", help=f"base {d.base_db:.2f} dB")
+        return
+    shown, total = cmp.flips(point.scores, batch)
+    n = len(point.scores.top1)
+    what = "predicted tokens" if isinstance(batch, TextBatch) else "images"
+    st.markdown(f"**Flipped answers**: the top-1 answer changed at {total:,} of {n:,} {what} "
+                f"({total / n:.1%}); the {len(shown)} with the largest KL:")
+    if not shown:
+        return
+    if isinstance(batch, TextBatch):
+        st.html(view.flips_html(shown, batch, decoder(lab)))
+        st.caption(f"Each row: the text before the position, the right next token highlighted, and what each "
+                   f"model predicts. Whitespace is shown as {plots.WHITESPACE_NOTE}.")
+        return
+    cols = st.columns(4)
+    for i, f in enumerate(shown[:8]):
+        title = f"image {f.unit} (label {f.target}): base {f.base_top1} → {f.top1}"
+        cols[i % 4].plotly_chart(plots.image_heatmap(batch.images[f.unit], title), key=f"lab_flip_{i}")
+
+
+def kl_strip(lab: Lab) -> None:
+    """One evaluation window's tokens shaded by the KL at each position."""
+    point, batch = lab.current, lab.batch
+    if point.scores is None or point.scores.kl is None or not isinstance(batch, TextBatch) or not point.edits:
+        return
+    worst = int(point.scores.kl.reshape(point.scores.n_units, -1).sum(1).argmax())
+    window = st.selectbox("KL strip: window", range(point.scores.n_units), index=worst, key="lab_kl_window",
+                          help="Which evaluation window to show; the one with the most KL is chosen first.")
+    st.html(view.kl_strip_html(batch.tokens[window].tolist(), cmp.kl_strip(point.scores, window), decoder(lab),
+                               scale=float(point.scores.kl.max())))
+    st.caption("Each token is shaded by KL(base || edited) of the prediction of it (hover for the number); the "
+               "shading is on one scale for every window.")
+
+
+def internals(lab: Lab) -> None:
+    """The logit lens, each block's change and the head roles of base and edited model."""
+    point = lab.current
+    if lab.base.kind != "causal-lm" or not point.edits:
+        return
+    if not st.toggle("Compare internals: logit lens, block changes and head roles", value=True,
+                     key="lab_internals", help="The Redundancy and Channels pages' computations run on the "
+                                               "edited copy, beside the base's, on the first evaluation windows."):
+        return
+    batch = cmp.internal_batch(lab.batch)
+    try:
+        with st.spinner("Reading the internals of the base and the edited model ..."):
+            base = STORE.get_or_compute(("compare_depth", lab.base.fingerprint, batch.digest),
+                                        lambda: cmp.depth_profile(lab.base, batch))
+            edited = STORE.get_or_compute(("compare_depth", lab.base.fingerprint, point.digest, batch.digest),
+                                          lambda: cmp.depth_profile(lab.edited(), batch))
+            roles = STORE.get_or_compute(("compare_roles", lab.base.fingerprint, point.digest),
+                                         lambda: cmp.role_changes(lab.base, lab.edited(), lab.batch))
+    except LayerScopeError as e:
+        st.info(app_message(e))
+        return
+    st.plotly_chart(view.depth_figure(base, edited), width="stretch", key="lab_depth_compare")
+    st.caption(f"On {batch.tokens.shape[0]} evaluation windows. Left: how far each depth's logit-lens reading is "
+               "from the model's own output (0 at the last depth). Right: how much each block changes the residual "
+               "stream; a removed block changes nothing." + (f" Removed: {', '.join(edited.removed)}."
+                                                               if edited.removed else ""))
+    st.markdown("**Head roles, base and edited** · " + view.lost_sentence(roles))
+    st.dataframe(view.role_rows(roles), hide_index=True, width="stretch")
+    st.caption("Scores on the Channels page's repeated-token probe; a head has a role when its score reaches the "
+               "role's threshold.", help=GLOSSARY["head_roles"])
+
+
+def what_changed(lab: Lab) -> None:
+    """The whole section, in reading order."""
+    intervals(lab)
+    flipped(lab)
+    kl_strip(lab)
+    internals(lab)
+
