@@ -246,6 +246,12 @@ def test_a_shared_link_opens_the_same_lab_in_a_fresh_browser(tmp_path):
         assert page.locator('[data-testid="stException"]').count() == 0
         assert other.locator('[data-testid="stException"]').count() == 0
         address = page.url.split("?", 1)[1]  # mine, with my visitor id
+        stranger = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()  # no link given
+        stranger.goto(url + "/lab")
+        stranger.get_by_role("heading", name="Compression lab · zoo:code-lm").wait_for(timeout=SLOW)
+        _idle(stranger)
+        expect(stranger.get_by_text("Your experiments on this model (1 kept)")).to_be_visible()  # the base only
+        assert stranger.get_by_text("magnitude 50%").count() == 0  # nothing of the other two visitors'
         browser.close()
     with app_server() as url, sync_playwright() as p:  # the server restarted: my history is still there
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

@@ -106,7 +106,10 @@ def representations_page(handle: ModelHandle) -> None:
     """The probes at every depth (a language model's tokens, an image model's stages) and
     the weights across depth at rank 0."""
     probes = representations.probes if handle.kind == "causal-lm" else representations.stage_probes
-    for compute in (probes, lambda h: representations.depth(h, 0)):
+    parts = [lambda h: representations.depth(h, 0)]
+    if handle.eval_task != "repeated-tokens":  # the page shows no probes for a model that cannot read text
+        parts.insert(0, probes)
+    for compute in parts:
         try:
             compute(handle)
         except CapabilityError:  # the page says so and shows the other part

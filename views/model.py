@@ -65,7 +65,7 @@ with quality:
     cols = st.columns(3)
     for i, (label, value, helptext) in enumerate(items):
         cols[i % 3].metric(label, value, ranges.get(label), delta_color="off", delta_arrow="off", help=helptext)
-    left, right = st.columns([4, 1], vertical_alignment="center")
+    left, right = st.columns([3, 1], vertical_alignment="center")
     at = time.strftime("%H:%M:%S", time.localtime(when))
     left.caption(f"Evaluation set: {batch.source}. Under each quality metric: its 95 % interval, a percentile "
                  f"bootstrap over the {intervals.n_units} evaluation {intervals.unit}s. Latency measured at {at} over "

@@ -22,11 +22,16 @@ st.caption("Two views of what the layers hold. Linear probes ask each depth for 
            + "; the weights view asks whether the blocks are one module stretched over depth.")
 
 st.subheader("What each depth knows", help=GLOSSARY["linear_probe"] + " " + GLOSSARY["depth_layer_block"])
-try:
-    result = cached.stage_probes(handle) if image_model else cached.probes(handle)
-except CapabilityError as e:  # a tokenizer without offsets: the weights below still apply
-    st.info(f"{e} The weights across depth are shown below.")
-    result = None
+result = None
+if handle.eval_task == "repeated-tokens":  # its vocabulary is t0..t63: Python source would be unknown tokens
+    st.info(f"{handle.spec} was trained on sequences of random tokens, not on text: its vocabulary cannot spell "
+            "Python source, so probes of code properties would read unknown tokens. The weights across depth are "
+            "shown below.")
+else:
+    try:
+        result = cached.stage_probes(handle) if image_model else cached.probes(handle)
+    except CapabilityError as e:  # a tokenizer without offsets: the weights below still apply
+        st.info(f"{e} The weights across depth are shown below.")
 if result is not None:
     st.plotly_chart(plots.probe_lines(result), width="stretch")
     if image_model:
@@ -55,7 +60,8 @@ rank = 0 if image_model else st.select_slider(
 try:
     fit = cached.depth(handle, int(rank))
 except CapabilityError as e:  # an image model's stages differ in shape: nothing to compare across depth
-    st.info(f"{e} Probes of the stages are shown above.")
+    st.info(f"{e} " + ("Probes of the stages are shown above." if image_model else
+                       "The probes above still apply." if result is not None else ""))
     st.stop()
 fitted, cosines, shared = rep.depth_sentences(fit)
 left, right = st.columns(2)
