@@ -138,13 +138,15 @@ def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None
         start += z.shape[0]
         row_nll = lse - z.gather(1, targets[rows, None])[:, 0]
         nll += float(row_nll.sum())
-        kept["nll"].append(row_nll)
-        kept["top1"].append(top1)
+        row_kl = None
         if ref is not None:
             row_kl = (ref.dot[rows] - torch.linalg.vecdot(ref.probs(rows), z)) + (lse - ref.lse[rows])
             kl += float(row_kl.sum())
-            kept["kl"].append(row_kl)
             agree += float((top1 == ref.top1[rows]).sum())
+        if per_row is not None:  # only when asked: a sweep of many models keeps none of it
+            for name, value in (("nll", row_nll), ("top1", top1), ("kl", row_kl)):
+                if value is not None:
+                    kept[name].append(value)
     if per_row is not None:  # moved once, after the loop
         per_row.update({name: torch.cat(rows).cpu() for name, rows in kept.items() if rows})
     check_finite(torch.tensor([nll, kl]))  # a -inf logit where the target or the base's mass is

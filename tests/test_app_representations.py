@@ -1,15 +1,11 @@
 """The Representations page: AppTest runs on the default code model and an image model, and
 a real Chromium session that opens it on both and sees their charts drawn."""
 
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 
 from apptest_helpers import load, new_app, run
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PAGE = "views/representations.py"
 
 
@@ -55,20 +51,14 @@ def test_image_model_shows_stage_probes_and_says_why_there_are_no_weights_across
 
 @pytest.fixture(scope="module")
 def browser_page():
-    from playwright.sync_api import sync_playwright
+    from browser_helpers import chromium
 
-    from tools.serve import CHROMIUM_ARGS, app_server
+    from tools.serve import app_server
 
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: .ci/run should have installed it")
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    with app_server() as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with app_server() as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         yield page
-        browser.close()
 
 
 def test_representations_page_draws_in_chromium(browser_page):

@@ -5,16 +5,14 @@ the widget bugs they guard against (issue 9 item 2, issue 17 item 7) showed only
 the first script run of a freshly started server, never on a warm one.
 """
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
+from browser_helpers import chromium
 
 from tests.conftest import save_tiny_gpt2
-from tools.serve import CHROMIUM_ARGS, ROOT, app_server
+from tools.serve import ROOT, app_server
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TYPED_LABEL = "…or a Hugging Face name / local folder"
 # Text drawn last on the Model page of each kind of model: once it is there, the page has run to its end.
 PAGE_END = {"causal-lm": "probability of being the next token", "image-classifier": "with probability",
@@ -25,16 +23,8 @@ ZOO_KINDS = {"zoo:code-lm": "causal-lm", "zoo:induction-2l": "causal-lm", "zoo:d
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: .ci/run should have installed it")
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 dropped): the intervals table, the flipped answers in their text, the KL strip, the
 internals side by side and the verified badge are drawn, with no traceback."""
 
-from test_browser_lab import SLOW, _shots, idle, page  # noqa: F401 - the module's page fixture
+from browser_helpers import SLOW, idle
+from test_browser_lab import _shots, page  # noqa: F401 - the module's page fixture
 
 
 def drop_block(page, layer: int) -> None:  # noqa: F811 - the fixture's page

@@ -3,43 +3,20 @@ on the default model zoo:code-lm. Builds a two-edit recipe, sees the metrics pan
 after each edit, undoes one, and downloads the recipe."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
+from browser_helpers import SLOW, chromium, idle, metric
 
-from tools.serve import CHROMIUM_ARGS, ROOT, app_server
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SLOW = 300_000  # ms: the base measurement and each apply run full forwards on a shared CPU
+from tools.serve import ROOT, app_server
 
 
 @pytest.fixture(scope="module")
 def page():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: .ci/run should have installed it")
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    with app_server() as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with app_server() as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         page.goto(url)
         yield page
-        browser.close()
-
-
-def idle(page) -> None:
-    """Wait until the script run the last action started has finished."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=SLOW)
-
-
-def metric(page, label: str) -> str:
-    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
-    return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
 def wait_metric(page, label: str, value: str, equal: bool) -> str:

@@ -2,36 +2,17 @@
 from its link; every step's computed check passes (a green "What you should see"), and
 each step is saved as a screenshot (artifacts/scenarios/)."""
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
+from browser_helpers import SLOW, chromium, idle
 
-from tools.serve import CHROMIUM_ARGS, ROOT, app_server
+from tools.serve import ROOT, app_server
 from ui.scenarios import SCENARIOS
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SLOW = 300_000
 
 
 @pytest.fixture(scope="module")
 def browser_and_server():
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: .ci/run should have installed it")
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    with app_server() as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with app_server() as url, chromium() as browser:
         yield browser, url
-        browser.close()
-
-
-def idle(page) -> None:
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=SLOW)
 
 
 @pytest.mark.slow

@@ -109,7 +109,8 @@ def test_the_report_shows_what_the_recipe_changed(dropped_lab):
     page = export.html_report(dropped_lab)
     section = page[page.index("<h2>What the recipe changed</h2>"):]
     assert "percentile bootstrap over the 4 evaluation windows" in section
-    assert "<td>bits per byte</td>" in section and any(f"<td>{s}</td>" in section for s in ("yes, worse", "yes, better", "no"))
+    verdicts = ("yes, worse", "yes, better", "no")
+    assert "<td>bits per byte</td>" in section and any(f"<td>{v}</td>" in section for v in verdicts)
     assert "KL(base || edited) per token: median" in html_unescape(section)
     assert "Flipped answers" in section and "<mark" in section
     assert "KL strip: window" in section and "rgba(214,39,40" in section

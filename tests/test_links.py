@@ -6,11 +6,11 @@ context."""
 
 import base64
 import os
-import shutil
 import zlib
 from pathlib import Path
 
 import pytest
+from browser_helpers import SLOW, chromium, idle, metric, require_chromium
 
 from analysis.compress.journal import VISITOR, Journal
 from analysis.compress.prune.pruning import Drop, Magnitude
@@ -174,54 +174,36 @@ def test_a_recipe_for_another_model_is_refused_and_the_lab_stays(tiny_folder):
 # ---------------------------------------------------------------------- a real browser
 
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
 def _fingerprint() -> str:
     from lib.models import load_model
 
     return load_model("zoo:code-lm").fingerprint
-SLOW = 300_000
-
-
-def _idle(page) -> None:
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=SLOW)
-
-
-def _metric(page, label: str) -> str:
-    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
-    return box.locator('[data-testid="stMetricValue"]').inner_text()
 
 
 def test_a_shared_link_opens_the_same_lab_in_a_fresh_browser(tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from tools.serve import CHROMIUM_ARGS, app_server
+    from tools.serve import app_server
 
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing: .ci/run should have installed it")
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    require_chromium()
     shots = Path(__file__).resolve().parents[1] / "artifacts" / "links"
     shots.mkdir(parents=True, exist_ok=True)
-    with app_server() as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with app_server() as url, chromium() as browser:
         mine = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = mine.new_page()
         page.goto(url + "/lab")
         page.get_by_role("heading", name="Compression lab · zoo:code-lm").wait_for(timeout=SLOW)
         page.get_by_text("top-1 agreement").first.wait_for(timeout=SLOW)
-        _idle(page)
+        idle(page)
         page.get_by_role("button", name="Add to recipe").click()  # magnitude 50%, all blocks
         page.get_by_text("1. magnitude 50% (all, per layer)").wait_for(timeout=SLOW)
-        _idle(page)
+        idle(page)
         page.wait_for_function("() => location.search.includes('r=z')", timeout=SLOW)
-        pruned = _metric(page, "bits per byte")
+        pruned = metric(page, "bits per byte")
 
         page.reload()  # a refresh: the same recipe, and the history kept
         page.get_by_text("1. magnitude 50% (all, per layer)").wait_for(timeout=SLOW)
-        _idle(page)
+        idle(page)
         expect(page.get_by_text("Your experiments on this model (2 kept)")).to_be_visible()
         page.screenshot(path=str(shots / "after-refresh.png"), full_page=True)
         with page.expect_download(timeout=SLOW) as download:
@@ -238,8 +220,8 @@ def test_a_shared_link_opens_the_same_lab_in_a_fresh_browser(tmp_path):
         other = fresh.new_page()
         other.goto(link)
         other.get_by_text("1. magnitude 50% (all, per layer)").wait_for(timeout=SLOW)
-        _idle(other)
-        assert _metric(other, "bits per byte") == pruned
+        idle(other)
+        assert metric(other, "bits per byte") == pruned
         expect(other.get_by_text("Your experiments on this model (2 kept)")).to_be_visible()  # base + this one
         assert "v=" in other.url and other.url.split("v=")[1][:16] != page.url.split("v=")[1][:16]
         other.screenshot(path=str(shots / "fresh-context.png"), full_page=True)
@@ -249,19 +231,16 @@ def test_a_shared_link_opens_the_same_lab_in_a_fresh_browser(tmp_path):
         stranger = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()  # no link given
         stranger.goto(url + "/lab")
         stranger.get_by_role("heading", name="Compression lab · zoo:code-lm").wait_for(timeout=SLOW)
-        _idle(stranger)
+        idle(stranger)
         expect(stranger.get_by_text("Your experiments on this model (1 kept)")).to_be_visible()  # the base only
         assert stranger.get_by_text("magnitude 50%").count() == 0  # nothing of the other two visitors'
-        browser.close()
-    with app_server() as url, sync_playwright() as p:  # the server restarted: my history is still there
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    with app_server() as url, chromium() as browser:  # the server restarted: my history is still there
         page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         page.goto(f"{url}/lab?{address}")
         page.get_by_text("1. magnitude 50% (all, per layer)").wait_for(timeout=SLOW)
-        _idle(page)
+        idle(page)
         expect(page.get_by_text("Your experiments on this model (2 kept)")).to_be_visible()
-        assert _metric(page, "bits per byte") == pruned
-        browser.close()
+        assert metric(page, "bits per byte") == pruned
 
 
 def test_an_unusable_data_folder_leaves_the_lab_working(tiny_folder, tmp_path, monkeypatch):

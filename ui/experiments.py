@@ -10,6 +10,7 @@ links the app offers to share leave it out.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any, Callable, TypeVar
 
@@ -130,8 +131,8 @@ def noting_export(lab: Lab, make: Callable[[], T], file_name: str) -> Callable[[
         if book is not None:
             try:
                 book.mark_exported(who, fingerprint, digest, file_name)
-            except JournalError:
-                pass  # the file matters more than the note; the page says when the journal fails
+            except JournalError as e:  # the file matters more than the note: the download goes on
+                logging.getLogger(__name__).warning("The export of %s was not noted in the journal: %s", file_name, e)
         return data
 
     return made

@@ -41,11 +41,7 @@ def changed_html(lab: Lab, plotly_js: bool = False) -> str:
         parts.append(view.rows_html([{"image": str(f.unit), "label": str(f.target), "base": str(f.base_top1),
                                       "edited": str(f.top1), "KL": f"{f.kl:.3g}"} for f in shown]))
         return "".join(parts)
-    tokenizer = lab.base.tokenizer
-
-    def decode(token: int) -> str:
-        return tokenizer.decode([token], clean_up_tokenization_spaces=False)
-
+    decode = view.token_decoder(lab.base)
     parts.append(view.flips_html(shown, batch, decode))
     worst = int(scores.kl.reshape(scores.n_units, -1).sum(1).argmax())
     parts.append(f"<h3>KL strip: window {worst} (the most KL)</h3>"

@@ -74,6 +74,12 @@ def kl_quantile_text(point: LabPoint) -> str | None:
             f"{point.metrics.kl_to_base:.3g}).")
 
 
+def token_decoder(handle) -> Decode:
+    """One token id -> its text, as the model's tokenizer writes it (no clean-up of spaces)."""
+    tokenizer = handle.tokenizer
+    return lambda token: tokenizer.decode([token], clean_up_tokenization_spaces=False)
+
+
 def _piece(decode: Decode, token: int) -> str:
     return token_label(decode(token))
 

@@ -17,11 +17,6 @@ from ui.session import app_message
 from ui.store import STORE
 
 
-def decoder(lab: Lab):
-    tokenizer = lab.base.tokenizer
-    return lambda token: tokenizer.decode([token], clean_up_tokenization_spaces=False)
-
-
 def intervals(lab: Lab) -> None:
     """Every metric of the base and the current recipe with its bootstrap interval, the
     paired change and whether it is significant; the per-token KL's quantiles."""
@@ -62,7 +57,7 @@ def flipped(lab: Lab) -> None:
     if not shown:
         return
     if isinstance(batch, TextBatch):
-        st.html(view.flips_html(shown, batch, decoder(lab)))
+        st.html(view.flips_html(shown, batch, view.token_decoder(lab.base)))
         st.caption(f"Each row: the text before the position, the right next token highlighted, and what each "
                    f"model predicts. Whitespace is shown as {plots.WHITESPACE_NOTE}.")
         return
@@ -80,7 +75,8 @@ def kl_strip(lab: Lab) -> None:
     worst = int(point.scores.kl.reshape(point.scores.n_units, -1).sum(1).argmax())
     window = st.selectbox("KL strip: window", range(point.scores.n_units), index=worst, key="lab_kl_window",
                           help="Which evaluation window to show; the one with the most KL is chosen first.")
-    st.html(view.kl_strip_html(batch.tokens[window].tolist(), cmp.kl_strip(point.scores, window), decoder(lab),
+    strip = cmp.kl_strip(point.scores, window)
+    st.html(view.kl_strip_html(batch.tokens[window].tolist(), strip, view.token_decoder(lab.base),
                                scale=float(point.scores.kl.max())))
     st.caption("Each token is shaded by KL(base || edited) of the prediction of it (hover for the number); the "
                "shading is on one scale for every window.")
