@@ -148,11 +148,7 @@ def test_code_lm_two_drops_heads_and_quantization_is_small_and_reproduces_the_la
     """The issue's 'done when': files <= 1.2x the lab's size, two fewer layers, plain
     from_pretrained within 1e-3 bits per byte of the lab, fewer parameters than the base."""
     base, lab = _code_lm_lab()
-    # transformers reads one compressed-tensors scheme per checkpoint: INT4's default groups
-    # (80 on 160-wide rows, 128 on 640-wide ones) are two, so this recipe asks for groups of 40,
-    # which divide every row, the 120-wide one left after the head removal included
-    quantize = Quantize(fmt, group_size=40 if fmt == "int4" else None)
-    for edit in (Drop("block", 1), Drop("block", 4), RemoveHeads(2, (1,)), quantize):
+    for edit in (Drop("block", 1), Drop("block", 4), RemoveHeads(2, (1,)), Quantize(fmt)):  # default groups
         lab.add(edit)
     folder = unzip(export.lab_model_zip(lab), tmp_path)
     assert folder_bytes(folder) <= 1.2 * lab.current.metrics.size_bits / 8

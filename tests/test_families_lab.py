@@ -122,8 +122,9 @@ def test_every_quantization_format_llm_int8_and_early_exits(family, family_handl
         changed = [n for n, w in weights.items() if not torch.equal(w, handle.linear_layers()[n])]
         assert changed, name  # every format moves some weight onto its grid
         assert edited.size_bits < handle.size_bits, name
-        for w in (weights[n] for n in changed):  # one scale group holds at most 2^bits values: the format's grid
-            group = w.flatten() if fmt.group < 0 else w[0, : fmt.group or None]
+        for n in changed:  # one scale group holds at most 2^bits values: the format's grid
+            w, stored = weights[n], edited.storage[edited.weight_name(n)].format.split()[-1]  # "g64", "per-row"
+            group = w.flatten() if fmt.group < 0 else w[0, : int(stored[1:]) if stored.startswith("g") else None]
             assert len(torch.unique(group)) <= 2 ** fmt.code_bits, (name, len(torch.unique(group)))
         _close(_exported_logits(edited, tokens, tmp_path / name), edited.forward(tokens))
     int8 = _edited(handle, LLMInt8(6.0)).forward(tokens)

@@ -56,7 +56,7 @@ def test_int4_on_the_code_lm_shrinks_it_and_stacks_with_pruning_both_ways():
     assert quantized < base / 2 and delta.startswith("-")  # the blocks' weights: 32 -> ~4.3 bits
     assert lab_of(at).current.metrics.size_bits < lab_of(at).base_point.metrics.size_bits
     stored = next(c.value for c in at.caption if c.value.startswith("Stored quantized"))
-    assert "6 weight(s) as int4 g128, 18 weight(s) as int4 g80" in stored  # MLP outputs have rows of 640
+    assert "24 weight(s) as int4 g80" in stored  # rows of 160 and 640 share groups of 80: one group size
 
     choose(at, "Magnitude pruning")
     click(at, "lab_add")

@@ -22,7 +22,7 @@ from analysis.compress.quant.formats import (
     quantize_activations,
     relative_mse,
 )
-from analysis.compress.quant.quantize import LLMInt8, Quantize, find_outliers, llm_int8_linear
+from analysis.compress.quant.quantize import LLMInt8, Quantize, find_outliers, llm_int8_linear, shared_group
 from analysis.compress.recipe import Recipe, build
 from lib import data
 from lib.errors import CapabilityError, RecipeError
@@ -347,3 +347,14 @@ def test_image_model_quantizes_convolutions_and_their_inputs(tmp_path):
     assert set(copy.input_transforms) == set(base.linear_layers())
     assert torch.equal(copy.private_copy().forward(images), copy.forward(images))
     assert base.current_fingerprint() == base.fingerprint and permanent_hooks(base) == 0
+
+
+@pytest.mark.parametrize("rows, group", [((160, 640), 80), ((160, 640, 120), 40), ((768, 3072), 128),
+                                         ((2048, 8192), 128), ((32, 128), None), ((9, 288), None)])
+def test_one_step_shares_one_group_size_across_layers(rows, group):
+    """code-lm's rows of 160 and 640 share groups of 80 (one exported scheme); rows that all fit
+    one default group keep a scale per row; a CNN's 9-wide rows keep their own groups."""
+    assert shared_group(FORMATS["int4"], rows) == group
+    if group:
+        assert all(r % group == 0 for r in rows)
+    assert shared_group(FORMATS["int8"], rows) is None  # int8 has a scale per row, no groups

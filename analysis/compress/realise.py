@@ -218,7 +218,7 @@ def _version() -> str:
 def _one_scheme(layouts: dict[str, Layout], state: dict[str, torch.Tensor], row_block: int) -> str | None:
     """The compressed-tensors scheme covering the most weights: transformers' loader
     dequantizes every dense layer with a checkpoint's first scheme, so a checkpoint holds
-    one (layers on another grid, e.g. INT4 groups of 128 beside groups of 80, stay float)."""
+    one (layers on another grid, e.g. from a second Quantize step with its own group size, stay float)."""
     weight_count: dict[str, int] = {}
     for key, layout in layouts.items():
         if layout.fmt in CT_FORMATS:

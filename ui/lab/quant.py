@@ -15,7 +15,14 @@ from analysis.compress.quant.calibration import compare_methods
 from analysis.compress.quant.formats import FORMATS, SCALE_BITS, common_group, group_columns
 from analysis.compress.quant.kernels import int8_kernel_comparison, simulated_int8
 from analysis.compress.quant.mixed_precision import Allocation, Sensitivity, allocate, drop_label, sensitivity
-from analysis.compress.quant.quantize import ACTIVATION_FORMATS, LLMInt8, Quantize, find_outliers, layer_histogram
+from analysis.compress.quant.quantize import (
+    ACTIVATION_FORMATS,
+    LLMInt8,
+    Quantize,
+    find_outliers,
+    group_for,
+    layer_histogram,
+)
 from lib import data
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
@@ -55,10 +62,11 @@ def bits_per_weight(handle: ModelHandle, names: list[str], fmt: str, group_size:
     layers = handle.linear_layers()
     bits = weights = 0
     sizes, kinds = set(), set()
+    shared = group_for(fmt, [layers[n] for n in names], group_size)  # what the edit will take
     for name in names:
         out = layers[name].shape[0]
         row = layers[name][0].numel()
-        group = group_columns(f, row, group_size)
+        group = group_columns(f, row, shared)
         n_scales = 1 if group < 0 else out * (row // group)
         bits += out * row * f.code_bits + n_scales * (SCALE_BITS + (f.code_bits if f.zero_point else 0))
         weights += out * row
@@ -97,7 +105,7 @@ def quantize(base: ModelHandle, edited: ModelHandle) -> Edit | None:
                        help=GLOSSARY["quantization"])
     group_size = None
     if FORMATS[fmt].group > 0:
-        if st.toggle(f"Own group size (default {FORMATS[fmt].group}, or the largest that divides a row)",
+        if st.toggle(f"Own group size (default {FORMATS[fmt].group}, or the largest below it that divides every row)",
                      key="lab_quant_own_group", help=_GROUP_HELP):
             rows = [w[0].numel() for w in edited.linear_layers().values()]
             start = common_group(FORMATS[fmt], rows)  # divides every row: no error before the user types
@@ -127,8 +135,10 @@ def quantize(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: Quantize) -> None:
     """One layer's weights on the format's grid; for QuantEase, its layer-output error next to RTN."""
     layer = st.selectbox("Show one layer on the grid", names, key="lab_quant_layer")
-    hist = STORE.get_or_compute(("quant_histogram", edited.fingerprint, layer, edit.format, edit.group_size),
-                                lambda: layer_histogram(edited, layer, edit.format, edit.group_size))
+    linear = edited.linear_layers()
+    group = group_for(edit.format, [linear[n] for n in names], edit.group_size)  # the group the edit takes
+    hist = STORE.get_or_compute(("quant_histogram", edited.fingerprint, layer, edit.format, group),
+                                lambda: layer_histogram(edited, layer, edit.format, group))
     st.plotly_chart(plots_quant.grid_histogram(hist), width="stretch", key="lab_quant_histogram")
     stored = edited.storage.get(edited.weight_name(layer))
     before = f" An earlier step already stores this layer as {stored.format}: it is rounded again." if stored else ""

@@ -17,7 +17,7 @@ import torch
 from analysis.compress.edits import apply_
 from analysis.compress.quant.calibration import as_matrix
 from analysis.compress.quant.formats import fit_grid, get_format
-from analysis.compress.quant.quantize import Quantize, quantized_weight
+from analysis.compress.quant.quantize import Quantize, group_for, quantized_weight
 from lib import data
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
@@ -81,6 +81,7 @@ def sensitivity(handle: ModelHandle, batch: data.Batch | None, fmt: str, group_s
     layers = copy.linear_layers()
     drops, before, after = [], [], []
     units = layer_units(copy)
+    group = group_for(fmt, layers.values(), group_size)  # the group the allocation's Quantize edits take
     for i, unit in enumerate(units):
         if progress:
             progress(i / len(units), f"only {'block ' if isinstance(unit, int) else ''}{unit} in {fmt}")
@@ -88,7 +89,7 @@ def sensitivity(handle: ModelHandle, batch: data.Batch | None, fmt: str, group_s
         saved = {n: layers[n].clone() for n in names}
         bits = 0
         for name in names:
-            new, n_bits, _ = quantized_weight(layers[name], fmt, group_size)
+            new, n_bits, _ = quantized_weight(layers[name], fmt, group)
             layers[name].copy_(new)
             bits += n_bits
         drops.append(quality_drop(copy, copy.forward(inputs), base, batch))
@@ -130,13 +131,15 @@ def _edits(order: Sequence[int | str], k: int, low: str, high: str | None, group
 
 def _unit_bits(handle: ModelHandle, unit: int | str, fmt: str | None, group_size: int | None) -> int:
     bits = 0
-    for name, weight in handle.linear_layers().items():
+    layers = handle.linear_layers()
+    group = group_for(fmt, layers.values(), group_size) if fmt is not None else None
+    for name, weight in layers.items():
         if handle.place(name)[0] == unit:
             stored = handle.storage.get(handle.weight_name(name))
             if fmt is None:
                 bits += stored.bits if stored else weight.numel() * weight.element_size() * 8
             else:
-                bits += fit_grid(as_matrix(weight), get_format(fmt), group_size).bits
+                bits += fit_grid(as_matrix(weight), get_format(fmt), group).bits
     return bits
 
 

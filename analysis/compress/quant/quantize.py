@@ -4,6 +4,7 @@ stored (codes + scales + zero points), and activation quantization becomes part 
 copy's forward (`handle.set_input_transform_`).
 
     Quantize("int4")                                  # INT4 asymmetric, groups of 128, every layer
+                                                      # (or the one size below that divides every row)
     Quantize("int8", scope="mlp", activations=True)   # W8A8: int8 weights and per-token int8 inputs
     Quantize("nf4", method="quantease")               # calibrated on the evaluation batch
     LLMInt8(threshold=6.0)                            # int8 with outlier input columns in 16-bit
@@ -15,7 +16,7 @@ and mixed precision in `mixed_precision` (all in `analysis.compress.quant`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -26,6 +27,8 @@ from analysis.compress.quant.formats import (
     FORMATS,
     NF4_CODES,
     SCALE_BITS,
+    QuantFormat,
+    common_group,
     fit_grid,
     get_format,
     group_columns,
@@ -225,13 +228,36 @@ def quantized_weight(weight: torch.Tensor, fmt: str, group_size: int | None = No
     return new.view(weight.shape).to(weight.dtype), grid.bits, grid.description
 
 
+def shared_group(fmt: QuantFormat, rows: Iterable[int]) -> int | None:
+    """The one group size that layers with rows of the lengths `rows` take when none is
+    asked: the format's default where it divides every row, else the largest size below it
+    that does (code-lm's rows of 160 and 640 share groups of 80), so a model quantized in
+    one step has one group size, as deployment formats store it (an exported checkpoint
+    then holds one compressed-tensors scheme). None where each layer takes `group_columns`'
+    own: every row fits in one default group (one scale per row everywhere), the shared
+    size would be under a quarter of the default (a CNN's 9-wide rows), or the format has
+    no groups."""
+    rows = [int(r) for r in rows]
+    if fmt.group <= 0 or not rows or max(rows) <= fmt.group:
+        return None
+    group = common_group(fmt, rows)
+    return group if group * 4 >= fmt.group else None
+
+
+def group_for(fmt: str, weights: Iterable[torch.Tensor], group_size: int | None = None) -> int | None:
+    """The group size layers of `weights` are quantized with together: `group_size` when
+    asked, else the one their rows share (`shared_group`; None: each layer its own)."""
+    return group_size if group_size is not None else shared_group(get_format(fmt), [w[0].numel() for w in weights])
+
+
 @applies(Quantize)
 @torch.no_grad()
 def _quantize(handle: ModelHandle, edit: Quantize) -> None:
     weights = scoped_layers(handle, edit.scope, edit.layers)
     grams = calibration_grams(handle, None, list(weights)) if edit.method == "quantease" else {}
+    group = group_for(edit.format, weights.values(), edit.group_size)
     for name, weight in weights.items():
-        new, bits, label = quantized_weight(weight, edit.format, edit.group_size, grams.pop(name, None))
+        new, bits, label = quantized_weight(weight, edit.format, group, grams.pop(name, None))
         weight.copy_(new)
         handle.storage[handle.weight_name(name)] = StoredAs(bits, label)
     if edit.activations:
