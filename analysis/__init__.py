@@ -5,6 +5,7 @@ sentences its page shows and its figures; the compression methods by family.
     redundancy/    which layers barely matter: similarity, CKA, drop sweep (Redundancy page)
     channels/      what attention heads do and which talk to which (Channels page)
     interpreter/   the exact linear map a network applies to one input (Interpreter page)
+    representations/  linear probes at every depth and weights across depth (Representations page)
     compress/      recipes of edits, the lab that measures them, export (Compression lab);
                    prune/, quant/, exits/ hold the edit families
     lens.py        logit and tuned lens: one readout shared by Redundancy and early exits

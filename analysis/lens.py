@@ -76,7 +76,7 @@ LOGIT_LENS = ExitLens("logit")
 def check_tuned(handle: ModelHandle) -> None:
     """Refuse a model a tuned lens cannot read: it needs a language model whose readout is
     an affine unembedding."""
-    if handle.kind != "causal-lm" or handle.unembedding() is None:
+    if handle.kind != "causal-lm" or handle.blocks.unembedding() is None:
         raise CapabilityError("The tuned lens needs a language model with an affine unembedding, which this "
                               f"model ({handle.kind}) does not have.")
 
@@ -93,7 +93,7 @@ class Reader:
         self.handle, self.lens = handle, lens
         self.unembed = None
         if lens.kind != "heads":
-            affine = handle.unembedding()
+            affine = handle.blocks.unembedding()
             if affine is not None:
                 weight, bias = affine
                 self.unembed = (weight.float(), None if bias is None else bias.float())
@@ -108,7 +108,7 @@ class Reader:
             return pooled(state), lens.weight[depth], lens.bias[depth]
         if self.unembed is None:
             return None
-        x = self.handle.final_norm(state).float()  # [N, d]
+        x = self.handle.blocks.final_norm(state).float()  # [N, d]
         if lens.kind == "tuned" and depth in lens.weight:
             x = torch.addmm(lens.bias[depth], x, lens.weight[depth].T)
         return x, *self.unembed
@@ -117,7 +117,7 @@ class Reader:
         """Logits [N, classes] of states [N, ...] read at `depth`."""
         parts = self.affine(depth, state)
         if parts is None:
-            return self.handle.readout(state).float()
+            return self.handle.blocks.readout(state).float()
         x, weight, bias = parts
         return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
 
@@ -154,7 +154,7 @@ def _normalised_states(handle: ModelHandle, tokens: torch.Tensor) -> tuple[torch
     xs, zs = [], []
     for chunk in tokens.split(8):
         states, logits = handle.exit_states(chunk)
-        xs.append(torch.stack([handle.final_norm(h[:, 1:]).float().reshape(-1, h.shape[-1]) for h in states]))
+        xs.append(torch.stack([handle.blocks.final_norm(h[:, 1:]).float().reshape(-1, h.shape[-1]) for h in states]))
         zs.append(logits[:, 1:].float().reshape(-1, logits.shape[-1]))
     return torch.cat(xs, 1), torch.cat(zs)
 
@@ -242,7 +242,7 @@ Affine = tuple[torch.Tensor, torch.Tensor | None] | None
 def _float32_unembedding(handle: ModelHandle) -> Affine:
     """(W_U [vocab, d], b_U [vocab] or None; an all-zero b_U is None) when the readout is
     affine and float32, else None (then every depth takes one generic readout)."""
-    affine = handle.unembedding()
+    affine = handle.blocks.unembedding()
     if affine is None or affine[0].dtype != torch.float32:
         return None
     weight, bias = affine
@@ -259,9 +259,9 @@ def _depth_logits(handle: ModelHandle, h: torch.Tensor, affine: Affine,
     `out`, they are a fresh tensor.
     """
     if affine is None:
-        return handle.readout(h).float(), None
+        return handle.blocks.readout(h).float(), None
     weight, bias = affine
-    x = handle.final_norm(h)
+    x = handle.blocks.final_norm(h)
     if bias is None:
         return torch.mm(x, weight.T, out=out), x
     return torch.addmm(bias, x, weight.T, out=out), x

@@ -25,7 +25,7 @@ def composition_row(setup: Setup) -> Row:
     extract, c = _seconds(lambda: channels.circuits(handle))  # weights only: once per model in the app
     t = measure(lambda: channels.composition_scores(c), lambda: handle.forward(batch.tokens), setup.repeats)
     ours = channels.composition_scores(c)
-    reference = handle.circuit_model()
+    reference = handle.heads.circuit_model()
     tl_time, tl_scores = _seconds(lambda: {m: reference.all_composition_scores(m).scores for m in channels.MODES})
     error = max(float((ours.scores[m] - tl_scores[m]).abs().max()) for m in channels.MODES)
     forward = statistics.median(t.reference)

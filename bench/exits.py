@@ -23,7 +23,7 @@ def curves_row(setup: Setup) -> Row:
     def minimum():
         handle.forward(batch.tokens)
         for h in depths:
-            handle.readout(h)
+            handle.blocks.readout(h)
 
     t = measure(curves, minimum, setup.repeats)
     s = handle.structure

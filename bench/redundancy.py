@@ -75,12 +75,12 @@ def lens_row(setup: Setup) -> Row:
     def readouts():
         handle.forward(batch.tokens)
         for layer in h[:-1]:
-            handle.readout(layer)
+            handle.blocks.readout(layer)
 
     def honest_minimum():
         handle.forward(batch.tokens)
         for layer in h[:-1]:
-            torch.log_softmax(handle.readout(layer), -1)
+            torch.log_softmax(handle.blocks.readout(layer), -1)
 
     t = measure(lens, honest_minimum, setup.repeats)
     plain = measure(lens, readouts, setup.repeats)

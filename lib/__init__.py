@@ -7,14 +7,16 @@
                   against the config, a working tokenizer
     config_checks settings in config.json no model can have: sizes that are not positive
                   whole numbers, a bad norm epsilon, an architecture of another family
-    handle        ModelHandle, the one interface to a model: Point, Structure, forward,
-                  record and hooks, private copies, fingerprints
+    handle        ModelHandle, the one interface to a model: forward, record and hooks,
+                  private copies, fingerprints; points: Point, Part, Structure (the names
+                  of its places); capabilities: what only some views need, as objects
+                  (handle.blocks: blocks and readout; handle.heads; handle.gates)
     handle_layers linear layers by readable name: placing, replacing, input transforms,
                   calibration statistics, torch's int8 kernel
     storage       how tensors are stored (StoredAs, quantized bits) and fingerprinted
     lm_handle     the language-model backend (TransformerBridge), with lm_parts (structural
-                  edits, saving) and lm_views (what only a language model has)
-    image_handle  the plain-torch image-model backend
+                  edits, saving) and lm_capabilities (its blocks, heads and gates)
+    image_handle  the plain-torch image-model backend, with image_regions (its frozen gates)
     data, corpus  evaluation batches and the checks that they fit a model; the stdlib files
                   and digits they come from
     metrics       the Metrics record, evaluate, latency timing; scoring: NLL, KL and

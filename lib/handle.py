@@ -1,9 +1,12 @@
 """The one interface to a model. Pages and analyses talk to a `ModelHandle`, never to a
 backend: activation points are named by `Point`, weights by readable names
 (`blocks.3.mlp.in`), and a capability a backend lacks raises `CapabilityError` from the
-handle. Two backends implement it: `lib.lm_handle.BridgeHandle` (language models behind
-TransformerLens; its structural edits in `lib.lm_parts`, its views only a language model
-has in `lib.lm_views`) and `lib.image_handle.TorchHandle` (plain torch image models).
+handle. The handle is a small core (forward, hooks and records at `Point`s, weights and
+linear layers, private copies, structure, fingerprint) plus capability objects for what
+only some views need (`blocks`, `heads`, `gates`; `lib.capabilities`). Two backends
+implement it: `lib.lm_handle.BridgeHandle` (language models behind TransformerLens; its
+structural edits in `lib.lm_parts`, its capabilities in `lib.lm_capabilities`) and
+`lib.image_handle.TorchHandle` (plain torch image models).
 `lib.handle_layers` gives both the linear layers by readable name; `lib.storage` says how
 tensors are stored and identified. Nothing outside lib/ knows which backend it has.
 """
@@ -14,70 +17,19 @@ import copy
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from dataclasses import replace
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
+from lib.capabilities import Blocks, FrozenGates, Heads, LinearRegions
 from lib.devices import check_copy
 from lib.errors import CapabilityError, DataError, RecipeError
 from lib.handle_layers import InputTransform, LinearLayers
 from lib.locks import exclusive
+from lib.points import KINDS, LM_PARTS, ActivationHook, Part, Point, Structure  # noqa: F401  (re-exported)
 from lib.storage import StoredAs, shared_storage_memo, weight_fingerprint
-
-KINDS = ("causal-lm", "image-classifier", "image-to-image")
-LM_PARTS = ("block", "attention", "mlp")
-
-# An activation hook: gets the activation, returns a replacement or None (keep it).
-ActivationHook = Callable[[torch.Tensor], "torch.Tensor | None"]
-
-
-@dataclass(frozen=True)
-class Point:
-    """A named activation point.
-
-    site: LMs "resid_pre" (x_l, entering block l) | "resid_mid" (m_l = x_l + attention's
-    write; in a parallel block too, where nothing reads it) |
-    "resid_post" (y_l) | "attn_out" | "mlp_out" | "pattern" (attention pattern
-    [batch, head, query, key]) | "z" (each head's output before the output projection,
-    [batch, pos, head, d_head]); image models "stage" (a stage's output).
-    layer: block index (LMs) or stage name (image models).
-    """
-
-    site: str
-    layer: int | str
-
-
-class Part(Protocol):
-    """A droppable part: kind "block" | "attention" | "mlp" (layer index) or "stage"
-    (stage name). `analysis.pruning.Drop` is one."""
-
-    kind: str
-    layer: int | str
-
-
-@dataclass(frozen=True)
-class Structure:
-    """Layer structure. For LMs the transformer shape; for image models the stages.
-
-    stages: for image models, (name, description) per stage in forward order.
-    removed: labels of parts removed from this (edited) copy, e.g. "attention 3".
-    parallel: attention and MLP of a block both read the block's input and their writes
-    are added together (GPT-NeoX, Phi, GPT-J), METHODS.md §1 "Parallel blocks".
-    """
-
-    architecture: str
-    n_layers: int
-    n_heads: int = 0
-    d_model: int = 0
-    d_head: int = 0
-    d_mlp: int = 0
-    d_vocab: int = 0
-    n_ctx: int = 0
-    stages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-    removed: tuple[str, ...] = ()
-    parallel: bool = False
 
 
 def check_handle(handle: object) -> None:
@@ -246,17 +198,22 @@ class ModelHandle(LinearLayers, ABC):
             pass
         return {p: cache[p] for p in points if p in cache}
 
-    def run_block(self, layer: int, resid: torch.Tensor, drop: str | None = None) -> torch.Tensor:
-        raise CapabilityError(f"A {self.kind} model has no transformer blocks to run one by one.")
+    # ------------------------------------------------------------------ capabilities (lib.capabilities)
 
-    def readout(self, resid: torch.Tensor) -> torch.Tensor:
-        raise CapabilityError(f"A {self.kind} model has no vocabulary readout.")
+    @property
+    def blocks(self) -> Blocks:
+        """Blocks run one at a time and the readout (logit lens, drop sweep, early exits)."""
+        raise CapabilityError(f"A {self.kind} model has no transformer blocks and no vocabulary readout.")
 
-    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
-        raise CapabilityError(f"A {self.kind} model has no final LayerNorm.")
+    @property
+    def heads(self) -> Heads:
+        """Each attention head's weights in circuit form (Channels)."""
+        raise CapabilityError(f"A {self.kind} model has no attention heads.")
 
-    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        raise CapabilityError(f"A {self.kind} model has no unembedding.")
+    @property
+    def gates(self) -> FrozenGates | LinearRegions:
+        """The model with its nonlinearities frozen (Interpreter)."""
+        raise CapabilityError(f"A {self.kind} model cannot be made linear by freezing its gates.")
 
     # ------------------------------------------------------------------ drops
 
@@ -264,7 +221,7 @@ class ModelHandle(LinearLayers, ABC):
     def drop_problem(self, part: Part) -> str | None:
         """Why `part` cannot be dropped from this model (None if it can)."""
 
-    def check_parts(self, parts: Sequence[Part]) -> None:
+    def check_parts(self, parts: Sequence[Part]) -> None:  # a RecipeError for the first part it cannot drop
         for part in parts:
             if not isinstance(getattr(part, "kind", None), str) or not hasattr(part, "layer"):
                 raise RecipeError(f"A part to drop is a Drop(kind, layer), e.g. Drop('mlp', 1), not {part!r}."[:200])
@@ -293,13 +250,10 @@ class ModelHandle(LinearLayers, ABC):
     # ------------------------------------------------------------------ copies
 
     def private_copy(self, dtype: torch.dtype | None = None, requires_grad: bool = False) -> "ModelHandle":
-        """A copy of this model that edits, gradients and float64 can never leak from.
-
-        Taken under this handle's lock (so no other session's hooks are on the model
-        at that moment); the copy has its own lock, no hooks, its own fingerprint
-        (recomputed, equal to this one until the copy is edited), and optionally
-        gradients and another dtype. The tokenizer is shared (it is never mutated).
-        """
+        """A copy of this model that edits, gradients and float64 can never leak from. Taken
+        under this handle's lock (no other session's hooks are on the model then); the copy
+        has its own lock, no hooks, its own fingerprint (equal to this one until the copy is
+        edited), optionally gradients and another dtype; the tokenizer is shared (never mutated)."""
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise RecipeError(f"A copy of the model can only be made in a floating-point dtype (torch.float32, "
                               f"torch.float64, torch.float16 or torch.bfloat16), not {dtype}. To store weights "
@@ -364,10 +318,9 @@ class ModelHandle(LinearLayers, ABC):
 
     # ---- early exits
 
-    # The output rule of a private copy with an early-exit edit: `forward` runs `exit_states`
-    # and returns `exit_rule(handle, states, output)` instead of the last layer's output. None
-    # (always on a base model): forward is unchanged. A deep copy, so `private_copy()`, keeps it
-    # with whatever it holds (tuned-lens translators, exit heads). Its repr enters the fingerprint.
+    # A private copy's early-exit rule: `forward` returns `exit_rule(handle, *exit_states(inputs))`.
+    # None (always on a base model): forward is unchanged. `private_copy()` keeps it with what it
+    # holds (tuned-lens translators, exit heads); its repr enters the fingerprint.
     exit_rule: Callable[["ModelHandle", list[torch.Tensor], torch.Tensor], torch.Tensor] | None = None
 
     def set_exit_rule_(self, rule: Callable[["ModelHandle", list[torch.Tensor], torch.Tensor], torch.Tensor] | None
@@ -392,7 +345,3 @@ def _keeper(cache: dict, point: Point) -> ActivationHook:
         cache[point] = tensor
 
     return hook
-
-
-def _zero(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(tensor)

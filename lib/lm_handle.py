@@ -14,15 +14,15 @@ from torch import nn
 from lib.errors import CapabilityError, DataError
 from lib.handle import ActivationHook, ModelHandle, Point, Structure
 from lib.hooks import count_hooks
+from lib.lm_capabilities import LMBlocks, LMGates, LMHeads
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
-from lib.lm_views import LMViews
 from lib.locks import exclusive
 from lib.storage import distinct_tensors
 
 _STASHED = ("_pattern", "_captured_pre_ln_residual")  # what TransformerLens keeps of the last forward
 
 
-class BridgeHandle(LMParts, LMViews, ModelHandle):
+class BridgeHandle(LMParts, ModelHandle):
     """A causal LM behind a TransformerLens `TransformerBridge`."""
 
     kind = "causal-lm"
@@ -62,7 +62,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         self._kv: dict[int, list[int]] = {}  # layer -> original indices of its key/value heads still there
         self._path_map: dict[str, str] | None = None
         self._hook_names: frozenset[str] | None = None
-        self._late_pattern: bool | None = None  # see LMViews._pattern_reported_late
+        self._late_pattern: bool | None = None  # see LMGates._pattern_reported_late
         self._block_path_list: list[str | None] | None = None
         self._block_kwargs: tuple[tuple, list[dict[str, Any]]] | None = None  # input shape -> each layer's kwargs
 
@@ -214,7 +214,7 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
         plain, caught, handles = self.plain_model(), {}, []
         for p in points:
             self.hook_name(p)  # refuses a layer the model does not have
-            if not self.heads_left(p.layer):
+            if not self._heads_left(p.layer):
                 continue
             attention = plain.get_submodule(self._hf_path(self.model.blocks[p.layer].attn))
             handles.append(attention.register_forward_hook(
@@ -287,35 +287,69 @@ class BridgeHandle(LMParts, LMViews, ModelHandle):
             finally:
                 self._active_hooks -= 1
 
-    @exclusive
-    @torch.no_grad()
-    def readout(self, resid: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm (recomputed on `resid`) and unembedding: [b, pos, d] -> [b, pos, vocab]."""
-        return self.model.unembed(self.model.ln_final(resid))
+    # ------------------------------------------------------------------ capabilities
+
+    @property
+    def blocks(self) -> LMBlocks:
+        return LMBlocks(self)
+
+    @property
+    def heads(self) -> LMHeads:
+        return LMHeads(self)
+
+    @property
+    def gates(self) -> LMGates:
+        return LMGates(self)
+
+    def _block_paths(self) -> list[str]:
+        """Path of each block's decoder layer in the plain model (kept: removing a block
+        puts its replacement at the same path)."""
+        if self._block_path_list is None:
+            self._block_path_list = [self._hf_path(block) for block in self.model.blocks]
+        paths = self._block_path_list
+        if None in paths:
+            raise CapabilityError("This model's blocks are not found in its transformers model, so they cannot "
+                                  "be run one by one.")
+        return paths
+
+    # ---- early exits
 
     @exclusive
     @torch.no_grad()
-    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
-        """The final LayerNorm alone, recomputed on `resid`: [..., d] -> [..., d]."""
-        return self.model.ln_final(resid)
+    def exit_states(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """h_0..h_{L-1} (the residual stream entering each block, [batch, pos, d_model]) and
+        the logits [batch, pos, vocab], from one `_forward_every_layer`. Without hooks the
+        plain model runs and torch pre-hooks on its blocks catch their inputs (a removed
+        block's too, which `output_hidden_states` leaves out); inside `hooks(...)` the bridge
+        runs, so those hooks fire as well."""
+        L = self.structure.n_layers
+        states: dict[int, torch.Tensor] = {}
+        if not self._structural and (self._active_hooks or count_hooks(self.model)):
 
-    @exclusive
-    @torch.no_grad()
-    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(W_U [vocab, d], b_U [vocab] or None) when `readout(h)` is exactly
-        `final_norm(h) @ W_U.T + b_U` (checked on a probe), so callers may compute the
-        logits in vocabulary blocks; None for any other readout (e.g. soft-capped logits)."""
-        w_u, b_u = getattr(self.model.unembed, "W_U", None), getattr(self.model.unembed, "b_U", None)
-        if not isinstance(w_u, torch.Tensor) or w_u.dim() != 2:
-            return None
-        weight = w_u.T  # [vocab, d]
-        probe = torch.randn(4, self.structure.d_model, generator=torch.Generator().manual_seed(0))
-        probe = probe.to(weight.dtype)
-        expected = self.readout(probe).float()
-        got = nn.functional.linear(self.final_norm(probe), weight, b_u).float()
-        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
-            return None
-        return weight, b_u
+            def keep(layer: int) -> ActivationHook:
+                def hook(tensor: torch.Tensor) -> None:
+                    states[layer] = tensor
+
+                return hook
+
+            with self.hooks([(Point("resid_pre", layer), keep(layer)) for layer in range(L)]):
+                logits = self._forward_every_layer(inputs)
+            return [states[layer] for layer in range(L)], logits
+
+        def catch(layer: int) -> Callable:
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                states[layer] = args[0] if args else kwargs["hidden_states"]
+
+            return pre_hook
+
+        blocks = enumerate(self.plain_model().get_submodule(path) for path in self._block_paths())
+        handles = [block.register_forward_pre_hook(catch(layer), with_kwargs=True) for layer, block in blocks]
+        try:
+            logits = self._forward_every_layer(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [states[layer] for layer in range(L)], logits
 
 
 def _plain_twin(wrapped: nn.Module) -> nn.Module:

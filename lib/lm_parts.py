@@ -5,19 +5,38 @@ edited model back as a dense checkpoint. A mixin of `BridgeHandle` (lib/lm_handl
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lib.errors import CapabilityError, RecipeError
-from lib.handle import LM_PARTS, Part, Point, _zero
+from lib.handle import LM_PARTS, Part, Point, Structure
 
 
 class LMParts:
-    """Drops and removals on a `BridgeHandle` (the attributes it uses are the handle's)."""
+    """Drops and removals on a `BridgeHandle`. What they read of that class is declared
+    here (set in `BridgeHandle.__init__` or defined by it and `ModelHandle`)."""
+
+    structure: Structure
+    model: Any  # the TransformerBridge
+    tokenizer: Any
+    base_fingerprint: str | None
+    hf_model: nn.Module  # the checkpoint's transformers model inside the bridge
+    _structural: bool  # parts removed: the plain model is the model
+    _active_hooks: int
+    _heads: dict[int, list[int]]  # layer -> original indices of the heads still there
+    _kv: dict[int, list[int]]  # layer -> original indices of its key/value heads still there
+    plain_model: Callable[[], nn.Module]
+    hooks: Callable[[Sequence[tuple[Point, Callable]]], AbstractContextManager[None]]
+    check_parts: Callable[[Sequence[Part]], None]
+    refresh_structure: Callable[[str | None], None]
+    weights_changed: Callable[[], None]
+    _paths: Callable[[], dict[str, str]]  # readable name -> module path in the plain model
+    _block_paths: Callable[[], list[str]]
+    _linear_modules: Callable[[], dict[str, nn.Module]]
 
     # drops: a dropped part contributes nothing to the residual stream, bias included
 
@@ -70,22 +89,22 @@ class LMParts:
         self.refresh_structure(f"{part.kind} {part.layer}")
         self.weights_changed()
 
-    def heads_left(self, layer: int) -> list[int]:
+    def _heads_left(self, layer: int) -> list[int]:
         """Original indices of the attention heads layer `layer` still has."""
         if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
             return []
         return self._heads.get(layer, list(range(self.structure.n_heads)))
 
-    def head_groups(self, layer: int) -> list[list[int]]:
+    def _head_groups(self, layer: int) -> list[list[int]]:
         """The heads layer `layer` still has, grouped by the key/value head they share
         (one head per group without grouped-query attention): what can be removed together."""
         group = self.structure.n_heads // self._n_kv()
         groups: dict[int, list[int]] = {}
-        for h in self.heads_left(layer):
+        for h in self._heads_left(layer):
             groups.setdefault(h // group, []).append(h)
         return list(groups.values())
 
-    def qkv_layout(self, layer: int) -> str | None:
+    def _qkv_layout(self, layer: int) -> str | None:
         """How the fused query/key/value weight of layer `layer` (`blocks.{layer}.attn.qkv` in
         `linear_layers()`, [3 · heads · d_head, d_model]) stacks its rows: "blocks" ([all q;
         all k; all v], GPT-2's Conv1D c_attn), "per-head" ([q; k; v] of head 0, then of head
@@ -103,7 +122,7 @@ class LMParts:
         rows and their output-projection columns go, so the layer computes fewer heads."""
         if {f"block {layer}", f"attention {layer}"} & set(self.structure.removed):
             raise RecipeError(f"The attention of layer {layer} is already removed from this copy.")
-        left = self.heads_left(layer)
+        left = self._heads_left(layer)
         gone = [h for h in heads if h not in left]
         if not 0 <= layer < self.structure.n_layers or gone:
             raise RecipeError(f"Layer {layer} has no head(s) {gone or list(heads)} to remove"
@@ -336,3 +355,7 @@ def _slice_(layer: nn.Module, index: torch.Tensor, out_dim: int, bias: bool = Tr
             setattr(layer, attr, layer.weight.shape[out_dim])
     if hasattr(layer, "in_features") and not bias:
         layer.in_features = layer.weight.shape[1]
+
+
+def _zero(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(tensor)

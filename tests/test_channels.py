@@ -69,7 +69,7 @@ def induction():
 def test_composition_scores_equal_transformer_lens(model, request):
     handle = request.getfixturevalue(model)
     comp = ch.composition_scores(ch.circuits(handle))
-    reference = handle.circuit_model()
+    reference = handle.heads.circuit_model()
     for mode in ch.MODES:
         expected = reference.all_composition_scores(mode).scores.detach()
         assert comp.scores[mode].shape == expected.shape
@@ -79,7 +79,7 @@ def test_composition_scores_equal_transformer_lens(model, request):
 
 
 def test_gram_svd_is_the_svd_of_the_product(tiny_lm, circuits):
-    reference = tiny_lm.circuit_model()
+    reference = tiny_lm.heads.circuit_model()
     assert torch.allclose(circuits.ov_S, reference.OV.S.detach(), rtol=1e-4, atol=1e-6)
     assert torch.allclose(circuits.qk_S, reference.QK.S.detach(), rtol=1e-4, atol=1e-6)
     ov = (circuits.W_V @ circuits.W_O).double()  # [L, H, d, d], dense only here, as the check

@@ -39,8 +39,8 @@ def test_forward_and_every_block_run_alone_match_plain_transformers(family, fami
     L = handle.structure.n_layers
     resid = handle.record(tokens, [Point("resid_pre", 0)])[Point("resid_pre", 0)]
     for layer in range(L):
-        resid = handle.run_block(layer, resid)
-    _close(handle.readout(resid), logits)
+        resid = handle.blocks.run(layer, resid)
+    _close(handle.blocks.readout(resid), logits)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

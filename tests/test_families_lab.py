@@ -131,4 +131,4 @@ def test_every_quantization_format_llm_int8_and_early_exits(family, family_handl
     assert torch.isfinite(int8).all() and 0 < (int8 - base).abs().max() < (base.abs().max() + 1)
     every_token_leaves_first = _edited(handle, EarlyExit("max_prob", 0.0))
     h1 = handle.record(tokens, [Point("resid_pre", 1)])[Point("resid_pre", 1)]
-    _close(every_token_leaves_first.forward(tokens), handle.readout(h1))
+    _close(every_token_leaves_first.forward(tokens), handle.blocks.readout(h1))

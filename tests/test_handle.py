@@ -63,7 +63,7 @@ def test_unknown_points_are_refused_clearly(tiny_lm, tiny_cnn, tokens):
     with pytest.raises(CapabilityError, match="no stage 'conv9'"):
         tiny_cnn.record(torch.zeros(1, 1, 8, 8), [Point("stage", "conv9")])
     with pytest.raises(CapabilityError, match="no vocabulary readout"):
-        tiny_cnn.readout(torch.zeros(1, 4))
+        tiny_cnn.blocks.readout(torch.zeros(1, 4))
     assert count_hooks(tiny_lm.model) == 0 and count_hooks(tiny_cnn.model) == 0
 
 

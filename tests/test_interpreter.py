@@ -111,12 +111,12 @@ def test_a_column_is_the_frozen_networks_response_to_a_unit_impulse(image):
     model = gradients.working_copy(_handle(_cnn()))
     linear = relu.linear_map(model, image)
     x = image[None].double()
-    with model.frozen_at(x):
-        zero = model.differentiable_forward(torch.zeros_like(x)).flatten()
+    with model.gates.frozen_at(x):
+        zero = model.gates.differentiable_forward(torch.zeros_like(x)).flatten()
         for j in (0, 9, 27, 63):
             impulse = torch.zeros_like(x).flatten()
             impulse[j] = 1
-            response = model.differentiable_forward(impulse.view_as(x)).flatten() - zero
+            response = model.gates.differentiable_forward(impulse.view_as(x)).flatten() - zero
             assert torch.allclose(response.detach(), linear.matrix[:, j], atol=1e-12)
             assert torch.allclose(linear.column(j).flatten(), linear.matrix[:, j])
     assert torch.allclose(zero.detach(), linear.bias)
@@ -171,12 +171,12 @@ def test_unsupported_layer_is_named():
 def test_no_hook_survives_an_exception(image):
     model = gradients.working_copy(_handle(_cnn()))
     with pytest.raises(RuntimeError, match="boom"):
-        with model.frozen_at(image[None]):
+        with model.gates.frozen_at(image[None]):
             assert count_hooks(model.model) > 0
             raise RuntimeError("boom")
     assert count_hooks(model.model) == 0
     with pytest.raises(RuntimeError):  # a forward that fails inside the hooked pass
-        with model.frozen_at(torch.rand(1, 2, 8, 8)):
+        with model.gates.frozen_at(torch.rand(1, 2, 8, 8)):
             pass
     assert count_hooks(model.model) == 0
 
@@ -237,15 +237,17 @@ def test_every_freeze_is_needed(biased_lm, monkeypatch):
     """Leaving one kind of nonlinearity live breaks the reconstruction: the check can fail."""
     tokens = it.prompt_tokens(biased_lm, "x = [1, 2, 3]")
     target = it.logit_target(biased_lm, 10)
-    real = biased_lm.linearisation_points
+    from lib.lm_capabilities import LMGates
+
+    real = LMGates.points
     for kind in ("scale", "pattern", "gate_out"):
-        def fewer(kind=kind):
-            points = real()
+        def fewer(gates, kind=kind):
+            points = real(gates)
             points[kind] = []
             if kind == "gate_out":
                 points["gate_in"] = []
             return points
-        monkeypatch.setattr(biased_lm, "linearisation_points", fewer)
+        monkeypatch.setattr(LMGates, "points", fewer)
         assert it.token_contributions(biased_lm, tokens, target).error > 1e-6, kind
     monkeypatch.undo()
     assert it.token_contributions(biased_lm, tokens, target).error < 1e-9

@@ -141,11 +141,11 @@ def test_removed_heads_equal_zeroing_their_outputs(tiny_lm, tokens):
     torch.testing.assert_close(copy.forward(tokens), reference, rtol=1e-5, atol=1e-5)
     assert copy.linear_layers()["blocks.1.attn.qkv"].shape == (3 * 16, 32)  # 2 of 4 heads of 8 dims left
     assert copy.linear_layers()["blocks.1.attn.o"].shape == (32, 16)
-    assert copy.heads_left(1) == [1, 3] and tiny_lm.heads_left(1) == [0, 1, 2, 3]
+    assert copy.heads.left(1) == [1, 3] and tiny_lm.heads.left(1) == [0, 1, 2, 3]
     assert tiny_lm.n_params - copy.n_params == 2 * 8 * (32 * 3 + 3) + 2 * 8 * 32
     assert ("removed", "heads 0, 2 of layer 1") in copy.describe()
     again = edited(tiny_lm, RemoveHeads(1, (0, 2)), RemoveHeads(1, (3,)))  # original indices, not positions
-    assert again.heads_left(1) == [1]
+    assert again.heads.left(1) == [1]
 
 
 @pytest.mark.parametrize("drop", [Drop("block", 1), Drop("attention", 0), Drop("mlp", 2)])

@@ -267,8 +267,8 @@ def test_bridge_paths_refuse_a_copy_whose_inputs_are_quantized_and_export_says_s
         w8a8.record(tokens, [Point("resid_pre", 1)])
     h = tiny_lm.record(tokens, [Point("resid_pre", 0)])[Point("resid_pre", 0)]
     for layer in range(w8a8.structure.n_layers):
-        h = w8a8.run_block(layer, h)
-    torch.testing.assert_close(w8a8.readout(h), w8a8.forward(tokens))
+        h = w8a8.blocks.run(layer, h)
+    torch.testing.assert_close(w8a8.blocks.readout(h), w8a8.forward(tokens))
     assert not torch.allclose(w8a8.forward(tokens), tiny_lm.forward(tokens))  # the quantized inputs count
     weights_only = edited(tiny_lm, Quantize("int8", "mlp"))
     assert Point("resid_pre", 1) in weights_only.record(tokens, [Point("resid_pre", 1)])

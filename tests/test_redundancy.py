@@ -124,9 +124,11 @@ def test_logit_lens_matches_full_softmax(tiny_lm, batch, monkeypatch, affine, wi
     token chunks that split prompts agree with a brute-force lens."""
     res = redundancy.collect_residuals(tiny_lm, batch, skip=2, with_logits=with_logits)
     if not affine:
-        monkeypatch.setattr(tiny_lm, "unembedding", lambda: None)
+        from lib.lm_capabilities import LMBlocks
+
+        monkeypatch.setattr(LMBlocks, "unembedding", lambda blocks: None)
     else:
-        assert tiny_lm.unembedding() is not None
+        assert tiny_lm.blocks.unembedding() is not None
     # several uneven token chunks (25, 25, 25, 13 of 88 tokens), across prompt boundaries (22 tokens each)
     monkeypatch.setattr(lens_module, "LENS_CHUNK_ELEMENTS", 25 * tiny_lm.structure.d_vocab)
     lens = lens_module.logit_lens(tiny_lm, res)
@@ -138,9 +140,11 @@ def test_logit_lens_matches_full_softmax(tiny_lm, batch, monkeypatch, affine, wi
 
 
 def test_soft_capped_readout_is_not_treated_as_affine(tiny_lm, monkeypatch):
-    plain = tiny_lm.readout
-    monkeypatch.setattr(tiny_lm, "readout", lambda h: 2 * torch.tanh(plain(h) / 2))
-    assert tiny_lm.unembedding() is None
+    from lib.lm_capabilities import LMBlocks
+
+    plain = LMBlocks.readout
+    monkeypatch.setattr(LMBlocks, "readout", lambda blocks, h: 2 * torch.tanh(plain(blocks, h) / 2))
+    assert tiny_lm.blocks.unembedding() is None
 
 
 def test_prefix_reuse_sweep_equals_naive_reruns(tiny_lm, batch, residuals):

@@ -292,7 +292,7 @@ def test_split_q_k_v_are_the_models_own_projections(family, tiny_gpt2_dir, tmp_p
     folder = tiny_gpt2_dir if family == "gpt2" else save_tiny("neox", tmp_path / "neox")
     handle = load_model(str(folder))
     layout = {"gpt2": "blocks", "neox": "per-head"}[family]
-    assert [handle.qkv_layout(layer) for layer in range(handle.structure.n_layers)] == \
+    assert [handle.heads.qkv_layout(layer) for layer in range(handle.structure.n_layers)] == \
         [layout] * handle.structure.n_layers
     families, found = split_families(handle, weight_families(handle)[1])
     assert found == layout and "attn.qkv" not in families

@@ -81,7 +81,7 @@ def test_edits_inside_the_model_still_apply(base):
 @pytest.mark.parametrize("layer", [-1, 3, 99])
 def test_run_block_refuses_a_block_the_model_lacks(base, layer):
     with pytest.raises(AnalysisError, match=rf"no block {layer} to run: this model has blocks 0\.\.2"):
-        base.run_block(layer, torch.zeros(1, 3, 32))
+        base.blocks.run(layer, torch.zeros(1, 3, 32))
 
 
 @pytest.mark.parametrize("limit", [0, -3])

@@ -3,7 +3,7 @@ Definitions: METHODS.md §2.
 
 Weights (no forward pass): each head's OV circuit W_V W_O and QK circuit W_Q W_K^T,
 [d, d] of rank <= d_head, in TransformerLens' row-vector convention with LayerNorm
-folded in (`ModelHandle.head_circuits`). Everything is computed from d_head x d_head
+folded in (`handle.heads.circuits()`). Everything is computed from d_head x d_head
 Gram matrices of the factors, never from a dense d x d product: for M = A B,
 A^T A = T_A^T T_A and B B^T = T_B^T T_B give M = Q_A (T_A T_B^T) Q_B^T with Q_A, Q_B
 orthonormal, so norms, singular values and products of M come from [d_head, d_head]
@@ -119,7 +119,7 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 def circuits(handle: ModelHandle) -> Circuits:
     """Every head's circuits and their spectra (weights only; cache per fingerprint)."""
     check_lm(handle, "Attention channels")
-    f = handle.head_circuits()
+    f = handle.heads.circuits()
     return from_factors(f["W_Q"], f["W_K"], f["W_V"], f["W_O"], f["n_kv_heads"], f["positional"])
 
 

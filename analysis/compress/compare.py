@@ -126,7 +126,7 @@ def depth_profile(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT_SKI
     skip = require_int(skip, "The skip", 0, batch.tokens.shape[1] - 1)
     L = handle.structure.n_layers
     states, logits = handle.exit_states(batch.tokens)
-    resid = torch.stack([*states, handle.run_block(L - 1, states[-1])])  # h_0..h_L
+    resid = torch.stack([*states, handle.blocks.run(L - 1, states[-1])])  # h_0..h_L
     res = Residuals(resid, resid[:-1], logits, skip, batch.digest, parallel=handle.structure.parallel)
     change = 1 - token_cosine(resid[:-1, :, skip:].float(), resid[1:, :, skip:].float()).mean((1, 2))
     return DepthProfile(logit_lens(handle, res), change, handle.structure.removed)
@@ -163,7 +163,7 @@ def role_table(handle: ModelHandle, tokens: torch.Tensor) -> dict[str, torch.Ten
     patterns = handle.record(tokens, [Point("pattern", layer) for layer in range(L)])
     for point, pattern in patterns.items():
         layer = point.layer
-        heads = handle.heads_left(layer)
+        heads = handle.heads.left(layer)
         roles = roles_from_patterns([pattern], tokens)
         for name in ROLE_SCORES:
             table[name][layer, heads] = getattr(roles, name)[0].float()

@@ -129,7 +129,7 @@ def layer_summary(base: ModelHandle, edited: ModelHandle) -> LayerSummary:
     heads = None
     if edited.kind == "causal-lm":
         gone = set(edited.structure.removed)
-        heads = tuple(0 if {f"block {layer}", f"attention {layer}"} & gone else len(edited.heads_left(layer))
+        heads = tuple(0 if {f"block {layer}", f"attention {layer}"} & gone else len(edited.heads.left(layer))
                       for layer in range(edited.structure.n_layers))
     return LayerSummary(tuple(before), tuple(sparsity), tuple(kept), tuple(removed), heads,
                         base.structure.n_heads, edited.structure.removed)

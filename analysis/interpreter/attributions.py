@@ -120,12 +120,12 @@ def image_attributions(handle: ModelHandle, linear: LinearMap, target: int, n_st
     model = gradient_model(handle, dtype)
     x = linear.x0.unsqueeze(0).clone()
     exact = linear.votes(target)
-    f = lambda z: model.differentiable_forward(z).flatten(1)[:, target]  # noqa: E731
+    f = lambda z: model.gates.differentiable_forward(z).flatten(1)[:, target]  # noqa: E731
     found = _gradient_methods(f, x, n_steps, progress)
     progress(0.8, "DeepLift")
     with model.lock, warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")  # captum announces the hooks it sets on every ReLU
-        net = _Flat(model.attribution_module())
+        net = _Flat(model.gates.attribution_module())
         found["DeepLift"] = DeepLift(net).attribute(x.to(linear.output.dtype), baselines=torch.zeros_like(x),
                                                     target=target)
     progress(1.0, "done")

@@ -100,20 +100,20 @@ def linear_map(handle: ModelHandle, x0: torch.Tensor, dtype: torch.dtype = torch
                                f"not {n_singular!r}; pass 0 for none (the default is {DEFAULT_SINGULAR}).")
     x = _image_input(x0)
     model = gradient_model(handle, dtype)
-    with model.frozen_at(x) as output:
+    with model.gates.frozen_at(x) as output:
         x = x.to(output.dtype)
 
         def frozen(flat: torch.Tensor) -> torch.Tensor:  # [N] -> [K]
-            return model.differentiable_forward(flat.view_as(x)).flatten()
+            return model.gates.differentiable_forward(flat.view_as(x)).flatten()
 
         matrix = torch.func.jacrev(frozen)(x.flatten())  # [K, N]: every row from one vmapped backward
-        bias = model.differentiable_forward(torch.zeros_like(x)).flatten().detach()  # [K]
+        bias = model.gates.differentiable_forward(torch.zeros_like(x)).flatten().detach()  # [K]
     out = output.flatten()
     error = float((matrix @ x.flatten() + bias - out).abs().max())
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     k = min(n_singular, s.numel())
     u, vh = _sign_fixed(u[:, :k], vh[:k])
-    return LinearMap(x[0], out, matrix, bias, tuple(output.shape[1:]), error, tuple(model.nonlinearities()),
+    return LinearMap(x[0], out, matrix, bias, tuple(output.shape[1:]), error, tuple(model.gates.nonlinearities()),
                      s[:k], vh.reshape(k, *x.shape[1:]), u.T.contiguous())
 
 

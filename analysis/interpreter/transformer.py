@@ -31,8 +31,8 @@ NOT_LINEAR_READOUT = ("This model's readout is not a plain linear unembedding (e
 def check_linearisable(handle: ModelHandle) -> None:
     """Refuse, before any float64 copy is made, a model the detached linearisation cannot
     make exact (CapabilityError / InterpreterError saying why and what to pick instead)."""
-    handle.linearisation_points()
-    if handle.unembedding() is None:
+    handle.gates.points()
+    if handle.blocks.unembedding() is None:
         raise InterpreterError(NOT_LINEAR_READOUT)
 
 
@@ -131,7 +131,7 @@ class TokenContributions:
 class FrozenLM:
     """A causal LM's nonlinear points frozen at their values for one prompt.
 
-    tokens: [1, pos]; points: `handle.linearisation_points()`; values: point -> its
+    tokens: [1, pos]; points: `handle.gates.points()`; values: point -> its
     frozen value [1, ...] (a LayerNorm scale, an attention pattern, or for an MLP
     activation point the gate act(p)/p); embeddings: input point -> its value at the
     prompt [1, pos, d_model].
@@ -163,7 +163,7 @@ class FrozenLM:
 
 def _readout(model: ModelHandle, target: LogitTarget) -> tuple[torch.Tensor, torch.Tensor]:
     """(direction [d_model], offset []) with target = LN_final(h) · direction + offset."""
-    found = model.unembedding()
+    found = model.blocks.unembedding()
     if found is None:
         raise InterpreterError(NOT_LINEAR_READOUT)
     w_u, b_u = found
@@ -269,7 +269,7 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
     if not isinstance(target, LogitTarget):
         raise DataError(f"The target is a LogitTarget from logit_target(handle, token), not a {type(target).__name__}.")
     model = gradient_model(handle, dtype)
-    points = model.linearisation_points()
+    points = model.gates.points()
     inputs = points["inputs"]
     embeds = model.record(tokens, inputs)
     if len(embeds) != len(inputs):
@@ -278,7 +278,7 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
     direction, offset = _readout(model, target)
     kept: dict[Point, torch.Tensor] = {}
     with torch.enable_grad(), model.hooks(_feeding(inputs, leaves) + _detaching(points, kept)):
-        value = model.unembedding_input(tokens)[0, -1] @ direction + offset
+        value = model.gates.unembedding_input(tokens)[0, -1] @ direction + offset
         grads = torch.autograd.grad(value, leaves)
     parts = [(g * e).sum(-1)[0].detach() for g, e in zip(grads, leaves)]  # [pos] each
     unfrozen = [p for p in _constants(points) + points["gate_out"] if p not in kept]
@@ -287,7 +287,7 @@ def linearise_lm(handle: ModelHandle, tokens: torch.Tensor, target: LogitTarget,
                                f"(first: {unfrozen[0].site} {unfrozen[0].layer}); it cannot be linearised exactly.")
     frozen = FrozenLM(tokens, points, kept, {p: e.detach() for p, e in zip(inputs, leaves)})
     with torch.no_grad(), model.hooks(_feeding(inputs, [torch.zeros_like(e) for e in leaves]) + _replaying(frozen)):
-        bias = model.unembedding_input(tokens)[0, -1] @ direction + offset
+        bias = model.gates.unembedding_input(tokens)[0, -1] @ direction + offset
     position = parts[1] if len(parts) > 1 else torch.zeros_like(parts[0])
     error = float((parts[0].sum() + position.sum() + bias - value.detach()).abs())
     bos = handle.tokenizer.bos_token_id
@@ -308,7 +308,7 @@ def input_embeddings(model: ModelHandle, tokens: torch.Tensor) -> torch.Tensor:
     """[1, pos, d_model] the prompt's summed input embeddings (token + position): the x of
     `target_function`."""
     tokens = _check_tokens(model, tokens)
-    inputs = model.linearisation_points()["inputs"]
+    inputs = model.gates.points()["inputs"]
     return sum(model.record(tokens, inputs).values())
 
 
@@ -319,7 +319,7 @@ def target_function(model: ModelHandle, tokens: torch.Tensor, target: LogitTarge
     on the real model or, given `frozen`, on the model frozen at its prompt (then exactly
     affine in x). `model` is a private copy (`working_copy`)."""
     tokens = _check_tokens(model, tokens)
-    points = model.linearisation_points()
+    points = model.gates.points()
     inputs = points["inputs"]
     direction, offset = _readout(model, target)
 
@@ -327,7 +327,7 @@ def target_function(model: ModelHandle, tokens: torch.Tensor, target: LogitTarge
         batch = x.shape[0]
         feeds = _feeding(inputs, [x] + [torch.zeros_like(x)] * (len(inputs) - 1))
         with torch.enable_grad(), model.hooks(feeds + (_replaying(frozen) if frozen is not None else [])):
-            h = model.unembedding_input(tokens.expand(batch, -1))
+            h = model.gates.unembedding_input(tokens.expand(batch, -1))
             return h[:, -1] @ direction + offset
 
     return f

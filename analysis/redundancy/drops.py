@@ -59,8 +59,8 @@ def evaluate_dropped(handle: ModelHandle, batch: Batch, drops: Sequence[Drop],
 def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> torch.Tensor:
     """Blocks start..L-1 on resid [batch, pos, d], then the readout: logits."""
     for layer in range(start, handle.structure.n_layers):
-        resid = handle.run_block(layer, resid)
-    return handle.readout(resid)
+        resid = handle.blocks.run(layer, resid)
+    return handle.blocks.readout(resid)
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
         elif drop.kind == "mlp":
             logits = _run_from(handle, drop.layer + 1, res.mid[drop.layer])
         else:
-            after = handle.run_block(drop.layer, res.resid[drop.layer], drop="attention")
+            after = handle.blocks.run(drop.layer, res.resid[drop.layer], drop="attention")
             logits = _run_from(handle, drop.layer + 1, after)
         out[drop] = _metrics(handle, logits, batch, reference)
         if progress:

@@ -138,7 +138,7 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
             "(for example, attention and MLP run in parallel), so its sublayers cannot be "
             "compared this way.")
     resid = torch.stack([cache[n] for n in pre] + [cache[last]])
-    logits = handle.readout(resid[-1]) if with_logits else None
+    logits = handle.blocks.readout(resid[-1]) if with_logits else None
     return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip, batch.digest,
                      has_mlp=handle.structure.d_mlp > 0, parallel=handle.structure.parallel)
 
@@ -146,7 +146,7 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
 def final_logits(handle: ModelHandle, res: Residuals) -> torch.Tensor:
     """The model's logits [batch, pos, vocab] for the recorded pass: the cached ones,
     or one readout of h_L (which is what the model's own forward computes)."""
-    return res.logits if res.logits is not None else handle.readout(res.resid[-1])
+    return res.logits if res.logits is not None else handle.blocks.readout(res.resid[-1])
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

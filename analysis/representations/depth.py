@@ -5,7 +5,7 @@ layers are, and what the lab's shared-blocks edit (`ShareLayers`) would lose per
 
 A weight family is one role in every block (`attn.q`, `attn.o`, `mlp.in`). A fused
 query/key/value projection (`attn.qkv`: GPT-2's Conv1D c_attn, GPT-NeoX's query_key_value)
-is split into its Q, K and V rows where the handle knows the layout (`qkv_layout`), and stays
+is split into its Q, K and V rows where the handle knows the layout (`handle.heads.qkv_layout`), and stays
 one "QKV (fused)" family where it does not. For a family with layers
 W_l [out, in] at depths t_l = l/L, least squares gives θ_A, θ_B per weight, and
 
@@ -104,7 +104,7 @@ def split_families(handle: ModelHandle, families: dict[str, dict[int, torch.Tens
     """`families` with a fused `attn.qkv` replaced, in place in the order, by `attn.q`,
     `attn.k`, `attn.v` when every block's layout is known and the same; and that layout."""
     fused = families.get("attn.qkv")
-    layouts = {handle.qkv_layout(b) for b in fused} if fused else {None}
+    layouts = {handle.heads.qkv_layout(b) for b in fused} if fused else {None}
     if len(layouts) != 1 or None in layouts:
         return families, None
     layout = layouts.pop()

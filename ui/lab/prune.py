@@ -49,9 +49,9 @@ def remove_heads(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         st.info("Every attention sublayer is already removed.")
         return None
     layer = st.selectbox("Layer", layers, key="lab_heads_layer")
-    groups = edited.head_groups(layer)
+    groups = edited.heads.groups(layer)
     if all(len(g) == 1 for g in groups):
-        heads = st.multiselect(f"Heads of layer {layer} to remove", edited.heads_left(layer), key=f"lab_heads_{layer}")
+        heads = st.multiselect(f"Heads of layer {layer} to remove", edited.heads.left(layer), key=f"lab_heads_{layer}")
         return RemoveHeads(layer, tuple(sorted(heads))) if heads else None
     picked = st.multiselect(f"Head groups of layer {layer} to remove", range(len(groups)), key=f"lab_heads_{layer}",
                             format_func=lambda i: "heads " + ", ".join(map(str, groups[i])))

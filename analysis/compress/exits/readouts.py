@@ -41,7 +41,7 @@ def lens_choices(handle: ModelHandle) -> tuple[str, ...]:
     """The lenses this model can exit through: LMs the logit lens and, with an affine
     unembedding, the tuned lens; classifiers their exit heads; other models none."""
     if handle.kind == "causal-lm":
-        return ("logit", "tuned") if handle.unembedding() is not None else ("logit",)
+        return ("logit", "tuned") if handle.blocks.unembedding() is not None else ("logit",)
     return ("heads",) if handle.kind == "image-classifier" else ()
 
 

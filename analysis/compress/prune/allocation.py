@@ -122,8 +122,8 @@ def distortion_curves(handle: ModelHandle, inputs: torch.Tensor, n_levels: int =
             else:
                 h = resid[Point("resid_pre", block)]
                 for layer in range(block, handle.structure.n_layers):
-                    h = copy.run_block(layer, h)
-                out = copy.readout(h)
+                    h = copy.blocks.run(layer, h)
+                out = copy.blocks.readout(h)
             distortion[i, k] = (out.float() - base).pow(2).mean().item()
         weight.copy_(original)
         if progress:

@@ -1,27 +1,62 @@
-"""What the Interpreter, Redundancy, early exits and Channels views read from a language
-model: where it is not linear in its input, one block run on its own, the residual stream
-entering every block, and the per-head OV and QK circuits. A mixin of `BridgeHandle` (lib/lm_handle.py)."""
+"""The capabilities of a language model (`lib.capabilities`), each built on its
+`BridgeHandle` and reading only what `BridgeBackend` declares: `LMBlocks` (one block run by the
+checkpoint's own decoder layer, the final norm and readout), `LMHeads` (per-head OV and QK
+circuits through TransformerLens' compatibility mode on a private copy) and `LMGates`
+(where the model is not linear in its input, and what the unembedding reads)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from lib.capabilities import Blocks, FrozenGates, Heads
 from lib.errors import AnalysisError, CapabilityError
-from lib.handle import ActivationHook, Point
-from lib.hooks import count_hooks
 from lib.locks import exclusive
+from lib.points import Point, Structure
 
 
-class LMViews:
-    """Linearisation points, blocks run one at a time, exit states and head circuits of a `BridgeHandle`."""
+class BridgeBackend(Protocol):
+    """What these capabilities read of their handle; `lib.lm_handle.BridgeHandle` defines each."""
 
-    class _Stop(Exception):
-        """Raised in a hook to end a forward once what it waits for is there."""
+    lock: AbstractContextManager[Any]
+    model: Any  # the TransformerBridge
+    structure: Structure
+    _HOOKS: dict[str, str]  # site -> TransformerLens hook name
+    _active_hooks: int  # open `hooks(...)` blocks
+    _late_pattern: bool | None  # memo of LMGates._pattern_reported_late
+    _block_kwargs: tuple[tuple, list[dict[str, Any]]] | None  # memo of LMBlocks._layer_kwargs
 
-    def linearisation_points(self) -> dict[str, list[Point]]:
+    @property
+    def device(self) -> torch.device: ...
+    def plain_model(self) -> nn.Module: ...
+    def private_copy(self) -> Any: ...
+    def _check_whole(self, what: str) -> None: ...
+    def _block_paths(self) -> list[str]: ...
+    def _modules(self) -> dict[str, nn.Module]: ...
+    def _heads_left(self, layer: int) -> list[int]: ...
+    def _head_groups(self, layer: int) -> list[list[int]]: ...
+    def _qkv_layout(self, layer: int) -> str | None: ...
+
+
+class _Stop(Exception):
+    """Raised in a hook to end a forward once what it waits for is there."""
+
+
+class _OnHandle:
+    """A capability of one handle: its methods hold the handle's lock (`exclusive`)."""
+
+    def __init__(self, handle: BridgeBackend) -> None:
+        self.handle = handle
+        self.lock = handle.lock
+
+
+class LMGates(_OnHandle, FrozenGates):
+    """Where a language model is not linear in its input embeddings, and what its unembedding reads."""
+
+    def points(self) -> dict[str, list[Point]]:
         """Where this model is not linear in its input embeddings, grouped by how a detached
         linearisation (METHODS.md §3) freezes each at its value for one input.
 
@@ -38,18 +73,19 @@ class LMViews:
         inside attention, whose pattern is frozen).
         Raises CapabilityError for a model this cannot make exactly linear.
         """
-        self._check_whole("the linear interpreter")
-        cfg = self.model.cfg
-        layers = range(self.structure.n_layers)
+        h = self.handle
+        h._check_whole("the linear interpreter")
+        cfg = h.model.cfg
+        layers = range(h.structure.n_layers)
 
         def present(sites: Sequence[str], at: Sequence[int]) -> list[Point]:
-            return [Point(s, l) for l in at for s in sites if self._HOOKS[s].format(l) in self.model.hook_dict]
+            return [Point(s, l) for l in at for s in sites if h._HOOKS[s].format(l) in h.model.hook_dict]
 
         learned = str(getattr(cfg, "positional_embedding_type", "standard")) == "standard"
         inputs = present(("embed",), [0]) + (present(("pos_embed",), [0]) if learned else [])
         if not inputs or inputs[0].site != "embed":
             raise CapabilityError("This model has no token-embedding hook point to feed the linear interpreter.")
-        mlp = layers if self.structure.d_mlp else ()
+        mlp = layers if h.structure.d_mlp else ()
         gated = bool(getattr(cfg, "gated_mlp", False))
         if gated and len(present(("mlp_gate",), mlp)) != len(mlp):
             raise CapabilityError("This model's gated MLPs show no gate branch to freeze, so the linear "
@@ -64,159 +100,156 @@ class LMViews:
 
     def _pattern_reported_late(self) -> bool:
         """Whether block 0's attention pattern hook fires after its head outputs (z): then
-        the pattern is reported, not used, and replacing it changes nothing."""
-        if self._late_pattern is None:
+        the pattern is reported, not used, and replacing it changes nothing (memoised on the handle)."""
+        h = self.handle
+        if h._late_pattern is None:
             order: list[str] = []
-            names = [self._HOOKS[s].format(0) for s in ("pattern", "z")]
-            with self.lock, self.model.hooks(fwd_hooks=[(n, lambda t, hook=None, n=n: order.append(n)) for n in names]):
+            names = [h._HOOKS[s].format(0) for s in ("pattern", "z")]
+            with h.lock, h.model.hooks(fwd_hooks=[(n, lambda t, hook=None, n=n: order.append(n)) for n in names]):
                 with torch.no_grad():
-                    device = next(self.model.parameters()).device
-                    self.model(torch.zeros(1, 2, dtype=torch.long, device=device), prepend_bos=False)
+                    h.model(torch.zeros(1, 2, dtype=torch.long, device=h.device), prepend_bos=False)
             pattern, z = names
-            self._late_pattern = pattern in order and z in order and order.index(pattern) > order.index(z)
-        return self._late_pattern
+            h._late_pattern = pattern in order and z in order and order.index(pattern) > order.index(z)
+        return h._late_pattern
 
     def unembedding_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """What the unembedding reads for `tokens` [batch, pos]: the final LayerNorm's
         output [batch, pos, d_model], with autograd on; the readout itself is not run.
         Hooks of an enclosing `hooks(...)` fire: they may feed the input embeddings
-        (points "embed", "pos_embed") and freeze what `linearisation_points` lists.
+        (points "embed", "pos_embed") and freeze what `points` lists.
         Gradients belong on a private copy."""
         import warnings
 
-        self._check_whole("running the model from its embeddings")
+        h = self.handle
+        h._check_whole("running the model from its embeddings")
         kept: list[torch.Tensor] = []
 
         def stop(tensor: torch.Tensor, hook: Any = None) -> None:
             kept.append(tensor)
-            raise self._Stop
+            raise _Stop
 
-        with self.lock, warnings.catch_warnings(), self.model.hooks(fwd_hooks=[(self._HOOKS["ln_final_out"], stop)]):
+        with h.lock, warnings.catch_warnings(), h.model.hooks(fwd_hooks=[(h._HOOKS["ln_final_out"], stop)]):
             # a frozen LayerNorm scale is an edit TransformerLens warns about; here it is the point
             warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
             try:
                 with torch.enable_grad():
-                    self.model(tokens, prepend_bos=False)
-            except self._Stop:
+                    h.model(tokens, prepend_bos=False)
+            except _Stop:
                 pass
         if not kept:
             raise CapabilityError("The final LayerNorm's output never appeared in this model's forward.")
         return kept[0]
 
-    # ---- blocks one at a time (the drop sweep, distortion curves)
+
+class LMBlocks(_OnHandle, Blocks):
+    """A language model's blocks run one at a time by the checkpoint's own decoder layers, and its readout."""
 
     @exclusive
     @torch.no_grad()
-    def run_block(self, layer: int, resid: torch.Tensor, drop: str | None = None) -> torch.Tensor:
+    def run(self, layer: int, resid: torch.Tensor, drop: str | None = None) -> torch.Tensor:
         """Block `layer` alone: resid_pre [batch, pos, d_model] -> resid_post, computed by the
         checkpoint's own decoder layer with what the full forward passes it (rotary
         position embeddings, causal mask, position ids), so chaining every block and
         `readout` reproduces `forward`. drop: "attention" | "mlp", that sublayer adds nothing
         (its output projection's output, bias included, is zero). Hooks set with `hooks(...)`
         do not fire here."""
-        n_blocks = self.structure.n_layers
+        h = self.handle
+        n_blocks = h.structure.n_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_blocks:
             raise AnalysisError(f"There is no block {layer!r} to run: this model has blocks 0..{n_blocks - 1}; "
                                 "pass one of those.")
         if drop not in (None, "attention", "mlp"):
             raise AnalysisError(f"A block's sublayers are 'attention' and 'mlp'; {drop!r} is not one.")
-        if self._active_hooks:
+        if h._active_hooks:
             raise CapabilityError("Running one block uses the checkpoint's own layer, where hooks set with "
                                   "`hooks(...)` do not fire; run `forward` inside `hooks(...)` instead.")
-        plain = self.plain_model()
-        block = plain.get_submodule(self._block_paths()[layer])
+        block = h.plain_model().get_submodule(h._block_paths()[layer])
         kwargs = self._layer_kwargs(resid, layer)
         zeroed = []
         if drop is not None:
-            writer = self._modules().get(f"blocks.{layer}.{'attn.o' if drop == 'attention' else 'mlp.out'}")
+            writer = h._modules().get(f"blocks.{layer}.{'attn.o' if drop == 'attention' else 'mlp.out'}")
             if writer is not None:  # a removed sublayer adds nothing already
                 zeroed.append(writer.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
         try:
             out = block(resid, **kwargs)
         finally:
-            for handle in zeroed:
-                handle.remove()
+            for hook in zeroed:
+                hook.remove()
         return out[0] if isinstance(out, tuple) else out
-
-    def _block_paths(self) -> list[str]:
-        """Path of each block's decoder layer in the plain model (kept: removing a block
-        puts its replacement at the same path)."""
-        if self._block_path_list is None:
-            self._block_path_list = [self._hf_path(block) for block in self.model.blocks]
-        paths = self._block_path_list
-        if None in paths:
-            raise CapabilityError("This model's blocks are not found in its transformers model, so they cannot "
-                                  "be run one by one.")
-        return paths
 
     def _layer_kwargs(self, resid: torch.Tensor, layer: int) -> dict[str, Any]:
         """The keyword arguments the model's own forward passes decoder layer `layer` for
         inputs of `resid`'s rows and positions: rotary embeddings, mask (per layer: sliding-
         window layers get their own), position ids. Caught by pre-hooks on one forward of
         zeros per input shape (they do not depend on the tokens); no key/value cache."""
+        h = self.handle
         key = (tuple(resid.shape[:2]), str(resid.device), resid.dtype)
-        if self._block_kwargs is None or self._block_kwargs[0] != key:
-            plain, paths = self.plain_model(), self._block_paths()
+        if h._block_kwargs is None or h._block_kwargs[0] != key:
+            plain, paths = h.plain_model(), h._block_paths()
             caught: list[dict[str, Any]] = []
 
             def catch(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
                 caught.append({k: None if type(v).__name__.endswith("Cache") else v
                                for k, v in kwargs.items() if k != "hidden_states"})
                 if len(caught) == len(paths):
-                    raise self._Stop
+                    raise _Stop
 
             hooks = [plain.get_submodule(p).register_forward_pre_hook(catch, with_kwargs=True) for p in paths]
             try:
                 zeros = torch.zeros(resid.shape[:2], dtype=torch.long, device=resid.device)
                 plain.base_model(input_ids=zeros, use_cache=False)
-            except self._Stop:
+            except _Stop:
                 pass
             finally:
                 for hook in hooks:
                     hook.remove()
-            self._block_kwargs = (key, caught)
-        return self._block_kwargs[1][layer]
-
-    # ---- early exits
+            h._block_kwargs = (key, caught)
+        return h._block_kwargs[1][layer]
 
     @exclusive
     @torch.no_grad()
-    def exit_states(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """h_0..h_{L-1} (the residual stream entering each block, [batch, pos, d_model]) and
-        the logits [batch, pos, vocab], from one `_forward_every_layer`. Without hooks the
-        plain model runs and torch pre-hooks on its blocks catch their inputs (a removed
-        block's too, which `output_hidden_states` leaves out); inside `hooks(...)` the bridge
-        runs, so those hooks fire as well."""
-        L = self.structure.n_layers
-        states: dict[int, torch.Tensor] = {}
-        if not self._structural and (self._active_hooks or count_hooks(self.model)):
+    def readout(self, resid: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm (recomputed on `resid`) and unembedding: [b, pos, d] -> [b, pos, vocab]."""
+        return self.handle.model.unembed(self.handle.model.ln_final(resid))
 
-            def keep(layer: int) -> ActivationHook:
-                def hook(tensor: torch.Tensor) -> None:
-                    states[layer] = tensor
+    @exclusive
+    @torch.no_grad()
+    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final LayerNorm alone, recomputed on `resid`: [..., d] -> [..., d]."""
+        return self.handle.model.ln_final(resid)
 
-                return hook
+    @exclusive
+    @torch.no_grad()
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W_U [vocab, d], b_U [vocab] or None) when `readout(h)` is exactly
+        `final_norm(h) @ W_U.T + b_U` (checked on a probe), so callers may compute the
+        logits in vocabulary blocks; None for any other readout (e.g. soft-capped logits)."""
+        unembed = self.handle.model.unembed
+        w_u, b_u = getattr(unembed, "W_U", None), getattr(unembed, "b_U", None)
+        if not isinstance(w_u, torch.Tensor) or w_u.dim() != 2:
+            return None
+        weight = w_u.T  # [vocab, d]
+        probe = torch.randn(4, self.handle.structure.d_model, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(weight.dtype)
+        expected = self.readout(probe).float()
+        got = nn.functional.linear(self.final_norm(probe), weight, b_u).float()
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            return None
+        return weight, b_u
 
-            with self.hooks([(Point("resid_pre", layer), keep(layer)) for layer in range(L)]):
-                logits = self._forward_every_layer(inputs)
-            return [states[layer] for layer in range(L)], logits
 
-        def catch(layer: int) -> Callable:
-            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                states[layer] = args[0] if args else kwargs["hidden_states"]
+class LMHeads(_OnHandle, Heads):
+    """A language model's attention heads (the handle's bookkeeping of removed heads) and
+    their circuits, through TransformerLens."""
 
-            return pre_hook
+    def left(self, layer: int) -> list[int]:
+        return self.handle._heads_left(layer)
 
-        blocks = enumerate(self.plain_model().get_submodule(path) for path in self._block_paths())
-        handles = [block.register_forward_pre_hook(catch(layer), with_kwargs=True) for layer, block in blocks]
-        try:
-            logits = self._forward_every_layer(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return [states[layer] for layer in range(L)], logits
+    def groups(self, layer: int) -> list[list[int]]:
+        return self.handle._head_groups(layer)
 
-    # ---- circuits (Channels view)
+    def qkv_layout(self, layer: int) -> str | None:
+        return self.handle._qkv_layout(layer)
 
     def circuit_model(self) -> Any:
         """A TransformerLens bridge in compatibility mode on a private copy of this model:
@@ -224,8 +257,9 @@ class LMViews:
         weights centred (HookedTransformer's processed coordinates). Compatibility mode
         rewrites weights in place, which is why it never runs on this model itself. For
         weight-only circuit analyses, and for checks against TransformerLens' own."""
-        self._check_whole("the weight circuits")
-        circuit_copy = self.private_copy()
+        h = self.handle
+        h._check_whole("the weight circuits")
+        circuit_copy = h.private_copy()
         try:
             with torch.no_grad():
                 circuit_copy.model.enable_compatibility_mode(disable_warnings=True)
@@ -235,7 +269,7 @@ class LMViews:
         return circuit_copy.model
 
     @torch.no_grad()
-    def head_circuits(self) -> dict[str, Any]:
+    def circuits(self) -> dict[str, Any]:
         """Per-head factors of the OV and QK circuits, from TransformerLens' `FactoredMatrix`
         objects `bridge.OV` (W_V · W_O) and `bridge.QK` (W_Q · W_K^T) on `circuit_model()`
         (LayerNorm folded in), as detached float32 tensors:
