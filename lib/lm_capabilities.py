@@ -268,20 +268,57 @@ class LMHeads(_OnHandle, Heads):
                                   f"compatibility mode failed: {e}).") from e
         return circuit_copy.model
 
+    @exclusive
     @torch.no_grad()
     def circuits(self) -> dict[str, Any]:
-        """Per-head factors of the OV and QK circuits, from TransformerLens' `FactoredMatrix`
-        objects `bridge.OV` (W_V · W_O) and `bridge.QK` (W_Q · W_K^T) on `circuit_model()`
-        (LayerNorm folded in), as detached float32 tensors:
+        """Per-head factors of the OV circuit (W_V · W_O) and the QK circuit (W_Q · W_K^T) in
+        HookedTransformer's processed coordinates, read from the bridge's attention weights
+        alone (about 8 % of a model's weights, float32; no copy of the model): the first
+        norm's scale folded into W_Q, W_K, W_V (1 + w where the model's RMSNorm stores an
+        offset, as Gemma's); for LayerNorm models the reading weights centred over d_model
+        and W_O's rows centred, as TransformerLens' `enable_compatibility_mode` processes them
+        (`circuit_model()`; the tests hold the two equal on every family):
 
         "W_Q", "W_K", "W_V": [L, H, d_model, d_head] (grouped-query K and V repeated to
         every query head they serve); "W_O": [L, H, d_head, d_model]; "n_kv_heads": key/
         value heads per layer; "positional": "rotary", "standard" (learned absolute), ...
         """
-        bridge = self.circuit_model()
-        ov, qk = bridge.OV, bridge.QK
-        cfg = bridge.cfg
-        return {"W_Q": qk.A.detach().float().clone(), "W_K": qk.B.transpose(-2, -1).detach().float().clone(),
-                "W_V": ov.A.detach().float().clone(), "W_O": ov.B.detach().float().clone(),
-                "n_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
-                "positional": str(getattr(cfg, "positional_embedding_type", "standard"))}
+        h = self.handle
+        h._check_whole("the weight circuits")
+        bridge, cfg = h.model, h.model.cfg
+        adapter = getattr(bridge, "adapter", None)
+        norm = str(getattr(cfg, "normalization_type", "LN"))
+        fold = getattr(adapter, "supports_fold_ln", True)
+        n_heads = h.structure.n_heads
+        per_layer: dict[str, list[torch.Tensor]] = {"W_Q": [], "W_K": [], "W_V": [], "W_O": []}
+        for block in bridge.blocks:
+            attn = block.attn
+            w = {name: getattr(attn, name).detach().float() for name in per_layer}  # [H(kv), d, dh], [H, dh, d]
+            for name in ("W_K", "W_V"):  # grouped-query: each key/value head serves H / H_kv query heads
+                if w[name].shape[0] != n_heads:
+                    w[name] = w[name].repeat_interleave(n_heads // w[name].shape[0], dim=0)
+            scale = _norm_scale(getattr(block, "ln1", None), cfg) if fold else None
+            for name in ("W_Q", "W_K", "W_V"):
+                if scale is not None:
+                    w[name] = w[name] * scale[None, :, None]
+                if fold and norm in ("LN", "LNPre"):  # a LayerNorm's output has mean 0: read it centred
+                    w[name] = w[name] - w[name].mean(-2, keepdim=True)
+            if (norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
+                    and getattr(adapter, "supports_center_writing_weights", True)):
+                w["W_O"] = w["W_O"] - w["W_O"].mean(-1, keepdim=True)
+            for name in per_layer:
+                per_layer[name].append(w[name])
+        out: dict[str, Any] = {name: torch.stack(ws) for name, ws in per_layer.items()}
+        out["n_kv_heads"] = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+        out["positional"] = str(getattr(cfg, "positional_embedding_type", "standard"))
+        return out
+
+
+def _norm_scale(norm: nn.Module | None, cfg: Any) -> torch.Tensor | None:
+    """The elementwise scale a norm multiplies by (float32 [d_model]; 1 + w for an RMSNorm
+    stored as an offset), or None for a norm without one."""
+    weight = getattr(norm, "weight", None) if norm is not None else None
+    if not isinstance(weight, torch.Tensor):
+        return None
+    weight = weight.detach().float()
+    return 1.0 + weight if getattr(cfg, "rmsnorm_uses_offset", False) else weight

@@ -142,6 +142,25 @@ def test_head_roles_circuits_and_head_cuts(family, family_handles, plain_models)
     _close(handle.forward(tokens), ref.logits(plain, tokens))  # the hooks are gone
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_head_circuits_read_without_a_copy_equal_transformer_lens_compatibility_mode(family, family_handles):
+    """`heads.circuits()` folds the first norm's scale (random here, so folding shows) into
+    W_Q, W_K, W_V and centres as TransformerLens does, from the attention weights alone."""
+    copy = family_handles[family].private_copy()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in copy.model.blocks:
+            block.ln1.weight.copy_(torch.rand(block.ln1.weight.shape, generator=gen) + 0.5)
+    copy.weights_changed()
+    got, reference = copy.heads.circuits(), copy.heads.circuit_model()
+    want = {"W_Q": reference.QK.A, "W_K": reference.QK.B.transpose(-2, -1), "W_V": reference.OV.A,
+            "W_O": reference.OV.B}
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor.detach().float(), rtol=1e-5, atol=1e-6)
+    raw = torch.stack([block.attn.W_Q.detach().float() for block in copy.model.blocks])
+    assert not torch.allclose(got["W_Q"], raw)  # the fold changed something, so the check could fail
+
+
 def test_the_readme_table_is_the_matrix():
     """The README's family table is `tools.families.readme_table()`, whose families are
     the ones every matrix test runs on and whose columns name matrix tests that exist."""
