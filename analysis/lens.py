@@ -233,7 +233,7 @@ class LogitLens:
     agreement: torch.Tensor
     entropy: torch.Tensor
 
-LENS_CHUNK_ELEMENTS = 1 << 26  # logits per token chunk (256 MB in float32); the lens holds 2-3 chunk buffers
+LENS_CHUNK_ELEMENTS = 1 << 24  # logits per token chunk (64 MB in float32); the lens holds 2-3 chunk buffers
 
 
 Affine = tuple[torch.Tensor, torch.Tensor | None] | None

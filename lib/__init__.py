@@ -15,13 +15,19 @@
                   calibration statistics, torch's int8 kernel
     storage       how tensors are stored (StoredAs, quantized bits) and fingerprinted
     lm_handle     the language-model backend (TransformerBridge), with lm_parts (structural
-                  edits, saving) and lm_capabilities (its blocks, heads and gates)
+                  edits, saving), lm_capabilities (its blocks, heads and gates) and
+                  lm_records (recording through the plain model where nothing hooks it)
     image_handle  the plain-torch image-model backend, with image_regions (its frozen gates)
     data, corpus  evaluation batches and the checks that they fit a model; the stdlib files
                   and digits they come from
     metrics       the Metrics record, evaluate, latency timing; scoring: NLL, KL and
-                  top-1 agreement in row chunks
+                  top-1 agreement in row chunks, of logits held or read out chunk by chunk
     hooks, layers, locks, errors   hooks that always go, replacement linear layers, the
                   handle's lock, LayerScopeError and its kinds
     zoo/          the bundled models, their cards and their training scripts
+    allocator     freed tensors go back to the system (glibc's mmap threshold, set on import)
 """
+
+from lib.allocator import return_freed_memory  # noqa: E402
+
+return_freed_memory()

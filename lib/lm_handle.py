@@ -11,15 +11,14 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lib import lm_records
 from lib.errors import CapabilityError, DataError
 from lib.handle import ActivationHook, ModelHandle, Point, Structure
-from lib.hooks import count_hooks
+from lib.hooks import TL_STASHED, count_hooks, forget_tl_stash, forward_hooks
 from lib.lm_capabilities import LMBlocks, LMGates, LMHeads
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
 from lib.locks import exclusive
 from lib.storage import distinct_tensors
-
-_STASHED = ("_pattern", "_captured_pre_ln_residual")  # what TransformerLens keeps of the last forward
 
 
 class BridgeHandle(LMParts, ModelHandle):
@@ -184,49 +183,24 @@ class BridgeHandle(LMParts, ModelHandle):
     @exclusive
     @torch.no_grad()
     def record(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
-        """As `ModelHandle.record`; attention patterns alone come from the plain model's own
-        decoder with eager attention asked for its weights (no vocabulary readout, none of
-        the bridge's hook machinery), which is how the head-role view reads every layer."""
+        """As `ModelHandle.record`. Without hooks or edits of the forward, attention patterns
+        alone, and residual-stream points alone, come from the plain model (`lib.lm_records`:
+        no vocabulary readout, none of the bridge's hook machinery or kept patterns)."""
         if self.structure.parallel and any(p.site == "resid_mid" for p in points):
             return self._record_parallel_mid(inputs, points)
+        for p in points:
+            self.hook_name(p)  # refuses a layer the model does not have
         hooked = self._active_hooks or count_hooks(self.model)
-        if points and all(p.site == "pattern" for p in points) and not hooked \
-                and (self._structural or self.input_transforms):
-            return self._plain_patterns(inputs, points)
-        if not points or any(p.site != "pattern" for p in points) or hooked or self._structural \
-                or self.input_transforms:
-            return super().record(inputs, points)
-        for p in points:
-            self.hook_name(p)  # refuses a layer the model does not have
-        plain = self.plain_model()
-        plain.set_attn_implementation("eager")  # SDPA computes no weights to return
-        try:
-            patterns = plain.base_model(input_ids=self.check_inputs(inputs), output_attentions=True).attentions
-        finally:
-            plain.set_attn_implementation("sdpa")
-        return {p: patterns[p.layer] for p in points}
-
-    def _plain_patterns(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
-        """Attention patterns of a copy the bridge does not compute (parts removed, inputs
-        transformed), from its plain model with eager attention: each attention module's
-        weights, caught by a forward hook, [batch, heads left, query, key]. A removed
-        attention (or block) has none: its point is missing from the result."""
-        plain, caught, handles = self.plain_model(), {}, []
-        for p in points:
-            self.hook_name(p)  # refuses a layer the model does not have
-            if not self._heads_left(p.layer):
-                continue
-            attention = plain.get_submodule(self._hf_path(self.model.blocks[p.layer].attn))
-            handles.append(attention.register_forward_hook(
-                lambda _m, _args, out, p=p: caught.__setitem__(p, out[1] if isinstance(out, tuple) else None)))
-        plain.set_attn_implementation("eager")  # SDPA computes no weights to return
-        try:
-            plain.base_model(input_ids=self.check_inputs(inputs), use_cache=False)
-        finally:
-            plain.set_attn_implementation("sdpa")
-            for handle in handles:
-                handle.remove()
-        return {p: caught[p] for p in points if caught.get(p) is not None}
+        if points and all(p.site == "pattern" for p in points) and not hooked:
+            if self._structural or self.input_transforms:
+                return lm_records.plain_patterns(self, inputs, points)
+            return lm_records.all_patterns(self, inputs, points)
+        if points and not (hooked or self._structural or self.input_transforms) \
+                and all(p.site in lm_records.RESIDUAL_SITES for p in points):
+            found = lm_records.plain_residuals(self, inputs, points)
+            if found is not None:
+                return found
+        return super().record(inputs, points)
 
     def _record_parallel_mid(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
         """A parallel block's m_l is x_l + attention's write (what the block's output would be
@@ -249,7 +223,7 @@ class BridgeHandle(LMParts, ModelHandle):
             memo[id(self._plain_model)] = None  # rebuilt from the copy's own weights on first use
         for module in self.model.modules():  # activations a forward left behind are not weights
             for name, value in vars(module).items():
-                if isinstance(value, torch.Tensor) and (value.grad_fn is not None or name in _STASHED):
+                if isinstance(value, torch.Tensor) and (value.grad_fn is not None or name in TL_STASHED):
                     memo[id(value)] = None
         return memo
 
@@ -280,12 +254,16 @@ class BridgeHandle(LMParts, ModelHandle):
     def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Iterator[None]:
         self._check_whole("recording or changing activations")
         named = [(self.hook_name(p), _tl_hook(fn)) for p, fn in pairs]
-        with self.lock, self.model.hooks(fwd_hooks=named):
+        # each block drops what TransformerLens stashed of it as soon as it has run (a layer's pattern at a time)
+        forget = [(block, lambda module, _args, _out: forget_tl_stash(module)) for block in self.model.blocks]
+        with self.lock, self.model.hooks(fwd_hooks=named), forward_hooks(forget):
             self._active_hooks += 1
             try:
                 yield
             finally:
                 self._active_hooks -= 1
+                if not self._active_hooks:
+                    forget_tl_stash(self.model)
 
     # ------------------------------------------------------------------ capabilities
 

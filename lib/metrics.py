@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lib.data import Batch, DataError, ImageBatch, TextBatch, check_batch
 from lib.errors import require_int
 from lib.handle import ModelHandle
-from lib.scoring import BaseOutputs, check_finite, kl_and_agreement, prepare_base, text_scores
+from lib.scoring import BaseOutputs, Logits, ReadLogits, check_finite, kl_and_agreement, prepare_base, text_scores
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ def check_base(base: torch.Tensor | BaseOutputs | None, batch: Batch) -> None:
             raise DataError(f"The prepared base outputs cover {base.n_rows} predicted positions but this "
                             f"batch has {n}: they come from a different batch. Prepare them on this batch.")
         return
-    if not isinstance(base, torch.Tensor) or not _fits(base, batch):
-        got = _shape(base) if isinstance(base, torch.Tensor) else type(base).__name__
+    if not isinstance(base, (torch.Tensor, ReadLogits)) or not _fits(base, batch):
+        got = _shape(base) if isinstance(base, (torch.Tensor, ReadLogits)) else type(base).__name__
         raise DataError(f"The base outputs have shape {got}, but outputs on this batch are "
                         f"{_expected_outputs(batch)}: the base was computed on a different batch. "
                         "Compute the base outputs on this batch.")
@@ -108,7 +108,7 @@ def check_outputs(outputs: torch.Tensor, batch: Batch, base: torch.Tensor | Base
             raise DataError(f"The batch's {what} range from {int(targets.min())} to {int(targets.max())}, but "
                             f"the outputs score only 0..{classes - 1}: the batch was made for another model.")
     check_base(base, batch)
-    if isinstance(base, torch.Tensor) and base.shape != outputs.shape:
+    if isinstance(base, (torch.Tensor, ReadLogits)) and base.shape != outputs.shape:
         raise DataError(f"The base outputs have shape {_shape(base)} but these outputs {_shape(outputs)}: "
                         "the base comes from a different batch or model. Compute it on this batch.")
     if isinstance(base, BaseOutputs) and base.n_classes != outputs.shape[-1]:
@@ -117,17 +117,18 @@ def check_outputs(outputs: torch.Tensor, batch: Batch, base: torch.Tensor | Base
 
 
 def metrics_from_outputs(
-    outputs: torch.Tensor,
+    outputs: Logits,
     batch: Batch,
     n_params: int,
     size_bits: int,
-    base: torch.Tensor | BaseOutputs | None = None,
+    base: Logits | BaseOutputs | None = None,
     latency_ms: float | None = None,
     per_row: dict[str, torch.Tensor] | None = None,
 ) -> Metrics:
     """Metrics from model outputs already computed on `batch`.
 
-    outputs: LM logits [b, pos, vocab], classifier logits [b, classes] or images [b, 1, H, W].
+    outputs: LM logits [b, pos, vocab] (held, or `ReadLogits` read out chunk by chunk),
+    classifier logits [b, classes] or images [b, 1, H, W].
     base: the base model's outputs on the same batch, for KL and agreement.
     per_row: for text, a dict that receives every predicted position's scores from the
     same pass (`lib.scoring.text_scores`; `lib.spread.position_scores` reads it).
@@ -147,7 +148,8 @@ def metrics_from_outputs(
         if batch.n_bytes:
             fields["bits_per_byte"] = nll * batch.n_predicted / math.log(2) / batch.n_bytes
         if batch.answer_mask is not None:
-            hit = outputs[:, :-1].argmax(-1) == batch.tokens[:, 1:]
+            top1 = outputs.argmax() if isinstance(outputs, ReadLogits) else outputs.argmax(-1)
+            hit = top1[:, :-1] == batch.tokens[:, 1:]
             fields["accuracy"] = hit[batch.answer_mask[:, 1:]].float().mean().item()
     elif isinstance(batch, ImageBatch) and batch.targets is not None:
         fields["psnr_db"] = psnr_db(outputs, batch.targets)

@@ -6,8 +6,8 @@ sweep, a recipe history); `lib.metrics` turns the numbers into a `Metrics` recor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
@@ -25,18 +25,81 @@ def check_finite(outputs: torch.Tensor, who: str = "model") -> None:
 
 
 @dataclass(frozen=True)
+class ReadLogits:
+    """A language model's logits [b, T, V] that are never held whole: read out from its
+    final residual stream `resid` [b, T, d] (a few MiB) by `readout` a chunk of rows at a
+    time, as the scoring here reads them. What the drop sweep and the Redundancy report
+    score, so their memory does not grow with vocabulary x tokens (one float32 logits
+    tensor of GPT-2 at 16 x 256 tokens is 823 MB)."""
+
+    resid: torch.Tensor
+    readout: Callable[[torch.Tensor], torch.Tensor]
+    n_vocab: int
+    _block: list = field(default_factory=lambda: [None, None], compare=False, repr=False)  # (key, logits)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.resid.shape[:2], self.n_vocab))
+
+    @property
+    def device(self) -> torch.device:
+        return self.resid.device
+
+    def dim(self) -> int:
+        return 3
+
+    def rows(self, window: int, start: int, stop: int) -> torch.Tensor:
+        """Logits [stop - start, V] of positions start..stop-1 of window `window`, from a
+        block of READ_ROWS positions read out at once (one larger product is faster than
+        several small ones; the scoring asks for the block's chunks in order)."""
+        first = start - start % READ_ROWS
+        if stop > first + READ_ROWS:
+            return self.readout(self.resid[window, start:stop])
+        if self._block[0] != (window, first):
+            self._block[:] = [None, None]  # the old block goes before the new one is made
+            self._block[:] = [(window, first), self.readout(self.resid[window, first:first + READ_ROWS])]
+        return self._block[1][start - first:stop - first]
+
+    def argmax(self) -> torch.Tensor:
+        """[b, T] the top-1 token at every position, chunk by chunk."""
+        b, T = self.resid.shape[:2]
+        return torch.stack([torch.cat([self.rows(i, s, min(s + ROWS_PER_CHUNK, T)).argmax(-1)
+                                       for s in range(0, T, ROWS_PER_CHUNK)]) for i in range(b)])
+
+
+Logits = torch.Tensor | ReadLogits
+READ_ROWS = 256  # positions a ReadLogits reads out at once: [256, vocab] float32, 51 MB at GPT-2's vocabulary
+HELD_LOGITS_BYTES = 256 * 2**20  # logits up to this size are read out at once and held; larger ones chunk by chunk
+
+
+def logits_of(resid: torch.Tensor, readout: Callable[[torch.Tensor], torch.Tensor], n_vocab: int) -> Logits:
+    """The logits of final residuals `resid` [b, T, d]: read out now where float32 logits
+    take at most HELD_LOGITS_BYTES (faster to score), else a `ReadLogits` that reads them
+    out a chunk at a time (memory bounded whatever the vocabulary and the batch)."""
+    if resid.shape[0] * resid.shape[1] * n_vocab * 4 <= HELD_LOGITS_BYTES:
+        return readout(resid)
+    return ReadLogits(resid, readout, n_vocab)
+
+
+def rows_of(outputs: Logits, window: int, start: int, stop: int) -> torch.Tensor:
+    """LM logits [stop - start, V] of one window's positions start..stop-1, held or read out."""
+    return outputs.rows(window, start, stop) if isinstance(outputs, ReadLogits) else outputs[window, start:stop]
+
+
+@dataclass(frozen=True)
 class BaseOutputs:
     """Base outputs prepared once for many comparisons (a drop sweep, a recipe history).
 
-    logits: the base's outputs as given, not copied (LM logits [b, T, V], or class logits
-    [n, classes]): its probabilities p = exp(z - lse) are recomputed chunk by chunk where a
-    KL needs them (`probs`), so no second tensor of the outputs' size is kept beside them;
+    logits: the base's outputs as given, not copied (LM logits [b, T, V], held or
+    `ReadLogits`, or class logits [n, classes]): its probabilities p = exp(z - lse) are
+    recomputed chunk by chunk where a KL needs them (`probs`), so no second tensor of the
+    outputs' size is kept beside them;
     top1: [n] base argmax at the predicted positions; dot: [n] <p, z>; lse: [n] logsumexp(z).
     Then sum p log p = dot - lse, and KL(base || model) = (dot - <p, z'>) + (lse' - lse) for
     a model's logits z': exactly 0 when z' = z.
     """
 
-    logits: torch.Tensor
+    logits: Logits
     top1: torch.Tensor
     dot: torch.Tensor
     lse: torch.Tensor
@@ -60,11 +123,11 @@ class BaseOutputs:
             stop = start + rows.stop - rows.start
             if stop > per_window:
                 raise ValueError("A chunk of base probabilities lies within one window.")
-            z = self.logits[window, start:stop].float()
+            z = rows_of(self.logits, window, start, stop).float()
         return torch.exp(z - self.lse[rows, None])
 
 
-def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor:
+def prepare_base(base: Logits, batch: Batch) -> BaseOutputs | torch.Tensor:
     """The base's distribution prepared for KL and agreement; an image-to-image model's
     outputs are images, not a distribution, and come back as they are."""
     if isinstance(batch, ImageBatch) and batch.targets is not None:
@@ -89,7 +152,7 @@ def prepare_base(base: torch.Tensor, batch: Batch) -> BaseOutputs | torch.Tensor
 ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
 
 
-def _logit_chunks(outputs: torch.Tensor, who: str = "model"
+def _logit_chunks(outputs: Logits, who: str = "model"
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """LM logits [b, T, V] at the predicted positions (all but the last of each window), in
     row chunks in order: (z [rows, V] float32, argmax [rows], logsumexp [rows]) each, from
@@ -97,9 +160,8 @@ def _logit_chunks(outputs: torch.Tensor, who: str = "model"
     NaN or inf is refused (`check_finite`, naming `who` made it) while it is in cache."""
     b, T, _ = outputs.shape
     for i in range(b):
-        window = outputs[i, :-1]  # [T-1, V], rows contiguous
         for start in range(0, T - 1, ROWS_PER_CHUNK):
-            z = window[start:start + ROWS_PER_CHUNK].float()
+            z = rows_of(outputs, i, start, min(start + ROWS_PER_CHUNK, T - 1)).float()
             top, top1 = z.max(-1)
             lse = top + (z - top[:, None]).exp_().sum(-1).log_()
             # NaN anywhere, +inf anywhere or a row of -inf makes its logsumexp non-finite: checking
@@ -122,7 +184,7 @@ def kl_and_agreement(outputs: torch.Tensor, base: torch.Tensor | BaseOutputs, ba
 
 
 @torch.no_grad()
-def text_scores(outputs: torch.Tensor, batch: TextBatch, ref: BaseOutputs | None = None,
+def text_scores(outputs: Logits, batch: TextBatch, ref: BaseOutputs | None = None,
                 per_row: dict[str, torch.Tensor] | None = None) -> tuple[float, float | None, float | None]:
     """Mean NLL, KL(base || model) and top-1 agreement over the predicted positions of LM
     logits [b, T, V], without log-probabilities of the whole batch: with log q = z - lse(z),

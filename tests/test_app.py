@@ -170,6 +170,27 @@ def test_redundancy_page_on_default_model_sends_drops_to_recipe():
     assert not texts(at)
 
 
+def test_redundancy_page_announces_the_sweep_from_its_measured_forward(monkeypatch, tmp_path):
+    """Before a step expected to take over ESTIMATE_FROM_S the page says how long, from the
+    hooked pass's own time (lowered here so a tiny model's seconds qualify; a folder of its
+    own, so no other test's cached sweep hides the announcement)."""
+    import ui.redundancy
+    from analysis.redundancy.drops import sweep_in_forwards
+    from conftest import save_tiny_gpt2
+    from lib.data import default_batch
+
+    monkeypatch.setattr(ui.redundancy, "ESTIMATE_FROM_S", 0.0)
+    save_tiny_gpt2(tmp_path)
+    at = run(load(run(new_app()), str(tmp_path), typed=True), "views/redundancy.py")
+    said = [c.value for c in at.caption if c.value.startswith("Measuring every drop: about ")]
+    assert len(said) == 1 and "forward passes (one took" in said[0], said
+    handle = load_model(str(tmp_path))
+    forwards = sweep_in_forwards(handle, default_batch(handle).tokens.shape[1])
+    assert 1 < forwards < 3 * handle.structure.n_layers  # 3L single drops, each rerunning part of the model
+    assert f"the work of {forwards:.0f} forward passes" in said[0]
+    assert not texts(at)
+
+
 def test_redundancy_page_on_cnn_explains_stages_that_cannot_be_dropped():
     at = load(run(new_app()), "zoo:digits-cnn")
     run(at, "views/redundancy.py")

@@ -161,6 +161,23 @@ def test_head_circuits_read_without_a_copy_equal_transformer_lens_compatibility_
     assert not torch.allclose(got["W_Q"], raw)  # the fold changed something, so the check could fail
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_residuals_recorded_through_the_plain_model_equal_the_bridge_hooks(family, family_handles):
+    """Residual-stream points alone are recorded from the plain model by torch hooks
+    (`lib.lm_records`): the same tensors the bridge's hook points give."""
+    from lib.handle import ModelHandle, Point
+
+    handle = family_handles[family]
+    L = handle.structure.n_layers
+    sites = ("resid_pre",) if handle.structure.parallel else ("resid_pre", "resid_mid")
+    points = [Point(site, layer) for layer in range(L) for site in sites] + [Point("resid_post", L - 1)]
+    tokens = _batch(handle).tokens[:2, :24]
+    fast, bridge = handle.record(tokens, points), ModelHandle.record(handle, tokens, points)
+    assert fast.keys() == bridge.keys() == set(points)
+    for point in points:
+        _close(fast[point], bridge[point])
+
+
 def test_the_readme_table_is_the_matrix():
     """The README's family table is `tools.families.readme_table()`, whose families are
     the ones every matrix test runs on and whose columns name matrix tests that exist."""

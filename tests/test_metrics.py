@@ -175,3 +175,32 @@ def test_chunked_text_scores_equal_the_log_softmax_formulas():
     got = text_scores(logits, batch, prepare_base(base, batch))
     assert got == pytest.approx((float(nll), float(kl), float(agree)), rel=1e-5)
     assert text_scores(logits, batch)[1:] == (None, None)
+
+
+def test_logits_read_out_chunk_by_chunk_score_as_the_held_logits():
+    """`ReadLogits` (logits never held whole: read out of the final residual per chunk)
+    gives the NLL, KL, agreement, per-position scores and accuracy of the same logits held,
+    as outputs and as the base."""
+    from lib.scoring import ReadLogits, logits_of, text_scores
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (3, 71), generator=g)
+    mask = torch.rand(3, 71, generator=g) > 0.5
+    batch = data.TextBatch(tokens, 100, True, "random", answer_mask=mask)
+    readout = torch.nn.Linear(16, 50)
+    resid, base_resid = torch.randn(3, 71, 16, generator=g), torch.randn(3, 71, 16, generator=g)
+    with torch.no_grad():
+        held, held_base = readout(resid), readout(base_resid)
+        lazy, lazy_base = ReadLogits(resid, readout, 50), ReadLogits(base_resid, readout, 50)
+        want_rows, got_rows = {}, {}
+        want = text_scores(held, batch, prepare_base(held_base, batch), want_rows)
+        got = text_scores(lazy, batch, prepare_base(lazy_base, batch), got_rows)
+        assert got == pytest.approx(want, rel=1e-6)
+        for name in want_rows:
+            torch.testing.assert_close(got_rows[name], want_rows[name])
+        a = metrics_from_outputs(held, batch, 1, 1, held_base)
+        b = metrics_from_outputs(lazy, batch, 1, 1, lazy_base)
+        assert b.accuracy == a.accuracy and b.agreement == a.agreement
+        assert b.kl_to_base == pytest.approx(a.kl_to_base, rel=1e-6)
+        assert torch.equal(lazy.argmax(), held.argmax(-1))
+        assert isinstance(logits_of(resid, readout, 50), torch.Tensor)  # small: read out now and held

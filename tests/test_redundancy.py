@@ -147,6 +147,21 @@ def test_soft_capped_readout_is_not_treated_as_affine(tiny_lm, monkeypatch):
     assert tiny_lm.blocks.unembedding() is None
 
 
+def test_sweep_reading_logits_out_chunk_by_chunk_equals_the_held_sweep(tiny_lm, batch, residuals, monkeypatch):
+    """Where logits would be large the sweep never holds them (`lib.scoring.ReadLogits`):
+    forced here, it measures what the sweep with held logits measures."""
+    import lib.scoring
+
+    held = layer_drop.lm_drop_sweep(tiny_lm, batch, residuals)
+    monkeypatch.setattr(lib.scoring, "HELD_LOGITS_BYTES", 0)
+    lean = layer_drop.lm_drop_sweep(tiny_lm, batch, residuals)
+    assert lean.dropped.keys() == held.dropped.keys()
+    for drop, m in held.dropped.items():
+        assert lean.dropped[drop].nll == pytest.approx(m.nll, rel=1e-5)
+        assert lean.dropped[drop].kl_to_base == pytest.approx(m.kl_to_base, rel=1e-4, abs=1e-7)
+        assert lean.dropped[drop].agreement == m.agreement
+
+
 def test_prefix_reuse_sweep_equals_naive_reruns(tiny_lm, batch, residuals):
     fast = layer_drop.lm_drop_sweep(tiny_lm, batch, residuals)
     slow = layer_drop.naive_lm_drop_sweep(tiny_lm, batch)

@@ -5,26 +5,42 @@ reruns only the statistics and the lens."""
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from analysis.lens import LogitLens
 from analysis.redundancy import report as rr
-from analysis.redundancy.drops import DropSweep
+from analysis.redundancy.drops import DropSweep, sweep_in_forwards
 from analysis.redundancy.report import DropCheck, RedundancyReport
-from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, stage_similarity
+from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
 from ui.cache import base_outputs, eval_batch
 from ui.progress import Progress, stored
 from ui.store import STORE
 
+ESTIMATE_FROM_S = 10.0  # steps expected to take longer are announced with their estimate
+
 
 def residuals(handle: ModelHandle) -> Residuals:
-    """The hooked pass over the evaluation batch (every position, logits included)."""
+    """The hooked pass over the evaluation batch (every position); its time, one forward's,
+    is kept for the estimates of the steps after it (`forward_seconds`)."""
     def compute(_: Progress | None) -> Residuals:
         with st.spinner("One forward pass with hooks ..."):
-            return rr.residual_pass(handle, eval_batch(handle))
+            start = time.perf_counter()
+            res = rr.residual_pass(handle, eval_batch(handle))
+            STORE.put(("forward_seconds", handle.fingerprint), time.perf_counter() - start)
+            return res
 
     return stored(("residuals", handle.fingerprint), compute)
+
+
+def announce(handle: ModelHandle, forwards: float, what: str) -> None:
+    """Say how long a step will take, from the measured forward, when that is over ESTIMATE_FROM_S."""
+    seconds = STORE.get(("forward_seconds", handle.fingerprint))
+    if seconds is not None and forwards * seconds > ESTIMATE_FROM_S:
+        st.caption(f"{what}: about {forwards * seconds:.0f} s here, the work of {forwards:.0f} forward passes "
+                   f"(one took {seconds:.1f} s on this machine). The bar below shows how far it got.")
 
 
 def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
@@ -50,8 +66,11 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
     if rr.is_stage_model(handle, batch):
         return stored(("drop_sweep", handle.fingerprint), lambda _: rr.drop_sweep(handle, batch),
                        "Dropping each stage")
+    res = residuals(handle)
+    if STORE.get(("drop_sweep", handle.fingerprint)) is None:
+        announce(handle, sweep_in_forwards(handle, batch.tokens.shape[1]), "Measuring every drop")
     return stored(("drop_sweep", handle.fingerprint),
-                   lambda step: rr.drop_sweep(handle, batch, residuals(handle), progress=step), "Dropping each module")
+                   lambda step: rr.drop_sweep(handle, batch, res, progress=step), "Dropping each module")
 
 
 def redundancy(handle: ModelHandle, skip: int) -> RedundancyReport:
@@ -71,7 +90,7 @@ def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
     def compute():
         with st.spinner("Dropping the parts together and re-measuring ..."):
             report = redundancy(handle, skip)
-            base = base_outputs(handle) if rr.is_stage_model(handle, batch) else residuals(handle).logits
+            base = base_outputs(handle) if rr.is_stage_model(handle, batch) else final_logits(handle, residuals(handle))
             return rr.check_drops(handle, batch, report, list(drops), base)
 
     return STORE.get_or_compute(("drop_check", handle.fingerprint, skip, drops), compute)

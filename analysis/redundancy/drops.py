@@ -19,7 +19,7 @@ from lib.data import Batch, ImageBatch, TextBatch, check_batch
 from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
-from lib.scoring import BaseOutputs, prepare_base
+from lib.scoring import BaseOutputs, Logits, logits_of, prepare_base
 
 LM_KINDS = ("block", "attention", "mlp")
 
@@ -40,7 +40,7 @@ class DropSweep:
         return getattr(self.dropped[drop], metric) - getattr(self.base, metric)
 
 
-def _metrics(handle: ModelHandle, outputs: torch.Tensor, batch: Batch,
+def _metrics(handle: ModelHandle, outputs: Logits, batch: Batch,
              base: torch.Tensor | BaseOutputs | None) -> Metrics:
     return metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bits, base)
 
@@ -56,11 +56,12 @@ def evaluate_dropped(handle: ModelHandle, batch: Batch, drops: Sequence[Drop],
 
 
 @torch.no_grad()
-def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> torch.Tensor:
-    """Blocks start..L-1 on resid [batch, pos, d], then the readout: logits."""
+def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> Logits:
+    """Blocks start..L-1 on resid [batch, pos, d], then the readout: logits (held, or read
+    out chunk by chunk as they are scored when they would be large; `lib.scoring.logits_of`)."""
     for layer in range(start, handle.structure.n_layers):
         resid = handle.blocks.run(layer, resid)
-    return handle.blocks.readout(resid)
+    return logits_of(resid, handle.blocks.readout, handle.structure.d_vocab)
 
 
 @torch.no_grad()
@@ -97,6 +98,23 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
         if progress:
             progress((i + 1) / len(jobs), f"dropping {drop.part}")
     return DropSweep(base, out, skipped)
+
+
+def sweep_in_forwards(handle: ModelHandle, seq_len: int, kinds: Sequence[str] = LM_KINDS) -> float:
+    """What `lm_drop_sweep` costs in forwards of the same batch, from FLOPs per token: a
+    block 2 x its linear weights + 4 T d (attention over T keys), a readout 2 d V; dropping
+    part l reruns the blocks after it (an attention drop block l too) and reads out once,
+    and scoring against the base reads the base's logits out again where they are not
+    held. An estimate for the page to show before the sweep starts (measured forward x this)."""
+    s = handle.structure
+    L = s.n_layers
+    block = 2 * sum(w.numel() for name, w in handle.linear_layers().items() if name.startswith("blocks.0.")) \
+        + 4 * seq_len * s.d_model
+    readout = 2 * s.d_model * s.d_vocab
+    forward = L * block + readout
+    reruns = {"block": 0, "mlp": 0, "attention": 1}  # blocks rerun beyond those after the dropped part
+    parts = [(k, l) for k in kinds for l in range(L) if not (k == "mlp" and not s.d_mlp)]
+    return sum((L - 1 - l + reruns[k]) * block + 2 * readout for k, l in parts) / forward
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from lib.data import Batch, ImageBatch, TextBatch, check_batch
 from lib.errors import require_type
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, Metrics, model_inputs
+from lib.scoring import BaseOutputs, Logits
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,9 @@ def is_stage_model(handle: ModelHandle, batch: Batch) -> bool:
 
 def residual_pass(handle: ModelHandle, batch: TextBatch) -> Residuals:
     """The one hooked pass every LM part reads: h_0..h_L and m_l at every position
-    (skip 0) and the model's logits; `at_skip` views it at any skip without rerunning."""
-    return redundancy.collect_residuals(handle, batch, skip=0)
+    (skip 0); the logits are read out of h_L where needed (`final_logits`), never kept with
+    it. `at_skip` views it at any skip without rerunning."""
+    return redundancy.collect_residuals(handle, batch, skip=0, with_logits=False)
 
 
 def at_skip(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) -> Residuals:
@@ -164,7 +166,7 @@ class DropCheck:
 
 
 def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
-                modules: list[Drop], base_outputs: torch.Tensor | None = None) -> DropCheck:
+                modules: list[Drop], base_outputs: Logits | BaseOutputs | None = None) -> DropCheck:
     """Drop `modules` together and compare with the sum of their single-drop costs.
     Duplicates count once. `base_outputs`: the unmodified model's outputs on `batch`
     (computed if not given)."""

@@ -23,6 +23,7 @@ from analysis.redundancy.cka import cka_matrix
 from lib.data import ImageBatch, TextBatch, check_batch, check_lm
 from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle, Point
+from lib.scoring import Logits, logits_of
 
 Progress = Callable[[float, str], None]
 DEFAULT_SKIP = 4
@@ -137,16 +138,29 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
             f"This model does not expose {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''} "
             "(for example, attention and MLP run in parallel), so its sublayers cannot be "
             "compared this way.")
-    resid = torch.stack([cache[n] for n in pre] + [cache[last]])
+    resid, mids = _stacked(cache, pre + [last]), _stacked(cache, mid)
     logits = handle.blocks.readout(resid[-1]) if with_logits else None
-    return Residuals(resid, torch.stack([cache[n] for n in mid]), logits, skip, batch.digest,
+    return Residuals(resid, mids, logits, skip, batch.digest,
                      has_mlp=handle.structure.d_mlp > 0, parallel=handle.structure.parallel)
 
 
-def final_logits(handle: ModelHandle, res: Residuals) -> torch.Tensor:
-    """The model's logits [batch, pos, vocab] for the recorded pass: the cached ones,
-    or one readout of h_L (which is what the model's own forward computes)."""
-    return res.logits if res.logits is not None else handle.blocks.readout(res.resid[-1])
+def _stacked(cache: dict[Point, torch.Tensor], points: list[Point]) -> torch.Tensor:
+    """torch.stack of the recorded `points`, each taken out of `cache` as it is copied, so
+    the recorded tensors and their stack are never all held at once."""
+    first = cache[points[0]]
+    out = torch.empty((len(points), *first.shape), dtype=first.dtype, device=first.device)
+    for i, point in enumerate(points):
+        out[i] = cache.pop(point)
+    return out
+
+
+def final_logits(handle: ModelHandle, res: Residuals) -> Logits:
+    """The model's logits [batch, pos, vocab] for the recorded pass: the cached ones, or
+    the readout of h_L (which is what the model's own forward computes), held or read
+    out chunk by chunk as they are scored (`lib.scoring.logits_of`)."""
+    if res.logits is not None:
+        return res.logits
+    return logits_of(res.resid[-1], handle.blocks.readout, handle.structure.d_vocab)
 
 
 def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,18 +181,24 @@ def layer_similarity(res: Residuals) -> LayerSimilarity:
     h = res.resid[:, :, res.skip:].float()  # [L+1, batch, pos', d]
     m = res.mid[:, :, res.skip:].float()  # [L, batch, pos', d]
     h_norm = h.norm(dim=-1)  # [L+1, batch, pos'], reused for cosines, norms and updates
-    unit_h = h / h_norm.clamp_min(1e-12)[..., None]
-    unit_m = m / m.norm(dim=-1).clamp_min(1e-12)[..., None]
-    block = (unit_h[:-1] * unit_h[1:]).sum(-1).mean((1, 2))
-    attention = (unit_h[:-1] * unit_m).sum(-1).mean((1, 2))
+    m_norm = m.norm(dim=-1).clamp_min(1e-12)
+    safe = h_norm.clamp_min(1e-12)
+
+    def cos(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+        return (torch.linalg.vecdot(a, b) / (na * nb)).mean()
+
+    # one layer at a time: temporaries of one layer's [batch, pos', d], never of all depths
+    L = m.shape[0]
+    block = torch.stack([cos(h[l], h[l + 1], safe[l], safe[l + 1]) for l in range(L)])
+    attention = torch.stack([cos(h[l], m[l], safe[l], m_norm[l]) for l in range(L)])
     if res.parallel:  # the MLP read h_l and wrote f_l = h_{l+1} - m_l
-        mlp = token_cosine(h[:-1], h[:-1] + h[1:] - m).mean((1, 2))
+        mlp = torch.stack([token_cosine(h[l], h[l] + h[l + 1] - m[l]).mean() for l in range(L)])
     else:
-        mlp = (unit_m * unit_h[1:]).sum(-1).mean((1, 2))
-    last = unit_h[:, :, -1].transpose(0, 1)  # [batch, L+1, d]
+        mlp = torch.stack([cos(m[l], h[l + 1], m_norm[l], safe[l + 1]) for l in range(L)])
+    last = (h[:, :, -1] / safe[:, :, -1, None]).transpose(0, 1)  # [batch, L+1, d]
     angular = _angle(last).mean(0) / math.pi
     flat = [layer.reshape(-1, layer.shape[-1]) for layer in h]  # each [N, d]
-    update = (h[1:] - h[:-1]).norm(dim=-1) / h_norm[:-1].clamp_min(1e-12)
+    update = torch.stack([(h[l + 1] - h[l]).norm(dim=-1) / safe[l] for l in range(L)])
     return LayerSimilarity(block, attention, mlp, angular, cka_matrix(flat), h_norm.mean((1, 2)),
                            update.mean((1, 2)), flat[0].shape[0], res.skip, res.has_mlp, res.parallel)
 

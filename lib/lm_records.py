@@ -1,0 +1,107 @@
+"""Recording a language model's activations through its plain transformers model instead
+of the TransformerLens bridge, where nothing hooks or edits the forward: faster (SDPA
+attention) and lighter (no pattern of every layer computed and kept on the side). Each
+is checked against the bridge's own hooks in the tests, on every supported family."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from lib.errors import CapabilityError
+from lib.lm_capabilities import _Stop
+from lib.points import Point
+
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")  # what the plain model gives by torch hooks
+
+
+class RecordBackend(Protocol):
+    """What these read of their handle; `lib.lm_handle.BridgeHandle` defines each."""
+
+    model: Any  # the TransformerBridge
+
+    def plain_model(self) -> nn.Module: ...
+    def check_inputs(self, inputs: torch.Tensor) -> torch.Tensor: ...
+    def hook_name(self, point: Point) -> str: ...
+    def _block_paths(self) -> list[str]: ...
+    def _hf_path(self, wrapper: nn.Module) -> str | None: ...
+    def _heads_left(self, layer: int) -> list[int]: ...
+
+
+def all_patterns(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+    """Attention patterns [batch, head, query, key] at `points` from the plain model's own
+    decoder with eager attention asked for its weights (how the head-role view reads every layer)."""
+    plain = h.plain_model()
+    plain.set_attn_implementation("eager")  # SDPA computes no weights to return
+    try:
+        patterns = plain.base_model(input_ids=h.check_inputs(inputs), output_attentions=True).attentions
+    finally:
+        plain.set_attn_implementation("sdpa")
+    return {p: patterns[p.layer] for p in points}
+
+
+def plain_residuals(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]
+                    ) -> dict[Point, torch.Tensor] | None:
+    """The residual stream at `points` from the plain model (SDPA attention, no patterns
+    computed or kept): a block's input (resid_pre), its second norm's input (resid_mid:
+    x + the attention's write) and its output (resid_post), caught by torch hooks; the
+    forward stops once all are caught. None where a second norm is not found."""
+    plain, caught, handles, wanted = h.plain_model(), {}, [], set(points)
+    try:
+        paths = h._block_paths()
+    except CapabilityError:  # blocks not found in the plain model: the bridge records them
+        return None
+
+    def keep(point: Point, value: torch.Tensor) -> None:
+        caught[point] = value[0] if isinstance(value, tuple) else value
+        if len(caught) == len(wanted):
+            raise _Stop
+
+    try:
+        for p in wanted:
+            h.hook_name(p)  # refuses a layer the model does not have
+            block = plain.get_submodule(paths[p.layer])
+            if p.site == "resid_pre":
+                handles.append(block.register_forward_pre_hook(
+                    lambda _m, args, kwargs, p=p: keep(p, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            elif p.site == "resid_post":
+                handles.append(block.register_forward_hook(lambda _m, _args, out, p=p: keep(p, out)))
+            else:
+                path = h._hf_path(getattr(h.model.blocks[p.layer], "ln2", None) or nn.Module())
+                if path is None:
+                    return None
+                handles.append(plain.get_submodule(path).register_forward_pre_hook(
+                    lambda _m, args, p=p: keep(p, args[0])))
+        plain.base_model(input_ids=h.check_inputs(inputs), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {p: caught[p] for p in points if p in caught}
+
+
+def plain_patterns(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+    """Attention patterns of a copy the bridge does not compute (parts removed, inputs
+    transformed), from its plain model with eager attention: each attention module's
+    weights, caught by a forward hook, [batch, heads left, query, key]. A removed
+    attention (or block) has none: its point is missing from the result."""
+    plain, caught, handles = h.plain_model(), {}, []
+    for p in points:
+        h.hook_name(p)  # refuses a layer the model does not have
+        if not h._heads_left(p.layer):
+            continue
+        attention = plain.get_submodule(h._hf_path(h.model.blocks[p.layer].attn))
+        handles.append(attention.register_forward_hook(
+            lambda _m, _args, out, p=p: caught.__setitem__(p, out[1] if isinstance(out, tuple) else None)))
+    plain.set_attn_implementation("eager")  # SDPA computes no weights to return
+    try:
+        plain.base_model(input_ids=h.check_inputs(inputs), use_cache=False)
+    finally:
+        plain.set_attn_implementation("sdpa")
+        for handle in handles:
+            handle.remove()
+    return {p: caught[p] for p in points if caught.get(p) is not None}
