@@ -17,6 +17,7 @@ from bench import (  # noqa: E402
     foundation,
     interpreter,
     lab,
+    memory,
     pages,
     quantization,
     redundancy,
@@ -27,7 +28,7 @@ from bench import (  # noqa: E402
 SUITES = {"foundation": foundation.ROWS, "redundancy": redundancy.ROWS, "lab": lab.ROWS, "exits": exits.ROWS,
           "channels": channels.ROWS, "pages": pages.ROWS, "interpreter": interpreter.ROWS,
           "quantization": quantization.ROWS, "allocation": allocation.ROWS,
-          "representations": representations.ROWS, "warm": warm.ROWS}
+          "representations": representations.ROWS, "warm": warm.ROWS, "memory": memory.ROWS}
 
 
 def main() -> None:
@@ -52,7 +53,9 @@ def main() -> None:
     print(common.header_line(), flush=True)
     for name in args.suites or SUITES:
         for row in SUITES[name]:
-            print(row(setup).line(), flush=True)
+            made = row(setup)  # a Row, or several (the memory suite measures every step of a shape)
+            for one in made if isinstance(made, list) else [made]:
+                print(one.line(), flush=True)
 
 
 if __name__ == "__main__":
