@@ -87,12 +87,24 @@ class Circuits:
         return self.n_kv_heads < self.n_heads
 
 
+HEADS_AT_ONCE = 64  # head matrices taken to float64 at a time: [64, d, r], not every layer's at once
+
+
+def _per_heads(*tensors: torch.Tensor) -> zip:
+    """Matching chunks of HEADS_AT_ONCE head matrices of tensors [..., x, y] (same leading dims)."""
+    return zip(*(t.reshape(-1, *t.shape[-2:]).split(HEADS_AT_ONCE) for t in tensors))
+
+
 def _gram_root(m: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For m [..., n, r] (or, with rows, m [..., r, n] read as its transpose): the Gram
     matrix G = m^T m [..., r, r] = E diag(lam) E^T and its root T = diag(sqrt(lam)) E^T,
-    so T^T T = G. Returns (T, E, lam), float64, lam >= 0 ascending."""
-    m = m.double()
-    gram = m @ m.transpose(-2, -1) if rows else m.transpose(-2, -1) @ m
+    so T^T T = G. Returns (T, E, lam), float64, lam >= 0 ascending. Accumulated in float64
+    a chunk of heads at a time (a float64 copy of a large model's factors would be GiBs)."""
+    grams = []
+    for (chunk,) in _per_heads(m):
+        chunk = chunk.double()
+        grams.append(chunk @ chunk.transpose(-2, -1) if rows else chunk.transpose(-2, -1) @ chunk)
+    gram = torch.cat(grams).reshape(*m.shape[:-2], *grams[0].shape[-2:])
     lam, vecs = torch.linalg.eigh(gram)
     lam = lam.clamp_min(0)
     return lam.sqrt()[..., :, None] * vecs.transpose(-2, -1), vecs, lam
@@ -104,16 +116,25 @@ def _inverse_sqrt(lam: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
 
 
-def factored_svd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_svd(a: torch.Tensor, b: torch.Tensor, values_only: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """SVD of M = a b (a [..., d, r], b [..., r, d]) from r x r cores: (S [..., r]
     descending, V [..., d, r] right singular vectors, W [..., r, r] with column i = b v_i,
-    P [..., r, r] with b^T P = V). float64."""
+    P [..., r, r] with b^T P = V), computed in float64; V comes back in float32 (it is as
+    large as the factors), the rest in float64. values_only: S alone (V, W, P are None)."""
     t_a, _, _ = _gram_root(a)
     t_b, e_b, lam_b = _gram_root(b, rows=True)  # b = T_b^T Q_b^T, Q_b = b^T E_b diag(lam_b^-1/2)
     _, s, vh = torch.linalg.svd(t_a @ t_b.transpose(-2, -1))  # core [r, r]
+    if values_only:
+        return s, None, None, None
     p = e_b @ (_inverse_sqrt(lam_b)[..., :, None] * vh.transpose(-2, -1))  # [.., r, r]
-    v = b.double().transpose(-2, -1) @ p  # [.., d, r]
-    return s, v, b.double() @ v, p
+    vs, ws = [], []
+    for b_chunk, p_chunk in _per_heads(b, p):
+        v = b_chunk.double().transpose(-2, -1) @ p_chunk  # [n, d, r]
+        ws.append(b_chunk.double() @ v)
+        vs.append(v.float())
+    lead = b.shape[:-2]
+    return s, torch.cat(vs).reshape(*lead, b.shape[-1], p.shape[-1]), torch.cat(ws).reshape(*lead, *ws[0].shape[-2:]), p
 
 
 def circuits(handle: ModelHandle) -> Circuits:
@@ -127,7 +148,7 @@ def from_factors(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: t
                  n_kv_heads: int | None = None, positional: str = "standard") -> Circuits:
     """`Circuits` from the factors (W_Q, W_K, W_V [L, H, d, r], W_O [L, H, r, d])."""
     s, v, w_in, p = factored_svd(w_v, w_o)
-    qk_s = factored_svd(w_q, w_k.transpose(-2, -1))[0]
+    qk_s = factored_svd(w_q, w_k.transpose(-2, -1), values_only=True)[0]
     return Circuits(w_q.float(), w_k.float(), w_v.float(), w_o.float(), s.float(), v.float(), w_in.float(),
                     p.float(), qk_s.float(), n_kv_heads or w_q.shape[1], positional)
 
@@ -139,7 +160,9 @@ def reader_factor(c: Circuits, mode: str) -> torch.Tensor:
     check_mode(mode)
     a, b = {"Q": (c.W_Q, c.W_K), "K": (c.W_K, c.W_Q), "V": (c.W_V, c.W_O.transpose(-2, -1))}[mode]
     t, _, _ = _gram_root(b)
-    return (a.double() @ t.transpose(-2, -1)).float()
+    t = t.transpose(-2, -1)
+    out = torch.cat([(a_chunk.double() @ t_chunk).float() for a_chunk, t_chunk in _per_heads(a, t)])
+    return out.reshape(*a.shape[:-1], t.shape[-1])
 
 
 def check_mode(mode: str) -> None:
