@@ -176,8 +176,9 @@ def test_redundancy_page_announces_the_sweep_from_its_measured_forward(monkeypat
     own, so no other test's cached sweep hides the announcement)."""
     import ui.redundancy
     from analysis.redundancy.drops import sweep_in_forwards
-    from conftest import save_tiny_gpt2
     from lib.data import default_batch
+
+    from conftest import save_tiny_gpt2
 
     monkeypatch.setattr(ui.redundancy, "ESTIMATE_FROM_S", 0.0)
     save_tiny_gpt2(tmp_path)

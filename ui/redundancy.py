@@ -40,7 +40,7 @@ def announce(handle: ModelHandle, forwards: float, what: str) -> None:
     seconds = STORE.get(("forward_seconds", handle.fingerprint))
     if seconds is not None and forwards * seconds > ESTIMATE_FROM_S:
         st.caption(f"{what}: about {forwards * seconds:.0f} s here, the work of {forwards:.0f} forward passes "
-                   f"(one took {seconds:.1f} s on this machine). The bar below shows how far it got.")
+                   f"(one took {seconds:.1f} s on this machine); its bar shows the time left while it runs.")
 
 
 def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
