@@ -25,9 +25,4 @@
     hooks, layers, locks, errors   hooks that always go, replacement linear layers, the
                   handle's lock, LayerScopeError and its kinds
     zoo/          the bundled models, their cards and their training scripts
-    allocator     freed tensors go back to the system (glibc's mmap threshold, set on import)
 """
-
-from lib.allocator import return_freed_memory  # noqa: E402
-
-return_freed_memory()
