@@ -9,7 +9,6 @@ and reference alternate in order, as in `bench.common.measure`.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,10 +16,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from bench.common import Row, Setup, Timing
-from tools.serve import CHROMIUM_ARGS, ROOT, app_server
+from tools.serve import CHROMIUM, ROOT, app_server, chromium
 
 MODEL = "zoo:code-lm"  # the model the app opens on
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TIMEOUT_MS = 600_000
 
 # The cold start's unavoidable work, in one process: import, load the model, evaluate its batch
@@ -81,16 +79,10 @@ def build_report_seconds() -> float:
 
 @contextmanager
 def _browser() -> Iterator:
-    from playwright.sync_api import sync_playwright
-
     if not os.path.exists(CHROMIUM):
         raise RuntimeError(f"The pages rows drive Chromium, and {CHROMIUM} is missing (apt-get install -y chromium).")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as browser:
+        yield browser
 
 
 def _metrics_drawn(page) -> None:

@@ -5,16 +5,15 @@ script run an action started has finished, and a metric's value as drawn."""
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tools.serve import CHROMIUM_ARGS
+from tools import serve
+from tools.serve import CHROMIUM
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SLOW = 300_000  # ms: a first visit and each lab change run full forwards on a shared CPU
 
 
@@ -27,16 +26,10 @@ def require_chromium() -> None:
 
 @contextmanager
 def chromium() -> Iterator[object]:
-    """A headless Chromium (playwright's Browser), closed afterwards."""
-    from playwright.sync_api import sync_playwright
-
+    """A headless Chromium (playwright's Browser), closed afterwards; a skip or a failure without it."""
     require_chromium()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with serve.chromium() as browser:
+        yield browser
 
 
 def idle(page) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tools.serve import CHROMIUM_ARGS, ROOT, app_server
+from tools.serve import ROOT, app_server, chromium
 
 OUT = ROOT / "artifacts" / "walk"
 ZOO = ["zoo:code-lm", "zoo:induction-2l", "zoo:digits-cnn", "zoo:digits-denoiser"]
@@ -142,8 +142,6 @@ def bad_inputs(walk: Walk, scratch: Path) -> None:
 def main(args: list[str]) -> int:
     import argparse
 
-    from playwright.sync_api import sync_playwright
-
     parser = argparse.ArgumentParser(prog="python -m tools.screenshots", description=__doc__.split("\n\n")[0],
                                      epilog="Screenshots go to artifacts/walk/ (the old ones are deleted first).")
     parser.add_argument("specs", nargs="*", metavar="MODEL", help="bundled names or folders (default: every bundled "
@@ -154,8 +152,7 @@ def main(args: list[str]) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     for old in OUT.glob("*.png"):
         old.unlink()
-    with app_server() as url, sync_playwright() as p, tempfile.TemporaryDirectory() as scratch:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+    with app_server() as url, chromium() as browser, tempfile.TemporaryDirectory() as scratch:
         walk = Walk(browser.new_page(viewport=VIEWPORT))
         walk.page.goto(url)
         walk.page.get_by_role("heading", name="Model · zoo:code-lm").wait_for(timeout=300_000)

@@ -1,8 +1,10 @@
-"""Run `streamlit run app.py` headless on a free localhost port, for browser checks."""
+"""Run `streamlit run app.py` headless on a free localhost port, and a headless Chromium to
+drive it, for browser checks (tests, bench, screenshots)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,8 +16,23 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's; playwright cannot download its own here
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@contextmanager
+def chromium() -> Iterator[object]:
+    """A headless Chromium on CHROMIUM (playwright's Browser), closed afterwards. Callers
+    check that CHROMIUM exists first and say what to do where it does not."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @contextmanager
