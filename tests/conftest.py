@@ -44,6 +44,14 @@ def tiny_gpt2_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, request):
+    """A tiny GPT-2 folder of the test module's own (its path is its own model spec in the app)."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_") + "-gpt2")
+    save_tiny_gpt2(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_gpt2_dir):
     """Session-wide read-only handle on the tiny GPT-2 (tests must not mutate it)."""

@@ -9,15 +9,6 @@ from apptest_helpers import load, new_app, run
 PAGE = "views/lab.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from conftest import save_tiny_gpt2
-
-    folder = tmp_path_factory.mktemp("alloc-gpt2")
-    save_tiny_gpt2(folder)
-    return str(folder)
-
-
 def lab(spec, typed):
     return run(load(run(new_app()), spec, typed=typed), PAGE)
 

@@ -23,15 +23,6 @@ from apptest_helpers import new_app, run
 PAGE = "views/lab.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from conftest import save_tiny_gpt2
-
-    folder = tmp_path_factory.mktemp("links-gpt2")
-    save_tiny_gpt2(folder)
-    return str(folder)
-
-
 def opened(params: dict[str, str], page: str = PAGE):
     """A new browser session opening the app's address with these query parameters."""
     at = new_app()
