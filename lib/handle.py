@@ -29,7 +29,7 @@ from lib.errors import CapabilityError, DataError, RecipeError
 from lib.handle_layers import InputTransform, LinearLayers
 from lib.locks import exclusive
 from lib.points import KINDS, LM_PARTS, ActivationHook, Part, Point, Structure  # noqa: F401  (re-exported)
-from lib.storage import StoredAs, shared_storage_memo, weight_fingerprint
+from lib.storage import StoredAs, lazy_copy_memo, weight_fingerprint
 
 
 def check_handle(handle: object) -> None:
@@ -145,6 +145,12 @@ class ModelHandle(LinearLayers, ABC):
         states, outputs = self.exit_states(inputs)
         return self.exit_rule(self, states, outputs)
 
+    def outputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What `forward` gives, for scoring (`lib.metrics.metrics_from_outputs`): a language
+        model's logits that would be large come back as a `lib.scoring.ReadLogits`, read out a
+        chunk at a time as they are scored, so the memory does not grow with vocabulary x tokens."""
+        return self.forward(inputs)
+
     @abstractmethod
     def _forward_every_layer(self, inputs: torch.Tensor) -> torch.Tensor:
         """`forward` through every layer, no exit rule applied."""
@@ -253,7 +259,9 @@ class ModelHandle(LinearLayers, ABC):
         """A copy of this model that edits, gradients and float64 can never leak from. Taken
         under this handle's lock (no other session's hooks are on the model then); the copy
         has its own lock, no hooks, its own fingerprint (equal to this one until the copy is
-        edited), optionally gradients and another dtype; the tokenizer is shared (never mutated)."""
+        edited), optionally gradients and another dtype; the tokenizer is shared (never mutated).
+        In the same dtype the copy shares each tensor's memory with this model until an edit
+        writes it, so only what an edit rewrites costs memory."""
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise RecipeError(f"A copy of the model can only be made in a floating-point dtype (torch.float32, "
                               f"torch.float64, torch.float16 or torch.bfloat16), not {dtype}. To store weights "
@@ -273,8 +281,9 @@ class ModelHandle(LinearLayers, ABC):
         return new
 
     def _copy_memo(self) -> dict[int, Any]:
-        """The deep copy's memo, seeded: views stay views, the tokenizer is shared."""
-        memo: dict[int, Any] = shared_storage_memo(self.model)
+        """The deep copy's memo, seeded: every tensor copied lazily (shared until written),
+        views kept views, the tokenizer shared."""
+        memo: dict[int, Any] = lazy_copy_memo(self.model)
         if self.tokenizer is not None:
             memo[id(self.tokenizer)] = self.tokenizer
         return memo

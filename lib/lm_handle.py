@@ -18,6 +18,7 @@ from lib.hooks import TL_STASHED, count_hooks, forget_tl_stash, forward_hooks
 from lib.lm_capabilities import LMBlocks, LMGates, LMHeads
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
 from lib.locks import exclusive
+from lib.scoring import HELD_LOGITS_BYTES, Logits, ReadLogits
 from lib.storage import distinct_tensors
 
 
@@ -179,6 +180,24 @@ class BridgeHandle(LMParts, ModelHandle):
         if not self._structural and (self._active_hooks or count_hooks(self.model)):
             return self.model(inputs, prepend_bos=False)
         return self.plain_model()(input_ids=inputs).logits
+
+    @exclusive
+    @torch.no_grad()
+    def outputs(self, inputs: torch.Tensor) -> Logits:
+        """As `ModelHandle.outputs`: logits that would take over `HELD_LOGITS_BYTES` come back
+        as a `ReadLogits` over the plain model's final hidden state, read out by its own output
+        layer as they are scored, after a check on the first tokens that this readout gives
+        the forward's logits (else, and inside `hooks(...)`, the forward's logits, held)."""
+        inputs = self.check_inputs(inputs)
+        hooked = not self._structural and (self._active_hooks or count_hooks(self.model))
+        if hooked or self.exit_rule is not None or inputs.numel() * self.structure.d_vocab * 4 <= HELD_LOGITS_BYTES:
+            return self.forward(inputs)
+        readout, probe = lm_records.head_readout(self), inputs[:1, :16]
+        expected = self.forward(probe).float()
+        if not torch.allclose(readout(lm_records.head_input(self, probe)).float(), expected,
+                              rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+            return self.forward(inputs)
+        return ReadLogits(lm_records.head_input(self, inputs), readout, self.structure.d_vocab)
 
     @exclusive
     @torch.no_grad()

@@ -5,7 +5,7 @@ is checked against the bridge's own hooks in the tests, on every supported famil
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -105,3 +105,36 @@ def plain_patterns(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Poin
         for handle in handles:
             handle.remove()
     return {p: caught[p] for p in points if caught.get(p) is not None}
+
+
+def head_input(h: RecordBackend, inputs: torch.Tensor) -> torch.Tensor:
+    """[b, T, d] what the plain model's output layer reads (the final norm's output), caught
+    before any input transform of that layer, by a forward that stops there: no logits made."""
+    plain, caught = h.plain_model(), []
+
+    def keep(_module: nn.Module, args: tuple) -> None:
+        caught.append(args[0])
+        raise _Stop
+
+    hook = plain.get_output_embeddings().register_forward_pre_hook(keep, prepend=True)
+    try:
+        plain(input_ids=inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        hook.remove()
+    return caught[0]
+
+
+def head_readout(h: RecordBackend) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The plain model's readout of `head_input`: its output layer (with its input transforms),
+    then the logit soft-capping some families apply after it. A family that does more than
+    this is caught by the check in `BridgeHandle.outputs`."""
+    plain = h.plain_model()
+    head, cap = plain.get_output_embeddings(), getattr(plain.config, "final_logit_softcapping", None)
+
+    def readout(x: torch.Tensor) -> torch.Tensor:
+        z = head(x)
+        return z if cap is None else torch.tanh(z / cap) * cap
+
+    return readout

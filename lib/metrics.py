@@ -361,8 +361,8 @@ def evaluate(
     """Run `handle` on `batch` and measure quality, agreement with `base` outputs (if
     given), size and latency: with `latency_repeats` > 0 the median of at least that many
     timed forwards after the one that gave the outputs (`base_timing`), else the time of
-    that one forward. A batch or base that does not fit the model is refused before the
-    forward (`lib.data.check_batch`, `check_base`)."""
+    the pass that gave the outputs (`ModelHandle.outputs`: large logits are read out later).
+    A batch or base that does not fit the model is refused first (`check_batch`, `check_base`)."""
     check_batch(handle, batch)
     if size_bits is not None:
         require_int(size_bits, "size_bits (the model's size in bits)", 0, 2**62)
@@ -370,7 +370,7 @@ def evaluate(
     check_base(base, batch)
     inputs = model_inputs(batch)
     start = time.perf_counter()
-    outputs = handle.forward(inputs)
+    outputs = handle.outputs(inputs)
     latency_ms = (time.perf_counter() - start) * 1000
     if latency_repeats > 0:
         latency_ms = base_timing(handle, inputs, latency_ms / 1000, latency_repeats).median_ms

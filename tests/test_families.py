@@ -178,6 +178,32 @@ def test_residuals_recorded_through_the_plain_model_equal_the_bridge_hooks(famil
         _close(fast[point], bridge[point])
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_large_logits_are_read_out_as_they_are_scored_and_equal_the_forward(family, family_handles, monkeypatch):
+    """`outputs` gives logits that would be large as a `ReadLogits` over the plain model's
+    final hidden state: every row equals the forward's, on the base, on a copy with a block
+    dropped (structural) and on one whose linear layers' inputs are quantized (pre-hooks)."""
+    import lib.lm_handle
+    from analysis.compress.edits import apply_
+    from analysis.compress.prune.pruning import Drop
+    from analysis.compress.quant.quantize import Quantize
+    from lib.scoring import ReadLogits, rows_of
+
+    monkeypatch.setattr(lib.lm_handle, "HELD_LOGITS_BYTES", 0)
+    handle = family_handles[family]
+    tokens = _batch(handle).tokens[:2, :24]
+    dropped, w8a8 = handle.private_copy(), handle.private_copy()
+    apply_(dropped, Drop("block", 1))
+    apply_(w8a8, Quantize("int8", activations=True))
+    for model in (handle, dropped, w8a8):
+        got, want = model.outputs(tokens), model.forward(tokens)
+        # OPT's bridge keeps hooks of its own on the MLP's hook points, so its base runs through
+        # the bridge, where a forward is the only way to its logits: held, as before
+        assert isinstance(got, ReadLogits) or (family == "opt" and model is handle)
+        for window in range(tokens.shape[0]):
+            _close(rows_of(got, window, 0, tokens.shape[1]), want[window])
+
+
 def test_the_readme_table_is_the_matrix():
     """The README's family table is `tools.families.readme_table()`, whose families are
     the ones every matrix test runs on and whose columns name matrix tests that exist."""

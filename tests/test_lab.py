@@ -338,3 +338,45 @@ def test_time_again_replaces_only_the_current_points_latency(tiny_lm):
     assert again.latency is not before.latency and again.latency.predicted == 1.0
     assert again.metrics.latency_ms == again.latency.model.median_ms
     assert again.metrics.bits_per_byte == before.metrics.bits_per_byte and again.edits == before.edits
+
+
+def test_an_edited_copy_holds_only_what_its_edits_rewrote(tiny_lm):
+    """Copies share every tensor with the base until an edit writes it (copy-on-write):
+    a drop rewrites nothing, a head removal one layer's storage, and the base is untouched."""
+    from lib.storage import owned_bytes
+
+    def owned(model):
+        return owned_bytes(iter(model.weights().values()))
+
+    total = sum(t.numel() * t.element_size() for t in tiny_lm.weights().values())
+    tokens = data.code_batch(tiny_lm.tokenizer, seq_len=16, n_windows=2).tokens
+    lab = Lab(tiny_lm, data.code_batch(tiny_lm.tokenizer, seq_len=16, n_windows=2), latency_repeats=0)
+    copy = tiny_lm.private_copy()
+    copy.forward(tokens), tiny_lm.forward(tokens)
+    assert owned(copy) == 0
+    lab.add(Drop("block", 1))
+    assert owned(lab.edited()) == 0
+    lab.add(RemoveHeads(0, (1,)))
+    assert 0 < owned(lab.edited()) < total / 3
+    lab.add(Magnitude(0.5))
+    pruned = sum(w.numel() * w.element_size() for name, w in lab.edited().linear_layers().items()
+                 if name.startswith("blocks."))  # the tied unembedding is not pruned
+    assert pruned <= owned(lab.edited()) < total
+    assert tiny_lm.current_fingerprint() == tiny_lm.fingerprint
+    again = Lab(tiny_lm, lab.batch, latency_repeats=0).base_point.metrics
+    assert (again.nll, again.kl_to_base) == (lab.base_point.metrics.nll, 0.0)
+
+
+def test_large_logits_read_out_as_scored_give_the_same_lab_numbers(tiny_lm, monkeypatch):
+    import lib.lm_handle
+    from lib.scoring import ReadLogits
+
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=3)
+    held = Lab(tiny_lm, batch, latency_repeats=0)
+    monkeypatch.setattr(lib.lm_handle, "HELD_LOGITS_BYTES", 0)
+    read = Lab(tiny_lm, batch, latency_repeats=0)
+    assert isinstance(read.reference.logits, ReadLogits)
+    for edit in (Magnitude(0.3), Drop("block", 2)):
+        a, b = held.add(edit).metrics, read.add(edit).metrics
+        for name in ("nll", "kl_to_base", "agreement", "bits_per_byte"):
+            assert getattr(b, name) == pytest.approx(getattr(a, name), rel=1e-5, abs=1e-7), name

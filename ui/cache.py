@@ -10,11 +10,11 @@ report progress while they run and the parts of one view's analysis go through `
 from __future__ import annotations
 
 import streamlit as st
-import torch
 
 from lib import data
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, evaluate, model_inputs
+from lib.scoring import Logits
 from lib.spread import Spread, position_scores, spread
 from lib.verify import Verification, verify
 from ui.store import STORE
@@ -42,10 +42,11 @@ def baseline(handle: ModelHandle) -> Metrics:
     return _baseline(handle, handle.fingerprint)
 
 
-def base_outputs(handle: ModelHandle) -> torch.Tensor:
-    """The base model's outputs on its evaluation batch (kept once, never copied)."""
+def base_outputs(handle: ModelHandle) -> Logits:
+    """The base model's outputs on its evaluation batch (kept once, never copied; a language
+    model's large logits as its final hidden state, read out as they are scored)."""
     return STORE.get_or_compute(("base_outputs", handle.fingerprint),
-                                lambda: handle.forward(model_inputs(eval_batch(handle))))
+                                lambda: handle.outputs(model_inputs(eval_batch(handle))))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

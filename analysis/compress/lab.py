@@ -59,6 +59,7 @@ from lib.metrics import (
 )
 from lib.scoring import BaseOutputs, prepare_base
 from lib.spread import Scores, position_scores, spread
+from lib.storage import owned_bytes
 
 Progress = Callable[[float, str], None]
 
@@ -68,11 +69,11 @@ class Lab:
 
     base_outputs: the base's outputs on `batch`, raw or prepared (pass shared ones to
     save a forward and the memory of a second copy). cache_size, cache_bytes: edited
-    copies kept for prefix reuse, at most this many and (beyond the newest) this many
-    bytes of weights (each browser session has its own lab). latency_repeats: at least
+    copies kept for prefix reuse, at most this many and (beyond the newest) this many bytes
+    of weights of their own (a copy shares what no edit rewrote; one lab per session). latency_repeats: at least
     this many timed forwards of the base, and pairs of base and edited forwards for each
-    recipe (`compare_latency`); 0: only the forward that gives the outputs is timed, and
-    points carry no `latency`.
+    recipe (`compare_latency`); 0: only the pass that gives the outputs is timed (large
+    logits are read out later, as they are scored), and points carry no `latency`.
     """
 
     def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
@@ -91,7 +92,7 @@ class Lab:
         self._lock = threading.RLock()  # the UI builds downloads on another thread
         inputs = model_inputs(self.batch)
         start = time.perf_counter()
-        outputs = base.forward(inputs)
+        outputs = base.outputs(inputs)  # large logits are read out as they are scored, never held
         seconds = time.perf_counter() - start
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(
             outputs if base_outputs is None else base_outputs, self.batch)
@@ -268,7 +269,7 @@ class Lab:
         return model
 
     def _cached_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self._cache.values() for t in m.weights().values())
+        return sum(owned_bytes(iter(m.weights().values())) for m in self._cache.values())
 
     # ------------------------------------------------------------------ measuring
 
@@ -288,7 +289,7 @@ class Lab:
                 progress(0.8, "measuring")
             inputs = model_inputs(self.batch)
             start = time.perf_counter()
-            outputs = model.forward(inputs)
+            outputs = model.outputs(inputs)
             latency_ms = (time.perf_counter() - start) * 1000
             latency = None
             if self.latency_repeats:
@@ -364,9 +365,8 @@ class Lab:
         return out.getvalue()
 
     def frontier(self, cost: str = "size_bits", quality: str | None = None) -> list[int]:
-        """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms",
-        lower is better; latency relative to the base, `LabPoint.cost`) against `quality`
-        (default: `quality_metric` of the base)."""
+        """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms", lower is
+        better; latency relative to the base) against `quality` (default: the base's `quality_metric`)."""
         if cost not in COSTS:
             raise RecipeError(f"The frontier is drawn against {' or '.join(COSTS)}, not {cost!r}.")
         quality = quality or self.quality
