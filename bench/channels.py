@@ -32,7 +32,7 @@ def composition_row(setup: Setup) -> Row:
     return Row.timed("composition scores Q+K+V / forward", t,
                      f"{c.n_layers * c.n_heads} heads, all pairs, 3 modes (target <= 3); TransformerLens "
                      f"all_composition_scores Q+K+V once: {tl_time:.1f} s = {tl_time / forward:.1f} forwards, "
-                     f"max |difference| {error:.1e}; circuits from the weights (copy, fold, Gram SVD) "
+                     f"max |difference| {error:.1e}; circuits from the weights (per layer: read, fold, Gram SVD) "
                      f"{extract:.1f} s once per model")
 
 

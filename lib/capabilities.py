@@ -65,8 +65,9 @@ class Heads(ABC):
     @abstractmethod
     def circuits(self) -> dict[str, Any]:
         """Per-head factors of the OV and QK circuits with the norm folded in, detached
-        float32: "W_Q", "W_K", "W_V" [L, H, d_model, d_head] (grouped-query K and V repeated
-        to every query head they serve), "W_O" [L, H, d_head, d_model], "n_kv_heads",
+        float32, read a layer at a time: "layer": layer -> {"W_Q" [H, d_model, d_head], "W_K",
+        "W_V" [H_kv, d_model, d_head] (a grouped-query model's key/value heads, not repeated),
+        "W_O" [H, d_head, d_model]}; "n_layers", "n_heads", "d_model", "n_kv_heads",
         "positional" ("rotary", "standard", ...)."""
 
     @abstractmethod

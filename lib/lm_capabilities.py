@@ -268,50 +268,48 @@ class LMHeads(_OnHandle, Heads):
                                   f"compatibility mode failed: {e}).") from e
         return circuit_copy.model
 
-    @exclusive
-    @torch.no_grad()
     def circuits(self) -> dict[str, Any]:
         """Per-head factors of the OV circuit (W_V · W_O) and the QK circuit (W_Q · W_K^T) in
         HookedTransformer's processed coordinates, read from the bridge's attention weights
-        alone (about 8 % of a model's weights, float32; no copy of the model): the first
-        norm's scale folded into W_Q, W_K, W_V (1 + w where the model's RMSNorm stores an
-        offset, as Gemma's); for LayerNorm models the reading weights centred over d_model
-        and W_O's rows centred, as TransformerLens' `enable_compatibility_mode` processes them
-        (`circuit_model()`; the tests hold the two equal on every family):
+        one layer at a time when asked ("layer"), never all at once and never from a copy of
+        the model: the first norm's scale folded into W_Q, W_K, W_V (1 + w where the model's
+        RMSNorm stores an offset, as Gemma's); for LayerNorm models the reading weights
+        centred over d_model and W_O's rows centred, as TransformerLens'
+        `enable_compatibility_mode` processes them (`circuit_model()`; the tests hold the two
+        equal on every family):
 
-        "W_Q", "W_K", "W_V": [L, H, d_model, d_head] (grouped-query K and V repeated to
-        every query head they serve); "W_O": [L, H, d_head, d_model]; "n_kv_heads": key/
-        value heads per layer; "positional": "rotary", "standard" (learned absolute), ...
+        "layer": layer -> {"W_Q": [H, d_model, d_head], "W_K", "W_V": [H_kv, d_model, d_head]
+        (a grouped-query model's key/value heads, not repeated), "W_O": [H, d_head, d_model]},
+        float32; "n_layers", "n_heads", "d_model", "n_kv_heads"; "positional": "rotary",
+        "standard" (learned absolute), ...
         """
         h = self.handle
         h._check_whole("the weight circuits")
-        bridge, cfg = h.model, h.model.cfg
+        s, cfg = h.structure, h.model.cfg
+        return {"layer": self._circuit_layer, "n_layers": s.n_layers, "n_heads": s.n_heads, "d_model": s.d_model,
+                "n_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+                "positional": str(getattr(cfg, "positional_embedding_type", "standard"))}
+
+    @exclusive
+    @torch.no_grad()
+    def _circuit_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's factors of `circuits` (float32, folded and centred as it says)."""
+        bridge, cfg = self.handle.model, self.handle.model.cfg
         adapter = getattr(bridge, "adapter", None)
         norm = str(getattr(cfg, "normalization_type", "LN"))
         fold = getattr(adapter, "supports_fold_ln", True)
-        n_heads = h.structure.n_heads
-        per_layer: dict[str, list[torch.Tensor]] = {"W_Q": [], "W_K": [], "W_V": [], "W_O": []}
-        for block in bridge.blocks:
-            attn = block.attn
-            w = {name: getattr(attn, name).detach().float() for name in per_layer}  # [H(kv), d, dh], [H, dh, d]
-            for name in ("W_K", "W_V"):  # grouped-query: each key/value head serves H / H_kv query heads
-                if w[name].shape[0] != n_heads:
-                    w[name] = w[name].repeat_interleave(n_heads // w[name].shape[0], dim=0)
-            scale = _norm_scale(getattr(block, "ln1", None), cfg) if fold else None
-            for name in ("W_Q", "W_K", "W_V"):
-                if scale is not None:
-                    w[name] = w[name] * scale[None, :, None]
-                if fold and norm in ("LN", "LNPre"):  # a LayerNorm's output has mean 0: read it centred
-                    w[name] = w[name] - w[name].mean(-2, keepdim=True)
-            if (norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
-                    and getattr(adapter, "supports_center_writing_weights", True)):
-                w["W_O"] = w["W_O"] - w["W_O"].mean(-1, keepdim=True)
-            for name in per_layer:
-                per_layer[name].append(w[name])
-        out: dict[str, Any] = {name: torch.stack(ws) for name, ws in per_layer.items()}
-        out["n_kv_heads"] = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
-        out["positional"] = str(getattr(cfg, "positional_embedding_type", "standard"))
-        return out
+        block = bridge.blocks[layer]
+        w = {name: getattr(block.attn, name).detach().float() for name in ("W_Q", "W_K", "W_V", "W_O")}
+        scale = _norm_scale(getattr(block, "ln1", None), cfg) if fold else None
+        for name in ("W_Q", "W_K", "W_V"):
+            if scale is not None:
+                w[name] = w[name] * scale[None, :, None]
+            if fold and norm in ("LN", "LNPre"):  # a LayerNorm's output has mean 0: read it centred
+                w[name] = w[name] - w[name].mean(-2, keepdim=True)
+        if (norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
+                and getattr(adapter, "supports_center_writing_weights", True)):
+            w["W_O"] = w["W_O"] - w["W_O"].mean(-1, keepdim=True)
+        return w
 
 
 def _norm_scale(norm: nn.Module | None, cfg: Any) -> torch.Tensor | None:

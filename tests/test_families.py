@@ -152,13 +152,15 @@ def test_head_circuits_read_without_a_copy_equal_transformer_lens_compatibility_
         for block in copy.model.blocks:
             block.ln1.weight.copy_(torch.rand(block.ln1.weight.shape, generator=gen) + 0.5)
     copy.weights_changed()
-    got, reference = copy.heads.circuits(), copy.heads.circuit_model()
+    from analysis.channels.circuits import circuits
+
+    got, reference = circuits(copy), copy.heads.circuit_model()  # got: a layer at a time, K and V repeated
     want = {"W_Q": reference.QK.A, "W_K": reference.QK.B.transpose(-2, -1), "W_V": reference.OV.A,
             "W_O": reference.OV.B}
     for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor.detach().float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(getattr(got, name), tensor.detach().float(), rtol=1e-5, atol=1e-6)
     raw = torch.stack([block.attn.W_Q.detach().float() for block in copy.model.blocks])
-    assert not torch.allclose(got["W_Q"], raw)  # the fold changed something, so the check could fail
+    assert not torch.allclose(got.W_Q, raw)  # the fold changed something, so the check could fail
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

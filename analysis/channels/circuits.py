@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -38,24 +38,26 @@ class ChannelsError(AnalysisError):
 # ------------------------------------------------------------------ circuits (weights only)
 
 
+LayerFactors = Callable[[int], dict[str, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Circuits:
     """Every head's OV and QK circuit, LayerNorm folded in. r = d_head.
 
-    W_Q, W_K, W_V: [L, H, d, r]; W_O: [L, H, r, d] (OV = W_V W_O, QK = W_Q W_K^T);
+    factors: layer -> that layer's factors, read from the model when asked (never all at
+    once): W_Q [H, d, r], W_K, W_V [H_kv, d, r] (H_kv < H: grouped-query attention, each
+    key/value head serving H / H_kv query heads in turn), W_O [H, r, d]; OV = W_V W_O,
+    QK = W_Q W_K^T (the stacked properties `W_Q` ... give every layer's, K and V repeated).
     ov_S: [L, H, r] singular values of OV, descending; ov_V: [L, H, d, r] its right
     singular vectors, the directions each head writes (OV = U diag(S) V^T; signs are
     arbitrary); ov_in: [L, H, r, r] column i = W_O v_i, so the component of a head's
     output along v_i is z · (W_O v_i) for its z [r]; ov_out: [L, H, r, r] column i = p_i
     with W_O^T p_i = v_i, the z change that writes along v_i; qk_S: [L, H, r] singular
-    values of QK; n_kv_heads: key/value heads per layer (< H: grouped-query attention);
-    positional: "rotary", "standard", ...
+    values of QK; n_kv_heads: key/value heads per layer; positional: "rotary", "standard", ...
     """
 
-    W_Q: torch.Tensor
-    W_K: torch.Tensor
-    W_V: torch.Tensor
-    W_O: torch.Tensor
+    factors: LayerFactors
     ov_S: torch.Tensor
     ov_V: torch.Tensor
     ov_in: torch.Tensor
@@ -66,15 +68,15 @@ class Circuits:
 
     @property
     def n_layers(self) -> int:
-        return int(self.W_Q.shape[0])
+        return int(self.ov_V.shape[0])
 
     @property
     def n_heads(self) -> int:
-        return int(self.W_Q.shape[1])
+        return int(self.ov_V.shape[1])
 
     @property
     def d_model(self) -> int:
-        return int(self.W_Q.shape[2])
+        return int(self.ov_V.shape[2])
 
     @property
     def rotary(self) -> bool:
@@ -85,6 +87,23 @@ class Circuits:
     @property
     def grouped(self) -> bool:
         return self.n_kv_heads < self.n_heads
+
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's factors with K and V repeated to every query head: [H, ...] each."""
+        return {name: per_query_head(t, self.n_heads) for name, t in self.factors(layer).items()}
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        return torch.stack([self.layer(layer)[name] for layer in range(self.n_layers)])
+
+    W_Q = property(lambda self: self._stacked("W_Q"), doc="[L, H, d, r] every layer's W_Q (built when read)")
+    W_K = property(lambda self: self._stacked("W_K"), doc="[L, H, d, r] W_K, repeated to every query head")
+    W_V = property(lambda self: self._stacked("W_V"), doc="[L, H, d, r] W_V, repeated to every query head")
+    W_O = property(lambda self: self._stacked("W_O"), doc="[L, H, r, d] every layer's W_O")
+
+
+def per_query_head(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A layer's factor [H_kv, ...] repeated to its `n_heads` query heads (as it is when H_kv = H)."""
+    return t if t.shape[0] == n_heads else t.repeat_interleave(n_heads // t.shape[0], dim=0)
 
 
 HEADS_AT_ONCE = 64  # head matrices taken to float64 at a time: [64, d, r], not every layer's at once
@@ -138,27 +157,48 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor, values_only: bool = False
 
 
 def circuits(handle: ModelHandle) -> Circuits:
-    """Every head's circuits and their spectra (weights only; cache per fingerprint)."""
+    """Every head's circuits and their spectra (weights only; cache per fingerprint), a
+    layer at a time: what is kept is the spectra and the directions heads write (`ov_V`),
+    never a copy of the attention weights."""
     check_lm(handle, "Attention channels")
     f = handle.heads.circuits()
-    return from_factors(f["W_Q"], f["W_K"], f["W_V"], f["W_O"], f["n_kv_heads"], f["positional"])
+    return from_layers(f["layer"], f["n_layers"], f["n_heads"], f["d_model"], f["n_kv_heads"], f["positional"])
 
 
 def from_factors(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
                  n_kv_heads: int | None = None, positional: str = "standard") -> Circuits:
-    """`Circuits` from the factors (W_Q, W_K, W_V [L, H, d, r], W_O [L, H, r, d])."""
-    s, v, w_in, p = factored_svd(w_v, w_o)
-    qk_s = factored_svd(w_q, w_k.transpose(-2, -1), values_only=True)[0]
-    return Circuits(w_q.float(), w_k.float(), w_v.float(), w_o.float(), s.float(), v.float(), w_in.float(),
-                    p.float(), qk_s.float(), n_kv_heads or w_q.shape[1], positional)
+    """`Circuits` from stacked factors (W_Q [L, H, d, r], W_K, W_V [L, H or H_kv, d, r], W_O [L, H, r, d])."""
+    L, H, d = w_q.shape[:3]
+    factors = {"W_Q": w_q.float(), "W_K": w_k.float(), "W_V": w_v.float(), "W_O": w_o.float()}
+    return from_layers(lambda layer: {name: t[layer] for name, t in factors.items()}, L, H, d,
+                       n_kv_heads or H, positional)
 
 
-def reader_factor(c: Circuits, mode: str) -> torch.Tensor:
-    """Y [L, H, d, r] with ||x^T M||= ||x^T Y|| for every x and ||M||_F = ||Y||_F, where
-    M is what a reader reads a writer through: QK (Q), QK^T (K) or OV (V) = A B^T
+def from_layers(factors: LayerFactors, n_layers: int, n_heads: int, d_model: int, n_kv_heads: int,
+                positional: str) -> Circuits:
+    """`Circuits` from a reader of each layer's factors: the spectra one layer at a time."""
+    kept: dict[str, list[torch.Tensor]] = {"S": [], "in": [], "out": [], "qk": []}
+    ov_v = None
+    for layer in range(n_layers):
+        f = {name: per_query_head(t, n_heads) for name, t in factors(layer).items()}
+        s, v, w_in, p = factored_svd(f["W_V"], f["W_O"])
+        if ov_v is None:  # filled in place: never a list of every layer's and a stacked copy at once
+            ov_v = torch.empty(n_layers, *v.shape)
+        ov_v[layer] = v
+        kept["qk"].append(factored_svd(f["W_Q"], f["W_K"].transpose(-2, -1), values_only=True)[0].float())
+        for name, value in (("S", s), ("in", w_in), ("out", p)):
+            kept[name].append(value.float())
+    stack = {name: torch.stack(values) for name, values in kept.items()}
+    return Circuits(factors, stack["S"], ov_v, stack["in"], stack["out"], stack["qk"], n_kv_heads, positional)
+
+
+def reader_factor(c: Circuits, mode: str, layer: int) -> torch.Tensor:
+    """Y [H, d, r] of `layer` with ||x^T M||= ||x^T Y|| for every x and ||M||_F = ||Y||_F,
+    where M is what a reader reads a writer through: QK (Q), QK^T (K) or OV (V) = A B^T
     (A, B [d, r]); with B^T B = T^T T, Y = A T^T."""
     check_mode(mode)
-    a, b = {"Q": (c.W_Q, c.W_K), "K": (c.W_K, c.W_Q), "V": (c.W_V, c.W_O.transpose(-2, -1))}[mode]
+    f = c.layer(layer)
+    a, b = {"Q": (f["W_Q"], f["W_K"]), "K": (f["W_K"], f["W_Q"]), "V": (f["W_V"], f["W_O"].transpose(-2, -1))}[mode]
     t, _, _ = _gram_root(b)
     t = t.transpose(-2, -1)
     out = torch.cat([(a_chunk.double() @ t_chunk).float() for a_chunk, t_chunk in _per_heads(a, t)])
@@ -253,17 +293,20 @@ def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition
     for mode in modes:
         check_mode(mode)
     L, H, r = c.n_layers, c.n_heads, c.ov_S.shape[-1]
-    x = c.ov_S[..., :, None] * c.ov_V.transpose(-2, -1)  # [L, H, r, d]
     x_norm = c.ov_S.norm(dim=-1)  # [L, H]
     out = {}
     for mode in modes:
-        y = reader_factor(c, mode)  # [L, H, d, r]
-        y_norm = y.norm(dim=(-2, -1))  # [L, H]
-        y_cols = y.permute(2, 0, 1, 3).reshape(c.d_model, L * H * r)  # [d, L H r]
+        y_cols = torch.empty(c.d_model, L * H * r)  # [d, L H r]: every reader's factor, filled a layer at a time
+        y_norm = torch.empty(L, H)
+        for layer in range(L):
+            y = reader_factor(c, mode, layer)  # [H, d, r]
+            y_norm[layer] = y.norm(dim=(-2, -1))
+            y_cols[:, layer * H * r:(layer + 1) * H * r] = y.permute(1, 0, 2).reshape(c.d_model, H * r)
         scores = torch.zeros(L, H, L, H)
         for l1 in range(L - 1):
             later = L - 1 - l1
-            prod = x[l1].reshape(H * r, c.d_model) @ y_cols[:, (l1 + 1) * H * r:]  # [H r, later H r]
+            x = c.ov_S[l1][..., :, None] * c.ov_V[l1].transpose(-2, -1)  # [H, r, d]
+            prod = x.reshape(H * r, c.d_model) @ y_cols[:, (l1 + 1) * H * r:]  # [H r, later H r]
             norms = prod.reshape(H, r, later, H, r).pow(2).sum((1, 4)).sqrt()  # [H, later, H]
             scores[l1, :, l1 + 1:] = norms / (x_norm[l1][:, None, None] * y_norm[l1 + 1:][None])
         out[mode] = scores.nan_to_num(0.0)  # a zeroed head has norm 0: no composition
@@ -318,7 +361,7 @@ def channel_components(c: Circuits, composition: Composition, writer: Head, read
     if writer[0] >= reader[0]:
         raise ChannelsError(f"A writer must sit in an earlier layer than its reader; {head_label(writer)} does not "
                             f"come before {head_label(reader)}.")
-    y = reader_factor(c, mode)[reader]  # [d, r]
+    y = reader_factor(c, mode, reader[0])[reader[1]]  # [d, r]
     v = c.ov_V[writer]  # [d, r]
     scores = (v.transpose(0, 1) @ y).norm(dim=-1) / y.norm().clamp_min(1e-30)  # [r]
     channel = Channel(writer, reader, mode, float(composition.scores[mode][writer + reader]), composition.baseline)
