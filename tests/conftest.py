@@ -20,6 +20,8 @@ import pytest
 import torch
 
 atexit.register(shutil.rmtree, os.environ["LAYERSCOPE_DATA"], True)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's workers (pytest.ini) share the cores instead of each taking all
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def save_tiny_gpt2(folder, n_layer: int = 3, n_embd: int = 32, n_head: int = 4, n_positions: int = 64,
