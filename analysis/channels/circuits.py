@@ -282,10 +282,15 @@ def head_label(head: Head) -> str:
     return f"L{head[0]}H{head[1]}"
 
 
+PRODUCT_ELEMENTS = 1 << 24  # products of writers with one reader layer, this many floats (64 MB) at a time
+
+
 def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition:
     """All writer/reader composition scores. With X_w = diag(S_w) V_w^T [r, d] (so
     ||OV_w x|| and ||OV_w||_F are X_w's), ||OV_w M_r||_F = ||X_w Y_r||_F (`reader_factor`):
-    one [H r, d] x [d, (later layers) H r] product per writer layer, then block norms."""
+    each reader layer's Y once, multiplied by the X of every earlier writer layer (a few
+    writer layers at a time, PRODUCT_ELEMENTS), then block norms: nothing of every layer's
+    size is made beyond the kept `ov_V`."""
     require_type(c, Circuits, "The circuits")
     require_type(modes, (list, tuple), "The composition modes")
     if not modes:
@@ -295,20 +300,18 @@ def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition
     L, H, r = c.n_layers, c.n_heads, c.ov_S.shape[-1]
     x_norm = c.ov_S.norm(dim=-1)  # [L, H]
     out = {}
+    per = max(1, PRODUCT_ELEMENTS // (H * r) ** 2)  # writer layers per product
     for mode in modes:
-        y_cols = torch.empty(c.d_model, L * H * r)  # [d, L H r]: every reader's factor, filled a layer at a time
-        y_norm = torch.empty(L, H)
-        for layer in range(L):
-            y = reader_factor(c, mode, layer)  # [H, d, r]
-            y_norm[layer] = y.norm(dim=(-2, -1))
-            y_cols[:, layer * H * r:(layer + 1) * H * r] = y.permute(1, 0, 2).reshape(c.d_model, H * r)
         scores = torch.zeros(L, H, L, H)
-        for l1 in range(L - 1):
-            later = L - 1 - l1
-            x = c.ov_S[l1][..., :, None] * c.ov_V[l1].transpose(-2, -1)  # [H, r, d]
-            prod = x.reshape(H * r, c.d_model) @ y_cols[:, (l1 + 1) * H * r:]  # [H r, later H r]
-            norms = prod.reshape(H, r, later, H, r).pow(2).sum((1, 4)).sqrt()  # [H, later, H]
-            scores[l1, :, l1 + 1:] = norms / (x_norm[l1][:, None, None] * y_norm[l1 + 1:][None])
+        for l2 in range(1, L):  # each reader layer's factor once, against every earlier writer layer
+            y = reader_factor(c, mode, l2)  # [H, d, r]
+            y_norm = y.norm(dim=(-2, -1))  # [H]
+            y_cols = y.permute(1, 0, 2).reshape(c.d_model, H * r)  # [d, H r]
+            for first in range(0, l2, per):
+                last = min(l2, first + per)
+                x = (c.ov_S[first:last, ..., :, None] * c.ov_V[first:last].transpose(-2, -1)).reshape(-1, c.d_model)
+                norms = (x @ y_cols).square_().reshape(last - first, H, r, H, r).sum((2, 4)).sqrt_()  # [layers, H, H]
+                scores[first:last, :, l2] = norms / (x_norm[first:last, :, None] * y_norm[None, None])
         out[mode] = scores.nan_to_num(0.0)  # a zeroed head has norm 0: no composition
     return Composition(out, c.d_model, c.rotary)
 
