@@ -57,6 +57,7 @@ def test_rate_distortion_allocation_on_the_digits_cnn():
 
 def test_evolutionary_search_runs_and_a_stopped_one_keeps_its_best(monkeypatch):
     from analysis.compress.prune import allocation as alloc
+    from lib import data
     from lib.models import load_model
     from ui.store import STORE
 
@@ -72,9 +73,10 @@ def test_evolutionary_search_runs_and_a_stopped_one_keeps_its_best(monkeypatch):
     assert edit.type == "layer_sparsity" and edit.method == "evolutionary"
 
     # A stop click reruns the page at once; the rerun shows the best plan of the generations done.
-    fingerprint = load_model("zoo:digits-cnn").fingerprint
-    key = ("evolution", fingerprint, 0.5, 3)
-    so_far = STORE.get(("evolution", fingerprint, 0.5, 2))
+    handle = load_model("zoo:digits-cnn")
+    model = (handle.fingerprint, data.default_batch(handle).digest)  # results are kept per model and batch
+    key = ("evolution", *model, 0.5, 3)
+    so_far = STORE.get(("evolution", *model, 0.5, 2))
     STORE.put(key + ("so far",), alloc.Search(so_far.layers, so_far.levels, so_far.best_kl, so_far.curve[:2]))
     monkeypatch.setattr(alloc, "evolve", lambda *a, **k: pytest.fail("a stopped search must not run again"))
     at.session_state["lab_evo_stopped"] = key

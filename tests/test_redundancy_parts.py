@@ -58,6 +58,6 @@ def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, mo
     at.number_input[0].set_value(2)
     run(at)
     assert calls == dict(once, layer_statistics=2, lens_statistics=2)
-    fingerprint = load_base(at.session_state["load_request"]).fingerprint
-    assert store.get(("layer_statistics", fingerprint, 2)).skip == 2  # what the page now shows
+    handle = load_base(at.session_state["load_request"])
+    assert store.get(("layer_statistics", *cache.batch_key(handle), 2)).skip == 2  # what the page now shows
     assert not [e.value for e in at.error]

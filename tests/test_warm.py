@@ -8,6 +8,7 @@ import time
 import pytest
 
 import ui.cache
+from lib import data
 from lib.errors import CapabilityError, LayerScopeError
 from lib.models import zoo_names
 from ui import warm
@@ -24,7 +25,7 @@ VIEWS = ("views/model.py", "views/redundancy.py", "views/channels.py", "views/in
 def test_every_page_reads_what_the_warm_up_computed(spec, monkeypatch):
     assert warm.warm([spec]) == []
     handle = warm.load_base(LoadRequest(spec))
-    assert ("drop_sweep", handle.fingerprint) in STORE._items  # it did compute (into the pages' store)
+    assert ("drop_sweep", handle.fingerprint, data.default_batch(handle).digest) in STORE._items  # it computed
 
     computed = []  # what a page computes from here on: STORE misses and st.cache_data misses
     put = STORE.put

@@ -1,6 +1,7 @@
-"""What every page reads about the loaded base model, computed once per model: its
-evaluation batch and baseline metrics (`st.cache_data`, keyed by the model's fingerprint)
-and its outputs on that batch (large: the no-copy `ui.store.STORE`).
+"""What every page reads about the loaded base model, computed once per model and evaluation
+batch: the batch itself (sized from the model, or raised by the visitor: `eval_windows`),
+baseline metrics (`st.cache_data`, keyed by `batch_key`: the model's fingerprint and the
+batch's digest) and its outputs on that batch (large: the no-copy `ui.store.STORE`).
 
 Small results go through `st.cache_data`, which copies its value on every hit; large
 tensors (base logits: 16 x 256 x 50257 floats is about 800 MB for gpt2), analyses that
@@ -10,8 +11,10 @@ report progress while they run and the parts of one view's analysis go through `
 from __future__ import annotations
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from lib import data
+from lib.errors import DataError
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, evaluate, model_inputs
 from lib.scoring import Logits
@@ -19,19 +22,54 @@ from lib.spread import Spread, position_scores, spread
 from lib.verify import Verification, verify
 from ui.store import STORE
 
+MAX_EVAL_WINDOWS = 64  # windows a visitor may raise a language model's evaluation batch to
+
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _eval_batch(_handle: ModelHandle, fingerprint: str) -> data.Batch:
-    return data.default_batch(_handle)
+def _eval_batch(_handle: ModelHandle, fingerprint: str, n_windows: int | None) -> data.Batch:
+    return data.default_batch(_handle, n_windows)
+
+
+def eval_windows(handle: ModelHandle) -> int | None:
+    """The windows this visitor asked for on this model (None: sized from the model; always
+    None outside a visitor's run, as for the warm-up)."""
+    if get_script_run_ctx() is None:
+        return None
+    return st.session_state.get("eval_windows", {}).get(handle.fingerprint)
 
 
 def eval_batch(handle: ModelHandle) -> data.Batch:
-    """The model's fixed evaluation batch (`lib.data.default_batch`), made once per model."""
-    return _eval_batch(handle, handle.fingerprint)
+    """The model's evaluation batch (`lib.data.default_batch`, sized from the model, or with
+    the windows this visitor raised it to), made once per model and size."""
+    return _eval_batch(handle, handle.fingerprint, eval_windows(handle))
+
+
+def auto_windows(handle: ModelHandle) -> int:
+    """Windows of the evaluation batch sized from the model (`lib.data.default_batch`)."""
+    return len(model_inputs(_eval_batch(handle, handle.fingerprint, None)))
+
+
+def set_windows(handle: ModelHandle, n_windows: int) -> None:
+    """This visitor's evaluation batch for this model: `n_windows` windows (the size chosen
+    from the model, or more, up to MAX_EVAL_WINDOWS). DataError when the held-out text has
+    fewer windows to give; the batch is then unchanged."""
+    auto = auto_windows(handle)
+    if not auto <= n_windows <= MAX_EVAL_WINDOWS:
+        raise DataError(f"The evaluation batch takes {auto} to {MAX_EVAL_WINDOWS} windows on this model "
+                        f"({auto}: sized from the model), not {n_windows}.")
+    if n_windows != auto:
+        _eval_batch(handle, handle.fingerprint, n_windows)  # too little text: refused here, not on every page
+    st.session_state.setdefault("eval_windows", {})[handle.fingerprint] = None if n_windows == auto else n_windows
+
+
+def batch_key(handle: ModelHandle) -> tuple[str, str]:
+    """What a result computed on the evaluation batch is cached under: the model and the batch
+    (a visitor who raised the batch gets results of their own)."""
+    return handle.fingerprint, eval_batch(handle).digest
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _baseline(_handle: ModelHandle, fingerprint: str) -> Metrics:
+def _baseline(_handle: ModelHandle, key: tuple[str, str]) -> Metrics:
     return evaluate(_handle, eval_batch(_handle))
 
 
@@ -39,19 +77,19 @@ def baseline(handle: ModelHandle) -> Metrics:
     """Baseline metrics of the base model on its evaluation batch (its latency is
     `ui.model.base_latency`'s: a timing is not a fixed property of the model to cache
     forever)."""
-    return _baseline(handle, handle.fingerprint)
+    return _baseline(handle, batch_key(handle))
 
 
 def base_outputs(handle: ModelHandle) -> Logits:
     """The base model's outputs on its evaluation batch (kept once, never copied; a language
     model's large logits as its final hidden state, read out as they are scored)."""
-    return STORE.get_or_compute(("base_outputs", handle.fingerprint),
+    return STORE.get_or_compute(("base_outputs", *batch_key(handle)),
                                 lambda: handle.outputs(model_inputs(eval_batch(handle))))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _verified(_handle: ModelHandle, fingerprint: str) -> Verification:
-    return verify(_handle, model_inputs(eval_batch(_handle)))
+    return verify(_handle, model_inputs(_eval_batch(_handle, fingerprint, None)))  # on the batch sized from the model
 
 
 def verified(handle: ModelHandle) -> Verification:
@@ -60,10 +98,10 @@ def verified(handle: ModelHandle) -> Verification:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _baseline_spread(_handle: ModelHandle, fingerprint: str) -> Spread:
+def _baseline_spread(_handle: ModelHandle, key: tuple[str, str]) -> Spread:
     return spread(position_scores(base_outputs(_handle), eval_batch(_handle)))
 
 
 def baseline_spread(handle: ModelHandle) -> Spread:
     """Bootstrap intervals of the baseline metrics (`lib.spread`), from the base outputs."""
-    return _baseline_spread(handle, handle.fingerprint)
+    return _baseline_spread(handle, batch_key(handle))

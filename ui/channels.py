@@ -10,7 +10,7 @@ import streamlit as st
 from analysis.channels import circuits as ch
 from analysis.channels import heads
 from lib.handle import ModelHandle
-from ui.cache import base_outputs, eval_batch
+from ui.cache import base_outputs, batch_key, eval_batch
 from ui.store import STORE
 
 EXAMPLE_PROMPTS = {  # a repeat in each, so induction has something to find
@@ -54,7 +54,7 @@ def head_roles(handle: ModelHandle) -> heads.HeadRoles:
         with st.spinner("Recording every head's attention on a repeated-token probe ..."):
             return heads.head_roles(handle, role_probe(handle))
 
-    return STORE.get_or_compute(("channels.roles", handle.fingerprint), compute)
+    return STORE.get_or_compute(("channels.roles", *batch_key(handle)), compute)
 
 
 def prompt_patterns(handle: ModelHandle, prompt: str) -> tuple[heads.PromptTokens, object]:
@@ -79,7 +79,7 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
         with st.spinner(f"Running the evaluation set with {edit.label} ..."):
             return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=base)
 
-    return STORE.get_or_compute(("channels.intervention", handle.fingerprint, edit, reader, prompt), compute)
+    return STORE.get_or_compute(("channels.intervention", *batch_key(handle), edit, reader, prompt), compute)
 
 
 def _head(label: str) -> ch.Head | None:

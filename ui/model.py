@@ -1,5 +1,6 @@
-"""The Model page's parts: the base model's latency, measured on request, and what the
-model could not read of a prompt (also shown by the Interpreter page)."""
+"""The Model page's parts: the base model's latency, measured on request, the size of the
+evaluation batch, and what the model could not read of a prompt (also shown by the
+Interpreter page)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import time
 
 import streamlit as st
 
+from lib import data
+from lib.errors import DataError
 from lib.handle import ModelHandle
 from lib.metrics import Timing, base_timing, model_inputs
-from ui.cache import eval_batch
+from ui.cache import MAX_EVAL_WINDOWS, auto_windows, batch_key, eval_batch, set_windows
 from ui.store import STORE
 
 
@@ -22,7 +25,7 @@ def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
         handle.forward(inputs)  # untimed: it also builds what later forwards reuse
         return base_timing(handle, inputs, time.perf_counter() - start), time.time()
 
-    return STORE.get_or_compute(("base_latency", handle.fingerprint, attempt), compute)
+    return STORE.get_or_compute(("base_latency", *batch_key(handle), attempt), compute)
 
 
 def prompt_notes(result, n_ctx: int) -> None:
@@ -35,3 +38,27 @@ def prompt_notes(result, n_ctx: int) -> None:
         st.info(f"The prompt is longer than the model's context of {n_ctx} tokens: the first {result.truncated} "
                 "tokens were dropped, and the model reads the rest.")
 
+
+
+def batch_control(handle: ModelHandle) -> None:
+    """A language model's evaluation windows: sized from the model (parameters x tokens), and
+    the visitor may raise them for narrower intervals, at the cost of every page's time."""
+    batch = eval_batch(handle)
+    if not isinstance(batch, data.TextBatch) or batch.answer_mask is not None:  # a fixed task set
+        return
+    auto, key = auto_windows(handle), f"eval_windows_{handle.fingerprint}"
+
+    def changed() -> None:
+        try:
+            set_windows(handle, int(st.session_state[key]))
+        except DataError as e:
+            st.session_state["eval_windows_error"] = str(e)
+            st.session_state[key] = len(batch.tokens)  # the box shows the batch in use
+
+    st.number_input("Evaluation windows", min_value=auto, max_value=MAX_EVAL_WINDOWS, value=len(batch.tokens),
+                    step=1, key=key, on_change=changed,
+                    help=f"{auto} is sized from the model (parameters × tokens); more windows narrow every interval "
+                         "and make every page's measurement take longer in proportion. Applies to this model on "
+                         "every page; the lab re-measures your recipe on the new batch.")
+    if "eval_windows_error" in st.session_state:
+        st.error(st.session_state.pop("eval_windows_error"))

@@ -15,7 +15,7 @@ from analysis.redundancy.drops import DropSweep, sweep_in_forwards
 from analysis.redundancy.report import DropCheck, RedundancyReport
 from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
-from ui.cache import base_outputs, eval_batch
+from ui.cache import base_outputs, batch_key, eval_batch
 from ui.progress import Progress, stored
 from ui.store import STORE
 
@@ -29,15 +29,15 @@ def residuals(handle: ModelHandle) -> Residuals:
         with st.spinner("One forward pass with hooks ..."):
             start = time.perf_counter()
             res = rr.residual_pass(handle, eval_batch(handle))
-            STORE.put(("forward_seconds", handle.fingerprint), time.perf_counter() - start)
+            STORE.put(("forward_seconds", *batch_key(handle)), time.perf_counter() - start)
             return res
 
-    return stored(("residuals", handle.fingerprint), compute)
+    return stored(("residuals", *batch_key(handle)), compute)
 
 
 def announce(handle: ModelHandle, forwards: float, what: str) -> None:
     """Say how long a step will take, from the measured forward, when that is over ESTIMATE_FROM_S."""
-    seconds = STORE.get(("forward_seconds", handle.fingerprint))
+    seconds = STORE.get(("forward_seconds", *batch_key(handle)))
     if seconds is not None and forwards * seconds > ESTIMATE_FROM_S:
         st.caption(f"{what}: about {forwards * seconds:.0f} s here, the work of {forwards:.0f} forward passes "
                    f"(one took {seconds:.1f} s on this machine); its bar shows the time left while it runs.")
@@ -45,18 +45,18 @@ def announce(handle: ModelHandle, forwards: float, what: str) -> None:
 
 def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
     batch = eval_batch(handle)
-    return stored(("layer_statistics", handle.fingerprint, skip),
+    return stored(("layer_statistics", *batch_key(handle), skip),
                    lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip))
 
 
 def lens(handle: ModelHandle, skip: int) -> LogitLens:
     batch = eval_batch(handle)
-    return stored(("lens", handle.fingerprint, skip),
+    return stored(("lens", *batch_key(handle), skip),
                    lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step), "Logit lens")
 
 
 def stage_statistics(handle: ModelHandle) -> StageSimilarity:
-    return stored(("stage_statistics", handle.fingerprint),
+    return stored(("stage_statistics", *batch_key(handle)),
                    lambda _: stage_similarity(handle, eval_batch(handle)), "Comparing stages")
 
 
@@ -64,12 +64,12 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
     """Every single drop measured (LMs reuse the cached pass)."""
     batch = eval_batch(handle)
     if rr.is_stage_model(handle, batch):
-        return stored(("drop_sweep", handle.fingerprint), lambda _: rr.drop_sweep(handle, batch),
+        return stored(("drop_sweep", *batch_key(handle)), lambda _: rr.drop_sweep(handle, batch),
                        "Dropping each stage")
     res = residuals(handle)
-    if STORE.get(("drop_sweep", handle.fingerprint)) is None:
+    if STORE.get(("drop_sweep", *batch_key(handle))) is None:
         announce(handle, sweep_in_forwards(handle, batch.tokens.shape[1]), "Measuring every drop")
-    return stored(("drop_sweep", handle.fingerprint),
+    return stored(("drop_sweep", *batch_key(handle)),
                    lambda step: rr.drop_sweep(handle, batch, res, progress=step), "Dropping each module")
 
 
@@ -93,4 +93,4 @@ def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
             base = base_outputs(handle) if rr.is_stage_model(handle, batch) else final_logits(handle, residuals(handle))
             return rr.check_drops(handle, batch, report, list(drops), base)
 
-    return STORE.get_or_compute(("drop_check", handle.fingerprint, skip, drops), compute)
+    return STORE.get_or_compute(("drop_check", *batch_key(handle), skip, drops), compute)

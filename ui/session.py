@@ -25,7 +25,7 @@ from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model
 from lib.scoring import prepare_base
-from ui.cache import base_outputs, eval_batch
+from ui.cache import base_outputs, batch_key, eval_batch
 from ui.progress import progress_bar
 
 DEFAULT_SPEC = "zoo:code-lm"
@@ -175,20 +175,30 @@ def require_handle() -> ModelHandle:
 
 
 def current_lab(handle: ModelHandle) -> Lab | None:
-    """This session's lab for the loaded model, if one was made (no recipe yet: None)."""
-    return st.session_state.get("labs", {}).get(handle.fingerprint)
+    """This session's lab for the loaded model and evaluation batch, if one was made (else None)."""
+    return st.session_state.get("labs", {}).get(batch_key(handle))
 
 
 def session_lab(handle: ModelHandle) -> Lab:
     """This session's lab for the loaded model, made on first use (it measures the base).
-    One per model, so switching models and back keeps each recipe."""
+    One per model, so switching models and back keeps each recipe; a lab made after the
+    visitor resized the evaluation batch starts from the recipe of the model's last lab."""
     labs = st.session_state.setdefault("labs", {})
-    if handle.fingerprint not in labs:
+    key = batch_key(handle)
+    if key not in labs:
         with st.spinner("Measuring the base model: quality, size and latency ..."):
             batch = eval_batch(handle)
             # prepared per lab: it keeps the shared base outputs by reference, plus [n] numbers of its own
-            labs[handle.fingerprint] = Lab(handle, batch, base_outputs=prepare_base(base_outputs(handle), batch))
-    return labs[handle.fingerprint]
+            lab = Lab(handle, batch, base_outputs=prepare_base(base_outputs(handle), batch))
+        before = [k for k in labs if k[0] == handle.fingerprint]  # one lab per model: the old batch's goes
+        recipe = labs[before[-1]].recipe if before else None
+        for k in before:
+            del labs[k]
+        labs[key] = lab
+        if recipe is not None and recipe.edits:
+            with st.spinner("Measuring the recipe on the resized evaluation batch ..."):
+                lab.apply(recipe)
+    return labs[key]
 
 
 def change_recipe(label: str, act: Callable[[Progress], object]) -> bool:

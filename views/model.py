@@ -13,7 +13,7 @@ from lib.metrics import LABELS, QUALITY_FIELDS, input_psnr_db, model_inputs
 from lib.zoo import ZOO, model_card, zoo_name
 from ui.cache import baseline, baseline_spread, eval_batch
 from ui.glossary import GLOSSARY
-from ui.model import base_latency, prompt_notes
+from ui.model import base_latency, batch_control, prompt_notes
 from ui.session import require_handle
 
 handle = require_handle()
@@ -70,6 +70,7 @@ with quality:
     left.caption(f"Evaluation set: {batch.source}. Under each quality metric: its 95 % interval, a percentile "
                  f"bootstrap over the {intervals.n_units} evaluation {intervals.unit}s. Latency measured at {at} over "
                  f"{over}: {timing.text()}; a busy machine widens the interval.")
+    batch_control(handle)
     if right.button("Time again", key="model_time_again", help="Measure the latency now (another session may have "
                     "measured it while the machine was busy)."):
         st.session_state[f"latency_attempt_{handle.spec}"] = attempt + 1

@@ -15,7 +15,7 @@ from lib import data
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.metrics import model_inputs
-from ui.cache import eval_batch
+from ui.cache import batch_key, eval_batch
 from ui.lab.methods import LM, LM_AND_IMAGES, live_layers, method, scope_controls, sparsity_slider
 from ui.progress import progress_bar
 from ui.store import STORE
@@ -37,7 +37,7 @@ def _curves(base: ModelHandle, n_levels: int) -> alloc.DistortionCurves:
         with progress_bar("Distortion curves") as update:
             return alloc.distortion_curves(base, _calibration(base), n_levels, progress=update)
 
-    return STORE.get_or_compute(("distortion_curves", base.fingerprint, n_levels), compute)
+    return STORE.get_or_compute(("distortion_curves", *batch_key(base), n_levels), compute)
 
 
 @method("Allocate sparsity by rate-distortion", LM_AND_IMAGES,
@@ -55,7 +55,7 @@ def rate_distortion(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     st.plotly_chart(plots_alloc.distortion_curves(curves, plan), width="stretch")
     st.plotly_chart(plots_alloc.allocation_bars([plan, flat]), width="stretch")
     measured = STORE.get_or_compute(
-        ("rd_measured", base.fingerprint, sparsity),
+        ("rd_measured", *batch_key(base), sparsity),
         lambda: [alloc.measured_distortion(base, _calibration(base), p) for p in (plan, flat)])
     st.dataframe({"allocation": ["rate-distortion (chosen)", "uniform"],
                   "predicted distortion (sum of the curves)": [f"{plan.predicted:.4g}", f"{flat.predicted:.4g}"],
@@ -78,7 +78,7 @@ def evolutionary(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         st.session_state.pop("lab_evo_stopped", None)  # switched off: the next run starts afresh
         return None
     curves = _curves(base, 20)
-    key = ("evolution", base.fingerprint, sparsity, generations)
+    key = ("evolution", *batch_key(base), sparsity, generations)
     partial = key + ("so far",)
     search = STORE.get(key)
     # A click stops the running search (streamlit reruns at once); the rerun keeps its best so far.

@@ -98,7 +98,7 @@ def internals(lab: Lab) -> None:
                                         lambda: cmp.depth_profile(lab.base, batch))
             edited = STORE.get_or_compute(("compare_depth", lab.base.fingerprint, point.digest, batch.digest),
                                           lambda: cmp.depth_profile(lab.edited(), batch))
-            roles = STORE.get_or_compute(("compare_roles", lab.base.fingerprint, point.digest),
+            roles = STORE.get_or_compute(("compare_roles", lab.base.fingerprint, lab.batch.digest, point.digest),
                                          lambda: cmp.role_changes(lab.base, lab.edited(), lab.batch))
     except LayerScopeError as e:
         st.info(app_message(e))

@@ -115,7 +115,7 @@ def _pass(base: ModelHandle, edited: ModelHandle, lens: str
           ) -> tuple[ex.ExitStats, dict[str, ex.ExitCurve], ex.ExitPoint | None]:
     """The one recorded pass, every criterion's curve and the best exit through `lens`
     (`best_exit`; computed once per model and lens)."""
-    key = ("exit_pass", edited.fingerprint, lens)
+    key = ("exit_pass", edited.fingerprint, eval_batch(base).digest, lens)
     found = STORE.get(key)
     if found is None:
         batch = eval_batch(base)
@@ -311,7 +311,7 @@ def _lens_comparison(base: ModelHandle, edited: ModelHandle) -> None:
         batch = eval_batch(base)
         return [ex.lens_kl(edited, batch, lens) for lens in ("logit", "tuned")]
 
-    lenses = STORE.get_or_compute(("exit_lens_kl", edited.fingerprint), compute)
+    lenses = STORE.get_or_compute(("exit_lens_kl", edited.fingerprint, eval_batch(base).digest), compute)
     st.plotly_chart(plots_exits.lens_kl_lines(lenses), width="stretch")
     logit, tuned = (lens.kl[:-1] for lens in lenses)  # the last depth is the output itself: KL 0
     st.caption(f"The tuned lens reads closer to the final layer at {int((tuned < logit).sum())} of {len(tuned)} "

@@ -319,7 +319,7 @@ def export_check(lab: Lab, edits: tuple[Edit, ...]) -> None:
     """The export loaded back (plain transformers where it can): its size, metrics and latency beside the lab's."""
     from analysis.compress.export_check import check_export
 
-    key = ("lab_export_check", lab.base.fingerprint, lab.current.digest)
+    key = ("lab_export_check", lab.base.fingerprint, lab.batch.digest, lab.current.digest)
     if lab.base.kind == "causal-lm" and st.button("Load the export back and measure it", key="lab_check_export"):
         try:
             with progress_bar("Checking the export") as bar:

@@ -148,7 +148,7 @@ def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: 
     if edit.method != "quantease" or not st.toggle("Compare QuantEase with round to nearest on this layer", True,
                                                    key="lab_quant_compare", help=GLOSSARY["layer_output_error"]):
         return
-    key = ("quant_methods", edited.fingerprint, layer, edit.format, edit.group_size)
+    key = ("quant_methods", edited.fingerprint, eval_batch(base).digest, layer, edit.format, edit.group_size)
     try:
         with st.spinner(f"QuantEase on {layer} ..."):
             inputs = model_inputs(eval_batch(base))
@@ -171,7 +171,7 @@ def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: 
 
 def _kernel_view(base: ModelHandle, edited: ModelHandle) -> None:
     """torch's dynamic int8 CPU kernel on the edited model, next to the simulated INT8."""
-    key = ("int8_kernel", edited.fingerprint)
+    key = ("int8_kernel", edited.fingerprint, eval_batch(base).digest)
     if st.button("Measure a real int8 kernel (torch, CPU)", key="lab_quant_kernel", icon=":material/speed:",
                  help="Runs the fully connected layers of the current model with torch's dynamic int8 kernel "
                       "(int8 weights per output channel, inputs quantized on the fly) and times it against float32."):
@@ -219,8 +219,8 @@ def llm_int8(base: ModelHandle, edited: ModelHandle) -> Edit | None:
         names = list(scoped_layers(edited, scope, layers))
         inputs = model_inputs(eval_batch(base))
         with st.spinner("Reading every layer's inputs ..."):
-            report = STORE.get_or_compute(("outliers", edited.fingerprint, threshold, tuple(names)),
-                                          lambda: find_outliers(edited, inputs, names, threshold))
+            key = ("outliers", edited.fingerprint, eval_batch(base).digest, threshold, tuple(names))
+            report = STORE.get_or_compute(key, lambda: find_outliers(edited, inputs, names, threshold))
         st.plotly_chart(plots_quant.outlier_bars(report), width="stretch", key="lab_int8_outliers")
         kept = sum(len(c) for c in report.columns)
         hit = sum(1 for c in report.columns if c)
@@ -237,7 +237,7 @@ def _sensitivity(base: ModelHandle, edited: ModelHandle, fmt: str) -> Sensitivit
         with progress_bar("Layer sensitivity") as update:
             return sensitivity(edited, _calibration(base), fmt, progress=update)
 
-    return STORE.get_or_compute(("quant_sensitivity", edited.fingerprint, fmt), compute)
+    return STORE.get_or_compute(("quant_sensitivity", edited.fingerprint, eval_batch(base).digest, fmt), compute)
 
 
 @method("Mixed precision", LM_AND_IMAGES,
@@ -268,7 +268,7 @@ def mixed_precision(base: ModelHandle, edited: ModelHandle) -> tuple[Edit, ...] 
                      help=GLOSSARY["layer_sensitivity"]):
         return None
     sens = _sensitivity(base, edited, low)
-    key = ("quant_allocation", edited.fingerprint, low, high, tuple(target.items()))
+    key = ("quant_allocation", edited.fingerprint, eval_batch(base).digest, low, high, tuple(target.items()))
     with st.spinner("Choosing bits per layer ..."):
         plan: Allocation = STORE.get_or_compute(key, lambda: allocate(edited, _calibration(base), sens, low,
                                                                       high, **target))
