@@ -9,9 +9,10 @@ import time
 
 import streamlit as st
 
+from analysis.compress.prune.pruning import Drop
 from analysis.lens import LogitLens
 from analysis.redundancy import report as rr
-from analysis.redundancy.drops import DropSweep, sweep_in_forwards
+from analysis.redundancy.drops import LM_KINDS, DropSweep, stopped_sweep, sweep_in_forwards
 from analysis.redundancy.report import DropCheck, RedundancyReport
 from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
@@ -67,10 +68,43 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
         return stored(("drop_sweep", *batch_key(handle)), lambda _: rr.drop_sweep(handle, batch),
                        "Dropping each stage")
     res = residuals(handle)
-    if STORE.get(("drop_sweep", *batch_key(handle))) is None:
-        announce(handle, sweep_in_forwards(handle, batch.tokens.shape[1]), "Measuring every drop")
-    return stored(("drop_sweep", *batch_key(handle)),
-                   lambda step: rr.drop_sweep(handle, batch, res, progress=step), "Dropping each module")
+    key = ("drop_sweep", *batch_key(handle))
+    if STORE.get(key) is not None:
+        return STORE.get(key)
+    so_far = STORE.get(key + ("so far",))  # what a stopped (or interrupted) sweep measured: kept, and resumed
+    if so_far is None:
+        so_far = {}
+        STORE.put(key + ("so far",), so_far)
+    stop = st.empty()
+    if st.session_state.get("sweep_stopped") == key and "base" in so_far:
+        with stop.container():
+            st.info(f"The drop sweep was stopped after {len(so_far.get('dropped', {}))} of "
+                    f"{3 * handle.structure.n_layers} modules: what follows shows those; the rest are listed as "
+                    "not measured.")
+            if not st.button("Measure the rest", key="redundancy_resume_sweep", icon=":material/play_arrow:"):
+                return stopped_sweep(handle, so_far)
+        del st.session_state["sweep_stopped"]
+        stop.empty()
+    elif stop.button("Stop and keep what is measured", key="redundancy_stop_sweep", icon=":material/stop:",
+                     help="Ends the drop sweep now; the modules measured so far are shown, and it can go on later."):
+        st.session_state["sweep_stopped"] = key  # this click's rerun ended the sweep: show what it measured
+        st.rerun()
+    announce(handle, sweep_in_forwards(handle, batch.tokens.shape[1]) * (1 - _share_done(handle, so_far)),
+             "Measuring every drop")
+    value = stored(key, lambda step: rr.drop_sweep(handle, batch, res, progress=step, so_far=so_far),
+                   "Dropping each module")
+    stop.empty()
+    return value
+
+
+def _parts(handle: ModelHandle) -> int:
+    """Modules the sweep measures: every block, attention and MLP the model can drop alone."""
+    return sum(not handle.drop_problem(Drop(kind, layer)) for kind in LM_KINDS
+               for layer in range(handle.structure.n_layers))
+
+
+def _share_done(handle: ModelHandle, so_far: dict) -> float:
+    return len(so_far.get("dropped", {})) / max(1, _parts(handle))
 
 
 def redundancy(handle: ModelHandle, skip: int) -> RedundancyReport:

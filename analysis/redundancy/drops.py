@@ -66,12 +66,15 @@ def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> Logits:
 
 @torch.no_grad()
 def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
-                  kinds: Sequence[str] = LM_KINDS, progress: Progress | None = None) -> DropSweep:
+                  kinds: Sequence[str] = LM_KINDS, progress: Progress | None = None,
+                  so_far: dict | None = None) -> DropSweep:
     """Metrics with each single block / attention / MLP dropped, reusing the cached
     h_l and m_l: dropping part l only reruns layers l..L-1 (blocks and MLPs: l+1..L-1;
     m_l is what block l gives with its MLP dropped, in a parallel block too).
     Parts the model does not have (the MLPs of an attention-only model) are listed
-    in `not_droppable`."""
+    in `not_droppable`. so_far: a dict the caller keeps across an interrupted sweep; it
+    receives the base's metrics ("base") and each drop's as it is measured ("dropped"),
+    and drops already there are not measured again (`stopped_sweep` reads it meanwhile)."""
     unknown = [k for k in kinds if k not in LM_KINDS]
     if unknown:
         raise AnalysisError(f"A language model's parts are {', '.join(LM_KINDS)}; {', '.join(map(repr, unknown))} "
@@ -81,12 +84,17 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
     L = handle.structure.n_layers
     base_logits = final_logits(handle, res)
     reference = prepare_base(base_logits, batch)  # base softmax once, not once per drop
-    base = _metrics(handle, base_logits, batch, reference)
-    out: dict[Drop, Metrics] = {}
+    so_far = {} if so_far is None else so_far
+    if "base" not in so_far:
+        so_far["base"] = _metrics(handle, base_logits, batch, reference)
+    base = so_far["base"]
+    out: dict[Drop, Metrics] = so_far.setdefault("dropped", {})
     jobs = [Drop(kind, layer) for kind in kinds for layer in range(L)]
     skipped = {d: reason for d in jobs if (reason := handle.drop_problem(d))}
     jobs = [d for d in jobs if d not in skipped]
     for i, drop in enumerate(jobs):
+        if drop in out:  # measured before the sweep was stopped
+            continue
         if drop.kind == "block":
             logits = _run_from(handle, drop.layer + 1, res.resid[drop.layer])
         elif drop.kind == "mlp":
@@ -97,7 +105,21 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
         out[drop] = _metrics(handle, logits, batch, reference)
         if progress:
             progress((i + 1) / len(jobs), f"dropping {drop.part}")
-    return DropSweep(base, out, skipped)
+    return DropSweep(base, dict(out), skipped)
+
+
+STOPPED = "not measured: the sweep was stopped before it"
+
+
+def stopped_sweep(handle: ModelHandle, so_far: dict, kinds: Sequence[str] = LM_KINDS) -> DropSweep:
+    """What a stopped `lm_drop_sweep` measured (its `so_far`), the parts it did not reach
+    listed in `not_droppable` as not measured (STOPPED), beside those the model cannot drop."""
+    jobs = [Drop(kind, layer) for kind in kinds for layer in range(handle.structure.n_layers)]
+    measured = dict(so_far.get("dropped", {}))
+    if "base" not in so_far:
+        raise AnalysisError("Nothing was measured before the sweep stopped: run it again.")
+    missing = {d: handle.drop_problem(d) or STOPPED for d in jobs if d not in measured}
+    return DropSweep(so_far["base"], measured, missing)
 
 
 def sweep_in_forwards(handle: ModelHandle, seq_len: int, kinds: Sequence[str] = LM_KINDS) -> float:

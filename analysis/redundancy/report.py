@@ -86,14 +86,15 @@ def lens_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip:
 
 
 def drop_sweep(handle: ModelHandle, batch: Batch, res: Residuals | None = None,
-               progress: Progress | None = None) -> DropSweep:
+               progress: Progress | None = None, so_far: dict | None = None) -> DropSweep:
     """Every single drop, measured: LM parts from the recorded pass `res` (needed for
-    an LM), or image stages (each a full forward)."""
+    an LM; `so_far`: what an interrupted sweep measured, see `lm_drop_sweep`), or image
+    stages (each a full forward)."""
     if is_stage_model(handle, batch):
         return layer_drop.stage_drop_sweep(handle, batch)
     if res is None:
         raise redundancy.RedundancyError("A language model's drop sweep reuses its recorded pass: pass `res`.")
-    return layer_drop.lm_drop_sweep(handle, batch, res, progress=progress)
+    return layer_drop.lm_drop_sweep(handle, batch, res, progress=progress, so_far=so_far)
 
 
 def assemble(batch: Batch, sweep: DropSweep, similarity: LayerSimilarity | None = None,

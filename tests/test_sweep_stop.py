@@ -1,0 +1,66 @@
+"""The drop sweep stopped part way (issue 25): what it measured is kept and shown, the rest
+listed as not measured, and it resumes where it stopped, to the same numbers as a sweep run
+through."""
+
+import pytest
+
+from analysis.redundancy import report as rr
+from analysis.redundancy.drops import STOPPED, lm_drop_sweep, stopped_sweep
+from lib import data
+from ui.cache import batch_key
+from ui.store import STORE
+
+from apptest_helpers import new_app, run
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopping_after(n):
+    def progress(fraction, message):
+        progress.calls += 1
+        if progress.calls == n:
+            raise _Stop
+    progress.calls = 0
+    return progress
+
+
+def test_a_stopped_sweep_keeps_its_drops_and_resumes_to_the_same_numbers(tiny_lm):
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=3)
+    res = rr.residual_pass(tiny_lm, batch)
+    so_far = {}
+    with pytest.raises(_Stop):
+        lm_drop_sweep(tiny_lm, batch, res, progress=_stopping_after(4), so_far=so_far)
+    partial = stopped_sweep(tiny_lm, so_far)
+    assert len(partial.dropped) == 4 and len(partial.not_droppable) == 3 * 3 - 4
+    assert set(partial.not_droppable.values()) == {STOPPED}
+    measured = []
+    resumed = lm_drop_sweep(tiny_lm, batch, res, progress=lambda f, m: measured.append(m), so_far=so_far)
+    assert len(measured) == 3 * 3 - 4  # only the drops it had not reached
+    whole = lm_drop_sweep(tiny_lm, batch, res)
+    assert resumed.dropped.keys() == whole.dropped.keys()
+    for drop, metrics in whole.dropped.items():
+        assert resumed.dropped[drop].nll == pytest.approx(metrics.nll, rel=1e-6)
+
+
+def test_the_page_shows_a_stopped_sweep_and_measures_the_rest_on_request():
+    from ui.session import LoadRequest, load_base
+
+    at = run(new_app())
+    handle = load_base(LoadRequest("zoo:code-lm"))
+    at = run(at, "views/redundancy.py")  # the whole page once: the pass and the statistics cached
+    key = ("drop_sweep", *batch_key(handle))
+    whole = STORE.get(key)
+    assert whole is not None and STORE.get(key + ("so far",)) is not None
+    so_far = {"base": whole.base, "dropped": dict(list(whole.dropped.items())[:5])}
+    STORE._items.pop(key)  # as if the sweep had been stopped after five modules
+    STORE.put(key + ("so far",), so_far)
+    at.session_state["sweep_stopped"] = key
+    at = run(at)
+    assert any("stopped after 5 of 18 modules" in i.value for i in at.info)
+    assert any(STOPPED in m.value for m in [*at.markdown, *at.caption])
+    at.button(key="redundancy_resume_sweep").click()
+    at = run(at)
+    assert not at.info and "sweep_stopped" not in at.session_state
+    assert STORE.get(key).dropped.keys() == whole.dropped.keys()
