@@ -36,9 +36,10 @@ def chromium() -> Iterator[object]:
 
 
 @contextmanager
-def app_server(timeout_s: float = 60, root: Path = ROOT) -> Iterator[str]:
-    """Yield the URL of `streamlit run app.py` started in `root` (this checkout unless told,
-    e.g. an older tree unpacked with `git archive`); the server is stopped on exit."""
+def app_server(timeout_s: float = 60, root: Path = ROOT, script: str = "app.py") -> Iterator[str]:
+    """Yield the URL of `streamlit run <script>` (the app unless told) started in `root` (this
+    checkout unless told, e.g. an older tree unpacked with `git archive`); the server is
+    stopped on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -46,7 +47,7 @@ def app_server(timeout_s: float = 60, root: Path = ROOT) -> Iterator[str]:
     # one (64 KiB of tracebacks) would block the server mid-test.
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+            [sys.executable, "-m", "streamlit", "run", script, "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
             cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
