@@ -6,6 +6,7 @@ sweep, a recipe history); `lib.metrics` turns the numbers into a `Metrics` recor
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -35,7 +36,8 @@ class ReadLogits:
     resid: torch.Tensor
     readout: Callable[[torch.Tensor], torch.Tensor]
     n_vocab: int
-    _block: list = field(default_factory=lambda: [None, None], compare=False, repr=False)  # (key, logits)
+    # the block read out last, per thread: sessions score one shared base's logits at once
+    _block: threading.local = field(default_factory=threading.local, compare=False, repr=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -55,10 +57,12 @@ class ReadLogits:
         first = start - start % READ_ROWS
         if stop > first + READ_ROWS:
             return self.readout(self.resid[window, start:stop])
-        if self._block[0] != (window, first):
-            self._block[:] = [None, None]  # the old block goes before the new one is made
-            self._block[:] = [(window, first), self.readout(self.resid[window, first:first + READ_ROWS])]
-        return self._block[1][start - first:stop - first]
+        block = self._block
+        if getattr(block, "key", None) != (window, first):
+            block.key, block.logits = None, None  # the old block goes before the new one is made
+            block.logits = self.readout(self.resid[window, first:first + READ_ROWS])
+            block.key = (window, first)
+        return block.logits[start - first:stop - first]
 
     def argmax(self) -> torch.Tensor:
         """[b, T] the top-1 token at every position, chunk by chunk."""

@@ -55,8 +55,9 @@ def batch_control(handle: ModelHandle) -> None:
             st.session_state["eval_windows_error"] = str(e)
             st.session_state[key] = len(batch.tokens)  # the box shows the batch in use
 
-    st.number_input("Evaluation windows", min_value=auto, max_value=MAX_EVAL_WINDOWS, value=len(batch.tokens),
-                    step=1, key=key, on_change=changed,
+    st.session_state.setdefault(key, len(batch.tokens))  # the batch in use (the box's own state, once it has one)
+    st.number_input("Evaluation windows", min_value=auto, max_value=MAX_EVAL_WINDOWS, step=1, key=key,
+                    on_change=changed,
                     help=f"{auto} is sized from the model (parameters × tokens); more windows narrow every interval "
                          "and make every page's measurement take longer in proportion. Applies to this model on "
                          "every page; the lab re-measures your recipe on the new batch.")

@@ -62,31 +62,21 @@ def stage_statistics(handle: ModelHandle) -> StageSimilarity:
 
 
 def drop_sweep(handle: ModelHandle) -> DropSweep:
-    """Every single drop measured (LMs reuse the cached pass)."""
+    """Every single drop measured (LMs reuse the cached pass). While a sweep this visitor
+    stopped is on hold (`stopped_notice`), what it measured, the rest listed as not measured."""
     batch = eval_batch(handle)
-    if rr.is_stage_model(handle, batch):
-        return stored(("drop_sweep", *batch_key(handle)), lambda _: rr.drop_sweep(handle, batch),
-                       "Dropping each stage")
-    res = residuals(handle)
     key = ("drop_sweep", *batch_key(handle))
+    if rr.is_stage_model(handle, batch):
+        return stored(key, lambda _: rr.drop_sweep(handle, batch), "Dropping each stage")
+    res = residuals(handle)
     if STORE.get(key) is not None:
         return STORE.get(key)
-    so_far = STORE.get(key + ("so far",))  # what a stopped (or interrupted) sweep measured: kept, and resumed
-    if so_far is None:
-        so_far = {}
-        STORE.put(key + ("so far",), so_far)
-    stop = st.empty()
+    so_far = _so_far(key)
     if st.session_state.get("sweep_stopped") == key and "base" in so_far:
-        with stop.container():
-            st.info(f"The drop sweep was stopped after {len(so_far.get('dropped', {}))} of "
-                    f"{3 * handle.structure.n_layers} modules: what follows shows those; the rest are listed as "
-                    "not measured.")
-            if not st.button("Measure the rest", key="redundancy_resume_sweep", icon=":material/play_arrow:"):
-                return stopped_sweep(handle, so_far)
-        del st.session_state["sweep_stopped"]
-        stop.empty()
-    elif stop.button("Stop and keep what is measured", key="redundancy_stop_sweep", icon=":material/stop:",
-                     help="Ends the drop sweep now; the modules measured so far are shown, and it can go on later."):
+        return stopped_sweep(handle, so_far)
+    stop = st.empty()
+    if stop.button("Stop and keep what is measured", key="redundancy_stop_sweep", icon=":material/stop:",
+                   help="Ends the drop sweep now; the modules measured so far are shown, and it can go on later."):
         st.session_state["sweep_stopped"] = key  # this click's rerun ended the sweep: show what it measured
         st.rerun()
     announce(handle, sweep_in_forwards(handle, batch.tokens.shape[1]) * (1 - _share_done(handle, so_far)),
@@ -95,6 +85,32 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
                    "Dropping each module")
     stop.empty()
     return value
+
+
+def _so_far(key: tuple) -> dict:
+    """What a stopped (or interrupted) sweep measured: kept in the store beside it, and resumed."""
+    so_far = STORE.get(key + ("so far",))
+    if so_far is None:
+        so_far = {}
+        STORE.put(key + ("so far",), so_far)
+    return so_far
+
+
+def stopped_notice(handle: ModelHandle) -> None:
+    """Where the drop sweep's results go: that this visitor stopped it, how far it got, and a
+    button that measures the rest (the page draws this once, before the sweep's results)."""
+    key = ("drop_sweep", *batch_key(handle))
+    if st.session_state.get("sweep_stopped") != key:
+        return
+    so_far = _so_far(key)
+    if STORE.get(key) is not None or "base" not in so_far:  # done meanwhile, or stopped before it began
+        del st.session_state["sweep_stopped"]
+        return
+    st.info(f"The drop sweep was stopped after {len(so_far.get('dropped', {}))} of {_parts(handle)} modules: "
+            "what follows shows those, and lists the rest as not measured.")
+    if st.button("Measure the rest", key="redundancy_resume_sweep", icon=":material/play_arrow:"):
+        del st.session_state["sweep_stopped"]
+        st.rerun()  # the sweep goes on where it stopped, with its stop button
 
 
 def _parts(handle: ModelHandle) -> int:

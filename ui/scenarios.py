@@ -28,6 +28,7 @@ from analysis.compress.recipe import Recipe
 from analysis.metric_text import metric_value
 from lib.handle import ModelHandle
 from ui import channels, interpreter, redundancy
+from ui.lab.exits import exit_pass_key
 from ui.store import STORE
 
 LAB, CHANNELS, REDUNDANCY, INTERPRETER = "views/lab.py", "views/channels.py", "views/redundancy.py", \
@@ -229,7 +230,7 @@ def _another_image_check(handle: ModelHandle, lab: Lab | None) -> Check:
 
 
 def _exit_check(handle: ModelHandle, lab: Lab | None) -> Check:
-    found = STORE.get(("exit_pass", handle.fingerprint, "logit"))
+    found = STORE.get(exit_pass_key(handle, handle, "logit"))
     if found is None:
         return Check(False, "The exit curves appear once the Early exit method has recorded its pass.")
     stats, curves, best = found
@@ -243,13 +244,13 @@ def _exit_check(handle: ModelHandle, lab: Lab | None) -> Check:
 
 def _best_exit(handle: ModelHandle) -> list:
     """The best exit the curves found (the first step computed them), as the recipe's one edit."""
-    found = STORE.get(("exit_pass", handle.fingerprint, "logit"))
+    found = STORE.get(exit_pass_key(handle, handle, "logit"))
     best = None if found is None else found[2]
     return [] if best is None else [exit_rule.EarlyExit(best.criterion, best.threshold, best.lens)]
 
 
 def _exit_recipe_check(handle: ModelHandle, lab: Lab | None) -> Check:
-    found = STORE.get(("exit_pass", handle.fingerprint, "logit"))
+    found = STORE.get(exit_pass_key(handle, handle, "logit"))
     exits = lab.current.exits
     if found is None or found[2] is None or exits is None:
         return Check(False, "Take the previous step first: its curves choose the exit.")

@@ -191,13 +191,17 @@ def session_lab(handle: ModelHandle) -> Lab:
             # prepared per lab: it keeps the shared base outputs by reference, plus [n] numbers of its own
             lab = Lab(handle, batch, base_outputs=prepare_base(base_outputs(handle), batch))
         before = [k for k in labs if k[0] == handle.fingerprint]  # one lab per model: the old batch's goes
-        recipe = labs[before[-1]].recipe if before else None
+        if before and labs[before[-1]].current.edits:
+            try:
+                with st.spinner("Measuring the recipe on the resized evaluation batch ..."):
+                    lab.apply(labs[before[-1]].recipe)
+            except LayerScopeError as e:  # the old lab stays (and its recipe) for the batch it was made on
+                st.warning(f"Your recipe could not be measured on the resized evaluation batch ({e}); the lab "
+                           "starts from the base model here, and your recipe is kept for the previous batch size.")
+                before = []
         for k in before:
             del labs[k]
         labs[key] = lab
-        if recipe is not None and recipe.edits:
-            with st.spinner("Measuring the recipe on the resized evaluation batch ..."):
-                lab.apply(recipe)
     return labs[key]
 
 

@@ -10,7 +10,7 @@ from analysis.redundancy.similarity import DEFAULT_SKIP
 from lib.handle import ModelHandle
 from lib.metrics import LABELS
 from ui.glossary import GLOSSARY
-from ui.redundancy import drop_check, layer_statistics, lens, redundancy, stage_statistics
+from ui.redundancy import drop_check, layer_statistics, lens, redundancy, stage_statistics, stopped_notice
 from ui.session import change_recipe, require_handle, session_lab
 
 
@@ -82,6 +82,7 @@ else:
                + rr.cka_sentence(stages.cka, list(stages.names), "stages"))
 
 st.subheader("What dropping one module really costs", help=GLOSSARY["drop"])
+stopped_notice(handle)
 report = redundancy(handle, int(skip))  # the parts above plus the sweep, under its progress bar here
 label = LABELS[report.metric]
 st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width="stretch")

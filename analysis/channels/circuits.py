@@ -183,7 +183,7 @@ def from_layers(factors: LayerFactors, n_layers: int, n_heads: int, d_model: int
         f = {name: per_query_head(t, n_heads) for name, t in factors(layer).items()}
         s, v, w_in, p = factored_svd(f["W_V"], f["W_O"])
         if ov_v is None:  # filled in place: never a list of every layer's and a stacked copy at once
-            ov_v = torch.empty(n_layers, *v.shape)
+            ov_v = torch.empty(n_layers, *v.shape, dtype=v.dtype, device=v.device)
         ov_v[layer] = v
         kept["qk"].append(factored_svd(f["W_Q"], f["W_K"].transpose(-2, -1), values_only=True)[0].float())
         for name, value in (("S", s), ("in", w_in), ("out", p)):

@@ -111,11 +111,16 @@ def _lens_ready(edited: ModelHandle, lens: str) -> bool:
     return clicked
 
 
+def exit_pass_key(base: ModelHandle, edited: ModelHandle, lens: str) -> tuple:
+    """Where the recorded pass of `edited` through `lens` on `base`'s evaluation batch is kept."""
+    return "exit_pass", edited.fingerprint, eval_batch(base).digest, lens
+
+
 def _pass(base: ModelHandle, edited: ModelHandle, lens: str
           ) -> tuple[ex.ExitStats, dict[str, ex.ExitCurve], ex.ExitPoint | None]:
     """The one recorded pass, every criterion's curve and the best exit through `lens`
     (`best_exit`; computed once per model and lens)."""
-    key = ("exit_pass", edited.fingerprint, eval_batch(base).digest, lens)
+    key = exit_pass_key(base, edited, lens)
     found = STORE.get(key)
     if found is None:
         batch = eval_batch(base)
