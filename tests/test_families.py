@@ -206,6 +206,27 @@ def test_large_logits_are_read_out_as_they_are_scored_and_equal_the_forward(fami
             _close(rows_of(got, window, 0, tokens.shape[1]), want[window])
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_parts_dropped_together_from_the_recorded_pass_equal_a_hooked_forward(family, family_handles):
+    """`check_drops` reruns only the blocks after the first dropped part, from the recorded
+    pass: the same metrics as the whole forward with the parts dropped under hooks."""
+    from analysis.compress.prune.pruning import Drop
+    from analysis.redundancy import drops as layer_drop
+    from analysis.redundancy import report as rr
+    from lib.scoring import prepare_base
+
+    handle = family_handles[family]
+    batch = _batch(handle)
+    res = rr.residual_pass(handle, batch)
+    reference = prepare_base(handle.forward(batch.tokens), batch)
+    for parts in ([Drop("mlp", 0), Drop("attention", 2)], [Drop("attention", 1), Drop("mlp", 1)],
+                  [Drop("block", 0), Drop("mlp", 2)], [Drop("attention", 2)]):
+        fast = layer_drop.lm_dropped_together(handle, batch, res, parts, reference)
+        hooked = layer_drop.evaluate_dropped(handle, batch, parts, reference)
+        for name in ("nll", "kl_to_base", "agreement"):
+            assert getattr(fast, name) == pytest.approx(getattr(hooked, name), rel=1e-4, abs=1e-6), (parts, name)
+
+
 def test_the_readme_table_is_the_matrix():
     """The README's family table is `tools.families.readme_table()`, whose families are
     the ones every matrix test runs on and whose columns name matrix tests that exist."""

@@ -141,6 +141,7 @@ def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
         with st.spinner("Dropping the parts together and re-measuring ..."):
             report = redundancy(handle, skip)
             base = base_outputs(handle) if rr.is_stage_model(handle, batch) else final_logits(handle, residuals(handle))
-            return rr.check_drops(handle, batch, report, list(drops), base)
+            res = None if rr.is_stage_model(handle, batch) else residuals(handle)
+            return rr.check_drops(handle, batch, report, list(drops), base, res)
 
     return STORE.get_or_compute(("drop_check", *batch_key(handle), skip, drops), compute)

@@ -56,6 +56,27 @@ def evaluate_dropped(handle: ModelHandle, batch: Batch, drops: Sequence[Drop],
 
 
 @torch.no_grad()
+def lm_dropped_together(handle: ModelHandle, batch: TextBatch, res: Residuals, drops: Sequence[Drop],
+                        base: torch.Tensor | BaseOutputs | None) -> Metrics:
+    """`evaluate_dropped` for a language model from its recorded pass `res`: the blocks from
+    the first dropped part on run again, each with its dropped sublayer (a block whose
+    attention and MLP are both dropped passes its input on, as a dropped block does)."""
+    if res.batch_digest != batch.digest:
+        raise AnalysisError("These residuals were recorded on another batch; record them on this one.")
+    kinds: dict[int, set[str]] = {}
+    for drop in drops:
+        kinds.setdefault(drop.layer, set()).add(drop.kind)
+    first = min(kinds)
+    resid = res.resid[first]
+    for layer in range(first, handle.structure.n_layers):
+        dropped = kinds.get(layer, set())
+        if "block" in dropped or {"attention", "mlp"} <= dropped:
+            continue
+        resid = handle.blocks.run(layer, resid, drop=next(iter(dropped)) if dropped else None)
+    return _metrics(handle, logits_of(resid, handle.blocks.readout, handle.structure.d_vocab), batch, base)
+
+
+@torch.no_grad()
 def _run_from(handle: ModelHandle, start: int, resid: torch.Tensor) -> Logits:
     """Blocks start..L-1 on resid [batch, pos, d], then the readout: logits (held, or read
     out chunk by chunk as they are scored when they would be large; `lib.scoring.logits_of`)."""

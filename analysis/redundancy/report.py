@@ -167,10 +167,12 @@ class DropCheck:
 
 
 def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
-                modules: list[Drop], base_outputs: Logits | BaseOutputs | None = None) -> DropCheck:
+                modules: list[Drop], base_outputs: Logits | BaseOutputs | None = None,
+                res: Residuals | None = None) -> DropCheck:
     """Drop `modules` together and compare with the sum of their single-drop costs.
     Duplicates count once. `base_outputs`: the unmodified model's outputs on `batch`
-    (computed if not given)."""
+    (computed if not given); `res`: a language model's recorded pass on `batch`, from which
+    only the blocks after the first dropped part run again (else a full forward)."""
     check_batch(handle, batch)
     if batch.digest != report.batch_digest:
         raise redundancy.RedundancyError("This report was measured on another evaluation batch; build the report "
@@ -188,7 +190,10 @@ def check_drops(handle: ModelHandle, batch: Batch, report: RedundancyReport,
     else:
         if base_outputs is None:
             base_outputs = handle.forward(model_inputs(batch))
-        together = layer_drop.evaluate_dropped(handle, batch, modules, base_outputs)
+        if res is not None and not is_stage_model(handle, batch):
+            together = layer_drop.lm_dropped_together(handle, batch, res, modules, base_outputs)
+        else:
+            together = layer_drop.evaluate_dropped(handle, batch, modules, base_outputs)
     measured = getattr(together, report.metric) - getattr(report.sweep.base, report.metric)
     return DropCheck(modules, single, sum(single), measured, together)
 
