@@ -6,9 +6,7 @@ circuits through TransformerLens' compatibility mode on a private copy) and `LMG
 
 from __future__ import annotations
 
-import weakref
 from contextlib import AbstractContextManager
-from functools import partial
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -283,13 +281,12 @@ class LMHeads(_OnHandle, Heads):
         "layer": layer -> {"W_Q": [H, d_model, d_head], "W_K", "W_V": [H_kv, d_model, d_head]
         (a grouped-query model's key/value heads, not repeated), "W_O": [H, d_head, d_model]},
         float32; "n_layers", "n_heads", "d_model", "n_kv_heads"; "positional": "rotary",
-        "standard" (learned absolute), ... The reader holds the model weakly: results kept
-        beside it (a page's cache) do not keep a model alive that its own cache let go.
+        "standard" (learned absolute), ...
         """
         h = self.handle
         h._check_whole("the weight circuits")
         s, cfg = h.structure, h.model.cfg
-        return {"layer": partial(_circuit_layer, weakref.ref(h)), "n_layers": s.n_layers, "n_heads": s.n_heads,
+        return {"layer": self._circuit_layer, "n_layers": s.n_layers, "n_heads": s.n_heads,
                 "d_model": s.d_model, "n_kv_heads": int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
                 "positional": str(getattr(cfg, "positional_embedding_type", "standard"))}
 
@@ -313,13 +310,6 @@ class LMHeads(_OnHandle, Heads):
                 and getattr(adapter, "supports_center_writing_weights", True)):
             w["W_O"] = w["W_O"] - w["W_O"].mean(-1, keepdim=True)
         return w
-
-
-def _circuit_layer(ref: weakref.ref, layer: int) -> dict[str, torch.Tensor]:
-    handle = ref()
-    if handle is None:
-        raise CapabilityError("The model these circuits were read from is no longer loaded; load it again.")
-    return handle.heads._circuit_layer(layer)
 
 
 def _norm_scale(norm: nn.Module | None, cfg: Any) -> torch.Tensor | None:

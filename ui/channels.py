@@ -5,10 +5,15 @@ fixed), patterns by the prompt, an intervention by the edit, the reader and the 
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+from functools import partial
+
 import streamlit as st
 
 from analysis.channels import circuits as ch
 from analysis.channels import heads
+from lib.errors import CapabilityError
 from lib.handle import ModelHandle
 from ui.cache import base_outputs, batch_key, eval_batch
 from ui.store import STORE
@@ -19,16 +24,25 @@ EXAMPLE_PROMPTS = {  # a repeat in each, so induction has something to find
 }
 
 
+def _layer_of(ref: weakref.ref, layer: int) -> dict:
+    handle = ref()
+    if handle is None:
+        raise CapabilityError("The model these circuits were read from is no longer loaded; load it again.")
+    return handle.heads.circuits()["layer"](layer)
+
+
 def example_prompt(handle: ModelHandle) -> str:
     return EXAMPLE_PROMPTS.get(handle.eval_task, EXAMPLE_PROMPTS["text"])
 
 
 def circuits(handle: ModelHandle) -> ch.Circuits:
-    """Every head's circuits and spectra (weights only: once per fingerprint)."""
+    """Every head's circuits and spectra (weights only: once per fingerprint). The kept
+    result reads the model's layers through a weak reference, so the shared store does not
+    keep alive a model that the models' own cache let go."""
 
     def compute() -> ch.Circuits:
         with st.spinner("Reading every head's OV and QK circuit from the weights ..."):
-            return ch.circuits(handle)
+            return dataclasses.replace(ch.circuits(handle), factors=partial(_layer_of, weakref.ref(handle)))
 
     return STORE.get_or_compute(("channels.circuits", handle.fingerprint), compute)
 
