@@ -147,12 +147,7 @@ def redundancy_visits(browser) -> tuple[float, float]:
 def _interleaved(fn: Callable[[], float], reference: Callable[[], float], repeats: int) -> Timing:
     """`repeats` pairs (fn, reference), the order within a pair alternating; each
     callable returns its own seconds (page times exclude starting the browser)."""
-    measured, ref = [], []
-    for k in range(repeats):
-        pair = ((fn, measured), (reference, ref))
-        for f, store in pair if k % 2 == 0 else pair[::-1]:
-            store.append(f())
-    return Timing(tuple(measured), tuple(ref))
+    return _pairs(lambda: (fn(), 0.0), reference, repeats)
 
 
 def _pairs(measured: Callable[[], tuple[float, float]], reference: Callable[[], float], repeats: int) -> Timing:

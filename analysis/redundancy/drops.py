@@ -66,14 +66,14 @@ def lm_dropped_together(handle: ModelHandle, batch: TextBatch, res: Residuals, d
     kinds: dict[int, set[str]] = {}
     for drop in drops:
         kinds.setdefault(drop.layer, set()).add(drop.kind)
-    first = min(kinds)
+    first, last = min(kinds), max(kinds)
     resid = res.resid[first]
-    for layer in range(first, handle.structure.n_layers):
+    for layer in range(first, last + 1):
         dropped = kinds.get(layer, set())
         if "block" in dropped or {"attention", "mlp"} <= dropped:
             continue
         resid = handle.blocks.run(layer, resid, drop=next(iter(dropped)) if dropped else None)
-    return _metrics(handle, logits_of(resid, handle.blocks.readout, handle.structure.d_vocab), batch, base)
+    return _metrics(handle, _run_from(handle, last + 1, resid), batch, base)
 
 
 @torch.no_grad()
