@@ -329,7 +329,8 @@ def _lens_stats(z: torch.Tensor, probs: torch.Tensor, top_final: torch.Tensor, x
 
 
 @torch.no_grad()
-def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = None) -> LogitLens:
+def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = None,
+               so_far: dict | None = None) -> LogitLens:
     """Logit lens at every depth, LN_final recomputed on each h_l itself.
 
     Per token: entropy H(p_l) = -<p_l, log p_l> and KL(p_L || p_l) = -H(p_L) - <p_L, log p_l>.
@@ -337,6 +338,9 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
     (`_lens_stats`); <p_L, log p_l> comes from `_reference_dot`. The final depth goes
     first. Tokens go in chunks of at most LENS_CHUNK_ELEMENTS logits, so memory stays
     bounded (one chunk of 992 x 50257 for GPT-2 on 8 x 128 windows).
+
+    so_far: a dict the caller keeps across an interrupted lens: the sums over the chunks
+    done are kept in it after each chunk, and a call with it goes on from the next chunk.
     """
     check_handle(handle)
     require_type(res, Residuals, "The residuals")
@@ -347,10 +351,14 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
     vocab = res.logits.shape[-1] if res.logits is not None else handle.structure.d_vocab
     rows = max(1, LENS_CHUNK_ELEMENTS // max(vocab, 1))  # tokens per chunk; buffers take the logits' own width
     n_steps = -(-n_tokens // rows) * L
-    kl, ent = torch.zeros(L + 1, dtype=torch.float64), torch.zeros(L + 1, dtype=torch.float64)
-    agree = torch.zeros(L + 1, dtype=torch.long)  # tokens whose top-1 is the final layer's
-    z_buffer = p_final = probs = None  # [rows, vocab] each, made from the first (largest) chunk's logits
+    so_far = {} if so_far is None else so_far
+    kl, ent, agree = (t.clone() for t in so_far.get("sums", (
+        torch.zeros(L + 1, dtype=torch.float64), torch.zeros(L + 1, dtype=torch.float64),
+        torch.zeros(L + 1, dtype=torch.long))))  # agree: tokens whose top-1 is the final layer's
+    z_buffer = p_final = probs = None  # [rows, vocab] each, made from the first (largest) chunk left's logits
     for chunk, start in enumerate(range(0, n_tokens, rows)):
+        if chunk < so_far.get("chunks", 0):
+            continue
         stop = min(start + rows, n_tokens)
         n = stop - start
         z = _final_logits_rows(handle, res, h[L], start, stop, affine, None if z_buffer is None else z_buffer[:n])
@@ -371,5 +379,6 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
             ent[layer] += entropy.sum()
             agree[layer] += agrees.sum()
             if progress:
-                progress((chunk * L + layer + 1) / n_steps, f"logit lens: depth {layer}")
+                progress((chunk * L + layer + 1) / n_steps, f"depth {layer} of {L}")
+        so_far.update(chunks=chunk + 1, sums=(kl.clone(), ent.clone(), agree.clone()))
     return LogitLens((kl / n_tokens).float().clamp_min(0), agree.float() / n_tokens, (ent / n_tokens).float())

@@ -20,6 +20,9 @@ class Slot:
     def empty(self):
         self.calls.append(("empty",))
 
+    def button(self, label, key, on_click, **kwargs):
+        self.calls.append(("button", label, on_click))
+
 
 @pytest.fixture
 def slot(monkeypatch):
@@ -66,3 +69,21 @@ def test_the_time_left_comes_from_the_pace_so_far():
     assert progress.time_left(0.1, 30.0) == " · about 4 min left"
     assert progress.time_left(0.02, 10.0) == "" and progress.time_left(0.5, 1.0) == ""  # no pace to go by yet
     assert progress.time_left(0.9, 20.0) == ""  # a few seconds left: not worth a number
+
+
+def test_a_stoppable_bar_draws_its_stop_button_once_with_the_bar_and_removes_it(slot, monkeypatch):
+    monkeypatch.setattr(progress, "FIRST_DRAW_S", 0.05)
+    monkeypatch.setattr(progress, "PROGRESS_INTERVAL_S", 0)
+    stopped = []
+    with progress.progress_bar("Work", on_stop=lambda: stopped.append(True)) as update:
+        time.sleep(0.5)
+        update(0.5, "half")
+    buttons = [c for c in slot.calls if c[0] == "button"]
+    assert len(buttons) == 1 and buttons[0][1] == "Stop" and slot.calls[-2:] == [("empty",), ("empty",)]
+    buttons[0][2]()  # what a click calls before the page runs again
+    assert stopped == [True]
+
+
+def test_a_resumed_step_takes_its_pace_from_where_it_started():
+    assert progress.time_left(0.75, 10.0, start=0.5) == " · about 10 s left"  # a quarter in 10 s: 10 s to go
+    assert progress.time_left(0.52, 10.0, start=0.5) == ""  # too little done since it went on

@@ -1,7 +1,16 @@
-"""Long work under a progress bar, and results kept in the no-copy `ui.store.STORE`."""
+"""Long work under a progress bar, with a Stop button beside it where the caller can take a
+stop, and results kept in the no-copy `ui.store.STORE`.
+
+A click on Stop reruns the page: Streamlit ends the running script at its next draw (the
+bar's next redraw), and the button's callback runs before the new run. A stopped step of
+`stored` stays stopped for this visitor (`Stopped`, with a notice and a button that goes
+on) until they go on; a stopped action (a change of the recipe) is simply not done.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import threading
 import time
 from contextlib import contextmanager
@@ -21,26 +30,42 @@ FIRST_DRAW_S = 0.5
 PROGRESS_INTERVAL_S = 1.0
 
 
+STOPPED = "stopped_steps"  # session state: the `stored` keys of the steps this visitor stopped
+_BARS = itertools.count()  # a Stop button's key: unique in the run (its callback is read from the run before)
+
+
+class Stopped(Exception):
+    """A step this visitor stopped: `stored` drew its notice (with a button that goes on)
+    where the step would be; the caller leaves out what needed its result."""
+
+
 @contextmanager
-def progress_bar(label: str) -> Iterator[Progress]:
+def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Iterator[Progress]:
     """A progress bar where the page is now, drawn FIRST_DRAW_S after the work starts
     (with the latest progress reported) and gone on exit (also when the body raises);
     yields `update(fraction, message)`, which redraws it at most every PROGRESS_INTERVAL_S,
-    with the time left estimated from the pace so far (`time_left`)."""
+    with the time left estimated from the pace so far (`time_left`). With `on_stop`, a
+    Stop button under the bar: a click ends the work at its next redraw and calls
+    `on_stop` (as the button's callback, before the page runs again)."""
     slot = st.empty()
+    stop_slot = st.empty() if on_stop is not None else None
     lock = threading.Lock()
     began = time.perf_counter()
-    state = {"latest": (0.0, label), "drawn_at": None, "open": True}
+    state = {"latest": (0.0, label), "drawn_at": None, "open": True, "first": None}
 
     def draw() -> None:  # from the script thread or, once, from the timer
         with lock:
             if state["open"]:
                 fraction, text = state["latest"]
                 slot.progress(min(1.0, max(0.0, fraction)), text=text)
+                if stop_slot is not None and state["drawn_at"] is None:
+                    stop_slot.button("Stop", key=f"stop_{next(_BARS)}", on_click=on_stop, icon=":material/stop:",
+                                     help="Ends this step at its next update; what a stop keeps is said then.")
                 state["drawn_at"] = time.perf_counter()
 
     def update(fraction: float, message: str) -> None:
-        state["latest"] = (fraction, f"{label}: {message}{time_left(fraction, time.perf_counter() - began)}")
+        first = state["first"] = fraction if state["first"] is None else state["first"]  # a resumed step's start
+        state["latest"] = (fraction, f"{label}: {message}{time_left(fraction, time.perf_counter() - began, first)}")
         drawn_at = state["drawn_at"]
         if drawn_at is not None and time.perf_counter() - drawn_at >= PROGRESS_INTERVAL_S:
             draw()
@@ -56,29 +81,66 @@ def progress_bar(label: str) -> Iterator[Progress]:
             state["open"] = False
             if state["drawn_at"] is not None:
                 slot.empty()
+                if stop_slot is not None:
+                    stop_slot.empty()
 
 
-def time_left(fraction: float, elapsed: float) -> str:
-    """" · about N s left" from the pace so far, once there is a pace to go by (at least
-    5 % done and 2 s spent) and more than 5 s remain; else nothing."""
-    if fraction < 0.05 or elapsed < 2 or fraction >= 1:
+def time_left(fraction: float, elapsed: float, start: float = 0.0) -> str:
+    """" · about N s left" from the pace so far (`elapsed` seconds took the work from
+    `start` to `fraction`), once there is a pace to go by (at least 5 % done and 2 s
+    spent) and more than 5 s remain; else nothing."""
+    if fraction - start < 0.05 or elapsed < 2 or fraction >= 1:
         return ""
-    left = elapsed * (1 - fraction) / fraction
+    left = elapsed * (1 - fraction) / (fraction - start)
     if left <= 5:
         return ""
     return f" · about {left:.0f} s left" if left < 120 else f" · about {left / 60:.0f} min left"
 
 
-def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None) -> T:
+def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None,
+           stop: str | None = None) -> T:
     """`STORE`'s value for `key`, or `compute(progress)`; with a `label`, under a progress
-    bar (nothing is drawn when the value is already there)."""
+    bar (nothing is drawn when the value is already there). With `stop` (what a stop
+    keeps, in words), the bar has a Stop button; once stopped, the step raises `Stopped`
+    after drawing a notice, until this visitor goes on."""
     found = STORE.get(key)
     if found is not None:
         return found
+    if stop is not None and is_stopped(key):
+        st.info(f"{label}: stopped. {stop}")
+        st.button("Go on", key=f"go_on_{_digest(key)}", on_click=_go_on, args=(key,), icon=":material/play_arrow:")
+        raise Stopped(label)
     if label is None:
         value = compute(None)
     else:
-        with progress_bar(label) as update:
+        with progress_bar(label, None if stop is None else lambda: _stop(key)) as update:
             value = compute(update)
     STORE.put(key, value)
     return value
+
+
+def partial(key: tuple) -> dict:
+    """What a step stopped (or cut short) at `key` computed so far: a dict kept in the
+    store beside its result, for the step to go on from."""
+    so_far = STORE.get(key + ("so far",))
+    if so_far is None:
+        so_far = {}
+        STORE.put(key + ("so far",), so_far)
+    return so_far
+
+
+def is_stopped(key: tuple) -> bool:
+    return key in st.session_state.get(STOPPED, ())
+
+
+def _stop(key: tuple) -> None:
+    st.session_state.setdefault(STOPPED, set()).add(key)
+
+
+def _go_on(key: tuple) -> None:
+    st.session_state.get(STOPPED, set()).discard(key)
+
+
+def _digest(value: object) -> str:
+    """A widget key's stable part for `value` (a label or a cache key)."""
+    return hashlib.sha1(repr(value).encode()).hexdigest()[:12]

@@ -17,7 +17,7 @@ from analysis.redundancy.report import DropCheck, RedundancyReport
 from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
 from ui.cache import base_outputs, batch_key, eval_batch
-from ui.progress import Progress, stored
+from ui.progress import Progress, Stopped, is_stopped, partial, stored
 from ui.store import STORE
 
 ESTIMATE_FROM_S = 10.0  # steps expected to take longer are announced with their estimate
@@ -51,9 +51,12 @@ def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
 
 
 def lens(handle: ModelHandle, skip: int) -> LogitLens:
+    """The logit lens; a stop keeps the token chunks read (`ui.progress.Stopped` until going on)."""
     batch = eval_batch(handle)
-    return stored(("lens", *batch_key(handle), skip),
-                   lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step), "Logit lens")
+    key = ("lens", *batch_key(handle), skip)
+    return stored(key, lambda step: rr.lens_statistics(handle, batch, residuals(handle), skip, progress=step,
+                                                       so_far=partial(key)),
+                  "Logit lens", stop="The tokens it has read are kept; going on reads the rest.")
 
 
 def stage_statistics(handle: ModelHandle) -> StageSimilarity:
@@ -63,7 +66,8 @@ def stage_statistics(handle: ModelHandle) -> StageSimilarity:
 
 def drop_sweep(handle: ModelHandle) -> DropSweep:
     """Every single drop measured (LMs reuse the cached pass). While a sweep this visitor
-    stopped is on hold (`stopped_notice`), what it measured, the rest listed as not measured."""
+    stopped is on hold (`stopped_notice`), what it measured, the rest listed as not measured
+    (`Stopped` when it measured no module)."""
     batch = eval_batch(handle)
     key = ("drop_sweep", *batch_key(handle))
     if rr.is_stage_model(handle, batch):
@@ -71,9 +75,11 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
     res = residuals(handle)
     if STORE.get(key) is not None:
         return STORE.get(key)
-    so_far = _so_far(key)
-    if st.session_state.get("sweep_stopped") == key and "base" in so_far:
-        return stopped_sweep(handle, so_far)
+    so_far = partial(key)
+    if st.session_state.get("sweep_stopped") == key:
+        if so_far.get("dropped"):
+            return stopped_sweep(handle, so_far)
+        raise Stopped("Dropping each module")
     stop = st.empty()
     if stop.button("Stop and keep what is measured", key="redundancy_stop_sweep", icon=":material/stop:",
                    help="Ends the drop sweep now; the modules measured so far are shown, and it can go on later."):
@@ -87,28 +93,23 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
     return value
 
 
-def _so_far(key: tuple) -> dict:
-    """What a stopped (or interrupted) sweep measured: kept in the store beside it, and resumed."""
-    so_far = STORE.get(key + ("so far",))
-    if so_far is None:
-        so_far = {}
-        STORE.put(key + ("so far",), so_far)
-    return so_far
-
-
 def stopped_notice(handle: ModelHandle) -> None:
     """Where the drop sweep's results go: that this visitor stopped it, how far it got, and a
     button that measures the rest (the page draws this once, before the sweep's results)."""
     key = ("drop_sweep", *batch_key(handle))
     if st.session_state.get("sweep_stopped") != key:
         return
-    so_far = _so_far(key)
-    if STORE.get(key) is not None or "base" not in so_far:  # done meanwhile, or stopped before it began
+    if STORE.get(key) is not None:  # another visitor's sweep finished it meanwhile
         del st.session_state["sweep_stopped"]
         return
-    st.info(f"The drop sweep was stopped after {len(so_far.get('dropped', {}))} of {_parts(handle)} modules: "
-            "what follows shows those, and lists the rest as not measured.")
-    if st.button("Measure the rest", key="redundancy_resume_sweep", icon=":material/play_arrow:"):
+    done = len(partial(key).get("dropped", {}))
+    if done:
+        st.info(f"The drop sweep was stopped after {done} of {_parts(handle)} modules: what follows shows those, "
+                "and lists the rest as not measured.")
+    else:
+        st.info("The drop sweep was stopped before it had measured any module.")
+    if st.button("Measure the rest" if done else "Measure every drop", key="redundancy_resume_sweep",
+                 icon=":material/play_arrow:"):
         del st.session_state["sweep_stopped"]
         st.rerun()  # the sweep goes on where it stopped, with its stop button
 
@@ -125,11 +126,14 @@ def _share_done(handle: ModelHandle, so_far: dict) -> float:
 
 def redundancy(handle: ModelHandle, skip: int) -> RedundancyReport:
     """The Redundancy view's report, assembled from the cached parts (any missing one is
-    computed here; the page computes them one by one first, to draw each when ready)."""
+    computed here; the page computes them one by one first, to draw each when ready). A
+    lens this visitor stopped is left out."""
     batch = eval_batch(handle)
     if rr.is_stage_model(handle, batch):
         return rr.assemble(batch, drop_sweep(handle), stages=stage_statistics(handle))
-    return rr.assemble(batch, drop_sweep(handle), similarity=layer_statistics(handle, skip), lens=lens(handle, skip))
+    stopped = is_stopped(("lens", *batch_key(handle), skip))
+    return rr.assemble(batch, drop_sweep(handle), similarity=layer_statistics(handle, skip),
+                       lens=None if stopped else lens(handle, skip))
 
 
 def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:

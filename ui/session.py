@@ -206,10 +206,11 @@ def session_lab(handle: ModelHandle) -> Lab:
 
 
 def change_recipe(label: str, act: Callable[[Progress], object]) -> bool:
-    """Run one change of a lab's recipe (`act(progress)`) under a progress bar; on a user
-    error show it where the page is, leave the recipe as it was and return False."""
+    """Run one change of a lab's recipe (`act(progress)`) under a progress bar, with a Stop
+    button that leaves it undone; on a user error show it where the page is, leave the
+    recipe as it was and return False."""
     try:
-        with progress_bar(label) as update:
+        with progress_bar(label, lambda: st.toast(f"Stopped: {label}. The recipe is as it was.")) as update:
             act(update)
     except LayerScopeError as e:
         st.error(app_message(e))

@@ -10,6 +10,7 @@ from analysis.redundancy.similarity import DEFAULT_SKIP
 from lib.handle import ModelHandle
 from lib.metrics import LABELS
 from ui.glossary import GLOSSARY
+from ui.progress import Stopped
 from ui.redundancy import drop_check, layer_statistics, lens, redundancy, stage_statistics, stopped_notice
 from ui.session import change_recipe, require_handle, session_lab
 
@@ -64,11 +65,14 @@ if handle.kind == "causal-lm":
     st.caption(rr.depth_sentence(sim))
     st.subheader("Logit lens: what each depth would predict",
                  help=GLOSSARY["logit_lens"] + " " + GLOSSARY["kl"])
-    logit_lens = lens(handle, int(skip))
-    st.plotly_chart(plots.lens_lines(logit_lens), width="stretch")
-    st.caption("Each depth is read out through the final LayerNorm (recomputed on it) and the "
-               "unembedding. " + rr.lens_sentence(logit_lens),
-               help=GLOSSARY["layernorm"] + " " + GLOSSARY["unembedding"])
+    try:
+        logit_lens = lens(handle, int(skip))
+        st.plotly_chart(plots.lens_lines(logit_lens), width="stretch")
+        st.caption("Each depth is read out through the final LayerNorm (recomputed on it) and the "
+                   "unembedding. " + rr.lens_sentence(logit_lens),
+                   help=GLOSSARY["layernorm"] + " " + GLOSSARY["unembedding"])
+    except Stopped:  # its notice is drawn; the drop sweep below does not need it
+        pass
 else:
     stages = stage_statistics(handle)
     if stages.similarity:
@@ -83,7 +87,10 @@ else:
 
 st.subheader("What dropping one module really costs", help=GLOSSARY["drop"])
 stopped_notice(handle)
-report = redundancy(handle, int(skip))  # the parts above plus the sweep, under its progress bar here
+try:
+    report = redundancy(handle, int(skip))  # the parts above plus the sweep, under its progress bar here
+except Stopped:  # the sweep was stopped before it measured a module: nothing below has anything to show
+    st.stop()
 label = LABELS[report.metric]
 st.plotly_chart(plots.drop_cost_bars(report.sweep, report.metric, label), width="stretch")
 has_kl = all(m.kl_to_base is not None for m in report.sweep.dropped.values())

@@ -80,9 +80,9 @@ def layer_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip
 
 
 def lens_statistics(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int,
-                    progress: Progress | None = None) -> LogitLens:
-    """The logit lens averaged over positions `skip` onward."""
-    return logit_lens(handle, at_skip(handle, batch, res, skip), progress=progress)
+                    progress: Progress | None = None, so_far: dict | None = None) -> LogitLens:
+    """The logit lens averaged over positions `skip` onward (`so_far`: see `logit_lens`)."""
+    return logit_lens(handle, at_skip(handle, batch, res, skip), progress=progress, so_far=so_far)
 
 
 def drop_sweep(handle: ModelHandle, batch: Batch, res: Residuals | None = None,
@@ -118,7 +118,7 @@ def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAU
     step(0.02, "one forward pass with hooks")
     res = residual_pass(handle, batch)
     sim = layer_statistics(handle, batch, res, skip)
-    lens = lens_statistics(handle, batch, res, skip, progress=lambda f, m: step(0.05 + 0.25 * f, m))
+    lens = lens_statistics(handle, batch, res, skip, progress=lambda f, m: step(0.05 + 0.25 * f, f"logit lens, {m}"))
     sweep = drop_sweep(handle, batch, res, progress=lambda f, m: step(0.3 + 0.7 * f, m))
     return assemble(batch, sweep, similarity=sim, lens=lens)
 

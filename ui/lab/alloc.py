@@ -17,7 +17,7 @@ from lib.handle import ModelHandle
 from lib.metrics import model_inputs
 from ui.cache import batch_key, eval_batch
 from ui.lab.methods import LM, LM_AND_IMAGES, live_layers, method, scope_controls, sparsity_slider
-from ui.progress import progress_bar
+from ui.progress import progress_bar, stored
 from ui.store import STORE
 
 CALIBRATION_WINDOWS = 4  # rate-distortion curves and the search run on a few windows: L x K forwards
@@ -33,11 +33,9 @@ def _calibration(base: ModelHandle):
 
 
 def _curves(base: ModelHandle, n_levels: int) -> alloc.DistortionCurves:
-    def compute():
-        with progress_bar("Distortion curves") as update:
-            return alloc.distortion_curves(base, _calibration(base), n_levels, progress=update)
-
-    return STORE.get_or_compute(("distortion_curves", *batch_key(base), n_levels), compute)
+    return stored(("distortion_curves", *batch_key(base), n_levels),
+                  lambda update: alloc.distortion_curves(base, _calibration(base), n_levels, progress=update),
+                  "Distortion curves", stop="Nothing of them is kept; going on measures them from the start.")
 
 
 @method("Allocate sparsity by rate-distortion", LM_AND_IMAGES,

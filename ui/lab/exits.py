@@ -23,7 +23,7 @@ from lib.handle import ModelHandle
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import method
-from ui.progress import progress_bar
+from ui.progress import Progress, progress_bar, stored
 from ui.session import app_message
 from ui.store import STORE
 
@@ -86,7 +86,8 @@ def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
 
 
 def _train_lens(edited: ModelHandle, lens: str) -> ex.ExitLens:
-    with progress_bar(f"Training the {ex.LENS_LABELS[lens]}") as update:
+    label = f"Training the {ex.LENS_LABELS[lens]}"
+    with progress_bar(label, lambda: st.toast(f"Stopped: {label}. Nothing was trained.")) as update:
         trained = ex.exit_lens(edited, lens, progress=update)
     STORE.put(("exit_lens", edited.fingerprint, lens), trained)
     return trained
@@ -120,15 +121,12 @@ def _pass(base: ModelHandle, edited: ModelHandle, lens: str
           ) -> tuple[ex.ExitStats, dict[str, ex.ExitCurve], ex.ExitPoint | None]:
     """The one recorded pass, every criterion's curve and the best exit through `lens`
     (`best_exit`; computed once per model and lens)."""
-    key = exit_pass_key(base, edited, lens)
-    found = STORE.get(key)
-    if found is None:
-        batch = eval_batch(base)
-        with progress_bar("Recording every layer's readout") as update:
-            stats = ex.collect_exit_stats(edited, batch, lens, progress=update)
-        found = (stats, ex.exit_curves(stats), ex.best_exit(base, stats))
-        STORE.put(key, found)
-    return found
+    def compute(update: Progress) -> tuple:
+        stats = ex.collect_exit_stats(edited, eval_batch(base), lens, progress=update)
+        return stats, ex.exit_curves(stats), ex.best_exit(base, stats)
+
+    return stored(exit_pass_key(base, edited, lens), compute, "Recording every layer's readout",
+                  stop="Nothing of it is kept; going on records it from the start.")
 
 
 def _choose(criterion: str, threshold: float, lens: str) -> None:

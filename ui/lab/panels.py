@@ -26,7 +26,7 @@ from lib.metrics import LABELS, input_psnr_db, model_inputs
 from ui import experiments
 from ui.glossary import GLOSSARY
 from ui.lab import methods_for
-from ui.progress import progress_bar
+from ui.progress import Stopped, progress_bar
 from ui.session import app_message, change_recipe
 
 MIB = 8 * 2**20
@@ -63,6 +63,8 @@ def edit_controls(lab: Lab) -> None:
         edit = chosen.controls(lab.base, lab.edited())
     except RecipeError as e:
         st.error(app_message(e))
+        edit = None
+    except Stopped:  # a step the method needs was stopped: its notice is drawn
         edit = None
     edits = lab.recipe.edits
     last = edits[-1] if edits else None
@@ -322,7 +324,7 @@ def export_check(lab: Lab, edits: tuple[Edit, ...]) -> None:
     key = ("lab_export_check", lab.base.fingerprint, lab.batch.digest, lab.current.digest)
     if lab.base.kind == "causal-lm" and st.button("Load the export back and measure it", key="lab_check_export"):
         try:
-            with progress_bar("Checking the export") as bar:
+            with progress_bar("Checking the export", lambda: st.toast("Stopped checking the export.")) as bar:
                 st.session_state["lab_export_check"] = (key, check_export(lab, edits, progress=bar))
         except Exception as e:  # noqa: BLE001 - any failure of transformers' loader on the written files is reported
             first = (str(e).splitlines() or [""])[0][:300]

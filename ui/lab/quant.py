@@ -30,7 +30,7 @@ from lib.metrics import model_inputs
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import LM, LM_AND_IMAGES, method, scope_controls
-from ui.progress import progress_bar
+from ui.progress import stored
 from ui.session import app_message
 from ui.store import STORE
 
@@ -233,11 +233,9 @@ def llm_int8(base: ModelHandle, edited: ModelHandle) -> Edit | None:
 
 
 def _sensitivity(base: ModelHandle, edited: ModelHandle, fmt: str) -> Sensitivity:
-    def compute() -> Sensitivity:
-        with progress_bar("Layer sensitivity") as update:
-            return sensitivity(edited, _calibration(base), fmt, progress=update)
-
-    return STORE.get_or_compute(("quant_sensitivity", edited.fingerprint, eval_batch(base).digest, fmt), compute)
+    return stored(("quant_sensitivity", edited.fingerprint, eval_batch(base).digest, fmt),
+                  lambda update: sensitivity(edited, _calibration(base), fmt, progress=update),
+                  "Layer sensitivity", stop="Nothing of it is kept; going on measures it from the start.")
 
 
 @method("Mixed precision", LM_AND_IMAGES,

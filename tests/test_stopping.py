@@ -1,0 +1,107 @@
+"""Every long step can be stopped (issue 25): the logit lens keeps the token chunks it has
+read and goes on to the same numbers; a stopped step shows a notice with a button that goes
+on, and the page draws what does not need it; the drop sweep stopped before its first
+module says so and draws nothing after it; a lab method whose step was stopped adds nothing."""
+
+import pytest
+import torch
+
+from analysis import lens
+from analysis.redundancy.similarity import collect_residuals
+from lib import data
+from ui.cache import batch_key, eval_batch
+from ui.progress import STOPPED
+from ui.store import STORE
+
+from apptest_helpers import new_app, run
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_lens_keeps_its_chunks_and_goes_on_to_the_same_numbers(tiny_lm, monkeypatch):
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=24, n_windows=3)
+    res = collect_residuals(tiny_lm, batch, skip=1, with_logits=True)
+    monkeypatch.setattr(lens, "LENS_CHUNK_ELEMENTS", 20 * tiny_lm.structure.d_vocab)  # 20 tokens a chunk: 4 chunks
+    whole = lens.logit_lens(tiny_lm, res)
+    L = tiny_lm.structure.n_layers
+    seen = []
+
+    def stop_in_the_third_chunk(fraction, message):
+        seen.append(fraction)
+        if len(seen) == 2 * L + 1:
+            raise _Stop
+
+    so_far = {}
+    with pytest.raises(_Stop):
+        lens.logit_lens(tiny_lm, res, progress=stop_in_the_third_chunk, so_far=so_far)
+    assert so_far["chunks"] == 2  # the chunk it was in when stopped is not counted
+    went_on = []
+    resumed = lens.logit_lens(tiny_lm, res, progress=lambda f, m: went_on.append(f), so_far=so_far)
+    assert len(went_on) == 2 * L  # only the two chunks left
+    for name in ("kl", "agreement", "entropy"):
+        assert torch.allclose(getattr(resumed, name), getattr(whole, name), rtol=1e-5, atol=1e-7), name
+
+
+def _redundancy_page():
+    from ui.session import LoadRequest, load_base
+
+    at = run(new_app())
+    return at, load_base(LoadRequest("zoo:code-lm"))
+
+
+def test_a_stopped_lens_shows_its_notice_and_the_rest_of_the_page_then_goes_on():
+    at, handle = _redundancy_page()
+    key = ("lens", *batch_key(handle), 4)
+    STORE._items.pop(key, None)
+    at.session_state[STOPPED] = {key}
+    at = run(at, "views/redundancy.py")
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "Logit lens: stopped. The tokens it has read are kept; going on reads the rest."]
+    assert STORE.get(key) is None
+    assert any("What dropping one module really costs" in h.value for h in at.subheader)  # the page went on
+    assert any("Each bar removes one module" in c.value for c in at.caption)
+    assert not any("unembedding" in c.value for c in at.caption)  # the lens's own caption is not drawn
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert not [i for i in at.info if "stopped" in i.value] and STORE.get(key) is not None
+    assert any("unembedding" in c.value for c in at.caption)
+
+
+def test_a_sweep_stopped_before_its_first_module_says_so_and_measures_on_request():
+    at, handle = _redundancy_page()
+    at = run(at, "views/redundancy.py")
+    key = ("drop_sweep", *batch_key(handle))
+    STORE._items.pop(key)
+    STORE.put(key + ("so far",), {})  # stopped before the base was measured
+    at.session_state["sweep_stopped"] = key
+    at = run(at)
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "The drop sweep was stopped before it had measured any module."]
+    assert not any("Each bar removes one module" in c.value for c in at.caption)  # nothing below the notice
+    assert not any(h.value == "Drop several modules" for h in at.subheader)
+    at.button(key="redundancy_resume_sweep").click()
+    at = run(at)
+    assert STORE.get(key) is not None and any("Each bar removes one module" in c.value for c in at.caption)
+
+
+def test_a_lab_method_whose_step_was_stopped_adds_nothing_and_can_go_on():
+    from ui.lab.exits import exit_pass_key
+    from ui.session import LoadRequest, load_base
+
+    at = run(new_app())
+    handle = load_base(LoadRequest("zoo:code-lm"))
+    at = run(at, "views/lab.py")
+    at.selectbox(key="lab_method").set_value("Early exit")
+    key = exit_pass_key(handle, handle, "logit")
+    STORE._items.pop(key, None)
+    at.session_state[STOPPED] = {key}
+    at = run(at)
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "Recording every layer's readout: stopped. Nothing of it is kept; going on records it from the start."]
+    assert at.button(key="lab_add").disabled
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert STORE.get(key) is not None and not at.button(key="lab_add").disabled
+    assert eval_batch(handle).digest == key[2]
