@@ -105,3 +105,21 @@ def test_a_lab_method_whose_step_was_stopped_adds_nothing_and_can_go_on():
     at = run(at)
     assert STORE.get(key) is not None and not at.button(key="lab_add").disabled
     assert eval_batch(handle).digest == key[2]
+
+
+def test_stopped_channels_show_their_notice_and_nothing_that_reads_them_then_go_on():
+    from ui.session import LoadRequest, load_base
+
+    at = run(new_app())
+    handle = load_base(LoadRequest("zoo:code-lm"))
+    key = ("channels.circuits", handle.fingerprint)
+    STORE._items.pop(key, None)
+    at.session_state[STOPPED] = {key}
+    at = run(at, "views/channels.py")
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "Reading every head's OV and QK circuit from the weights: stopped. Nothing of it is kept; going on starts it "
+        "again."]
+    assert not at.subheader  # every section reads the circuits
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert STORE.get(key) is not None and any(h.value == "What each head does" for h in at.subheader)

@@ -16,7 +16,10 @@ from analysis.channels import heads
 from lib.errors import CapabilityError
 from lib.handle import ModelHandle
 from ui.cache import base_outputs, batch_key, eval_batch
+from ui.progress import stored
 from ui.store import STORE
+
+NOT_KEPT = "Nothing of it is kept; going on starts it again."
 
 EXAMPLE_PROMPTS = {  # a repeat in each, so induction has something to find
     "repeated-tokens": "t5 t17 t42 t8 t33 t21 t60 t2 t5 t17 t42 t8 t33 t21 t60 t2",
@@ -38,24 +41,20 @@ def example_prompt(handle: ModelHandle) -> str:
 def circuits(handle: ModelHandle) -> ch.Circuits:
     """Every head's circuits and spectra (weights only: once per fingerprint). The kept
     result reads the model's layers through a weak reference, so the shared store does not
-    keep alive a model that the models' own cache let go."""
+    keep alive a model that the models' own cache let go. Stoppable (`ui.progress.Stopped`)."""
 
-    def compute() -> ch.Circuits:
-        with st.spinner("Reading every head's OV and QK circuit from the weights ..."):
-            return dataclasses.replace(ch.circuits(handle), factors=partial(_layer_of, weakref.ref(handle)))
+    def compute(step) -> ch.Circuits:
+        return dataclasses.replace(ch.circuits(handle, step), factors=partial(_layer_of, weakref.ref(handle)))
 
-    return STORE.get_or_compute(("channels.circuits", handle.fingerprint), compute)
+    return stored(("channels.circuits", handle.fingerprint), compute,
+                  "Reading every head's OV and QK circuit from the weights", stop=NOT_KEPT)
 
 
 def composition(handle: ModelHandle) -> ch.Composition:
-    """Q-, K- and V-composition scores of every writer/reader pair (weights only)."""
-
-    def compute() -> ch.Composition:
-        c = circuits(handle)
-        with st.spinner("Scoring every writer/reader pair of heads ..."):
-            return ch.composition_scores(c)
-
-    return STORE.get_or_compute(("channels.composition", handle.fingerprint), compute)
+    """Q-, K- and V-composition scores of every writer/reader pair (weights only; stoppable)."""
+    c = circuits(handle)
+    return stored(("channels.composition", handle.fingerprint), lambda step: ch.composition_scores(c, progress=step),
+                  "Scoring every writer/reader pair of heads", stop=NOT_KEPT)
 
 
 def role_probe(handle: ModelHandle):

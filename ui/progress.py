@@ -9,7 +9,6 @@ on) until they go on; a stopped action (a change of the recipe) is simply not do
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Callable, Iterator, TypeVar
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx
 
+from lib.errors import LayerScopeError
 from ui.store import STORE
 
 T = TypeVar("T")
@@ -31,12 +31,16 @@ PROGRESS_INTERVAL_S = 1.0
 
 
 STOPPED = "stopped_steps"  # session state: the `stored` keys of the steps this visitor stopped
-_BARS = itertools.count()  # a Stop button's key: unique in the run (its callback is read from the run before)
+_BUTTONS = itertools.count()  # Stop and Go on buttons' keys: unique in a run (a click's callback is the run before's)
 
 
-class Stopped(Exception):
+class Stopped(LayerScopeError):
     """A step this visitor stopped: `stored` drew its notice (with a button that goes on)
-    where the step would be; the caller leaves out what needed its result."""
+    where the step would be; the caller leaves out what needed its result (a caller that
+    shows user errors shows this one as one)."""
+
+    def __init__(self, label: str):
+        super().__init__(f"{label} was stopped; press Go on where it stopped to finish it.")
 
 
 @contextmanager
@@ -59,7 +63,7 @@ def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Itera
                 fraction, text = state["latest"]
                 slot.progress(min(1.0, max(0.0, fraction)), text=text)
                 if stop_slot is not None and state["drawn_at"] is None:
-                    stop_slot.button("Stop", key=f"stop_{next(_BARS)}", on_click=on_stop, icon=":material/stop:",
+                    stop_slot.button("Stop", key=f"stop_{next(_BUTTONS)}", on_click=on_stop, icon=":material/stop:",
                                      help="Ends this step at its next update; what a stop keeps is said then.")
                 state["drawn_at"] = time.perf_counter()
 
@@ -108,7 +112,7 @@ def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | Non
         return found
     if stop is not None and is_stopped(key):
         st.info(f"{label}: stopped. {stop}")
-        st.button("Go on", key=f"go_on_{_digest(key)}", on_click=_go_on, args=(key,), icon=":material/play_arrow:")
+        st.button("Go on", key=f"go_on_{next(_BUTTONS)}", on_click=_go_on, args=(key,), icon=":material/play_arrow:")
         raise Stopped(label)
     if label is None:
         value = compute(None)
@@ -140,7 +144,3 @@ def _stop(key: tuple) -> None:
 def _go_on(key: tuple) -> None:
     st.session_state.get(STOPPED, set()).discard(key)
 
-
-def _digest(value: object) -> str:
-    """A widget key's stable part for `value` (a label or a cache key)."""
-    return hashlib.sha1(repr(value).encode()).hexdigest()[:12]

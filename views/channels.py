@@ -13,6 +13,7 @@ from lib.metrics import LABELS
 from ui import channels as cached
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
+from ui.progress import Stopped
 from ui.session import require_handle
 
 handle = require_handle()
@@ -26,7 +27,10 @@ if handle.kind != "causal-lm":  # nothing went wrong: this view has nothing to s
     st.stop()
 check_lm(handle, "Attention channels")
 spec = handle.spec
-c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.head_roles(handle)
+try:
+    c, comp, roles = cached.circuits(handle), cached.composition(handle), cached.head_roles(handle)
+except Stopped:  # its notice is drawn, with the button that goes on; everything below reads the circuits
+    st.stop()
 if note := rep.approximation_note(c):
     st.info(note)
 

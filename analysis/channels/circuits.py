@@ -156,13 +156,17 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor, values_only: bool = False
     return s, torch.cat(vs).reshape(*lead, b.shape[-1], p.shape[-1]), torch.cat(ws).reshape(*lead, *ws[0].shape[-2:]), p
 
 
-def circuits(handle: ModelHandle) -> Circuits:
+Progress = Callable[[float, str], None]
+
+
+def circuits(handle: ModelHandle, progress: Progress | None = None) -> Circuits:
     """Every head's circuits and their spectra (weights only; cache per fingerprint), a
     layer at a time: what is kept is the spectra and the directions heads write (`ov_V`),
     never a copy of the attention weights."""
     check_lm(handle, "Attention channels")
     f = handle.heads.circuits()
-    return from_layers(f["layer"], f["n_layers"], f["n_heads"], f["d_model"], f["n_kv_heads"], f["positional"])
+    return from_layers(f["layer"], f["n_layers"], f["n_heads"], f["d_model"], f["n_kv_heads"], f["positional"],
+                       progress)
 
 
 def from_factors(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
@@ -175,7 +179,7 @@ def from_factors(w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: t
 
 
 def from_layers(factors: LayerFactors, n_layers: int, n_heads: int, d_model: int, n_kv_heads: int,
-                positional: str) -> Circuits:
+                positional: str, progress: Progress | None = None) -> Circuits:
     """`Circuits` from a reader of each layer's factors: the spectra one layer at a time."""
     kept: dict[str, list[torch.Tensor]] = {"S": [], "in": [], "out": [], "qk": []}
     ov_v = None
@@ -188,6 +192,8 @@ def from_layers(factors: LayerFactors, n_layers: int, n_heads: int, d_model: int
         kept["qk"].append(factored_svd(f["W_Q"], f["W_K"].transpose(-2, -1), values_only=True)[0].float())
         for name, value in (("S", s), ("in", w_in), ("out", p)):
             kept[name].append(value.float())
+        if progress:
+            progress((layer + 1) / n_layers, f"layer {layer} of {n_layers}")
     stack = {name: torch.stack(values) for name, values in kept.items()}
     return Circuits(factors, stack["S"], ov_v, stack["in"], stack["out"], stack["qk"], n_kv_heads, positional)
 
@@ -285,7 +291,7 @@ def head_label(head: Head) -> str:
 PRODUCT_ELEMENTS = 1 << 24  # products of writers with one reader layer, this many floats (64 MB) at a time
 
 
-def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition:
+def composition_scores(c: Circuits, modes: Sequence[str] = MODES, progress: Progress | None = None) -> Composition:
     """All writer/reader composition scores. With X_w = diag(S_w) V_w^T [r, d] (so
     ||OV_w x|| and ||OV_w||_F are X_w's), ||OV_w M_r||_F = ||X_w Y_r||_F (`reader_factor`):
     each reader layer's Y once, multiplied by the X of every earlier writer layer (a few
@@ -301,9 +307,11 @@ def composition_scores(c: Circuits, modes: Sequence[str] = MODES) -> Composition
     x_norm = c.ov_S.norm(dim=-1)  # [L, H]
     out = {}
     per = max(1, PRODUCT_ELEMENTS // (H * r) ** 2)  # writer layers per product
-    for mode in modes:
+    for m, mode in enumerate(modes):
         scores = torch.zeros(L, H, L, H)
         for l2 in range(1, L):  # each reader layer's factor once, against every earlier writer layer
+            if progress:
+                progress((m * (L - 1) + l2 - 1) / (len(modes) * (L - 1)), f"{mode}-composition, reader layer {l2}")
             y = reader_factor(c, mode, l2)  # [H, d, r]
             y_norm = y.norm(dim=(-2, -1))  # [H]
             y_cols = y.permute(1, 0, 2).reshape(c.d_model, H * r)  # [d, H r]
