@@ -73,7 +73,10 @@ class ReadLogits:
 
 Logits = torch.Tensor | ReadLogits
 READ_ROWS = 256  # positions a ReadLogits reads out at once: [256, vocab] float32, 51 MB at GPT-2's vocabulary
-HELD_LOGITS_BYTES = 256 * 2**20  # logits up to this size are read out at once and held; larger ones chunk by chunk
+HELD_LOGITS_BYTES = 64 * 2**20  # logits up to this size are read out at once and held; larger ones chunk by chunk
+# (64 MiB: a base and an edited model's logits, with a scoring temporary, stay well inside the 1 GiB of working
+# memory issue 25 allows; at 256 MiB the Llama-1B shape's 2 x 256 windows, 251 MiB, were held and a lab edit
+# that drops blocks peaked at weights + 1.04 GiB)
 
 
 def logits_of(resid: torch.Tensor, readout: Callable[[torch.Tensor], torch.Tensor], n_vocab: int) -> Logits:
