@@ -339,8 +339,10 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
     first. Tokens go in chunks of at most LENS_CHUNK_ELEMENTS logits, so memory stays
     bounded (one chunk of 992 x 50257 for GPT-2 on 8 x 128 windows).
 
-    so_far: a dict the caller keeps across an interrupted lens: the sums over the chunks
-    done are kept in it after each chunk, and a call with it goes on from the next chunk.
+    so_far: a dict the caller keeps across an interrupted lens: after each chunk it holds
+    (the chunks done, their sums) as one value, with the lens's shape, and a call with it
+    goes on from the next chunk (one value, read once: another run writing it meanwhile
+    cannot mix its chunks with this run's sums; a shape that differs starts over).
     """
     check_handle(handle)
     require_type(res, Residuals, "The residuals")
@@ -352,12 +354,14 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
     rows = max(1, LENS_CHUNK_ELEMENTS // max(vocab, 1))  # tokens per chunk; buffers take the logits' own width
     n_steps = -(-n_tokens // rows) * L
     so_far = {} if so_far is None else so_far
-    kl, ent, agree = (t.clone() for t in so_far.get("sums", (
+    shape = (n_tokens, rows, L)
+    done, sums = so_far.get("state", (0, None)) if so_far.get("shape") == shape else (0, None)
+    kl, ent, agree = (t.clone() for t in sums) if sums else (
         torch.zeros(L + 1, dtype=torch.float64), torch.zeros(L + 1, dtype=torch.float64),
-        torch.zeros(L + 1, dtype=torch.long))))  # agree: tokens whose top-1 is the final layer's
+        torch.zeros(L + 1, dtype=torch.long))  # agree: tokens whose top-1 is the final layer's
     z_buffer = p_final = probs = None  # [rows, vocab] each, made from the first (largest) chunk left's logits
     for chunk, start in enumerate(range(0, n_tokens, rows)):
-        if chunk < so_far.get("chunks", 0):
+        if chunk < done:
             continue
         stop = min(start + rows, n_tokens)
         n = stop - start
@@ -380,5 +384,5 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
             agree[layer] += agrees.sum()
             if progress:
                 progress((chunk * L + layer + 1) / n_steps, f"depth {layer} of {L}")
-        so_far.update(chunks=chunk + 1, sums=(kl.clone(), ent.clone(), agree.clone()))
+        so_far.update(shape=shape, state=(chunk + 1, (kl.clone(), ent.clone(), agree.clone())))
     return LogitLens((kl / n_tokens).float().clamp_min(0), agree.float() / n_tokens, (ent / n_tokens).float())

@@ -199,6 +199,7 @@ def test_every_case_and_argument_is_in_the_table():
     import inspect
 
     for case in _cases():
-        params = set(inspect.signature(case.call).parameters) - {"progress", "so_far", "dtype", "base", "source", "vocabulary"}
+        bookkeeping = {"progress", "so_far", "dtype", "base", "source", "vocabulary"}
+        params = set(inspect.signature(case.call).parameters) - bookkeeping
         assert params == set(ARGS[case.name]), case.name
     assert {k for _, _, k, _ in _generated()} == {"wrong type", "out of range", "non-finite", "empty", "huge"}

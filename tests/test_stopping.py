@@ -36,12 +36,19 @@ def test_a_stopped_lens_keeps_its_chunks_and_goes_on_to_the_same_numbers(tiny_lm
     so_far = {}
     with pytest.raises(_Stop):
         lens.logit_lens(tiny_lm, res, progress=stop_in_the_third_chunk, so_far=so_far)
-    assert so_far["chunks"] == 2  # the chunk it was in when stopped is not counted
+    assert so_far["state"][0] == 2  # the chunk it was in when stopped is not counted
     went_on = []
     resumed = lens.logit_lens(tiny_lm, res, progress=lambda f, m: went_on.append(f), so_far=so_far)
     assert len(went_on) == 2 * L  # only the two chunks left
     for name in ("kl", "agreement", "entropy"):
         assert torch.allclose(getattr(resumed, name), getattr(whole, name), rtol=1e-5, atol=1e-7), name
+    other = collect_residuals(tiny_lm, batch, skip=3, with_logits=True)  # another skip: other tokens
+    so_far, seen[:] = {}, []
+    with pytest.raises(_Stop):
+        lens.logit_lens(tiny_lm, res, progress=stop_in_the_third_chunk, so_far=so_far)
+    not_mixed = lens.logit_lens(tiny_lm, other, so_far=so_far)  # what was kept for skip 1 is not used
+    assert torch.allclose(not_mixed.agreement, lens.logit_lens(tiny_lm, other).agreement)
+    assert float(not_mixed.agreement[-1]) == 1.0  # every token counted once at the output
 
 
 def _redundancy_page():

@@ -119,6 +119,7 @@ def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | Non
     else:
         with progress_bar(label, None if stop is None else lambda: _stop(key)) as update:
             value = compute(update)
+            STORE.put(key, value)  # before the bar goes: a Stop clicked as it ends stops the run there
     STORE.put(key, value)
     return value
 

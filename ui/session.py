@@ -209,9 +209,16 @@ def change_recipe(label: str, act: Callable[[Progress], object]) -> bool:
     """Run one change of a lab's recipe (`act(progress)`) under a progress bar, with a Stop
     button that leaves it undone; on a user error show it where the page is, leave the
     recipe as it was and return False."""
+    done = []  # a Stop clicked as the bar goes stops the run after the change was made
+
+    def stopped() -> None:
+        st.toast(f"Stopped after: {label}; the change was made." if done else
+                 f"Stopped: {label}. The recipe is as it was.")
+
     try:
-        with progress_bar(label, lambda: st.toast(f"Stopped: {label}. The recipe is as it was.")) as update:
+        with progress_bar(label, stopped) as update:
             act(update)
+            done.append(True)
     except LayerScopeError as e:
         st.error(app_message(e))
         return False

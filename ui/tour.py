@@ -85,8 +85,12 @@ def take_pending(handle: ModelHandle | None) -> None:
     for widget, value in step.presets(handle).items():
         st.session_state[widget] = value
     if step.recipe is not None:
-        lab = session_lab(handle)
-        edits = step.recipe(handle)
+        try:  # the step's drops are read from the drop sweep, which this visitor may have stopped
+            lab = session_lab(handle)
+            edits = step.recipe(handle)
+        except LayerScopeError as e:
+            st.sidebar.error(f"This step's recipe could not be made: {app_message(e)}")
+            return
         if list(lab.recipe.edits) != edits:
             recipe = Recipe(handle.fingerprint, edits, model=handle.spec)
             if not change_recipe(f"{scenario.title}: step {index + 1}", lambda progress: lab.apply(recipe, progress)):

@@ -85,9 +85,12 @@ def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
     return found
 
 
-def _train_lens(edited: ModelHandle, lens: str) -> ex.ExitLens:
+def _train_lens(edited: ModelHandle, lens: str, stoppable: bool = True) -> ex.ExitLens:
+    """Train `lens` under a progress bar; a stoppable training (one the visitor asked for)
+    has a Stop button, and a stop trains nothing."""
     label = f"Training the {ex.LENS_LABELS[lens]}"
-    with progress_bar(label, lambda: st.toast(f"Stopped: {label}. Nothing was trained.")) as update:
+    on_stop = (lambda: st.toast(f"Stopped: {label}. Nothing was trained.")) if stoppable else None
+    with progress_bar(label, on_stop) as update:
         trained = ex.exit_lens(edited, lens, progress=update)
     STORE.put(("exit_lens", edited.fingerprint, lens), trained)
     return trained
@@ -97,8 +100,8 @@ def _lens_ready(edited: ModelHandle, lens: str) -> bool:
     """Whether `lens` can read out now; offers to train a tuned lens, trains exit heads."""
     if _stored_lens(edited, lens) is not None:
         return True
-    if lens == "heads":  # seconds, and the only lens a classifier has
-        _train_lens(edited, lens)
+    if lens == "heads":  # seconds, and the only lens a classifier has: trained unasked, so not stopped
+        _train_lens(edited, lens, stoppable=False)
         return True
     offer = st.empty()
     with offer.container():
@@ -146,7 +149,6 @@ def _default_exit(base: ModelHandle, edited: ModelHandle) -> None:
     if memory.get("model") == base.fingerprint:
         return
     memory.clear()  # another model: another model's thresholds mean nothing here
-    memory["model"] = base.fingerprint
     for key in [k for k in st.session_state if str(k).startswith("lab_exit_")]:
         if key != "lab_exit_memory":
             del st.session_state[key]
@@ -156,6 +158,7 @@ def _default_exit(base: ModelHandle, edited: ModelHandle) -> None:
     if best:
         point, lens = max(best, key=lambda found: found[0].saved)
         _choose(point.criterion, point.threshold, lens)
+    memory["model"] = base.fingerprint  # only now: a pass stopped above (`Stopped`) is chosen from later
 
 
 def _best_note(point: ex.ExitPoint | None, chosen: ex.ExitPoint, lens: str) -> None:
