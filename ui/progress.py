@@ -116,11 +116,11 @@ def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | Non
         raise Stopped(label)
     if label is None:
         value = compute(None)
-    else:
-        with progress_bar(label, None if stop is None else lambda: _stop(key)) as update:
-            value = compute(update)
-            STORE.put(key, value)  # before the bar goes: a Stop clicked as it ends stops the run there
-    STORE.put(key, value)
+        STORE.put(key, value)
+        return value
+    with progress_bar(label, None if stop is None else lambda: _stop(key)) as update:
+        value = compute(update)
+        STORE.put(key, value)  # before the bar goes: a Stop clicked as it ends stops the run there
     return value
 
 
