@@ -82,7 +82,7 @@ def test_a_sweep_stopped_before_its_first_module_says_so_and_measures_on_request
     key = ("drop_sweep", *batch_key(handle))
     STORE._items.pop(key)
     STORE.put(key + ("so far",), {})  # stopped before the base was measured
-    at.session_state["sweep_stopped"] = key
+    at.session_state[STOPPED] = {key}
     at = run(at)
     assert [i.value for i in at.info if "stopped" in i.value] == [
         "The drop sweep was stopped before it had measured any module."]

@@ -8,6 +8,7 @@ from analysis.redundancy import report as rr
 from analysis.redundancy.drops import STOPPED, lm_drop_sweep, stopped_sweep
 from lib import data
 from ui.cache import batch_key
+from ui.progress import STOPPED as STOPPED_STEPS
 from ui.store import STORE
 
 from apptest_helpers import new_app, run
@@ -56,7 +57,7 @@ def test_the_page_shows_a_stopped_sweep_and_measures_the_rest_on_request():
     so_far = {"base": whole.base, "dropped": dict(list(whole.dropped.items())[:9])}  # blocks and attentions
     STORE._items.pop(key)  # as if the sweep had been stopped after nine modules
     STORE.put(key + ("so far",), so_far)
-    at.session_state["sweep_stopped"] = key
+    at.session_state[STOPPED_STEPS] = {key}
     at = run(at)
     assert [i.value for i in at.info if "stopped after" in i.value] == [
         "The drop sweep was stopped after 9 of 18 modules: what follows shows those, and lists the rest as not "
@@ -64,5 +65,5 @@ def test_the_page_shows_a_stopped_sweep_and_measures_the_rest_on_request():
     assert any(STOPPED in m.value for m in [*at.markdown, *at.caption])
     at.button(key="redundancy_resume_sweep").click()
     at = run(at)
-    assert not [i for i in at.info if "stopped after" in i.value] and "sweep_stopped" not in at.session_state
+    assert not [i for i in at.info if "stopped after" in i.value] and key not in at.session_state[STOPPED_STEPS]
     assert STORE.get(key).dropped.keys() == whole.dropped.keys()

@@ -112,13 +112,13 @@ def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | Non
         return found
     if stop is not None and is_stopped(key):
         st.info(f"{label}: stopped. {stop}")
-        st.button("Go on", key=f"go_on_{next(_BUTTONS)}", on_click=_go_on, args=(key,), icon=":material/play_arrow:")
+        st.button("Go on", key=f"go_on_{next(_BUTTONS)}", on_click=go_on, args=(key,), icon=":material/play_arrow:")
         raise Stopped(label)
     if label is None:
         value = compute(None)
         STORE.put(key, value)
         return value
-    with progress_bar(label, None if stop is None else lambda: _stop(key)) as update:
+    with progress_bar(label, None if stop is None else lambda: mark_stopped(key)) as update:
         value = compute(update)
         STORE.put(key, value)  # before the bar goes: a Stop clicked as it ends stops the run there
     return value
@@ -138,10 +138,12 @@ def is_stopped(key: tuple) -> bool:
     return key in st.session_state.get(STOPPED, ())
 
 
-def _stop(key: tuple) -> None:
+def mark_stopped(key: tuple) -> None:
+    """Mark the step at `key` stopped for this visitor (a Stop button's callback)."""
     st.session_state.setdefault(STOPPED, set()).add(key)
 
 
-def _go_on(key: tuple) -> None:
+def go_on(key: tuple) -> None:
+    """Let the step at `key` run again (a Go on button's callback)."""
     st.session_state.get(STOPPED, set()).discard(key)
 

@@ -17,7 +17,7 @@ from analysis.redundancy.report import DropCheck, RedundancyReport
 from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
 from ui.cache import base_outputs, batch_key, eval_batch
-from ui.progress import Progress, Stopped, is_stopped, partial, stored
+from ui.progress import Progress, Stopped, go_on, is_stopped, mark_stopped, partial, progress_bar, stored
 from ui.store import STORE
 
 ESTIMATE_FROM_S = 10.0  # steps expected to take longer are announced with their estimate
@@ -76,20 +76,15 @@ def drop_sweep(handle: ModelHandle) -> DropSweep:
     if STORE.get(key) is not None:
         return STORE.get(key)
     so_far = partial(key)
-    if st.session_state.get("sweep_stopped") == key:
+    if is_stopped(key):  # what it measured is shown (its notice is `stopped_notice`'s)
         if so_far.get("dropped"):
             return stopped_sweep(handle, so_far)
         raise Stopped("Dropping each module")
-    stop = st.empty()
-    if stop.button("Stop and keep what is measured", key="redundancy_stop_sweep", icon=":material/stop:",
-                   help="Ends the drop sweep now; the modules measured so far are shown, and it can go on later."):
-        st.session_state["sweep_stopped"] = key  # this click's rerun ended the sweep: show what it measured
-        st.rerun()
     announce(handle, sweep_in_forwards(handle, batch.tokens.shape[1]) * (1 - _share_done(handle, so_far)),
              "Measuring every drop")
-    value = stored(key, lambda step: rr.drop_sweep(handle, batch, res, progress=step, so_far=so_far),
-                   "Dropping each module")
-    stop.empty()
+    with progress_bar("Dropping each module", lambda: mark_stopped(key)) as step:
+        value = rr.drop_sweep(handle, batch, res, progress=step, so_far=so_far)
+        STORE.put(key, value)
     return value
 
 
@@ -97,10 +92,10 @@ def stopped_notice(handle: ModelHandle) -> None:
     """Where the drop sweep's results go: that this visitor stopped it, how far it got, and a
     button that measures the rest (the page draws this once, before the sweep's results)."""
     key = ("drop_sweep", *batch_key(handle))
-    if st.session_state.get("sweep_stopped") != key:
+    if not is_stopped(key):
         return
     if STORE.get(key) is not None:  # another visitor's sweep finished it meanwhile
-        del st.session_state["sweep_stopped"]
+        go_on(key)
         return
     done = len(partial(key).get("dropped", {}))
     if done:
@@ -108,10 +103,8 @@ def stopped_notice(handle: ModelHandle) -> None:
                 "and lists the rest as not measured.")
     else:
         st.info("The drop sweep was stopped before it had measured any module.")
-    if st.button("Measure the rest" if done else "Measure every drop", key="redundancy_resume_sweep",
-                 icon=":material/play_arrow:"):
-        del st.session_state["sweep_stopped"]
-        st.rerun()  # the sweep goes on where it stopped, with its stop button
+    st.button("Measure the rest" if done else "Measure every drop", key="redundancy_resume_sweep",
+              on_click=go_on, args=(key,), icon=":material/play_arrow:")  # it goes on where it stopped
 
 
 def _parts(handle: ModelHandle) -> int:
