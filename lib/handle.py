@@ -28,7 +28,7 @@ from lib.devices import check_copy
 from lib.errors import CapabilityError, DataError, RecipeError
 from lib.handle_layers import InputTransform, LinearLayers
 from lib.locks import exclusive
-from lib.points import KINDS, LM_PARTS, ActivationHook, Part, Point, Structure  # noqa: F401  (re-exported)
+from lib.points import KINDS, LM_PARTS, ActivationHook, Caught, Part, Point, Structure  # noqa: F401  (re-exported)
 from lib.storage import StoredAs, lazy_copy_memo, weight_fingerprint
 
 
@@ -183,15 +183,18 @@ class ModelHandle(LinearLayers, ABC):
 
     @exclusive
     @torch.no_grad()
-    def record(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+    def record(self, inputs: torch.Tensor, points: Sequence[Point],
+               caught: Caught | None = None) -> dict[Point, torch.Tensor]:
         """The activations at `points` from a forward that stops as soon as all of them
         have fired: later layers and the readout are not run. Points that never fire are
-        missing from the result."""
+        missing from the result. `caught` is told of each point as it is caught."""
         wanted, cache = set(points), {}
 
         def keep(point: Point) -> ActivationHook:
             def hook(tensor: torch.Tensor) -> None:
                 cache[point] = tensor
+                if caught is not None:
+                    caught(len(cache), len(wanted))
                 if len(cache) == len(wanted):
                     raise _Recorded
 

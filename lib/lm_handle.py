@@ -13,7 +13,7 @@ from torch import nn
 
 from lib import lm_records
 from lib.errors import CapabilityError, DataError
-from lib.handle import ActivationHook, ModelHandle, Point, Structure
+from lib.handle import ActivationHook, Caught, ModelHandle, Point, Structure
 from lib.hooks import TL_STASHED, count_hooks, forget_tl_stash, forward_hooks
 from lib.lm_capabilities import LMBlocks, LMGates, LMHeads
 from lib.lm_parts import LMParts, _holds_tensors, _out_dim
@@ -201,12 +201,13 @@ class BridgeHandle(LMParts, ModelHandle):
 
     @exclusive
     @torch.no_grad()
-    def record(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+    def record(self, inputs: torch.Tensor, points: Sequence[Point],
+               caught: Caught | None = None) -> dict[Point, torch.Tensor]:
         """As `ModelHandle.record`. Without hooks or edits of the forward, attention patterns
         alone, and residual-stream points alone, come from the plain model (`lib.lm_records`:
         no vocabulary readout, none of the bridge's hook machinery or kept patterns)."""
         if self.structure.parallel and any(p.site == "resid_mid" for p in points):
-            return self._record_parallel_mid(inputs, points)
+            return self._record_parallel_mid(inputs, points, caught)
         for p in points:
             self.hook_name(p)  # refuses a layer the model does not have
         hooked = self._active_hooks or count_hooks(self.model)
@@ -216,18 +217,19 @@ class BridgeHandle(LMParts, ModelHandle):
             return lm_records.all_patterns(self, inputs, points)
         if points and not (hooked or self._structural or self.input_transforms) \
                 and all(p.site in lm_records.RESIDUAL_SITES for p in points):
-            found = lm_records.plain_residuals(self, inputs, points)
+            found = lm_records.plain_residuals(self, inputs, points, caught)
             if found is not None:
                 return found
-        return super().record(inputs, points)
+        return super().record(inputs, points, caught)
 
-    def _record_parallel_mid(self, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
+    def _record_parallel_mid(self, inputs: torch.Tensor, points: Sequence[Point],
+                             caught: Caught | None) -> dict[Point, torch.Tensor]:
         """A parallel block's m_l is x_l + attention's write (what the block's output would be
         with its MLP dropped): recorded as resid_pre + attn_out of the same pass."""
         mids = [p for p in points if p.site == "resid_mid"]
         wanted = [p for p in points if p.site != "resid_mid"]
         wanted += [Point(site, p.layer) for p in mids for site in ("resid_pre", "attn_out")]
-        got = self.record(inputs, list(dict.fromkeys(wanted)))
+        got = self.record(inputs, list(dict.fromkeys(wanted)), caught)
         for p in mids:
             pre, write = Point("resid_pre", p.layer), Point("attn_out", p.layer)
             if pre in got and write in got:

@@ -12,7 +12,7 @@ from torch import nn
 
 from lib.errors import CapabilityError
 from lib.lm_capabilities import _Stop
-from lib.points import Point
+from lib.points import Caught, Point
 
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")  # what the plain model gives by torch hooks
 
@@ -42,12 +42,12 @@ def all_patterns(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]
     return {p: patterns[p.layer] for p in points}
 
 
-def plain_residuals(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]
-                    ) -> dict[Point, torch.Tensor] | None:
+def plain_residuals(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point],
+                    told: Caught | None = None) -> dict[Point, torch.Tensor] | None:
     """The residual stream at `points` from the plain model (SDPA attention, no patterns
     computed or kept): a block's input (resid_pre), its second norm's input (resid_mid:
     x + the attention's write) and its output (resid_post), caught by torch hooks; the
-    forward stops once all are caught. None where a second norm is not found."""
+    forward stops once all are caught (`told` of each). None where a second norm is not found."""
     plain, caught, handles, wanted = h.plain_model(), {}, [], set(points)
     try:
         paths = h._block_paths()
@@ -56,6 +56,8 @@ def plain_residuals(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Poi
 
     def keep(point: Point, value: torch.Tensor) -> None:
         caught[point] = value[0] if isinstance(value, tuple) else value
+        if told is not None:
+            told(len(caught), len(wanted))
         if len(caught) == len(wanted):
             raise _Stop
 

@@ -12,6 +12,9 @@ KINDS = ("causal-lm", "image-classifier", "image-to-image")
 LM_PARTS = ("block", "attention", "mlp")
 
 # An activation hook: gets the activation, returns a replacement or None (keep it).
+# Told (points caught so far, points wanted) as a recording catches each point: a long
+# recording's progress, and where it can be stopped (an exception raised here ends the forward)
+Caught = Callable[[int, int], None]
 ActivationHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 

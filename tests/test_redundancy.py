@@ -200,7 +200,7 @@ def test_bad_inputs_get_clear_messages(tiny_lm, tmp_path, monkeypatch):
     one = load_model(str(tmp_path))
     with pytest.raises(redundancy.RedundancyError, match="at least 2"):
         redundancy.collect_residuals(one, data.code_batch(one.tokenizer, 24, 2))
-    monkeypatch.setattr(tiny_lm, "record", lambda tokens, points: {})
+    monkeypatch.setattr(tiny_lm, "record", lambda tokens, points, caught=None: {})
     with pytest.raises(redundancy.RedundancyError, match="does not expose resid_pre 0"):
         redundancy.collect_residuals(tiny_lm, data.code_batch(tiny_lm.tokenizer, 24, 2))
     monkeypatch.undo()

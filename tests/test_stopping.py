@@ -1,7 +1,8 @@
 """Every long step can be stopped (issue 25): the logit lens keeps the token chunks it has
 read and goes on to the same numbers; a stopped step shows a notice with a button that goes
 on, and the page draws what does not need it; the drop sweep stopped before its first
-module says so and draws nothing after it; a lab method whose step was stopped adds nothing."""
+module says so and draws nothing after it; a lab method whose step was stopped adds nothing;
+the hooked pass reports each block and a stop ends it with no hook or lock left behind."""
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch
 from analysis import lens
 from analysis.redundancy.similarity import collect_residuals
 from lib import data
+from lib.hooks import count_hooks
+from lib.points import Point
 from ui.cache import batch_key, eval_batch
 from ui.progress import STOPPED
 from ui.store import STORE
@@ -49,6 +52,67 @@ def test_a_stopped_lens_keeps_its_chunks_and_goes_on_to_the_same_numbers(tiny_lm
     not_mixed = lens.logit_lens(tiny_lm, other, so_far=so_far)  # what was kept for skip 1 is not used
     assert torch.allclose(not_mixed.agreement, lens.logit_lens(tiny_lm, other).agreement)
     assert float(not_mixed.agreement[-1]) == 1.0  # every token counted once at the output
+
+
+def _stop_on(call: int, seen: list):
+    def progress(fraction, message):
+        seen.append((fraction, message))
+        if len(seen) == call:
+            raise _Stop
+
+    return progress
+
+
+def _torch_hooks(handle) -> tuple[int, int]:
+    """The bridge's hooks (OPT's keeps permanent ones of its own) and the plain model's torch hooks."""
+    plain = handle.plain_model().modules()
+    return count_hooks(handle.model), sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in plain)
+
+
+def _nothing_left(handle, hooks_before: tuple[int, int]) -> None:
+    assert _torch_hooks(handle) == hooks_before
+    assert handle.lock.acquire(blocking=False)  # another thread could take it: the stopped pass let go
+    handle.lock.release()
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["plain path", "bridge hooks"])
+def test_the_hooked_pass_reports_each_block_and_a_stop_leaves_nothing_behind(family_handles, hooked):
+    for name, handle in family_handles.items():
+        batch = data.code_batch(handle.tokenizer, seq_len=12, n_windows=2)
+        whole = collect_residuals(handle, batch, skip=0, with_logits=False)
+        hooks_before = _torch_hooks(handle)
+        L, seen = handle.structure.n_layers, []
+        with handle.hooks([(Point("resid_pre", 0), lambda t: None)] if hooked else []):
+            res = collect_residuals(handle, batch, skip=0, with_logits=False, progress=_stop_on(0, seen))
+            stopped = []
+            with pytest.raises(_Stop):
+                collect_residuals(handle, batch, skip=0, with_logits=False, progress=_stop_on(3, stopped))
+        _nothing_left(handle, hooks_before)
+        assert torch.allclose(res.resid, whole.resid, rtol=1e-4, atol=1e-6), name  # the bridge's path is another path
+        assert torch.allclose(res.mid, whole.mid, rtol=1e-4, atol=1e-6), name
+        fractions = [f for f, _ in seen]
+        assert len(seen) == 2 * L + 1 and fractions == sorted(fractions) and fractions[-1] == 1, (name, seen)
+        assert seen[-1][1] == f"{L} of {L} blocks", name
+        again = collect_residuals(handle, batch, skip=0, with_logits=False)
+        assert torch.allclose(again.resid, whole.resid, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_stopped_hooked_pass_shows_its_notice_alone_then_goes_on_to_the_page():
+    at, handle = _redundancy_page()
+    key = ("residuals", *batch_key(handle))
+    for part in [k for k in STORE._items if k[:1] in {("residuals",), ("layer_statistics",), ("lens",),
+                                                         ("drop_sweep",)}]:
+        STORE._items.pop(part)
+    at.session_state[STOPPED] = {key}
+    at = run(at, "views/redundancy.py")
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "One forward pass with hooks: stopped. Nothing of a pass is kept: going on runs it again. "
+        "Every part of this page reads it."]
+    assert not at.error and not at.subheader and STORE.get(key) is None  # nothing that reads it is drawn
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert not [i for i in at.info if "stopped" in i.value] and STORE.get(key) is not None
+    assert any("What dropping one module really costs" in h.value for h in at.subheader)
 
 
 def _redundancy_page():

@@ -24,16 +24,18 @@ ESTIMATE_FROM_S = 10.0  # steps expected to take longer are announced with their
 
 
 def residuals(handle: ModelHandle) -> Residuals:
-    """The hooked pass over the evaluation batch (every position); its time, one forward's,
-    is kept for the estimates of the steps after it (`forward_seconds`)."""
-    def compute(_: Progress | None) -> Residuals:
-        with st.spinner("One forward pass with hooks ..."):
-            start = time.perf_counter()
-            res = rr.residual_pass(handle, eval_batch(handle))
-            STORE.put(("forward_seconds", *batch_key(handle)), time.perf_counter() - start)
-            return res
+    """The hooked pass over the evaluation batch (every position), block by block under a
+    bar with a Stop (a stopped pass keeps nothing: `ui.progress.Stopped` until going on,
+    which runs it again); its time, one forward's, is kept for the estimates of the steps
+    after it (`forward_seconds`)."""
+    def compute(step: Progress | None) -> Residuals:
+        start = time.perf_counter()
+        res = rr.residual_pass(handle, eval_batch(handle), progress=step)
+        STORE.put(("forward_seconds", *batch_key(handle)), time.perf_counter() - start)
+        return res
 
-    return stored(("residuals", *batch_key(handle)), compute)
+    return stored(("residuals", *batch_key(handle)), compute, "One forward pass with hooks",
+                  stop="Nothing of a pass is kept: going on runs it again. Every part of this page reads it.")
 
 
 def announce(handle: ModelHandle, forwards: float, what: str) -> None:

@@ -45,7 +45,10 @@ if handle.kind == "causal-lm":
 # statistics and the lens (cheap, depend on skip) first, the drop sweep (the model only) last.
 sim = None
 if handle.kind == "causal-lm":
-    sim = layer_statistics(handle, int(skip))
+    try:
+        sim = layer_statistics(handle, int(skip))
+    except Stopped:  # the hooked pass was stopped (its notice is drawn): every part below reads it
+        st.stop()
     st.subheader("How much each layer changes the residual stream",
                  help=GLOSSARY["residual_stream"] + " " + GLOSSARY["one_minus_cos"])
     st.plotly_chart(plots.importance_bars(sim), width="stretch")

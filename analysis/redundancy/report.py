@@ -59,11 +59,11 @@ def is_stage_model(handle: ModelHandle, batch: Batch) -> bool:
 # from `skip` on, and are cheap to redo from the recorded pass.
 
 
-def residual_pass(handle: ModelHandle, batch: TextBatch) -> Residuals:
+def residual_pass(handle: ModelHandle, batch: TextBatch, progress: Progress | None = None) -> Residuals:
     """The one hooked pass every LM part reads: h_0..h_L and m_l at every position
     (skip 0); the logits are read out of h_L where needed (`final_logits`), never kept with
-    it. `at_skip` views it at any skip without rerunning."""
-    return redundancy.collect_residuals(handle, batch, skip=0, with_logits=False)
+    it. `at_skip` views it at any skip without rerunning. `progress`: block by block."""
+    return redundancy.collect_residuals(handle, batch, skip=0, with_logits=False, progress=progress)
 
 
 def at_skip(handle: ModelHandle, batch: TextBatch, res: Residuals, skip: int) -> Residuals:
@@ -115,8 +115,7 @@ def build_report(handle: ModelHandle, batch: Batch, skip: int = redundancy.DEFAU
         step(0.5, "dropping stages")
         return assemble(batch, drop_sweep(handle, batch), stages=stages)
     redundancy.check_depths(handle, batch, skip)  # a bad skip is refused before the pass
-    step(0.02, "one forward pass with hooks")
-    res = residual_pass(handle, batch)
+    res = residual_pass(handle, batch, progress=lambda f, m: step(0.05 * f, f"one forward pass with hooks, {m}"))
     sim = layer_statistics(handle, batch, res, skip)
     lens = lens_statistics(handle, batch, res, skip, progress=lambda f, m: step(0.05 + 0.25 * f, f"logit lens, {m}"))
     sweep = drop_sweep(handle, batch, res, progress=lambda f, m: step(0.3 + 0.7 * f, m))

@@ -118,8 +118,9 @@ def check_depths(handle: ModelHandle, batch: TextBatch, skip: int) -> None:
 
 
 def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT_SKIP,
-                      with_logits: bool = True) -> Residuals:
-    """One forward pass recording h_0..h_L and m_0..m_{L-1}.
+                      with_logits: bool = True, progress: Progress | None = None) -> Residuals:
+    """One forward pass recording h_0..h_L and m_0..m_{L-1} (`progress` told as each is
+    recorded: an exception it raises ends the pass, and nothing of it is kept).
 
     The pass stops after the last block; the final LayerNorm and unembedding run on
     h_L only when `with_logits` (the one-pass statistics never need them; the logit
@@ -131,7 +132,8 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
     pre = [Point("resid_pre", l) for l in range(L)]
     mid = [Point("resid_mid", l) for l in range(L)]
     last = Point("resid_post", L - 1)
-    cache = handle.record(batch.tokens, pre + mid + [last])
+    told = None if progress is None else lambda n, of: progress(n / of, f"{n * L // of} of {L} blocks")  # 2L+1 points
+    cache = handle.record(batch.tokens, pre + mid + [last], told)
     missing = [f"{p.site} {p.layer}" for p in pre + mid + [last] if p not in cache]
     if missing:
         raise RedundancyError(
