@@ -20,6 +20,9 @@ class Slot:
     def empty(self):
         self.calls.append(("empty",))
 
+    def container(self):  # the Stop button is drawn in a block in its slot
+        return self
+
     def button(self, label, key, on_click, **kwargs):
         self.calls.append(("button", label, on_click))
 

@@ -5,6 +5,11 @@ A click on Stop reruns the page: Streamlit ends the running script at its next d
 bar's next redraw), and the button's callback runs before the new run. A stopped step of
 `stored` stays stopped for this visitor (`Stopped`, with a notice and a button that goes
 on) until they go on; a stopped action (a change of the recipe) is simply not done.
+
+Stop and Go on buttons are drawn inside a block. Streamlit keeps a focused button that the
+next run replaces with another element (the one just clicked) at the end of the page until
+it loses focus; pressing a Stop there moved the focus, the kept button vanished, the page
+shifted under the pointer and the click was lost. A replaced block is not kept.
 """
 
 from __future__ import annotations
@@ -62,9 +67,10 @@ def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Itera
             if state["open"]:
                 fraction, text = state["latest"]
                 slot.progress(min(1.0, max(0.0, fraction)), text=text)
-                if stop_slot is not None and state["drawn_at"] is None:
-                    stop_slot.button("Stop", key=f"stop_{next(_BUTTONS)}", on_click=on_stop, icon=":material/stop:",
-                                     help="Ends this step at its next update; what a stop keeps is said then.")
+                if stop_slot is not None and state["drawn_at"] is None:  # in a block: see `stored`'s notice
+                    stop_slot.container().button(
+                        "Stop", key=f"stop_{next(_BUTTONS)}", on_click=on_stop, icon=":material/stop:",
+                        help="Ends this step at its next update; what a stop keeps is said then.")
                 state["drawn_at"] = time.perf_counter()
 
     def update(fraction: float, message: str) -> None:
@@ -111,8 +117,9 @@ def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | Non
     if found is not None:
         return found
     if stop is not None and is_stopped(key):
-        st.info(f"{label}: stopped. {stop}")
-        st.button("Go on", key=f"go_on_{next(_BUTTONS)}", on_click=go_on, args=(key,), icon=":material/play_arrow:")
+        with st.container():  # see the module's note on buttons that go
+            st.info(f"{label}: stopped. {stop}")
+            st.button("Go on", key=f"go_on_{next(_BUTTONS)}", on_click=go_on, args=(key,), icon=":material/play_arrow:")
         raise Stopped(label)
     if label is None:
         value = compute(None)

@@ -100,13 +100,14 @@ def stopped_notice(handle: ModelHandle) -> None:
         go_on(key)
         return
     done = len(partial(key).get("dropped", {}))
-    if done:
-        st.info(f"The drop sweep was stopped after {done} of {_parts(handle)} modules: what follows shows those, "
-                "and lists the rest as not measured.")
-    else:
-        st.info("The drop sweep was stopped before it had measured any module.")
-    st.button("Measure the rest" if done else "Measure every drop", key="redundancy_resume_sweep",
-              on_click=go_on, args=(key,), icon=":material/play_arrow:")  # it goes on where it stopped
+    with st.container():  # a block, as `ui.progress` draws its buttons (see its note)
+        if done:
+            st.info(f"The drop sweep was stopped after {done} of {_parts(handle)} modules: what follows shows "
+                    "those, and lists the rest as not measured.")
+        else:
+            st.info("The drop sweep was stopped before it had measured any module.")
+        st.button("Measure the rest" if done else "Measure every drop", key="redundancy_resume_sweep",
+                  on_click=go_on, args=(key,), icon=":material/play_arrow:")  # it goes on where it stopped
 
 
 def _parts(handle: ModelHandle) -> int:
