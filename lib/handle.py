@@ -13,12 +13,13 @@ tensors are stored and identified. Nothing outside lib/ knows which backend it h
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import replace
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -170,6 +171,13 @@ class ModelHandle(LinearLayers, ABC):
     def hooks(self, pairs: Sequence[tuple[Point, ActivationHook]]) -> Any:
         """Context manager: `fn(activation)` runs at each point (its return value, if not
         None, replaces the activation); all hooks go on exit, also when the body raises."""
+
+    @contextlib.contextmanager
+    def told_of_blocks(self, told: Caught) -> Iterator[None]:
+        """Inside, a forward tells `told(k, n)` as its k-th of n blocks finishes, for a bar
+        over one long forward: nothing is recorded and the forward takes its usual path.
+        Models without transformer blocks tell nothing."""
+        yield
 
     @exclusive
     @torch.no_grad()

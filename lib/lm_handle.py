@@ -248,6 +248,9 @@ class BridgeHandle(LMParts, ModelHandle):
                     memo[id(value)] = None
         return memo
 
+    def told_of_blocks(self, told: Caught) -> Any:
+        return lm_records.told_of_blocks(self, told)
+
     def plain_model(self) -> nn.Module:
         """The checkpoint's own transformers model (SDPA attention, no hook points) sharing
         every weight tensor with the bridge, built on first use: no weights are copied."""

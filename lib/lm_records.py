@@ -5,7 +5,8 @@ is checked against the bridge's own hooks in the tests, on every supported famil
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -140,3 +141,22 @@ def head_readout(h: RecordBackend) -> Callable[[torch.Tensor], torch.Tensor]:
         return z if cap is None else torch.tanh(z / cap) * cap
 
     return readout
+
+
+@contextmanager
+def told_of_blocks(h: RecordBackend, told: Caught) -> Iterator[None]:
+    """`told(k, n)` as the k-th of n blocks finishes a forward, by torch hooks on the plain
+    model's blocks and on the bridge's (whichever path the forward takes; the bridge counts
+    hooks on its HookPoints alone, so a forward keeps the plain path it would have taken)."""
+    try:
+        plain = [h.plain_model().get_submodule(path) for path in h._block_paths()]
+    except CapabilityError:  # blocks not found in the plain model: only the bridge's tell
+        plain = []
+    n = len(h.model.blocks)
+    handles = [block.register_forward_hook(lambda *_, k=k: told(k + 1, n))
+               for blocks in (plain, h.model.blocks) for k, block in enumerate(blocks)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

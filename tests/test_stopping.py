@@ -2,7 +2,8 @@
 read and goes on to the same numbers; a stopped step shows a notice with a button that goes
 on, and the page draws what does not need it; the drop sweep stopped before its first
 module says so and draws nothing after it; a lab method whose step was stopped adds nothing;
-the hooked pass reports each block and a stop ends it with no hook or lock left behind."""
+the hooked pass and the Model page's forward report each block, and a stop ends them with no
+hook or lock left behind."""
 
 import pytest
 import torch
@@ -194,3 +195,42 @@ def test_stopped_channels_show_their_notice_and_nothing_that_reads_them_then_go_
     at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
     at = run(at)
     assert STORE.get(key) is not None and any(h.value == "What each head does" for h in at.subheader)
+
+
+def test_one_forward_tells_each_block_keeps_its_plain_path_and_a_stop_leaves_nothing_behind(family_handles):
+    for name, handle in family_handles.items():
+        inputs = data.code_batch(handle.tokenizer, seq_len=12, n_windows=2).tokens
+        whole = handle.forward(inputs)
+        hooks_before, L, told = _torch_hooks(handle), handle.structure.n_layers, []
+        with handle.told_of_blocks(lambda k, n: told.append((k, n))):
+            assert count_hooks(handle.model) == hooks_before[0]  # the bridge sees none: the plain path runs
+            out = handle.forward(inputs)
+            with handle.hooks([(Point("resid_pre", 0), lambda t: None)]):  # the bridge's path tells too
+                handle.forward(inputs)
+        assert told == [(k, L) for k in range(1, L + 1)] * 2, name
+        assert torch.equal(out, whole), name  # the same path, the same numbers
+        with pytest.raises(_Stop):
+            with handle.told_of_blocks(lambda k, n: _raise_at(k, 2)):
+                handle.forward(inputs)
+        _nothing_left(handle, hooks_before)
+
+
+def _raise_at(k: int, block: int) -> None:
+    if k == block:
+        raise _Stop
+
+
+def test_a_stopped_model_run_shows_its_notice_in_place_of_the_baseline_then_goes_on():
+    at, handle = _redundancy_page()
+    key = ("base_outputs", *batch_key(handle))
+    STORE._items.pop(key, None)
+    at.session_state[STOPPED] = {key}
+    at = run(at, "views/model.py")
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "Running the model on its evaluation set: stopped. Nothing of the run is kept: going on runs it again."]
+    assert not at.error and not at.metric and STORE.get(key) is None  # no number that reads it
+    assert any(h.value == "Next-token prediction" for h in at.subheader)  # the rest of the page is drawn
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert not [i for i in at.info if "stopped" in i.value] and STORE.get(key) is not None
+    assert {"bits per byte", "latency"} <= {m.label for m in at.metric}

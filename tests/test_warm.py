@@ -30,7 +30,7 @@ def test_every_page_reads_what_the_warm_up_computed(spec, monkeypatch):
     computed = []  # what a page computes from here on: STORE misses and st.cache_data misses
     put = STORE.put
     monkeypatch.setattr(STORE, "put", lambda key, value: (computed.append(key), put(key, value)))
-    for name in ("evaluate", "verify", "spread"):  # the bodies of ui.cache's st.cache_data functions
+    for name in ("metrics_from_outputs", "verify", "spread"):  # the bodies of ui.cache's st.cache_data functions
         original = getattr(ui.cache, name)
         monkeypatch.setattr(ui.cache, name, lambda *a, _f=original, _n=name, **k: (computed.append(_n), _f(*a, **k))[1])
     monkeypatch.setattr(ui.cache.data, "default_batch",

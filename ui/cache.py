@@ -10,17 +10,19 @@ report progress while they run and the parts of one view's analysis go through `
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
-from lib.metrics import Metrics, evaluate, model_inputs
+from lib.metrics import Metrics, metrics_from_outputs, model_inputs
 from lib.scoring import Logits
 from lib.spread import Spread, position_scores, spread
 from lib.verify import Verification, verify
-from ui.store import STORE
+from ui.progress import Progress, stored
 
 MAX_EVAL_WINDOWS = 64  # windows a visitor may raise a language model's evaluation batch to
 
@@ -70,7 +72,7 @@ def batch_key(handle: ModelHandle) -> tuple[str, str]:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _baseline(_handle: ModelHandle, key: tuple[str, str]) -> Metrics:
-    return evaluate(_handle, eval_batch(_handle))
+    return metrics_from_outputs(base_outputs(_handle), eval_batch(_handle), _handle.n_params, _handle.size_bits)
 
 
 def baseline(handle: ModelHandle) -> Metrics:
@@ -80,11 +82,18 @@ def baseline(handle: ModelHandle) -> Metrics:
     return _baseline(handle, batch_key(handle))
 
 
-def base_outputs(handle: ModelHandle) -> Logits:
+def base_outputs(handle: ModelHandle, stop: bool = False) -> Logits:
     """The base model's outputs on its evaluation batch (kept once, never copied; a language
-    model's large logits as its final hidden state, read out as they are scored)."""
-    return STORE.get_or_compute(("base_outputs", *batch_key(handle)),
-                                lambda: handle.outputs(model_inputs(eval_batch(handle))))
+    model's large logits as its final hidden state, read out as they are scored), computed
+    under a bar that counts the forward's blocks; with `stop`, one with a Stop (`stored`:
+    `Stopped` from then on for this visitor, until they go on)."""
+    def compute(progress: Progress | None) -> Logits:
+        told = None if progress is None else lambda k, n: progress(k / n, f"{k} of {n} blocks")
+        with handle.told_of_blocks(told) if told is not None else nullcontext():
+            return handle.outputs(model_inputs(eval_batch(handle)))
+
+    return stored(("base_outputs", *batch_key(handle)), compute, "Running the model on its evaluation set",
+                  stop="Nothing of the run is kept: going on runs it again." if stop else None)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -9,29 +9,21 @@ from analysis import plots
 from analysis.metric_text import metric_value
 from analysis.predict import next_tokens, predict_image
 from lib.data import MAX_PROMPT_CHARS
+from lib.handle import ModelHandle
 from lib.metrics import LABELS, QUALITY_FIELDS, input_psnr_db, model_inputs
 from lib.zoo import ZOO, model_card, zoo_name
-from ui.cache import baseline, baseline_spread, eval_batch
+from ui.cache import base_outputs, baseline, baseline_spread, eval_batch
 from ui.glossary import GLOSSARY
 from ui.model import base_latency, batch_control, prompt_notes
+from ui.progress import Stopped
 from ui.session import require_handle
 
-handle = require_handle()
-st.title(f"Model · {handle.spec}")
-st.caption((ZOO[zoo_name(handle.spec)].description + " " if zoo_name(handle.spec) else "")
-           + "What it is built of, how well it does on its evaluation set, and what it predicts for an input of yours.")
 
-card, quality = st.columns([2, 3])
-with card:
-    st.subheader("Architecture")
-    rows = handle.describe()
-    st.table({"property": [r[0] for r in rows], "value": [r[1] for r in rows]})
-with quality:
-    st.subheader("Baseline on the evaluation set")
-    with st.spinner("Evaluating ..."):
-        batch = eval_batch(handle)
-        metrics = baseline(handle)
-        intervals = baseline_spread(handle)
+def baseline_section(handle: ModelHandle) -> None:
+    """The base model's quality on its evaluation set, with intervals, its size and latency."""
+    batch = eval_batch(handle)
+    metrics = baseline(handle)
+    intervals = baseline_spread(handle)
     repeated = getattr(batch, "answer_mask", None) is not None
     helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
              "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
@@ -75,6 +67,27 @@ with quality:
                     "measured it while the machine was busy)."):
         st.session_state[f"latency_attempt_{handle.spec}"] = attempt + 1
         st.rerun()
+
+
+handle = require_handle()
+st.title(f"Model · {handle.spec}")
+st.caption((ZOO[zoo_name(handle.spec)].description + " " if zoo_name(handle.spec) else "")
+           + "What it is built of, how well it does on its evaluation set, and what it predicts for an input of yours.")
+
+batch = eval_batch(handle)
+card, quality = st.columns([2, 3])
+with card:
+    st.subheader("Architecture")
+    rows = handle.describe()
+    st.table({"property": [r[0] for r in rows], "value": [r[1] for r in rows]})
+with quality:
+    st.subheader("Baseline on the evaluation set")
+    try:
+        base_outputs(handle, stop=True)  # the one forward every number below reads: under a bar with a Stop
+    except Stopped:  # its notice is drawn, with the button that goes on
+        pass
+    else:
+        baseline_section(handle)
 if text := model_card(handle.spec):  # full width: the card's code blocks need it
     with st.expander("Model card: how it was trained and what it scores"):
         st.caption("The card's metrics cover its whole held-out set; this page measures a fixed sample of it (the "
