@@ -11,7 +11,7 @@ import streamlit as st
 from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
-from lib.metrics import Timing, base_timing, model_inputs
+from lib.metrics import LATENCY_REPEATS, Timing, base_timing, model_inputs, timed_rows
 from ui.cache import MAX_EVAL_WINDOWS, auto_windows, batch_key, eval_batch, set_windows
 from ui.store import STORE
 
@@ -22,8 +22,11 @@ def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
     def compute() -> tuple[Timing, float]:
         inputs = model_inputs(eval_batch(handle))
         start = time.perf_counter()
-        handle.forward(inputs)  # untimed: it also builds what later forwards reuse
-        return base_timing(handle, inputs, time.perf_counter() - start), time.time()
+        handle.forward(inputs[:1])  # untimed: one row gives the pace, not a whole batch's wait
+        whole = (time.perf_counter() - start) * len(inputs)  # over, if anything: one row carries the fixed costs
+        if timed_rows(whole, len(inputs), LATENCY_REPEATS) == len(inputs):
+            handle.forward(inputs)  # a short untimed run of the shape that is timed next
+        return base_timing(handle, inputs, whole), time.time()
 
     return STORE.get_or_compute(("base_latency", *batch_key(handle), attempt), compute)
 
