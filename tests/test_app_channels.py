@@ -43,6 +43,7 @@ def test_induction_circuit_is_shown_and_cutting_it_breaks_induction():
     assert "Orange heads have a role (previous-token ≥ 0.5, duplicate-token ≥ 0.3, induction ≥ 0.3)" in captions(at)
     at.slider(key="alpha_zoo:induction-2l").set_value(1.0)
     run(at)
+    assert not at.error, [e.value for e in at.error]
     assert metrics(at)["accuracy after"] == metrics(at)["accuracy before"]  # alpha 1 changes nothing
     at.radio(key="scope_zoo:induction-2l").set_value("components")
     at.slider(key="alpha_zoo:induction-2l").set_value(0.0)
