@@ -339,6 +339,29 @@ def count_flops(forward: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def pace(handle: ModelHandle, inputs: torch.Tensor, repeats: int = LATENCY_REPEATS) -> float:
+    """Seconds a forward of all of `inputs` would take, from an untimed forward of one row (an
+    overestimate: it carries the fixed costs), not a wait for the whole batch; where the whole
+    batch fits the timing, one untimed run of it follows, as `base_timing` needs."""
+    start = time.perf_counter()
+    handle.forward(inputs[:1])
+    whole = (time.perf_counter() - start) * inputs.shape[0]
+    if timed_rows(whole, inputs.shape[0], repeats) == inputs.shape[0]:
+        handle.forward(inputs)
+    return whole
+
+
+def timed_outputs(handle: ModelHandle, inputs: torch.Tensor, given: Logits | None = None,
+                  repeats: int = LATENCY_REPEATS) -> tuple[Logits, float]:
+    """`handle`'s outputs on `inputs` and the seconds a forward of them takes: the forward that
+    gives them, timed; or, outputs `given` and forwards to be timed, `pace`'s estimate."""
+    if given is None or not repeats:
+        start = time.perf_counter()
+        outputs = handle.outputs(inputs)  # large logits are read out as they are scored, never held
+        return outputs, time.perf_counter() - start
+    return given, pace(handle, inputs, repeats)
+
+
 def base_timing(handle: ModelHandle, inputs: torch.Tensor, first_seconds: float,
                 repeats: int = LATENCY_REPEATS) -> Timing:
     """`handle`'s timed forwards on `inputs` [rows, ...], whose first forward (untimed here)
@@ -369,10 +392,9 @@ def evaluate(
     require_int(latency_repeats, "latency_repeats (timed forwards)", 0, 1000)
     check_base(base, batch)
     inputs = model_inputs(batch)
-    start = time.perf_counter()
-    outputs = handle.outputs(inputs)
-    latency_ms = (time.perf_counter() - start) * 1000
+    outputs, seconds = timed_outputs(handle, inputs)
+    latency_ms = seconds * 1000
     if latency_repeats > 0:
-        latency_ms = base_timing(handle, inputs, latency_ms / 1000, latency_repeats).median_ms
+        latency_ms = base_timing(handle, inputs, seconds, latency_repeats).median_ms
     bits = size_bits if size_bits is not None else handle.size_bits
     return metrics_from_outputs(outputs, batch, handle.n_params, bits, base, latency_ms)

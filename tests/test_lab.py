@@ -327,6 +327,24 @@ def test_a_slow_model_is_timed_on_fewer_rows(tiny_lm, monkeypatch):
     assert lab.base_point.latency.base.rows == 1 and lab.add(Magnitude(0.5)).latency.model.rows == 1
 
 
+def test_a_lab_given_the_base_outputs_does_not_run_the_whole_batch_again(tiny_lm, monkeypatch):
+    from lib import metrics
+    from lib.scoring import prepare_base
+
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    alone = Lab(tiny_lm, batch, latency_repeats=6)
+    outputs = tiny_lm.outputs(metrics.model_inputs(batch))
+    monkeypatch.setattr(metrics, "LATENCY_BUDGET_SECONDS", 0.0)  # a slow model: only its fewest rows are timed
+    rows = []
+    for method in ("forward", "outputs"):
+        original = getattr(type(tiny_lm), method)
+        monkeypatch.setattr(type(tiny_lm), method, lambda self, x, _f=original: (rows.append(len(x)), _f(self, x))[1])
+    given = Lab(tiny_lm, batch, latency_repeats=6, base_outputs=prepare_base(outputs, batch))
+    assert set(rows) == {1} and given.base_point.latency.base.rows == 1, rows  # one row paces, one row is timed
+    for name in metrics.QUALITY_FIELDS:
+        assert getattr(given.base_point.metrics, name) == getattr(alone.base_point.metrics, name), name
+
+
 def test_time_again_replaces_only_the_current_points_latency(tiny_lm):
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
     lab = Lab(tiny_lm, batch, latency_repeats=6)

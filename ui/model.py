@@ -11,7 +11,7 @@ import streamlit as st
 from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
-from lib.metrics import LATENCY_REPEATS, Timing, base_timing, model_inputs, timed_rows
+from lib.metrics import Timing, base_timing, model_inputs, pace
 from ui.cache import MAX_EVAL_WINDOWS, auto_windows, batch_key, eval_batch, set_windows
 from ui.store import STORE
 
@@ -21,12 +21,7 @@ def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
     (seconds since the epoch). `attempt`: a new measurement each time the user asks."""
     def compute() -> tuple[Timing, float]:
         inputs = model_inputs(eval_batch(handle))
-        start = time.perf_counter()
-        handle.forward(inputs[:1])  # untimed: one row gives the pace, not a whole batch's wait
-        whole = (time.perf_counter() - start) * len(inputs)  # over, if anything: one row carries the fixed costs
-        if timed_rows(whole, len(inputs), LATENCY_REPEATS) == len(inputs):
-            handle.forward(inputs)  # a short untimed run of the shape that is timed next
-        return base_timing(handle, inputs, whole), time.time()
+        return base_timing(handle, inputs, pace(handle, inputs)), time.time()
 
     return STORE.get_or_compute(("base_latency", *batch_key(handle), attempt), compute)
 
