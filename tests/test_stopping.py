@@ -234,3 +234,22 @@ def test_a_stopped_model_run_shows_its_notice_in_place_of_the_baseline_then_goes
     at = run(at)
     assert not [i for i in at.info if "stopped" in i.value] and STORE.get(key) is not None
     assert {"bits per byte", "latency"} <= {m.label for m in at.metric}
+
+
+def test_the_labs_measurement_of_the_base_tells_its_steps_and_a_stopped_one_shows_its_notice_then_goes_on():
+    from analysis.compress.lab import Lab
+
+    at, handle = _redundancy_page()
+    told = []
+    Lab(handle, eval_batch(handle), progress=lambda f, m: told.append((f, m)))
+    assert [m for _, m in told] == ["its outputs", "timing it", "scoring it"]
+    assert [f for f, _ in told] == sorted(f for f, _ in told)
+    key = ("lab", *batch_key(handle))
+    at.session_state[STOPPED] = {key}
+    at = run(at, "views/lab.py")
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "Measuring the base model: stopped. Nothing of it is kept: going on measures it again."]
+    assert not at.error and not at.subheader and key[1:] not in at.session_state["labs"]  # nothing reads it
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert any(h.value == "Edited model vs base" for h in at.subheader) and key[1:] in at.session_state["labs"]

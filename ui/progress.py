@@ -116,19 +116,31 @@ def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | Non
     found = STORE.get(key)
     if found is not None:
         return found
-    if stop is not None and is_stopped(key):
+
+    def kept(update: Progress | None) -> T:
+        value = compute(update)
+        STORE.put(key, value)  # before the bar goes: a Stop clicked as it ends stops the run there
+        return value
+
+    if label is None:
+        return kept(None)
+    if stop is not None:
+        return stoppable(key, kept, label, stop)
+    with progress_bar(label) as update:
+        return kept(update)
+
+
+def stoppable(key: tuple, compute: Callable[[Progress], T], label: str, stop: str) -> T:
+    """`compute(progress)` under a bar with a Stop (`stop`: what a stop keeps, in words). Once
+    this visitor stopped the step at `key`, a notice and a button that goes on are drawn
+    instead, and `Stopped` is raised, until they go on."""
+    if is_stopped(key):
         with st.container():  # see the module's note on buttons that go
             st.info(f"{label}: stopped. {stop}")
             st.button("Go on", key=f"go_on_{next(_BUTTONS)}", on_click=go_on, args=(key,), icon=":material/play_arrow:")
         raise Stopped(label)
-    if label is None:
-        value = compute(None)
-        STORE.put(key, value)
-        return value
-    with progress_bar(label, None if stop is None else lambda: mark_stopped(key)) as update:
-        value = compute(update)
-        STORE.put(key, value)  # before the bar goes: a Stop clicked as it ends stops the run there
-    return value
+    with progress_bar(label, lambda: mark_stopped(key)) as update:
+        return compute(update)
 
 
 def partial(key: tuple) -> dict:

@@ -24,9 +24,8 @@ from analysis.compress.lab import Lab, Progress
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model
-from lib.scoring import prepare_base
 from ui.cache import base_outputs, batch_key, eval_batch
-from ui.progress import progress_bar
+from ui.progress import progress_bar, stoppable
 
 DEFAULT_SPEC = "zoo:code-lm"
 ENV_TRUE = {"1", "true", "yes", "on"}
@@ -180,16 +179,16 @@ def current_lab(handle: ModelHandle) -> Lab | None:
 
 
 def session_lab(handle: ModelHandle) -> Lab:
-    """This session's lab for the loaded model, made on first use (it measures the base).
+    """This session's lab for the loaded model, made on first use (it measures the base, under
+    a bar with a Stop: `Stopped` from then on, with its notice, until the visitor goes on).
     One per model, so switching models and back keeps each recipe; a lab made after the
     visitor resized the evaluation batch starts from the recipe of the model's last lab."""
     labs = st.session_state.setdefault("labs", {})
     key = batch_key(handle)
     if key not in labs:
-        with st.spinner("Measuring the base model: quality, size and latency ..."):
-            batch = eval_batch(handle)
-            # prepared per lab: it keeps the shared base outputs by reference, plus [n] numbers of its own
-            lab = Lab(handle, batch, base_outputs=prepare_base(base_outputs(handle), batch))
+        outputs = base_outputs(handle)  # shared (prepared per lab: by reference, plus [n] numbers of its own)
+        lab = stoppable(("lab", *key), lambda step: Lab(handle, eval_batch(handle), outputs, progress=step),
+                        "Measuring the base model", "Nothing of it is kept: going on measures it again.")
         before = [k for k in labs if k[0] == handle.fingerprint]  # one lab per model: the old batch's goes
         if before and labs[before[-1]].current.edits:
             try:

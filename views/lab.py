@@ -6,13 +6,17 @@ from ui import links
 from ui.lab import compare
 from ui.lab import panels as ui
 from ui.lab.journal import experiments_view
+from ui.progress import Stopped
 from ui.session import require_handle, session_lab
 
 handle = require_handle()
 st.title(f"Compression lab · {handle.spec}")
 st.caption("Build a recipe of edits. Each change is applied to a private copy of the loaded model (the model "
            "itself is never touched) and measured on the evaluation set against the base model.")
-lab = session_lab(handle)
+try:
+    lab = session_lab(handle)
+except Stopped:  # its notice is drawn, with the button that goes on: everything below reads the lab
+    st.stop()
 links.apply_pending(lab)  # a recipe the page's link brought, checked like an uploaded file
 
 controls, recipe = st.columns([3, 2], gap="large")

@@ -20,7 +20,10 @@ def add_to_recipe(handle: ModelHandle, modules: list[Drop]) -> None:
     lab applies and measures them at once; an edit that does not fit is refused here)."""
     if st.button("Add this drop to the compression recipe" if len(modules) == 1 else
                  f"Add these {len(modules)} drops to the compression recipe", type="primary"):
-        lab = session_lab(handle)
+        try:
+            lab = session_lab(handle)
+        except Stopped:  # the base's measurement was stopped: its notice is drawn here
+            return
         wanted = lab.recipe
         added = sum(wanted.add(m) for m in modules)
         if change_recipe(f"Adding {added} drop(s) to the recipe", lambda p: lab.apply(wanted, p)):

@@ -5,6 +5,8 @@ against quality, and what the edits did to each linear layer (`LayerSummary`).
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -152,3 +154,12 @@ def point_row(point: LabPoint, base: Metrics, current: bool) -> dict[str, object
                compute_saved_oracle=exits.saved_oracle if exits else None)
     row["recipe"] = json.dumps([e.to_dict() for e in point.edits])
     return row
+
+
+def rows_csv(rows: list[dict[str, object]]) -> str:
+    """History rows (`point_row`) as CSV text; empty cells for metrics that do not apply."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    return out.getvalue()

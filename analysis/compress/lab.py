@@ -15,9 +15,7 @@ base, so an undone recipe gives bit-identical weights.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +37,7 @@ from analysis.compress.history import (
     quality_metric,
     recipe_digest,
     recipe_label,
+    rows_csv,
 )
 from analysis.compress.recipe import Recipe, check_for
 from lib import data
@@ -75,11 +74,13 @@ class Lab:
     this many timed forwards of the base, and pairs of base and edited forwards for each
     recipe (`compare_latency`); 0: only the pass that gives the outputs is timed (large
     logits are read out later, as they are scored), and points carry no `latency`.
+    progress(fraction, message): told as the base's measurement goes from step to step.
     """
 
     def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
                  base_outputs: torch.Tensor | BaseOutputs | None = None, cache_size: int = 4,
-                 latency_repeats: int = LATENCY_REPEATS, cache_bytes: int = 2 * 2**30) -> None:
+                 latency_repeats: int = LATENCY_REPEATS, cache_bytes: int = 2 * 2**30,
+                 progress: Progress | None = None) -> None:
         if base.base_fingerprint is not None:
             raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
         if latency_repeats < 0 or cache_size < 1:
@@ -91,18 +92,21 @@ class Lab:
         self.cache_size, self.cache_bytes, self.latency_repeats = cache_size, cache_bytes, latency_repeats
         self._cache: OrderedDict[str, ModelHandle] = OrderedDict()
         self._lock = threading.RLock()  # the UI builds downloads on another thread
-        inputs = model_inputs(self.batch)
+        inputs, tell = model_inputs(self.batch), progress or (lambda fraction, message: None)
         given = base_outputs.logits if isinstance(base_outputs, BaseOutputs) else base_outputs
+        tell(0.0, "its outputs")
         outputs, seconds = timed_outputs(base, inputs, given, latency_repeats)  # given: not run again
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(outputs, self.batch)
         latency = None
         if latency_repeats:
+            tell(0.45, "timing it")
             timing = base_timing(base, inputs, seconds, latency_repeats)
             # pairs of base and model forwards must fit the budget too: twice the forwards
             self._timed_rows = timed_rows(timing.median_ms / 1000 * inputs.shape[0] / timing.rows,
                                           inputs.shape[0], 2 * latency_repeats)
             self._base_flops = count_flops(lambda: base.forward(inputs[:1]))
             latency = LatencyChange(timing, timing, 1.0, 1.0, 1.0, 1.0)
+        tell(0.8, "scoring it")
         metrics, scores = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
         self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency, scores=scores)]
         self._current = 0
@@ -354,14 +358,8 @@ class Lab:
         return [point_row(p, self.base_point.metrics, p.step == self._current) for p in self.history]
 
     def history_csv(self) -> str:
-        """The history as CSV text (one row per recipe tried; empty cells for metrics
-        that do not apply to this model)."""
-        rows = self.rows()
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-        return out.getvalue()
+        """The history as CSV text: one row per recipe tried (`rows`)."""
+        return rows_csv(self.rows())
 
     def frontier(self, cost: str = "size_bits", quality: str | None = None) -> list[int]:
         """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms", lower is
