@@ -14,6 +14,8 @@ from lib import data
 from lib.errors import CapabilityError
 from lib.handle import Point
 from lib.hooks import count_hooks
+from lib.metrics import metrics_from_outputs
+from lib.scoring import prepare_base
 
 
 def save_tiny_llama(folder, seed: int = 0) -> None:
@@ -259,6 +261,13 @@ def test_interventions_leave_no_hook_and_the_base_untouched(tiny_lm, circuits, b
     assert count_hooks(tiny_lm.model) == 0
     assert tiny_lm.current_fingerprint() == fingerprint  # circuit_model() and the hooks left the base alone
     assert all(torch.equal(t, weights[k]) for k, t in tiny_lm.weights().items())
+    raw = tiny_lm.outputs(batch.tokens)  # the page's shared base, prepared once, and its metrics: the same result
+    shared = heads.intervene(tiny_lm, batch, circuits, heads.HeadEdit(0, 3), (1, 0), batch.tokens[:1, :10],
+                             base=prepare_base(raw, batch), before=metrics_from_outputs(raw, batch, tiny_lm.n_params,
+                                                                                       tiny_lm.size_bits))
+    assert shared.before.bits_per_byte == pytest.approx(result.before.bits_per_byte, rel=1e-5)
+    assert shared.after.kl_to_base == pytest.approx(result.after.kl_to_base, rel=1e-4, abs=1e-7)
+    assert shared.after.bits_per_byte == pytest.approx(result.after.bits_per_byte, rel=1e-5)
 
 
 # ------------------------------------------------------------------ grouped-query rotary model

@@ -253,3 +253,37 @@ def test_the_labs_measurement_of_the_base_tells_its_steps_and_a_stopped_one_show
     at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
     at = run(at)
     assert any(h.value == "Edited model vs base" for h in at.subheader) and key[1:] in at.session_state["labs"]
+
+
+def test_a_stopped_cut_of_a_channel_and_a_stopped_drop_check_show_their_notices_then_go_on():
+    at, handle = _redundancy_page()
+    cut = _the_one_computed(at, handle, "views/channels.py", "channels.intervention")
+    at.session_state[STOPPED] = {cut}
+    at = run(at)
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        f"Running the evaluation set with {cut[3].label}: stopped. Nothing of it is kept: going on runs it again."]
+    assert not at.metric and not at.error  # its numbers read it
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert STORE.get(cut) is not None and any(m.label == "KL to the unedited model" for m in at.metric)
+
+    check = _the_one_computed(at, handle, "views/redundancy.py", "drop_check")
+    at.session_state[STOPPED] = {check}
+    at = run(at)
+    assert [i.value for i in at.info if "stopped" in i.value] == [
+        "Dropping them together: stopped. Nothing of it is kept: going on measures it again."]
+    assert not any(m.label.startswith("measured Δ") for m in at.metric) and not at.error
+    at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
+    at = run(at)
+    assert STORE.get(check) is not None and any(m.label.startswith("measured Δ") for m in at.metric)
+
+
+def _the_one_computed(at, handle, page: str, step: str) -> tuple:
+    """The key of the `step` this model's `page` computes on its first visit (other tests may
+    have stored others), taken out of the store again."""
+    for key in [k for k in STORE._items if k[0] == step and k[1] == handle.fingerprint]:
+        STORE._items.pop(key)
+    run(at, page)
+    (key,) = [k for k in STORE._items if k[0] == step and k[1] == handle.fingerprint]
+    STORE._items.pop(key)
+    return key

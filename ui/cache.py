@@ -10,8 +10,6 @@ report progress while they run and the parts of one view's analysis go through `
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
@@ -19,10 +17,11 @@ from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
-from lib.scoring import Logits
+from lib.scoring import BaseOutputs, Logits, prepare_base
 from lib.spread import Spread, position_scores, spread
 from lib.verify import Verification, verify
-from ui.progress import Progress, stored
+from ui.progress import Progress, counting_blocks, stored
+from ui.store import STORE
 
 MAX_EVAL_WINDOWS = 64  # windows a visitor may raise a language model's evaluation batch to
 
@@ -88,12 +87,19 @@ def base_outputs(handle: ModelHandle, stop: bool = False) -> Logits:
     under a bar that counts the forward's blocks; with `stop`, one with a Stop (`stored`:
     `Stopped` from then on for this visitor, until they go on)."""
     def compute(progress: Progress | None) -> Logits:
-        told = None if progress is None else lambda k, n: progress(k / n, f"{k} of {n} blocks")
-        with handle.told_of_blocks(told) if told is not None else nullcontext():
+        with counting_blocks(handle, progress):
             return handle.outputs(model_inputs(eval_batch(handle)))
 
     return stored(("base_outputs", *batch_key(handle)), compute, "Running the model on its evaluation set",
                   stop="Nothing of the run is kept: going on runs it again." if stop else None)
+
+
+def prepared_base(handle: ModelHandle) -> BaseOutputs | Logits:
+    """The base outputs prepared for comparisons (`lib.scoring.prepare_base`: the outputs by
+    reference, plus a few numbers per position), once per model and batch: every lab and
+    every cut of a channel reads the same."""
+    return STORE.get_or_compute(("base_prepared", *batch_key(handle)),
+                                lambda: prepare_base(base_outputs(handle), eval_batch(handle)))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -15,8 +15,8 @@ from analysis.channels import circuits as ch
 from analysis.channels import heads
 from lib.errors import CapabilityError
 from lib.handle import ModelHandle
-from ui.cache import base_outputs, batch_key, eval_batch
-from ui.progress import stored
+from ui.cache import baseline, batch_key, eval_batch, prepared_base
+from ui.progress import Progress, counting_blocks, stored
 from ui.store import STORE
 
 NOT_KEPT = "Nothing of it is kept; going on starts it again."
@@ -84,15 +84,15 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
     """`edit` measured on the evaluation batch (against the cached base outputs) and on the
     reader's pattern over the prompt."""
 
-    def compute() -> heads.Intervention:
-        c = circuits(handle)
-        tokens = heads.prompt_tokens(handle, prompt)
-        batch = eval_batch(handle)
-        base = base_outputs(handle)
-        with st.spinner(f"Running the evaluation set with {edit.label} ..."):
-            return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=base)
+    def compute(step: Progress) -> heads.Intervention:
+        c, tokens, batch = circuits(handle), heads.prompt_tokens(handle, prompt), eval_batch(handle)
+        base, before = prepared_base(handle), baseline(handle)  # each once per model, not per cut
+        with counting_blocks(handle, step):
+            return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=base, before=before)
 
-    return STORE.get_or_compute(("channels.intervention", *batch_key(handle), edit, reader, prompt), compute)
+    return stored(("channels.intervention", *batch_key(handle), edit, reader, prompt), compute,
+                  f"Running the evaluation set with {edit.label}",
+                  stop="Nothing of it is kept: going on runs it again.")
 
 
 def _head(label: str) -> ch.Head | None:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator, TypeVar
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx
 
 from lib.errors import LayerScopeError
+from lib.handle import ModelHandle
 from ui.store import STORE
 
 T = TypeVar("T")
@@ -93,6 +94,14 @@ def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Itera
                 slot.empty()
                 if stop_slot is not None:
                     stop_slot.empty()
+
+
+def counting_blocks(handle: ModelHandle, update: Progress | None) -> ContextManager[None]:
+    """Inside, each block of `handle`'s forwards moves the bar `update` draws ("k of n blocks":
+    a step that is one forward, or a few)."""
+    if update is None:
+        return nullcontext()
+    return handle.told_of_blocks(lambda k, n: update(k / n, f"{k} of {n} blocks"))
 
 
 def time_left(fraction: float, elapsed: float, start: float = 0.0) -> str:

@@ -17,7 +17,17 @@ from analysis.redundancy.report import DropCheck, RedundancyReport
 from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
 from ui.cache import base_outputs, batch_key, eval_batch
-from ui.progress import Progress, Stopped, go_on, is_stopped, mark_stopped, partial, progress_bar, stored
+from ui.progress import (
+    Progress,
+    Stopped,
+    counting_blocks,
+    go_on,
+    is_stopped,
+    mark_stopped,
+    partial,
+    progress_bar,
+    stored,
+)
 from ui.store import STORE
 
 ESTIMATE_FROM_S = 10.0  # steps expected to take longer are announced with their estimate
@@ -137,11 +147,14 @@ def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
     are the logits of the cached pass (no second base forward)."""
     batch = eval_batch(handle)
 
-    def compute():
-        with st.spinner("Dropping the parts together and re-measuring ..."):
-            report = redundancy(handle, skip)
-            base = base_outputs(handle) if rr.is_stage_model(handle, batch) else final_logits(handle, residuals(handle))
-            res = None if rr.is_stage_model(handle, batch) else residuals(handle)
+    report = redundancy(handle, skip)
+    stages = rr.is_stage_model(handle, batch)
+    base = base_outputs(handle) if stages else final_logits(handle, residuals(handle))
+    res = None if stages else residuals(handle)
+
+    def compute(step: Progress) -> DropCheck:
+        with counting_blocks(handle, step):
             return rr.check_drops(handle, batch, report, list(drops), base, res)
 
-    return STORE.get_or_compute(("drop_check", *batch_key(handle), skip, drops), compute)
+    return stored(("drop_check", *batch_key(handle), skip, drops), compute, "Dropping them together",
+                  stop="Nothing of it is kept: going on measures it again.")

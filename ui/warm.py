@@ -34,7 +34,7 @@ from lib.errors import CapabilityError, LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import zoo_names
 from ui import channels, interpreter, redundancy, representations
-from ui.cache import base_outputs, baseline, baseline_spread, verified
+from ui.cache import baseline, baseline_spread, prepared_base, verified
 from ui.model import base_latency
 from ui.session import DEFAULT_SPEC, ENV_TRUE, LoadRequest, load_base
 
@@ -118,9 +118,9 @@ def representations_page(handle: ModelHandle) -> None:
 
 def lab_page(handle: ModelHandle) -> None:
     """What every session's lab starts from (`ui.session.session_lab`): the base model's
-    outputs on its evaluation batch. The lab itself (its reference, its latency timing) is
-    each session's own."""
-    base_outputs(handle)
+    outputs on its evaluation batch, prepared for comparisons. The lab itself (its latency
+    timing, its scores) is each session's own."""
+    prepared_base(handle)
 
 
 PAGES: dict[str, Callable[[ModelHandle], None]] = {

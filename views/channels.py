@@ -106,7 +106,10 @@ if scope == "components":
     k = st.slider("Directions (largest share first)", 1, len(order), 1, key=f"k_{spec}_{pair.label}")
     components = tuple(order[:k])
 alpha = st.slider("Scale α (0 cuts, 1 leaves it as it is)", 0.0, 2.0, 0.0, 0.1, key=f"alpha_{spec}")
-result = cached.intervention(handle, HeadEdit(*pair.writer, components, alpha), pair.reader, prompt)
+try:
+    result = cached.intervention(handle, HeadEdit(*pair.writer, components, alpha), pair.reader, prompt)
+except Stopped:  # its notice is drawn, with the button that goes on: the rest of the page reads it
+    st.stop()
 metric, label = result.metric, LABELS[result.metric]
 before, after = getattr(result.before, metric), getattr(result.after, metric)
 source = eval_batch(handle).source

@@ -129,7 +129,10 @@ if not ranked:
     st.info("No module of this model can be dropped at this granularity.")
     st.stop()
 n = st.slider("Number of modules to drop", 1, len(ranked), 1) if len(ranked) > 1 else 1
-check = drop_check(handle, int(skip), tuple(ranked[:n]))
+try:
+    check = drop_check(handle, int(skip), tuple(ranked[:n]))
+except Stopped:  # its notice is drawn, with the button that goes on: the rest of the page reads it
+    st.stop()
 metric = report.metric
 st.dataframe({
     "module": [m.part for m in check.modules],

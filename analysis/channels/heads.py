@@ -22,6 +22,7 @@ from lib.data import MAX_PROMPT_CHARS, TextBatch, check_batch, check_lm, check_t
 from lib.errors import require_int
 from lib.handle import ModelHandle, Point
 from lib.metrics import Metrics, metrics_from_outputs
+from lib.scoring import BaseOutputs, Logits
 
 # ------------------------------------------------------------------ head roles (one pass)
 
@@ -300,9 +301,11 @@ class Intervention:
 
 
 def intervene(handle: ModelHandle, batch: TextBatch, c: Circuits, edit: HeadEdit, reader: Head,
-              prompt: torch.Tensor, base: torch.Tensor | None = None) -> Intervention:
+              prompt: torch.Tensor, base: Logits | BaseOutputs | None = None,
+              before: Metrics | None = None) -> Intervention:
     """Apply `edit`, re-measure the evaluation metric on `batch` and the `reader`'s pattern
-    on `prompt` [1, T]. base: the unedited logits on `batch`, if already computed."""
+    on `prompt` [1, T]. base: the unedited outputs on `batch`, if already computed (raw or
+    prepared: `prepare_base`); before: their metrics (`metrics_from_outputs`), if known."""
     check_batch(handle, batch)
     check_tokens(handle, prompt)
     check_edit(c, edit)
@@ -315,6 +318,8 @@ def intervene(handle: ModelHandle, batch: TextBatch, c: Circuits, edit: HeadEdit
     with editing(handle, c, [edit]):
         edited = handle.forward(batch.tokens)
         pattern_after = handle.record(prompt[:1], [point])[point][0, reader[1]].float()
-    before = metrics_from_outputs(base, batch, handle.n_params, handle.size_bits)
+    if before is None:
+        logits = base.logits if isinstance(base, BaseOutputs) else base
+        before = metrics_from_outputs(logits, batch, handle.n_params, handle.size_bits)
     after = metrics_from_outputs(edited, batch, handle.n_params, handle.size_bits, base=base)
     return Intervention(edit, reader, metric, higher, before, after, pattern_before, pattern_after)
