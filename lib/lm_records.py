@@ -5,6 +5,7 @@ is checked against the bridge's own hooks in the tests, on every supported famil
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -22,6 +23,7 @@ class RecordBackend(Protocol):
     """What these read of their handle; `lib.lm_handle.BridgeHandle` defines each."""
 
     model: Any  # the TransformerBridge
+    lock: Any  # the handle's RLock
 
     def plain_model(self) -> nn.Module: ...
     def check_inputs(self, inputs: torch.Tensor) -> torch.Tensor: ...
@@ -145,18 +147,27 @@ def head_readout(h: RecordBackend) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @contextmanager
 def told_of_blocks(h: RecordBackend, told: Caught) -> Iterator[None]:
-    """`told(k, n)` as the k-th of n blocks finishes a forward, by torch hooks on the plain
-    model's blocks and on the bridge's (whichever path the forward takes; the bridge counts
-    hooks on its HookPoints alone, so a forward keeps the plain path it would have taken)."""
-    try:
-        plain = [h.plain_model().get_submodule(path) for path in h._block_paths()]
-    except CapabilityError:  # blocks not found in the plain model: only the bridge's tell
-        plain = []
-    n = len(h.model.blocks)
-    handles = [block.register_forward_hook(lambda *_, k=k: told(k + 1, n))
-               for blocks in (plain, h.model.blocks) for k, block in enumerate(blocks)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    """`told(k, n)` as the k-th of n blocks finishes a forward run by this thread, by torch
+    hooks on the plain model's blocks and on the bridge's (whichever path the forward takes;
+    the bridge counts hooks on its HookPoints alone, so a forward keeps the plain path it
+    would have taken). Under the handle's lock, as `hooks` are: no other session's forward
+    runs meanwhile, and a hook a copy made meanwhile carries says nothing once this ends."""
+    owner, live, n = threading.get_ident(), [True], len(h.model.blocks)
+
+    def tell(k: int) -> None:
+        if live[0] and threading.get_ident() == owner:
+            told(k + 1, n)
+
+    with h.lock:
+        try:
+            plain = [h.plain_model().get_submodule(path) for path in h._block_paths()]
+        except CapabilityError:  # blocks not found in the plain model: only the bridge's tell
+            plain = []
+        handles = [block.register_forward_hook(lambda *_, k=k: tell(k))
+                   for blocks in (plain, h.model.blocks) for k, block in enumerate(blocks)]
+        try:
+            yield
+        finally:
+            live[0] = False
+            for handle in handles:
+                handle.remove()

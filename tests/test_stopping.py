@@ -230,6 +230,7 @@ def test_a_stopped_model_run_shows_its_notice_in_place_of_the_baseline_then_goes
         "Running the model on its evaluation set: stopped. Nothing of the run is kept: going on runs it again."]
     assert not at.error and not at.metric and STORE.get(key) is None  # no number that reads it
     assert any(h.value == "Next-token prediction" for h in at.subheader)  # the rest of the page is drawn
+    assert at.number_input(key=f"eval_windows_{handle.fingerprint}")  # the batch size can still be changed
     at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
     at = run(at)
     assert not [i for i in at.info if "stopped" in i.value] and STORE.get(key) is not None
@@ -261,7 +262,7 @@ def test_a_stopped_cut_of_a_channel_and_a_stopped_drop_check_show_their_notices_
     at.session_state[STOPPED] = {cut}
     at = run(at)
     assert [i.value for i in at.info if "stopped" in i.value] == [
-        f"Running the evaluation set with {cut[3].label}: stopped. Nothing of it is kept: going on runs it again."]
+        f"Running the evaluation set with {cut[3].label}: stopped. Nothing of it is kept; going on starts it again."]
     assert not at.metric and not at.error  # its numbers read it
     at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
     at = run(at)
@@ -287,3 +288,19 @@ def _the_one_computed(at, handle, page: str, step: str) -> tuple:
     (key,) = [k for k in STORE._items if k[0] == step and k[1] == handle.fingerprint]
     STORE._items.pop(key)
     return key
+
+
+def test_blocks_are_told_only_to_the_thread_that_asked_and_never_after(family_handles):
+    import threading
+
+    handle = family_handles["gpt2"]
+    inputs = data.code_batch(handle.tokenizer, seq_len=12, n_windows=2).tokens
+    told, L = [], handle.structure.n_layers
+    with handle.told_of_blocks(lambda k, n: told.append((threading.get_ident(), k))):
+        other = threading.Thread(target=handle.forward, args=(inputs,))
+        other.start()  # another session's forward: it waits for the lock, and is told nothing
+        copy = handle.private_copy()  # a copy made meanwhile carries the hooks, which stay silent
+        handle.forward(inputs)
+    other.join(timeout=60)
+    copy.forward(inputs)
+    assert not other.is_alive() and told == [(threading.get_ident(), k) for k in range(1, L + 1)]

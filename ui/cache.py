@@ -71,7 +71,8 @@ def batch_key(handle: ModelHandle) -> tuple[str, str]:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _baseline(_handle: ModelHandle, key: tuple[str, str]) -> Metrics:
-    return metrics_from_outputs(base_outputs(_handle), eval_batch(_handle), _handle.n_params, _handle.size_bits)
+    outputs = base_outputs(_handle, quiet=True)  # no bar in a cached function: it would replay what it drew
+    return metrics_from_outputs(outputs, eval_batch(_handle), _handle.n_params, _handle.size_bits)
 
 
 def baseline(handle: ModelHandle) -> Metrics:
@@ -81,16 +82,17 @@ def baseline(handle: ModelHandle) -> Metrics:
     return _baseline(handle, batch_key(handle))
 
 
-def base_outputs(handle: ModelHandle, stop: bool = False) -> Logits:
+def base_outputs(handle: ModelHandle, stop: bool = False, quiet: bool = False) -> Logits:
     """The base model's outputs on its evaluation batch (kept once, never copied; a language
     model's large logits as its final hidden state, read out as they are scored), computed
-    under a bar that counts the forward's blocks; with `stop`, one with a Stop (`stored`:
-    `Stopped` from then on for this visitor, until they go on)."""
+    under a bar that counts the forward's blocks (none when `quiet`); with `stop`, one with a
+    Stop (`stored`: `Stopped` from then on for this visitor, until they go on)."""
     def compute(progress: Progress | None) -> Logits:
         with counting_blocks(handle, progress):
             return handle.outputs(model_inputs(eval_batch(handle)))
 
-    return stored(("base_outputs", *batch_key(handle)), compute, "Running the model on its evaluation set",
+    label = None if quiet else "Running the model on its evaluation set"
+    return stored(("base_outputs", *batch_key(handle)), compute, label,
                   stop="Nothing of the run is kept: going on runs it again." if stop else None)
 
 
@@ -114,7 +116,7 @@ def verified(handle: ModelHandle) -> Verification:
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _baseline_spread(_handle: ModelHandle, key: tuple[str, str]) -> Spread:
-    return spread(position_scores(base_outputs(_handle), eval_batch(_handle)))
+    return spread(position_scores(base_outputs(_handle, quiet=True), eval_batch(_handle)))  # as in `_baseline`
 
 
 def baseline_spread(handle: ModelHandle) -> Spread:

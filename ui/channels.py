@@ -92,7 +92,7 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
 
     return stored(("channels.intervention", *batch_key(handle), edit, reader, prompt), compute,
                   f"Running the evaluation set with {edit.label}",
-                  stop="Nothing of it is kept: going on runs it again.")
+                  stop=NOT_KEPT)
 
 
 def _head(label: str) -> ch.Head | None:

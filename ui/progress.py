@@ -68,7 +68,7 @@ def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Itera
             if state["open"]:
                 fraction, text = state["latest"]
                 slot.progress(min(1.0, max(0.0, fraction)), text=text)
-                if stop_slot is not None and state["drawn_at"] is None:  # in a block: see `stored`'s notice
+                if stop_slot is not None and state["drawn_at"] is None:  # in a block: see the module's note
                     stop_slot.container().button(
                         "Stop", key=f"stop_{next(_BUTTONS)}", on_click=on_stop, icon=":material/stop:",
                         help="Ends this step at its next update; what a stop keeps is said then.")

@@ -147,12 +147,10 @@ def drop_check(handle: ModelHandle, skip: int, drops: tuple) -> DropCheck:
     are the logits of the cached pass (no second base forward)."""
     batch = eval_batch(handle)
 
-    report = redundancy(handle, skip)
-    stages = rr.is_stage_model(handle, batch)
-    base = base_outputs(handle) if stages else final_logits(handle, residuals(handle))
-    res = None if stages else residuals(handle)
-
     def compute(step: Progress) -> DropCheck:
+        report, stages = redundancy(handle, skip), rr.is_stage_model(handle, batch)
+        base = base_outputs(handle) if stages else final_logits(handle, residuals(handle))
+        res = None if stages else residuals(handle)
         with counting_blocks(handle, step):
             return rr.check_drops(handle, batch, report, list(drops), base, res)
 

@@ -24,7 +24,7 @@ from analysis.compress.lab import Lab, Progress
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model
-from ui.cache import batch_key, eval_batch, prepared_base
+from ui.cache import base_outputs, batch_key, eval_batch, prepared_base
 from ui.progress import progress_bar, stoppable
 
 DEFAULT_SPEC = "zoo:code-lm"
@@ -186,6 +186,7 @@ def session_lab(handle: ModelHandle) -> Lab:
     labs = st.session_state.setdefault("labs", {})
     key = batch_key(handle)
     if key not in labs:
+        base_outputs(handle, stop=True)  # the one forward it needs: under its own bar, with a Stop
         outputs = prepared_base(handle)  # shared by every lab on this model and batch
         lab = stoppable(("lab", *key), lambda step: Lab(handle, eval_batch(handle), outputs, progress=step),
                         "Measuring the base model", "Nothing of it is kept: going on measures it again.")

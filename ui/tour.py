@@ -19,6 +19,7 @@ import streamlit as st
 from analysis.compress.recipe import Recipe
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
+from ui.progress import Stopped
 from ui.scenarios import SCENARIOS, Scenario, Step
 from ui.session import LoadRequest, app_message, change_recipe, opted_in, placement_choice, request_load, session_lab
 
@@ -135,6 +136,8 @@ def banner(slot, handle: ModelHandle | None, page_url: str) -> None:
                 (st.success if check.passed else st.warning)(f"What you should see: {check.text}",
                                                              icon=":material/check_circle:" if check.passed
                                                              else ":material/help:")
+            except Stopped:  # the page shows its notice, with the button that goes on
+                pass
             except LayerScopeError as e:
                 st.warning(f"The check could not run: {app_message(e)}")
         back, forward, end = st.columns(3)

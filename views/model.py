@@ -84,8 +84,8 @@ with quality:
     st.subheader("Baseline on the evaluation set")
     try:
         base_outputs(handle, stop=True)  # the one forward every number below reads: under a bar with a Stop
-    except Stopped:  # its notice is drawn, with the button that goes on
-        pass
+    except Stopped:  # its notice is drawn, with the button that goes on; the batch size can still change
+        batch_control(handle)
     else:
         baseline_section(handle)
 if text := model_card(handle.spec):  # full width: the card's code blocks need it

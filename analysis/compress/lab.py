@@ -95,7 +95,7 @@ class Lab:
         inputs, tell = model_inputs(self.batch), progress or (lambda fraction, message: None)
         given = base_outputs.logits if isinstance(base_outputs, BaseOutputs) else base_outputs
         tell(0.0, "its outputs")
-        outputs, seconds = timed_outputs(base, inputs, given, latency_repeats)  # given: not run again
+        outputs, seconds = timed_outputs(base, inputs, given, latency_repeats)  # given and timed: not run
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(outputs, self.batch)
         latency = None
         if latency_repeats:
