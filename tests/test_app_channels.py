@@ -81,3 +81,23 @@ def test_image_model_is_refused_in_words():
     at = channels_page("zoo:digits-cnn")
     assert not at.error and any("no attention heads" in i.value for i in at.info)  # not an error of the user's
     assert at.session_state["load_request"].spec == "zoo:digits-cnn"
+
+
+def test_circuits_kept_from_a_model_since_let_go_are_read_from_the_one_loaded_now():
+    """The store keeps circuits by fingerprint; the models' cache can let their model go and
+    load the same weights again (a busy shared server): the page then reads the new one."""
+    import gc
+
+    from analysis.channels.circuits import channel_components
+    from lib.models import load_model
+    from ui import channels
+
+    first = load_model("zoo:induction-2l")
+    channels.circuits(first)
+    again = load_model("zoo:induction-2l")
+    assert again.fingerprint == first.fingerprint and again is not first
+    del first
+    gc.collect()
+    c = channels.circuits(again)
+    pair = channels.composition(again).strongest("K", 1)[0]
+    assert channel_components(c, channels.composition(again), pair.writer, pair.reader, "K").shares.numel() > 0

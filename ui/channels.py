@@ -46,8 +46,12 @@ def circuits(handle: ModelHandle) -> ch.Circuits:
     def compute(step) -> ch.Circuits:
         return dataclasses.replace(ch.circuits(handle, step), factors=partial(_layer_of, weakref.ref(handle)))
 
-    return stored(("channels.circuits", handle.fingerprint), compute,
-                  "Reading every head's OV and QK circuit from the weights", stop=NOT_KEPT)
+    c = stored(("channels.circuits", handle.fingerprint), compute,
+               "Reading every head's OV and QK circuit from the weights", stop=NOT_KEPT)
+    if c.factors.args[0]() is handle:
+        return c
+    # read from a model with these weights that the models' cache has let go since: read from this one
+    return dataclasses.replace(c, factors=partial(_layer_of, weakref.ref(handle)))
 
 
 def composition(handle: ModelHandle) -> ch.Composition:
