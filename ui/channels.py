@@ -46,12 +46,12 @@ def circuits(handle: ModelHandle) -> ch.Circuits:
     def compute(step) -> ch.Circuits:
         return dataclasses.replace(ch.circuits(handle, step), factors=partial(_layer_of, weakref.ref(handle)))
 
-    c = stored(("channels.circuits", handle.fingerprint), compute,
-               "Reading every head's OV and QK circuit from the weights", stop=NOT_KEPT)
-    if c.factors.args[0]() is handle:
-        return c
-    # read from a model with these weights that the models' cache has let go since: read from this one
-    return dataclasses.replace(c, factors=partial(_layer_of, weakref.ref(handle)))
+    key = ("channels.circuits", handle.fingerprint)
+    c = stored(key, compute, "Reading every head's OV and QK circuit from the weights", stop=NOT_KEPT)
+    if c.factors.args[0]() is not handle:  # read from a model with these weights that the cache let go since
+        c = dataclasses.replace(c, factors=partial(_layer_of, weakref.ref(handle)))
+        STORE.put(key, c)  # rebound once, not on every run
+    return c
 
 
 def composition(handle: ModelHandle) -> ch.Composition:
