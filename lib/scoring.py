@@ -67,8 +67,9 @@ class ReadLogits:
     def argmax(self) -> torch.Tensor:
         """[b, T] the top-1 token at every position, chunk by chunk."""
         b, T = self.resid.shape[:2]
-        return torch.stack([torch.cat([self.rows(i, s, min(s + ROWS_PER_CHUNK, T)).argmax(-1)
-                                       for s in range(0, T, ROWS_PER_CHUNK)]) for i in range(b)])
+        step = chunk_rows(self.n_vocab)
+        return torch.stack([torch.cat([self.rows(i, s, min(s + step, T)).argmax(-1)
+                                       for s in range(0, T, step)]) for i in range(b)])
 
 
 Logits = torch.Tensor | ReadLogits
@@ -156,7 +157,17 @@ def prepare_base(base: Logits, batch: Batch) -> BaseOutputs | torch.Tensor:
     return BaseOutputs(base, z.argmax(-1), torch.linalg.vecdot(p, z), lse)
 
 
-ROWS_PER_CHUNK = 32  # logits rows scored at a time: a [32, vocab] temporary instead of log-probs of the batch
+# Logits rows scored at a time: a [rows, vocab] temporary instead of log-probs of the batch. At least 32 rows
+# (GPT-2's [32, 50257] is 6.4 MB), more for a small vocabulary, up to CHUNK_ELEMENTS: every chunk costs a dozen
+# ops whatever its size (a [32, 257] chunk of a byte-level model is all overhead; an op of a thread that is not
+# the process's first, as a Streamlit page's, costs ~0.1 ms more on two cores) and one sync of the device each.
+ROWS_PER_CHUNK = 32
+CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_rows(n_vocab: int) -> int:
+    """Rows of [rows, n_vocab] logits scored at a time (`ROWS_PER_CHUNK`, more for a small vocabulary)."""
+    return max(ROWS_PER_CHUNK, CHUNK_ELEMENTS // max(n_vocab, 1))
 
 
 def _logit_chunks(outputs: Logits, who: str = "model"
@@ -165,10 +176,11 @@ def _logit_chunks(outputs: Logits, who: str = "model"
     row chunks in order: (z [rows, V] float32, argmax [rows], logsumexp [rows]) each, from
     one max (which also gives the argmax) and one exp-sum over the chunk. A chunk holding
     NaN or inf is refused (`check_finite`, naming `who` made it) while it is in cache."""
-    b, T, _ = outputs.shape
+    b, T, V = outputs.shape
+    step = chunk_rows(V)
     for i in range(b):
-        for start in range(0, T - 1, ROWS_PER_CHUNK):
-            z = rows_of(outputs, i, start, min(start + ROWS_PER_CHUNK, T - 1)).float()
+        for start in range(0, T - 1, step):
+            z = rows_of(outputs, i, start, min(start + step, T - 1)).float()
             top, top1 = z.max(-1)
             lse = top + (z - top[:, None]).exp_().sum(-1).log_()
             # NaN anywhere, +inf anywhere or a row of -inf makes its logsumexp non-finite: checking

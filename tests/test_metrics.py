@@ -160,11 +160,23 @@ def test_flops_count_the_matrix_products(tiny_lm):
     assert count_flops(lambda: tiny_lm.forward(torch.zeros(2, 8, dtype=torch.long))) == 2 * full
 
 
-def test_chunked_text_scores_equal_the_log_softmax_formulas():
+@pytest.fixture(params=["one chunk per window", "three chunks per window"])
+def chunking(request, monkeypatch):
+    """Scoring as it chunks a small vocabulary (a window's 70 predicted rows at once), and as
+    it chunks a large one (32 rows at a time: three chunks per window)."""
+    if request.param == "three chunks per window":
+        monkeypatch.setattr("lib.scoring.CHUNK_ELEMENTS", 0)
+    from lib.scoring import chunk_rows
+
+    rows = chunk_rows(50)
+    assert rows == 32 if request.param == "three chunks per window" else rows >= 70
+
+
+def test_chunked_text_scores_equal_the_log_softmax_formulas(chunking):
     from lib.scoring import text_scores
 
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 50, (3, 71), generator=g)  # 70 predicted rows per window: three chunks each
+    tokens = torch.randint(0, 50, (3, 71), generator=g)  # 70 predicted rows per window
     batch = data.TextBatch(tokens, 100, True, "random")
     logits, base = torch.randn(3, 71, 50, generator=g) * 3, torch.randn(3, 71, 50, generator=g) * 3
     lq = F.log_softmax(logits[:, :-1], -1).reshape(-1, 50)
@@ -177,7 +189,7 @@ def test_chunked_text_scores_equal_the_log_softmax_formulas():
     assert text_scores(logits, batch)[1:] == (None, None)
 
 
-def test_logits_read_out_chunk_by_chunk_score_as_the_held_logits():
+def test_logits_read_out_chunk_by_chunk_score_as_the_held_logits(chunking):
     """`ReadLogits` (logits never held whole: read out of the final residual per chunk)
     gives the NLL, KL, agreement, per-position scores and accuracy of the same logits held,
     as outputs and as the base."""
