@@ -67,11 +67,12 @@ def role_probe(handle: ModelHandle):
 
 
 def head_roles(handle: ModelHandle) -> heads.HeadRoles:
-    def compute() -> heads.HeadRoles:
-        with st.spinner("Recording every head's attention on a repeated-token probe ..."):
+    def compute(step: Progress) -> heads.HeadRoles:
+        with counting_blocks(handle, step):
             return heads.head_roles(handle, role_probe(handle))
 
-    return STORE.get_or_compute(("channels.roles", *batch_key(handle)), compute)
+    return stored(("channels.roles", *batch_key(handle)), compute,
+                  "Recording every head's attention on a repeated-token probe", stop=NOT_KEPT)
 
 
 def prompt_patterns(handle: ModelHandle, prompt: str) -> tuple[heads.PromptTokens, object]:

@@ -25,6 +25,7 @@ from ui.store import TensorStore
 
 COPIES = TensorStore(max_entries=1)  # a float64 copy is 2x a float32 model (4x bfloat16): one at a time
 N_STEPS = 32  # integrated-gradients steps
+NOT_KEPT = "Nothing of it is kept: going on runs it again."
 
 
 def working_copy(handle: ModelHandle) -> ModelHandle:
@@ -53,7 +54,7 @@ def image_comparison(handle: ModelHandle, index: int, target: int) -> Attributio
     linear = linear_map(handle, index)
     return stored(("interpreter_captum", handle.fingerprint, index, target),
                   lambda step: ic.image_attributions(working_copy(handle), linear, target, N_STEPS, progress=step),
-                  "captum attributions")
+                  "captum attributions", stop=NOT_KEPT)
 
 
 def token_contributions(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> TokenContributions:
@@ -68,4 +69,4 @@ def token_comparison(handle: ModelHandle, prompt: str, token: int, versus: int |
     exact = token_contributions(handle, prompt, token, versus)
     return stored(("interpreter_token_captum", handle.fingerprint, prompt, token, versus),
                   lambda step: ic.token_attributions(working_copy(handle), exact, N_STEPS, progress=step),
-                  "captum attributions")
+                  "captum attributions", stop=NOT_KEPT)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterator, TypeVar
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx
@@ -96,12 +96,31 @@ def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Itera
                     stop_slot.empty()
 
 
-def counting_blocks(handle: ModelHandle, update: Progress | None) -> ContextManager[None]:
-    """Inside, each block of `handle`'s forwards moves the bar `update` draws ("k of n blocks":
-    a step that is one forward, or a few)."""
+@contextmanager
+def counting_blocks(handles: ModelHandle | Sequence[ModelHandle], update: Progress | None,
+                    forwards: int | None = 1) -> Iterator[None]:
+    """Inside, each block of the forwards of `handles` (one model, or the models a step runs
+    one after another; a private copy made inside does not carry the hooks) moves the bar
+    `update` draws: "k of n blocks" for a step that is one forward; over all of a known
+    number of `forwards`; forward by forward where that number is not known (None)."""
     if update is None:
-        return nullcontext()
-    return handle.told_of_blocks(lambda k, n: update(k / n, f"{k} of {n} blocks"))
+        yield
+        return
+    told = itertools.count()
+
+    def tell(k: int, n: int) -> None:
+        done = next(told)  # blocks before this one, in every forward so far
+        if forwards == 1:
+            update(k / n, f"{k} of {n} blocks")
+        elif forwards is None:
+            update(k / n, f"forward {done // n + 1}: {k} of {n} blocks")
+        else:
+            update(min(1.0, (done + 1) / (forwards * n)), f"forward {min(done // n + 1, forwards)} of {forwards}")
+
+    with ExitStack() as stack:
+        for handle in handles if isinstance(handles, Sequence) else (handles,):
+            stack.enter_context(handle.told_of_blocks(tell))
+        yield
 
 
 def time_left(fraction: float, elapsed: float, start: float = 0.0) -> str:

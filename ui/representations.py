@@ -15,6 +15,8 @@ from analysis.representations.stage_probes import probe_stages
 from lib.handle import ModelHandle
 from ui.progress import Progress, stored
 
+NOT_KEPT = "Nothing of it is kept: going on probes again."
+
 
 def labelled_text(handle: ModelHandle) -> ProbeText:
     """Windows of the held-out source with each token's properties (tokenize and ast)."""
@@ -30,13 +32,13 @@ def probes(handle: ModelHandle) -> ProbeResult:
     """Every property probed at every depth from one recorded pass."""
     text = labelled_text(handle)
     return stored(("representations.probes", handle.fingerprint),
-                  lambda step: probe_layers(handle, text, progress=step), "Linear probes")
+                  lambda step: probe_layers(handle, text, progress=step), "Linear probes", stop=NOT_KEPT)
 
 
 def stage_probes(handle: ModelHandle) -> ProbeResult:
     """Every image property probed on the input and every stage's output, from one recorded pass."""
     return stored(("representations.stages", handle.fingerprint),
-                  lambda step: probe_stages(handle, progress=step), "Linear probes of every stage")
+                  lambda step: probe_stages(handle, progress=step), "Linear probes of every stage", stop=NOT_KEPT)
 
 
 def depth(handle: ModelHandle, share_rank: int) -> DepthFit:

@@ -191,17 +191,19 @@ def session_lab(handle: ModelHandle) -> Lab:
         lab = stoppable(("lab", *key), lambda step: Lab(handle, eval_batch(handle), outputs, progress=step),
                         "Measuring the base model", "Nothing of it is kept: going on measures it again.")
         before = [k for k in labs if k[0] == handle.fingerprint]  # one lab per model: the old batch's goes
-        if before and labs[before[-1]].current.edits:
+        labs[key] = lab  # kept from here: a stop while the recipe is carried over leaves it at the base
+        old = labs[before[-1]] if before else None
+        if old is not None and old.current.edits:
+            kept = "the lab starts from the base model here, and your recipe is kept for the previous batch size"
             try:
-                with st.spinner("Measuring the recipe on the resized evaluation batch ..."):
-                    lab.apply(labs[before[-1]].recipe)
+                with progress_bar("Measuring your recipe on the resized evaluation batch",
+                                  lambda: st.toast(f"Stopped: {kept}.")) as update:
+                    lab.apply(old.recipe, update)
             except LayerScopeError as e:  # the old lab stays (and its recipe) for the batch it was made on
-                st.warning(f"Your recipe could not be measured on the resized evaluation batch ({e}); the lab "
-                           "starts from the base model here, and your recipe is kept for the previous batch size.")
+                st.warning(f"Your recipe could not be measured on the resized evaluation batch ({e}); {kept}.")
                 before = []
         for k in before:
             del labs[k]
-        labs[key] = lab
     return labs[key]
 
 

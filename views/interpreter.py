@@ -13,6 +13,7 @@ from ui import interpreter as cached
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.model import prompt_notes
+from ui.progress import Stopped
 from ui.session import require_handle
 
 handle = require_handle()
@@ -66,7 +67,10 @@ def image_view() -> None:
     st.caption("The input images A amplifies most, strongest first (right singular vectors, sign fixed so each "
                "sums to ≥ 0).")
     st.subheader(f"captum beside the exact answer for {labels[target]}", help=CAPTUM_HELP)
-    comparison = cached.image_comparison(handle, index, target)
+    try:
+        comparison = cached.image_comparison(handle, index, target)
+    except Stopped:  # its notice is drawn, with the button that goes on; the rest of the page reads it
+        st.stop()
     st.plotly_chart(pi.attribution_maps(comparison), width="stretch")
     st.table(report.attribution_rows(comparison), hide_index=True)  # a table wraps long cells; a dataframe cuts them
     st.caption("Each map is scaled to its own largest value; captum runs on the real network (nothing frozen). "
@@ -102,7 +106,10 @@ def text_view() -> None:
         st.subheader("Token or position: what each embedding contributes")
         st.plotly_chart(pi.token_parts_bars(result), width="stretch")
     st.subheader("captum beside the exact contributions", help=CAPTUM_HELP)
-    comparison = cached.token_comparison(handle, prompt, token, versus)
+    try:
+        comparison = cached.token_comparison(handle, prompt, token, versus)
+    except Stopped:  # its notice is drawn, with the button that goes on; the rest of the page reads it
+        st.stop()
     st.plotly_chart(pi.token_attribution_strips(comparison, result.texts), width="stretch")
     st.table(report.attribution_rows(comparison), hide_index=True)  # a table wraps long cells; a dataframe cuts them
     st.caption("captum runs on the real model (nothing frozen), with respect to the summed input embeddings. "

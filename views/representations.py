@@ -9,6 +9,7 @@ from analysis.representations import report as rep
 from lib.errors import CapabilityError
 from ui import representations as cached
 from ui.glossary import GLOSSARY
+from ui.progress import Stopped
 from ui.session import require_handle
 
 SHARE_RANKS = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -30,6 +31,8 @@ if handle.eval_task == "repeated-tokens":  # its vocabulary is t0..t63: Python s
 else:
     try:
         result = cached.stage_probes(handle) if image_model else cached.probes(handle)
+    except Stopped:  # its notice is drawn, with the button that goes on; the weights below do not need it
+        pass
     except CapabilityError as e:  # a tokenizer without offsets: the weights below still apply
         st.info(f"{e} The weights across depth are shown below.")
 if result is not None:

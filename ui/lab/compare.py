@@ -4,6 +4,8 @@ the internals of the base and the edited model side by side (`analysis.compress.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import streamlit as st
 
 from analysis import plots
@@ -13,8 +15,8 @@ from analysis.compress.lab import Lab
 from lib.data import TextBatch
 from lib.errors import LayerScopeError
 from ui.glossary import GLOSSARY
+from ui.progress import Progress, Stopped, counting_blocks, stored
 from ui.session import app_message
-from ui.store import STORE
 
 
 def intervals(lab: Lab) -> None:
@@ -92,14 +94,27 @@ def internals(lab: Lab) -> None:
                                                "edited copy, beside the base's, on the first evaluation windows."):
         return
     batch = cmp.internal_batch(lab.batch)
+
+    def read(key: tuple, label: str, compute: Callable, copy: bool, forwards: int = 1):
+        """`compute(base)`, or `compute(base, edited copy)` with `copy`, under a bar with a Stop
+        that counts the blocks of the models it runs."""
+        def run(step: Progress):
+            models = (lab.base, lab.edited()) if copy else (lab.base,)
+            with counting_blocks(models, step, forwards):
+                return compute(*models)
+
+        return stored(key, run, label, stop="Nothing of it is kept: going on reads it again.")
+
     try:
-        with st.spinner("Reading the internals of the base and the edited model ..."):
-            base = STORE.get_or_compute(("compare_depth", lab.base.fingerprint, batch.digest),
-                                        lambda: cmp.depth_profile(lab.base, batch))
-            edited = STORE.get_or_compute(("compare_depth", lab.base.fingerprint, point.digest, batch.digest),
-                                          lambda: cmp.depth_profile(lab.edited(), batch))
-            roles = STORE.get_or_compute(("compare_roles", lab.base.fingerprint, lab.batch.digest, point.digest),
-                                         lambda: cmp.role_changes(lab.base, lab.edited(), lab.batch))
+        base = read(("compare_depth", lab.base.fingerprint, batch.digest), "Reading the base model's internals",
+                    lambda base: cmp.depth_profile(base, batch), copy=False)
+        edited = read(("compare_depth", lab.base.fingerprint, point.digest, batch.digest),
+                      "Reading the edited model's internals", lambda _, copy: cmp.depth_profile(copy, batch), copy=True)
+        roles = read(("compare_roles", lab.base.fingerprint, lab.batch.digest, point.digest),
+                     "Comparing the head roles of both", lambda base, copy: cmp.role_changes(base, copy, lab.batch),
+                     copy=True, forwards=2)
+    except Stopped:  # its notice is drawn, with the button that goes on
+        return
     except LayerScopeError as e:
         st.info(app_message(e))
         return

@@ -30,13 +30,14 @@ from lib.metrics import model_inputs
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import LM, LM_AND_IMAGES, method, scope_controls
-from ui.progress import stored
+from ui.progress import Progress, Stopped, counting_blocks, progress_bar, stored
 from ui.session import app_message
 from ui.store import STORE
 
 MIB = 8 * 2**20
 CALIBRATION_WINDOWS, CALIBRATION_TOKENS = 4, 128  # sensitivity and allocation of an LM: a few windows
 _GROUP_HELP = GLOSSARY["scale_group"]
+NOT_KEPT = "Nothing of it is kept; going on runs it again."
 
 
 def _formats_text(name: str) -> str:
@@ -140,8 +141,8 @@ def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: 
     hist = STORE.get_or_compute(("quant_histogram", edited.fingerprint, layer, edit.format, group),
                                 lambda: layer_histogram(edited, layer, edit.format, group))
     st.plotly_chart(plots_quant.grid_histogram(hist), width="stretch", key="lab_quant_histogram")
-    stored = edited.storage.get(edited.weight_name(layer))
-    before = f" An earlier step already stores this layer as {stored.format}: it is rounded again." if stored else ""
+    held = edited.storage.get(edited.weight_name(layer))
+    before = f" An earlier step already stores this layer as {held.format}: it is rounded again." if held else ""
     st.caption(f"{layer} as {hist.description}: each weight in units of its group's scale ({hist.unit}); red marks "
                f"the values the format can hold there, and every weight moves to its nearest one. Relative squared "
                f"error of this layer by round to nearest: {hist.rel_mse:.2e}.{before}")
@@ -149,11 +150,15 @@ def _layer_view(base: ModelHandle, edited: ModelHandle, names: list[str], edit: 
                                                    key="lab_quant_compare", help=GLOSSARY["layer_output_error"]):
         return
     key = ("quant_methods", edited.fingerprint, eval_batch(base).digest, layer, edit.format, edit.group_size)
+
+    def compare(step: Progress):
+        with counting_blocks(edited, step):  # the forward that records the layer's inputs
+            return compare_methods(edited, model_inputs(eval_batch(base)), edit.format, [layer], edit.group_size)
+
     try:
-        with st.spinner(f"QuantEase on {layer} ..."):
-            inputs = model_inputs(eval_batch(base))
-            comparison = STORE.get_or_compute(key, lambda: compare_methods(edited, inputs, edit.format, [layer],
-                                                                           edit.group_size))
+        comparison = stored(key, compare, f"QuantEase on {layer}", stop=NOT_KEPT)
+    except Stopped:  # its notice is drawn, with the button that goes on
+        return
     except LayerScopeError as e:
         st.info(f"No QuantEase comparison for this layer: {app_message(e)}")
         return
@@ -177,8 +182,10 @@ def _kernel_view(base: ModelHandle, edited: ModelHandle) -> None:
                       "(int8 weights per output channel, inputs quantized on the fly) and times it against float32."):
         batch = eval_batch(base)
         try:
-            with st.spinner("Timing float32 and int8 forwards ..."):
-                kernel = int8_kernel_comparison(edited, batch, repeats=3)
+            with progress_bar("Timing float32 and int8 forwards",
+                              lambda: st.toast("Stopped: the int8 kernel was not measured.")) as update:
+                kernel = int8_kernel_comparison(edited, batch, repeats=3, progress=update)
+                update(1.0, "measuring the simulated INT8 beside it")
                 STORE.put(key, (kernel, simulated_int8(edited, batch, kernel.layers)))
         except LayerScopeError as e:
             st.info(f"No int8 kernel for this model: {app_message(e)}")
@@ -217,10 +224,16 @@ def llm_int8(base: ModelHandle, edited: ModelHandle) -> Edit | None:
     edit = LLMInt8(threshold, scope, layers)
     if st.toggle("Show the outlier columns of each layer", key="lab_int8_show"):
         names = list(scoped_layers(edited, scope, layers))
-        inputs = model_inputs(eval_batch(base))
-        with st.spinner("Reading every layer's inputs ..."):
-            key = ("outliers", edited.fingerprint, eval_batch(base).digest, threshold, tuple(names))
-            report = STORE.get_or_compute(key, lambda: find_outliers(edited, inputs, names, threshold))
+        key = ("outliers", edited.fingerprint, eval_batch(base).digest, threshold, tuple(names))
+
+        def outliers(step: Progress):
+            with counting_blocks(edited, step):
+                return find_outliers(edited, model_inputs(eval_batch(base)), names, threshold)
+
+        try:
+            report = stored(key, outliers, "Reading every layer's inputs", stop=NOT_KEPT)
+        except Stopped:  # its notice is drawn; the edit itself needs none of it
+            return edit
         st.plotly_chart(plots_quant.outlier_bars(report), width="stretch", key="lab_int8_outliers")
         kept = sum(len(c) for c in report.columns)
         hit = sum(1 for c in report.columns if c)
@@ -267,9 +280,8 @@ def mixed_precision(base: ModelHandle, edited: ModelHandle) -> tuple[Edit, ...] 
         return None
     sens = _sensitivity(base, edited, low)
     key = ("quant_allocation", edited.fingerprint, eval_batch(base).digest, low, high, tuple(target.items()))
-    with st.spinner("Choosing bits per layer ..."):
-        plan: Allocation = STORE.get_or_compute(key, lambda: allocate(edited, _calibration(base), sens, low,
-                                                                      high, **target))
+    plan: Allocation = stored(key, lambda step: allocate(edited, _calibration(base), sens, low, high, **target,
+                                                         progress=step), "Choosing bits per layer", stop=NOT_KEPT)
     st.plotly_chart(plots_quant.sensitivity_bars(sens, plan), width="stretch", key="lab_mp_bars")
     chosen = ", ".join(f"{'block ' if isinstance(u, int) else ''}{u}: {f or 'kept'}"
                        for u, f in zip(plan.units, plan.formats))

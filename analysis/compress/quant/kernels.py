@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,10 +46,17 @@ class KernelComparison:
 
 
 @torch.no_grad()
-def int8_kernel_comparison(handle: ModelHandle, batch: data.Batch | None = None, repeats: int = 5
-                           ) -> KernelComparison:
+def int8_kernel_comparison(handle: ModelHandle, batch: data.Batch | None = None, repeats: int = 5,
+                           progress: Callable[[float, str], None] | None = None) -> KernelComparison:
     """Measure `handle` (as it is, edits included) against a copy whose fully connected
-    layers run torch's dynamic int8 kernel, on the evaluation batch (or `batch`)."""
+    layers run torch's dynamic int8 kernel, on the evaluation batch (or `batch`).
+    `progress(fraction, message)` after each forward, outside the timed ones."""
+    total = 2 + 2 * repeats
+
+    def told(done: int) -> None:
+        if progress:
+            progress(done / total, f"{done} of {total} forwards")
+
     batch = batch or data.default_batch(handle)
     inputs = model_inputs(batch)
     layers = handle.linear_layers()
@@ -61,6 +68,7 @@ def int8_kernel_comparison(handle: ModelHandle, batch: data.Batch | None = None,
         bias = handle.weights().get(handle.weight_name(name).removesuffix("weight") + "bias")
         float_bytes += 0 if bias is None else bias.numel() * bias.element_size()
     reference, quantized = handle.forward(inputs), fast.forward(inputs)
+    told(2)
     times: dict[str, list[float]] = {"float": [], "int8": []}
     for k in range(repeats):  # interleaved, alternating order: a drift in machine speed favours neither
         pair = [("float", handle), ("int8", fast)]
@@ -68,6 +76,7 @@ def int8_kernel_comparison(handle: ModelHandle, batch: data.Batch | None = None,
             start = time.perf_counter()
             model.forward(inputs)
             times[key].append((time.perf_counter() - start) * 1000)
+            told(2 + len(times["float"]) + len(times["int8"]))
     size_bits = handle.size_bits + 8 * (sum(sizes.values()) - float_bytes)
     metrics = metrics_from_outputs(quantized, batch, fast.n_params, size_bits, reference)
     return KernelComparison(tuple(sizes), statistics.median(times["float"]), statistics.median(times["int8"]),

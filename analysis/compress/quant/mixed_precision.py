@@ -9,6 +9,7 @@ linear weights) or an image model's stage, so an allocation is two `Quantize` ed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -145,13 +146,13 @@ def _unit_bits(handle: ModelHandle, unit: int | str, fmt: str | None, group_size
 
 @torch.no_grad()
 def allocate(handle: ModelHandle, batch: data.Batch | None, sens: Sensitivity, low: str = "int4",
-             high: str | None = "int8", budget_bits: int | None = None, max_drop: float | None = None
-             ) -> Allocation:
+             high: str | None = "int8", budget_bits: int | None = None, max_drop: float | None = None,
+             progress: Callable[[float, str], None] | None = None) -> Allocation:
     """Give the k most sensitive units `high` (None: keep them as they are) and the rest
     `low` (with the sensitivity's group size). With `budget_bits`: the largest k whose
     model size fits (sizes are computed, not measured). With `max_drop`: the smallest k whose
     measured quality drop is at most `max_drop`, by bisection (log2(units) evaluations;
-    the drop is taken to fall as k grows)."""
+    the drop is taken to fall as k grows). `progress(fraction, message)` before each evaluation."""
     if (budget_bits is None) == (max_drop is None):
         raise RecipeError("Give either a size budget or a tolerated quality drop, not both or neither.")
     low_format, high_format = get_format(low), None if high is None else get_format(high)
@@ -169,8 +170,12 @@ def allocate(handle: ModelHandle, batch: data.Batch | None, sens: Sensitivity, l
     base = handle.forward(model_inputs(batch))
     measured: dict[int, float] = {}
 
+    at_most = 1 if budget_bits is not None else math.ceil(math.log2(len(order) + 1)) + 1  # evaluations
+
     def drop(k: int) -> float:
         if k not in measured:
+            if progress:
+                progress(len(measured) / at_most, f"evaluation {len(measured) + 1} of at most {at_most}")
             copy = handle.private_copy()
             for edit in _edits(order, k, low, high, sens.group_size):
                 apply_(copy, edit)
