@@ -145,6 +145,21 @@ def head_readout(h: RecordBackend) -> Callable[[torch.Tensor], torch.Tensor]:
     return readout
 
 
+_UNTOLD = threading.local()  # `on` while this thread runs a check forward that no bar counts
+
+
+@contextmanager
+def untold() -> Iterator[None]:
+    """Inside, this thread's forwards tell no `told_of_blocks`: a short check forward before
+    the real one would run the bar twice."""
+    before = getattr(_UNTOLD, "on", False)
+    _UNTOLD.on = True
+    try:
+        yield
+    finally:
+        _UNTOLD.on = before
+
+
 @contextmanager
 def told_of_blocks(h: RecordBackend, told: Caught) -> Iterator[None]:
     """`told(k, n)` as the k-th of n blocks finishes a forward run by this thread, by torch
@@ -155,7 +170,7 @@ def told_of_blocks(h: RecordBackend, told: Caught) -> Iterator[None]:
     owner, live, n = threading.get_ident(), [True], len(h.model.blocks)
 
     def tell(k: int) -> None:
-        if live[0] and threading.get_ident() == owner:
+        if live[0] and threading.get_ident() == owner and not getattr(_UNTOLD, "on", False):
             told(k + 1, n)
 
     with h.lock:

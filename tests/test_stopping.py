@@ -433,3 +433,33 @@ def test_stopped_probes_and_captum_show_their_notice_and_the_page_around_them_th
     at.button(key=next(b.key for b in at.button if b.key and b.key.startswith("go_on_"))).click()
     at = run(at)
     assert STORE.get(key) is not None and not [i for i in at.info if "stopped" in i.value]
+
+
+def test_the_probes_bar_moves_with_the_recorded_pass_then_with_the_fits():
+    """The recorded pass is most of the probes' time: its blocks move the bar to
+    RECORDING_SHARE, the fits at each depth the rest (an estimate from the pace holds)."""
+    from analysis.representations.probes import RECORDING_SHARE, probe_layers
+    from lib.models import load_model
+
+    handle = load_model("zoo:code-lm")
+    told = []
+    probe_layers(handle, progress=lambda f, m: told.append((f, m)))
+    L = handle.structure.n_layers
+    fractions = [f for f, _ in told]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert told[L] == (pytest.approx(RECORDING_SHARE), f"recording the residual stream: {L} of {L} blocks")
+    assert len(told) == 1 + L + (L + 1) and count_hooks(handle.model) == 0
+
+
+def test_outputs_read_out_a_chunk_at_a_time_tell_the_blocks_of_their_one_real_forward(family_handles, monkeypatch):
+    """Large logits come back as a `ReadLogits`, after a 16-token check of the readout: the
+    bar counts the real forward's blocks alone, once (it ran three times before)."""
+    from lib.scoring import ReadLogits
+
+    monkeypatch.setattr("lib.lm_handle.HELD_LOGITS_BYTES", 0)
+    handle = family_handles["gpt2"]
+    inputs = data.code_batch(handle.tokenizer, seq_len=24, n_windows=2).tokens
+    told, L = [], handle.structure.n_layers
+    with handle.told_of_blocks(lambda k, n: told.append(k)):
+        assert isinstance(handle.outputs(inputs), ReadLogits)
+    assert told == list(range(1, L + 1))

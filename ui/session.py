@@ -195,10 +195,16 @@ def session_lab(handle: ModelHandle) -> Lab:
         old = labs[before[-1]] if before else None
         if old is not None and old.current.edits:
             kept = "the lab starts from the base model here, and your recipe is kept for the previous batch size"
+            done = []  # a Stop clicked as the bar goes stops the run after the recipe was measured
+
+            def stopped() -> None:
+                st.toast("Stopped after your recipe was measured on the resized evaluation batch." if done
+                         else f"Stopped: {kept}.")
+
             try:
-                with progress_bar("Measuring your recipe on the resized evaluation batch",
-                                  lambda: st.toast(f"Stopped: {kept}.")) as update:
+                with progress_bar("Measuring your recipe on the resized evaluation batch", stopped) as update:
                     lab.apply(old.recipe, update)
+                    done.append(True)
             except LayerScopeError as e:  # the old lab stays (and its recipe) for the batch it was made on
                 st.warning(f"Your recipe could not be measured on the resized evaluation batch ({e}); {kept}.")
                 before = []

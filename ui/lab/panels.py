@@ -71,15 +71,15 @@ def edit_controls(lab: Lab) -> None:
     left, right = st.columns(2)
     if isinstance(edit, tuple):
         if left.button("Add to recipe", type="primary", disabled=not edit, key="lab_add", width="stretch"):
-            change(lab, f"Applying {len(edit)} edit(s)", lambda p: add_edits(lab, edit, p))
+            change(lab, f"Adding {len(edit)} edit(s) to the recipe", lambda p: add_edits(lab, edit, p))
         edit = None  # several edits replace nothing
     elif left.button("Add to recipe", type="primary", disabled=edit is None, key="lab_add", width="stretch"):
-        change(lab, f"Applying {edit.label}", lambda p: lab.add(edit, p))
+        change(lab, "Adding it to the recipe", lambda p: lab.add(edit, p))
     can_replace = edit is not None and last is not None and type(last) is type(edit) and last != edit
     if right.button("Replace the last edit", disabled=not can_replace, key="lab_replace", width="stretch",
                     help="Put this edit in place of the last one of the same method; the edits before it are "
                          "not redone."):
-        change(lab, f"Applying {edit.label}", lambda p: lab.replace(len(edits) - 1, edit, p))
+        change(lab, "Replacing the last edit", lambda p: lab.replace(len(edits) - 1, edit, p))
 
 
 def recipe_list(lab: Lab) -> None:
