@@ -157,10 +157,10 @@ def prepare_base(base: Logits, batch: Batch) -> BaseOutputs | torch.Tensor:
     return BaseOutputs(base, z.argmax(-1), torch.linalg.vecdot(p, z), lse)
 
 
-# Logits rows scored at a time: a [rows, vocab] temporary instead of log-probs of the batch. At least 32 rows
-# (GPT-2's [32, 50257] is 6.4 MB), more for a small vocabulary, up to CHUNK_ELEMENTS: every chunk costs a dozen
-# ops whatever its size (a [32, 257] chunk of a byte-level model is all overhead; an op of a thread that is not
-# the process's first, as a Streamlit page's, costs ~0.1 ms more on two cores) and one sync of the device each.
+# Logits rows scored at a time: a [rows, vocab] temporary instead of log-probs of the batch. As many rows as fit
+# CHUNK_ELEMENTS (8 MB in float32: GPT-2 41 rows), at least 32 (vocabularies of 65k and more). Every chunk costs a
+# dozen ops whatever its size, and a sync of the device: a [32, 257] chunk of a byte-level model was all overhead
+# (on two cores an op costs ~0.1 ms more in a thread started while another thread's OpenMP pool is alive).
 ROWS_PER_CHUNK = 32
 CHUNK_ELEMENTS = 1 << 21
 
