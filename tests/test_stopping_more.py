@@ -15,6 +15,18 @@ from ui.store import STORE
 from apptest_helpers import run
 
 
+def _lab_with_a_drop():
+    """The Compression lab on zoo:code-lm, its recipe one block drop: (app, model, lab)."""
+    from analysis.compress.prune.pruning import Drop
+
+    at, handle = _redundancy_page()
+    at = run(at, "views/lab.py")
+    lab = next(iter(at.session_state["labs"].values()))
+    recipe = lab.recipe
+    recipe.add(Drop("block", 1))
+    lab.apply(recipe)
+    return at, handle, lab
+
 def test_a_stop_while_the_recipe_is_carried_to_a_resized_batch_leaves_that_lab_at_the_base(monkeypatch):
     """Resizing the evaluation batch re-measures the recipe on it, under a bar with a Stop: a
     stop keeps the new batch's lab at the base model (no second measurement of the base, no
@@ -22,15 +34,9 @@ def test_a_stop_while_the_recipe_is_carried_to_a_resized_batch_leaves_that_lab_a
     import streamlit as st
 
     from analysis.compress.lab import Lab
-    from analysis.compress.prune.pruning import Drop
     from ui.cache import auto_windows
 
-    at, handle = _redundancy_page()
-    at = run(at, "views/lab.py")
-    old = next(iter(at.session_state["labs"].values()))
-    recipe = old.recipe
-    recipe.add(Drop("block", 1))
-    old.apply(recipe)
+    at, handle, old = _lab_with_a_drop()
     at.session_state["eval_windows"] = {handle.fingerprint: auto_windows(handle) + 1}  # as the box's callback does
     made, carried = [], []
     real_init, real_apply = Lab.__init__, Lab.apply
@@ -74,14 +80,8 @@ def test_stopped_head_roles_show_their_notice_and_nothing_that_reads_them_then_g
 
 def test_a_stopped_reading_of_the_lab_models_internals_shows_its_notice_then_goes_on():
     from analysis.compress import compare as cmp
-    from analysis.compress.prune.pruning import Drop
 
-    at, handle = _redundancy_page()
-    at = run(at, "views/lab.py")
-    lab = next(iter(at.session_state["labs"].values()))
-    recipe = lab.recipe
-    recipe.add(Drop("block", 1))
-    lab.apply(recipe)
+    at, handle, lab = _lab_with_a_drop()
     key = ("compare_depth", handle.fingerprint, cmp.internal_batch(lab.batch).digest)
     STORE._items.pop(key, None)
     at.session_state[STOPPED] = {key}
