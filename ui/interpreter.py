@@ -20,12 +20,11 @@ from analysis.interpreter.relu import LinearMap
 from analysis.interpreter.transformer import TokenContributions
 from lib.handle import ModelHandle
 from ui.cache import eval_batch
-from ui.progress import stored
+from ui.progress import NOT_KEPT, stored
 from ui.store import TensorStore
 
 COPIES = TensorStore(max_entries=1)  # a float64 copy is 2x a float32 model (4x bfloat16): one at a time
 N_STEPS = 32  # integrated-gradients steps
-NOT_KEPT = "Nothing of it is kept: going on runs it again."
 
 
 def working_copy(handle: ModelHandle) -> ModelHandle:

@@ -36,6 +36,7 @@ FIRST_DRAW_S = 0.5
 PROGRESS_INTERVAL_S = 1.0
 
 
+NOT_KEPT = "Nothing of it is kept: going on runs it again."  # what a stop keeps, for most steps
 STOPPED = "stopped_steps"  # session state: the `stored` keys of the steps this visitor stopped
 _BUTTONS = itertools.count()  # Stop and Go on buttons' keys: unique in a run (a click's callback is the run before's)
 

@@ -194,34 +194,24 @@ def session_lab(handle: ModelHandle) -> Lab:
         labs[key] = lab  # kept from here: a stop while the recipe is carried over leaves it at the base
         old = labs[before[-1]] if before else None
         if old is not None and old.current.edits:
-            kept = "the lab starts from the base model here, and your recipe is kept for the previous batch size"
-            done = []  # a Stop clicked as the bar goes stops the run after the recipe was measured
-
-            def stopped() -> None:
-                st.toast("Stopped after your recipe was measured on the resized evaluation batch." if done
-                         else f"Stopped: {kept}.")
-
-            try:
-                with progress_bar("Measuring your recipe on the resized evaluation batch", stopped) as update:
-                    lab.apply(old.recipe, update)
-                    done.append(True)
-            except LayerScopeError as e:  # the old lab stays (and its recipe) for the batch it was made on
-                st.warning(f"Your recipe could not be measured on the resized evaluation batch ({e}); {kept}.")
+            kept = "The lab starts from the base model here, and your recipe is kept for the previous batch size."
+            if not change_recipe("Measuring your recipe on the resized evaluation batch",
+                                 lambda p: lab.apply(old.recipe, p), undone=kept):
+                st.info(kept)  # under the error: the old lab stays (and its recipe) for the batch it was made on
                 before = []
         for k in before:
             del labs[k]
     return labs[key]
 
 
-def change_recipe(label: str, act: Callable[[Progress], object]) -> bool:
+def change_recipe(label: str, act: Callable[[Progress], object], undone: str = "The recipe is as it was.") -> bool:
     """Run one change of a lab's recipe (`act(progress)`) under a progress bar, with a Stop
-    button that leaves it undone; on a user error show it where the page is, leave the
-    recipe as it was and return False."""
+    button that leaves it undone (its toast says `undone`); on a user error show it where
+    the page is, leave the recipe as it was and return False."""
     done = []  # a Stop clicked as the bar goes stops the run after the change was made
 
     def stopped() -> None:
-        st.toast(f"Stopped after: {label}; the change was made." if done else
-                 f"Stopped: {label}. The recipe is as it was.")
+        st.toast(f"Stopped after: {label}; the change was made." if done else f"Stopped: {label}. {undone}")
 
     try:
         with progress_bar(label, stopped) as update:

@@ -30,14 +30,13 @@ from lib.metrics import model_inputs
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import LM, LM_AND_IMAGES, method, scope_controls
-from ui.progress import Progress, Stopped, counting_blocks, progress_bar, stored
+from ui.progress import NOT_KEPT, Progress, Stopped, counting_blocks, progress_bar, stored
 from ui.session import app_message
 from ui.store import STORE
 
 MIB = 8 * 2**20
 CALIBRATION_WINDOWS, CALIBRATION_TOKENS = 4, 128  # sensitivity and allocation of an LM: a few windows
 _GROUP_HELP = GLOSSARY["scale_group"]
-NOT_KEPT = "Nothing of it is kept; going on runs it again."
 
 
 def _formats_text(name: str) -> str:
