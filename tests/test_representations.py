@@ -8,7 +8,7 @@ import torch
 
 from analysis.representations.code_labels import TOKEN_KINDS, label_source
 from analysis.representations.dataset import probe_text, token_characters
-from analysis.representations.depth import chance_residual, depth_fit, linear_fit
+from analysis.representations.depth import _share_residual, chance_residual, depth_fit, linear_fit
 from analysis.representations.probes import control_labels, probe_features, probe_layers, split_windows
 from lib.errors import CapabilityError
 
@@ -211,6 +211,30 @@ def test_share_loss_is_what_the_lab_edit_changes(tiny_lm):
             after_norm += float(before[f"blocks.1.{role}"].double().pow(2).sum())
         assert fit.share_total[0] == pytest.approx((change / after_norm) ** 0.5, rel=1e-4)
     assert fit.share_total[0] < depth_fit(tiny_lm, share_rank=0).share_total[0]  # a delta recovers some
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
+def test_share_residual_is_what_the_edits_svd_leaves(shape):
+    """The Gram-matrix projection leaves what the lab's truncated SVD leaves, on either side."""
+    from analysis.compress.prune.factorize import truncated_svd
+
+    g = torch.Generator().manual_seed(0)
+    source, target = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    for rank in (1, 3, 12):
+        a, b = truncated_svd((target - source).double(), rank)
+        svd = (target - source).double() - b @ a
+        ours = _share_residual(source, target, rank)
+        assert torch.allclose(ours, svd, atol=1e-9 * float(svd.norm()) + 1e-12), rank
+    assert torch.equal(_share_residual(source, target, 0), (target - source).double())
+
+
+def test_depth_fit_tells_each_family_then_each_pair(tiny_lm):
+    told = []
+    depth_fit(tiny_lm, share_rank=1, progress=lambda f, m: told.append((f, m)))
+    fit = depth_fit(tiny_lm, share_rank=1)
+    fractions = [f for f, _ in told]
+    assert len(told) == len(fit.families) + len(fit.layers) - 1 and fractions == sorted(fractions)
+    assert fractions[-1] == 1.0 and told[-1][1] == f"block {fit.layers[-1]} sharing block {fit.layers[-2]}'s weights"
 
 
 def test_image_models_have_no_weights_across_depth(tiny_cnn):

@@ -1,5 +1,5 @@
 """Every long step can be stopped (issue 25), continued: re-measuring a recipe on a resized
-batch, head roles, the lab's internals, the probes and captum; the bars of steps that run
+batch, head roles, the lab's internals, the probes, the weights across depth and captum; the bars of steps that run
 several forwards, of the int8 kernel's timing, of the bits allocation and of the probes
 move forward only; a readout check before the real forward tells no bar."""
 
@@ -127,11 +127,15 @@ def test_steps_of_several_forwards_tell_each_one(family_handles):
 @pytest.mark.parametrize("page, step, notice, after", [
     ("views/representations.py", "representations.probes",
      "Linear probes: stopped. Nothing of it is kept: going on probes again.", "Weights across depth"),
+    ("views/representations.py", "representations.depth", "Fitting every weight family across depth: stopped. "
+                                                           "Nothing of it is kept: going on fits again.",
+     "Weights across depth"),
     ("views/interpreter.py", "interpreter_token_captum",
      "captum attributions: stopped. Nothing of it is kept: going on runs it again.", "captum beside the exact "
                                                                                      "contributions"),
 ])
-def test_stopped_probes_and_captum_show_their_notice_and_the_page_around_them_then_go_on(page, step, notice, after):
+def test_stopped_probes_depth_fit_and_captum_show_their_notice_and_the_page_around_them_then_go_on(page, step, notice,
+                                                                                                    after):
     at, handle = _redundancy_page()
     key = _the_one_computed(at, handle, page, step)
     at.session_state[STOPPED] = {key}

@@ -42,10 +42,8 @@ def stage_probes(handle: ModelHandle) -> ProbeResult:
 
 
 def depth(handle: ModelHandle, share_rank: int) -> DepthFit:
-    """The weights-across-depth fit (weights only)."""
-
-    def compute(_: Progress | None) -> DepthFit:
-        with st.spinner("Fitting every weight family across depth ..."):
-            return depth_fit(handle, share_rank)
-
-    return stored(("representations.depth", handle.fingerprint, share_rank), compute)
+    """The weights-across-depth fit (weights only): family by family, then pair by pair of
+    blocks, under a bar with a Stop (a stopped fit keeps nothing)."""
+    return stored(("representations.depth", handle.fingerprint, share_rank),
+                  lambda step: depth_fit(handle, share_rank, progress=step), "Fitting every weight family across depth",
+                  stop="Nothing of it is kept: going on fits again.")

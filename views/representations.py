@@ -66,6 +66,8 @@ except CapabilityError as e:  # an image model's stages differ in shape: nothing
     st.info(f"{e} " + ("Probes of the stages are shown above." if image_model else
                        "The probes above still apply." if result is not None else ""))
     st.stop()
+except Stopped:  # its notice is drawn, with the button that goes on: the charts below read it
+    st.stop()
 fitted, cosines, shared = rep.depth_sentences(fit)
 left, right = st.columns(2)
 with left:

