@@ -123,3 +123,26 @@ def html_unescape(text):
     import html
 
     return html.unescape(text)
+
+
+@pytest.mark.parametrize("draw", ["strip", "flips"])
+def test_token_text_wraps_inside_a_narrow_column_in_chromium(draw):
+    """Whitespace is drawn as marks, so a window of code has no break of its own: it must wrap
+    anywhere rather than run past the page (it did on GPT-2's tokens)."""
+    from browser_helpers import chromium
+
+    from analysis.compress import compare_view as view
+    from lib.data import TextBatch
+
+    tokens = list(range(64))
+    decode = lambda t: "    " if t % 2 else "x"  # noqa: E731 - indentation and one letter, 64 times
+    if draw == "strip":
+        html = view.kl_strip_html(tokens, torch.rand(63), decode)
+    else:
+        batch = TextBatch(torch.tensor([tokens]), 0, False, "test", None)
+        html = view.flips_html([cmp.Flip(0, 62, 1.0, 0, 1, 2)], batch, decode, context=64)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.set_content(f"<div id='column' style='width:500px'>{html}</div>")
+        assert page.evaluate("() => { const c = document.getElementById('column');"
+                             " return c.scrollWidth <= c.clientWidth }")

@@ -80,6 +80,11 @@ def token_decoder(handle) -> Decode:
     return lambda token: tokenizer.decode([token], clean_up_tokenization_spaces=False)
 
 
+# Token text: whitespace is drawn as visible marks, so a window has no break of its own; it
+# wraps anywhere rather than run past the page.
+_TEXT = "font-family:monospace;white-space:pre-wrap;overflow-wrap:anywhere"
+
+
 def _piece(decode: Decode, token: int) -> str:
     return token_label(decode(token))
 
@@ -93,7 +98,7 @@ def flips_html(flips: Sequence[Flip], batch: TextBatch, decode: Decode, context:
         start = max(0, f.position + 1 - context)
         before = "".join(_piece(decode, t) for t in window[start:f.position + 1])
         rows.append(f"<tr><td>{f.unit}:{f.position + 1}</td><td>{f.kl:.3g}</td>"
-                    f"<td style='font-family:monospace;white-space:pre-wrap'>{'…' if start else ''}{before}"
+                    f"<td style='{_TEXT}'>{'…' if start else ''}{before}"
                     f"<mark title='the next token'>{_piece(decode, f.target)}</mark></td>"
                     f"<td style='font-family:monospace'>{_piece(decode, f.base_top1)}</td>"
                     f"<td style='font-family:monospace'>{_piece(decode, f.top1)}</td></tr>")
@@ -110,7 +115,7 @@ def kl_strip_html(tokens: Sequence[int], kl: torch.Tensor, decode: Decode, scale
         alpha = min(1.0, value / top) if top > 0 else 0.0
         spans.append(f"<span title='KL {value:.3g}' style='background:rgba(214,39,40,{alpha:.2f})'>"
                      f"{_piece(decode, token)}</span>")
-    return ("<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6'>" + "".join(spans)
+    return (f"<div style='{_TEXT};line-height:1.6'>" + "".join(spans)
             + f"</div><div style='font-size:0.8em;color:#666'>darkest: KL {top:.3g} nats</div>")
 
 
