@@ -194,7 +194,8 @@ def test_redundancy_page_on_default_model_sends_drops_to_recipe():
 def test_redundancy_page_announces_the_sweep_from_its_measured_forward(monkeypatch, tmp_path):
     """Before a step expected to take over ESTIMATE_FROM_S the page says how long, from the
     hooked pass's own time (lowered here so a tiny model's seconds qualify; a folder of its
-    own, so no other test's cached sweep hides the announcement)."""
+    own, with weights of its own: a tiny GPT-2 another test in this process swept has the same
+    fingerprint, and its cached sweep would hide the announcement)."""
     import ui.redundancy
     from analysis.redundancy.drops import sweep_in_forwards
     from lib.data import default_batch
@@ -202,7 +203,7 @@ def test_redundancy_page_announces_the_sweep_from_its_measured_forward(monkeypat
     from conftest import save_tiny_gpt2
 
     monkeypatch.setattr(ui.redundancy, "ESTIMATE_FROM_S", 0.0)
-    save_tiny_gpt2(tmp_path)
+    save_tiny_gpt2(tmp_path, seed=194)
     at = run(load(run(new_app()), str(tmp_path), typed=True), "views/redundancy.py")
     said = [c.value for c in at.caption if c.value.startswith("Measuring every drop: about ")]
     assert len(said) == 1 and "forward passes (one took" in said[0], said
