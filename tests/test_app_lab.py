@@ -252,3 +252,21 @@ def test_grouped_query_heads_are_offered_by_group(tmp_path):
     assert recipe_lines(at) == ["1. remove heads 2, 3 of layer 1"] and not errors(at)
     run(at)
     assert at.multiselect(key="lab_heads_1").options == ["heads 0, 1"]
+
+
+def test_the_method_and_the_prompts_come_back_after_another_page():
+    """Streamlit forgets a widget's value once a page without it has run: the lab's method,
+    the Model page's and the Interpreter's prompts are given theirs back."""
+    at = run(new_app(), "views/lab.py")
+    at.selectbox(key="lab_method").set_value("Drop a block, attention or MLP")
+    at = run(at)
+    at = run(at, "views/redundancy.py")
+    at = run(at, "views/lab.py")
+    assert at.selectbox(key="lab_method").value == "Drop a block, attention or MLP"
+    for page in ("views/model.py", "views/interpreter.py"):
+        at = run(at, page)
+        at.text_area[0].input("def f(x):\n    return")
+        at = run(at)
+        at = run(at, "views/channels.py")
+        at = run(at, page)
+        assert at.text_area[0].value == "def f(x):\n    return" and not at.warning, page

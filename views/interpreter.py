@@ -14,6 +14,7 @@ from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.model import prompt_notes
 from ui.progress import Stopped
+from ui.remember import keep, recall
 from ui.session import require_handle
 
 handle = require_handle()
@@ -79,8 +80,9 @@ def image_view() -> None:
 
 def text_view() -> None:
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
-    prompt = st.text_area("Prompt", value=example, max_chars=MAX_PROMPT_CHARS, height=100,
-                          key=f"interpreter_prompt_{handle.spec}")
+    key = f"interpreter_prompt_{handle.spec}"  # the prompt typed before another page was visited comes back
+    prompt = keep(key, st.text_area("Prompt", value="" if recall(key) else example, max_chars=MAX_PROMPT_CHARS,
+                                    height=100, key=key))
     top = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
     prompt_notes(top, handle.structure.n_ctx)
     names = {i: f"“{shown_token(t)}”  (p = {float(p):.2f})" for i, t, p in zip(top.token_ids, top.tokens, top.probs)}

@@ -16,6 +16,7 @@ from ui.cache import base_outputs, baseline, baseline_spread, eval_batch
 from ui.glossary import GLOSSARY
 from ui.model import base_latency, batch_control, prompt_notes
 from ui.progress import Stopped
+from ui.remember import keep, recall
 from ui.session import require_handle
 
 
@@ -98,7 +99,9 @@ st.divider()
 if handle.kind == "causal-lm":
     st.subheader("Next-token prediction")
     example = "t5 t9 t2 t7 t5 t9" if handle.eval_task == "repeated-tokens" else "def fibonacci(n):\n    "
-    prompt = st.text_area("Prompt", value=example, max_chars=MAX_PROMPT_CHARS, height=120, key=f"prompt_{handle.spec}")
+    key = f"prompt_{handle.spec}"  # the prompt typed before another page was visited comes back
+    prompt = keep(key, st.text_area("Prompt", value="" if recall(key) else example, max_chars=MAX_PROMPT_CHARS,
+                                    height=120, key=key))
     result = next_tokens(handle, prompt, k=10)  # a prompt it cannot use ends in the page's guard
     prompt_notes(result, handle.structure.n_ctx)
     st.plotly_chart(plots.next_tokens_bar(result), width="stretch")

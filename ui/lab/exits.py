@@ -10,7 +10,7 @@ model fingerprint, on request (the tuned lens) or at once (exit heads take secon
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from functools import partial
 
 import streamlit as st
 
@@ -24,13 +24,13 @@ from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import method
 from ui.progress import Progress, progress_bar, stored
+from ui.remember import keep, recall
 from ui.session import app_message
 from ui.store import STORE
 
 EXIT_KINDS = ("causal-lm", "image-classifier")
 DEFAULT_PROMPT = "def __init__(self, name, value=None): self.name = name"
 N_IMAGES = 8
-T = TypeVar("T")
 
 CRITERION_HELP = {
     "max_prob": "Exit once the most likely token (or class) has probability at least t: confident predictions "
@@ -47,20 +47,9 @@ CRITERION_TERMS = {"max_prob": "max_probability", "entropy": "entropy", "patienc
 LENS_HELP = {"logit": GLOSSARY["logit_lens"], "tuned": GLOSSARY["tuned_lens"], "heads": GLOSSARY["exit_heads"]}
 
 
-def _recall(key: str, fits: Callable[[Any], bool] = lambda value: True) -> bool:
-    """Give widget `key` back the value it had when last drawn, if that still fits:
-    streamlit forgets a widget's state after a run that does not draw it (another
-    criterion's slider, another method). True when the widget has its value in the session
-    state, so it must be given no default of its own."""
-    memory = st.session_state.setdefault("lab_exit_memory", {})
-    if key not in st.session_state and key in memory and fits(memory[key]):
-        st.session_state[key] = memory[key]
-    return key in st.session_state
-
-
-def _keep(key: str, value: T) -> T:
-    st.session_state.setdefault("lab_exit_memory", {})[key] = value
-    return value
+EXIT_MEMORY = "lab_exit_memory"  # the exit controls' values, cleared for another model (`_default_exit`)
+_recall = partial(recall, memory=EXIT_MEMORY)
+_keep = partial(keep, memory=EXIT_MEMORY)
 
 
 def _stored_lens(edited: ModelHandle, lens: str) -> ex.ExitLens | None:
@@ -145,12 +134,12 @@ def _default_exit(base: ModelHandle, edited: ModelHandle) -> None:
     a fixed rule: the criterion, lens and threshold that save the most compute at <= 1 %
     agreement loss, over the lenses ready now (a tuned lens only once trained). Later visits
     keep what the user chose."""
-    memory = st.session_state.setdefault("lab_exit_memory", {})
+    memory = st.session_state.setdefault(EXIT_MEMORY, {})
     if memory.get("model") == base.fingerprint:
         return
     memory.clear()  # another model: another model's thresholds mean nothing here
     for key in [k for k in st.session_state if str(k).startswith("lab_exit_")]:
-        if key != "lab_exit_memory":
+        if key != EXIT_MEMORY:
             del st.session_state[key]
     ready = [lens for lens in ex.lens_choices(base) if lens != "tuned" or _stored_lens(edited, lens) is not None]
     best = [(point, lens) for lens in ready if _lens_ready(edited, lens)

@@ -27,6 +27,7 @@ from ui import experiments
 from ui.glossary import GLOSSARY
 from ui.lab import methods_for
 from ui.progress import Stopped, progress_bar
+from ui.remember import keep, recall
 from ui.session import app_message, change_recipe
 
 MIB = 8 * 2**20
@@ -56,7 +57,9 @@ def edit_controls(lab: Lab) -> None:
     """Method, its controls, and buttons that add the edit (or the edits, for controls that
     return several) or put it in place of the last one."""
     methods = methods_for(lab.base)
-    name = st.selectbox("Method", [m.name for m in methods], key="lab_method")
+    names = [m.name for m in methods]
+    recall("lab_method", lambda kept: kept in names)  # the method chosen before another page was visited
+    name = keep("lab_method", st.selectbox("Method", names, key="lab_method"))
     chosen = next(m for m in methods if m.name == name)
     st.caption(chosen.help)
     try:
