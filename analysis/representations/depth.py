@@ -176,9 +176,9 @@ def depth_fit(handle: ModelHandle, share_rank: int = 0, progress: Progress | Non
     step = progress or (lambda f, m: None)
     residual = []
     for k, r in enumerate(roles):
-        residual.append(linear_fit(torch.stack([families[r][b] for b in blocks]), depths)[2].cpu())
+        residual.append(linear_fit(torch.stack([families[r][b] for b in blocks]), depths)[2])
         step((k + 1) / steps, f"the line through {FAMILY_NAMES.get(r, r)}")
-    residual = torch.stack(residual)
+    residual = torch.stack(residual).cpu()
     cosine = torch.tensor([[_cosine(families[r][a], families[r][b]) for a, b in zip(blocks, blocks[1:])]
                            for r in roles])
     loss = torch.zeros(len(roles), len(blocks) - 1, dtype=torch.float64)
