@@ -87,7 +87,11 @@ tour.take_pending(handle)  # a scenario step asked for: its model, controls, rec
 if handle is not None:
     st.sidebar.caption(f"Loaded: **{handle.spec}** · {handle.n_params:,} parameters")
     try:
-        check = verified(handle)
+        # Right after a load (65 s on the Llama-1B shape in a browser walk on a shared machine; the
+        # page showed nothing meanwhile). Cached afterwards, and a cached call draws no spinner.
+        with st.spinner(f"Preparing {handle.spec}: hashing its weights, making its evaluation batch and "
+                        "checking its hooked forward against the plain one ..."):
+            check = verified(handle)
         (st.sidebar.caption if check.ok else st.sidebar.warning)(
             (":material/verified: " if check.ok else "") + check.text(), help=GLOSSARY["verified_outputs"])
     except Exception as e:  # noqa: BLE001 - a hooked path that cannot run: say so here, the pages that hook will too
