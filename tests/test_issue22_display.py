@@ -223,3 +223,15 @@ def test_induction_model_redundancy_changes_read_in_points():
     assert shown["predicted Δ accuracy"].value.endswith(" points")
     assert all(cell.endswith(" points") for cell in at.dataframe[0].value["Δ accuracy alone (measured)"])
     assert "Base accuracy: " in " ".join(c.value for c in at.caption) and not at.error
+
+
+def test_a_composition_of_many_heads_is_drawn_without_a_click_marker_per_pair():
+    """Llama-3.2-1B's 16 x 32 heads make 122,880 pairs: a marker on each made an 8.6 MB figure;
+    its cells then show their score on hover alone, and the page offers the list and the graph."""
+    from analysis.channels.circuits import Composition
+
+    small, large = (Composition({m: torch.rand(L, H, L, H) for m in "QKV"}, 64) for L, H in ((12, 12), (16, 32)))
+    assert pc.cells_clickable(small) and len(pc.composition_heatmap(small, "K").data) == 2  # heat map + markers
+    assert not pc.cells_clickable(large)
+    (heat,) = pc.composition_heatmap(large, "K").data
+    assert heat.type == "heatmap" and "the random baseline" in heat.hovertemplate and heat.hoverinfo is None

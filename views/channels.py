@@ -53,7 +53,9 @@ mode = st.radio("Composition", MODES, index=MODES.index(strongest.mode), horizon
 st.caption(rep.circuit_sentence(roles, comp))
 pairs, charts = comp.strongest(mode, 30), [f"heat_{spec}_{mode}", f"graph_{spec}_{mode}"]
 cached.pick_from_charts(comp, mode, pairs, charts, f"pair_{spec}_{mode}")  # a click in either chart chooses
-pair = pairs[st.selectbox("Channel (writer → reader), strongest first; or click a cell or an edge's marker",
+click = "a cell or an edge's marker" if pc.cells_clickable(comp) else "an edge's marker (this many heads make too " \
+    "many cells to click on: hover one for its score)"
+pair = pairs[st.selectbox(f"Channel (writer → reader), strongest first; or click {click}",
                           range(len(pairs)), key=f"pair_{spec}_{mode}",
                           format_func=lambda i: f"{pairs[i].label}: {pairs[i].relative:.2f}× baseline")]
 left, right = st.columns(2)

@@ -80,30 +80,45 @@ def _head_ticks(labels: list[str], length_px: float) -> dict:
     return dict(tickmode="array", tickvals=labels[::step], ticktext=labels[::step], tickfont=dict(size=10))
 
 
+# Pairs a click marker is drawn for: GPT-2 small has 9,504; Llama-3.2-1B has 122,880, an 8.6 MB figure of as
+# many SVG markers that took 9 s to build here
+CLICKABLE_CELLS = 20_000
+_SCORE = "%{z:.2f}× the random baseline"
+
+
+def cells_clickable(comp: Composition) -> bool:
+    """Whether `composition_heatmap` draws a click marker on each pair (CLICKABLE_CELLS)."""
+    return int(comp.valid[:-1, :, 1:].sum()) <= CLICKABLE_CELLS
+
+
 def composition_heatmap(comp: Composition, mode: str, selected: Channel | None = None) -> go.Figure:
     """Writers (rows: layers 0..L-2) x readers (columns: layers 1..L-1), score / random
-    baseline; pairs that cannot compose (reader not in a later layer) are blank."""
+    baseline; pairs that cannot compose (reader not in a later layer) are blank. Cells can
+    be clicked up to CLICKABLE_CELLS pairs; beyond, they only show their score on hover."""
     L, H = comp.scores[mode].shape[:2]
     writers = [head_label((l, h)) for l in range(L - 1) for h in range(H)]
     readers = [head_label((l, h)) for l in range(1, L) for h in range(H)]
     rel = comp.relative(mode)[:-1, :, 1:].reshape(len(writers), len(readers))
     valid = comp.valid[:-1, :, 1:].reshape(len(writers), len(readers))
     z = [[float(v) if ok else None for v, ok in zip(row, oks)] for row, oks in zip(rel.tolist(), valid.tolist())]
+    clickable = cells_clickable(comp)
     fig = go.Figure(go.Heatmap(
         z=z, x=readers, y=writers, zmin=0, colorscale="Viridis", colorbar=dict(title=dict(text="× baseline")),
-        hoverinfo="skip"))
+        hoverinfo="skip" if clickable else None,
+        hovertemplate=None if clickable else f"writer %{{y}} → reader %{{x}}<br>{_SCORE}<extra></extra>"))
     height = min(760, 260 + 9 * (L - 1) * H)
-    # plotly cannot select heat-map cells: an invisible marker on each valid cell carries
-    # hover and click (customdata: writer layer, head, reader layer, head)
-    cells = [(w, r) for i, w in enumerate(writers) for j, r in enumerate(readers) if valid[i, j]]
-    fig.add_trace(go.Scatter(
-        x=[r for _, r in cells], y=[w for w, _ in cells], mode="markers", showlegend=False,
-        marker=dict(symbol="square", size=max(6.0, min(40.0, 0.8 * (height - 120) / len(writers))),
-                    color=_CLEAR),
-        customdata=[[*_parse(w), *_parse(r), float(rel[i, j])] for i, w in enumerate(writers)
-                    for j, r in enumerate(readers) if valid[i, j]],
-        hovertemplate="writer %{y} → reader %{x}<br>%{customdata[4]:.2f}× the random baseline<extra></extra>",
-        selected=dict(marker=dict(color=_CLEAR)), unselected=dict(marker=dict(color=_CLEAR))))
+    if clickable:
+        # plotly cannot select heat-map cells: an invisible marker on each valid cell carries
+        # hover and click (customdata: writer layer, head, reader layer, head)
+        cells = [(w, r) for i, w in enumerate(writers) for j, r in enumerate(readers) if valid[i, j]]
+        fig.add_trace(go.Scatter(
+            x=[r for _, r in cells], y=[w for w, _ in cells], mode="markers", showlegend=False,
+            marker=dict(symbol="square", size=max(6.0, min(40.0, 0.8 * (height - 120) / len(writers))),
+                        color=_CLEAR),
+            customdata=[[*_parse(w), *_parse(r), float(rel[i, j])] for i, w in enumerate(writers)
+                        for j, r in enumerate(readers) if valid[i, j]],
+            hovertemplate="writer %{y} → reader %{x}<br>" + _SCORE.replace("z", "customdata[4]") + "<extra></extra>",
+            selected=dict(marker=dict(color=_CLEAR)), unselected=dict(marker=dict(color=_CLEAR))))
     if selected is not None:
         fig.add_trace(go.Scatter(x=[selected.reader_label], y=[selected.writer_label], mode="markers",
                                  marker=dict(symbol="square-open", size=14, color=_SELECTED, line=dict(width=3)),
