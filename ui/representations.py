@@ -13,7 +13,8 @@ from analysis.representations.depth import DepthFit, depth_fit
 from analysis.representations.probes import ProbeResult, probe_layers
 from analysis.representations.stage_probes import probe_stages
 from lib.handle import ModelHandle
-from ui.progress import Progress, stored
+from lib.progress import Progress
+from ui.progress import stored
 
 NOT_KEPT = "Nothing of it is kept: going on probes again."
 

@@ -20,10 +20,11 @@ from typing import Callable, Iterator
 
 import streamlit as st
 
-from analysis.compress.lab import Lab, Progress
+from analysis.compress.lab import Lab
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model
+from lib.progress import Progress
 from ui.cache import base_outputs, batch_key, eval_batch, prepared_base
 from ui.progress import progress_bar, stoppable
 

@@ -23,6 +23,7 @@ import torch
 from lib.data import check_lm
 from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle
+from lib.progress import Progress
 
 MODES = ("Q", "K", "V")
 MODE_NAMES = {"Q": "Q-composition (writer feeds the reader's queries)",
@@ -156,7 +157,6 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor, values_only: bool = False
     return s, torch.cat(vs).reshape(*lead, b.shape[-1], p.shape[-1]), torch.cat(ws).reshape(*lead, *ws[0].shape[-2:]), p
 
 
-Progress = Callable[[float, str], None]
 
 
 def circuits(handle: ModelHandle, progress: Progress | None = None) -> Circuits:

@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from analysis.interpreter.gradients import Progress, gradient_model, no_progress
+from analysis.interpreter.gradients import gradient_model, no_progress
 from analysis.interpreter.relu import LinearMap, output_labels
 from analysis.interpreter.transformer import LogitTarget, TokenContributions, input_embeddings, target_function
 from lib.handle import ModelHandle
+from lib.progress import Progress
 
 DEFAULT_STEPS = 32
 DEEPLIFT_LM = "its rules cover ReLU-type layers, not attention, LayerNorm or GELU."

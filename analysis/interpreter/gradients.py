@@ -5,15 +5,10 @@ and what both linearisations share (their error, a progress callback that shows 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from lib.errors import AnalysisError
 from lib.handle import ModelHandle
-
-Progress = Callable[[float, str], None]
-
 
 
 class InterpreterError(AnalysisError):

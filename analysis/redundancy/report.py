@@ -13,11 +13,12 @@ from analysis.metric_text import metric_change, metric_value
 from analysis.redundancy import drops as layer_drop
 from analysis.redundancy import similarity as redundancy
 from analysis.redundancy.drops import DropSweep
-from analysis.redundancy.similarity import LayerSimilarity, Progress, Residuals, StageSimilarity
+from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity
 from lib.data import Batch, ImageBatch, TextBatch, check_batch
 from lib.errors import require_type
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, Metrics, model_inputs
+from lib.progress import Progress
 from lib.scoring import BaseOutputs, Logits
 
 

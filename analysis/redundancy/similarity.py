@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,9 @@ from analysis.redundancy.cka import cka_matrix
 from lib.data import ImageBatch, TextBatch, check_batch, check_lm
 from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle, Point
+from lib.progress import Progress
 from lib.scoring import Logits, logits_of
 
-Progress = Callable[[float, str], None]
 DEFAULT_SKIP = 4
 
 

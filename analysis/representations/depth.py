@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from analysis.compress.prune.factorize import ShareLayers
-from analysis.representations.probes import Progress
 from lib.errors import CapabilityError
 from lib.handle import ModelHandle, check_handle
+from lib.progress import Progress
 
 QKV_ROLES = ("attn.q", "attn.k", "attn.v")
 FAMILY_NAMES = {"attn.q": "Q", "attn.k": "K", "attn.v": "V", "attn.qkv": "QKV (fused)", "attn.o": "O",

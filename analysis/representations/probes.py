@@ -26,7 +26,7 @@ prototype in raw pixels as its type (see `image_labels`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -34,8 +34,8 @@ from analysis.representations.dataset import PROPERTIES, PROPERTY_NAMES, ProbeTe
 from lib.data import check_lm
 from lib.errors import DataError
 from lib.handle import ModelHandle, Point
+from lib.progress import Progress
 
-Progress = Callable[[float, str], None]
 RIDGE = 1e-2  # λ per training token, on standardised features
 TEST_SHARE = 0.25
 SEED = 0

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from analysis.representations.image_labels import N_PROTOTYPES, halves, ink_mass, nearest_prototype, stroke_thickness
-from analysis.representations.probes import RIDGE, ProbeResult, Progress, probe_features
+from analysis.representations.probes import RIDGE, ProbeResult, probe_features
 from lib.corpus import DIGITS_NOISE_STD, add_digit_noise, digits_split
 from lib.errors import CapabilityError, DataError
 from lib.handle import ModelHandle, Point, check_handle
+from lib.progress import Progress
 
 IMAGE_PROPERTIES = ("digit_class", "ink_mass", "stroke_thickness")
 IMAGE_PROPERTY_NAMES = {"digit_class": "class", "ink_mass": "ink mass", "stroke_thickness": "stroke thickness"}

@@ -14,8 +14,9 @@ from analysis.compress import compare_view as view
 from analysis.compress.lab import Lab
 from lib.data import TextBatch
 from lib.errors import LayerScopeError
+from lib.progress import Progress
 from ui.glossary import GLOSSARY
-from ui.progress import Progress, Stopped, counting_blocks, stored
+from ui.progress import Stopped, counting_blocks, stored
 from ui.session import app_message
 
 

@@ -20,10 +20,11 @@ from analysis.compress.exits import plots as plots_exits
 from lib.data import MAX_PROMPT_CHARS
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
+from lib.progress import Progress
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import method
-from ui.progress import Progress, progress_bar, stored
+from ui.progress import progress_bar, stored
 from ui.remember import keep, recall
 from ui.session import app_message
 from ui.store import STORE

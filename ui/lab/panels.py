@@ -19,10 +19,11 @@ from analysis.compress import plots as plots_lab
 from analysis.compress.edits import Edit
 from analysis.compress.history import COSTS, LabPoint, higher_is_better
 from analysis.compress.journal import frontier
-from analysis.compress.lab import Lab, Progress
+from analysis.compress.lab import Lab
 from analysis.compress.recipe import Recipe
 from lib.errors import RecipeError
 from lib.metrics import LABELS, input_psnr_db, model_inputs
+from lib.progress import Progress
 from ui import experiments
 from ui.glossary import GLOSSARY
 from ui.lab import methods_for

@@ -27,10 +27,11 @@ from lib import data
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.metrics import model_inputs
+from lib.progress import Progress
 from ui.cache import eval_batch
 from ui.glossary import GLOSSARY
 from ui.lab.methods import LM, LM_AND_IMAGES, method, scope_controls
-from ui.progress import NOT_KEPT, Progress, Stopped, counting_blocks, progress_bar, stored
+from ui.progress import NOT_KEPT, Stopped, counting_blocks, progress_bar, stored
 from ui.session import app_message
 from ui.store import STORE
 

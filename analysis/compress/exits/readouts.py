@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from analysis import lens as lenses
-from analysis.lens import LOGIT_LENS, ExitLens, Progress, pooled
+from analysis.lens import LOGIT_LENS, ExitLens, pooled
 from lib import corpus
 from lib.errors import AnalysisError
 from lib.handle import ModelHandle
+from lib.progress import Progress
 
 _CACHE_SIZE = 4
 

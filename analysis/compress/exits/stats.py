@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from analysis.compress.exits.cost import CostModel, image_cost, lm_cost
 from analysis.compress.exits.readouts import exit_depths, exit_lens
-from analysis.lens import ExitLens, Progress, Reader
+from analysis.lens import ExitLens, Reader
 from lib.data import Batch, TextBatch, check_batch
 from lib.handle import ModelHandle
 from lib.metrics import model_inputs
+from lib.progress import Progress
 
 BLOCK_ELEMENTS = 1 << 22  # logits per class block (16 MB): few enough blocks that per-op thread overhead stays small
 

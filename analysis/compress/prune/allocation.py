@@ -22,8 +22,8 @@ from analysis.compress.edits import Edit, applies, cut, edit_type, require
 from analysis.compress.prune.pruning import _zero_smallest_magnitude_, scoped_layers, storage_view
 from lib.errors import AnalysisError, RecipeError, require_int, require_type
 from lib.handle import ModelHandle, Point, check_handle
+from lib.progress import Progress
 
-Progress = Callable[[float, str], None]
 DP_UNITS = 2000  # the DP counts all the weights in about this many units (a budget s in s * DP_UNITS)
 
 
