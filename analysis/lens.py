@@ -34,8 +34,8 @@ from analysis.redundancy.similarity import Residuals
 from lib import corpus, data
 from lib.errors import CapabilityError, require_type
 from lib.handle import ModelHandle, check_handle
+from lib.progress import Progress
 
-Progress = Callable[[float, str], None]
 LENSES = ("logit", "tuned", "heads")
 LENS_LABELS = {"logit": "logit lens", "tuned": "tuned lens", "heads": "exit heads"}
 
@@ -383,6 +383,7 @@ def logit_lens(handle: ModelHandle, res: Residuals, progress: Progress | None = 
             ent[layer] += entropy.sum()
             agree[layer] += agrees.sum()
             if progress:
-                progress((chunk * L + layer + 1) / n_steps, f"depth {layer} of {L}")
+                progress((chunk * L + layer + 1) / n_steps,
+                         f"tokens {start + 1}–{stop} of {n_tokens}: depth {layer + 1} of {L}")
         so_far.update(shape=shape, state=(chunk + 1, (kl.clone(), ent.clone(), agree.clone())))
     return LogitLens((kl / n_tokens).float().clamp_min(0), agree.float() / n_tokens, (ent / n_tokens).float())

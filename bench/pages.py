@@ -26,11 +26,11 @@ TIMEOUT_MS = 600_000
 # The cold start's unavoidable work, in one process: import, load the model, evaluate its batch
 # with the latency as the page measures it (the median of warm forwards).
 MINIMUM_WORK = f"""
-from lib import data, metrics
+from lib import data, latency, metrics
 from lib.models import load_model
 
 handle = load_model({MODEL!r})
-metrics.evaluate(handle, data.default_batch(handle), latency_repeats=metrics.LATENCY_REPEATS)
+metrics.evaluate(handle, data.default_batch(handle), latency_repeats=latency.LATENCY_REPEATS)
 """
 
 # build_report alone, timed inside a process that has already done what the Model page

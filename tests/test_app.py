@@ -63,7 +63,7 @@ def test_model_page_latency_has_its_interval_and_can_be_timed_again():
 def test_the_model_page_times_a_slow_model_without_a_whole_batch_forward(monkeypatch):
     """One row gives the pace; a model too slow to time whole is timed on the rows that fit,
     with no untimed forward of the whole batch first (the page's longest wait, once)."""
-    from lib import metrics
+    from lib import latency, metrics
     from ui.cache import eval_batch
     from ui.model import base_latency
     from ui.session import LoadRequest, load_base
@@ -72,10 +72,10 @@ def test_the_model_page_times_a_slow_model_without_a_whole_batch_forward(monkeyp
     rows, seen = len(metrics.model_inputs(eval_batch(handle))), []
     forward = type(handle).forward
     monkeypatch.setattr(type(handle), "forward", lambda self, x: (seen.append(len(x)), forward(self, x))[1])
-    monkeypatch.setattr(metrics, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: the fewest rows are timed
+    monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: the fewest rows are timed
     timing, _ = base_latency(handle, attempt=1_000)
     assert timing.rows == 1 and rows > 1 and set(seen) == {1}, seen
-    monkeypatch.setattr(metrics, "LATENCY_BUDGET_SECONDS", 1e9)  # everything fits: one untimed whole run first
+    monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 1e9)  # everything fits: one untimed whole run first
     seen.clear()
     timing, _ = base_latency(handle, attempt=1_001)
     assert timing.rows == rows and seen[:2] == [1, rows] and set(seen[2:]) == {rows}, seen

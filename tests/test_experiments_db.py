@@ -18,7 +18,8 @@ from analysis.compress.lab import Lab
 from analysis.compress.prune.pruning import Drop, Magnitude
 from analysis.compress.recipe import Recipe
 from lib import data
-from lib.metrics import LatencyChange, Metrics, Timing
+from lib.latency import LatencyChange, Timing
+from lib.metrics import Metrics
 
 ALICE, BOB = "alice-visitor-1", "bob-visitor-22"
 BASE = Metrics(n_params=1000, size_bits=32000, latency_ms=5.0, perplexity=10.0, agreement=1.0, kl_to_base=0.0)

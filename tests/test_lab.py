@@ -318,23 +318,23 @@ def test_latency_is_timed_against_the_base_with_a_flop_prediction(tiny_lm, cnn):
 
 
 def test_a_slow_model_is_timed_on_fewer_rows(tiny_lm, monkeypatch):
-    from lib import metrics
+    from lib import latency
 
-    monkeypatch.setattr(metrics, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: one row
-    assert metrics.timed_rows(1.0, 16, 12) == 1 and metrics.timed_rows(0.0, 16, 12) == 16
+    monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: one row
+    assert latency.timed_rows(1.0, 16, 12) == 1 and latency.timed_rows(0.0, 16, 12) == 16
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
     lab = Lab(tiny_lm, batch, latency_repeats=6)
     assert lab.base_point.latency.base.rows == 1 and lab.add(Magnitude(0.5)).latency.model.rows == 1
 
 
 def test_a_lab_given_the_base_outputs_does_not_run_the_whole_batch_again(tiny_lm, monkeypatch):
-    from lib import metrics
+    from lib import latency, metrics
     from lib.scoring import prepare_base
 
     batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
     alone = Lab(tiny_lm, batch, latency_repeats=6)
     outputs = tiny_lm.outputs(metrics.model_inputs(batch))
-    monkeypatch.setattr(metrics, "LATENCY_BUDGET_SECONDS", 0.0)  # a slow model: only its fewest rows are timed
+    monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 0.0)  # a slow model: only its fewest rows are timed
     rows = []
     for method in ("forward", "outputs"):
         original = getattr(type(tiny_lm), method)

@@ -78,7 +78,7 @@ class FakeClock:
 
 
 def test_median_interval_is_the_order_statistics_interval():
-    from lib.metrics import median_interval
+    from lib.latency import median_interval
 
     assert median_interval([3.0, 1.0, 2.0, 6.0, 5.0, 4.0]) == (1.0, 6.0)  # n = 6: 1 - 2/64 >= 95 %
     assert median_interval(list(range(20))) == (5, 14)  # P(Bin(20, 1/2) <= 5) = 0.021 <= 0.025 < P(<= 6)
@@ -86,20 +86,20 @@ def test_median_interval_is_the_order_statistics_interval():
 
 
 def test_timing_counts_only_warm_calls_and_fast_models_get_more_of_them(tiny_lm):
-    from lib import metrics
+    from lib import latency
 
     clock = FakeClock()
-    slow = metrics.time_forward(clock.forward(0.5), repeats=6, clock=clock)
+    slow = latency.time_forward(clock.forward(0.5), repeats=6, clock=clock)
     assert slow.runs == 6 and slow.median_ms == 500 and slow.low_ms == slow.high_ms == 500
-    fast = metrics.time_forward(clock.forward(1e-4), repeats=6, clock=clock)
-    assert fast.runs == metrics.LATENCY_MAX_CALLS  # many calls, capped
+    fast = latency.time_forward(clock.forward(1e-4), repeats=6, clock=clock)
+    assert fast.runs == latency.LATENCY_MAX_CALLS  # many calls, capped
 
 
 def test_evaluate_does_not_time_the_first_forward(tiny_lm, monkeypatch):
-    from lib import metrics
+    from lib import latency
 
     clock = FakeClock()
-    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    monkeypatch.setattr(latency.time, "perf_counter", clock)
     first = []
 
     forward = tiny_lm.forward
@@ -115,7 +115,7 @@ def test_evaluate_does_not_time_the_first_forward(tiny_lm, monkeypatch):
 
 
 def test_latency_change_pairs_alternate_and_say_when_nothing_changed():
-    from lib.metrics import compare_latency
+    from lib.latency import compare_latency
 
     clock, calls = FakeClock(), []
     noise = itertools.cycle([0.1, 0.101, 0.099, 0.1, 0.102, 0.1, 0.1, 0.098, 0.1, 0.101, 0.1, 0.099])
@@ -141,7 +141,7 @@ def test_latency_change_pairs_alternate_and_say_when_nothing_changed():
 
 
 def test_a_change_inside_the_noise_floor_is_not_called_a_change():
-    from lib.metrics import LatencyChange, Timing
+    from lib.latency import LatencyChange, Timing
 
     base, slower = Timing(100.0, 99.0, 101.0, 6, 16), Timing(130.0, 125.0, 135.0, 6, 16)
     assert not LatencyChange(base, Timing(103.0, 102.0, 104.0, 6, 16), 1.03, 1.02, 1.04).measurable  # only 3 %
@@ -151,7 +151,7 @@ def test_a_change_inside_the_noise_floor_is_not_called_a_change():
 
 
 def test_flops_count_the_matrix_products(tiny_lm):
-    from lib.metrics import count_flops
+    from lib.latency import count_flops
 
     tokens = torch.zeros(1, 8, dtype=torch.long)
     full = count_flops(lambda: tiny_lm.forward(tokens))

@@ -243,7 +243,11 @@ def test_the_labs_measurement_of_the_base_tells_its_steps_and_a_stopped_one_show
     at, handle = _redundancy_page()
     told = []
     Lab(handle, eval_batch(handle), progress=lambda f, m: told.append((f, m)))
-    assert [m for _, m in told] == ["its outputs", "timing it", "scoring it"]
+    stages = list(dict.fromkeys(m.partition(":")[0] for _, m in told))
+    assert stages == ["its outputs", "timing it", "scoring it"]
+    assert {m for _, m in told if m.startswith("timing")} >= {f"timing it: timed forward {k} of 6" for k in (1, 6)}
+    n = len(eval_batch(handle).tokens)
+    assert told[-1] == (1.0, f"scoring it: window {n} of {n}")  # the scoring tells every window
     assert [f for f, _ in told] == sorted(f for f, _ in told)
     key = ("lab", *batch_key(handle))
     at.session_state[STOPPED] = {key}

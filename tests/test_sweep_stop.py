@@ -18,12 +18,11 @@ class _Stop(Exception):
     pass
 
 
-def _stopping_after(n):
+def _stopping_after(n, so_far):
+    """A bar whose Stop is clicked once `n` drops are measured: the sweep's next report raises."""
     def progress(fraction, message):
-        progress.calls += 1
-        if progress.calls == n:
+        if len(so_far.get("dropped", {})) >= n:
             raise _Stop
-    progress.calls = 0
     return progress
 
 
@@ -32,13 +31,15 @@ def test_a_stopped_sweep_keeps_its_drops_and_resumes_to_the_same_numbers(tiny_lm
     res = rr.residual_pass(tiny_lm, batch)
     so_far = {}
     with pytest.raises(_Stop):
-        lm_drop_sweep(tiny_lm, batch, res, progress=_stopping_after(4), so_far=so_far)
+        lm_drop_sweep(tiny_lm, batch, res, progress=_stopping_after(4, so_far), so_far=so_far)
     partial = stopped_sweep(tiny_lm, so_far)
     assert len(partial.dropped) == 4 and len(partial.not_droppable) == 3 * 3 - 4
     assert set(partial.not_droppable.values()) == {STOPPED}
-    measured = []
-    resumed = lm_drop_sweep(tiny_lm, batch, res, progress=lambda f, m: measured.append(m), so_far=so_far)
+    told = []
+    resumed = lm_drop_sweep(tiny_lm, batch, res, progress=lambda f, m: told.append((f, m)), so_far=so_far)
+    measured = [m for _, m in told if m.startswith("dropping") and ":" not in m]
     assert len(measured) == 3 * 3 - 4  # only the drops it had not reached
+    assert [f for f, _ in told] == sorted(f for f, _ in told) and told[-1][0] == pytest.approx(1.0)
     whole = lm_drop_sweep(tiny_lm, batch, res)
     assert resumed.dropped.keys() == whole.dropped.keys()
     for drop, metrics in whole.dropped.items():

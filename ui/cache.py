@@ -1,7 +1,8 @@
 """What every page reads about the loaded base model, computed once per model and evaluation
 batch: the batch itself (sized from the model, or raised by the visitor: `eval_windows`),
-baseline metrics (`st.cache_data`, keyed by `batch_key`: the model's fingerprint and the
-batch's digest) and its outputs on that batch (large: the no-copy `ui.store.STORE`).
+its outputs on that batch (large: the no-copy `ui.store.STORE`), and the baseline metrics
+with their intervals, scored from them once under a bar (`STORE`, keyed by `batch_key`: the
+model's fingerprint and the batch's digest).
 
 Small results go through `st.cache_data`, which copies its value on every hit; large
 tensors (base logits: 16 x 256 x 50257 floats is about 800 MB for gpt2), analyses that
@@ -17,10 +18,11 @@ from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
+from lib.progress import Progress
 from lib.scoring import BaseOutputs, Logits, prepare_base
 from lib.spread import Spread, position_scores, spread
 from lib.verify import Verification, verify
-from ui.progress import Progress, counting_blocks, stored
+from ui.progress import counting_blocks, stored
 from ui.store import STORE
 
 MAX_EVAL_WINDOWS = 64  # windows a visitor may raise a language model's evaluation batch to
@@ -69,17 +71,31 @@ def batch_key(handle: ModelHandle) -> tuple[str, str]:
     return handle.fingerprint, eval_batch(handle).digest
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _baseline(_handle: ModelHandle, key: tuple[str, str]) -> Metrics:
-    outputs = base_outputs(_handle, quiet=True)  # no bar in a cached function: it would replay what it drew
-    return metrics_from_outputs(outputs, eval_batch(_handle), _handle.n_params, _handle.size_bits)
+def scored_baseline(handle: ModelHandle, stop: bool = False) -> tuple[Metrics, Spread]:
+    """Baseline metrics of the base model on its evaluation batch and their bootstrap
+    intervals (`lib.spread`), from one scoring of its outputs under a bar (a language model's
+    readout is the work of several blocks per position); with `stop`, one with a Stop
+    (`Stopped` from then on for this visitor, until they go on). The outputs come first,
+    under their own bar."""
+    key = ("base_scored", *batch_key(handle))
+    if STORE.get(key) is None:
+        base_outputs(handle, stop=stop)
+
+    def compute(progress: Progress | None) -> tuple[Metrics, Spread]:
+        outputs, batch, per_row = base_outputs(handle), eval_batch(handle), {}
+        with counting_blocks(handle, progress, forwards=0, scorings=1):
+            metrics = metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bits, per_row=per_row)
+        return metrics, spread(position_scores(outputs, batch, None, per_row))  # the same pass's scores
+
+    return stored(key, compute, "Scoring the model on its evaluation set",
+                  stop="Nothing of the scoring is kept: going on scores it again." if stop else None)
 
 
 def baseline(handle: ModelHandle) -> Metrics:
     """Baseline metrics of the base model on its evaluation batch (its latency is
     `ui.model.base_latency`'s: a timing is not a fixed property of the model to cache
     forever)."""
-    return _baseline(handle, batch_key(handle))
+    return scored_baseline(handle)[0]
 
 
 def base_outputs(handle: ModelHandle, stop: bool = False, quiet: bool = False) -> Logits:
@@ -98,10 +114,17 @@ def base_outputs(handle: ModelHandle, stop: bool = False, quiet: bool = False) -
 
 def prepared_base(handle: ModelHandle) -> BaseOutputs | Logits:
     """The base outputs prepared for comparisons (`lib.scoring.prepare_base`: the outputs by
-    reference, plus a few numbers per position), once per model and batch: every lab and
-    every cut of a channel reads the same."""
-    return STORE.get_or_compute(("base_prepared", *batch_key(handle)),
-                                lambda: prepare_base(base_outputs(handle), eval_batch(handle)))
+    reference, plus a few numbers per position), once per model and batch, under a bar: every
+    lab and every cut of a channel reads the same."""
+    key = ("base_prepared", *batch_key(handle))
+    if STORE.get(key) is None:
+        base_outputs(handle)  # under its own bar
+
+    def compute(progress: Progress | None) -> BaseOutputs | Logits:
+        with counting_blocks(handle, progress, forwards=0, scorings=1):
+            return prepare_base(base_outputs(handle), eval_batch(handle))
+
+    return stored(key, compute, "Preparing the base model's outputs for comparisons")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -114,11 +137,6 @@ def verified(handle: ModelHandle) -> Verification:
     return _verified(handle, handle.fingerprint)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def _baseline_spread(_handle: ModelHandle, key: tuple[str, str]) -> Spread:
-    return spread(position_scores(base_outputs(_handle, quiet=True), eval_batch(_handle)))  # as in `_baseline`
-
-
 def baseline_spread(handle: ModelHandle) -> Spread:
     """Bootstrap intervals of the baseline metrics (`lib.spread`), from the base outputs."""
-    return _baseline_spread(handle, batch_key(handle))
+    return scored_baseline(handle)[1]

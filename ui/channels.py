@@ -15,8 +15,9 @@ from analysis.channels import circuits as ch
 from analysis.channels import heads
 from lib.errors import CapabilityError
 from lib.handle import ModelHandle
+from lib.progress import Progress
 from ui.cache import baseline, batch_key, eval_batch, prepared_base
-from ui.progress import Progress, counting_blocks, stored
+from ui.progress import counting_blocks, stored
 from ui.store import STORE
 
 NOT_KEPT = "Nothing of it is kept; going on starts it again."
@@ -87,17 +88,19 @@ def prompt_patterns(handle: ModelHandle, prompt: str) -> tuple[heads.PromptToken
 
 def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, prompt: str) -> heads.Intervention:
     """`edit` measured on the evaluation batch (against the cached base outputs) and on the
-    reader's pattern over the prompt."""
+    reader's pattern over the prompt. The base's scores come first, each under its own bar
+    and once per model, not per cut."""
+    key = ("channels.intervention", *batch_key(handle), edit, reader, prompt)
+    if STORE.get(key) is None:
+        prepared_base(handle), baseline(handle)
 
     def compute(step: Progress) -> heads.Intervention:
         c, tokens, batch = circuits(handle), heads.prompt_tokens(handle, prompt), eval_batch(handle)
-        base, before = prepared_base(handle), baseline(handle)  # each once per model, not per cut
-        with counting_blocks(handle, step):
-            return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=base, before=before)
+        with counting_blocks(handle, step, scorings=1):  # the edited forward, then its scoring
+            return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=prepared_base(handle),
+                                   before=baseline(handle))
 
-    return stored(("channels.intervention", *batch_key(handle), edit, reader, prompt), compute,
-                  f"Running the evaluation set with {edit.label}",
-                  stop=NOT_KEPT)
+    return stored(key, compute, f"Running the evaluation set with {edit.label}", stop=NOT_KEPT)
 
 
 def _head(label: str) -> ch.Head | None:

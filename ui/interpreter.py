@@ -61,7 +61,8 @@ def token_contributions(handle: ModelHandle, prompt: str, token: int, versus: in
     target = it.logit_target(handle, token, versus)
     it.check_linearisable(handle)  # before the float64 copy
     return stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus),
-                  lambda _: it.token_contributions(working_copy(handle), tokens, target), "Linearising the model")
+                  lambda _: it.token_contributions(working_copy(handle), tokens, target), "Linearising the model",
+                  stop=NOT_KEPT)
 
 
 def token_comparison(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> AttributionComparison:

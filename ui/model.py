@@ -11,19 +11,27 @@ import streamlit as st
 from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
-from lib.metrics import Timing, base_timing, model_inputs, pace
+from lib.latency import LATENCY_REPEATS, Timing, base_timing, pace
+from lib.metrics import model_inputs
+from lib.progress import Progress
 from ui.cache import MAX_EVAL_WINDOWS, auto_windows, batch_key, eval_batch, set_windows
-from ui.store import STORE
+from ui.progress import stored
 
 
 def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
     """The base model's timed forwards over its evaluation batch, and when they were made
-    (seconds since the epoch). `attempt`: a new measurement each time the user asks."""
-    def compute() -> tuple[Timing, float]:
+    (seconds since the epoch), under a bar with a Stop (`ui.progress.Stopped` until the
+    visitor goes on). `attempt`: a new measurement each time the user asks."""
+    def compute(progress: Progress) -> tuple[Timing, float]:
         inputs = model_inputs(eval_batch(handle))
-        return base_timing(handle, inputs, pace(handle, inputs)), time.time()
+        untimed = 1 / (LATENCY_REPEATS + 1)  # the untimed forward first weighs about one timed one
+        progress(0.0, "one untimed forward first")
+        whole = pace(handle, inputs)
+        timing = base_timing(handle, inputs, whole, progress=lambda f, m: progress(untimed + (1 - untimed) * f, m))
+        return timing, time.time()
 
-    return STORE.get_or_compute(("base_latency", *batch_key(handle), attempt), compute)
+    return stored(("base_latency", *batch_key(handle), attempt), compute, "Timing the model",
+                  stop="Nothing of the timing is kept: going on times it again.")
 
 
 def prompt_notes(result, n_ctx: int) -> None:

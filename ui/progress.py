@@ -25,10 +25,11 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx
 
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
+from lib.progress import Progress
+from lib.scoring import readout_blocks, told_of_windows
 from ui.store import STORE
 
 T = TypeVar("T")
-Progress = Callable[[float, str], None]
 # The bar appears only once the work has run FIRST_DRAW_S (short work draws nothing, like
 # st.spinner: no flash of a bar) and then redraws at most every PROGRESS_INTERVAL_S (each
 # redraw is browser work on the CPUs the computation shares when both run on one machine).
@@ -99,28 +100,44 @@ def progress_bar(label: str, on_stop: Callable[[], None] | None = None) -> Itera
 
 @contextmanager
 def counting_blocks(handles: ModelHandle | Sequence[ModelHandle], update: Progress | None,
-                    forwards: int | None = 1) -> Iterator[None]:
+                    forwards: int | None = 1, scorings: int = 0) -> Iterator[None]:
     """Inside, each block of the forwards of `handles` (one model, or the models a step runs
     one after another; a private copy made inside does not carry the hooks) moves the bar
     `update` draws: "k of n blocks" for a step that is one forward; over all of a known
-    number of `forwards`; forward by forward where that number is not known (None)."""
+    number of `forwards`; forward by forward where that number is not known (None). With
+    `scorings`, the step also scores that many times a language model's logits, window by
+    window (`lib.scoring.told_of_windows`), each weighing its readout's `readout_blocks`."""
     if update is None:
         yield
         return
     told = itertools.count()
+    first = handles[0] if isinstance(handles, Sequence) else handles
+    weight = readout_blocks(first) if scorings else 0.0
+    work = {"done": 0.0, "blocks": first.structure.n_layers}  # blocks' work done; blocks in a forward
+
+    def total() -> float:
+        return max((forwards or 0) * work["blocks"] + scorings * weight, 1e-9)
 
     def tell(k: int, n: int) -> None:
         done = next(told)  # blocks before this one, in every forward so far
-        if forwards == 1:
-            update(k / n, f"{k} of {n} blocks")
-        elif forwards is None:
+        work["done"], work["blocks"] = work["done"] + 1, n
+        if forwards is None:
             update(k / n, f"forward {done // n + 1}: {k} of {n} blocks")
+        elif forwards == 1:
+            update(min(1.0, work["done"] / total()) if scorings else k / n, f"{k} of {n} blocks")
         else:
-            update(min(1.0, (done + 1) / (forwards * n)), f"forward {min(done // n + 1, forwards)} of {forwards}")
+            update(min(1.0, work["done"] / total()), f"forward {min(done // n + 1, forwards)} of {forwards}")
+
+    def scored(k: int, n: int) -> None:
+        work["done"] += weight / n
+        if forwards is not None:
+            update(min(1.0, work["done"] / total()), f"scoring: window {k} of {n}")
 
     with ExitStack() as stack:
         for handle in handles if isinstance(handles, Sequence) else (handles,):
             stack.enter_context(handle.told_of_blocks(tell))
+        if scorings:
+            stack.enter_context(told_of_windows(scored))
         yield
 
 

@@ -94,7 +94,10 @@ def text_view() -> None:
     if kind == "difference":
         others = [i for i in top.token_ids if i != token]
         versus = right.selectbox("minus the logit of", others, format_func=names.get)
-    result = cached.token_contributions(handle, prompt, token, versus)
+    try:
+        result = cached.token_contributions(handle, prompt, token, versus)
+    except Stopped:  # its notice is drawn, with the button that goes on; the rest of the page reads it
+        st.stop()
     cols = st.columns(4)
     cols[0].metric("target value F(x0)", f"{result.value:+.4g}", help=result.target.label)
     cols[1].metric("from the tokens", f"{float(result.contributions.sum()):+.4g}")

@@ -12,7 +12,7 @@ from lib.data import MAX_PROMPT_CHARS
 from lib.handle import ModelHandle
 from lib.metrics import LABELS, QUALITY_FIELDS, input_psnr_db, model_inputs
 from lib.zoo import ZOO, model_card, zoo_name
-from ui.cache import base_outputs, baseline, baseline_spread, eval_batch
+from ui.cache import base_outputs, eval_batch, scored_baseline
 from ui.glossary import GLOSSARY
 from ui.model import base_latency, batch_control, prompt_notes
 from ui.progress import Stopped
@@ -23,8 +23,7 @@ from ui.session import require_handle
 def baseline_section(handle: ModelHandle) -> None:
     """The base model's quality on its evaluation set, with intervals, its size and latency."""
     batch = eval_batch(handle)
-    metrics = baseline(handle)
-    intervals = baseline_spread(handle)
+    metrics, intervals = scored_baseline(handle, stop=True)  # under a bar with a Stop, as the forward
     repeated = getattr(batch, "answer_mask", None) is not None
     helps = {"bits_per_byte": GLOSSARY["bits_per_byte"], "perplexity": GLOSSARY["perplexity"],
              "nll": GLOSSARY["loss"], "psnr_db": GLOSSARY["psnr"],
@@ -48,24 +47,28 @@ def baseline_section(handle: ModelHandle) -> None:
     if metrics.psnr_db is not None:  # a denoiser's PSNR means something only above its noisy input's
         items.append(("PSNR of the noisy input", f"{input_psnr_db(batch):.4g}", GLOSSARY["noisy_psnr"]))
     attempt = st.session_state.get(f"latency_attempt_{handle.spec}", 0)
-    with st.spinner("Timing the model ..."):
+    try:
         timing, when = base_latency(handle, attempt)
+    except Stopped:  # its notice is drawn, with the button that goes on; every other number is shown
+        timing = when = None
     rows = model_inputs(batch).shape[0]
-    over = "the whole batch" if timing.rows == rows else f"{timing.rows} of its {rows} rows"
-    items.append(("latency", f"{timing.median_ms:.0f} ms",
-                  f"Median of {timing.runs} timed forwards over {over} on this machine, after one untimed one; "
-                  f"95 % interval of the median {timing.low_ms:.0f}–{timing.high_ms:.0f} ms."))
+    if timing is not None:
+        over = "the whole batch" if timing.rows == rows else f"{timing.rows} of its {rows} rows"
+        items.append(("latency", f"{timing.median_ms:.0f} ms",
+                      f"Median of {timing.runs} timed forwards over {over} on this machine, after one untimed one; "
+                      f"95 % interval of the median {timing.low_ms:.0f}–{timing.high_ms:.0f} ms."))
     cols = st.columns(3)
     for i, (label, value, helptext) in enumerate(items):
         cols[i % 3].metric(label, value, ranges.get(label), delta_color="off", delta_arrow="off", help=helptext)
     left, right = st.columns([3, 1], vertical_alignment="center")
-    at = time.strftime("%H:%M:%S", time.localtime(when))
+    latency = "" if timing is None else (
+        f" Latency measured at {time.strftime('%H:%M:%S', time.localtime(when))} over {over}: {timing.text()}; a busy "
+        "machine widens the interval.")
     left.caption(f"Evaluation set: {batch.source}. Under each quality metric: its 95 % interval, a percentile "
-                 f"bootstrap over the {intervals.n_units} evaluation {intervals.unit}s. Latency measured at {at} over "
-                 f"{over}: {timing.text()}; a busy machine widens the interval.")
+                 f"bootstrap over the {intervals.n_units} evaluation {intervals.unit}s." + latency)
     batch_control(handle)
-    if right.button("Time again", key="model_time_again", help="Measure the latency now (another session may have "
-                    "measured it while the machine was busy)."):
+    if timing is not None and right.button("Time again", key="model_time_again", help="Measure the latency now "
+                                           "(another session may have measured it while the machine was busy)."):
         st.session_state[f"latency_attempt_{handle.spec}"] = attempt + 1
         st.rerun()
 
@@ -85,6 +88,7 @@ with quality:
     st.subheader("Baseline on the evaluation set")
     try:
         base_outputs(handle, stop=True)  # the one forward every number below reads: under a bar with a Stop
+        scored_baseline(handle, stop=True)  # and its scoring
     except Stopped:  # its notice is drawn, with the button that goes on; the batch size can still change
         batch_control(handle)
     else:

@@ -21,6 +21,7 @@ from analysis.redundancy.report import primary_metric
 from lib.data import MAX_PROMPT_CHARS, TextBatch, check_batch, check_lm, check_text
 from lib.errors import require_int
 from lib.handle import ModelHandle, Point
+from lib.lm_records import untold
 from lib.metrics import Metrics, metrics_from_outputs
 from lib.scoring import BaseOutputs, Logits
 
@@ -314,10 +315,12 @@ def intervene(handle: ModelHandle, batch: TextBatch, c: Circuits, edit: HeadEdit
     if base is None:
         base = handle.forward(batch.tokens)
     point = Point("pattern", reader[0])
-    pattern_before = handle.record(prompt[:1], [point])[point][0, reader[1]].float()
+    with untold():  # the prompt's two short forwards: a bar counts the batch's
+        pattern_before = handle.record(prompt[:1], [point])[point][0, reader[1]].float()
     with editing(handle, c, [edit]):
         edited = handle.forward(batch.tokens)
-        pattern_after = handle.record(prompt[:1], [point])[point][0, reader[1]].float()
+        with untold():
+            pattern_after = handle.record(prompt[:1], [point])[point][0, reader[1]].float()
     if before is None:
         logits = base.logits if isinstance(base, BaseOutputs) else base
         before = metrics_from_outputs(logits, batch, handle.n_params, handle.size_bits)

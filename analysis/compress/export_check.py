@@ -8,7 +8,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -17,18 +17,10 @@ from analysis.compress.edits import Edit
 from analysis.compress.lab import Lab
 from analysis.compress.recipe import Recipe
 from analysis.metric_text import metric_value
-from lib.metrics import (
-    LABELS,
-    LATENCY_REPEATS,
-    LatencyChange,
-    Metrics,
-    compare_latency,
-    metrics_from_outputs,
-    model_inputs,
-)
+from lib.latency import LATENCY_REPEATS, LatencyChange, compare_latency
+from lib.metrics import LABELS, Metrics, metrics_from_outputs, model_inputs
 from lib.packed import PACKED_FILE, load_packed
-
-Progress = Callable[[float, str], None]
+from lib.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from analysis.compress.exits import ExitPoint
 from analysis.compress.recipe import Recipe
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import METRIC_FIELDS, LatencyChange, Metrics
+from lib.latency import LatencyChange
+from lib.metrics import LABELS, METRIC_FIELDS, Metrics
 from lib.spread import Scores, Spread
 
 QUALITY_ORDER = ("bits_per_byte", "accuracy", "psnr_db", "perplexity")  # which quality number judges a model
@@ -50,6 +51,19 @@ def pareto_front(costs: Sequence[float], qualities: Sequence[float], higher_bett
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+def frontier(points: Sequence["LabPoint"], cost: str, quality: str) -> list[int]:
+    """Steps of `points` on the Pareto frontier of `cost` ("size_bits" or "latency_ms", lower is
+    better; latency relative to the base) against `quality`."""
+    if cost not in COSTS:
+        raise RecipeError(f"The frontier is drawn against {' or '.join(COSTS)}, not {cost!r}.")
+    if quality not in LABELS:
+        raise RecipeError(f"There is no metric {quality!r}.")
+    points = [p for p in points if p.cost(cost) is not None and getattr(p.metrics, quality) is not None]
+    front = pareto_front([p.cost(cost) for p in points],
+                         [getattr(p.metrics, quality) for p in points], higher_is_better(quality))
+    return [points[i].step for i in front]
 
 
 def recipe_digest(edits: Sequence[Edit]) -> str:

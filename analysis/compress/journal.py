@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence, TypeVar
 from analysis.compress.history import COSTS, LabPoint, higher_is_better, pareto_front, point_row
 from analysis.compress.recipe import Recipe
 from lib.errors import LayerScopeError
-from lib.metrics import LABELS, LatencyChange, Metrics, Timing
+from lib.latency import LatencyChange, Timing
+from lib.metrics import LABELS, Metrics
 
 DATA_ENV = "LAYERSCOPE_DATA"
 FILE_NAME = "experiments.sqlite3"

@@ -19,7 +19,7 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -27,12 +27,10 @@ from analysis.compress import edits as edit_registry
 from analysis.compress.edits import Edit
 from analysis.compress.exits import ExitPoint, exits_of
 from analysis.compress.history import (
-    COSTS,
     LabPoint,
     LayerSummary,
-    higher_is_better,
+    frontier,
     layer_summary,
-    pareto_front,
     point_row,
     quality_metric,
     recipe_digest,
@@ -43,25 +41,20 @@ from analysis.compress.recipe import Recipe, check_for
 from lib import data
 from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
-from lib.metrics import (
-    LABELS,
+from lib.latency import (
     LATENCY_REPEATS,
-    METRIC_FIELDS,
     LatencyChange,
-    Metrics,
     base_timing,
     compare_latency,
     count_flops,
-    metrics_from_outputs,
-    model_inputs,
     timed_outputs,
     timed_rows,
 )
-from lib.scoring import BaseOutputs, prepare_base
+from lib.metrics import METRIC_FIELDS, Metrics, metrics_from_outputs, model_inputs
+from lib.progress import Progress, stage
+from lib.scoring import BaseOutputs, prepare_base, told_of_windows
 from lib.spread import Scores, position_scores, spread
 from lib.storage import owned_bytes
-
-Progress = Callable[[float, str], None]
 
 
 class Lab:
@@ -97,17 +90,20 @@ class Lab:
         tell(0.0, "its outputs")
         outputs, seconds = timed_outputs(base, inputs, given, latency_repeats)  # given and timed: not run
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(outputs, self.batch)
-        latency = None
+        latency, began = None, time.perf_counter()
         if latency_repeats:
-            tell(0.45, "timing it")
-            timing = base_timing(base, inputs, seconds, latency_repeats)
+            timing = base_timing(base, inputs, seconds, latency_repeats, stage(tell, 0.05, 0.55, "timing it: "))
+            seconds = timing.median_ms / 1000 * inputs.shape[0] / timing.rows
             # pairs of base and model forwards must fit the budget too: twice the forwards
-            self._timed_rows = timed_rows(timing.median_ms / 1000 * inputs.shape[0] / timing.rows,
-                                          inputs.shape[0], 2 * latency_repeats)
+            self._timed_rows = timed_rows(seconds, inputs.shape[0], 2 * latency_repeats)
             self._base_flops = count_flops(lambda: base.forward(inputs[:1]))
             latency = LatencyChange(timing, timing, 1.0, 1.0, 1.0, 1.0)
-        tell(0.8, "scoring it")
-        metrics, scores = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
+        # seconds the base's stages took: how a change's bar is shared out (`_measure`)
+        self._seconds = {"forward": seconds, "timing": 2 * (time.perf_counter() - began)}  # pairs: twice the forwards
+        began = time.perf_counter()
+        with told_of_windows(lambda k, n: tell(0.6 + 0.4 * k / n, f"scoring it: window {k} of {n}")):
+            metrics, scores = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
+        self._seconds["scoring"] = 2 * (time.perf_counter() - began)  # a change's: against the base's readout too
         self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency, scores=scores)]
         self._current = 0
         self._undo: list[tuple[Edit, ...]] = []
@@ -286,24 +282,28 @@ class Lab:
         """Metrics of the base with `edits`, and its latency timed against the base's in
         alternating pairs (a copy's first forward also builds its fast path, so the one that
         gives the outputs is not among them), with the FLOP prediction beside it."""
+        spent = self._seconds  # the base's stages; applying the edits is taken to cost about one forward
+        share = {k: v / (spent["forward"] + sum(spent.values())) for k, v in spent.items()}
+        at = share["forward"]
         with self._lock:
-            model = self._model(tuple(edits), progress)
-            if progress:
-                progress(0.8, "measuring")
+            model = self._model(tuple(edits), stage(progress, 0.0, at))
+            tell = stage(progress, at, at + share["forward"], "measuring: ")
             inputs = model_inputs(self.batch)
             start = time.perf_counter()
-            outputs = model.outputs(inputs)
+            with model.told_of_blocks(lambda k, n: tell and tell(k / n, f"{k} of {n} blocks")):
+                outputs = model.outputs(inputs)
             latency_ms = (time.perf_counter() - start) * 1000
-            latency = None
+            latency, at = None, at + share["forward"]
             if self.latency_repeats:
-                if progress:
-                    progress(0.85, "timing the model against the base")
-                latency = self._against_base(model)
-                latency_ms = latency.model.median_ms
-            metrics, scores = self._metrics(model, outputs, latency_ms)
+                latency = self._against_base(model, stage(progress, at, at + share["timing"], "timing it against the "
+                                                                                               "base: "))
+                latency_ms, at = latency.model.median_ms, at + share["timing"]
+            tell = stage(progress, at, 1.0, "scoring: ")
+            with told_of_windows(lambda k, n: tell and tell(k / n, f"window {k} of {n}")):
+                metrics, scores = self._metrics(model, outputs, latency_ms)
             return metrics, latency, scores
 
-    def _against_base(self, model: ModelHandle) -> LatencyChange:
+    def _against_base(self, model: ModelHandle, progress: Progress | None = None) -> LatencyChange:
         """`model` timed against the base in alternating pairs (both have run once on the
         whole batch), with the FLOP prediction."""
         inputs = model_inputs(self.batch)
@@ -312,7 +312,7 @@ class Lab:
             self.base.forward(part), model.forward(part)  # a new shape: first forwards untimed
         predicted = count_flops(lambda: model.forward(inputs[:1])) / max(self._base_flops, 1)
         return compare_latency(lambda: self.base.forward(part), lambda: model.forward(part),
-                               self.latency_repeats, self._timed_rows, predicted)
+                               self.latency_repeats, self._timed_rows, predicted, progress=progress)
 
     def time_again(self, progress: Progress | None = None) -> LabPoint:
         """Time the current recipe against the base once more (a timing taken while the
@@ -321,9 +321,8 @@ class Lab:
             raise RecipeError("Only an edited model in a lab that times latency can be timed against the base.")
         with self._lock:
             point = self.current
-            if progress:
-                progress(0.1, "timing the model against the base")
-            latency = self._against_base(self._model(point.edits, progress))
+            model = self._model(point.edits, stage(progress, 0.0, 0.1))
+            latency = self._against_base(model, stage(progress, 0.1, 1.0, "timing the model against the base: "))
             metrics = dataclasses.replace(point.metrics, latency_ms=latency.model.median_ms)
             self.history[point.step] = dataclasses.replace(point, metrics=metrics, latency=latency)
             return self.history[point.step]
@@ -364,15 +363,7 @@ class Lab:
     def frontier(self, cost: str = "size_bits", quality: str | None = None) -> list[int]:
         """History steps on the Pareto frontier of `cost` ("size_bits" or "latency_ms", lower is
         better; latency relative to the base) against `quality` (default: the base's `quality_metric`)."""
-        if cost not in COSTS:
-            raise RecipeError(f"The frontier is drawn against {' or '.join(COSTS)}, not {cost!r}.")
-        quality = quality or self.quality
-        if quality not in LABELS:
-            raise RecipeError(f"There is no metric {quality!r}.")
-        points = [p for p in self.history if p.cost(cost) is not None and getattr(p.metrics, quality) is not None]
-        front = pareto_front([p.cost(cost) for p in points],
-                             [getattr(p.metrics, quality) for p in points], higher_is_better(quality))
-        return [points[i].step for i in front]
+        return frontier(self.history, cost, quality or self.quality)
 
     # ------------------------------------------------------------------ per layer
 

@@ -9,17 +9,18 @@ dropped one are never recomputed; several parts are dropped together through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from analysis.compress.prune.pruning import Drop, dropping
-from analysis.redundancy.similarity import Progress, Residuals, final_logits
+from analysis.redundancy.similarity import Residuals, final_logits
 from lib.data import Batch, ImageBatch, TextBatch, check_batch
 from lib.errors import AnalysisError, require_type
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
-from lib.scoring import BaseOutputs, Logits, logits_of, prepare_base
+from lib.progress import Progress
+from lib.scoring import BaseOutputs, Logits, logits_of, prepare_base, told_of_windows
 
 LM_KINDS = ("block", "attention", "mlp")
 
@@ -102,20 +103,32 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
                             "is not one.")
     if res.batch_digest != batch.digest:
         raise AnalysisError("These residuals were recorded on another batch; record them on this one.")
-    L = handle.structure.n_layers
-    base_logits = final_logits(handle, res)
-    reference = prepare_base(base_logits, batch)  # base softmax once, not once per drop
-    so_far = {} if so_far is None else so_far
-    if "base" not in so_far:
-        so_far["base"] = _metrics(handle, base_logits, batch, reference)
-    base = so_far["base"]
-    out: dict[Drop, Metrics] = so_far.setdefault("dropped", {})
+    L, tell = handle.structure.n_layers, progress or (lambda fraction, message: None)
     jobs = [Drop(kind, layer) for kind in kinds for layer in range(L)]
     skipped = {d: reason for d in jobs if (reason := handle.drop_problem(d))}
     jobs = [d for d in jobs if d not in skipped]
-    for i, drop in enumerate(jobs):
+    so_far = {} if so_far is None else so_far
+    out: dict[Drop, Metrics] = so_far.setdefault("dropped", {})
+    # the bar moves by FLOPs (`_drop_costs`): the base's readouts first, then each drop's blocks and scoring
+    _, readout, costs = _drop_costs(handle, batch.tokens.shape[1], jobs)
+    total, done = 3 * readout + sum(costs[d] for d in jobs if d not in out), 0.0
+
+    def scoring(what: str, share: float) -> Iterator[None]:
+        return told_of_windows(lambda k, n: tell((done + share * k / n) / total, f"{what}: scoring window {k} of {n}"))
+
+    base_logits = final_logits(handle, res)
+    with scoring("the model as it is", readout):
+        reference = prepare_base(base_logits, batch)  # base softmax once, not once per drop
+    done = readout
+    if "base" not in so_far:
+        with scoring("the model as it is", 2 * readout):  # its logits and the reference's, read out again
+            so_far["base"] = _metrics(handle, base_logits, batch, reference)
+    done = 3 * readout
+    base = so_far["base"]
+    for drop in jobs:
         if drop in out:  # measured before the sweep was stopped
             continue
+        tell(done / total, f"dropping {drop.part}")
         if drop.kind == "block":
             logits = _run_from(handle, drop.layer + 1, res.resid[drop.layer])
         elif drop.kind == "mlp":
@@ -123,9 +136,10 @@ def lm_drop_sweep(handle: ModelHandle, batch: TextBatch, res: Residuals,
         else:
             after = handle.blocks.run(drop.layer, res.resid[drop.layer], drop="attention")
             logits = _run_from(handle, drop.layer + 1, after)
-        out[drop] = _metrics(handle, logits, batch, reference)
-        if progress:
-            progress((i + 1) / len(jobs), f"dropping {drop.part}")
+        done += costs[drop] - 2 * readout
+        with scoring(f"dropping {drop.part}", 2 * readout):
+            out[drop] = _metrics(handle, logits, batch, reference)
+        done += 2 * readout
     return DropSweep(base, dict(out), skipped)
 
 
@@ -143,21 +157,27 @@ def stopped_sweep(handle: ModelHandle, so_far: dict, kinds: Sequence[str] = LM_K
     return DropSweep(so_far["base"], measured, missing)
 
 
-def sweep_in_forwards(handle: ModelHandle, seq_len: int, kinds: Sequence[str] = LM_KINDS) -> float:
-    """What `lm_drop_sweep` costs in forwards of the same batch, from FLOPs per token: a
-    block 2 x its linear weights + 4 T d (attention over T keys), a readout 2 d V; dropping
+def _drop_costs(handle: ModelHandle, seq_len: int, parts: Sequence[Drop]) -> tuple[float, float, dict[Drop, float]]:
+    """FLOPs per token of a block, of a readout, and of measuring each single drop of `parts`: a block
+    costs 2 x its linear weights + 4 T d (attention over T keys), a readout 2 d V; dropping
     part l reruns the blocks after it (an attention drop block l too) and reads out once,
-    and scoring against the base reads the base's logits out again where they are not
-    held. An estimate for the page to show before the sweep starts (measured forward x this)."""
-    s = handle.structure
-    L = s.n_layers
+    and scoring against the base reads the base's logits out again where they are not held."""
+    s, L = handle.structure, handle.structure.n_layers
     block = 2 * sum(w.numel() for name, w in handle.linear_layers().items() if name.startswith("blocks.0.")) \
         + 4 * seq_len * s.d_model
     readout = 2 * s.d_model * s.d_vocab
-    forward = L * block + readout
     reruns = {"block": 0, "mlp": 0, "attention": 1}  # blocks rerun beyond those after the dropped part
-    parts = [(k, l) for k in kinds for l in range(L) if not (k == "mlp" and not s.d_mlp)]
-    return sum((L - 1 - l + reruns[k]) * block + 2 * readout for k, l in parts) / forward
+    return block, readout, {d: (L - 1 - d.layer + reruns[d.kind]) * block + 2 * readout for d in parts}
+
+
+def sweep_in_forwards(handle: ModelHandle, seq_len: int, kinds: Sequence[str] = LM_KINDS) -> float:
+    """What `lm_drop_sweep` costs in forwards of the same batch, from FLOPs per token
+    (`_drop_costs`): an estimate for the page to show before the sweep starts (measured
+    forward x this)."""
+    s = handle.structure
+    parts = [Drop(k, l) for k in kinds for l in range(s.n_layers) if not (k == "mlp" and not s.d_mlp)]
+    block, readout, costs = _drop_costs(handle, seq_len, parts)
+    return sum(costs.values()) / (s.n_layers * block + readout)
 
 
 @torch.no_grad()
