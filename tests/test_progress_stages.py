@@ -159,3 +159,15 @@ def test_the_drop_sweeps_bar_moves_by_the_work_of_each_drop(tiny_lm):
     first = at["dropping block 1"] - at["dropping block 0"]
     last = at[f"dropping mlp {L - 1}: scoring window 3 of 3"] - at[f"dropping mlp {L - 1}"]
     assert first > last > 0 and _sorted(told) and told[-1][0] == pytest.approx(1.0)
+
+
+def test_the_labs_depth_profile_moves_over_its_forward_then_its_lens(family_handles):
+    """The lens reads out every depth: it was ten silent seconds after the blocks' bar on GPT-2 small."""
+    from analysis.compress.compare import depth_profile
+
+    handle, told = family_handles["gpt2"], []
+    depth_profile(handle, data.code_batch(handle.tokenizer, seq_len=12, n_windows=2), progress=lambda f, m:
+                  told.append((f, m)))
+    stages = list(dict.fromkeys(m.split(":")[0] if m.startswith("logit") else "blocks" for _, m in told))
+    assert stages == ["blocks", "logit lens"] and _sorted(told) and told[-1][0] == pytest.approx(1.0)
+    assert count_hooks(handle.model) == 0

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from analysis.redundancy.similarity import DEFAULT_SKIP, Residuals, token_cosine
 from lib.data import Batch, TextBatch, check_lm
 from lib.errors import AnalysisError, require_int
 from lib.handle import ModelHandle, Point
+from lib.progress import Progress, stage
+from lib.scoring import readout_blocks
 from lib.spread import Scores
 
 FLIPS_SHOWN = 20  # the worst flips listed
@@ -119,17 +122,25 @@ def internal_batch(batch: TextBatch, windows: int = INTERNAL_WINDOWS) -> TextBat
 
 
 @torch.no_grad()
-def depth_profile(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT_SKIP) -> DepthProfile:
+def depth_profile(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT_SKIP,
+                  progress: Progress | None = None) -> DepthProfile:
     """The logit lens and block changes of `handle` over positions `skip` onward of `batch`,
-    from the streams entering each block (`exit_states`) and the last block run once more."""
+    from the streams entering each block (`exit_states`) and the last block run once more.
+    `progress`: the blocks of the forward, then the lens (one readout per depth), each
+    given its share of the bar by `readout_blocks`."""
     check_lm(handle, "A side-by-side of internals", batch)
     skip = require_int(skip, "The skip", 0, batch.tokens.shape[1] - 1)
     L = handle.structure.n_layers
-    states, logits = handle.exit_states(batch.tokens)
-    resid = torch.stack([*states, handle.blocks.run(L - 1, states[-1])])  # h_0..h_L
+    forward = L / (L + (L + 1) * readout_blocks(handle))  # the forward's share of the work
+    told, blocks = stage(progress, 0.0, forward), itertools.count(1)
+    # about two forwards' blocks: the states', and the block kwargs' forward of zeros (once per input shape)
+    with handle.told_of_blocks(lambda k, n: told and told(min(1.0, next(blocks) / (2 * n)), f"{k} of {n} blocks")):
+        states, logits = handle.exit_states(batch.tokens)
+        resid = torch.stack([*states, handle.blocks.run(L - 1, states[-1])])  # h_0..h_L
     res = Residuals(resid, resid[:-1], logits, skip, batch.digest, parallel=handle.structure.parallel)
     change = 1 - token_cosine(resid[:-1, :, skip:].float(), resid[1:, :, skip:].float()).mean((1, 2))
-    return DepthProfile(logit_lens(handle, res), change, handle.structure.removed)
+    lens = logit_lens(handle, res, progress=stage(progress, forward, 1.0, "logit lens: "))
+    return DepthProfile(lens, change, handle.structure.removed)
 
 
 @dataclass(frozen=True)

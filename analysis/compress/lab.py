@@ -282,9 +282,10 @@ class Lab:
         """Metrics of the base with `edits`, and its latency timed against the base's in
         alternating pairs (a copy's first forward also builds its fast path, so the one that
         gives the outputs is not among them), with the FLOP prediction beside it."""
-        spent = self._seconds  # the base's stages; applying the edits is taken to cost about one forward
-        share = {k: v / (spent["forward"] + sum(spent.values())) for k, v in spent.items()}
-        at = share["forward"]
+        # the bar's first 5 % for applying the edits (most take a moment; one that calibrates says what it
+        # does), the rest shared by what each stage took on the base
+        spent, at = self._seconds, 0.05
+        share = {k: (1 - at) * v / sum(spent.values()) for k, v in spent.items()}
         with self._lock:
             model = self._model(tuple(edits), stage(progress, 0.0, at))
             tell = stage(progress, at, at + share["forward"], "measuring: ")

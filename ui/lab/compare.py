@@ -98,21 +98,23 @@ def internals(lab: Lab) -> None:
 
     def read(key: tuple, label: str, compute: Callable, copy: bool, forwards: int | None = 1):
         """`compute(base)`, or `compute(base, edited copy)` with `copy`, under a bar with a Stop
-        that counts the blocks of the models it runs."""
+        that counts the blocks of the models it runs (`forwards` None: `compute` moves the bar
+        itself, as its last argument)."""
         def run(step: Progress):
             models = (lab.base, lab.edited()) if copy else (lab.base,)
+            if forwards is None:
+                return compute(*models, step)
             with counting_blocks(models, step, forwards):
                 return compute(*models)
 
         return stored(key, run, label, stop="Nothing of it is kept: going on reads it again.")
 
     try:
-        # a depth profile runs its windows a few at a time: forward by forward
         base = read(("compare_depth", lab.base.fingerprint, batch.digest), "Reading the base model's internals",
-                    lambda base: cmp.depth_profile(base, batch), copy=False, forwards=None)
+                    lambda base, step: cmp.depth_profile(base, batch, progress=step), copy=False, forwards=None)
         edited = read(("compare_depth", lab.base.fingerprint, point.digest, batch.digest),
-                      "Reading the edited model's internals", lambda _, copy: cmp.depth_profile(copy, batch),
-                      copy=True, forwards=None)
+                      "Reading the edited model's internals",
+                      lambda _, copy, step: cmp.depth_profile(copy, batch, progress=step), copy=True, forwards=None)
         roles = read(("compare_roles", lab.base.fingerprint, lab.batch.digest, point.digest),
                      "Comparing the head roles of both", lambda base, copy: cmp.role_changes(base, copy, lab.batch),
                      copy=True, forwards=2)
