@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -22,6 +22,7 @@ LATENCY_REPEATS = 6  # timed forwards (or base/model pairs) behind every latency
 LATENCY_SECONDS = 0.2  # a fast model is timed over more calls than asked, so scheduler noise averages out
 LATENCY_MAX_CALLS = 40
 LATENCY_BUDGET_SECONDS = 3.0  # a slow model is timed on fewer rows of the batch rather than for minutes
+MIN_TIMED_POSITIONS = 16  # the fewest tokens of a row a model too slow for one whole row is timed on
 MIN_LATENCY_CHANGE = 0.05  # below this a ratio is not called a change: timing on a shared machine moves this much
 NOISY_SPREAD = 0.1  # a ratio interval wider than this: time more pairs (within the budget), then call it noisy
 NOISY_BUDGET_SECONDS = 6.0  # pairs timed while the interval stays wide: from 9 pairs on, it drops the extremes
@@ -46,15 +47,24 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
 
 @dataclass(frozen=True)
 class Timing:
-    """Timed forwards over `rows` rows of the evaluation batch (sequences or images):
-    median_ms, the interval of the median (low_ms, high_ms; `median_interval`) and how
-    many forwards were timed (runs)."""
+    """Timed forwards over `rows` rows of the evaluation batch (sequences or images), or
+    over the first `positions` tokens of its first row (a model too slow to time one row
+    within the budget: `timed_part`): median_ms, the interval of the median (low_ms,
+    high_ms; `median_interval`) and how many forwards were timed (runs)."""
 
     median_ms: float
     low_ms: float
     high_ms: float
     runs: int
     rows: int
+    positions: int | None = None
+
+    def over(self, n_rows: int) -> str:
+        """What one timed forward covered, in words: 'the whole batch', '2 of its 16 rows' or
+        'the first 16 tokens of one of its rows'."""
+        if self.positions is not None:
+            return f"the first {self.positions} tokens of one of its rows"
+        return "the whole batch" if self.rows == n_rows else f"{self.rows} of its {n_rows} rows"
 
     def text(self) -> str:
         return f"{self.median_ms:.0f} ms (95 % interval {self.low_ms:.0f}–{self.high_ms:.0f} ms, {self.runs} runs)"
@@ -123,11 +133,13 @@ def time_forward(forward: Callable[[], object], repeats: int = LATENCY_REPEATS, 
 
 def compare_latency(base: Callable[[], object], model: Callable[[], object], repeats: int = LATENCY_REPEATS,
                     rows: int = 1, predicted: float | None = None, clock: Clock | None = None,
-                    progress: Callable[[float, str], None] | None = None) -> LatencyChange:
+                    progress: Callable[[float, str], None] | None = None, positions: int | None = None
+                    ) -> LatencyChange:
     """Time `base` and `model` (each run once already) in alternating pairs: at least
     `repeats` pairs, more (up to LATENCY_MAX_CALLS) while under LATENCY_SECONDS, or while
     the ratio's interval is wider than NOISY_SPREAD and under NOISY_BUDGET_SECONDS. The
-    change is the median of the per-pair ratios, with its interval. `progress` (fraction,
+    change is the median of the per-pair ratios, with its interval (`rows`, `positions`: what
+    one forward covered, for the record: `Timing`). `progress` (fraction,
     message) is told after each pair: the pairs asked for fill the bar's first 80 %, the
     noisy machine's extra pairs (at most NOISY_BUDGET_SECONDS) the rest."""
     clock = clock or time.perf_counter
@@ -159,7 +171,7 @@ def compare_latency(base: Callable[[], object], model: Callable[[], object], rep
     low, high = median_interval(ratios)
 
     def timing(times: list[float]) -> Timing:
-        return Timing(statistics.median(times), *median_interval(times), len(times), rows)
+        return Timing(statistics.median(times), *median_interval(times), len(times), rows, positions)
 
     return LatencyChange(timing(base_ms), timing(model_ms), statistics.median(ratios), low, high, predicted)
 
@@ -170,6 +182,20 @@ def timed_rows(seconds_per_forward: float, n_rows: int, forwards: int) -> int:
     if seconds_per_forward * forwards <= LATENCY_BUDGET_SECONDS:
         return n_rows
     return max(1, int(n_rows * LATENCY_BUDGET_SECONDS / (seconds_per_forward * forwards)))
+
+
+def timed_part(inputs: torch.Tensor, seconds_per_forward: float, forwards: int) -> torch.Tensor:
+    """The part of `inputs` to time `forwards` times within LATENCY_BUDGET_SECONDS, given that
+    one forward of all of them took `seconds_per_forward`: the first rows that fit
+    (`timed_rows`); where even one row of token ids does not, the first positions of it
+    that do, at least MIN_TIMED_POSITIONS (a 1B model in bfloat16 took 30 s for one row of
+    128 tokens on two CPU cores: eight such forwards made the Model page wait 4 minutes)."""
+    n, rows = inputs.shape[0], timed_rows(seconds_per_forward, inputs.shape[0], forwards)
+    row_seconds = seconds_per_forward / n
+    if rows > 1 or inputs.dim() != 2 or inputs.is_floating_point() or row_seconds * forwards <= LATENCY_BUDGET_SECONDS:
+        return inputs[:rows]
+    T = inputs.shape[1]
+    return inputs[:1, :max(min(MIN_TIMED_POSITIONS, T), int(T * LATENCY_BUDGET_SECONDS / (row_seconds * forwards)))]
 
 
 def count_flops(forward: Callable[[], object]) -> int:
@@ -193,23 +219,29 @@ def pace(handle: ModelHandle, inputs: torch.Tensor, repeats: int = LATENCY_REPEA
 
 
 def timed_outputs(handle: ModelHandle, inputs: torch.Tensor, given: Logits | None = None,
-                  repeats: int = LATENCY_REPEATS) -> tuple[Logits, float]:
+                  repeats: int = LATENCY_REPEATS, seconds: float | None = None) -> tuple[Logits, float]:
     """`handle`'s outputs on `inputs` and the seconds a forward of them takes: the forward that
-    gives them, timed; or, outputs `given` and forwards to be timed, `pace`'s estimate."""
+    gives them, timed; or, outputs `given` and forwards to be timed, the `seconds` the forward
+    that gave them took in this process, else `pace`'s estimate."""
     if given is None or not repeats:
         start = time.perf_counter()
         outputs = handle.outputs(inputs)  # large logits are read out as they are scored, never held
         return outputs, time.perf_counter() - start
-    return given, pace(handle, inputs, repeats)
+    return given, seconds if seconds is not None else pace(handle, inputs, repeats)
 
 
 def base_timing(handle: ModelHandle, inputs: torch.Tensor, first_seconds: float,
                 repeats: int = LATENCY_REPEATS, progress: Callable[[float, str], None] | None = None) -> Timing:
     """`handle`'s timed forwards on `inputs` [rows, ...], whose first forward (untimed here)
-    took `first_seconds`: on every row, or on the first rows when `repeats` forwards of all
-    of them would not fit LATENCY_BUDGET_SECONDS (`timed_rows`); `progress` as `time_forward`'s."""
-    rows = timed_rows(first_seconds, inputs.shape[0], repeats)
-    part = inputs[:rows]
-    if rows < inputs.shape[0]:
+    took `first_seconds`: on every row, or on the part of them that `repeats` forwards of fit
+    LATENCY_BUDGET_SECONDS (`timed_part`); `progress` as `time_forward`'s."""
+    part = timed_part(inputs, first_seconds, repeats)
+    if part.shape != inputs.shape:
         handle.forward(part)  # a new shape: its first forward is not timed either
-    return time_forward(lambda: handle.forward(part), repeats, rows, progress=progress)
+    timing = time_forward(lambda: handle.forward(part), repeats, part.shape[0], progress=progress)
+    return replace(timing, positions=cut_positions(part, inputs))
+
+
+def cut_positions(part: torch.Tensor, inputs: torch.Tensor) -> int | None:
+    """The positions of each row `part` of `inputs` (`timed_part`) keeps, where it cuts them; else None."""
+    return part.shape[1] if part.dim() == 2 and part.shape[1] < inputs.shape[1] else None

@@ -64,12 +64,14 @@ def test_the_model_page_times_a_slow_model_without_a_whole_batch_forward(monkeyp
     """One row gives the pace; a model too slow to time whole is timed on the rows that fit,
     with no untimed forward of the whole batch first (the page's longest wait, once)."""
     from lib import latency, metrics
-    from ui.cache import eval_batch
+    from ui.cache import base_outputs, batch_key, eval_batch
     from ui.model import base_latency
     from ui.session import LoadRequest, load_base
+    from ui.store import STORE
 
     handle = load_base(LoadRequest("zoo:code-lm"))
     rows, seen = len(metrics.model_inputs(eval_batch(handle))), []
+    STORE._items.pop(("base_forward_seconds", *batch_key(handle)), None)  # the base's forward not run here
     forward = type(handle).forward
     monkeypatch.setattr(type(handle), "forward", lambda self, x: (seen.append(len(x)), forward(self, x))[1])
     monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: the fewest rows are timed
@@ -79,6 +81,12 @@ def test_the_model_page_times_a_slow_model_without_a_whole_batch_forward(monkeyp
     seen.clear()
     timing, _ = base_latency(handle, attempt=1_001)
     assert timing.rows == rows and seen[:2] == [1, rows] and set(seen[2:]) == {rows}, seen
+    base_outputs(handle)  # the Model page's forward, which the timing is then sized from: nothing paces it
+    STORE.put(("base_forward_seconds", *batch_key(handle)), 1e9)  # as if it had taken forever: the fewest tokens
+    monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 3.0)
+    seen.clear()
+    timing, _ = base_latency(handle, attempt=1_002)
+    assert (timing.rows, timing.positions) == (1, latency.MIN_TIMED_POSITIONS) and set(seen) == {1}, seen
 
 
 def test_unknown_words_are_named_next_to_the_prediction():

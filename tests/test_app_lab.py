@@ -221,9 +221,9 @@ def test_an_unmeasurable_latency_can_be_timed_again(tiny_folder, monkeypatch):
     from analysis.compress import lab as lab_module
     from lib import latency
 
-    def steady(base, model, repeats=latency.LATENCY_REPEATS, rows=1, predicted=None, clock=None, progress=None):
+    def steady(base, model, repeats=latency.LATENCY_REPEATS, rows=1, predicted=None, clock=None, **kwargs):
         ticks = itertools.count(step=0.01)  # a fake clock: every forward takes 10 ms, base and model alike
-        return latency.compare_latency(base, model, repeats, rows, predicted, lambda: next(ticks), progress)
+        return latency.compare_latency(base, model, repeats, rows, predicted, lambda: next(ticks), **kwargs)
 
     monkeypatch.setattr(lab_module, "compare_latency", steady)  # no real timing in a test: never measurable
     at = lab_page(tiny_folder)

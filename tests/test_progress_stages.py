@@ -4,6 +4,7 @@ forwards and pairs; a lab change's stages in order; a channel cut that counts it
 forward alone; the Model page's scoring and timing, each under a bar with a Stop."""
 
 import pytest
+import torch
 from test_metrics import FakeClock
 from test_stopping import _redundancy_page
 
@@ -171,3 +172,39 @@ def test_the_labs_depth_profile_moves_over_its_forward_then_its_lens(family_hand
     stages = list(dict.fromkeys(m.split(":")[0] if m.startswith("logit") else "blocks" for _, m in told))
     assert stages == ["blocks", "logit lens"] and _sorted(told) and told[-1][0] == pytest.approx(1.0)
     assert count_hooks(handle.model) == 0
+
+
+def test_a_model_too_slow_to_time_one_row_is_timed_on_its_first_tokens(tiny_lm, monkeypatch):
+    """Llama-3.2-1B in bfloat16 took 30 s for one row of 128 tokens here: six timed forwards
+    and an untimed one made the Model page's timing take 4 minutes."""
+    from analysis.compress.lab import Lab
+    from analysis.compress.prune.pruning import Magnitude
+    from lib import latency
+
+    ids, images = torch.zeros(4, 128, dtype=torch.long), torch.zeros(4, 1, 8, 8)
+    assert latency.timed_part(ids, 4 * 30.0, 6).shape == (1, latency.MIN_TIMED_POSITIONS)
+    assert latency.timed_part(ids, 4 * 1.0, 6).shape == (1, 64)  # 3 s for six: 0.5 s a forward, half a row
+    assert latency.timed_part(ids, 4 * 0.4, 6).shape == (1, 128)  # one whole row fits
+    assert latency.timed_part(ids, 4 * 0.05, 6).shape == (4, 128)  # all of it fits
+    assert latency.timed_part(images, 4 * 30.0, 6).shape == (1, 1, 8, 8)  # an image is not cut
+    monkeypatch.setattr(latency, "LATENCY_BUDGET_SECONDS", 0.0)  # nothing fits: the fewest tokens
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    lab = Lab(tiny_lm, batch, latency_repeats=6)
+    timed = lab.base_point.latency.base
+    assert (timed.rows, timed.positions) == (1, latency.MIN_TIMED_POSITIONS)
+    assert timed.over(4) == f"the first {latency.MIN_TIMED_POSITIONS} tokens of one of its rows"
+    change = lab.add(Magnitude(0.5)).latency
+    assert (change.model.rows, change.model.positions) == (1, latency.MIN_TIMED_POSITIONS)
+
+
+def test_a_lab_told_how_long_the_base_forward_took_runs_no_forward_to_pace_its_timing(tiny_lm, monkeypatch):
+    from analysis.compress.lab import Lab
+    from lib.scoring import prepare_base
+
+    batch = data.code_batch(tiny_lm.tokenizer, seq_len=32, n_windows=4)
+    base = prepare_base(tiny_lm.outputs(batch.tokens), batch)
+    shapes, forward = [], type(tiny_lm).forward
+    monkeypatch.setattr(type(tiny_lm), "forward", lambda self, x: (shapes.append(tuple(x.shape)), forward(self, x))[1])
+    lab = Lab(tiny_lm, batch, base, latency_repeats=6, forward_seconds=1e9)  # as if it had taken forever
+    assert shapes[:7] == [(1, 16)] * 7 and (1, 32) not in shapes, shapes  # no row paces it: the fewest tokens, timed
+    assert lab.base_point.latency.base.positions == 16

@@ -11,6 +11,8 @@ report progress while they run and the parts of one view's analysis go through `
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
@@ -104,12 +106,21 @@ def base_outputs(handle: ModelHandle, stop: bool = False, quiet: bool = False) -
     under a bar that counts the forward's blocks (none when `quiet`); with `stop`, one with a
     Stop (`stored`: `Stopped` from then on for this visitor, until they go on)."""
     def compute(progress: Progress | None) -> Logits:
+        start = time.perf_counter()
         with counting_blocks(handle, progress):
-            return handle.outputs(model_inputs(eval_batch(handle)))
+            outputs = handle.outputs(model_inputs(eval_batch(handle)))
+        STORE.put(("base_forward_seconds", *batch_key(handle)), time.perf_counter() - start)
+        return outputs
 
     label = None if quiet else "Running the model on its evaluation set"
     return stored(("base_outputs", *batch_key(handle)), compute, label,
                   stop="Nothing of the run is kept: going on runs it again." if stop else None)
+
+
+def base_forward_seconds(handle: ModelHandle) -> float | None:
+    """Seconds the forward behind `base_outputs` took in this process (None before it ran): how
+    the timing is sized without a forward of its own to pace it (`lib.latency.timed_part`)."""
+    return STORE.get(("base_forward_seconds", *batch_key(handle)))
 
 
 def prepared_base(handle: ModelHandle) -> BaseOutputs | Logits:

@@ -14,7 +14,7 @@ from lib.handle import ModelHandle
 from lib.latency import LATENCY_REPEATS, Timing, base_timing, pace
 from lib.metrics import model_inputs
 from lib.progress import Progress
-from ui.cache import MAX_EVAL_WINDOWS, auto_windows, batch_key, eval_batch, set_windows
+from ui.cache import MAX_EVAL_WINDOWS, auto_windows, base_forward_seconds, batch_key, eval_batch, set_windows
 from ui.progress import stored
 
 
@@ -24,9 +24,10 @@ def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
     visitor goes on). `attempt`: a new measurement each time the user asks."""
     def compute(progress: Progress) -> tuple[Timing, float]:
         inputs = model_inputs(eval_batch(handle))
-        untimed = 1 / (LATENCY_REPEATS + 1)  # the untimed forward first weighs about one timed one
-        progress(0.0, "one untimed forward first")
-        whole = pace(handle, inputs)
+        whole, untimed = base_forward_seconds(handle), 1 / (LATENCY_REPEATS + 1)  # a forward weighs about a timed one
+        if whole is None:  # the base's forward ran in another process (or was let go): one row paces it
+            progress(0.0, "one untimed forward first")
+            whole = pace(handle, inputs)
         timing = base_timing(handle, inputs, whole, progress=lambda f, m: progress(untimed + (1 - untimed) * f, m))
         return timing, time.time()
 

@@ -25,7 +25,7 @@ from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.models import load_model
 from lib.progress import Progress
-from ui.cache import base_outputs, batch_key, eval_batch, prepared_base
+from ui.cache import base_forward_seconds, base_outputs, batch_key, eval_batch, prepared_base
 from ui.progress import progress_bar, stoppable
 
 DEFAULT_SPEC = "zoo:code-lm"
@@ -189,7 +189,8 @@ def session_lab(handle: ModelHandle) -> Lab:
     if key not in labs:
         base_outputs(handle, stop=True)  # the one forward it needs: under its own bar, with a Stop
         outputs = prepared_base(handle)  # shared by every lab on this model and batch
-        lab = stoppable(("lab", *key), lambda step: Lab(handle, eval_batch(handle), outputs, progress=step),
+        lab = stoppable(("lab", *key), lambda step: Lab(handle, eval_batch(handle), outputs, progress=step,
+                                                        forward_seconds=base_forward_seconds(handle)),
                         "Measuring the base model", "Nothing of it is kept: going on measures it again.")
         before = [k for k in labs if k[0] == handle.fingerprint]  # one lab per model: the old batch's goes
         labs[key] = lab  # kept from here: a stop while the recipe is carried over leaves it at the base

@@ -53,7 +53,7 @@ def baseline_section(handle: ModelHandle) -> None:
         timing = when = None
     rows = model_inputs(batch).shape[0]
     if timing is not None:
-        over = "the whole batch" if timing.rows == rows else f"{timing.rows} of its {rows} rows"
+        over = timing.over(rows)
         items.append(("latency", f"{timing.median_ms:.0f} ms",
                       f"Median of {timing.runs} timed forwards over {over} on this machine, after one untimed one; "
                       f"95 % interval of the median {timing.low_ms:.0f}–{timing.high_ms:.0f} ms."))

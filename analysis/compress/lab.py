@@ -47,8 +47,9 @@ from lib.latency import (
     base_timing,
     compare_latency,
     count_flops,
+    cut_positions,
     timed_outputs,
-    timed_rows,
+    timed_part,
 )
 from lib.metrics import METRIC_FIELDS, Metrics, metrics_from_outputs, model_inputs
 from lib.progress import Progress, stage
@@ -68,12 +69,14 @@ class Lab:
     recipe (`compare_latency`); 0: only the pass that gives the outputs is timed (large
     logits are read out later, as they are scored), and points carry no `latency`.
     progress(fraction, message): told as the base's measurement goes from step to step.
+    forward_seconds: what the forward that gave `base_outputs` took in this process (the timing
+    is sized from it; else one row of the batch paces it).
     """
 
     def __init__(self, base: ModelHandle, batch: data.Batch | None = None,
                  base_outputs: torch.Tensor | BaseOutputs | None = None, cache_size: int = 4,
                  latency_repeats: int = LATENCY_REPEATS, cache_bytes: int = 2 * 2**30,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, forward_seconds: float | None = None) -> None:
         if base.base_fingerprint is not None:
             raise RecipeError("A lab starts from a loaded base model, not from an edited copy.")
         if latency_repeats < 0 or cache_size < 1:
@@ -88,15 +91,17 @@ class Lab:
         inputs, tell = model_inputs(self.batch), progress or (lambda fraction, message: None)
         given = base_outputs.logits if isinstance(base_outputs, BaseOutputs) else base_outputs
         tell(0.0, "its outputs")
-        outputs, seconds = timed_outputs(base, inputs, given, latency_repeats)  # given and timed: not run
+        outputs, seconds = timed_outputs(base, inputs, given, latency_repeats, forward_seconds)  # given: not run
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(outputs, self.batch)
         latency, began = None, time.perf_counter()
         if latency_repeats:
             timing = base_timing(base, inputs, seconds, latency_repeats, stage(tell, 0.05, 0.55, "timing it: "))
-            seconds = timing.median_ms / 1000 * inputs.shape[0] / timing.rows
+            seconds = timing.median_ms / 1000 * inputs.shape[0] / timing.rows * (
+                inputs.shape[1] / timing.positions if timing.positions else 1)
             # pairs of base and model forwards must fit the budget too: twice the forwards
-            self._timed_rows = timed_rows(seconds, inputs.shape[0], 2 * latency_repeats)
-            self._base_flops = count_flops(lambda: base.forward(inputs[:1]))
+            part = timed_part(inputs, seconds, 2 * latency_repeats)
+            self._timed = (part.shape[0], cut_positions(part, inputs))  # rows, and positions where cut
+            self._base_flops = count_flops(lambda: base.forward(part))  # what the FLOP prediction divides by
             latency = LatencyChange(timing, timing, 1.0, 1.0, 1.0, 1.0)
         # seconds the base's stages took: how a change's bar is shared out (`_measure`)
         self._seconds = {"forward": seconds, "timing": 2 * (time.perf_counter() - began)}  # pairs: twice the forwards
@@ -308,12 +313,13 @@ class Lab:
         """`model` timed against the base in alternating pairs (both have run once on the
         whole batch), with the FLOP prediction."""
         inputs = model_inputs(self.batch)
-        part = inputs[:self._timed_rows]
-        if self._timed_rows < inputs.shape[0]:
+        rows, positions = self._timed
+        part = inputs[:rows, :positions] if positions else inputs[:rows]
+        if part.shape != inputs.shape:
             self.base.forward(part), model.forward(part)  # a new shape: first forwards untimed
-        predicted = count_flops(lambda: model.forward(inputs[:1])) / max(self._base_flops, 1)
+        predicted = count_flops(lambda: model.forward(part)) / max(self._base_flops, 1)
         return compare_latency(lambda: self.base.forward(part), lambda: model.forward(part),
-                               self.latency_repeats, self._timed_rows, predicted, progress=progress)
+                               self.latency_repeats, rows, predicted, progress=progress, positions=positions)
 
     def time_again(self, progress: Progress | None = None) -> LabPoint:
         """Time the current recipe against the base once more (a timing taken while the

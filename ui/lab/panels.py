@@ -168,7 +168,7 @@ def _latency_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
     change = point.latency
     if change is None:  # a lab that does not time against the base
         return [("latency", f"{point.metrics.latency_ms:.0f} ms", None, "off", "One forward over the batch.")]
-    rows = "the whole evaluation batch" if change.base.rows == n else f"{change.base.rows} of the batch's {n} rows"
+    rows = change.base.over(n)
     if not point.edits:
         return [("latency", f"{change.base.median_ms:.0f} ms", None, "off",
                  f"Median of {change.base.runs} timed forwards over {rows} on this machine, after one untimed one; "
