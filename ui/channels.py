@@ -79,11 +79,13 @@ def head_roles(handle: ModelHandle) -> heads.HeadRoles:
 def prompt_patterns(handle: ModelHandle, prompt: str) -> tuple[heads.PromptTokens, object]:
     """The prompt's tokens and every head's pattern on it, [L, H, T, T]."""
 
-    def compute():
+    def compute(step: Progress) -> tuple[heads.PromptTokens, object]:
         tokens = heads.prompt_tokens(handle, prompt)
-        return tokens, heads.attention_patterns(handle, tokens.ids)
+        with counting_blocks(handle, step):
+            return tokens, heads.attention_patterns(handle, tokens.ids)
 
-    return STORE.get_or_compute(("channels.patterns", handle.fingerprint, prompt), compute)
+    return stored(("channels.patterns", handle.fingerprint, prompt), compute, "Reading every head's attention on "
+                  "your prompt")
 
 
 def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, prompt: str) -> heads.Intervention:
