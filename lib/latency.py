@@ -1,5 +1,6 @@
 """How long a model takes: timed forwards with the interval of their median (`time_forward`,
-`base_timing` on the first rows of a batch when all of it would take too long), an edited
+`base_timing` on the first rows of a batch, or the first tokens of one row, when all of it
+would take too long: `timed_part`), an edited
 model against its base in alternating pairs (`compare_latency`), and FLOPs (`count_flops`).
 """
 
@@ -167,7 +168,8 @@ def compare_latency(base: Callable[[], object], model: Callable[[], object], rep
         if progress:
             n = len(ratios)
             extra = min(1.0, (clock() - began) / NOISY_BUDGET_SECONDS) if n > repeats else 0.0
-            progress(min(1.0, 0.8 * n / max(repeats, 1) + 0.2 * extra), f"timed pair {n} of {max(repeats, n)}")
+            progress(min(1.0, 0.8 * min(n, repeats) / max(repeats, 1) + 0.2 * extra),
+                     f"timed pair {n} of {max(repeats, n)}")
     low, high = median_interval(ratios)
 
     def timing(times: list[float]) -> Timing:
@@ -231,13 +233,15 @@ def timed_outputs(handle: ModelHandle, inputs: torch.Tensor, given: Logits | Non
 
 
 def base_timing(handle: ModelHandle, inputs: torch.Tensor, first_seconds: float,
-                repeats: int = LATENCY_REPEATS, progress: Callable[[float, str], None] | None = None) -> Timing:
-    """`handle`'s timed forwards on `inputs` [rows, ...], whose first forward (untimed here)
-    took `first_seconds`: on every row, or on the part of them that `repeats` forwards of fit
-    LATENCY_BUDGET_SECONDS (`timed_part`); `progress` as `time_forward`'s."""
+                repeats: int = LATENCY_REPEATS, progress: Callable[[float, str], None] | None = None,
+                warm: bool = True) -> Timing:
+    """`handle`'s timed forwards on `inputs` [rows, ...], a forward of which takes
+    `first_seconds`: on every row, or on the part of them that `repeats` forwards of fit
+    LATENCY_BUDGET_SECONDS (`timed_part`), after one untimed forward of that part unless
+    `warm` (a `forward` of all of `inputs` just ran: `pace`'s); `progress` as `time_forward`'s."""
     part = timed_part(inputs, first_seconds, repeats)
-    if part.shape != inputs.shape:
-        handle.forward(part)  # a new shape: its first forward is not timed either
+    if part.shape != inputs.shape or not warm:
+        handle.forward(part)  # a new shape (or a first forward): not timed either
     timing = time_forward(lambda: handle.forward(part), repeats, part.shape[0], progress=progress)
     return replace(timing, positions=cut_positions(part, inputs))
 

@@ -3,6 +3,8 @@ model's readout and scoring, told window by window and weighed in blocks' work; 
 forwards and pairs; a lab change's stages in order; a channel cut that counts its batch's
 forward alone; the Model page's scoring and timing, each under a bar with a Stop."""
 
+import itertools
+
 import pytest
 import torch
 from test_metrics import FakeClock
@@ -58,9 +60,16 @@ def test_timed_forwards_and_timed_pairs_tell_each_one():
                                      progress=lambda f, m: told.append((f, m)))
     assert [m for _, m in told][:6] == [f"timed pair {k} of 6" for k in range(1, 7)]
     assert len(told) == change.base.runs and _sorted(told) and all(0 < f <= 1 for f, _ in told)
+    # a noisy machine: pairs go on past the six asked for, into the bar's last fifth
+    base, model, told = itertools.cycle([0.1, 0.5, 0.2, 0.9]), itertools.cycle([0.3, 0.1, 0.8, 0.2]), []
+    change = latency.compare_latency(clock.forward(lambda: next(base)), clock.forward(lambda: next(model)),
+                                     repeats=6, clock=clock, progress=lambda f, m: told.append((f, m)))
+    assert change.noisy and len(told) > 6 and told[5][0] == pytest.approx(0.8)
+    assert _sorted(told) and all(0.8 <= f <= 1 for f, _ in told[6:]) and told[6][0] < 1  # not full at once
 
 
 def test_a_change_in_the_lab_tells_its_stages_in_order(family_handles):
+    from analysis.compress.exits import EarlyExit
     from analysis.compress.lab import Lab
     from analysis.compress.prune.pruning import Drop
 
@@ -74,6 +83,9 @@ def test_a_change_in_the_lab_tells_its_stages_in_order(family_handles):
     measuring = [m for _, m in told if m.startswith("measuring")]
     assert measuring == [f"measuring: {k} of {L} blocks" for k in range(1, L + 1)]
     assert _sorted(told) and told[-1] == (pytest.approx(1.0), "scoring: window 3 of 3")
+    told = []  # an early exit records where the predictions exit after the scoring: the bar's last tenth
+    lab.add(EarlyExit("max_prob", 0.5), progress=lambda f, m: told.append((f, m)))
+    assert _sorted(told) and told[-1] == (0.9, "recording where the predictions exit")
 
 
 def test_a_channel_cut_counts_the_batchs_forward_alone(family_handles):
@@ -208,3 +220,19 @@ def test_a_lab_told_how_long_the_base_forward_took_runs_no_forward_to_pace_its_t
     lab = Lab(tiny_lm, batch, base, latency_repeats=6, forward_seconds=1e9)  # as if it had taken forever
     assert shapes[:7] == [(1, 16)] * 7 and (1, 32) not in shapes, shapes  # no row paces it: the fewest tokens, timed
     assert lab.base_point.latency.base.positions == 16
+
+
+def test_a_bar_over_scoring_alone_does_not_hold_the_models_lock(family_handles):
+    """Block hooks hold the shared model's lock; a step that only scores (the baseline, the
+    prepared base) once kept every other session's forward waiting behind it."""
+    import threading
+
+    from ui.progress import counting_blocks
+
+    handle, taken = family_handles["gpt2"], []
+    with counting_blocks(handle, lambda f, m: None, forwards=0, scorings=1):
+        other = threading.Thread(target=lambda: taken.append(handle.lock.acquire(timeout=5) and handle.lock.release()
+                                                             is None))
+        other.start()
+        other.join()
+    assert taken == [True]

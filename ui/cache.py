@@ -21,7 +21,7 @@ from lib.errors import DataError
 from lib.handle import ModelHandle
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
 from lib.progress import Progress
-from lib.scoring import BaseOutputs, Logits, prepare_base
+from lib.scoring import BaseOutputs, Logits, ReadLogits, prepare_base, readout_blocks
 from lib.spread import Spread, position_scores, spread
 from lib.verify import Verification, verify
 from ui.progress import counting_blocks, stored
@@ -100,26 +100,30 @@ def baseline(handle: ModelHandle) -> Metrics:
     return scored_baseline(handle)[0]
 
 
-def base_outputs(handle: ModelHandle, stop: bool = False, quiet: bool = False) -> Logits:
+def base_outputs(handle: ModelHandle, stop: bool = False) -> Logits:
     """The base model's outputs on its evaluation batch (kept once, never copied; a language
     model's large logits as its final hidden state, read out as they are scored), computed
-    under a bar that counts the forward's blocks (none when `quiet`); with `stop`, one with a
-    Stop (`stored`: `Stopped` from then on for this visitor, until they go on)."""
+    under a bar that counts the forward's blocks; with `stop`, one with a Stop (`stored`:
+    `Stopped` from then on for this visitor, until they go on). How long a forward takes is
+    kept beside them (`base_forward_seconds`)."""
     def compute(progress: Progress | None) -> Logits:
-        start = time.perf_counter()
-        with counting_blocks(handle, progress):
+        with counting_blocks(handle, progress):  # the handle's lock is taken here: a wait for it is not timed
+            start = time.perf_counter()
             outputs = handle.outputs(model_inputs(eval_batch(handle)))
-        STORE.put(("base_forward_seconds", *batch_key(handle)), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+        if isinstance(outputs, ReadLogits):  # its readout, left for the scoring, is part of a forward
+            seconds *= 1 + readout_blocks(handle) / handle.structure.n_layers
+        STORE.put(("base_forward_seconds", *batch_key(handle)), seconds)
         return outputs
 
-    label = None if quiet else "Running the model on its evaluation set"
-    return stored(("base_outputs", *batch_key(handle)), compute, label,
+    return stored(("base_outputs", *batch_key(handle)), compute, "Running the model on its evaluation set",
                   stop="Nothing of the run is kept: going on runs it again." if stop else None)
 
 
 def base_forward_seconds(handle: ModelHandle) -> float | None:
-    """Seconds the forward behind `base_outputs` took in this process (None before it ran): how
-    the timing is sized without a forward of its own to pace it (`lib.latency.timed_part`)."""
+    """Seconds a forward of the evaluation batch takes, from the one behind `base_outputs` in
+    this process (None before it ran): how the timing is sized without a forward of its own
+    to pace it (`lib.latency.timed_part`)."""
     return STORE.get(("base_forward_seconds", *batch_key(handle)))
 
 

@@ -25,10 +25,11 @@ def base_latency(handle: ModelHandle, attempt: int = 0) -> tuple[Timing, float]:
     def compute(progress: Progress) -> tuple[Timing, float]:
         inputs = model_inputs(eval_batch(handle))
         whole, untimed = base_forward_seconds(handle), 1 / (LATENCY_REPEATS + 1)  # a forward weighs about a timed one
-        if whole is None:  # the base's forward ran in another process (or was let go): one row paces it
-            progress(0.0, "one untimed forward first")
-            whole = pace(handle, inputs)
-        timing = base_timing(handle, inputs, whole, progress=lambda f, m: progress(untimed + (1 - untimed) * f, m))
+        progress(0.0, "one untimed forward first")
+        warm = whole is None  # else the base's forward gave its time, by another path: `forward` runs cold
+        whole = pace(handle, inputs) if whole is None else whole
+        timing = base_timing(handle, inputs, whole, progress=lambda f, m: progress(untimed + (1 - untimed) * f, m),
+                             warm=warm)
         return timing, time.time()
 
     return stored(("base_latency", *batch_key(handle), attempt), compute, "Timing the model",

@@ -111,7 +111,8 @@ def counting_blocks(handles: ModelHandle | Sequence[ModelHandle], update: Progre
         yield
         return
     told = itertools.count()
-    first = handles[0] if isinstance(handles, Sequence) else handles
+    models = tuple(handles) if isinstance(handles, Sequence) else (handles,)
+    first = models[0]
     weight = readout_blocks(first) if scorings else 0.0
     work = {"done": 0.0, "blocks": first.structure.n_layers}  # blocks' work done; blocks in a forward
 
@@ -134,8 +135,9 @@ def counting_blocks(handles: ModelHandle | Sequence[ModelHandle], update: Progre
             update(min(1.0, work["done"] / total()), f"scoring: window {k} of {n}")
 
     with ExitStack() as stack:
-        for handle in handles if isinstance(handles, Sequence) else (handles,):
-            stack.enter_context(handle.told_of_blocks(tell))
+        if forwards != 0:  # the block hooks hold each handle's lock: a step that only scores takes none
+            for handle in models:
+                stack.enter_context(handle.told_of_blocks(tell))
         if scorings:
             stack.enter_context(told_of_windows(scored))
         yield

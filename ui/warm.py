@@ -3,8 +3,9 @@ class by one background thread of the server process.
 
 The thread calls the very cached functions each page calls, with the controls a first visit
 shows (the default skip, prompt, channel, image, rank), so it fills the caches the pages
-read: `ui.store.STORE` (the redundancy pass and sweep, circuits, probes, linear maps ...),
-the `st.cache_data` functions of `ui.cache` (batch, baseline, intervals, the load check) and
+read: `ui.store.STORE` (the base outputs and their scores, the redundancy pass and sweep,
+circuits, probes, linear maps ...), the `st.cache_data` functions of `ui.cache` (batch, the
+load check) and
 the base models' `st.cache_resource`. These caches are process-wide, so a thread without a
 script context fills and reads them as a page does; the spinners inside the cached
 functions draw nothing there (their "missing ScriptRunContext" warnings are filtered out).

@@ -157,8 +157,6 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor, values_only: bool = False
     return s, torch.cat(vs).reshape(*lead, b.shape[-1], p.shape[-1]), torch.cat(ws).reshape(*lead, *ws[0].shape[-2:]), p
 
 
-
-
 def circuits(handle: ModelHandle, progress: Progress | None = None) -> Circuits:
     """Every head's circuits and their spectra (weights only; cache per fingerprint), a
     layer at a time: what is kept is the spectra and the directions heads write (`ov_V`),

@@ -104,7 +104,7 @@ def composition_heatmap(comp: Composition, mode: str, selected: Channel | None =
     clickable = cells_clickable(comp)
     fig = go.Figure(go.Heatmap(
         z=z, x=readers, y=writers, zmin=0, colorscale="Viridis", colorbar=dict(title=dict(text="× baseline")),
-        hoverinfo="skip" if clickable else None,
+        hoverinfo="skip" if clickable else None, hoverongaps=False,
         hovertemplate=None if clickable else f"writer %{{y}} → reader %{{x}}<br>{_SCORE}<extra></extra>"))
     height = min(760, 260 + 9 * (L - 1) * H)
     if clickable:

@@ -95,7 +95,8 @@ class Lab:
         self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(outputs, self.batch)
         latency, began = None, time.perf_counter()
         if latency_repeats:
-            timing = base_timing(base, inputs, seconds, latency_repeats, stage(tell, 0.05, 0.55, "timing it: "))
+            timing = base_timing(base, inputs, seconds, latency_repeats, stage(tell, 0.05, 0.55, "timing it: "),
+                                 warm=forward_seconds is None)  # else no `forward` has run: `pace`'s did
             seconds = timing.median_ms / 1000 * inputs.shape[0] / timing.rows * (
                 inputs.shape[1] / timing.positions if timing.positions else 1)
             # pairs of base and model forwards must fit the budget too: twice the forwards
@@ -220,8 +221,9 @@ class Lab:
         digest = recipe_digest(edits)
         point = next((p for p in self.history if p.digest == digest), None)
         if point is None:
-            metrics, latency, scores = self._measure(edits, progress)
-            model = self._model(edits, None)  # cached by `_measure`
+            model = self._model(edits, stage(progress, 0.0, 0.05))  # an exit rule adds a recorded pass at the end
+            end = 1.0 if model.exit_rule is None else 0.9
+            metrics, latency, scores = self._measure(edits, stage(progress, 0.0, end))
             if progress and model.exit_rule is not None:
                 progress(0.9, "recording where the predictions exit")
             exits = exits_of(model, self.batch)
