@@ -37,3 +37,11 @@ def metric_change(metric: str, delta: float) -> str:
     """A change of a metric, signed: -0.0312 accuracy -> "-3.1 points" (percentage points,
     not a relative change), -515234 parameters -> "-515,200"."""
     return f"{100 * delta:+.1f} points" if metric in PERCENT_METRICS else readable(delta, signed=True)
+
+
+def size_text(bits: int, signed: bool = False) -> str:
+    """A model's size as the metric tiles show it: MiB below 1 GiB, else GiB ("2357.13 MiB" did
+    not fit a tile: Llama-3.2-1B's 2.30 GiB)."""
+    n_bytes = bits / 8
+    unit, scale = ("GiB", 2**30) if abs(n_bytes) >= 2**30 else ("MiB", 2**20)
+    return f"{n_bytes / scale:{'+' if signed else ''}.2f} {unit}"

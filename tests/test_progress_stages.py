@@ -236,3 +236,11 @@ def test_a_bar_over_scoring_alone_does_not_hold_the_models_lock(family_handles):
         other.start()
         other.join()
     assert taken == [True]
+
+
+def test_a_size_of_a_gigabyte_or_more_is_shown_in_gib():
+    """Llama-3.2-1B's "2357.13 MiB" was cut off in the Model page's tile."""
+    from analysis.metric_text import size_text
+
+    assert size_text(2357.13 * 8 * 2**20) == "2.30 GiB" and size_text(6.21 * 8 * 2**20) == "6.21 MiB"
+    assert size_text(-1.18 * 8 * 2**20, signed=True) == "-1.18 MiB" and size_text(8 * 2**30, signed=True) == "+1.00 GiB"

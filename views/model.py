@@ -6,7 +6,7 @@ import streamlit as st
 import torch
 
 from analysis import plots
-from analysis.metric_text import metric_value
+from analysis.metric_text import metric_value, size_text
 from analysis.predict import next_tokens, predict_image
 from lib.data import MAX_PROMPT_CHARS
 from lib.handle import ModelHandle
@@ -38,7 +38,7 @@ def baseline_section(handle: ModelHandle) -> None:
         if value is None:
             continue
         if name == "size_bits":
-            items.append(("size", f"{value / 8 / 2**20:.2f} MiB", f"{value:,} bits as stored"))
+            items.append(("size", size_text(value), f"{value:,} bits as stored"))
         else:
             label = "accuracy (repeated half)" if name == "accuracy" and repeated else LABELS[name]
             items.append((label, f"{value:.1%}" if name == "accuracy" else f"{value:.4g}", helps[name]))

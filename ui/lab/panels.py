@@ -21,6 +21,7 @@ from analysis.compress.history import COSTS, LabPoint, higher_is_better
 from analysis.compress.journal import frontier
 from analysis.compress.lab import Lab
 from analysis.compress.recipe import Recipe
+from analysis.metric_text import size_text
 from lib.errors import RecipeError
 from lib.metrics import LABELS, input_psnr_db, model_inputs
 from lib.progress import Progress
@@ -30,8 +31,6 @@ from ui.lab import methods_for
 from ui.progress import Stopped, progress_bar
 from ui.remember import keep, recall
 from ui.session import app_message, change_recipe
-
-MIB = 8 * 2**20
 
 
 def change(lab: Lab, label: str, act: Callable[[Progress], object]) -> bool:
@@ -154,10 +153,9 @@ def _cost_items(lab: Lab) -> list[tuple[str, str, str | None, str, str]]:
     items.append(("parameters kept", f"{now.n_params:,}", f"{share - 1:+.1%}" if share != 1 else None,
                   "inverse", "Weights the edited model still holds. Weights pruned to zero still count (they are "
                              "stored); removed heads, sublayers and blocks do not."))
-    items.append(("size", f"{now.size_bits / MIB:.2f} MiB",
-                  f"{(now.size_bits - base.size_bits) / MIB:+.2f} MiB" if now.size_bits != base.size_bits else None,
-                  "inverse",
-                  "Bits to store the weights as they are stored, in MiB."))
+    items.append(("size", size_text(now.size_bits),
+                  size_text(now.size_bits - base.size_bits, signed=True) if now.size_bits != base.size_bits else None,
+                  "inverse", "Bits to store the weights as they are stored, in MiB (GiB from 1 GiB on)."))
     return items + _latency_items(lab)
 
 
