@@ -79,18 +79,15 @@ def scored_baseline(handle: ModelHandle, stop: bool = False) -> tuple[Metrics, S
     readout is the work of several blocks per position); with `stop`, one with a Stop
     (`Stopped` from then on for this visitor, until they go on). The outputs come first,
     under their own bar."""
-    key = ("base_scored", *batch_key(handle))
-    if STORE.get(key) is None:
-        base_outputs(handle, stop=stop)
-
     def compute(progress: Progress | None) -> tuple[Metrics, Spread]:
         outputs, batch, per_row = base_outputs(handle), eval_batch(handle), {}
         with counting_blocks(handle, progress, forwards=0, scorings=1):
             metrics = metrics_from_outputs(outputs, batch, handle.n_params, handle.size_bits, per_row=per_row)
         return metrics, spread(position_scores(outputs, batch, None, per_row))  # the same pass's scores
 
-    return stored(key, compute, "Scoring the model on its evaluation set",
-                  stop="Nothing of the scoring is kept: going on scores it again." if stop else None)
+    return stored(("base_scored", *batch_key(handle)), compute, "Scoring the model on its evaluation set",
+                  stop="Nothing of the scoring is kept: going on scores it again." if stop else None,
+                  after=lambda: base_outputs(handle, stop=stop))
 
 
 def baseline(handle: ModelHandle) -> Metrics:
@@ -131,15 +128,12 @@ def prepared_base(handle: ModelHandle) -> BaseOutputs | Logits:
     """The base outputs prepared for comparisons (`lib.scoring.prepare_base`: the outputs by
     reference, plus a few numbers per position), once per model and batch, under a bar: every
     lab and every cut of a channel reads the same."""
-    key = ("base_prepared", *batch_key(handle))
-    if STORE.get(key) is None:
-        base_outputs(handle)  # under its own bar
-
     def compute(progress: Progress | None) -> BaseOutputs | Logits:
         with counting_blocks(handle, progress, forwards=0, scorings=1):
             return prepare_base(base_outputs(handle), eval_batch(handle))
 
-    return stored(key, compute, "Preparing the base model's outputs for comparisons")
+    return stored(("base_prepared", *batch_key(handle)), compute, "Preparing the base model's outputs for comparisons",
+                  after=lambda: base_outputs(handle))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

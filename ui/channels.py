@@ -92,17 +92,15 @@ def intervention(handle: ModelHandle, edit: heads.HeadEdit, reader: ch.Head, pro
     """`edit` measured on the evaluation batch (against the cached base outputs) and on the
     reader's pattern over the prompt. The base's scores come first, each under its own bar
     and once per model, not per cut."""
-    key = ("channels.intervention", *batch_key(handle), edit, reader, prompt)
-    if STORE.get(key) is None:
-        prepared_base(handle), baseline(handle)
-
     def compute(step: Progress) -> heads.Intervention:
         c, tokens, batch = circuits(handle), heads.prompt_tokens(handle, prompt), eval_batch(handle)
         with counting_blocks(handle, step, scorings=1):  # the edited forward, then its scoring
             return heads.intervene(handle, batch, c, edit, reader, tokens.ids, base=prepared_base(handle),
                                    before=baseline(handle))
 
-    return stored(key, compute, f"Running the evaluation set with {edit.label}", stop=NOT_KEPT)
+    return stored(("channels.intervention", *batch_key(handle), edit, reader, prompt), compute,
+                  f"Running the evaluation set with {edit.label}", stop=NOT_KEPT,
+                  after=lambda: (prepared_base(handle), baseline(handle)))
 
 
 def _head(label: str) -> ch.Head | None:

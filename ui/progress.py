@@ -156,14 +156,17 @@ def time_left(fraction: float, elapsed: float, start: float = 0.0) -> str:
 
 
 def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None,
-           stop: str | None = None) -> T:
+           stop: str | None = None, after: Callable[[], object] | None = None) -> T:
     """`STORE`'s value for `key`, or `compute(progress)`; with a `label`, under a progress
     bar (nothing is drawn when the value is already there). With `stop` (what a stop
     keeps, in words), the bar has a Stop button; once stopped, the step raises `Stopped`
-    after drawing a notice, until this visitor goes on."""
+    after drawing a notice, until this visitor goes on. `after`: the steps `compute` reads,
+    run first under bars of their own (not inside this one's) when the value is not there."""
     found = STORE.get(key)
     if found is not None:
         return found
+    if after is not None:
+        after()
 
     def kept(update: Progress | None) -> T:
         value = compute(update)

@@ -58,11 +58,9 @@ def announce(handle: ModelHandle, forwards: float, what: str) -> None:
 
 def layer_statistics(handle: ModelHandle, skip: int) -> LayerSimilarity:
     batch = eval_batch(handle)
-    key = ("layer_statistics", *batch_key(handle), skip)
-    if STORE.get(key) is None:
-        residuals(handle)  # the pass first, under its own bar
-    return stored(key, lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip),
-                  "Comparing every pair of depths")
+    return stored(("layer_statistics", *batch_key(handle), skip),
+                  lambda _: rr.layer_statistics(handle, batch, residuals(handle), skip),
+                  "Comparing every pair of depths", after=lambda: residuals(handle))
 
 
 def lens(handle: ModelHandle, skip: int) -> LogitLens:
