@@ -45,3 +45,8 @@ def size_text(bits: int, signed: bool = False) -> str:
     n_bytes = bits / 8
     unit, scale = ("GiB", 2**30) if abs(n_bytes) >= 2**30 else ("MiB", 2**20)
     return f"{n_bytes / scale:{'+' if signed else ''}.2f} {unit}"
+
+
+def duration_text(seconds: float) -> str:
+    """An estimate's duration: "about 40 s" below 2 minutes, else "about 23 min"."""
+    return f"about {seconds:.0f} s" if seconds < 120 else f"about {seconds / 60:.0f} min"

@@ -59,6 +59,21 @@ def test_two_dropped_blocks_show_what_changed_on_code_lm():
     assert "verified: outputs match to" in badge
 
 
+def test_internals_that_would_take_long_start_off_with_their_estimate(monkeypatch):
+    from analysis.compress import compare as cmp
+
+    at = lab_page("zoo:induction-2l")
+    monkeypatch.setattr(cmp, "internals_in_forwards", lambda handle, batch: 1e5)  # a forward's seconds x 1e5
+    add_drop(at, 1)
+    assert not at.exception and not at.error
+    toggle = at.toggle(key="lab_internals")
+    assert toggle.value is False and "min after each change here)" in toggle.label
+    assert "Head roles, base and edited" not in texts(at)
+    toggle.set_value(True)
+    run(at)
+    assert "Head roles, base and edited" in texts(at) and not at.exception
+
+
 def test_flipped_images_on_the_digits_cnn():
     at = lab_page("zoo:digits-cnn")
     at.selectbox(key="lab_method").set_value("Bypass a stage")

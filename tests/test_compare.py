@@ -76,6 +76,16 @@ def test_a_dropped_block_changes_nothing_in_the_edited_profile(dropped_lab):
     assert profile.block_change[0] == pytest.approx(float(base.block_change[0]), abs=1e-5)
 
 
+def test_the_internals_estimate_counts_only_the_windows_they_read(tiny_lm):
+    """In forwards of the whole batch: twice the windows, half the share (they read the first
+    INTERNAL_WINDOWS); and more than the states' forward of those windows alone."""
+    four = data.default_batch(tiny_lm, n_windows=cmp.INTERNAL_WINDOWS, seq_len=32)
+    eight = data.TextBatch(torch.cat([four.tokens, four.tokens]), 0, four.has_bos, four.source)
+    share = cmp.internals_in_forwards(tiny_lm, four)
+    assert cmp.internals_in_forwards(tiny_lm, eight) == pytest.approx(share / 2)
+    assert share > 1  # the lens reads out every depth, not only the last
+
+
 def test_roles_of_heads_an_edit_cannot_reach_are_unchanged(tiny_lm):
     lab = Lab(tiny_lm, data.default_batch(tiny_lm, n_windows=4, seq_len=32), latency_repeats=0)
     lab.add(RemoveHeads(1, (0, 2)))

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx
 
+from analysis.metric_text import duration_text
 from lib.errors import LayerScopeError
 from lib.handle import ModelHandle
 from lib.progress import Progress
@@ -152,7 +153,7 @@ def time_left(fraction: float, elapsed: float, start: float = 0.0) -> str:
     left = elapsed * (1 - fraction) / (fraction - start)
     if left <= 5:
         return ""
-    return f" · about {left:.0f} s left" if left < 120 else f" · about {left / 60:.0f} min left"
+    return f" · {duration_text(left)} left"
 
 
 def stored(key: tuple, compute: Callable[[Progress | None], T], label: str | None = None,

@@ -121,6 +121,19 @@ def internal_batch(batch: TextBatch, windows: int = INTERNAL_WINDOWS) -> TextBat
                      else batch.answer_mask[:windows])
 
 
+def internals_in_forwards(handle: ModelHandle, batch: TextBatch) -> float:
+    """What reading one model's internals costs (`depth_profile` on `internal_batch(batch)`
+    and `role_changes`' probe), in forwards of the whole `batch` (a forward: every block, then
+    the readout, `readout_blocks`): about two forwards' blocks for the states (their note), a
+    readout per depth, and the probe's blocks (no readout)."""
+    L, readout = handle.structure.n_layers, readout_blocks(handle)
+    rows, T = batch.tokens.shape
+    windows = min(INTERNAL_WINDOWS, rows)
+    probe = role_probe(handle, vocabulary=batch.tokens).numel()
+    work = windows * T * (2 * L + (L + 1) * readout) + probe * L
+    return work / (rows * T * (L + readout))
+
+
 @torch.no_grad()
 def depth_profile(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT_SKIP,
                   progress: Progress | None = None) -> DepthProfile:

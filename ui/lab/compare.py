@@ -12,12 +12,16 @@ from analysis import plots
 from analysis.compress import compare as cmp
 from analysis.compress import compare_view as view
 from analysis.compress.lab import Lab
+from analysis.metric_text import duration_text
 from lib.data import TextBatch
 from lib.errors import LayerScopeError
 from lib.progress import Progress
+from ui.cache import base_forward_seconds
 from ui.glossary import GLOSSARY
 from ui.progress import Stopped, counting_blocks, stored
 from ui.session import app_message
+
+INTERNALS_ON_S = 10.0  # the internals start on where one model's take at most this many seconds
 
 
 def intervals(lab: Lab) -> None:
@@ -90,9 +94,13 @@ def internals(lab: Lab) -> None:
     point = lab.current
     if lab.base.kind != "causal-lm" or not point.edits:
         return
-    if not st.toggle("Compare internals: logit lens, block changes and head roles", value=True,
-                     key="lab_internals", help="The Redundancy and Channels pages' computations run on the "
-                                               "edited copy, beside the base's, on the first evaluation windows."):
+    seconds = internals_seconds(lab)
+    slow = seconds is not None and seconds > INTERNALS_ON_S
+    label = "Compare internals: logit lens, block changes and head roles"
+    if not st.toggle(label + (f" ({duration_text(seconds)} after each change here)" if slow else ""), value=not slow,
+                     key="lab_internals", help="The Redundancy and Channels pages' computations run on the edited "
+                     "copy, beside the base's, on the first evaluation windows. Off at first where they would take "
+                     f"over {INTERNALS_ON_S:.0f} s after each change (estimated from the base's measured forward)."):
         return
     batch = cmp.internal_batch(lab.batch)
 
@@ -132,6 +140,13 @@ def internals(lab: Lab) -> None:
     st.dataframe(view.role_rows(roles), hide_index=True, width="stretch")
     st.caption("Scores on the Channels page's repeated-token probe; a head has a role when its score reaches the "
                "role's threshold.", help=GLOSSARY["head_roles"])
+
+
+def internals_seconds(lab: Lab) -> float | None:
+    """Seconds reading one model's internals takes here, from the base's measured forward
+    (None before the base was measured in this process)."""
+    forward = base_forward_seconds(lab.base)
+    return None if forward is None else forward * cmp.internals_in_forwards(lab.base, lab.batch)
 
 
 def what_changed(lab: Lab) -> None:
