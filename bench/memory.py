@@ -130,8 +130,14 @@ def probe(shape: str, step: str) -> dict:
         error = f"out of memory ({e})"
     seconds = time.perf_counter() - start
     _, peak = _resident()
-    return {"peak": peak - before, "weights": weights, "seconds": seconds, "forward_s": forward_s,
-            "batch": "x".join(map(str, inputs.shape)), "error": error}
+    result = {"peak": peak - before, "weights": weights, "seconds": seconds, "forward_s": forward_s,
+              "batch": "x".join(map(str, inputs.shape)), "error": error}
+    if step == "redundancy":  # once per shape, after the peak was read: the load-time check
+        from lib.verify import verify
+
+        v = verify(handle, inputs)
+        result["verify"] = {"diff": v.max_abs_diff, "scale": v.scale, "tolerance": v.tolerance}
+    return result
 
 
 def _run(step: str, handle, batch) -> None:
@@ -191,6 +197,11 @@ def memory_rows(shape: str) -> list[Row]:
         if step == "redundancy" and not m["error"]:
             rows.append(Row("redundancy report / forward", (m["seconds"] / m["forward_s"],),
                             f"{label}, batch {m['batch']}: {m['seconds']:.1f} s vs {m['forward_s']:.2f} s"))
+        if "verify" in m:  # a false "outputs differ" at load would put every page in doubt
+            v = m["verify"]
+            rows.append(Row("load check: |hooked - plain| / rounding tolerance", (v["diff"] / v["tolerance"],),
+                            f"{label}: {v['diff']:.3g} of outputs up to {v['scale']:.3g}, tolerance "
+                            f"{v['tolerance']:.3g} (target < 1: verified)"))
     return rows
 
 

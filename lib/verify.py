@@ -17,8 +17,13 @@ import torch
 from lib.handle import ModelHandle, Point
 
 # A difference in float32 of at most this share of the outputs' own scale is rounding
-# (SDPA and an explicit softmax differ by ~1e-7 relative); half precision rounds ~1000x coarser.
-RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# (SDPA and an explicit softmax differ by ~1e-7 relative). Half precision rounds far coarser,
+# and more with depth and width: on the random-weight Llama-3.2-1B shape in bfloat16 (16
+# layers, vocabulary 128k, 64 tokens) the plain path is 2.5 % of the scale from float32, and
+# the hooked path is as far from both (hooked vs plain: 0.117 of 4.65; in float32 they agree
+# to 9e-6); at width 512, 32 layers: 1.9 % in bfloat16, 0.22 % in float16. The bounds are
+# about 2.4x the largest of these, float16's 8x finer (its mantissa has 3 more bits).
+RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 6e-2, torch.float16: 7.5e-3}
 VERIFY_TOKENS = 64  # positions of one evaluation window read by the check
 VERIFY_IMAGES = 8
 

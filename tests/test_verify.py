@@ -47,3 +47,28 @@ def test_half_precision_gets_a_looser_tolerance(tiny_gpt2_dir):
     v = verify(handle, torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0)))
     assert v.ok, v.text()
     assert v.tolerance >= 1e-3 * v.scale
+
+
+def test_a_deep_half_precision_model_verifies_and_a_fault_still_shows(tmp_path):
+    """Rounding in bfloat16 grows with depth: 32 Llama layers pass as rounding, and a fault in
+    the hooked path (see above) is still told apart from it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lib.models import load_model
+    from lib.zoo.tokenizer import BYTE_VOCAB_SIZE, save_byte_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, intermediate_size=192, num_hidden_layers=32,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    LlamaForCausalLM(config).to(torch.bfloat16).eval().save_pretrained(str(tmp_path))
+    save_byte_tokenizer(tmp_path, 64)
+    handle = load_model(str(tmp_path))
+    assert handle.dtype == torch.bfloat16
+    tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    assert verify(handle, tokens).ok, verify(handle, tokens).text()
+    broken = handle.model.ln_final.register_forward_hook(lambda m, a, out: out + 0.5)
+    try:
+        assert not verify(handle, tokens).ok
+    finally:
+        broken.remove()
