@@ -1,9 +1,12 @@
-"""How long work tells how far it got: a `Progress(fraction, message)` callback, and the part
-of one bar that a stage of the work fills (`stage`)."""
+"""How long work tells how far it got: a `Progress(fraction, message)` callback, the part
+of one bar that a stage of the work fills (`stage`), and the bar a thread's deep work tells
+(`telling`, `told_here`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 Progress = Callable[[float, str], None]  # fraction done in [0, 1], what is being done now
 
@@ -14,3 +17,24 @@ def stage(progress: Progress | None, low: float, high: float, prefix: str = "") 
     if progress is None:
         return None
     return lambda f, m: progress(low + (high - low) * min(max(f, 0.0), 1.0), f"{prefix}{m}")
+
+
+_HERE = threading.local()  # `progress`: the bar that work deep in this thread's call tells (`telling`)
+
+
+@contextmanager
+def telling(progress: Progress | None) -> Iterator[None]:
+    """Inside, `told_here()` is `progress` in this thread: work deep in a call (an edit's
+    calibration forwards) moves the bar its caller drew without a parameter through every
+    function between."""
+    before = getattr(_HERE, "progress", None)
+    _HERE.progress = progress
+    try:
+        yield
+    finally:
+        _HERE.progress = before
+
+
+def told_here() -> Progress | None:
+    """The progress this thread's caller is telling (`telling`), or None."""
+    return getattr(_HERE, "progress", None)

@@ -39,9 +39,9 @@ def counted(monkeypatch):
     calls = {"apply_": 0, "private_copy": 0}
     real_apply, real_copy = edit_registry.apply_, ModelHandle.private_copy
 
-    def apply_(handle, edit):
+    def apply_(handle, edit, progress=None):
         calls["apply_"] += 1
-        return real_apply(handle, edit)
+        return real_apply(handle, edit, progress)
 
     def private_copy(self, *args, **kwargs):
         calls["private_copy"] += 1

@@ -244,3 +244,32 @@ def test_a_size_of_a_gigabyte_or_more_is_shown_in_gib():
 
     assert size_text(2357.13 * 8 * 2**20) == "2.30 GiB" and size_text(6.21 * 8 * 2**20) == "6.21 MiB"
     assert size_text(-1.18 * 8 * 2**20, signed=True) == "-1.18 MiB" and size_text(8 * 2**30, signed=True) == "+1.00 GiB"
+
+
+def test_a_calibrating_edit_moves_the_bar_over_its_forwards_and_solves(tiny_lm):
+    """QuantEase's calibration forwards tell their blocks, then each layer's solve; Wanda's one
+    forward tells its blocks; applying them gets the part of the bar their work takes (not the
+    5 % of an edit that only rewrites weights), and the bar never goes back."""
+    from analysis.compress.lab import Lab
+    from analysis.compress.prune.pruning import Magnitude, Wanda
+    from analysis.compress.quant.quantize import Quantize
+
+    lab = Lab(tiny_lm, data.default_batch(tiny_lm, n_windows=2, seq_len=32), latency_repeats=0)
+    told = []
+    lab.add(Quantize("int4", method="quantease"), progress=lambda f, m: told.append((f, m)))
+    assert _sorted(told)
+    applying = [(f, m) for f, m in told if m.startswith("applying quantize int4")]
+    L, layers = tiny_lm.structure.n_layers, len(tiny_lm.linear_layers())  # the unembedding is not in 'all'
+    assert any("calibration forward" in m and m.endswith(f"{L} of {L} blocks") for _, m in applying)
+    last = applying[-1][1].rpartition("QuantEase: layer ")[2].split(" of ")
+    assert len(last) == 2 and last[0] == last[1] and int(last[0]) >= layers - 1  # every quantized layer solved
+    assert applying[-1][0] > 0.05  # its forwards and solves outweigh a weight rewrite's share
+    told = []
+    lab.add(Wanda(0.5), progress=lambda f, m: told.append((f, m)))
+    assert _sorted(told)
+    assert [m for _, m in told if "calibration" in m] == [
+        f"applying Wanda 50% (all): calibration forward: {k} of {L} blocks" for k in range(1, L + 1)]
+    told = []
+    lab.add(Magnitude(0.1), progress=lambda f, m: told.append((f, m)))
+    applying = [f for f, m in told if m.startswith("applying")]
+    assert len(applying) == 1 and applying[0] < 0.05  # a rewrite: one message, inside its 5 %

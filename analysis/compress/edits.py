@@ -16,10 +16,14 @@ in place on a private copy (the trailing underscore), never on a loaded base mod
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
-from lib.errors import RecipeError
+import torch
+
+from lib.errors import LayerScopeError, RecipeError
 from lib.handle import ModelHandle
+from lib.progress import Progress, telling, told_here
 
 E = TypeVar("E", bound="Edit")
 
@@ -40,6 +44,12 @@ class Edit:
 
     def check(self, handle: ModelHandle) -> None:
         """Raise RecipeError if this edit does not fit `handle` (called before applying)."""
+
+    def calibration_forwards(self, handle: ModelHandle, positions: int) -> float:
+        """What applying it costs, in forwards of `positions` positions (the evaluation
+        batch's, `positions_of`): 0 for an edit that only rewrites weights; an edit that
+        calibrates on activations counts its forwards and work."""
+        return 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type}
@@ -72,8 +82,11 @@ def applies(cls: type[E]) -> Callable[[Callable[[ModelHandle, E], None]], Callab
     return register
 
 
-def apply_(handle: ModelHandle, edit: Edit) -> None:
-    """Apply `edit` in place to `handle`, which must be a private copy."""
+def apply_(handle: ModelHandle, edit: Edit, progress: Progress | None = None) -> None:
+    """Apply `edit` in place to `handle`, which must be a private copy; an edit that runs
+    forwards (`calibration_forward`) tells `progress` of their blocks. An unexpected failure
+    inside becomes a RecipeError naming the edit, so a page shows a message and keeps its
+    recipe instead of a traceback."""
     if handle.base_fingerprint is None:
         raise RecipeError("Edits apply to a private copy (`handle.private_copy()`), never to a loaded base model.")
     fn = _APPLY.get(type(edit))
@@ -81,8 +94,34 @@ def apply_(handle: ModelHandle, edit: Edit) -> None:
         raise RecipeError(f"There is no way to apply a {type(edit).__name__} edit "
                           f"(known: {', '.join(sorted(EDIT_TYPES))}).")
     edit.check(handle)
-    fn(handle, edit)
+    try:
+        with telling(progress):
+            fn(handle, edit)
+    except LayerScopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported to the user with the edit that caused it
+        raise RecipeError(f"'{edit.label}' could not be applied to this model ({type(e).__name__}: {e}). "
+                          "The recipe is unchanged.") from e
     handle.weights_changed()
+
+
+def positions_of(inputs: torch.Tensor) -> int:
+    """Positions a forward of `inputs` runs each linear layer on: tokens [batch, T] of an LM;
+    an image model's images (a convolution's reuse over pixels is left out)."""
+    return inputs.shape[0] * (inputs.shape[1] if inputs.dim() == 2 else 1)
+
+
+@contextmanager
+def calibration_forward(handle: ModelHandle, k: int = 0, forwards: int = 1, share: float = 1.0) -> Iterator[None]:
+    """Inside, the blocks of the k-th of an edit's `forwards` calibration forwards move the
+    bar of the edit being applied (`apply_`'s progress) over its first `share`."""
+    tell = told_here()
+    if tell is None:
+        yield
+        return
+    what = f"calibration forward {k + 1} of {forwards}" if forwards > 1 else "calibration forward"
+    with handle.told_of_blocks(lambda b, n: tell(share * (k + b / n) / forwards, f"{what}: {b} of {n} blocks")):
+        yield
 
 
 MAX_MESSAGE = 400  # characters of an edit's refusal: a recipe field can be a megabyte, the message stays short

@@ -66,6 +66,12 @@ def frontier(points: Sequence["LabPoint"], cost: str, quality: str) -> list[int]
     return [points[i].step for i in front]
 
 
+def metric_deltas(metrics: Metrics, base: Metrics) -> dict[str, float]:
+    """Each metric of `metrics` minus the base's, where both have it."""
+    return {name: getattr(metrics, name) - getattr(base, name) for name in METRIC_FIELDS
+            if getattr(metrics, name) is not None and getattr(base, name) is not None}
+
+
 def recipe_digest(edits: Sequence[Edit]) -> str:
     """The digest `Recipe.digest` gives these edits in this order ('' for none)."""
     return Recipe("", list(edits)).digest

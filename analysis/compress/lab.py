@@ -16,6 +16,7 @@ base, so an undone recipe gives bit-identical weights.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -24,13 +25,14 @@ from typing import Sequence
 import torch
 
 from analysis.compress import edits as edit_registry
-from analysis.compress.edits import Edit
+from analysis.compress.edits import Edit, positions_of
 from analysis.compress.exits import ExitPoint, exits_of
 from analysis.compress.history import (
     LabPoint,
     LayerSummary,
     frontier,
     layer_summary,
+    metric_deltas,
     point_row,
     quality_metric,
     recipe_digest,
@@ -39,7 +41,7 @@ from analysis.compress.history import (
 )
 from analysis.compress.recipe import Recipe, check_for
 from lib import data
-from lib.errors import LayerScopeError, RecipeError
+from lib.errors import RecipeError
 from lib.handle import ModelHandle
 from lib.latency import (
     LATENCY_REPEATS,
@@ -51,7 +53,7 @@ from lib.latency import (
     timed_outputs,
     timed_part,
 )
-from lib.metrics import METRIC_FIELDS, Metrics, metrics_from_outputs, model_inputs
+from lib.metrics import Metrics, metrics_from_outputs, model_inputs
 from lib.progress import Progress, stage
 from lib.scoring import BaseOutputs, prepare_base, told_of_windows
 from lib.spread import Scores, position_scores, spread
@@ -221,9 +223,10 @@ class Lab:
         digest = recipe_digest(edits)
         point = next((p for p in self.history if p.digest == digest), None)
         if point is None:
-            model = self._model(edits, stage(progress, 0.0, 0.05))  # an exit rule adds a recorded pass at the end
+            at = self._apply_share(edits)  # of the bar up to `end`: an exit rule adds a recorded pass at the end
+            model = self._model(edits, stage(progress, 0.0, 0.9 * at))
             end = 1.0 if model.exit_rule is None else 0.9
-            metrics, latency, scores = self._measure(edits, stage(progress, 0.0, end))
+            metrics, latency, scores = self._measure(edits, stage(progress, 0.0, end), at)
             if progress and model.exit_rule is not None:
                 progress(0.9, "recording where the predictions exit")
             exits = exits_of(model, self.batch)
@@ -250,29 +253,43 @@ class Lab:
             self._cache.clear()
 
     def _model(self, edits: tuple[Edit, ...], progress: Progress | None) -> ModelHandle:
-        if not edits:
-            return self.base
-        start, done = self.base, 0
-        for k in range(len(edits), 0, -1):  # the longest prefix still cached
-            key = recipe_digest(edits[:k])
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                start, done = self._cache[key], k
-                break
+        start, done = self._cached_prefix(edits)
         if done == len(edits):
             return start
         if progress:
-            progress(0.05, "copying the " + ("base model" if done == 0 else f"model with {done} edit(s) applied"))
+            progress(0.0, "copying the " + ("base model" if done == 0 else f"model with {done} edit(s) applied"))
         model = start.private_copy()
-        todo = edits[done:]
+        todo = edits[done:]  # each with a part of the bar by its work: a calibrating edit's forwards outweigh the rest
+        work = list(itertools.accumulate((0.1 + self._apply_forwards(e) for e in todo), initial=0.0))
         for i, edit in enumerate(todo):
-            if progress:
-                progress(0.1 + 0.7 * i / len(todo), f"applying {edit.label}")
-            _apply_(model, edit)
+            tell = stage(progress, 0.05 + 0.95 * work[i] / work[-1], 0.05 + 0.95 * work[i + 1] / work[-1],
+                         f"applying {edit.label}")
+            if tell:
+                tell(0.0, "")
+            edit_registry.apply_(model, edit, stage(tell, 0.0, 1.0, ": "))
         self._cache[recipe_digest(edits)] = model
         while len(self._cache) > 1 and (len(self._cache) > self.cache_size or self._cached_bytes() > self.cache_bytes):
             self._cache.popitem(last=False)
         return model
+
+    def _cached_prefix(self, edits: tuple[Edit, ...]) -> tuple[ModelHandle, int]:
+        """The model with the longest prefix of `edits` still cached, and that prefix's length."""
+        for k in range(len(edits), 0, -1):
+            key = recipe_digest(edits[:k])
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key], k
+        return self.base, 0
+
+    def _apply_forwards(self, edit: Edit) -> float:
+        return edit.calibration_forwards(self.base, positions_of(model_inputs(self.batch)))
+
+    def _apply_share(self, edits: Sequence[Edit]) -> float:
+        """The part of a change's bar that applying the edits not cached yet takes: 5 % for
+        edits that only rewrite weights, else their calibration forwards' share of the seconds."""
+        spent, todo = self._seconds, edits[self._cached_prefix(tuple(edits))[1]:]
+        applying = sum(self._apply_forwards(e) for e in todo) * spent["forward"]
+        return max(0.05, applying / (applying + sum(spent.values())))
 
     def _cached_bytes(self) -> int:
         return sum(owned_bytes(iter(m.weights().values())) for m in self._cache.values())
@@ -284,14 +301,13 @@ class Lab:
         base outputs, without recording anything."""
         return self._measure(edits, progress)[0]
 
-    def _measure(self, edits: Sequence[Edit], progress: Progress | None
+    def _measure(self, edits: Sequence[Edit], progress: Progress | None, at: float | None = None
                  ) -> tuple[Metrics, LatencyChange | None, Scores]:
         """Metrics of the base with `edits`, and its latency timed against the base's in
         alternating pairs (a copy's first forward also builds its fast path, so the one that
         gives the outputs is not among them), with the FLOP prediction beside it."""
-        # the bar's first 5 % for applying the edits (most take a moment; one that calibrates says what it
-        # does), the rest shared by what each stage took on the base
-        spent, at = self._seconds, 0.05
+        # the bar: applying the edits first (`at`, `_apply_share`), the rest by what each stage took on the base
+        spent, at = self._seconds, self._apply_share(edits) if at is None else at
         share = {k: (1 - at) * v / sum(spent.values()) for k, v in spent.items()}
         with self._lock:
             model = self._model(tuple(edits), stage(progress, 0.0, at))
@@ -352,10 +368,7 @@ class Lab:
 
     def deltas(self, point: LabPoint | None = None) -> dict[str, float]:
         """Each metric of `point` (default: the current one) minus the base's."""
-        point = point or self.current
-        base = self.base_point.metrics
-        return {name: getattr(point.metrics, name) - getattr(base, name) for name in METRIC_FIELDS
-                if getattr(point.metrics, name) is not None and getattr(base, name) is not None}
+        return metric_deltas((point or self.current).metrics, self.base_point.metrics)
 
     # ------------------------------------------------------------------ history
 
@@ -384,14 +397,3 @@ class Lab:
             self._summaries[digest] = layer_summary(self.base, self.edited())
         return self._summaries[digest]
 
-
-def _apply_(model: ModelHandle, edit: Edit) -> None:
-    """Apply one edit; an unexpected failure inside it becomes a RecipeError naming the
-    edit, so a page shows a message and keeps its recipe instead of a traceback."""
-    try:
-        edit_registry.apply_(model, edit)
-    except LayerScopeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - reported to the user with the edit that caused it
-        raise RecipeError(f"'{edit.label}' could not be applied to this model ({type(e).__name__}: {e}). "
-                          "The recipe is unchanged.") from e

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from analysis.compress.edits import Edit, applies, edit_type, is_int, require
+from analysis.compress.edits import Edit, applies, calibration_forward, edit_type, is_int, require
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
 
@@ -85,6 +85,9 @@ class Wanda(Edit):
     def label(self) -> str:
         where = self.scope if self.scope != "layers" else "layers " + ", ".join(map(str, self.layers))
         return f"Wanda {self.sparsity:.0%} ({where})"
+
+    def calibration_forwards(self, handle: ModelHandle, positions: int) -> float:
+        return 1.0  # the input norms' forward
 
 
 @edit_type("remove_heads")
@@ -325,7 +328,8 @@ def _wanda(handle: ModelHandle, edit: Wanda) -> None:
     from lib.metrics import model_inputs
 
     weights = scoped_layers(handle, edit.scope, edit.layers)
-    norms = handle.input_norms(model_inputs(default_batch(handle)), list(weights))
+    with calibration_forward(handle):
+        norms = handle.input_norms(model_inputs(default_batch(handle)), list(weights))
     for name, w in weights.items():
         score = w.reshape(w.shape[0], -1).abs() * norms[name][None, :]  # [out, in (* kh * kw)]
         _zero_smallest_rowwise_(w, score, round(edit.sparsity * score.shape[1]))

@@ -15,14 +15,15 @@ and mixed precision in `mixed_precision` (all in `analysis.compress.quant`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 
-from analysis.compress.edits import Edit, applies, edit_type, is_int, require
+from analysis.compress.edits import Edit, applies, calibration_forward, edit_type, is_int, positions_of, require
 from analysis.compress.prune.pruning import check_scope, scoped_layers
-from analysis.compress.quant.calibration import as_matrix, calibration_grams, quantease
+from analysis.compress.quant.calibration import as_matrix, calibration_grams, quantease, quantease_work
 from analysis.compress.quant.formats import (
     FORMATS,
     NF4_CODES,
@@ -37,6 +38,7 @@ from analysis.compress.quant.formats import (
 )
 from lib.errors import RecipeError
 from lib.handle import ModelHandle
+from lib.progress import told_here
 from lib.storage import StoredAs, quantized_bits
 
 METHODS = ("rtn", "quantease")
@@ -80,6 +82,12 @@ class Quantize(Edit):
         extra = (" weights+activations" if self.activations else "") + (" QuantEase" if self.method != "rtn" else "")
         return f"quantize {self.format}{group}{extra} ({_where(self)})"
 
+    def calibration_forwards(self, handle: ModelHandle, positions: int) -> float:
+        if self.method != "quantease":
+            return 0.0
+        forwards, solves = quantease_work(handle, list(scoped_layers(handle, self.scope, self.layers)), positions)
+        return forwards + sum(solves)
+
     def check(self, handle: ModelHandle) -> None:
         fmt = FORMATS[self.format]
         for name, weight in scoped_layers(handle, self.scope, self.layers).items():
@@ -108,6 +116,9 @@ class LLMInt8(Edit):
     @property
     def label(self) -> str:
         return f"LLM.int8 threshold {self.threshold:g} ({_where(self)})"
+
+    def calibration_forwards(self, handle: ModelHandle, positions: int) -> float:
+        return 1.0  # the outlier columns' forward
 
 
 # ---------------------------------------------------------------------- input transforms
@@ -205,7 +216,7 @@ def find_outliers(handle: ModelHandle, inputs: torch.Tensor | None, names: Seque
 
         return read
 
-    with handle.transforming_inputs({n: reader(n) for n in names}):
+    with handle.transforming_inputs({n: reader(n) for n in names}), calibration_forward(handle):
         handle.forward(inputs)
     columns = tuple(tuple((peaks[n] >= threshold).nonzero().flatten().tolist()) for n in names)
     return OutlierReport(threshold, tuple(names), columns, tuple(len(peaks[n]) for n in names),
@@ -254,12 +265,22 @@ def group_for(fmt: str, weights: Iterable[torch.Tensor], group_size: int | None 
 @torch.no_grad()
 def _quantize(handle: ModelHandle, edit: Quantize) -> None:
     weights = scoped_layers(handle, edit.scope, edit.layers)
-    grams = calibration_grams(handle, None, list(weights)) if edit.method == "quantease" else {}
+    grams, tell, done = {}, told_here(), []
+    if edit.method == "quantease":  # the bar: its forwards, then each layer's solve, by their work
+        from lib.data import default_batch
+        from lib.metrics import model_inputs
+
+        inputs = model_inputs(default_batch(handle))
+        forwards, solves = quantease_work(handle, list(weights), positions_of(inputs))
+        done = list(itertools.accumulate([forwards, *solves], initial=0.0))
+        grams = calibration_grams(handle, inputs, list(weights), share=forwards / done[-1])
     group = group_for(edit.format, weights.values(), edit.group_size)
-    for name, weight in weights.items():
+    for i, (name, weight) in enumerate(weights.items()):
         new, bits, label = quantized_weight(weight, edit.format, group, grams.pop(name, None))
         weight.copy_(new)
         handle.storage[handle.weight_name(name)] = StoredAs(bits, label)
+        if tell and done:
+            tell(done[i + 2] / done[-1], f"QuantEase: layer {i + 1} of {len(weights)}")
     if edit.activations:
         for name in weights:
             handle.set_input_transform_(name, QuantizedInput(edit.format))
