@@ -123,7 +123,8 @@ def quantease_work(handle: ModelHandle, names: Sequence[str], positions: int) ->
     2 x the linear weights' multiply-adds per position): its calibration forwards, then each
     layer's SWEEPS sweeps of 2 in^2 out multiply-adds. Only a guide to a bar's shares: on the
     GPT-2-small shape (16 x 256 tokens, int4) applying it took 15.1 forwards' time against
-    8.9 counted so (its column updates are many small operations), each part in proportion."""
+    8.9 counted so (its column updates are many small operations), and a bar shared by these
+    counts rose in step with the time."""
     weights = handle.linear_layers()
     forward = 2 * sum(w.numel() for w in weights.values()) * max(positions, 1)
     solves = [SWEEPS * 2 * weights[n][0].numel() ** 2 * weights[n].shape[0] / forward for n in names]
