@@ -22,7 +22,7 @@ def sparsity(edited: ModelHandle) -> float | None:
     """Share of exactly-zero weights in the blocks' linear layers (None for none)."""
     weights = [w for name, w in edited.linear_layers().items() if name.startswith("blocks.")]
     total = sum(w.numel() for w in weights)
-    return sum(int((w == 0).sum()) for w in weights) / total if total else None
+    return sum(w.numel() - int(w.count_nonzero()) for w in weights) / total if total else None
 
 
 def _quantized(edit: Edit, done: Realised | None) -> tuple[str, str]:
