@@ -105,13 +105,15 @@ class BaseOutputs:
     outputs' size is kept beside them;
     top1: [n] base argmax at the predicted positions; dot: [n] <p, z>; lse: [n] logsumexp(z).
     Then sum p log p = dot - lse, and KL(base || model) = (dot - <p, z'>) + (lse' - lse) for
-    a model's logits z': exactly 0 when z' = z.
+    a model's logits z': exactly 0 when z' = z. nll: [n] lse - z_target of text, from the
+    same pass: scoring these very logits (`text_scores`) reads them out no more.
     """
 
     logits: Logits
     top1: torch.Tensor
     dot: torch.Tensor
     lse: torch.Tensor
+    nll: torch.Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -142,15 +144,18 @@ def prepare_base(base: Logits, batch: Batch) -> BaseOutputs | torch.Tensor:
     if isinstance(batch, ImageBatch) and batch.targets is not None:
         return base
     if isinstance(batch, TextBatch):
-        top1s, dots, lses = [], [], []
+        targets = batch.tokens[:, 1:].reshape(-1).to(base.device)
+        top1s, dots, lses, nlls, start = [], [], [], [], 0
         for z, top1, lse in _logit_chunks(base, "base model"):
             # chunk by chunk, as text_scores computes <p, z'>; vecdot, not einsum("nc,nc->n"), whose
             # batched-matmul path is 9x slower on a [32, 50257] chunk
             dots.append(torch.linalg.vecdot(torch.exp(z - lse[:, None]), z))
             check_finite(dots[-1], who="base model")  # a -inf logit: 0 * -inf in <p, z>
+            nlls.append(lse - z.gather(1, targets[start:start + len(top1), None])[:, 0])  # as text_scores has it
+            start += len(top1)
             top1s.append(top1)
             lses.append(lse)
-        return BaseOutputs(base, torch.cat(top1s), torch.cat(dots), torch.cat(lses))
+        return BaseOutputs(base, torch.cat(top1s), torch.cat(dots), torch.cat(lses), torch.cat(nlls))
     check_finite(base, "base model")
     z = base.float()
     lse = torch.logsumexp(z, -1)
@@ -242,6 +247,8 @@ def text_scores(outputs: Logits, batch: TextBatch, ref: BaseOutputs | None = Non
     NLL = lse - z_target and KL = (dot - <p, z>) + (lse - lse_base) (see `BaseOutputs`).
     per_row: a dict that receives each predicted position's "nll", "kl" (with a base) and
     "top1" [n] from the same pass, on the CPU (`lib.spread` keeps them)."""
+    if ref is not None and ref.nll is not None and ref.logits is outputs:  # the base against itself
+        return _own_scores(ref, per_row)
     targets = batch.tokens[:, 1:].reshape(-1).to(outputs.device)
     nll = kl = agree = 0.0
     start = 0
@@ -266,3 +273,19 @@ def text_scores(outputs: Logits, batch: TextBatch, ref: BaseOutputs | None = Non
     if ref is None:
         return nll / start, None, None
     return nll / start, max(kl / start, 0.0), agree / start
+
+
+def _own_scores(ref: BaseOutputs, per_row: dict[str, torch.Tensor] | None) -> tuple[float, float, float]:
+    """`text_scores` of the base's own logits against their prepared pass, from that pass: the
+    same NLL, KL 0 and agreement 1 (what the formulas give when z' = z), no readout."""
+    b, T, V = ref.logits.shape
+    step, nll, start = chunk_rows(V), 0.0, 0
+    for _ in range(b):  # summed chunk by chunk as `text_scores` sums: the very same number
+        for first in range(0, T - 1, step):
+            rows = min(first + step, T - 1) - first
+            nll += float(ref.nll[start:start + rows].sum())
+            start += rows
+    check_finite(torch.tensor([nll]))  # a -inf logit where a target is
+    if per_row is not None:
+        per_row.update(nll=ref.nll.cpu(), top1=ref.top1.cpu(), kl=torch.zeros_like(ref.nll).cpu())
+    return nll / start, 0.0, 1.0

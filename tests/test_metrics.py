@@ -216,3 +216,38 @@ def test_logits_read_out_chunk_by_chunk_score_as_the_held_logits(chunking):
         assert b.kl_to_base == pytest.approx(a.kl_to_base, rel=1e-6)
         assert torch.equal(lazy.argmax(), held.argmax(-1))
         assert isinstance(logits_of(resid, readout, 50), torch.Tensor)  # small: read out now and held
+
+
+def test_the_base_scored_against_its_own_prepared_pass_reads_nothing_out_again(chunking):
+    """Scoring the logits a `prepare_base` pass was made of, against that pass: the NLL and
+    per-position scores of a full scoring (the log-softmax formulas), KL 0 and agreement 1,
+    and the readout never runs."""
+    from dataclasses import replace
+
+    from lib.scoring import ReadLogits, text_scores
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (3, 71), generator=g)
+    batch = data.TextBatch(tokens, 100, True, "random")
+    calls = []
+    linear = torch.nn.Linear(16, 50)
+
+    def readout(x):
+        calls.append(x.shape[0])
+        return linear(x)
+
+    with torch.no_grad():
+        logits = ReadLogits(torch.randn(3, 71, 16, generator=g), readout, 50)
+        prepared = prepare_base(logits, batch)
+        lq = F.log_softmax(linear(logits.resid[:, :-1]), -1).reshape(-1, 50)
+        nll = -lq.gather(1, tokens[:, 1:].reshape(-1, 1))[:, 0]
+        full_rows = {}
+        full = text_scores(logits, batch, replace(prepared, nll=None), full_rows)  # no shortcut: a readout
+        calls.clear()
+        own_rows = {}
+        own = text_scores(logits, batch, prepared, own_rows)
+    assert calls == []
+    assert own[0] == pytest.approx(float(nll.mean()), rel=1e-5) and own[1:] == (0.0, 1.0)
+    assert own == pytest.approx(full, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(own_rows["nll"], nll)
+    assert torch.equal(own_rows["top1"], full_rows["top1"]) and not own_rows["kl"].any()

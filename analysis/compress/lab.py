@@ -55,7 +55,7 @@ from lib.latency import (
 )
 from lib.metrics import Metrics, metrics_from_outputs, model_inputs
 from lib.progress import Progress, stage
-from lib.scoring import BaseOutputs, prepare_base, told_of_windows
+from lib.scoring import BaseOutputs, prepare_base, readout_blocks, told_of_windows
 from lib.spread import Scores, position_scores, spread
 from lib.storage import owned_bytes
 
@@ -91,10 +91,11 @@ class Lab:
         self._cache: OrderedDict[str, ModelHandle] = OrderedDict()
         self._lock = threading.RLock()  # the UI builds downloads on another thread
         inputs, tell = model_inputs(self.batch), progress or (lambda fraction, message: None)
-        given = base_outputs.logits if isinstance(base_outputs, BaseOutputs) else base_outputs
+        self._positions = positions_of(inputs)  # what an edit's calibration work is counted in
+        prepared = base_outputs if isinstance(base_outputs, BaseOutputs) else None  # made below, where it is scored
+        given = base_outputs.logits if prepared is not None else base_outputs
         tell(0.0, "its outputs")
         outputs, seconds = timed_outputs(base, inputs, given, latency_repeats, forward_seconds)  # given: not run
-        self.reference = base_outputs if isinstance(base_outputs, BaseOutputs) else prepare_base(outputs, self.batch)
         latency, began = None, time.perf_counter()
         if latency_repeats:
             timing = base_timing(base, inputs, seconds, latency_repeats, stage(tell, 0.05, 0.55, "timing it: "),
@@ -110,8 +111,10 @@ class Lab:
         self._seconds = {"forward": seconds, "timing": 2 * (time.perf_counter() - began)}  # pairs: twice the forwards
         began = time.perf_counter()
         with told_of_windows(lambda k, n: tell(0.6 + 0.4 * k / n, f"scoring it: window {k} of {n}")):
+            self.reference = prepared if prepared is not None else prepare_base(outputs, self.batch)
             metrics, scores = self._metrics(base, outputs, latency.base.median_ms if latency else seconds * 1000)
-        self._seconds["scoring"] = 2 * (time.perf_counter() - began)  # a change's: against the base's readout too
+        share = readout_blocks(base) / max(base.structure.n_layers + readout_blocks(base), 1)  # a forward's readout
+        self._seconds["scoring"] = 2 * max(time.perf_counter() - began, seconds * share)  # a change's: both readouts
         self.history: list[LabPoint] = [self._point(0, (), metrics, latency=latency, scores=scores)]
         self._current = 0
         self._undo: list[tuple[Edit, ...]] = []
@@ -260,7 +263,8 @@ class Lab:
             progress(0.0, "copying the " + ("base model" if done == 0 else f"model with {done} edit(s) applied"))
         model = start.private_copy()
         todo = edits[done:]  # each with a part of the bar by its work: a calibrating edit's forwards outweigh the rest
-        work = list(itertools.accumulate((0.1 + self._apply_forwards(e) for e in todo), initial=0.0))
+        work = [0.1 + e.calibration_forwards(self.base, self._positions) for e in todo]
+        work = list(itertools.accumulate(work, initial=0.0))
         for i, edit in enumerate(todo):
             tell = stage(progress, 0.05 + 0.95 * work[i] / work[-1], 0.05 + 0.95 * work[i + 1] / work[-1],
                          f"applying {edit.label}")
@@ -281,14 +285,11 @@ class Lab:
                 return self._cache[key], k
         return self.base, 0
 
-    def _apply_forwards(self, edit: Edit) -> float:
-        return edit.calibration_forwards(self.base, positions_of(model_inputs(self.batch)))
-
     def _apply_share(self, edits: Sequence[Edit]) -> float:
         """The part of a change's bar that applying the edits not cached yet takes: 5 % for
         edits that only rewrite weights, else their calibration forwards' share of the seconds."""
         spent, todo = self._seconds, edits[self._cached_prefix(tuple(edits))[1]:]
-        applying = sum(self._apply_forwards(e) for e in todo) * spent["forward"]
+        applying = sum(e.calibration_forwards(self.base, self._positions) for e in todo) * spent["forward"]
         return max(0.05, applying / (applying + sum(spent.values())))
 
     def _cached_bytes(self) -> int:
