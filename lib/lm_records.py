@@ -15,6 +15,7 @@ from torch import nn
 from lib.errors import CapabilityError
 from lib.lm_capabilities import _Stop
 from lib.points import Caught, Point
+from lib.progress import set_in_thread
 
 RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")  # what the plain model gives by torch hooks
 
@@ -148,16 +149,10 @@ def head_readout(h: RecordBackend) -> Callable[[torch.Tensor], torch.Tensor]:
 _UNTOLD = threading.local()  # `on` while this thread runs a check forward that no bar counts
 
 
-@contextmanager
-def untold() -> Iterator[None]:
+def untold():
     """Inside, this thread's forwards tell no `told_of_blocks`: a short check forward before
     the real one would run the bar twice."""
-    before = getattr(_UNTOLD, "on", False)
-    _UNTOLD.on = True
-    try:
-        yield
-    finally:
-        _UNTOLD.on = before
+    return set_in_thread(_UNTOLD, "on", True)
 
 
 @contextmanager

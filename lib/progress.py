@@ -23,16 +23,22 @@ _HERE = threading.local()  # `progress`: the bar that work deep in this thread's
 
 
 @contextmanager
-def telling(progress: Progress | None) -> Iterator[None]:
-    """Inside, `told_here()` is `progress` in this thread: work deep in a call (an edit's
-    calibration forwards) moves the bar its caller drew without a parameter through every
-    function between."""
-    before = getattr(_HERE, "progress", None)
-    _HERE.progress = progress
+def set_in_thread(local: threading.local, name: str, value: object) -> Iterator[None]:
+    """Inside, `local.<name>` is `value` in this thread; what it was comes back on exit (the
+    thread-local switches of the bars: `telling`, `lib.scoring.told_of_windows`, ...)."""
+    before = getattr(local, name, None)
+    setattr(local, name, value)
     try:
         yield
     finally:
-        _HERE.progress = before
+        setattr(local, name, before)
+
+
+def telling(progress: Progress | None):
+    """Inside, `told_here()` is `progress` in this thread: work deep in a call (an edit's
+    calibration forwards) moves the bar its caller drew without a parameter through every
+    function between."""
+    return set_in_thread(_HERE, "progress", progress)
 
 
 def told_here() -> Progress | None:

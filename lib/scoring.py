@@ -7,7 +7,6 @@ sweep, a recipe history); `lib.metrics` turns the numbers into a `Metrics` recor
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -15,6 +14,7 @@ import torch
 
 from lib.data import Batch, ImageBatch, TextBatch
 from lib.errors import DataError
+from lib.progress import set_in_thread
 
 
 def check_finite(outputs: torch.Tensor, who: str = "model") -> None:
@@ -179,16 +179,10 @@ def chunk_rows(n_vocab: int) -> int:
 _TOLD = threading.local()  # `told`: what this thread's scoring tells of each window it finishes
 
 
-@contextmanager
-def told_of_windows(told: Callable[[int, int], None]) -> Iterator[None]:
+def told_of_windows(told: Callable[[int, int], None]):
     """Inside, this thread's scoring of LM logits tells `told(k, n)` as it finishes the k-th
     of n windows (a bar over a readout, which costs `readout_blocks` blocks' work)."""
-    before = getattr(_TOLD, "told", None)
-    _TOLD.told = told
-    try:
-        yield
-    finally:
-        _TOLD.told = before
+    return set_in_thread(_TOLD, "told", told)
 
 
 def readout_blocks(handle) -> float:
