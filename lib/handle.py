@@ -152,6 +152,13 @@ class ModelHandle(LinearLayers, ABC):
         chunk at a time as they are scored, so the memory does not grow with vocabulary x tokens."""
         return self.forward(inputs)
 
+    def outputs_recording(self, inputs: torch.Tensor, points: Sequence[Point]) -> tuple[Any, dict] | None:
+        """`outputs(inputs)` and the residual stream at `points` (resid_pre / resid_mid /
+        resid_post) from that same forward, the outputs unchanged by the recording; None where
+        this model cannot record them in its own forward (then `outputs` and `record` are two
+        passes). One pass then feeds the baseline and every per-layer statistic."""
+        return None
+
     @abstractmethod
     def _forward_every_layer(self, inputs: torch.Tensor) -> torch.Tensor:
         """`forward` through every layer, no exit rule applied."""

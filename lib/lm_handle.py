@@ -4,7 +4,6 @@ structural edits of private copies."""
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -201,6 +200,16 @@ class BridgeHandle(LMParts, ModelHandle):
             return self.forward(inputs)
         return ReadLogits(lm_records.head_input(self, inputs), readout, self.structure.d_vocab)
 
+    def outputs_recording(self, inputs: torch.Tensor, points: Sequence[Point]) -> tuple[Logits, dict] | None:
+        """As `ModelHandle.outputs_recording`: the plain model's forward, its residual stream kept
+        by torch hooks (`lib.lm_records.residuals_kept`), so the outputs are `outputs`' own."""
+        if self._structural or self.input_transforms or self.exit_rule is not None or self._active_hooks \
+                or count_hooks(self.model) or (self.structure.parallel and any(p.site == "resid_mid" for p in points)):
+            return None
+        with self.lock, lm_records.residuals_kept(self, points) as kept:
+            outputs = None if kept is None else self.outputs(inputs)
+        return None if outputs is None else (outputs, {p: kept[p] for p in points if p in kept})
+
     @exclusive
     @torch.no_grad()
     def record(self, inputs: torch.Tensor, points: Sequence[Point],
@@ -258,7 +267,7 @@ class BridgeHandle(LMParts, ModelHandle):
         every weight tensor with the bridge, built on first use: no weights are copied."""
         with self.lock:
             if self._plain_model is None:
-                self._plain_model = _plain_twin(self.hf_model)
+                self._plain_model = lm_records.plain_twin(self.hf_model)
             return self._plain_model
 
     def _check_whole(self, what: str) -> None:
@@ -354,39 +363,6 @@ class BridgeHandle(LMParts, ModelHandle):
             for handle in handles:
                 handle.remove()
         return [states[layer] for layer in range(L)], logits
-
-
-def _plain_twin(wrapped: nn.Module) -> nn.Module:
-    """A plain transformers model of `wrapped`'s architecture whose parameters and buffers
-    are `wrapped`'s own tensors. TransformerLens wraps each Hugging Face module in place
-    (`x._original_component`), so the wrapped model's state dict, with those path segments
-    removed, is the plain model's state dict."""
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(wrapped.config)
-    config.output_attentions = False  # TransformerLens asks for patterns; SDPA computes none
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    wanted = set(plain.state_dict())
-    state = {}
-    for name, tensor in wrapped.state_dict(keep_vars=True).items():
-        plain_name = name.replace("._original_component", "")
-        if plain_name in wanted and plain_name not in state:
-            state[plain_name] = tensor
-    for name, param in plain.named_parameters():  # assign=True would impose these flags on ours
-        if name in state:
-            param.requires_grad_(state[name].requires_grad)
-    plain.load_state_dict(state, strict=False, assign=True)
-    plain.tie_weights()
-    buffers = {name.replace("._original_component", ""): t for name, t in wrapped.named_buffers()}
-    for name, buffer in list(plain.named_buffers()):  # non-persistent ones (rotary inv_freq) are not in a state dict
-        if buffer.is_meta and name in buffers:
-            owner, _, attr = name.rpartition(".")
-            plain.get_submodule(owner)._buffers[attr] = buffers[name]
-    left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if t.is_meta]
-    if left:
-        raise CapabilityError(f"The fast forward path cannot find {', '.join(left[:3])} in this model.")
-    return plain.eval()
 
 
 def _tl_hook(fn: ActivationHook) -> Callable:

@@ -5,6 +5,7 @@ is checked against the bridge's own hooks in the tests, on every supported famil
 
 from __future__ import annotations
 
+import copy
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -52,42 +53,81 @@ def plain_residuals(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Poi
     computed or kept): a block's input (resid_pre), its second norm's input (resid_mid:
     x + the attention's write) and its output (resid_post), caught by torch hooks; the
     forward stops once all are caught (`told` of each). None where a second norm is not found."""
-    plain, caught, handles, wanted = h.plain_model(), {}, [], set(points)
-    try:
-        paths = h._block_paths()
-    except CapabilityError:  # blocks not found in the plain model: the bridge records them
-        return None
+    caught, wanted = {}, set(points)
 
     def keep(point: Point, value: torch.Tensor) -> None:
-        caught[point] = value[0] if isinstance(value, tuple) else value
+        caught[point] = value
         if told is not None:
             told(len(caught), len(wanted))
         if len(caught) == len(wanted):
             raise _Stop
 
+    handles = _residual_hooks(h, wanted, keep)
+    if handles is None:
+        return None
     try:
-        for p in wanted:
-            h.hook_name(p)  # refuses a layer the model does not have
-            block = plain.get_submodule(paths[p.layer])
-            if p.site == "resid_pre":
-                handles.append(block.register_forward_pre_hook(
-                    lambda _m, args, kwargs, p=p: keep(p, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
-            elif p.site == "resid_post":
-                handles.append(block.register_forward_hook(lambda _m, _args, out, p=p: keep(p, out)))
-            else:
-                path = h._hf_path(getattr(h.model.blocks[p.layer], "ln2", None) or nn.Module())
-                if path is None:
-                    return None
-                handles.append(plain.get_submodule(path).register_forward_pre_hook(
-                    lambda _m, args, p=p: keep(p, args[0])))
-        plain.base_model(input_ids=h.check_inputs(inputs), use_cache=False)
+        h.plain_model().base_model(input_ids=h.check_inputs(inputs), use_cache=False)
     except _Stop:
         pass
     finally:
         for handle in handles:
             handle.remove()
     return {p: caught[p] for p in points if p in caught}
+
+
+@contextmanager
+def residuals_kept(h: RecordBackend, points: Sequence[Point]) -> Iterator[dict[Point, torch.Tensor] | None]:
+    """Inside, the plain model's forwards keep the residual stream at `points` in the dict
+    yielded (each point the last forward's: a short check forward before the real one is
+    overwritten by it); the forwards run to their end. None where the hooks cannot be placed
+    (as `plain_residuals`). Hold the handle's lock: another thread's forward would fire them."""
+    kept: dict[Point, torch.Tensor] = {}
+    handles = _residual_hooks(h, set(points), kept.__setitem__)
+    if handles is None:
+        yield None
+        return
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _residual_hooks(h: RecordBackend, points: set[Point], keep: Callable[[Point, torch.Tensor], None]) -> list | None:
+    """Torch hooks on the plain model that give `keep(point, tensor)` each residual-stream
+    point as it is computed; None (nothing placed) where the blocks or a second norm are not found."""
+    plain, handles = h.plain_model(), []
+    try:
+        paths = h._block_paths()
+    except CapabilityError:  # blocks not found in the plain model: the bridge records them
+        return None
+
+    def kept(point: Point, value: torch.Tensor | tuple) -> None:
+        keep(point, value[0] if isinstance(value, tuple) else value)
+
+    try:
+        for p in points:
+            h.hook_name(p)  # refuses a layer the model does not have
+            block = plain.get_submodule(paths[p.layer])
+            if p.site == "resid_pre":
+                handles.append(block.register_forward_pre_hook(
+                    lambda _m, args, kwargs, p=p: kept(p, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+            elif p.site == "resid_post":
+                handles.append(block.register_forward_hook(lambda _m, _args, out, p=p: kept(p, out)))
+            else:
+                path = h._hf_path(getattr(h.model.blocks[p.layer], "ln2", None) or nn.Module())
+                if path is None:
+                    for handle in handles:
+                        handle.remove()
+                    return None
+                handles.append(plain.get_submodule(path).register_forward_pre_hook(
+                    lambda _m, args, p=p: kept(p, args[0])))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
 
 
 def plain_patterns(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:
@@ -181,3 +221,36 @@ def told_of_blocks(h: RecordBackend, told: Caught) -> Iterator[None]:
             live[0] = False
             for handle in handles:
                 handle.remove()
+
+
+def plain_twin(wrapped: nn.Module) -> nn.Module:
+    """A plain transformers model of `wrapped`'s architecture whose parameters and buffers
+    are `wrapped`'s own tensors. TransformerLens wraps each Hugging Face module in place
+    (`x._original_component`), so the wrapped model's state dict, with those path segments
+    removed, is the plain model's state dict."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(wrapped.config)
+    config.output_attentions = False  # TransformerLens asks for patterns; SDPA computes none
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    wanted = set(plain.state_dict())
+    state = {}
+    for name, tensor in wrapped.state_dict(keep_vars=True).items():
+        plain_name = name.replace("._original_component", "")
+        if plain_name in wanted and plain_name not in state:
+            state[plain_name] = tensor
+    for name, param in plain.named_parameters():  # assign=True would impose these flags on ours
+        if name in state:
+            param.requires_grad_(state[name].requires_grad)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    buffers = {name.replace("._original_component", ""): t for name, t in wrapped.named_buffers()}
+    for name, buffer in list(plain.named_buffers()):  # non-persistent ones (rotary inv_freq) are not in a state dict
+        if buffer.is_meta and name in buffers:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[attr] = buffers[name]
+    left = [n for n, t in list(plain.named_parameters()) + list(plain.named_buffers()) if t.is_meta]
+    if left:
+        raise CapabilityError(f"The fast forward path cannot find {', '.join(left[:3])} in this model.")
+    return plain.eval()

@@ -180,6 +180,49 @@ def test_residuals_recorded_through_the_plain_model_equal_the_bridge_hooks(famil
         _close(fast[point], bridge[point])
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["held logits", "read out"])
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_one_forward_gives_the_outputs_and_the_residual_pass(family, held, family_handles, monkeypatch):
+    """The baseline's forward records the residual stream on the side (`outputs_with_residuals`):
+    its outputs are exactly `outputs`' (the hooks only read), its states exactly the residual
+    pass's, and no hook is left behind. Where a forward cannot record (inside user hooks, a
+    copy with a block removed, a parallel block's m_l), it says so (None) and runs nothing."""
+    import lib.lm_handle
+    from analysis.compress.edits import apply_
+    from analysis.compress.prune.pruning import Drop
+    from analysis.redundancy.report import residual_pass
+    from analysis.redundancy.similarity import outputs_with_residuals
+    from lib.handle import Point
+    from lib.hooks import count_hooks
+    from lib.scoring import ReadLogits, rows_of
+
+    if not held:
+        monkeypatch.setattr(lib.lm_handle, "HELD_LOGITS_BYTES", 0)
+    handle = family_handles[family]
+    batch = _batch(handle)
+    def hooks_on_plain() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.plain_model().modules())
+
+    before = hooks_on_plain()
+    got = outputs_with_residuals(handle, batch)
+    assert hooks_on_plain() == before
+    if handle.structure.parallel or count_hooks(handle.model):  # m_l is h_l + attention's write, or
+        assert got is None  # the bridge keeps hooks of its own (OPT): the forward runs through it, recording nothing
+        return
+    outputs, res = got
+    expected, pass_ = handle.outputs(batch.tokens), residual_pass(handle, batch)
+    assert isinstance(outputs, ReadLogits) == isinstance(expected, ReadLogits) == (not held)
+    for window in range(len(batch.tokens)):
+        assert torch.equal(rows_of(outputs, window, 0, 24), rows_of(expected, window, 0, 24))
+    assert torch.equal(res.resid, pass_.resid) and torch.equal(res.mid, pass_.mid) and res.logits is None
+    assert res.batch_digest == batch.digest and res.skip == 0
+    with handle.hooks([(Point("resid_pre", 0), lambda t: None)]):
+        assert outputs_with_residuals(handle, batch) is None
+    dropped = handle.private_copy()
+    apply_(dropped, Drop("block", 1))
+    assert outputs_with_residuals(dropped, batch) is None
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_large_logits_are_read_out_as_they_are_scored_and_equal_the_forward(family, family_handles, monkeypatch):
     """`outputs` gives logits that would be large as a `ReadLogits` over the plain model's

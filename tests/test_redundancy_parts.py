@@ -3,6 +3,7 @@ the page reruns only the parts that depend on what changed."""
 
 from collections import Counter
 
+import pytest
 import torch
 
 from analysis import lens as lens_module
@@ -34,7 +35,10 @@ def test_one_pass_at_skip_0_gives_the_statistics_of_every_skip(tiny_lm):
     assert torch.equal(report.similarity.cka, rr.layer_statistics(tiny_lm, batch, res, 3).cka)
 
 
-def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, monkeypatch):
+@pytest.mark.parametrize("shared", [True, False], ids=["pass shared with the baseline", "pass of its own"])
+def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, monkeypatch, shared):
+    """The residual pass is the base forward's where it fits `SHARED_PASS_BYTES` (the Model
+    page recorded it), else the page's own, run once; either way the same statistics."""
     calls = Counter()
 
     def counted(name):
@@ -51,13 +55,20 @@ def test_changing_skip_reruns_only_the_statistics_and_the_lens(tiny_gpt2_dir, mo
     monkeypatch.setattr(views, "STORE", store)  # nothing cached by earlier tests
     monkeypatch.setattr(cache, "STORE", store)
     monkeypatch.setattr(progress, "STORE", store)  # where views.stored keeps the parts
+    if not shared:
+        monkeypatch.setattr(cache, "SHARED_PASS_BYTES", 0)
     at = load(run(new_app()), str(tiny_gpt2_dir), typed=True)
     run(at, "views/redundancy.py")
-    once = {"residual_pass": 1, "layer_statistics": 1, "lens_statistics": 1, "drop_sweep": 1}
+    once = {"layer_statistics": 1, "lens_statistics": 1, "drop_sweep": 1}
+    if not shared:
+        once["residual_pass"] = 1
     assert calls == once
     at.number_input[0].set_value(2)
     run(at)
     assert calls == dict(once, layer_statistics=2, lens_statistics=2)
     handle = load_base(at.session_state["load_request"])
-    assert store.get(("layer_statistics", *cache.batch_key(handle), 2)).skip == 2  # what the page now shows
+    statistics = store.get(("layer_statistics", *cache.batch_key(handle), 2))
+    assert statistics.skip == 2  # what the page now shows
+    batch = cache.eval_batch(handle)
+    assert torch.equal(statistics.cka, redundancy.layer_similarity(redundancy.collect_residuals(handle, batch, 2)).cka)
     assert not [e.value for e in at.error]

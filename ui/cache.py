@@ -17,6 +17,7 @@ from dataclasses import replace
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+from analysis.redundancy.similarity import RedundancyError, outputs_with_residuals, residual_bytes
 from lib import data
 from lib.errors import DataError
 from lib.handle import ModelHandle
@@ -29,6 +30,10 @@ from ui.progress import counting_blocks, stored
 from ui.store import STORE
 
 MAX_EVAL_WINDOWS = 64  # windows a visitor may raise a language model's evaluation batch to
+# The base forward also records the residual stream (2L+1 states of the batch) where that takes
+# at most this: one pass then feeds the baseline and the Redundancy page (a sixteenth of the
+# result store at its smallest, 4 GiB, which keeps it).
+SHARED_PASS_BYTES = 256 << 20
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -112,7 +117,7 @@ def base_outputs(handle: ModelHandle, stop: bool = False) -> Logits:
     def compute(progress: Progress | None) -> Logits:
         with counting_blocks(handle, progress):  # the handle's lock is taken here: a wait for it is not timed
             start = time.perf_counter()
-            outputs = handle.outputs(model_inputs(eval_batch(handle)))
+            outputs = _outputs(handle, eval_batch(handle))
             seconds = time.perf_counter() - start
         if isinstance(outputs, ReadLogits):  # its readout, left for the scoring, is part of a forward
             seconds *= 1 + readout_blocks(handle) / handle.structure.n_layers
@@ -121,6 +126,29 @@ def base_outputs(handle: ModelHandle, stop: bool = False) -> Logits:
 
     return stored(("base_outputs", *batch_key(handle)), compute, "Running the model on its evaluation set",
                   stop="Nothing of the run is kept: going on runs it again." if stop else None)
+
+
+def _outputs(handle: ModelHandle, batch: data.Batch) -> Logits:
+    """The model's outputs on `batch`; a language model's residual stream recorded by the same
+    forward where it takes at most SHARED_PASS_BYTES, kept for the Redundancy page
+    (`residuals_key`): that page then runs no pass of its own."""
+    if handle.kind == "causal-lm" and isinstance(batch, data.TextBatch) and STORE.get(residuals_key(handle)) is None \
+            and residual_bytes(handle, batch) <= SHARED_PASS_BYTES:
+        try:
+            got = outputs_with_residuals(handle, batch)
+        except RedundancyError:  # windows too short to compare depths: the outputs alone
+            got = None
+        if got is not None:
+            outputs, residuals = got
+            if residuals is not None:
+                STORE.put(residuals_key(handle), residuals)
+            return outputs
+    return handle.outputs(model_inputs(batch))
+
+
+def residuals_key(handle: ModelHandle) -> tuple:
+    """Where the residual pass over the evaluation batch is kept (`ui.redundancy.residuals`)."""
+    return ("residuals", *batch_key(handle))
 
 
 def base_forward_seconds(handle: ModelHandle) -> float | None:

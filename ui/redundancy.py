@@ -16,7 +16,7 @@ from analysis.redundancy.drops import LM_KINDS, DropSweep, stopped_sweep, sweep_
 from analysis.redundancy.report import DropCheck, RedundancyReport
 from analysis.redundancy.similarity import LayerSimilarity, Residuals, StageSimilarity, final_logits, stage_similarity
 from lib.handle import ModelHandle
-from ui.cache import base_outputs, batch_key, eval_batch
+from ui.cache import base_forward_seconds, base_outputs, batch_key, eval_batch, residuals_key
 from ui.progress import (
     Progress,
     Stopped,
@@ -34,23 +34,24 @@ ESTIMATE_FROM_S = 10.0  # steps expected to take longer are announced with their
 
 
 def residuals(handle: ModelHandle) -> Residuals:
-    """The hooked pass over the evaluation batch (every position), block by block under a
-    bar with a Stop (a stopped pass keeps nothing: `ui.progress.Stopped` until going on,
-    which runs it again); its time, one forward's, is kept for the estimates of the steps
-    after it (`forward_seconds`)."""
+    """The hooked pass over the evaluation batch (every position): the base forward's own where
+    it recorded them (`ui.cache.base_outputs`), else run here block by block under a bar with a
+    Stop (a stopped pass keeps nothing: `ui.progress.Stopped` until going on, which runs it
+    again); its time, one forward's, is kept for the estimates of the steps after it
+    (`forward_seconds`, else the base forward's)."""
     def compute(step: Progress | None) -> Residuals:
         start = time.perf_counter()
         res = rr.residual_pass(handle, eval_batch(handle), progress=step)
         STORE.put(("forward_seconds", *batch_key(handle)), time.perf_counter() - start)
         return res
 
-    return stored(("residuals", *batch_key(handle)), compute, "One forward pass with hooks",
+    return stored(residuals_key(handle), compute, "One forward pass with hooks",
                   stop="Nothing of a pass is kept: going on runs it again. Every part of this page reads it.")
 
 
 def announce(handle: ModelHandle, forwards: float, what: str) -> None:
     """Say how long a step will take, from the measured forward, when that is over ESTIMATE_FROM_S."""
-    seconds = STORE.get(("forward_seconds", *batch_key(handle)))
+    seconds = STORE.get(("forward_seconds", *batch_key(handle))) or base_forward_seconds(handle)
     if seconds is not None and forwards * seconds > ESTIMATE_FROM_S:
         st.caption(f"{what}: about {forwards * seconds:.0f} s here, the work of {forwards:.0f} forward passes "
                    f"(one took {seconds:.1f} s on this machine); its bar shows the time left while it runs.")

@@ -13,14 +13,14 @@ that dominate every similarity).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from analysis.redundancy.cka import cka_matrix
 from lib.data import ImageBatch, TextBatch, check_batch, check_lm
-from lib.errors import AnalysisError, require_type
+from lib.errors import AnalysisError, CapabilityError, require_type
 from lib.handle import ModelHandle, Point
 from lib.progress import Progress
 from lib.scoring import Logits, logits_of
@@ -127,22 +127,57 @@ def collect_residuals(handle: ModelHandle, batch: TextBatch, skip: int = DEFAULT
     """
     check_depths(handle, batch, skip)
     require_type(with_logits, bool, "with_logits")
-    L = handle.structure.n_layers
-    pre = [Point("resid_pre", l) for l in range(L)]
-    mid = [Point("resid_mid", l) for l in range(L)]
-    last = Point("resid_post", L - 1)
+    L, points = handle.structure.n_layers, residual_points(handle)
     told = None if progress is None else lambda n, of: progress(n / of, f"{n * L // of} of {L} blocks")  # 2L+1 points
-    cache = handle.record(batch.tokens, pre + mid + [last], told)
-    missing = [f"{p.site} {p.layer}" for p in pre + mid + [last] if p not in cache]
+    res = _residuals(handle, batch, handle.record(batch.tokens, points, told), skip)
+    return res if not with_logits else replace(res, logits=handle.blocks.readout(res.resid[-1]))
+
+
+def residual_points(handle: ModelHandle) -> list[Point]:
+    """What a residual pass records: h_0..h_{L-1} (resid_pre), m_0..m_{L-1} (resid_mid), h_L."""
+    L = handle.structure.n_layers
+    return [Point("resid_pre", l) for l in range(L)] + [Point("resid_mid", l) for l in range(L)] \
+        + [Point("resid_post", L - 1)]
+
+
+def residual_bytes(handle: ModelHandle, batch: TextBatch) -> int:
+    """What a residual pass over `batch` holds: 2L+1 states [batch, pos, d_model] in the model's dtype."""
+    itemsize = torch.empty((), dtype=handle.dtype).element_size()
+    return (2 * handle.structure.n_layers + 1) * batch.tokens.numel() * handle.structure.d_model * itemsize
+
+
+def outputs_with_residuals(handle: ModelHandle, batch: TextBatch) -> tuple[Logits, Residuals | None] | None:
+    """The model's outputs on `batch` (`handle.outputs`'s, unchanged) and the residual pass of
+    `collect_residuals` (skip 0, no logits) from one forward: the pass a baseline needs feeds
+    every per-layer statistic too. None where the model cannot record in its own forward (then
+    they are two passes); no residuals where the forward did not give every state."""
+    check_depths(handle, batch, 0)
+    try:
+        got = handle.outputs_recording(batch.tokens, residual_points(handle))
+    except CapabilityError:  # a point this model does not have: refused before the forward
+        return None
+    if got is None:
+        return None
+    outputs, cache = got
+    try:
+        return outputs, _residuals(handle, batch, cache, 0)
+    except RedundancyError:
+        return outputs, None
+
+
+def _residuals(handle: ModelHandle, batch: TextBatch, cache: dict[Point, torch.Tensor], skip: int) -> Residuals:
+    """The Residuals of a pass's recorded `cache` (emptied as it is stacked), without logits."""
+    L = handle.structure.n_layers
+    points = residual_points(handle)
+    missing = [f"{p.site} {p.layer}" for p in points if p not in cache]
     if missing:
         raise RedundancyError(
             f"This model does not expose {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''} "
             "(for example, attention and MLP run in parallel), so its sublayers cannot be "
             "compared this way.")
-    resid, mids = _stacked(cache, pre + [last]), _stacked(cache, mid)
-    logits = handle.blocks.readout(resid[-1]) if with_logits else None
-    return Residuals(resid, mids, logits, skip, batch.digest,
-                     has_mlp=handle.structure.d_mlp > 0, parallel=handle.structure.parallel)
+    resid, mids = _stacked(cache, points[:L] + points[-1:]), _stacked(cache, points[L:2 * L])
+    return Residuals(resid, mids, None, skip, batch.digest, has_mlp=handle.structure.d_mlp > 0,
+                     parallel=handle.structure.parallel)
 
 
 def _stacked(cache: dict[Point, torch.Tensor], points: list[Point]) -> torch.Tensor:
