@@ -201,9 +201,10 @@ def test_redundancy_page_on_default_model_sends_drops_to_recipe():
 
 def test_redundancy_page_announces_the_sweep_from_its_measured_forward(monkeypatch, tmp_path):
     """Before a step expected to take over ESTIMATE_FROM_S the page says how long, from a
-    measured forward (here the Model page's, which recorded the pass the page reads; lowered here so a tiny model's seconds qualify; a folder of its
-    own, with weights of its own: a tiny GPT-2 another test in this process swept has the same
-    fingerprint, and its cached sweep would hide the announcement)."""
+    measured forward (here the Model page's, which recorded the pass the page reads; the bound
+    is lowered so a tiny model's seconds qualify; a folder of its own, with weights of its own:
+    a tiny GPT-2 another test in this process swept has the same fingerprint, and its cached
+    sweep would hide the announcement)."""
     import ui.redundancy
     from analysis.redundancy.drops import sweep_in_forwards
     from lib.data import default_batch

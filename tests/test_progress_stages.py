@@ -158,6 +158,25 @@ def test_a_stopped_linearisation_shows_its_notice_and_the_prompt_then_goes_on():
     assert STORE.get(key) is not None and "reconstruction error" in {m.label for m in at.metric}
 
 
+def test_the_linearisations_bar_moves_block_by_block(tiny_lm, monkeypatch):
+    """Linearising runs the float64 copy's blocks twice (at the prompt, then at zero inputs):
+    each block moves the bar, which is where a Stop ends it; the hooks go with it."""
+    import ui.interpreter as ui_it
+    from analysis.interpreter import transformer as it
+
+    computed = {}
+    monkeypatch.setattr(ui_it, "stored", lambda key, compute, *a, **k: computed.setdefault(key[0], compute))
+    monkeypatch.setattr(ui_it, "COPIES", ui_it.TensorStore(max_entries=1))
+    ui_it.token_contributions(tiny_lm, "def f(x):", 1, None)
+    told, L = [], tiny_lm.structure.n_layers
+    result = computed["interpreter_tokens"](lambda f, m: told.append((f, m)))
+    assert [m for _, m in told] == [f"forward {k} of 2" for k in (1, 2) for _ in range(L)]
+    assert [f for f, _ in told] == pytest.approx([b / (2 * L) for b in range(1, 2 * L + 1)])
+    assert result.error < 1e-9  # the same exact decomposition as without a bar
+    assert count_hooks(ui_it.working_copy(tiny_lm).model) == 0
+    assert it.token_contributions(tiny_lm, result.tokens, result.target).value == pytest.approx(result.value)
+
+
 def test_the_drop_sweeps_bar_moves_by_the_work_of_each_drop(tiny_lm):
     """Dropping block 0 reruns every block after it, dropping the last MLP none: the bar once
     moved by one drop's share for either, and sat still while the base was scored."""

@@ -19,12 +19,14 @@ from analysis.interpreter.attributions import AttributionComparison
 from analysis.interpreter.relu import LinearMap
 from analysis.interpreter.transformer import TokenContributions
 from lib.handle import ModelHandle
+from lib.progress import Progress
 from ui.cache import eval_batch
-from ui.progress import NOT_KEPT, stored
+from ui.progress import NOT_KEPT, counting_blocks, stored
 from ui.store import TensorStore
 
 COPIES = TensorStore(max_entries=1)  # a float64 copy is 2x a float32 model (4x bfloat16): one at a time
 N_STEPS = 32  # integrated-gradients steps
+LINEARISE_FORWARDS = 2  # `linearise_lm`'s passes through the blocks: at the prompt (then its backward), at zero
 
 
 def working_copy(handle: ModelHandle) -> ModelHandle:
@@ -60,9 +62,14 @@ def token_contributions(handle: ModelHandle, prompt: str, token: int, versus: in
     tokens = it.prompt_tokens(handle, prompt)
     target = it.logit_target(handle, token, versus)
     it.check_linearisable(handle)  # before the float64 copy
-    return stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus),
-                  lambda _: it.token_contributions(working_copy(handle), tokens, target), "Linearising the model",
-                  stop=NOT_KEPT)
+
+    def compute(step: Progress) -> TokenContributions:
+        model = working_copy(handle)
+        with counting_blocks(model, step, forwards=LINEARISE_FORWARDS):  # the blocks move the bar; a Stop ends it there
+            return it.token_contributions(model, tokens, target)
+
+    return stored(("interpreter_tokens", handle.fingerprint, prompt, token, versus), compute,
+                  "Linearising the model", stop=NOT_KEPT)
 
 
 def token_comparison(handle: ModelHandle, prompt: str, token: int, versus: int | None) -> AttributionComparison:
