@@ -221,7 +221,9 @@ def redundancy_row(setup: Setup) -> Row:
     return Row.timed("redundancy page first visit / (build_report + the page drawn from cache)", t,
                      f"{MODEL}; click to all {REDUNDANCY_CHARTS} charts drawn, vs build_report in a process that "
                      "has evaluated the model plus the same clicks in a fresh tab of the same browser with every "
-                     f"result cached (target <= 1.15); against the page redrawn in the first tab instead: {warm:.3f}")
+                     "result cached (target <= 1.15; the page reads the residual pass its Model page's forward "
+                     "recorded, build_report runs a pass of its own); against the page redrawn in the first tab "
+                     f"instead: {warm:.3f}")
 
 
 ROWS: tuple[Callable[[Setup], Row], ...] = (cold_start_row, redundancy_row)
