@@ -203,8 +203,8 @@ class BridgeHandle(LMParts, ModelHandle):
     def outputs_recording(self, inputs: torch.Tensor, points: Sequence[Point]) -> tuple[Logits, dict] | None:
         """As `ModelHandle.outputs_recording`: the plain model's forward, its residual stream kept
         by torch hooks (`lib.lm_records.residuals_kept`), so the outputs are `outputs`' own."""
-        if self._structural or self.input_transforms or self.exit_rule is not None or self._active_hooks \
-                or count_hooks(self.model) or (self.structure.parallel and any(p.site == "resid_mid" for p in points)):
+        if not self._plain_records() or self.exit_rule is not None \
+                or (self.structure.parallel and any(p.site == "resid_mid" for p in points)):
             return None
         with self.lock, lm_records.residuals_kept(self, points) as kept:
             outputs = None if kept is None else self.outputs(inputs)
@@ -226,12 +226,16 @@ class BridgeHandle(LMParts, ModelHandle):
             if self._structural or self.input_transforms:
                 return lm_records.plain_patterns(self, inputs, points)
             return lm_records.all_patterns(self, inputs, points)
-        if points and not (hooked or self._structural or self.input_transforms) \
-                and all(p.site in lm_records.RESIDUAL_SITES for p in points):
+        if points and self._plain_records() and all(p.site in lm_records.RESIDUAL_SITES for p in points):
             found = lm_records.plain_residuals(self, inputs, points, caught)
             if found is not None:
                 return found
         return super().record(inputs, points, caught)
+
+    def _plain_records(self) -> bool:
+        """Whether the plain model's forward is this model's (no hook and no edit of the forward
+        that only the bridge carries): then torch hooks on it record the residual stream."""
+        return not (self._active_hooks or count_hooks(self.model) or self._structural or self.input_transforms)
 
     def _record_parallel_mid(self, inputs: torch.Tensor, points: Sequence[Point],
                              caught: Caught | None) -> dict[Point, torch.Tensor]:

@@ -105,6 +105,7 @@ def _residual_hooks(h: RecordBackend, points: set[Point], keep: Callable[[Point,
     def kept(point: Point, value: torch.Tensor | tuple) -> None:
         keep(point, value[0] if isinstance(value, tuple) else value)
 
+    placed = False
     try:
         for p in points:
             h.hook_name(p)  # refuses a layer the model does not have
@@ -118,16 +119,15 @@ def _residual_hooks(h: RecordBackend, points: set[Point], keep: Callable[[Point,
             else:
                 path = h._hf_path(getattr(h.model.blocks[p.layer], "ln2", None) or nn.Module())
                 if path is None:
-                    for handle in handles:
-                        handle.remove()
                     return None
                 handles.append(plain.get_submodule(path).register_forward_pre_hook(
                     lambda _m, args, p=p: kept(p, args[0])))
-    except BaseException:
-        for handle in handles:
-            handle.remove()
-        raise
-    return handles
+        placed = True
+        return handles
+    finally:
+        if not placed:  # refused or not found: nothing stays on the model
+            for handle in handles:
+                handle.remove()
 
 
 def plain_patterns(h: RecordBackend, inputs: torch.Tensor, points: Sequence[Point]) -> dict[Point, torch.Tensor]:

@@ -197,6 +197,13 @@ def readout_blocks(handle) -> float:
     return s.d_model * s.d_vocab / (per_block / s.n_layers)
 
 
+def _window_chunks(T: int, V: int) -> list[tuple[int, int]]:
+    """(first, end) of each chunk of a window's predicted rows 0..T-2, `chunk_rows(V)` at a time:
+    how every LM scoring walks a window (`_logit_chunks`, and `_own_scores`, which must sum alike)."""
+    step = chunk_rows(V)
+    return [(start, min(start + step, T - 1)) for start in range(0, T - 1, step)]
+
+
 def _logit_chunks(outputs: Logits, who: str = "model"
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """LM logits [b, T, V] at the predicted positions (all but the last of each window), in
@@ -205,11 +212,10 @@ def _logit_chunks(outputs: Logits, who: str = "model"
     NaN or inf is refused (`check_finite`, naming `who` made it) while it is in cache. Each
     window finished is told (`told_of_windows`)."""
     b, T, V = outputs.shape
-    step = chunk_rows(V)
     told = getattr(_TOLD, "told", None)
     for i in range(b):
-        for start in range(0, T - 1, step):
-            z = rows_of(outputs, i, start, min(start + step, T - 1)).float()
+        for start, stop in _window_chunks(T, V):
+            z = rows_of(outputs, i, start, stop).float()
             top, top1 = z.max(-1)
             lse = top + (z - top[:, None]).exp_().sum(-1).log_()
             # NaN anywhere, +inf anywhere or a row of -inf makes its logsumexp non-finite: checking
@@ -273,12 +279,11 @@ def _own_scores(ref: BaseOutputs, per_row: dict[str, torch.Tensor] | None) -> tu
     """`text_scores` of the base's own logits against their prepared pass, from that pass: the
     same NLL, KL 0 and agreement 1 (what the formulas give when z' = z), no readout."""
     b, T, V = ref.logits.shape
-    step, nll, start = chunk_rows(V), 0.0, 0
+    nll, start = 0.0, 0
     for _ in range(b):  # summed chunk by chunk as `text_scores` sums: the very same number
-        for first in range(0, T - 1, step):
-            rows = min(first + step, T - 1) - first
-            nll += float(ref.nll[start:start + rows].sum())
-            start += rows
+        for first, stop in _window_chunks(T, V):
+            nll += float(ref.nll[start:start + stop - first].sum())
+            start += stop - first
     check_finite(torch.tensor([nll]))  # a -inf logit where a target is
     if per_row is not None:
         per_row.update(nll=ref.nll.cpu(), top1=ref.top1.cpu(), kl=torch.zeros_like(ref.nll).cpu())

@@ -142,8 +142,7 @@ def residual_points(handle: ModelHandle) -> list[Point]:
 
 def residual_bytes(handle: ModelHandle, batch: TextBatch) -> int:
     """What a residual pass over `batch` holds: 2L+1 states [batch, pos, d_model] in the model's dtype."""
-    itemsize = torch.empty((), dtype=handle.dtype).element_size()
-    return (2 * handle.structure.n_layers + 1) * batch.tokens.numel() * handle.structure.d_model * itemsize
+    return (2 * handle.structure.n_layers + 1) * batch.tokens.numel() * handle.structure.d_model * handle.dtype.itemsize
 
 
 def outputs_with_residuals(handle: ModelHandle, batch: TextBatch) -> tuple[Logits, Residuals | None] | None:
